@@ -1,0 +1,147 @@
+"""The exception taxonomy of libtorchrt (runs in the front process).
+
+Every error the library raises derives from :class:`TorchRTError`. The subclasses say
+whose fault it was, so callers can react without parsing messages:
+
+- the caller's input: :class:`UnknownModelError`, :class:`InvalidInputError`;
+- the configuration: :class:`ConfigError`;
+- the model itself raised: :class:`ModelError` (remote traceback text attached);
+- something outside broke: :class:`WorkerDiedError`, :class:`WorkerStartError`,
+  :class:`ProtocolError`;
+- the caller closed the pool: :class:`PoolClosedError`;
+- a deadline passed: :class:`TimeoutError`.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "ConfigError",
+    "InvalidInputError",
+    "ModelError",
+    "PoolClosedError",
+    "ProtocolError",
+    "TimeoutError",
+    "TorchRTError",
+    "UnknownModelError",
+    "WorkerDiedError",
+    "WorkerStartError",
+]
+
+
+class TorchRTError(Exception):
+    """Root of every error raised by libtorchrt."""
+
+
+class ConfigError(TorchRTError, ValueError):
+    """A model configuration is invalid (names the model, key and value)."""
+
+    def __init__(self, message: str, *, model: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.key = key
+
+
+class UnknownModelError(TorchRTError, KeyError):
+    """A request named a model that the pool does not serve."""
+
+    def __init__(self, model: str, known: list[str]) -> None:
+        self.model = model
+        self.known = known
+        super().__init__(f"unknown model {model!r}; this pool serves {sorted(known)}")
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class InvalidInputError(TorchRTError, ValueError):
+    """A request's inputs do not match what the model expects.
+
+    Attributes name the model and input and say what was expected and what was got.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        input: str | None,
+        expected: str,
+        got: str,
+    ) -> None:
+        self.model = model
+        self.input = input
+        self.expected = expected
+        self.got = got
+        where = f"input {input!r} of model {model!r}" if input else f"inputs of model {model!r}"
+        super().__init__(f"{where}: expected {expected}, got {got}")
+
+
+class ModelError(TorchRTError):
+    """The model raised while executing a request; only that request failed.
+
+    ``remote_traceback`` holds the worker's traceback text, also shown in ``str()``.
+    """
+
+    def __init__(self, model: str, error_type: str, message: str, remote_traceback: str) -> None:
+        self.model = model
+        self.error_type = error_type
+        self.remote_traceback = remote_traceback
+        super().__init__(f"model {model!r} raised {error_type}: {message}")
+
+    def __str__(self) -> str:
+        text = str(self.args[0])
+        if self.remote_traceback:
+            text += "\n\nWorker traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class WorkerDiedError(TorchRTError):
+    """The worker process serving a request exited before answering it."""
+
+    def __init__(
+        self,
+        model: str,
+        instance: int,
+        pid: int,
+        exitcode: int | None,
+        stderr_tail: str = "",
+    ) -> None:
+        self.model = model
+        self.instance = instance
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = -exitcode if exitcode is not None and exitcode < 0 else None
+        self.stderr_tail = stderr_tail
+        if self.signal is not None:
+            how = f"was killed by signal {self.signal}"
+        else:
+            how = f"exited with code {exitcode}"
+        text = f"worker {instance} of model {model!r} (pid {pid}) {how}"
+        if stderr_tail:
+            text += "; last lines of its stderr:\n" + stderr_tail.rstrip()
+        super().__init__(text)
+
+
+class WorkerStartError(TorchRTError):
+    """A worker process could not start (bad model file, bad flags, timeout)."""
+
+    def __init__(self, model: str, instance: int, message: str, stderr_tail: str = "") -> None:
+        self.model = model
+        self.instance = instance
+        self.stderr_tail = stderr_tail
+        text = f"worker {instance} of model {model!r} failed to start: {message}"
+        if stderr_tail:
+            text += "\nlast lines of its stderr:\n" + stderr_tail.rstrip()
+        super().__init__(text)
+
+
+class ProtocolError(TorchRTError):
+    """A message on the wire was malformed or of another protocol version."""
+
+
+class PoolClosedError(TorchRTError):
+    """The pool was closed (by the caller) before or while serving the request."""
+
+
+class TimeoutError(TorchRTError, builtins.TimeoutError):
+    """A request did not complete within its timeout."""

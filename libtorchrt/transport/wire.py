@@ -1,0 +1,276 @@
+"""The wire format between the front and its workers (used in both processes).
+
+Every ZeroMQ message is multipart: one msgpack *header* frame, then zero or more raw
+*data* frames holding small tensors' bytes. A header is a msgpack array whose first
+element is the message kind; the remaining elements are the fields of the message's
+dataclass, in order. Fields are only ever appended, with defaults, so an older peer's
+shorter header still decodes. The protocol version travels in the READY handshake and
+the front refuses a worker of another version.
+
+A tensor is described by :class:`TensorDesc` ``(dtype, shape, inline, where)``: its
+bytes are either data frame number ``where`` (``inline``) or ``nbytes`` bytes at offset
+``where`` of the sender's shared-memory arena. Nothing is pickled, ever: the decoder
+only accepts msgpack's plain types and checks every field's type and range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Union
+
+import msgpack
+import torch
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "DTYPES",
+    "PROTOCOL_VERSION",
+    "Error",
+    "Failed",
+    "Message",
+    "Ready",
+    "Release",
+    "Request",
+    "Response",
+    "Shutdown",
+    "TensorDesc",
+    "decode",
+    "dtype_name",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+
+#: The dtypes that may cross the wire, by their wire name.
+DTYPES: dict[str, torch.dtype] = {
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+}
+_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+
+# Bounds that keep a hostile header from making the receiver allocate absurd amounts.
+_MAX_DIMS = 32
+_MAX_TENSORS = 4096
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Return the wire name of ``dtype``.
+
+    Raises:
+        KeyError: the dtype cannot cross the wire (e.g. quantized types).
+    """
+    return _NAMES[dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDesc:
+    """Where one tensor's bytes are: a data frame (``inline``) or an arena offset."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    inline: bool
+    where: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+
+    def _pack(self) -> list[Any]:
+        return [self.dtype, list(self.shape), self.inline, self.where]
+
+    @staticmethod
+    def _unpack(raw: Any) -> TensorDesc:
+        if not isinstance(raw, list) or len(raw) < 4:
+            raise ProtocolError(f"tensor descriptor must be a 4-element array, got {raw!r:.80}")
+        dtype, shape, inline, where = raw[0], raw[1], raw[2], raw[3]
+        if dtype not in _ITEMSIZE:
+            raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
+        ):
+            raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
+        if type(inline) is not bool or type(where) is not int or where < 0:
+            raise ProtocolError(f"bad location {inline!r:.20}/{where!r:.20} in tensor descriptor")
+        return TensorDesc(dtype, tuple(shape), inline, where)
+
+
+@dataclass(slots=True)
+class Ready:
+    """Worker → front, once: the model is loaded and the flags are applied."""
+
+    KIND: ClassVar[int] = 1
+    protocol: int
+    pid: int
+    flags: dict[str, Any] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Failed:
+    """Worker → front, once, instead of READY: start-up failed."""
+
+    KIND: ClassVar[int] = 2
+    protocol: int
+    pid: int
+    error_type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(slots=True)
+class Request:
+    """Front → worker: run the model on these tensors.
+
+    ``releases`` piggybacks the offsets of response-arena slots that the front no
+    longer uses, so that freeing needs no message of its own.
+    """
+
+    KIND: ClassVar[int] = 3
+    id: int
+    tensors: list[TensorDesc]
+    releases: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Response:
+    """Worker → front: the outputs of request ``id``, in the model's order."""
+
+    KIND: ClassVar[int] = 4
+    id: int
+    tensors: list[TensorDesc]
+
+
+@dataclass(slots=True)
+class Error:
+    """Worker → front: request ``id`` failed (``id`` is -1 if it was undecodable)."""
+
+    KIND: ClassVar[int] = 5
+    id: int
+    error_type: str
+    message: str
+    traceback: str = ""
+    #: the error came from the caller's input (bad binding), not from the model
+    input_error: bool = False
+
+
+@dataclass(slots=True)
+class Release:
+    """Front → worker: response-arena slots the front no longer uses."""
+
+    KIND: ClassVar[int] = 6
+    offsets: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Shutdown:
+    """Front → worker: finish what you are doing and exit."""
+
+    KIND: ClassVar[int] = 7
+
+
+Message = Union[Ready, Failed, Request, Response, Error, Release, Shutdown]
+_KINDS: dict[int, type] = {cls.KIND: cls for cls in (Ready, Failed, Request, Response, Error, Release, Shutdown)}
+_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message as a header frame (its data frames are sent separately)."""
+    if isinstance(msg, Request):  # the hot path, without generic field walking
+        return msgpack.packb([3, msg.id, [t._pack() for t in msg.tensors], msg.releases])
+    if isinstance(msg, Response):
+        return msgpack.packb([4, msg.id, [t._pack() for t in msg.tensors]])
+    return msgpack.packb([msg.KIND, *(getattr(msg, f) for f in _FIELDS[type(msg)])])
+
+
+def decode(header: bytes | memoryview) -> Message:
+    """Decode a header frame into its message.
+
+    Raises:
+        ProtocolError: the header is not a well-formed message of this protocol.
+    """
+    try:
+        raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable header ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
+        raise ProtocolError(f"header must be an array starting with a kind, got {raw!r:.80}")
+    cls = _KINDS.get(raw[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {raw[0]}")
+    names = _FIELDS[cls]
+    values = raw[1 : 1 + len(names)]  # newer peers may append fields we do not know
+    if cls is Request:
+        return _request(values)
+    if cls is Response:
+        return _response(values)
+    try:
+        msg = cls(*values)
+    except TypeError as e:
+        raise ProtocolError(f"malformed {cls.__name__} message: {e}") from None
+    _check_types(msg)
+    return msg
+
+
+def _tensors(raw: Any) -> list[TensorDesc]:
+    if not isinstance(raw, list) or len(raw) > _MAX_TENSORS:
+        raise ProtocolError(f"tensor list must be an array of at most {_MAX_TENSORS}")
+    return [TensorDesc._unpack(t) for t in raw]
+
+
+def _request(values: list[Any]) -> Request:
+    if len(values) < 2 or type(values[0]) is not int:
+        raise ProtocolError("malformed Request message")
+    releases = values[2] if len(values) > 2 else []
+    if not isinstance(releases, list) or not all(type(o) is int and o >= 0 for o in releases):
+        raise ProtocolError("malformed Request message: releases must be offsets")
+    return Request(values[0], _tensors(values[1]), releases)
+
+
+def _response(values: list[Any]) -> Response:
+    if len(values) < 2 or type(values[0]) is not int:
+        raise ProtocolError("malformed Response message")
+    return Response(values[0], _tensors(values[1]))
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "protocol": (int,),
+    "pid": (int,),
+    "id": (int,),
+    "flags": (dict,),
+    "inputs": (list,),
+    "device": (str,),
+    "warnings": (list,),
+    "error_type": (str,),
+    "message": (str,),
+    "traceback": (str,),
+    "input_error": (bool,),
+    "offsets": (list,),
+}
+
+
+def _check_types(msg: Message) -> None:
+    for name in _FIELDS[type(msg)]:
+        value = getattr(msg, name)
+        if not isinstance(value, _TYPES[name]):
+            raise ProtocolError(
+                f"malformed {type(msg).__name__} message: field {name!r} is {type(value).__name__}"
+            )
+    if isinstance(msg, Release) and not all(type(o) is int and o >= 0 for o in msg.offsets):
+        raise ProtocolError("malformed Release message: offsets must be non-negative integers")

@@ -1,0 +1,218 @@
+"""The worker process: one model instance, its flags, and its execution loop.
+
+Runs in a fresh interpreter started by the front (``python -m libtorchrt.workers``).
+Start-up order matters: die with the parent first (so a front killed at any moment
+leaves no orphan), then apply the execution-mode flags (TorchScript reads them when it
+first compiles), then load the model, then say READY with the flags read back from torch.
+
+The loop is single-threaded and owns the one DEALER socket: receive a request, view its
+inputs in the request arena (no copy), run the model, write the outputs into the
+response arena (one copy), reply. A model exception fails that request only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+
+from ..errors import ProtocolError
+from ..transport import tensors as tensor_io
+from ..transport import wire
+from ..transport.arena import Allocator, Arena
+from ..transport.sockets import send
+from . import flags as flag_mod
+
+__all__ = ["WorkerSpec", "main"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, passed on its command line as JSON."""
+
+    model: str
+    instance: int
+    path: str
+    endpoint: str
+    identity: str
+    parameters: dict[str, Any]
+    request_bytes: int
+    response_bytes: int
+    parent_pid: int
+    request_fd: int = -1
+    response_fd: int = -1
+    watch_fd: int = -1
+    device: str = "cpu"
+    method: str = "forward"
+    inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+def _die_with_parent(spec: WorkerSpec) -> None:
+    """Exit when the front exits, however it exits.
+
+    PR_SET_PDEATHSIG covers a front killed outright; the watch pipe (whose only
+    write end is held by the front) also covers a front that closes the pool and
+    lives on, and the window before prctl ran (checked through getppid).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux; the watch pipe still works
+    if os.getppid() != spec.parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        try:
+            while os.read(spec.watch_fd, 1):
+                pass
+        except OSError:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="libtorchrt-parent-watch", daemon=True).start()
+
+
+def _load(spec: WorkerSpec) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in this torch; we call it on purpose (TorchScript models).
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        module = torch.jit.load(spec.path, map_location=spec.device)
+    module.eval()
+    return module
+
+
+def _input_names(module: torch.jit.ScriptModule, method: str) -> list[str]:
+    schema = getattr(module, method).schema
+    return [a.name for a in schema.arguments[1:]]  # drop self
+
+
+def _outputs(result: Any) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in result):
+        return list(result)
+    raise TypeError(
+        f"the model returned {type(result).__name__}; expected a Tensor or a tuple/list of Tensors"
+    )
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, module: Any, sock: zmq.Socket) -> None:
+        self.spec = spec
+        self.method = getattr(module, spec.method)
+        self.sock = sock
+        self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
+        self.responses = Arena(spec.response_bytes, fd=spec.response_fd)
+        self.requests.close_fd()
+        self.responses.close_fd()
+        self.allocator = Allocator(self.responses.size)
+        self.clean_cache = bool(flag_mod.parse(spec.model, spec.parameters).get("ENABLE_CACHE_CLEANING"))
+
+    def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
+        return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
+
+    def serve(self) -> None:
+        sock = self.sock
+        while True:
+            parts = sock.recv_multipart(copy=False)
+            try:
+                msg = wire.decode(parts[0].buffer)
+            except ProtocolError as e:
+                self._send_error(-1, e)
+                continue
+            if isinstance(msg, wire.Request):
+                self._release(msg.releases)
+                self._run(msg, parts[1:])
+            elif isinstance(msg, wire.Release):
+                self._release(msg.offsets)
+            elif isinstance(msg, wire.Shutdown):
+                return
+            else:
+                self._send_error(-1, ProtocolError(f"unexpected {type(msg).__name__} message"))
+
+    def _release(self, offsets: list[int]) -> None:
+        for offset in offsets:
+            try:
+                self.allocator.free(offset)
+            except ValueError:
+                print(f"libtorchrt worker: ignored release of unknown slot {offset}", file=sys.stderr)
+
+    def _run(self, msg: wire.Request, frames: list[zmq.Frame]) -> None:
+        try:
+            inputs = tensor_io.read(msg.tensors, frames, self._slot)
+        except ProtocolError as e:
+            self._send_error(msg.id, e)
+            return
+        try:
+            outputs = _outputs(self.method(*inputs))
+            if self.clean_cache and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if any(t.device.type != "cpu" for t in outputs):
+                outputs = [t.cpu() for t in outputs]
+            descs, out_frames, _ = tensor_io.write(
+                outputs, self.responses, self.allocator, self.spec.inline_threshold
+            )
+        except Exception as e:
+            self._send_error(msg.id, e, traceback.format_exc())
+            return
+        send(self.sock, wire.encode(wire.Response(msg.id, descs)), out_frames, zero_copy=True)
+
+    def _send_error(self, req_id: int, e: BaseException, tb: str = "") -> None:
+        err = wire.Error(req_id, type(e).__name__, str(e), tb, isinstance(e, ProtocolError))
+        self.sock.send(wire.encode(err))
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``python -m libtorchrt.workers SPEC_JSON``."""
+    spec = WorkerSpec.from_json(argv[0])
+    _die_with_parent(spec)
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, spec.identity.encode())
+    sock.connect(spec.endpoint)
+    try:
+        try:
+            fl = flag_mod.parse(spec.model, spec.parameters)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                notes = flag_mod.apply(fl, cpu=spec.device == "cpu")
+            for w in caught:
+                print(f"libtorchrt worker {spec.model}/{spec.instance}: {w.message}", file=sys.stderr)
+            module = _load(spec)
+            names = _input_names(module, spec.method)
+            worker = _Worker(spec, module, sock)
+            effective = flag_mod.effective(fl)
+        except Exception as e:
+            failed = wire.Failed(wire.PROTOCOL_VERSION, os.getpid(), type(e).__name__, str(e), traceback.format_exc())
+            sock.send(wire.encode(failed))
+            return 1
+        ready = wire.Ready(wire.PROTOCOL_VERSION, os.getpid(), effective, names, spec.device, notes)
+        sock.send(wire.encode(ready))
+        mode = torch.inference_mode if effective["INFERENCE_MODE"] else torch.no_grad
+        with mode():
+            worker.serve()
+        return 0
+    finally:
+        sock.close()
+        ctx.term()

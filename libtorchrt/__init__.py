@@ -1,0 +1,45 @@
+"""libtorchrt: serve TorchScript models from a pool of worker processes.
+
+One OS process per model instance, requests routed over ZeroMQ, tensors through shared
+memory, each worker running with its own model's execution-mode flags. See README.md and
+docs/architecture.md. Importing this package has no side effects: no threads, no
+processes, no changes to multiprocessing or the environment.
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig, TensorSpec
+from .errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelError,
+    PoolClosedError,
+    ProtocolError,
+    TimeoutError,
+    TorchRTError,
+    UnknownModelError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from .info import WorkerInfo
+from .pool import Pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "InvalidInputError",
+    "ModelConfig",
+    "ModelError",
+    "Pool",
+    "PoolClosedError",
+    "ProtocolError",
+    "TensorSpec",
+    "TimeoutError",
+    "TorchRTError",
+    "UnknownModelError",
+    "WorkerDiedError",
+    "WorkerInfo",
+    "WorkerStartError",
+    "__version__",
+]

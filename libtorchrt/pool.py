@@ -1,0 +1,213 @@
+"""``Pool``: serve TorchScript models from one worker process per instance (front).
+
+::
+
+    with Pool("models/") as pool:                       # a Triton-style repository
+        out = pool.infer("tiny", {"INPUT__0": x})       # {"OUTPUT__0": tensor}
+
+The pool is thread-safe and asyncio-friendly. Calls are checked and their tensors
+copied into shared memory in the caller's thread; the router thread (``_router.py``)
+sends them to the least-loaded ready worker and resolves the caller's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._router import Call, Router, RouterOptions
+from .config import ModelConfig, load_repository
+from .errors import PoolClosedError, TimeoutError, UnknownModelError
+from .info import WorkerInfo
+from .transport import tensors as tensor_io
+
+__all__ = ["Pool"]
+
+Inputs = Mapping[str, Any] | Sequence[Any] | torch.Tensor
+
+
+def _finalize(router: Router) -> None:
+    if router.alive:
+        warnings.warn(
+            "libtorchrt.Pool was not closed; closing it now (use `with Pool(...)` or call close())",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        router.stop(grace=0.0, timeout=10.0)
+
+
+class Pool:
+    """A pool of worker processes serving TorchScript models.
+
+    Args:
+        repository: a Triton-style model repository
+            (``<repo>/<model>/config.pbtxt``, ``<repo>/<model>/<version>/model.pt``).
+        models: models configured in Python (alone or in addition to ``repository``).
+        start_timeout: seconds to wait for every worker to load its model.
+        request_arena_bytes: shared memory per model for request tensors.
+        response_arena_bytes: shared memory per worker for output tensors.
+        inline_threshold: tensors up to this many bytes travel inside the ZeroMQ
+            message instead of shared memory.
+        max_inflight: requests sent ahead to one worker (2 keeps it busy while the
+            front handles the previous reply).
+
+    Raises:
+        ConfigError: a model's configuration is invalid.
+        WorkerStartError: a worker failed to start (its stderr tail is attached).
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike[str] | None = None,
+        *,
+        models: Iterable[ModelConfig] = (),
+        start_timeout: float = 120.0,
+        request_arena_bytes: int = 256 << 20,
+        response_arena_bytes: int = 64 << 20,
+        inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
+        max_inflight: int = 2,
+    ) -> None:
+        configs = list(load_repository(repository)) if repository is not None else []
+        configs += list(models)
+        if not configs:
+            raise ValueError("Pool needs a model repository or models=[ModelConfig(...)]")
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        for cfg in configs:
+            cfg.check_files()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        options = RouterOptions(
+            request_arena_bytes=request_arena_bytes,
+            response_arena_bytes=response_arena_bytes,
+            inline_threshold=inline_threshold,
+            max_inflight=max_inflight,
+            start_timeout=start_timeout,
+        )
+        self._inline_threshold = inline_threshold
+        self._router = Router(configs, options)
+        self._finalizer = weakref.finalize(self, _finalize, self._router)
+        try:
+            self._router.wait_started(start_timeout + 10.0)
+        except BaseException:
+            self.close()
+            raise
+        for model, notes in self._startup_warnings().items():
+            for note in notes:
+                warnings.warn(f"model {model!r}: {note}", RuntimeWarning, stacklevel=2)
+
+    def _startup_warnings(self) -> dict[str, list[str]]:
+        notes: dict[str, list[str]] = {}
+        for m in self._router.models.values():
+            ready = next((w.ready for w in m.workers if w.ready is not None), None)
+            if ready and ready.warnings:
+                notes[m.name] = list(ready.warnings)
+        return notes
+
+    # ── requests ───────────────────────────────────────────────────────────────
+
+    def submit(self, model: str, inputs: Inputs) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
+        """Send a request; return a future of its outputs.
+
+        Args:
+            model: the model's name.
+            inputs: a dict keyed by ``forward()`` argument name or ``INPUT__<i>``, a
+                list of tensors in argument order, or a single tensor.
+
+        Returns:
+            A ``concurrent.futures.Future`` resolving to ``{output name: tensor}``.
+            Output tensors may alias shared memory; it is recycled once they are freed.
+
+        Raises:
+            UnknownModelError: no such model.
+            InvalidInputError: the inputs do not fit the model.
+            PoolClosedError: the pool is closed.
+        """
+        if self._closed:
+            raise PoolClosedError("the pool is closed")
+        m = self._router.models.get(model)
+        if m is None:
+            raise UnknownModelError(model, list(self._router.models))
+        binder = m.binder
+        assert binder is not None  # set before the pool finished starting
+        tensors = binder.bind(inputs)
+        descs, frames, offsets = tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold)
+        call = Call(m, descs, frames, offsets)
+        self._router.submit(call)
+        return call.future
+
+    def infer(self, model: str, inputs: Inputs, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Run one request and wait for its outputs.
+
+        Args:
+            model: the model's name.
+            inputs: as for :meth:`submit`.
+            timeout: seconds to wait; None waits as long as it takes.
+
+        Returns:
+            ``{output name: tensor}``.
+
+        Raises:
+            UnknownModelError, InvalidInputError, PoolClosedError: as for :meth:`submit`.
+            ModelError: the model raised (the worker's traceback is attached).
+            WorkerDiedError: the worker died while running the request.
+            TimeoutError: no result within ``timeout``.
+        """
+        future = self.submit(model, inputs)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # dropped if still queued
+            raise TimeoutError(f"model {model!r} did not answer within {timeout} s") from None
+
+    async def infer_async(self, model: str, inputs: Inputs) -> dict[str, torch.Tensor]:
+        """Run one request from asyncio; see :meth:`infer`."""
+        return await asyncio.wrap_future(self.submit(model, inputs))
+
+    # ── introspection ──────────────────────────────────────────────────────────
+
+    def workers(self) -> list[WorkerInfo]:
+        """One entry per worker process: model, instance, pid, device, state, flags."""
+        return self._router.workers()
+
+    def models(self) -> list[str]:
+        """The names of the models this pool serves."""
+        return list(self._router.models)
+
+    # ── lifetime ───────────────────────────────────────────────────────────────
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop accepting requests, drain for up to ``grace`` seconds, stop the workers.
+
+        Requests still unfinished after ``grace`` fail with :class:`PoolClosedError`.
+        Idempotent; returns once every worker has exited and every socket, descriptor
+        and shared-memory arena of the pool is released.
+        """
+        with self._close_lock:
+            self._closed = True
+            self._router.stop(grace=grace, timeout=grace + 30.0)
+            self._finalizer.detach()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Leaving on an exception: do not wait for queued work to drain.
+        self.close(grace=0.0 if exc[0] is not None else 5.0)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<libtorchrt.Pool {state} models={self.models()}>"

@@ -1,0 +1,108 @@
+"""Shared fixtures: test models, and the resource checks every pool must pass."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import models
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    for name in models.MODELS:
+        models.save(name, d)
+    return d
+
+
+def children() -> set[int]:
+    """PIDs of this process's live (non-zombie) children."""
+    me = str(os.getpid())
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            out.add(int(entry))
+    return out
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def shm_mappings() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if "libtorchrt" in line or "/dev/shm" in line]
+
+
+def snapshot() -> dict[str, Any]:
+    return {"children": children(), "fds": open_fds(), "maps": shm_mappings()}
+
+
+def assert_no_leaks(before: dict[str, Any], timeout: float = 5.0) -> None:
+    """Everything a pool created is gone: children, descriptors, shared memory."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        now = snapshot()
+        leaks = {
+            "children": now["children"] - before["children"],
+            "fds": {fd: _fd_target(fd) for fd in now["fds"] - before["fds"]},
+            "maps": [m for m in now["maps"] if m not in before["maps"]],
+        }
+        if not any(leaks.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"resources left behind after Pool.close(): {leaks}")
+        time.sleep(0.05)
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Asserts after the test that no child process, fd or shared memory remains."""
+    before = snapshot()
+    yield
+    assert_no_leaks(before)
+
+
+@pytest.fixture
+def make_pool(model_dir: Path) -> Iterator[Callable[..., Any]]:
+    """Build pools that are closed (and checked for leaks) after the test."""
+    from libtorchrt import ModelConfig, Pool
+
+    before = snapshot()
+    pools: list[Pool] = []
+
+    def make(*specs: Any, **kwargs: Any) -> Pool:
+        configs = [
+            s if isinstance(s, ModelConfig) else ModelConfig(name=s, path=model_dir / f"{s}.pt") for s in specs
+        ]
+        pool = Pool(models=configs, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+    del pools
+    assert_no_leaks(before)

@@ -93,7 +93,9 @@ class Binder:
                 if pos is None or pos >= n:
                     raise InvalidInputError(self.model, str(key), self.expected, f"unknown input {key!r}")
                 if bound[pos] is not None:
-                    raise InvalidInputError(self.model, str(key), "each input once", f"{key!r} binds to an input already given")
+                    raise InvalidInputError(
+                        self.model, str(key), "each input once", f"{key!r} binds to an input already given"
+                    )
                 bound[pos] = value
             missing = [self.display(i) for i, v in enumerate(bound) if v is None]
             if missing:
@@ -114,7 +116,9 @@ class Binder:
             try:
                 value = torch.from_numpy(value)
             except TypeError:
-                raise InvalidInputError(self.model, name, "a tensor of a supported dtype", f"numpy {value.dtype}") from None
+                raise InvalidInputError(
+                    self.model, name, "a tensor of a supported dtype", f"numpy {value.dtype}"
+                ) from None
         if not isinstance(value, torch.Tensor):
             raise InvalidInputError(self.model, name, "a torch.Tensor", _describe(value))
         if value.device.type != "cpu":
@@ -124,7 +128,9 @@ class Binder:
         spec = self.specs[pos]
         if spec is not None:
             if value.dtype != spec.torch_dtype:
-                raise InvalidInputError(self.model, name, f"dtype {spec.dtype}", f"dtype {str(value.dtype).removeprefix('torch.')}")
+                raise InvalidInputError(
+                    self.model, name, f"dtype {spec.dtype}", f"dtype {str(value.dtype).removeprefix('torch.')}"
+                )
             if spec.dims is not None:
                 self._check_shape(name, spec, tuple(value.shape))
         return value

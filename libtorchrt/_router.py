@@ -129,6 +129,7 @@ class _Model:
     workers: list[_Worker] = field(default_factory=list)
     queue: collections.deque[Call] = field(default_factory=collections.deque)
     binder: Binder | None = None
+    next: int = 0  # where the next round-robin scan starts
 
     @property
     def name(self) -> str:
@@ -319,7 +320,7 @@ class Router:
                 if self._drained() or time.monotonic() >= self._stop_at:
                     return
                 timeout = max(0.0, self._stop_at - time.monotonic())
-            events = self._poller.poll(None if timeout is None else timeout * 1000 + 1)
+            events = self._poller.poll(None if timeout is None else int(timeout * 1000) + 1)
             for target, _ in events:
                 if target is sock:
                     self._on_messages(sock)
@@ -337,7 +338,9 @@ class Router:
                 return
 
     def _drained(self) -> bool:
-        return not self.inbox and all(not m.queue and not any(w.inflight for w in m.workers) for m in self.models.values())
+        return not self.inbox and all(
+            not m.queue and not any(w.inflight for w in m.workers) for m in self.models.values()
+        )
 
     def _on_inbox(self) -> None:
         touched = set()
@@ -354,10 +357,19 @@ class Router:
             self._collect_releases()
         limit = self.options.max_inflight
         queue = m.queue
+        workers = m.workers
+        n = len(workers)
         while queue:
+            # Least-loaded ready worker; ties go round-robin (scanning from the one after
+            # the last choice), so that even sequential traffic reaches every instance.
             best = None
-            for w in m.workers:
-                if w.state == _READY and len(w.inflight) < limit and (best is None or len(w.inflight) < len(best.inflight)):
+            for k in range(n):
+                w = workers[(m.next + k) % n]
+                if (
+                    w.state == _READY
+                    and len(w.inflight) < limit
+                    and (best is None or len(w.inflight) < len(best.inflight))
+                ):
                     best = w
             if best is None:
                 if not any(w.state in (_READY, _STARTING) for w in m.workers):
@@ -367,6 +379,7 @@ class Router:
             if not call.future.set_running_or_notify_cancel():
                 call.free()  # cancelled while queued
                 continue
+            m.next = (workers.index(best) + 1) % n
             releases, best.releases = best.releases, []
             header = wire.encode(wire.Request(call.id, call.descs, releases))
             best.inflight[call.id] = call

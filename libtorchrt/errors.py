@@ -112,10 +112,7 @@ class WorkerDiedError(TorchRTError):
         self.exitcode = exitcode
         self.signal = -exitcode if exitcode is not None and exitcode < 0 else None
         self.stderr_tail = stderr_tail
-        if self.signal is not None:
-            how = f"was killed by signal {self.signal}"
-        else:
-            how = f"exited with code {exitcode}"
+        how = f"was killed by signal {self.signal}" if self.signal is not None else f"exited with code {exitcode}"
         text = f"worker {instance} of model {model!r} (pid {pid}) {how}"
         if stderr_tail:
             text += "; last lines of its stderr:\n" + stderr_tail.rstrip()

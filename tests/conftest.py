@@ -94,9 +94,7 @@ def make_pool(model_dir: Path) -> Iterator[Callable[..., Any]]:
     pools: list[Pool] = []
 
     def make(*specs: Any, **kwargs: Any) -> Pool:
-        configs = [
-            s if isinstance(s, ModelConfig) else ModelConfig(name=s, path=model_dir / f"{s}.pt") for s in specs
-        ]
+        configs = [s if isinstance(s, ModelConfig) else ModelConfig(name=s, path=model_dir / f"{s}.pt") for s in specs]
         pool = Pool(models=configs, **kwargs)
         pools.append(pool)
         return pool
@@ -104,5 +102,4 @@ def make_pool(model_dir: Path) -> Iterator[Callable[..., Any]]:
     yield make
     for pool in pools:
         pool.close()
-    del pools
     assert_no_leaks(before)

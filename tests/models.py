@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Tuple  # noqa: UP035 (TorchScript wants typing's generics)
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +28,7 @@ class Add(nn.Module):
 
 
 class TwoOutputs(nn.Module):
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x + 1, x * 2
 
 
@@ -50,7 +49,7 @@ class Raiser(nn.Module):
 
 
 class ListOutputs(nn.Module):
-    def forward(self, x: Tensor) -> List[Tensor]:
+    def forward(self, x: Tensor) -> list[Tensor]:
         return [x, x.sum(dim=-1)]
 
 

@@ -169,7 +169,9 @@ class ModelConfig:
             ConfigError: it does not.
         """
         if not Path(self.path).is_file():
-            raise ConfigError(f"model {self.name!r}: no model file at {os.fspath(self.path)!r}", model=self.name, key="path")
+            raise ConfigError(
+                f"model {self.name!r}: no model file at {os.fspath(self.path)!r}", model=self.name, key="path"
+            )
 
     @classmethod
     def from_pbtxt(cls, source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | None = None) -> ModelConfig:

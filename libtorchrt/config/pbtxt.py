@@ -47,7 +47,12 @@ def parse_text(text: str, where: str = "<config.pbtxt>") -> pb.ModelConfig:
     try:
         text_format.Parse(text, msg)
     except text_format.ParseError as e:
-        raise ConfigError(f"{where}:{e}") from None
+        line, col = e.GetLine(), e.GetColumn()
+        text_ = str(e)
+        if line is not None:  # str(e) starts with "line:col : "
+            text_ = text_.split(" : ", 1)[-1]
+        loc = f"{where}:{line}:{col}" if line is not None else where
+        raise ConfigError(f"{loc}: {text_}") from None
     return msg
 
 
@@ -57,7 +62,7 @@ def _line_of(text: str, field: str) -> int:
 
 
 def _dtype_name(value: int) -> str:
-    return pb.DataType.Name(value)  # type: ignore[arg-type]
+    return pb.DataType.Name(value)
 
 
 def load(source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | None = None) -> ModelConfig:
@@ -123,9 +128,7 @@ def load(source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | Non
     version = 1
     model_path = Path(filename)
     if directory is not None:
-        versions = sorted(
-            (int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True
-        )
+        versions = sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
         available = [v for v in versions if (directory / str(v) / filename).is_file()]
         if not available:
             raise fail(f"no version directory of {str(directory)!r} holds {filename!r}", "default_model_filename")

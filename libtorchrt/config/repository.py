@@ -27,9 +27,7 @@ def load_repository(path: str | os.PathLike[str]) -> list[ModelConfig]:
     if not root.is_dir():
         raise ConfigError(f"model repository {os.fspath(path)!r} is not a directory")
     models = [
-        load(d / "config.pbtxt", d)
-        for d in sorted(root.iterdir())
-        if d.is_dir() and (d / "config.pbtxt").is_file()
+        load(d / "config.pbtxt", d) for d in sorted(root.iterdir()) if d.is_dir() and (d / "config.pbtxt").is_file()
     ]
     if not models:
         raise ConfigError(f"model repository {os.fspath(path)!r} holds no <model>/config.pbtxt")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import msgpack
 import torch
@@ -185,7 +185,7 @@ class Shutdown:
     KIND: ClassVar[int] = 7
 
 
-Message = Union[Ready, Failed, Request, Response, Error, Release, Shutdown]
+Message = Ready | Failed | Request | Response | Error | Release | Shutdown
 _KINDS: dict[int, type] = {cls.KIND: cls for cls in (Ready, Failed, Request, Response, Error, Release, Shutdown)}
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
 
@@ -269,8 +269,6 @@ def _check_types(msg: Message) -> None:
     for name in _FIELDS[type(msg)]:
         value = getattr(msg, name)
         if not isinstance(value, _TYPES[name]):
-            raise ProtocolError(
-                f"malformed {type(msg).__name__} message: field {name!r} is {type(value).__name__}"
-            )
+            raise ProtocolError(f"malformed {type(msg).__name__} message: field {name!r} is {type(value).__name__}")
     if isinstance(msg, Release) and not all(type(o) is int and o >= 0 for o in msg.offsets):
         raise ProtocolError("malformed Release message: offsets must be non-negative integers")

@@ -37,8 +37,7 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 NVFUSER_NOTE = (
-    "ENABLE_NVFUSER is accepted but has no effect: NVFuser was removed from TorchScript "
-    "in this torch version"
+    "ENABLE_NVFUSER is accepted but has no effect: NVFuser was removed from TorchScript in this torch version"
 )
 
 
@@ -88,7 +87,7 @@ def _parse_bool(model: str, key: str, raw: Any) -> bool:
     if text in _FALSE:
         return False
     raise ConfigError(
-        f"model {model!r}: parameter {key} has value {raw!r}; expected \"true\" or \"false\"",
+        f'model {model!r}: parameter {key} has value {raw!r}; expected "true" or "false"',
         model=model,
         key=key,
     )

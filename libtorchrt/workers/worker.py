@@ -111,9 +111,7 @@ def _outputs(result: Any) -> list[torch.Tensor]:
         return [result]
     if isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in result):
         return list(result)
-    raise TypeError(
-        f"the model returned {type(result).__name__}; expected a Tensor or a tuple/list of Tensors"
-    )
+    raise TypeError(f"the model returned {type(result).__name__}; expected a Tensor or a tuple/list of Tensors")
 
 
 class _Worker:
@@ -169,9 +167,7 @@ class _Worker:
                 torch.cuda.empty_cache()
             if any(t.device.type != "cpu" for t in outputs):
                 outputs = [t.cpu() for t in outputs]
-            descs, out_frames, _ = tensor_io.write(
-                outputs, self.responses, self.allocator, self.spec.inline_threshold
-            )
+            descs, out_frames, _ = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
             self._send_error(msg.id, e, traceback.format_exc())
             return

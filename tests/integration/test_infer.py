@@ -169,7 +169,7 @@ def test_bad_requests_get_typed_errors_and_the_pool_keeps_serving(pool: Pool) ->
         pool.infer("add", {"a": x})
     with pytest.raises(InvalidInputError, match="2 inputs"):
         pool.infer("add", [x])
-    with pytest.raises(InvalidInputError, match="torch.Tensor"):
+    with pytest.raises(InvalidInputError, match=r"torch\.Tensor"):
         pool.infer("add", [x, [1.0, 2.0]])
     with pytest.raises(InvalidInputError, match="a dict of name"):
         pool.infer("add", "not inputs")

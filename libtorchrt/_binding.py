@@ -54,15 +54,22 @@ class Binder:
         n = len(self.arg_names)
         self.positions: dict[str, int] = {name: i for i, name in enumerate(self.arg_names)}
         self.specs: list[TensorSpec | None] = [None] * n
-        for j, spec in enumerate(cfg.inputs):
+        # Triton's precedence: argument name, then the `__<i>` suffix, then the
+        # configuration's order, into the positions that no other spec claimed.
+        unplaced: list[TensorSpec] = []
+        for spec in cfg.inputs:
             pos = self.positions.get(spec.name)
             if pos is None:
                 pos = _index(spec.name)
-            if pos is None or pos >= n:
-                pos = j
-            if pos < n:
-                self.positions[spec.name] = pos
-                self.specs[pos] = spec
+            if pos is None or pos >= n or self.specs[pos] is not None:
+                unplaced.append(spec)
+                continue
+            self.positions[spec.name] = pos
+            self.specs[pos] = spec
+        free = [i for i in range(n) if self.specs[i] is None]
+        for spec, pos in zip(unplaced, free):
+            self.positions[spec.name] = pos
+            self.specs[pos] = spec
         self._outputs = list(cfg.outputs)
         self._output_names: dict[int, list[str]] = {}
 
@@ -123,7 +130,7 @@ class Binder:
             raise InvalidInputError(self.model, name, "a torch.Tensor", _describe(value))
         if value.device.type != "cpu":
             raise InvalidInputError(self.model, name, "a CPU tensor", _describe(value))
-        if value.dtype not in _WIRE_DTYPES or value.is_sparse or value.is_quantized:
+        if value.dtype not in _WIRE_DTYPES or value.layout != torch.strided or value.is_quantized:
             raise InvalidInputError(self.model, name, "a dense tensor of a supported dtype", _describe(value))
         spec = self.specs[pos]
         if spec is not None:

@@ -56,7 +56,7 @@ from .info import WorkerInfo
 from .transport import tensors as tensor_io
 from .transport import wire
 from .transport.arena import Allocator, Arena
-from .transport.sockets import PrivateDir, send
+from .transport.sockets import PrivateDir, recv, send
 from .workers.process import WorkerProcess
 from .workers.worker import WorkerSpec
 
@@ -157,6 +157,7 @@ class Router:
         self._stop_at: float | None = None  # drain deadline, once stop() was called
         self._stopped = False
         self._submit_lock = threading.Lock()
+        self._idle = True  # the router thread may be blocked in poll()
         self._dir = PrivateDir()
         self._ctx = zmq.Context(1)
         self._sock: zmq.Socket | None = None
@@ -203,7 +204,10 @@ class Router:
                 call.free()
                 raise PoolClosedError("the pool is closed")
             self.inbox.append(call)
-            os.eventfd_write(self._wake_fd, 1)
+            # Wake the router only if it may be asleep: it publishes _idle before its
+            # last look at the inbox, so either it sees this call or we see _idle.
+            if self._idle:
+                os.eventfd_write(self._wake_fd, 1)
 
     def stop(self, grace: float, timeout: float) -> None:
         """Drain for up to ``grace`` seconds, stop the workers, release everything.
@@ -320,7 +324,13 @@ class Router:
                 if self._drained() or time.monotonic() >= self._stop_at:
                     return
                 timeout = max(0.0, self._stop_at - time.monotonic())
-            events = self._poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            self._idle = True
+            # A call that arrived while we were busy came without a wake-up: do not sleep.
+            wait_ms = None if timeout is None else int(timeout * 1000) + 1
+            events = [] if self.inbox else self._poller.poll(wait_ms)
+            self._idle = False
+            if self.inbox:
+                self._on_inbox()
             for target, _ in events:
                 if target is sock:
                     self._on_messages(sock)
@@ -401,20 +411,20 @@ class Router:
         touched: set[str] = set()
         while True:
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                identity, parts = recv(sock, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            w = self._by_identity.get(parts[0].bytes)
-            if w is None or len(parts) < 2:
+            w = self._by_identity.get(identity)
+            if w is None or not parts:
                 log.warning("dropped a message from an unknown peer")
                 continue
             try:
-                msg = wire.decode(parts[1].buffer)
+                msg = wire.decode(parts[0].bytes)
             except ProtocolError as e:
                 log.warning("dropped a malformed message from worker %s/%d: %s", w.model.name, w.instance, e)
                 continue
             if isinstance(msg, wire.Response):
-                self._on_response(w, msg, parts[2:])
+                self._on_response(w, msg, parts[1:])
             elif isinstance(msg, wire.Error):
                 self._on_error(w, msg)
             elif isinstance(msg, wire.Ready):

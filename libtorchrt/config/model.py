@@ -142,9 +142,10 @@ class ModelConfig:
                 model=self.name,
                 key="instances",
             )
-        if self.max_batch_size < 0:
+        mbs = self.max_batch_size
+        if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 0:
             raise ConfigError(
-                f"model {self.name!r}: max_batch_size is {self.max_batch_size}; expected >= 0",
+                f"model {self.name!r}: max_batch_size is {self.max_batch_size!r}; expected an integer >= 0",
                 model=self.name,
                 key="max_batch_size",
             )

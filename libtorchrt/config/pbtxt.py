@@ -33,8 +33,9 @@ _SUPPORTED = {
     "instance_group",
     "parameters",
     "default_model_filename",
-    "version_policy",
 }
+#: Fields of an input or output that this version acts on.
+_TENSOR_FIELDS = {"name", "data_type", "dims"}
 
 
 def parse_text(text: str, where: str = "<config.pbtxt>") -> pb.ModelConfig:
@@ -57,12 +58,21 @@ def parse_text(text: str, where: str = "<config.pbtxt>") -> pb.ModelConfig:
 
 
 def _line_of(text: str, field: str) -> int:
-    m = re.search(rf"^\s*{re.escape(field)}\s*[:{{\[]", text, re.MULTILINE)
+    m = re.search(rf"^[ \t]*{re.escape(field)}\s*[:{{\[]", text, re.MULTILINE)
     return text.count("\n", 0, m.start()) + 1 if m else 0
 
 
 def _dtype_name(value: int) -> str:
     return pb.DataType.Name(value)
+
+
+def _is_file(source: str) -> bool:
+    if "\n" in source or "{" in source or ":" in source:
+        return False  # configuration text, not a path
+    try:
+        return Path(source).is_file()
+    except OSError:  # e.g. too long to be a file name
+        return False
 
 
 def load(source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | None = None) -> ModelConfig:
@@ -71,7 +81,7 @@ def load(source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | Non
     See :meth:`ModelConfig.from_pbtxt`.
     """
     path: Path | None = None
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and Path(source).is_file()):
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _is_file(source)):
         path = Path(source)
         text = path.read_text()
         where = str(path)
@@ -112,6 +122,9 @@ def load(source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | Non
     def specs(tensors: object, kind: str) -> list[TensorSpec]:
         out = []
         for t in tensors:  # type: ignore[attr-defined]
+            for fd, _ in t.ListFields():
+                if fd.name not in _TENSOR_FIELDS:
+                    raise fail(f"{kind} {t.name!r}: field {fd.name!r} is not supported by libtorchrt yet", fd.name)
             dtype = _dtype_name(t.data_type)
             if dtype == "TYPE_INVALID":
                 raise fail(f"{kind} {t.name!r} has no data_type", kind)
@@ -128,7 +141,9 @@ def load(source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | Non
     version = 1
     model_path = Path(filename)
     if directory is not None:
-        versions = sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+        versions = sorted(
+            (int(p.name) for p in directory.iterdir() if p.is_dir() and re.fullmatch(r"[0-9]+", p.name)), reverse=True
+        )
         available = [v for v in versions if (directory / str(v) / filename).is_file()]
         if not available:
             raise fail(f"no version directory of {str(directory)!r} holds {filename!r}", "default_model_filename")
@@ -146,4 +161,8 @@ def load(source: str | os.PathLike[str], model_dir: str | os.PathLike[str] | Non
             version=version,
         )
     except ConfigError as e:
-        raise fail(str(e), e.key or "parameters") from None
+        # A bad parameter value: point at that key inside the parameters block.
+        m = re.search(rf'key\s*:\s*"{re.escape(e.key or "")}"', text) if e.key else None
+        line = text.count("\n", 0, m.start()) + 1 if m else _line_of(text, e.key or "parameters")
+        loc = f"{where}:{line}" if line else where
+        raise ConfigError(f"{loc}: {e}", model=e.model, key=e.key) from None

@@ -59,7 +59,12 @@ class Arena:
             os.close(fd)
             raise
         #: the whole arena as one uint8 tensor; slices of it are the slots' views
-        self.flat = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        # Through a memoryview: torch.frombuffer does not keep the buffer export of the
+        # mmap itself, so close() could unmap memory under live tensors (a segfault);
+        # the memoryview export makes close() refuse (BufferError) until they die.
+        self.flat = torch.frombuffer(memoryview(self._mmap), dtype=torch.uint8)
+        #: the same bytes as a numpy array, for plain single-threaded copies
+        self.bytes = self.flat.numpy()
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """Return a tensor of ``dtype``/``shape`` that aliases ``nbytes`` at ``offset``.
@@ -87,6 +92,7 @@ class Arena:
         self.close_fd()
         mm, self._mmap = self._mmap, None
         self.flat = torch.empty(0, dtype=torch.uint8)
+        self.bytes = self.flat.numpy()
         if mm is not None:
             try:
                 mm.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["COPY_THRESHOLD", "PrivateDir", "send"]
+__all__ = ["COPY_THRESHOLD", "PrivateDir", "recv", "send"]
 
 #: With ``zero_copy``, frames at least this large are sent without copying.
 COPY_THRESHOLD = 64 * 1024
@@ -49,6 +49,23 @@ def send(
     for i, frame in enumerate(frames):
         copy = not zero_copy or _nbytes(frame) < COPY_THRESHOLD
         sock.send(frame, zmq.SNDMORE if i < last else 0, copy=copy)
+
+
+def recv(sock: zmq.Socket, flags: int = 0) -> tuple[bytes, list[zmq.Frame]]:
+    """Receive one multipart message as ``(first part, [further parts])``.
+
+    The first part (a header, or a ROUTER's peer identity) is copied into bytes, which
+    is cheaper than a zero-copy frame for a few dozen bytes; the further parts are kept
+    as zero-copy frames (tensor data).
+
+    Raises:
+        zmq.Again: with ``zmq.NOBLOCK``, no message is waiting.
+    """
+    first = sock.recv(flags)
+    rest: list[zmq.Frame] = []
+    while sock.get(zmq.RCVMORE):
+        rest.append(sock.recv(copy=False))
+    return first, rest
 
 
 class PrivateDir:

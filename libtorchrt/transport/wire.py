@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 import torch
@@ -75,9 +75,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAMES[dtype]
 
 
-@dataclass(frozen=True, slots=True)
-class TensorDesc:
-    """Where one tensor's bytes are: a data frame (``inline``) or an arena offset."""
+class TensorDesc(NamedTuple):
+    """Where one tensor's bytes are: a data frame (``inline``) or an arena offset.
+
+    A NamedTuple, so it packs as a msgpack array as it is and costs little to build.
+    """
 
     dtype: str
     shape: tuple[int, ...]
@@ -88,25 +90,22 @@ class TensorDesc:
     def nbytes(self) -> int:
         return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
-    def _pack(self) -> list[Any]:
-        return [self.dtype, list(self.shape), self.inline, self.where]
 
-    @staticmethod
-    def _unpack(raw: Any) -> TensorDesc:
-        if not isinstance(raw, list) or len(raw) < 4:
-            raise ProtocolError(f"tensor descriptor must be a 4-element array, got {raw!r:.80}")
-        dtype, shape, inline, where = raw[0], raw[1], raw[2], raw[3]
-        if dtype not in _ITEMSIZE:
-            raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > _MAX_DIMS
-            or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
-        ):
-            raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
-        if type(inline) is not bool or type(where) is not int or where < 0:
-            raise ProtocolError(f"bad location {inline!r:.20}/{where!r:.20} in tensor descriptor")
-        return TensorDesc(dtype, tuple(shape), inline, where)
+def _desc(raw: Any) -> TensorDesc:
+    if not isinstance(raw, list) or len(raw) < 4:
+        raise ProtocolError(f"tensor descriptor must be a 4-element array, got {raw!r:.80}")
+    dtype, shape, inline, where = raw[0], raw[1], raw[2], raw[3]
+    if type(dtype) is not str or dtype not in _ITEMSIZE:
+        raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_DIMS
+        or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
+    ):
+        raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
+    if type(inline) is not bool or type(where) is not int or where < 0:
+        raise ProtocolError(f"bad location {inline!r:.20}/{where!r:.20} in tensor descriptor")
+    return TensorDesc(dtype, tuple(shape), inline, where)
 
 
 @dataclass(slots=True)
@@ -193,9 +192,9 @@ _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) 
 def encode(msg: Message) -> bytes:
     """Encode a message as a header frame (its data frames are sent separately)."""
     if isinstance(msg, Request):  # the hot path, without generic field walking
-        return msgpack.packb([3, msg.id, [t._pack() for t in msg.tensors], msg.releases])
+        return msgpack.packb([3, msg.id, msg.tensors, msg.releases])
     if isinstance(msg, Response):
-        return msgpack.packb([4, msg.id, [t._pack() for t in msg.tensors]])
+        return msgpack.packb([4, msg.id, msg.tensors])
     return msgpack.packb([msg.KIND, *(getattr(msg, f) for f in _FIELDS[type(msg)])])
 
 
@@ -231,7 +230,7 @@ def decode(header: bytes | memoryview) -> Message:
 def _tensors(raw: Any) -> list[TensorDesc]:
     if not isinstance(raw, list) or len(raw) > _MAX_TENSORS:
         raise ProtocolError(f"tensor list must be an array of at most {_MAX_TENSORS}")
-    return [TensorDesc._unpack(t) for t in raw]
+    return [_desc(t) for t in raw]
 
 
 def _request(values: list[Any]) -> Request:
@@ -268,7 +267,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def _check_types(msg: Message) -> None:
     for name in _FIELDS[type(msg)]:
         value = getattr(msg, name)
-        if not isinstance(value, _TYPES[name]):
+        # type() rather than isinstance(): a bool is not an acceptable int here
+        ok = type(value) in _TYPES[name]
+        if ok and name in ("inputs", "warnings"):
+            ok = all(type(x) is str for x in value)
+        if not ok:
             raise ProtocolError(f"malformed {type(msg).__name__} message: field {name!r} is {type(value).__name__}")
     if isinstance(msg, Release) and not all(type(o) is int and o >= 0 for o in msg.offsets):
         raise ProtocolError("malformed Release message: offsets must be non-negative integers")

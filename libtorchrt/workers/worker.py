@@ -30,7 +30,7 @@ from ..errors import ProtocolError
 from ..transport import tensors as tensor_io
 from ..transport import wire
 from ..transport.arena import Allocator, Arena
-from ..transport.sockets import send
+from ..transport.sockets import recv, send
 from . import flags as flag_mod
 
 __all__ = ["WorkerSpec", "main"]
@@ -132,15 +132,15 @@ class _Worker:
     def serve(self) -> None:
         sock = self.sock
         while True:
-            parts = sock.recv_multipart(copy=False)
+            header, frames = recv(sock)
             try:
-                msg = wire.decode(parts[0].buffer)
+                msg = wire.decode(header)
             except ProtocolError as e:
                 self._send_error(-1, e)
                 continue
             if isinstance(msg, wire.Request):
                 self._release(msg.releases)
-                self._run(msg, parts[1:])
+                self._run(msg, frames)
             elif isinstance(msg, wire.Release):
                 self._release(msg.offsets)
             elif isinstance(msg, wire.Shutdown):

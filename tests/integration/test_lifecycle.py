@@ -148,3 +148,14 @@ def test_an_unclosed_pool_warns_and_is_closed_when_collected(model_dir: Path) ->
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
     assert_no_leaks(before)
+
+
+def test_outputs_held_across_close_stay_readable(model_dir: Path) -> None:
+    before = snapshot()
+    with Pool(models=[ModelConfig("identity", model_dir / "identity.pt")]) as pool:
+        x = torch.randn(512, 512)  # 1 MiB: a zero-copy view of the worker's response arena
+        y = pool.infer("identity", [x])["OUTPUT__0"]
+    # the pool is closed and its worker gone; the caller's tensor must still be valid
+    assert torch.equal(y, x)
+    del y
+    assert_no_leaks(before)

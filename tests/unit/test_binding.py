@@ -1,0 +1,296 @@
+"""Binding request inputs to a model's arguments, and naming its outputs (front only)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from libtorchrt import ConfigError, InvalidInputError, ModelConfig, TensorSpec
+from libtorchrt._binding import Binder
+
+
+def binder(
+    args: Sequence[str] = ("a", "b"),
+    inputs: Sequence[TensorSpec] = (),
+    outputs: Sequence[TensorSpec] = (),
+    max_batch_size: int = 0,
+) -> Binder:
+    cfg = ModelConfig(name="m", path="m.pt", inputs=inputs, outputs=outputs, max_batch_size=max_batch_size)
+    return Binder(cfg, list(args))
+
+
+def refused(b: Binder, inputs: Any) -> InvalidInputError:
+    with pytest.raises(InvalidInputError) as e:
+        b.bind(inputs)
+    assert e.value.model == "m"
+    assert str(e.value).startswith(f"input {e.value.input!r}" if e.value.input else "inputs of model 'm'")
+    return e.value
+
+
+A = torch.ones(2, 3)
+B = torch.zeros(4, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------- binding
+
+
+def test_bind_by_argument_name_in_any_key_order() -> None:
+    out = binder().bind({"b": B, "a": A})
+    assert out[0] is A and out[1] is B
+
+
+def test_bind_by_index_suffix() -> None:
+    out = binder().bind({"INPUT__1": B, "INPUT__0": A})
+    assert out[0] is A and out[1] is B
+    out = binder().bind({"anything__0": A, "b": B})
+    assert out[0] is A and out[1] is B
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_bind_positionally(container: type) -> None:
+    out = binder().bind(container([A, B]))
+    assert out[0] is A and out[1] is B
+
+
+def test_a_single_tensor_binds_to_a_one_argument_model() -> None:
+    (out,) = binder(["x"]).bind(A)
+    assert out is A
+
+
+def test_numpy_arrays_become_tensors_sharing_memory() -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([True, False])
+    out = binder().bind({"a": a, "b": b})
+    assert out[0].dtype == torch.float32 and out[0].shape == (2, 3)
+    assert out[1].dtype == torch.bool
+    a[0, 0] = 42.0
+    assert out[0][0, 0].item() == 42.0  # no copy
+    (single,) = binder(["x"]).bind(np.zeros(3, dtype=np.int16))
+    assert single.dtype == torch.int16
+
+
+def test_bind_by_declared_input_name() -> None:
+    b = binder(["a", "b"], inputs=[TensorSpec("first"), TensorSpec("second", "int64")])
+    out = b.bind({"second": B, "first": A})
+    assert out[0] is A and out[1] is B
+
+
+# ----------------------------------------------------------------------- errors
+
+
+def test_unknown_key() -> None:
+    e = refused(binder(), {"a": A, "c": B})
+    assert e.input == "c"
+    assert "'a'" in e.expected and "'b'" in e.expected
+    assert "unknown input 'c'" in e.got
+
+
+def test_index_beyond_the_arguments_is_unknown() -> None:
+    e = refused(binder(), {"a": A, "INPUT__2": B})
+    assert e.input == "INPUT__2"
+
+
+def test_non_string_key_is_unknown() -> None:
+    e = refused(binder(), {0: A, "b": B})
+    assert e.input == "0"
+
+
+def test_missing_key() -> None:
+    e = refused(binder(), {"a": A})
+    assert e.input == "b"
+    assert "no value for ['b']" in e.got
+
+
+def test_duplicate_binding() -> None:
+    e = refused(binder(), {"a": A, "INPUT__0": A, "b": B})
+    assert e.input == "INPUT__0"
+    assert e.expected == "each input once"
+    assert "already given" in e.got
+
+
+@pytest.mark.parametrize("inputs", [[A], [A, B, B], []], ids=["1", "3", "0"])
+def test_wrong_positional_count(inputs: list[torch.Tensor]) -> None:
+    e = refused(binder(), inputs)
+    assert e.input is None
+    assert e.expected.startswith("2 inputs")
+    assert e.got == f"{len(inputs)} positional inputs"
+
+
+def test_a_single_tensor_for_a_two_argument_model_is_a_wrong_count() -> None:
+    e = refused(binder(), A)
+    assert e.input is None and e.got == "1 positional inputs"
+
+
+@pytest.mark.parametrize("inputs", ["ab", b"ab", 3, None, {A}], ids=["str", "bytes", "int", "none", "set"])
+def test_neither_mapping_nor_sequence(inputs: Any) -> None:
+    e = refused(binder(), inputs)
+    assert e.input is None
+    assert e.got == type(inputs).__name__
+
+
+@pytest.mark.parametrize("value, got", [([1.0, 2.0], "list"), (3.0, "float"), ("x", "str"), (np.float32(1), "float32")])
+def test_non_tensor_value(value: Any, got: str) -> None:
+    e = refused(binder(), {"a": value, "b": B})
+    assert e.input == "a"
+    assert e.expected == "a torch.Tensor"
+    assert e.got == got
+
+
+def test_meta_device_tensor() -> None:
+    e = refused(binder(), {"a": torch.empty(2, device="meta"), "b": B})
+    assert e.input == "a"
+    assert e.expected == "a CPU tensor"
+    assert "meta" in e.got
+
+
+def _unsupported() -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # complex32 is experimental; quantized creation deprecated
+        return {
+            "complex32": torch.zeros(2, dtype=torch.complex32),
+            "uint16": torch.zeros(2, dtype=torch.uint16),
+            "float8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+            "quantized": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8),
+            "sparse-coo": torch.eye(2).to_sparse(),
+        }
+
+
+@pytest.mark.parametrize("kind", list(_unsupported()))
+def test_unsupported_dtype_or_layout(kind: str) -> None:
+    value = _unsupported()[kind]
+    e = refused(binder(), {"a": value, "b": B})
+    assert e.input == "a"
+    assert e.expected == "a dense tensor of a supported dtype"
+
+
+def test_numpy_array_of_an_unsupported_dtype() -> None:
+    e = refused(binder(), {"a": np.array(["x", "y"]), "b": B})
+    assert e.input == "a" and e.got.startswith("numpy ")
+    e = refused(binder(), {"a": np.zeros(2, dtype=np.uint32), "b": B})
+    assert e.input == "a"
+
+
+def test_sparse_csr_tensor_is_refused() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        csr = torch.eye(2).to_sparse_csr()
+    with pytest.raises(InvalidInputError):
+        binder().bind({"a": csr, "b": B})
+
+
+# ------------------------------------------------------------- declared inputs
+
+SPECS = [TensorSpec("a", "float32", [2, -1]), TensorSpec("b", "int64", [4])]
+
+
+def test_declared_specs_accept_matching_tensors() -> None:
+    b = binder(inputs=SPECS)
+    for width in (0, 1, 3, 100):
+        out = b.bind({"a": torch.ones(2, width), "b": B})
+        assert out[0].shape == (2, width)
+
+
+def test_dtype_mismatch() -> None:
+    e = refused(binder(inputs=SPECS), {"a": torch.ones(2, 3, dtype=torch.float64), "b": B})
+    assert (e.input, e.expected, e.got) == ("a", "dtype float32", "dtype float64")
+
+
+@pytest.mark.parametrize("shape", [(2,), (2, 3, 1), ()], ids=str)
+def test_rank_mismatch(shape: tuple[int, ...]) -> None:
+    e = refused(binder(inputs=SPECS), {"a": torch.ones(shape), "b": B})
+    assert e.input == "a"
+    assert e.expected == "shape [2, -1] (-1: any size)"
+    assert e.got == f"shape {list(shape)}"
+
+
+def test_fixed_dim_mismatch() -> None:
+    e = refused(binder(inputs=SPECS), {"a": A, "b": torch.zeros(5, dtype=torch.int64)})
+    assert (e.input, e.got) == ("b", "shape [5]")
+    e = refused(binder(inputs=SPECS), {"a": torch.ones(3, 3), "b": B})
+    assert (e.input, e.got) == ("a", "shape [3, 3]")
+
+
+def test_spec_without_dims_accepts_any_shape() -> None:
+    b = binder(["x"], inputs=[TensorSpec("x", "int8")])
+    for shape in [(), (0,), (3, 4, 5)]:
+        b.bind([torch.zeros(shape, dtype=torch.int8)])
+    e = refused(b, [torch.zeros(3)])
+    assert e.got == "dtype float32"
+
+
+def test_max_batch_size_adds_a_leading_batch_dim() -> None:
+    b = binder(["x"], inputs=[TensorSpec("x", "float32", [3])], max_batch_size=4)
+    for rows in (0, 1, 4):
+        b.bind({"x": torch.ones(rows, 3)})
+    e = refused(b, {"x": torch.ones(5, 3)})
+    assert (e.input, e.got) == ("x", "5 rows")
+    assert "max_batch_size=4" in e.expected
+    e = refused(b, {"x": torch.ones(3)})  # the batch dimension is missing
+    assert e.expected == "shape [-1, 3] (-1: any size)"
+    e = refused(b, {"x": torch.ones(2, 4)})
+    assert e.got == "shape [2, 4]"
+
+
+def test_errors_name_the_declared_input() -> None:
+    b = binder(["a", "b"], inputs=[TensorSpec("images", "float32", [3]), TensorSpec("labels", "int64", [1])])
+    e = refused(b, {"images": torch.ones(4), "labels": torch.zeros(1, dtype=torch.int64)})
+    assert e.input == "images"
+    e = refused(b, {"images": torch.ones(3)})
+    assert e.input == "labels"
+    assert "'images'" in e.expected and "'labels'" in e.expected
+
+
+def test_declared_indexed_inputs_map_by_their_index() -> None:
+    b = binder(["a", "b"], inputs=[TensorSpec("X__1", "int64", [4]), TensorSpec("Y__0", "float32", [2, 3])])
+    out = b.bind({"X__1": B, "Y__0": A})
+    assert out[0] is A and out[1] is B
+    e = refused(b, [B, A])  # positional order is the model's: Y first
+    assert e.input == "Y__0"
+
+
+def test_a_spec_bound_by_name_is_not_replaced_by_a_positional_one() -> None:
+    try:
+        b = binder(["a", "b"], inputs=[TensorSpec("b", "float32", [2]), TensorSpec("zzz", "float32", [3])])
+    except (ConfigError, InvalidInputError):
+        return  # refusing the inconsistent configuration is fine too
+    out = b.bind({"a": torch.ones(3), "b": torch.ones(2)})  # "b" must be checked against its own spec
+    assert out[1].shape == (2,)
+
+
+# ------------------------------------------------------------------ output names
+
+
+def test_default_output_names() -> None:
+    b = binder()
+    assert b.output_names(1) == ["OUTPUT__0"]
+    assert b.output_names(3) == ["OUTPUT__0", "OUTPUT__1", "OUTPUT__2"]
+    assert b.output_names(0) == []
+
+
+def test_configured_output_names_in_order() -> None:
+    b = binder(outputs=[TensorSpec("sum"), TensorSpec("prod")])
+    assert b.output_names(2) == ["sum", "prod"]
+    assert b.output_names(3) == ["sum", "prod", "OUTPUT__2"]
+    assert b.output_names(1) == ["sum"]
+
+
+def test_configured_indexed_output_names_map_by_index() -> None:
+    b = binder(outputs=[TensorSpec("X__1"), TensorSpec("Y__0")])
+    assert b.output_names(2) == ["Y__0", "X__1"]
+    assert b.output_names(1) == ["Y__0"]
+    assert b.output_names(3) == ["Y__0", "X__1", "OUTPUT__2"]
+
+
+def test_mixed_output_names_fall_back_to_order() -> None:
+    b = binder(outputs=[TensorSpec("X__1"), TensorSpec("plain")])
+    assert b.output_names(2) == ["X__1", "plain"]
+
+
+def test_output_names_are_cached_per_count() -> None:
+    b = binder(outputs=[TensorSpec("y")])
+    assert b.output_names(2) is b.output_names(2)

@@ -1,0 +1,423 @@
+"""The msgpack wire format: round trips, compatibility, and refusal of malformed headers."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from libtorchrt.errors import ProtocolError
+from libtorchrt.transport import wire
+from libtorchrt.transport.wire import (
+    DTYPES,
+    PROTOCOL_VERSION,
+    Error,
+    Failed,
+    Ready,
+    Release,
+    Request,
+    Response,
+    Shutdown,
+    TensorDesc,
+    decode,
+    encode,
+)
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj)
+
+
+def assert_protocol_error(header: bytes | memoryview) -> None:
+    with pytest.raises(ProtocolError):
+        decode(header)
+
+
+def decodes_or_refuses(header: bytes | memoryview) -> None:
+    """The decoder's contract: a Message, or ProtocolError; never any other exception."""
+    try:
+        msg = decode(header)
+    except ProtocolError:
+        return
+    assert isinstance(msg, (Ready, Failed, Request, Response, Error, Release, Shutdown))
+
+
+# --------------------------------------------------------------------------- round trips
+
+MESSAGES = [
+    pytest.param(Ready(PROTOCOL_VERSION, 1234), id="ready-defaults"),
+    pytest.param(
+        Ready(
+            PROTOCOL_VERSION,
+            99,
+            flags={"INFERENCE_MODE": True, "INTRA_OP_THREAD_COUNT": 4},
+            inputs=["a", "b"],
+            device="cpu",
+            warnings=["ENABLE_NVFUSER has no effect"],
+        ),
+        id="ready-full",
+    ),
+    pytest.param(Failed(PROTOCOL_VERSION, 7, "RuntimeError", "bad model file"), id="failed-defaults"),
+    pytest.param(Failed(PROTOCOL_VERSION, 7, "RuntimeError", "boom", "Traceback ...\n  line 1"), id="failed-tb"),
+    pytest.param(
+        Request(
+            42,
+            [
+                TensorDesc("float32", (2, 3), True, 0),
+                TensorDesc("int64", (), False, 4096),
+                TensorDesc("bool", (0, 5), True, 1),
+            ],
+            releases=[0, 64, 128],
+        ),
+        id="request-tensors-releases",
+    ),
+    pytest.param(Request(0, []), id="request-empty"),
+    pytest.param(Response(43, [TensorDesc("bfloat16", (7,), False, 192)]), id="response"),
+    pytest.param(Response(44, []), id="response-empty"),
+    pytest.param(Error(-1, "ProtocolError", "undecodable"), id="error-defaults"),
+    pytest.param(Error(5, "InvalidInputError", "bad x", "tb", input_error=True), id="error-input"),
+    pytest.param(Release([0, 64, 1 << 33]), id="release"),
+    pytest.param(Release(), id="release-empty"),
+    pytest.param(Shutdown(), id="shutdown"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES)
+def test_every_message_kind_round_trips(msg: Any) -> None:
+    header = encode(msg)
+    assert isinstance(header, bytes)
+    back = decode(header)
+    assert type(back) is type(msg)
+    assert back == msg
+
+
+@pytest.mark.parametrize("msg", MESSAGES)
+def test_decode_accepts_a_memoryview(msg: Any) -> None:
+    assert decode(memoryview(encode(msg))) == msg
+
+
+def test_header_is_an_array_starting_with_the_kind() -> None:
+    raw = msgpack.unpackb(encode(Release([64])))
+    assert raw == [Release.KIND, [64]]
+    kinds = [cls.KIND for cls in (Ready, Failed, Request, Response, Error, Release, Shutdown)]
+    assert len(set(kinds)) == len(kinds)
+
+
+def test_request_tensor_descriptors_keep_their_fields() -> None:
+    desc = TensorDesc("complex128", (3, 1, 2), False, 640)
+    (back,) = decode(encode(Request(1, [desc]))).tensors  # type: ignore[union-attr]
+    assert back == desc
+    assert back.shape == (3, 1, 2) and isinstance(back.shape, tuple)
+    assert back.inline is False and back.where == 640
+
+
+# ------------------------------------------------------------------- compatibility
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ([Ready.KIND, 1, 10, {}, ["x"], "cpu", [], "a newer field", 3], Ready(1, 10, {}, ["x"], "cpu", [])),
+        ([Failed.KIND, 1, 10, "E", "m", "tb", {"new": 1}], Failed(1, 10, "E", "m", "tb")),
+        ([Request.KIND, 5, [], [64], "priority", 9], Request(5, [], [64])),
+        ([Response.KIND, 6, [], ["future"]], Response(6, [])),
+        ([Error.KIND, 7, "E", "m", "", True, 123], Error(7, "E", "m", "", True)),
+        ([Release.KIND, [0], None], Release([0])),
+        ([Shutdown.KIND, "grace", 5.0], Shutdown()),
+    ],
+    ids=["ready", "failed", "request", "response", "error", "release", "shutdown"],
+)
+def test_header_from_a_newer_peer_with_extra_trailing_fields_decodes(header: list[Any], expected: Any) -> None:
+    assert decode(pack(header)) == expected
+
+
+def test_tensor_descriptor_with_extra_trailing_fields_decodes() -> None:
+    msg = decode(pack([Request.KIND, 1, [["int8", [2], True, 0, "layout", 1]]]))
+    assert msg == Request(1, [TensorDesc("int8", (2,), True, 0)])
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ([Ready.KIND, 1, 10], Ready(1, 10, {}, [], "cpu", [])),
+        ([Failed.KIND, 1, 10, "E", "m"], Failed(1, 10, "E", "m", "")),
+        ([Request.KIND, 5, []], Request(5, [], [])),
+        ([Error.KIND, 7, "E", "m"], Error(7, "E", "m", "", False)),
+        ([Release.KIND], Release([])),
+        ([Shutdown.KIND], Shutdown()),
+    ],
+    ids=["ready", "failed", "request", "error", "release", "shutdown"],
+)
+def test_shorter_header_from_an_older_peer_takes_the_defaults(header: list[Any], expected: Any) -> None:
+    assert decode(pack(header)) == expected
+
+
+# --------------------------------------------------------------------- TensorDesc
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 0), (4, 7), (2, 3, 4)])
+def test_tensor_desc_nbytes_matches_torch(name: str, shape: tuple[int, ...]) -> None:
+    t = torch.empty(shape, dtype=DTYPES[name])
+    assert TensorDesc(name, shape, True, 0).nbytes == t.numel() * t.element_size()
+    assert TensorDesc(name, shape, True, 0).nbytes == math.prod(shape) * t.element_size()
+
+
+def test_dtype_names_cover_dtypes_both_ways() -> None:
+    for name, dtype in DTYPES.items():
+        assert wire.dtype_name(dtype) == name
+    with pytest.raises(KeyError):
+        wire.dtype_name(torch.quint8)
+
+
+# ----------------------------------------------------------------- malformed input
+
+GOOD_DESC = ["float32", [2, 2], True, 0]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xc1", id="reserved-byte"),
+        pytest.param(b"\x93\x01", id="truncated-array"),
+        pytest.param(b"\xff\xfe\xfd garbage \x00\x01", id="garbage"),
+        pytest.param(pack([Shutdown.KIND]) + b"\x00", id="trailing-bytes"),
+        pytest.param(pack(7), id="not-an-array-int"),
+        pytest.param(pack({"kind": 3}), id="not-an-array-map"),
+        pytest.param(pack("Shutdown"), id="not-an-array-str"),
+        pytest.param(pack(None), id="nil"),
+        pytest.param(pack([]), id="empty-array"),
+        pytest.param(pack([0]), id="kind-0"),
+        pytest.param(pack([8]), id="kind-8"),
+        pytest.param(pack([-1]), id="kind-negative"),
+        pytest.param(pack(["3", 1, []]), id="kind-str"),
+        pytest.param(pack([True]), id="kind-bool"),
+        pytest.param(pack([3.0, 1, []]), id="kind-float"),
+        pytest.param(pack({1: 2}), id="map-with-int-keys"),
+    ],
+)
+def test_malformed_envelope_raises_protocol_error(header: bytes) -> None:
+    assert_protocol_error(header)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param([Ready.KIND], id="ready-missing-fields"),
+        pytest.param([Ready.KIND, "1", 10], id="ready-protocol-str"),
+        pytest.param([Ready.KIND, 1, 10, [], [], "cpu"], id="ready-flags-not-map"),
+        pytest.param([Ready.KIND, 1, 10, {}, "x"], id="ready-inputs-not-array"),
+        pytest.param([Ready.KIND, 1, 10, {}, [], 0], id="ready-device-int"),
+        pytest.param([Failed.KIND, 1, 10, "E"], id="failed-missing-message"),
+        pytest.param([Failed.KIND, 1, 10, "E", None], id="failed-message-nil"),
+        pytest.param([Error.KIND, "7", "E", "m"], id="error-id-str"),
+        pytest.param([Error.KIND, 7, "E", "m", "", 1], id="error-input-flag-int"),
+        pytest.param([Release.KIND, 0], id="release-not-array"),
+        pytest.param([Release.KIND, [-64]], id="release-negative"),
+        pytest.param([Release.KIND, ["0"]], id="release-str"),
+        pytest.param([Release.KIND, [True]], id="release-bool"),
+        pytest.param([Release.KIND, [1.5]], id="release-float"),
+        pytest.param([Request.KIND], id="request-no-id"),
+        pytest.param([Request.KIND, 1], id="request-no-tensors"),
+        pytest.param([Request.KIND, "1", []], id="request-id-str"),
+        pytest.param([Request.KIND, True, []], id="request-id-bool"),
+        pytest.param([Request.KIND, 1, {}], id="request-tensors-map"),
+        pytest.param([Request.KIND, 1, [], 64], id="request-releases-not-array"),
+        pytest.param([Request.KIND, 1, [], [-1]], id="request-release-negative"),
+        pytest.param([Request.KIND, 1, [], [False]], id="request-release-bool"),
+        pytest.param([Response.KIND, 1.0, []], id="response-id-float"),
+        pytest.param([Response.KIND, 1], id="response-no-tensors"),
+        pytest.param([Response.KIND, 1, [GOOD_DESC] * 4097], id="too-many-tensors"),
+    ],
+)
+def test_malformed_fields_raise_protocol_error(header: list[Any]) -> None:
+    assert_protocol_error(pack(header))
+
+
+@pytest.mark.parametrize(
+    "desc",
+    [
+        pytest.param("float32", id="not-an-array"),
+        pytest.param(["float32", [2], True], id="three-elements"),
+        pytest.param(["float99", [2], True, 0], id="unknown-dtype"),
+        pytest.param(["quint8", [2], True, 0], id="quantized-dtype"),
+        pytest.param(["FLOAT32", [2], True, 0], id="dtype-wrong-case"),
+        pytest.param([b"float32", [2], True, 0], id="dtype-bytes"),
+        pytest.param([None, [2], True, 0], id="dtype-nil"),
+        pytest.param([11, [2], True, 0], id="dtype-int"),
+        pytest.param(["float32", 2, True, 0], id="shape-not-array"),
+        pytest.param(["float32", [2, -1], True, 0], id="negative-dim"),
+        pytest.param(["float32", [2.0], True, 0], id="float-dim"),
+        pytest.param(["float32", ["2"], True, 0], id="str-dim"),
+        pytest.param(["float32", [True], True, 0], id="bool-dim"),
+        pytest.param(["float32", [2**40], True, 0], id="huge-dim"),
+        pytest.param(["float32", [1] * 33, True, 0], id="33-dims"),
+        pytest.param(["float32", [2], 1, 0], id="inline-int"),
+        pytest.param(["float32", [2], None, 0], id="inline-nil"),
+        pytest.param(["float32", [2], False, -64], id="negative-offset"),
+        pytest.param(["float32", [2], True, -1], id="negative-frame"),
+        pytest.param(["float32", [2], False, 1.0], id="float-offset"),
+        pytest.param(["float32", [2], False, True], id="bool-offset"),
+        pytest.param(["float32", [2], False, "0"], id="str-offset"),
+    ],
+)
+@pytest.mark.parametrize("kind", [Request.KIND, Response.KIND])
+def test_malformed_tensor_descriptor_raises_protocol_error(kind: int, desc: Any) -> None:
+    assert_protocol_error(pack([kind, 1, [GOOD_DESC, desc]]))
+
+
+def test_32_dims_are_accepted_and_33_refused() -> None:
+    ok = decode(pack([Request.KIND, 1, [["uint8", [1] * 32, True, 0]]]))
+    assert ok.tensors[0].shape == (1,) * 32  # type: ignore[union-attr]
+    assert_protocol_error(pack([Request.KIND, 1, [["uint8", [1] * 33, True, 0]]]))
+
+
+def test_4096_tensors_are_accepted() -> None:
+    msg = decode(pack([Response.KIND, 1, [GOOD_DESC] * 4096]))
+    assert len(msg.tensors) == 4096  # type: ignore[union-attr]
+
+
+# Regression: `dtype not in _ITEMSIZE` on an array/map dtype used to raise TypeError.
+@pytest.mark.parametrize("dtype", [["float32"], {"x": 1}], ids=["array", "map"])
+def test_unhashable_dtype_in_descriptor_raises_protocol_error(dtype: Any) -> None:
+    assert_protocol_error(pack([Request.KIND, 1, [[dtype, [2], True, 0]]]))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        [Ready.KIND, True, 10],
+        [Ready.KIND, 1, False],
+        [Failed.KIND, True, 10, "E", "m"],
+        [Error.KIND, True, "E", "m"],
+    ],
+    ids=["ready-protocol", "ready-pid", "failed-protocol", "error-id"],
+)
+def test_bool_where_int_expected_raises_protocol_error(header: list[Any]) -> None:
+    assert_protocol_error(pack(header))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [[Ready.KIND, 1, 10, {}, [1, None]], [Ready.KIND, 1, 10, {}, [], "cpu", [{"a": 1}]]],
+    ids=["inputs", "warnings"],
+)
+def test_ready_lists_of_non_strings_raise_protocol_error(header: list[Any]) -> None:
+    assert_protocol_error(pack(header))
+
+
+class _Detonator:
+    """Unpickling this calls _record_unpickle: proof that something unpickled."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_record_unpickle, ())
+
+
+_UNPICKLED: list[bool] = []
+
+
+def _record_unpickle() -> None:
+    _UNPICKLED.append(True)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize(
+    "payload",
+    [[Shutdown.KIND], [Release.KIND, [64]], {"kind": 7}, _Detonator()],
+    ids=["shutdown-list", "release-list", "dict", "reduce"],
+)
+def test_decode_never_unpickles(payload: Any, protocol: int) -> None:
+    _UNPICKLED.clear()
+    data = pickle.dumps(payload, protocol=protocol)
+    with pytest.raises(ProtocolError):
+        decode(data)
+    assert not _UNPICKLED
+
+
+# ---------------------------------------------------------------------- properties
+
+
+@FAST
+@given(st.binary(max_size=256))
+@example(b"")
+@example(b"\x91\x07")  # [7]: a valid Shutdown
+@example(b"\x93\x03\x01\x91\x94\xa7float32\x91\x02\xc3\x00")  # a valid Request
+def test_random_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
+    decodes_or_refuses(data)
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+    | st.sampled_from(sorted(DTYPES))
+)
+_values = st.recursive(
+    _scalars,
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+_descriptor_like = st.lists(_values, max_size=3).flatmap(
+    lambda tail: st.tuples(
+        st.sampled_from(sorted(DTYPES)) | _scalars,
+        st.lists(st.integers(-2, 2**41), max_size=34) | _values,
+        st.booleans() | _scalars,
+        st.integers(-5, 2**40) | _scalars,
+    ).map(lambda head: [*head, *tail])
+)
+# Headers that start with a real kind, so the field checks themselves are exercised.
+_near_valid = st.tuples(
+    st.integers(min_value=0, max_value=8),
+    st.lists(_values | st.lists(_descriptor_like, max_size=3), max_size=8),
+).map(lambda kv: [kv[0], *kv[1]])
+
+
+@settings(FAST, max_examples=120)
+@given(_values | _near_valid)
+@example([Response.KIND, 1, [[[1], [2], True, 0]]])  # unhashable dtype (a fixed bug)
+@example([Request.KIND, 1, [[{"a": 1}, [2], True, 0]]])
+def test_random_msgpack_structures_decode_or_raise_protocol_error(raw: Any) -> None:
+    decodes_or_refuses(pack(raw))
+
+
+_valid_messages = st.sampled_from([p.values[0] for p in MESSAGES]) | st.builds(
+    Request,
+    st.integers(0, 2**63 - 1),
+    st.lists(
+        st.builds(
+            TensorDesc,
+            st.sampled_from(sorted(DTYPES)),
+            st.lists(st.integers(0, 2**20), max_size=5).map(tuple),
+            st.booleans(),
+            st.integers(0, 2**40),
+        ),
+        max_size=5,
+    ),
+    st.lists(st.integers(0, 2**40), max_size=5),
+)
+
+
+@FAST
+@given(_valid_messages, st.data())
+def test_truncated_valid_headers_decode_or_raise_protocol_error(msg: Any, data: st.DataObject) -> None:
+    header = encode(msg)
+    cut = data.draw(st.integers(min_value=0, max_value=len(header) - 1), label="cut")
+    decodes_or_refuses(header[:cut])
+
+
+@FAST
+@given(_valid_messages)
+def test_generated_requests_round_trip(msg: Any) -> None:
+    assert decode(encode(msg)) == msg

@@ -1,19 +1,9 @@
-"""The ``libtorchrt`` rows: lazy import and a closed-loop caller over ``Pool.infer``.
-
-Written against the public API::
-
-    from libtorchrt import Pool, ModelConfig
-    cfg = ModelConfig(name="tiny", path="/tmp/.../tiny.pt", instances=2)
-    with Pool(models=[cfg]) as pool:
-        out = pool.infer("tiny", [x])  # dict[str, Tensor], e.g. {"OUTPUT__0": y}
-"""
+"""The ``libtorchrt`` rows: a closed-loop caller over ``Pool.infer``."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,60 +11,27 @@ from typing import Any
 
 import torch
 
-from benchmarks._proc import REPO_ROOT
-
-
-def _add_path(path: Path) -> None:
-    """Put ``path`` on sys.path and PYTHONPATH (inherited by worker processes)."""
-    entry = str(path)
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if entry not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([entry, *parts])
-
 
 def import_libtorchrt() -> tuple[ModuleType | None, str | None]:
-    """Import libtorchrt (installed or from the checkout).
-
-    Returns ``(module, None)``, or ``(None, error message)``.
-    """
-    error = "not found"
-    for candidate in (None, REPO_ROOT / "src", REPO_ROOT):
-        if candidate is not None:
-            if not (candidate / "libtorchrt").is_dir():
-                continue
-            _add_path(candidate)
-            sys.modules.pop("libtorchrt", None)
-        try:
-            module = importlib.import_module("libtorchrt")
-        except Exception as exc:  # a half-written package may raise anything
-            error = f"{type(exc).__name__}: {exc}"
-            continue
-        missing = [n for n in ("Pool", "ModelConfig") if not hasattr(module, n)]
-        if missing:
-            error = f"libtorchrt has no {', '.join(missing)}"
-            continue
-        return module, None
-    return None, error
+    """Import libtorchrt; return ``(module, None)`` or ``(None, why not)``."""
+    try:
+        return importlib.import_module("libtorchrt"), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
-def first_output(out: Any) -> torch.Tensor:
-    """The first output tensor of a ``Pool.infer`` result (``OUTPUT__0`` if present)."""
-    if isinstance(out, dict):
-        return out["OUTPUT__0"] if "OUTPUT__0" in out else next(iter(out.values()))
-    if isinstance(out, (list, tuple)):
-        return out[0]
-    return out
+def first_output(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The first output tensor of a ``Pool.infer`` result."""
+    return out["OUTPUT__0"]
 
 
 @contextlib.contextmanager
 def libtorchrt_caller(
-    module: ModuleType, name: str, path: str | Path, instances: int, x: torch.Tensor
+    module: ModuleType, name: str, path: str | Path, instances: int, x: torch.Tensor, **pool_options: Any
 ) -> Iterator[Callable[[], Any]]:
-    """Start a ``Pool`` serving ``path`` as ``name``; yield ``call()``."""
+    """Start a ``Pool`` serving ``path`` as ``name``; yield ``call()``, one request."""
     cfg = module.ModelConfig(name=name, path=str(path), instances=instances)
-    with module.Pool(models=[cfg]) as pool:
+    with module.Pool(models=[cfg], **pool_options) as pool:
         infer = pool.infer
         inputs = [x]
 

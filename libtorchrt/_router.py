@@ -81,13 +81,11 @@ class RouterOptions:
 class Call:
     """One request on its way: its tensors' placement and the caller's future."""
 
-    __slots__ = ("descs", "frames", "future", "id", "model", "offsets")
+    __slots__ = ("blobs", "descs", "frames", "future", "id", "model", "offsets")
 
-    def __init__(self, model: _Model, descs: list[wire.TensorDesc], frames: list[Any], offsets: list[int]) -> None:
+    def __init__(self, model: _Model, placed: tensor_io.Placed) -> None:
         self.model = model
-        self.descs = descs
-        self.frames = frames
-        self.offsets = offsets
+        self.descs, self.blobs, self.frames, self.offsets = placed
         self.future: Future[dict[str, torch.Tensor]] = Future()
         self.id = 0
 
@@ -391,14 +389,14 @@ class Router:
                 continue
             m.next = (workers.index(best) + 1) % n
             releases, best.releases = best.releases, []
-            header = wire.encode(wire.Request(call.id, call.descs, releases))
+            header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs))
             best.inflight[call.id] = call
             try:
                 send(self._sock, header, call.frames, identity=best.identity)  # type: ignore[arg-type]
             except zmq.ZMQError as e:  # the worker went away between its exit and our noticing
                 best.inflight.pop(call.id, None)
                 call.fail(WorkerDiedError(m.name, best.instance, best.proc.pid, best.proc.reap(), f"send failed: {e}"))
-            call.frames = []  # sent (or copied by ZeroMQ); let the caller's buffers go
+            call.frames = call.blobs = []  # sent (or copied by ZeroMQ); let the buffers go
 
     def _collect_releases(self) -> None:
         released = self.released
@@ -411,20 +409,20 @@ class Router:
         touched: set[str] = set()
         while True:
             try:
-                identity, parts = recv(sock, zmq.NOBLOCK)
+                identity, header, frames = recv(sock, zmq.NOBLOCK, routed=True)
             except zmq.Again:
                 break
             w = self._by_identity.get(identity)
-            if w is None or not parts:
+            if w is None or not header:
                 log.warning("dropped a message from an unknown peer")
                 continue
             try:
-                msg = wire.decode(parts[0].bytes)
+                msg = wire.decode(header)
             except ProtocolError as e:
                 log.warning("dropped a malformed message from worker %s/%d: %s", w.model.name, w.instance, e)
                 continue
             if isinstance(msg, wire.Response):
-                self._on_response(w, msg, parts[1:])
+                self._on_response(w, msg, frames)
             elif isinstance(msg, wire.Error):
                 self._on_error(w, msg)
             elif isinstance(msg, wire.Ready):
@@ -455,7 +453,7 @@ class Router:
         w.served += 1
         call.free()
         try:
-            outputs = tensor_io.read(msg.tensors, frames, lambda d: self._output_slot(w, d))
+            outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: self._output_slot(w, d))
         except ProtocolError as e:
             call.fail(e)
             return

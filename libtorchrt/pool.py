@@ -140,8 +140,7 @@ class Pool:
         binder = m.binder
         assert binder is not None  # set before the pool finished starting
         tensors = binder.bind(inputs)
-        descs, frames, offsets = tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold)
-        call = Call(m, descs, frames, offsets)
+        call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold))
         self._router.submit(call)
         return call.future
 

@@ -51,21 +51,22 @@ def send(
         sock.send(frame, zmq.SNDMORE if i < last else 0, copy=copy)
 
 
-def recv(sock: zmq.Socket, flags: int = 0) -> tuple[bytes, list[zmq.Frame]]:
-    """Receive one multipart message as ``(first part, [further parts])``.
+def recv(sock: zmq.Socket, flags: int = 0, routed: bool = False) -> tuple[bytes, bytes, list[zmq.Frame]]:
+    """Receive one multipart message as ``(identity, header, [data frames])``.
 
-    The first part (a header, or a ROUTER's peer identity) is copied into bytes, which
-    is cheaper than a zero-copy frame for a few dozen bytes; the further parts are kept
-    as zero-copy frames (tensor data).
+    The identity (only ``routed``, on a ROUTER socket; else ``b""``) and the header are
+    copied into bytes, cheaper than zero-copy frames for a few dozen bytes; data
+    frames (big tensors) are kept as zero-copy frames.
 
     Raises:
         zmq.Again: with ``zmq.NOBLOCK``, no message is waiting.
     """
-    first = sock.recv(flags)
+    identity = sock.recv(flags) if routed else b""
+    header = sock.recv(flags) if not routed else (sock.recv() if sock.get(zmq.RCVMORE) else b"")
     rest: list[zmq.Frame] = []
     while sock.get(zmq.RCVMORE):
         rest.append(sock.recv(copy=False))
-    return first, rest
+    return identity, header, rest
 
 
 class PrivateDir:

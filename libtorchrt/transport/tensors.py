@@ -1,28 +1,49 @@
 """Moving tensors in and out of messages (used in both processes).
 
-``write`` turns tensors into descriptors plus data frames, placing each tensor either
-in a shared-memory arena slot (one copy, straight from the source tensor, whatever
-its strides) or, below the inline threshold or when the arena is full, in a ZeroMQ
-frame. ``read`` turns descriptors and frames back into tensors without copying:
-inline tensors alias the received frame, arena tensors alias the arena.
+``write`` places each tensor one of three ways, recorded in its descriptor's ``kind``:
+
+- ``BLOB``: up to the inline threshold (64 KiB), its bytes ride inside the msgpack
+  header itself, so a small request is a single ZeroMQ frame. Every extra frame costs a
+  send/recv call, and each such call releases and re-takes the GIL: with many caller
+  threads that hand-off, not the copy, is what limits a front's throughput;
+- ``ARENA``: larger tensors are copied once, straight from the source whatever its
+  strides, into a slot of the sender's shared-memory arena, which the receiver views in
+  place;
+- ``FRAME``: a larger tensor that finds its arena full (or no arena) travels as its own
+  ZeroMQ frame, so nothing ever blocks on arena space.
+
+``read`` turns descriptors back into tensors: blobs are copied out of the header (they
+are small), frames and arena slots are viewed without copying.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import zmq
 
 from ..errors import ProtocolError
 from .arena import Allocator, Arena
-from .wire import DTYPES, TensorDesc, dtype_name
+from .wire import ARENA, BLOB, DTYPES, FRAME, TensorDesc, dtype_name
 
-__all__ = ["as_frame", "read", "write"]
+__all__ = ["DEFAULT_INLINE_THRESHOLD", "Placed", "as_frame", "read", "write"]
 
-#: Tensors at most this large travel inline in ZeroMQ frames.
+#: Tensors at most this large travel inside the message header.
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
+
+
+class Placed(NamedTuple):
+    """Where ``write`` put a message's tensors."""
+
+    descs: list[TensorDesc]
+    #: small tensors' bytes, embedded in the header
+    blobs: list[bytes]
+    #: big tensors' buffers, sent as extra frames (arena full)
+    frames: list[Any]
+    #: arena slots taken, which the sender frees once the receiver is done
+    offsets: list[int]
 
 
 def as_frame(t: torch.Tensor) -> Any:
@@ -33,14 +54,6 @@ def as_frame(t: torch.Tensor) -> Any:
     if not flat.is_contiguous() or flat.is_conj() or flat.is_neg():
         flat = flat.resolve_conj().resolve_neg().contiguous()
     return flat.view(torch.uint8).numpy()
-
-
-def _snapshot(t: torch.Tensor, nbytes: int, inline_threshold: int) -> Any:
-    # Small tensors are copied now, so a caller may reuse its buffer as soon as
-    # submit() returns, exactly as with arena slots; only the arena-full fallback for
-    # big tensors sends the caller's memory itself (ZeroMQ holds a reference).
-    frame = as_frame(t)
-    return frame.tobytes() if nbytes <= inline_threshold and nbytes else frame
 
 
 def _copy_into(arena: Arena, offset: int, nbytes: int, t: torch.Tensor) -> None:
@@ -60,21 +73,18 @@ def write(
     arena: Arena | None,
     allocator: Allocator | None,
     inline_threshold: int,
-    snapshot: bool = True,
-) -> tuple[list[TensorDesc], list[Any], list[int]]:
-    """Place ``tensors`` for sending.
+) -> Placed:
+    """Place ``tensors`` for sending (see the module docstring).
 
-    ``snapshot`` copies small inline tensors at once, so the caller may change its
-    tensors as soon as this returns; a sender that sends at once (the worker) skips it.
-
-    Returns:
-        ``(descriptors, frames, offsets)``: ``offsets`` are the arena slots taken,
-        which the caller frees once the receiver is done with them.
+    Blobs and arena slots are copies, so the caller may change its tensors as soon as
+    this returns; only a ``FRAME`` (arena full) still refers to the caller's memory
+    until ZeroMQ has sent it.
 
     Raises:
         KeyError: a tensor's dtype cannot cross the wire.
     """
     descs: list[TensorDesc] = []
+    blobs: list[bytes] = []
     frames: list[Any] = []
     offsets: list[int] = []
     try:
@@ -82,45 +92,60 @@ def write(
             name = dtype_name(t.dtype)
             shape = tuple(t.shape)
             nbytes = t.numel() * t.element_size()
-            offset = None
-            if nbytes > inline_threshold and arena is not None and allocator is not None:
-                offset = allocator.alloc(nbytes)
+            if nbytes <= inline_threshold:
+                descs.append(TensorDesc(name, shape, BLOB, len(blobs)))
+                blobs.append(bytes(as_frame(t)))
+                continue
+            offset = allocator.alloc(nbytes) if arena is not None and allocator is not None else None
             if offset is None:
-                descs.append(TensorDesc(name, shape, True, len(frames)))
-                frames.append(_snapshot(t, nbytes, inline_threshold) if snapshot else as_frame(t))
+                descs.append(TensorDesc(name, shape, FRAME, len(frames)))
+                frames.append(as_frame(t))
             else:
                 offsets.append(offset)
                 _copy_into(arena, offset, nbytes, t)  # type: ignore[arg-type]
-                descs.append(TensorDesc(name, shape, False, offset))
+                descs.append(TensorDesc(name, shape, ARENA, offset))
     except BaseException:
         if allocator is not None:
             for offset in offsets:
                 allocator.free(offset)
         raise
-    return descs, frames, offsets
+    return Placed(descs, blobs, frames, offsets)
 
 
 def read(
     descs: Sequence[TensorDesc],
+    blobs: Sequence[bytes],
     frames: Sequence[zmq.Frame],
     slot: Callable[[TensorDesc], torch.Tensor] | None,
 ) -> list[torch.Tensor]:
-    """Rebuild tensors from descriptors without copying.
+    """Rebuild tensors from descriptors.
 
     Args:
         descs: the descriptors, in order.
+        blobs: the byte strings embedded in the header.
         frames: the message's data frames (after the header).
         slot: returns the tensor viewing an arena descriptor's slot; None if the
-            sender has no arena (every tensor must then be inline).
+            sender has no arena.
 
     Raises:
-        ProtocolError: a descriptor names a missing frame, a frame of the wrong size,
-            or a slot outside the arena.
+        ProtocolError: a descriptor names a missing blob or frame, one of the wrong
+            size, or a slot outside the arena.
     """
     out: list[torch.Tensor] = []
     for d in descs:
         dtype = DTYPES[d.dtype]
-        if d.inline:
+        kind = d.kind
+        if kind == BLOB:
+            if d.where >= len(blobs):
+                raise ProtocolError(f"descriptor names blob {d.where} of {len(blobs)}")
+            blob = blobs[d.where]
+            if len(blob) != d.nbytes:
+                raise ProtocolError(f"blob of {len(blob)} bytes for a {d.nbytes}-byte tensor")
+            if not blob:
+                out.append(torch.empty(d.shape, dtype=dtype))
+            else:  # a writable copy: the caller owns its outputs
+                out.append(torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype).view(d.shape))
+        elif kind == FRAME:
             if d.where >= len(frames):
                 raise ProtocolError(f"descriptor names data frame {d.where} of {len(frames)}")
             buf = frames[d.where].buffer

@@ -75,15 +75,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAMES[dtype]
 
 
+#: Where a tensor's bytes travel (``TensorDesc.kind``): inside the header, as a
+#: separate frame, or in the sender's shared-memory arena.
+BLOB, FRAME, ARENA = 0, 1, 2
+
+
 class TensorDesc(NamedTuple):
-    """Where one tensor's bytes are: a data frame (``inline``) or an arena offset.
+    """Where one tensor's bytes are: blob ``where`` of the header (``BLOB``), data
+    frame ``where`` (``FRAME``), or offset ``where`` of the sender's arena (``ARENA``).
 
     A NamedTuple, so it packs as a msgpack array as it is and costs little to build.
     """
 
     dtype: str
     shape: tuple[int, ...]
-    inline: bool
+    kind: int
     where: int
 
     @property
@@ -94,7 +100,7 @@ class TensorDesc(NamedTuple):
 def _desc(raw: Any) -> TensorDesc:
     if not isinstance(raw, list) or len(raw) < 4:
         raise ProtocolError(f"tensor descriptor must be a 4-element array, got {raw!r:.80}")
-    dtype, shape, inline, where = raw[0], raw[1], raw[2], raw[3]
+    dtype, shape, kind, where = raw[0], raw[1], raw[2], raw[3]
     if type(dtype) is not str or dtype not in _ITEMSIZE:
         raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
     if (
@@ -103,9 +109,9 @@ def _desc(raw: Any) -> TensorDesc:
         or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
     ):
         raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
-    if type(inline) is not bool or type(where) is not int or where < 0:
-        raise ProtocolError(f"bad location {inline!r:.20}/{where!r:.20} in tensor descriptor")
-    return TensorDesc(dtype, tuple(shape), inline, where)
+    if type(kind) is not int or kind not in (BLOB, FRAME, ARENA) or type(where) is not int or where < 0:
+        raise ProtocolError(f"bad location {kind!r:.20}/{where!r:.20} in tensor descriptor")
+    return TensorDesc(dtype, tuple(shape), kind, where)
 
 
 @dataclass(slots=True)
@@ -145,6 +151,8 @@ class Request:
     id: int
     tensors: list[TensorDesc]
     releases: list[int] = field(default_factory=list)
+    #: the bytes of small tensors (``BLOB`` descriptors index into it)
+    blobs: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -154,6 +162,7 @@ class Response:
     KIND: ClassVar[int] = 4
     id: int
     tensors: list[TensorDesc]
+    blobs: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -192,9 +201,9 @@ _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) 
 def encode(msg: Message) -> bytes:
     """Encode a message as a header frame (its data frames are sent separately)."""
     if isinstance(msg, Request):  # the hot path, without generic field walking
-        return msgpack.packb([3, msg.id, msg.tensors, msg.releases])
+        return msgpack.packb([3, msg.id, msg.tensors, msg.releases, msg.blobs])
     if isinstance(msg, Response):
-        return msgpack.packb([4, msg.id, msg.tensors])
+        return msgpack.packb([4, msg.id, msg.tensors, msg.blobs])
     return msgpack.packb([msg.KIND, *(getattr(msg, f) for f in _FIELDS[type(msg)])])
 
 
@@ -239,13 +248,20 @@ def _request(values: list[Any]) -> Request:
     releases = values[2] if len(values) > 2 else []
     if not isinstance(releases, list) or not all(type(o) is int and o >= 0 for o in releases):
         raise ProtocolError("malformed Request message: releases must be offsets")
-    return Request(values[0], _tensors(values[1]), releases)
+    return Request(values[0], _tensors(values[1]), releases, _blobs(values, 3))
 
 
 def _response(values: list[Any]) -> Response:
     if len(values) < 2 or type(values[0]) is not int:
         raise ProtocolError("malformed Response message")
-    return Response(values[0], _tensors(values[1]))
+    return Response(values[0], _tensors(values[1]), _blobs(values, 2))
+
+
+def _blobs(values: list[Any], i: int) -> list[bytes]:
+    blobs = values[i] if len(values) > i else []
+    if not isinstance(blobs, list) or not all(type(b) is bytes for b in blobs):
+        raise ProtocolError("malformed message: blobs must be an array of binary strings")
+    return blobs
 
 
 _TYPES: dict[str, tuple[type, ...]] = {

@@ -132,7 +132,7 @@ class _Worker:
     def serve(self) -> None:
         sock = self.sock
         while True:
-            header, frames = recv(sock)
+            _, header, frames = recv(sock)
             try:
                 msg = wire.decode(header)
             except ProtocolError as e:
@@ -157,7 +157,7 @@ class _Worker:
 
     def _run(self, msg: wire.Request, frames: list[zmq.Frame]) -> None:
         try:
-            inputs = tensor_io.read(msg.tensors, frames, self._slot)
+            inputs = tensor_io.read(msg.tensors, msg.blobs, frames, self._slot)
         except ProtocolError as e:
             self._send_error(msg.id, e)
             return
@@ -167,11 +167,12 @@ class _Worker:
                 torch.cuda.empty_cache()
             if any(t.device.type != "cpu" for t in outputs):
                 outputs = [t.cpu() for t in outputs]
-            descs, out_frames, _ = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
+            placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
             self._send_error(msg.id, e, traceback.format_exc())
             return
-        send(self.sock, wire.encode(wire.Response(msg.id, descs)), out_frames, zero_copy=True)
+        header = wire.encode(wire.Response(msg.id, placed.descs, placed.blobs))
+        send(self.sock, header, placed.frames, zero_copy=True)
 
     def _send_error(self, req_id: int, e: BaseException, tb: str = "") -> None:
         err = wire.Error(req_id, type(e).__name__, str(e), tb, isinstance(e, ProtocolError))

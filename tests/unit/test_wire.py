@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from libtorchrt.errors import ProtocolError
 from libtorchrt.transport import wire
 from libtorchrt.transport.wire import (
+    ARENA,
+    BLOB,
     DTYPES,
+    FRAME,
     PROTOCOL_VERSION,
     Error,
     Failed,
@@ -71,16 +74,36 @@ MESSAGES = [
         Request(
             42,
             [
-                TensorDesc("float32", (2, 3), True, 0),
-                TensorDesc("int64", (), False, 4096),
-                TensorDesc("bool", (0, 5), True, 1),
+                TensorDesc("float32", (2, 3), FRAME, 0),
+                TensorDesc("int64", (), ARENA, 4096),
+                TensorDesc("bool", (0, 5), FRAME, 1),
             ],
             releases=[0, 64, 128],
         ),
         id="request-tensors-releases",
     ),
+    pytest.param(
+        Request(
+            45,
+            [
+                TensorDesc("int8", (3,), BLOB, 0),
+                TensorDesc("float64", (1 << 20,), ARENA, 0),
+                TensorDesc("float32", (0, 2), BLOB, 1),
+                TensorDesc("uint8", (70000,), FRAME, 0),
+                TensorDesc("int16", (2, 2), BLOB, 2),
+            ],
+            releases=[64],
+            blobs=[b"\x01\x02\x03", b"", bytes(range(256)) * 4],
+        ),
+        id="request-all-kinds-blobs",
+    ),
     pytest.param(Request(0, []), id="request-empty"),
-    pytest.param(Response(43, [TensorDesc("bfloat16", (7,), False, 192)]), id="response"),
+    pytest.param(Request(1, [], [], [b"\x00" * 70000]), id="request-big-blob"),
+    pytest.param(Response(43, [TensorDesc("bfloat16", (7,), ARENA, 192)]), id="response"),
+    pytest.param(
+        Response(46, [TensorDesc("bool", (2,), BLOB, 1), TensorDesc("int32", (), BLOB, 0)], [b"\xff" * 4, b"\x00\x01"]),
+        id="response-blobs",
+    ),
     pytest.param(Response(44, []), id="response-empty"),
     pytest.param(Error(-1, "ProtocolError", "undecodable"), id="error-defaults"),
     pytest.param(Error(5, "InvalidInputError", "bad x", "tb", input_error=True), id="error-input"),
@@ -111,12 +134,39 @@ def test_header_is_an_array_starting_with_the_kind() -> None:
     assert len(set(kinds)) == len(kinds)
 
 
-def test_request_tensor_descriptors_keep_their_fields() -> None:
-    desc = TensorDesc("complex128", (3, 1, 2), False, 640)
+def test_request_and_response_headers_carry_blobs_last() -> None:
+    desc = TensorDesc("int8", (2,), BLOB, 0)
+    assert msgpack.unpackb(encode(Request(9, [desc], [64], [b"ab"]))) == [
+        Request.KIND,
+        9,
+        [["int8", [2], BLOB, 0]],
+        [64],
+        [b"ab"],
+    ]
+    raw = msgpack.unpackb(encode(Response(9, [desc], [b"ab"])))
+    assert raw == [Response.KIND, 9, [["int8", [2], BLOB, 0]], [b"ab"]]
+
+
+def test_tensor_kinds_are_fixed_wire_values() -> None:
+    assert (BLOB, FRAME, ARENA) == (0, 1, 2)
+
+
+@pytest.mark.parametrize("kind", [BLOB, FRAME, ARENA])
+def test_request_tensor_descriptors_keep_their_fields(kind: int) -> None:
+    desc = TensorDesc("complex128", (3, 1, 2), kind, 640)
     (back,) = decode(encode(Request(1, [desc]))).tensors  # type: ignore[union-attr]
     assert back == desc
     assert back.shape == (3, 1, 2) and isinstance(back.shape, tuple)
-    assert back.inline is False and back.where == 640
+    assert type(back.kind) is int and back.kind == kind and back.where == 640
+
+
+@pytest.mark.parametrize("cls", [Request, Response])
+def test_blobs_decode_as_bytes(cls: type) -> None:
+    blobs = [b"", b"\x00", bytes(range(256)), b"\xff" * 70000]
+    msg = cls(3, [], blobs=blobs)
+    back = decode(encode(msg))
+    assert back == msg
+    assert all(type(b) is bytes for b in back.blobs)  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------- compatibility
@@ -127,8 +177,8 @@ def test_request_tensor_descriptors_keep_their_fields() -> None:
     [
         ([Ready.KIND, 1, 10, {}, ["x"], "cpu", [], "a newer field", 3], Ready(1, 10, {}, ["x"], "cpu", [])),
         ([Failed.KIND, 1, 10, "E", "m", "tb", {"new": 1}], Failed(1, 10, "E", "m", "tb")),
-        ([Request.KIND, 5, [], [64], "priority", 9], Request(5, [], [64])),
-        ([Response.KIND, 6, [], ["future"]], Response(6, [])),
+        ([Request.KIND, 5, [], [64], [b"x"], "priority", 9], Request(5, [], [64], [b"x"])),
+        ([Response.KIND, 6, [], [b"y"], ["future"]], Response(6, [], [b"y"])),
         ([Error.KIND, 7, "E", "m", "", True, 123], Error(7, "E", "m", "", True)),
         ([Release.KIND, [0], None], Release([0])),
         ([Shutdown.KIND, "grace", 5.0], Shutdown()),
@@ -140,8 +190,8 @@ def test_header_from_a_newer_peer_with_extra_trailing_fields_decodes(header: lis
 
 
 def test_tensor_descriptor_with_extra_trailing_fields_decodes() -> None:
-    msg = decode(pack([Request.KIND, 1, [["int8", [2], True, 0, "layout", 1]]]))
-    assert msg == Request(1, [TensorDesc("int8", (2,), True, 0)])
+    msg = decode(pack([Request.KIND, 1, [["int8", [2], FRAME, 0, "layout", 1]]]))
+    assert msg == Request(1, [TensorDesc("int8", (2,), FRAME, 0)])
 
 
 @pytest.mark.parametrize(
@@ -149,12 +199,14 @@ def test_tensor_descriptor_with_extra_trailing_fields_decodes() -> None:
     [
         ([Ready.KIND, 1, 10], Ready(1, 10, {}, [], "cpu", [])),
         ([Failed.KIND, 1, 10, "E", "m"], Failed(1, 10, "E", "m", "")),
-        ([Request.KIND, 5, []], Request(5, [], [])),
+        ([Request.KIND, 5, []], Request(5, [], [], [])),
+        ([Request.KIND, 5, [], [64]], Request(5, [], [64], [])),
+        ([Response.KIND, 6, [["int8", [2], ARENA, 0]]], Response(6, [TensorDesc("int8", (2,), ARENA, 0)], [])),
         ([Error.KIND, 7, "E", "m"], Error(7, "E", "m", "", False)),
         ([Release.KIND], Release([])),
         ([Shutdown.KIND], Shutdown()),
     ],
-    ids=["ready", "failed", "request", "error", "release", "shutdown"],
+    ids=["ready", "failed", "request", "request-no-blobs", "response", "error", "release", "shutdown"],
 )
 def test_shorter_header_from_an_older_peer_takes_the_defaults(header: list[Any], expected: Any) -> None:
     assert decode(pack(header)) == expected
@@ -167,8 +219,8 @@ def test_shorter_header_from_an_older_peer_takes_the_defaults(header: list[Any],
 @pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 0), (4, 7), (2, 3, 4)])
 def test_tensor_desc_nbytes_matches_torch(name: str, shape: tuple[int, ...]) -> None:
     t = torch.empty(shape, dtype=DTYPES[name])
-    assert TensorDesc(name, shape, True, 0).nbytes == t.numel() * t.element_size()
-    assert TensorDesc(name, shape, True, 0).nbytes == math.prod(shape) * t.element_size()
+    assert TensorDesc(name, shape, BLOB, 0).nbytes == t.numel() * t.element_size()
+    assert TensorDesc(name, shape, ARENA, 0).nbytes == math.prod(shape) * t.element_size()
 
 
 def test_dtype_names_cover_dtypes_both_ways() -> None:
@@ -180,7 +232,7 @@ def test_dtype_names_cover_dtypes_both_ways() -> None:
 
 # ----------------------------------------------------------------- malformed input
 
-GOOD_DESC = ["float32", [2, 2], True, 0]
+GOOD_DESC = ["float32", [2, 2], FRAME, 0]
 
 
 @pytest.mark.parametrize(
@@ -247,27 +299,37 @@ def test_malformed_fields_raise_protocol_error(header: list[Any]) -> None:
     "desc",
     [
         pytest.param("float32", id="not-an-array"),
-        pytest.param(["float32", [2], True], id="three-elements"),
-        pytest.param(["float99", [2], True, 0], id="unknown-dtype"),
-        pytest.param(["quint8", [2], True, 0], id="quantized-dtype"),
-        pytest.param(["FLOAT32", [2], True, 0], id="dtype-wrong-case"),
-        pytest.param([b"float32", [2], True, 0], id="dtype-bytes"),
-        pytest.param([None, [2], True, 0], id="dtype-nil"),
-        pytest.param([11, [2], True, 0], id="dtype-int"),
-        pytest.param(["float32", 2, True, 0], id="shape-not-array"),
-        pytest.param(["float32", [2, -1], True, 0], id="negative-dim"),
-        pytest.param(["float32", [2.0], True, 0], id="float-dim"),
-        pytest.param(["float32", ["2"], True, 0], id="str-dim"),
-        pytest.param(["float32", [True], True, 0], id="bool-dim"),
-        pytest.param(["float32", [2**40], True, 0], id="huge-dim"),
-        pytest.param(["float32", [1] * 33, True, 0], id="33-dims"),
-        pytest.param(["float32", [2], 1, 0], id="inline-int"),
-        pytest.param(["float32", [2], None, 0], id="inline-nil"),
-        pytest.param(["float32", [2], False, -64], id="negative-offset"),
-        pytest.param(["float32", [2], True, -1], id="negative-frame"),
-        pytest.param(["float32", [2], False, 1.0], id="float-offset"),
-        pytest.param(["float32", [2], False, True], id="bool-offset"),
-        pytest.param(["float32", [2], False, "0"], id="str-offset"),
+        pytest.param(["float32", [2], FRAME], id="three-elements"),
+        pytest.param(["float99", [2], FRAME, 0], id="unknown-dtype"),
+        pytest.param(["quint8", [2], FRAME, 0], id="quantized-dtype"),
+        pytest.param(["FLOAT32", [2], FRAME, 0], id="dtype-wrong-case"),
+        pytest.param([b"float32", [2], FRAME, 0], id="dtype-bytes"),
+        pytest.param([None, [2], FRAME, 0], id="dtype-nil"),
+        pytest.param([11, [2], FRAME, 0], id="dtype-int"),
+        pytest.param(["float32", 2, FRAME, 0], id="shape-not-array"),
+        pytest.param(["float32", [2, -1], FRAME, 0], id="negative-dim"),
+        pytest.param(["float32", [2.0], FRAME, 0], id="float-dim"),
+        pytest.param(["float32", ["2"], FRAME, 0], id="str-dim"),
+        pytest.param(["float32", [True], FRAME, 0], id="bool-dim"),
+        pytest.param(["float32", [2**40], FRAME, 0], id="huge-dim"),
+        pytest.param(["float32", [1] * 33, FRAME, 0], id="33-dims"),
+        pytest.param(["float32", [2], 3, 0], id="kind-3"),
+        pytest.param(["float32", [2], -1, 0], id="kind-negative"),
+        pytest.param(["float32", [2], 2**32, 0], id="kind-huge"),
+        pytest.param(["float32", [2], True, 0], id="kind-true"),
+        pytest.param(["float32", [2], False, 0], id="kind-false"),
+        pytest.param(["float32", [2], "x", 0], id="kind-str"),
+        pytest.param(["float32", [2], "0", 0], id="kind-digit-str"),
+        pytest.param(["float32", [2], b"\x00", 0], id="kind-bytes"),
+        pytest.param(["float32", [2], 1.0, 0], id="kind-float"),
+        pytest.param(["float32", [2], None, 0], id="kind-nil"),
+        pytest.param(["float32", [2], [0], 0], id="kind-array"),
+        pytest.param(["float32", [2], ARENA, -64], id="negative-offset"),
+        pytest.param(["float32", [2], FRAME, -1], id="negative-frame"),
+        pytest.param(["float32", [2], BLOB, -1], id="negative-blob"),
+        pytest.param(["float32", [2], ARENA, 1.0], id="float-offset"),
+        pytest.param(["float32", [2], ARENA, True], id="bool-offset"),
+        pytest.param(["float32", [2], ARENA, "0"], id="str-offset"),
     ],
 )
 @pytest.mark.parametrize("kind", [Request.KIND, Response.KIND])
@@ -275,10 +337,33 @@ def test_malformed_tensor_descriptor_raises_protocol_error(kind: int, desc: Any)
     assert_protocol_error(pack([kind, 1, [GOOD_DESC, desc]]))
 
 
+@pytest.mark.parametrize(
+    "blobs",
+    [
+        pytest.param(b"ab", id="binary"),
+        pytest.param("ab", id="str"),
+        pytest.param(0, id="int"),
+        pytest.param(None, id="nil"),
+        pytest.param({"0": b"ab"}, id="map"),
+        pytest.param(["ab"], id="array-of-str"),
+        pytest.param([1], id="array-of-int"),
+        pytest.param([b"ab", "cd"], id="array-binary-then-str"),
+        pytest.param([b"ab", 7], id="array-binary-then-int"),
+        pytest.param([None], id="array-of-nil"),
+        pytest.param([True], id="array-of-bool"),
+        pytest.param([[b"ab"]], id="nested-array"),
+    ],
+)
+@pytest.mark.parametrize("kind", [Request.KIND, Response.KIND])
+def test_malformed_blobs_raise_protocol_error(kind: int, blobs: Any) -> None:
+    header = [kind, 1, [["int8", [2], BLOB, 0]]] + ([[]] if kind == Request.KIND else []) + [blobs]
+    assert_protocol_error(pack(header))
+
+
 def test_32_dims_are_accepted_and_33_refused() -> None:
-    ok = decode(pack([Request.KIND, 1, [["uint8", [1] * 32, True, 0]]]))
+    ok = decode(pack([Request.KIND, 1, [["uint8", [1] * 32, FRAME, 0]]]))
     assert ok.tensors[0].shape == (1,) * 32  # type: ignore[union-attr]
-    assert_protocol_error(pack([Request.KIND, 1, [["uint8", [1] * 33, True, 0]]]))
+    assert_protocol_error(pack([Request.KIND, 1, [["uint8", [1] * 33, FRAME, 0]]]))
 
 
 def test_4096_tensors_are_accepted() -> None:
@@ -289,7 +374,7 @@ def test_4096_tensors_are_accepted() -> None:
 # Regression: `dtype not in _ITEMSIZE` on an array/map dtype used to raise TypeError.
 @pytest.mark.parametrize("dtype", [["float32"], {"x": 1}], ids=["array", "map"])
 def test_unhashable_dtype_in_descriptor_raises_protocol_error(dtype: Any) -> None:
-    assert_protocol_error(pack([Request.KIND, 1, [[dtype, [2], True, 0]]]))
+    assert_protocol_error(pack([Request.KIND, 1, [[dtype, [2], FRAME, 0]]]))
 
 
 @pytest.mark.parametrize(
@@ -350,7 +435,8 @@ def test_decode_never_unpickles(payload: Any, protocol: int) -> None:
 @given(st.binary(max_size=256))
 @example(b"")
 @example(b"\x91\x07")  # [7]: a valid Shutdown
-@example(b"\x93\x03\x01\x91\x94\xa7float32\x91\x02\xc3\x00")  # a valid Request
+@example(b"\x93\x03\x01\x91\x94\xa7float32\x91\x02\x01\x00")  # a valid Request
+@example(b"\x95\x03\x01\x91\x94\xa4int8\x91\x02\x00\x00\x90\x91\xc4\x02ab")  # one with a blob
 def test_random_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
     decodes_or_refuses(data)
 
@@ -373,39 +459,49 @@ _descriptor_like = st.lists(_values, max_size=3).flatmap(
     lambda tail: st.tuples(
         st.sampled_from(sorted(DTYPES)) | _scalars,
         st.lists(st.integers(-2, 2**41), max_size=34) | _values,
-        st.booleans() | _scalars,
+        st.sampled_from([BLOB, FRAME, ARENA]) | st.integers(-2, 5) | st.booleans() | _scalars,
         st.integers(-5, 2**40) | _scalars,
     ).map(lambda head: [*head, *tail])
 )
 # Headers that start with a real kind, so the field checks themselves are exercised.
+_blobs_like = st.lists(st.binary(max_size=8) | _scalars, max_size=3)
 _near_valid = st.tuples(
     st.integers(min_value=0, max_value=8),
-    st.lists(_values | st.lists(_descriptor_like, max_size=3), max_size=8),
+    st.lists(_values | st.lists(_descriptor_like, max_size=3) | _blobs_like, max_size=8),
 ).map(lambda kv: [kv[0], *kv[1]])
 
 
 @settings(FAST, max_examples=120)
 @given(_values | _near_valid)
-@example([Response.KIND, 1, [[[1], [2], True, 0]]])  # unhashable dtype (a fixed bug)
-@example([Request.KIND, 1, [[{"a": 1}, [2], True, 0]]])
+@example([Response.KIND, 1, [[[1], [2], FRAME, 0]]])  # unhashable dtype (a fixed bug)
+@example([Request.KIND, 1, [[{"a": 1}, [2], FRAME, 0]]])
+@example([Request.KIND, 1, [["int8", [2], BLOB, 0]], [], [b"ab", "cd"]])
+@example([Response.KIND, 1, [["int8", [2], BLOB, 0]], [b"ab", [b"cd"]]])
 def test_random_msgpack_structures_decode_or_raise_protocol_error(raw: Any) -> None:
     decodes_or_refuses(pack(raw))
 
 
-_valid_messages = st.sampled_from([p.values[0] for p in MESSAGES]) | st.builds(
-    Request,
-    st.integers(0, 2**63 - 1),
-    st.lists(
-        st.builds(
-            TensorDesc,
-            st.sampled_from(sorted(DTYPES)),
-            st.lists(st.integers(0, 2**20), max_size=5).map(tuple),
-            st.booleans(),
-            st.integers(0, 2**40),
-        ),
-        max_size=5,
+_descs = st.lists(
+    st.builds(
+        TensorDesc,
+        st.sampled_from(sorted(DTYPES)),
+        st.lists(st.integers(0, 2**20), max_size=5).map(tuple),
+        st.sampled_from([BLOB, FRAME, ARENA]),
+        st.integers(0, 2**40),
     ),
-    st.lists(st.integers(0, 2**40), max_size=5),
+    max_size=5,
+)
+_blob_lists = st.lists(st.binary(max_size=64), max_size=4)
+_valid_messages = (
+    st.sampled_from([p.values[0] for p in MESSAGES])
+    | st.builds(
+        Request,
+        st.integers(0, 2**63 - 1),
+        _descs,
+        st.lists(st.integers(0, 2**40), max_size=5),
+        _blob_lists,
+    )
+    | st.builds(Response, st.integers(-(2**63), 2**63 - 1), _descs, _blob_lists)
 )
 
 

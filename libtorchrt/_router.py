@@ -439,11 +439,11 @@ class Router:
         nbytes = d.nbytes
         if d.where + nbytes > base.size:
             raise ValueError(f"output slot [{d.where}, {d.where + nbytes}) lies outside the response arena")
-        piece = base[d.where : d.where + nbytes]
-        # The slot is the caller's until the last tensor viewing it dies; then its
-        # offset is queued and rides back to the worker on the next request.
-        weakref.finalize(piece, self.released.append, (w, d.where)).atexit = False
-        return torch.from_numpy(piece).view(wire.DTYPES[d.dtype]).view(d.shape)
+        tensor, owner = tensor_io.as_tensor(base[d.where : d.where + nbytes], wire.DTYPES[d.dtype], d.shape)
+        # The slot is the caller's until the last tensor sharing its storage dies; then
+        # its offset is queued and rides back to the worker on the next request.
+        weakref.finalize(owner, self.released.append, (w, d.where)).atexit = False
+        return tensor
 
     def _on_response(self, w: _Worker, msg: wire.Response, frames: list[zmq.Frame]) -> None:
         call = w.inflight.pop(msg.id, None)

@@ -63,8 +63,10 @@ class Arena:
         # mmap itself, so close() could unmap memory under live tensors (a segfault);
         # the memoryview export makes close() refuse (BufferError) until they die.
         self.flat = torch.frombuffer(memoryview(self._mmap), dtype=torch.uint8)
-        #: the same bytes as a numpy array, for plain single-threaded copies
+        #: the same bytes as a numpy array, for views that keep the GIL
         self.bytes = self.flat.numpy()
+        #: the arena's address in this process, for plain copies
+        self.address: int = self.bytes.ctypes.data
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """Return a tensor of ``dtype``/``shape`` that aliases ``nbytes`` at ``offset``.

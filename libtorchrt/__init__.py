@@ -13,6 +13,7 @@ from .errors import (
     ConfigError,
     InvalidInputError,
     ModelError,
+    ModelUnavailableError,
     PoolClosedError,
     ProtocolError,
     TimeoutError,
@@ -21,16 +22,19 @@ from .errors import (
     WorkerDiedError,
     WorkerStartError,
 )
-from .info import WorkerInfo
+from .info import InstanceHealth, ModelHealth, WorkerInfo
 from .pool import Pool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "InstanceHealth",
     "InvalidInputError",
     "ModelConfig",
     "ModelError",
+    "ModelHealth",
+    "ModelUnavailableError",
     "Pool",
     "PoolClosedError",
     "ProtocolError",

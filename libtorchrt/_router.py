@@ -26,6 +26,7 @@ memfds created here, so a SIGKILL of any process leaves nothing behind.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import os
@@ -33,7 +34,6 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,17 +42,20 @@ import torch
 import zmq
 
 from ._binding import Binder
+from ._call import Call
 from .config.model import ModelConfig
 from .errors import (
     InvalidInputError,
     ModelError,
+    ModelUnavailableError,
     PoolClosedError,
     ProtocolError,
+    TimeoutError,
     TorchRTError,
     WorkerDiedError,
     WorkerStartError,
 )
-from .info import WorkerInfo
+from .info import InstanceHealth, ModelHealth, WorkerInfo
 from .transport import tensors as tensor_io
 from .transport import wire
 from .transport.arena import Allocator, Arena
@@ -60,7 +63,7 @@ from .transport.sockets import PrivateDir, recv, send
 from .workers.process import WorkerProcess
 from .workers.worker import WorkerSpec
 
-__all__ = ["Call", "Router", "RouterOptions"]
+__all__ = ["Router", "RouterOptions"]
 
 log = logging.getLogger("libtorchrt")
 
@@ -74,49 +77,43 @@ class RouterOptions:
     request_arena_bytes: int = 256 << 20
     response_arena_bytes: int = 64 << 20
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
-    max_inflight: int = 2
+    max_inflight: int = 4
     start_timeout: float = 120.0
-
-
-class Call:
-    """One request on its way: its tensors' placement and the caller's future."""
-
-    __slots__ = ("blobs", "descs", "frames", "future", "id", "model", "offsets")
-
-    def __init__(self, model: _Model, placed: tensor_io.Placed) -> None:
-        self.model = model
-        self.descs, self.blobs, self.frames, self.offsets = placed
-        self.future: Future[dict[str, torch.Tensor]] = Future()
-        self.id = 0
-
-    def free(self) -> None:
-        """Give the request's arena slots back (once the worker is done with them)."""
-        offsets, self.offsets = self.offsets, []
-        for offset in offsets:
-            self.model.allocator.free(offset)
-
-    def fail(self, exc: BaseException) -> None:
-        self.free()
-        if not self.future.done():
-            try:
-                self.future.set_exception(exc)
-            except Exception:  # cancelled or resolved concurrently by the caller
-                pass
 
 
 @dataclass(eq=False)
 class _Worker:
+    """The front's record of one worker process (one model instance)."""
+
     model: _Model
     instance: int
     identity: bytes
     proc: WorkerProcess
     state: str = _STARTING
     ready: wire.Ready | None = None
+    #: requests sent to it and not answered, in the order it runs them
     inflight: dict[int, Call] = field(default_factory=dict)
     releases: list[int] = field(default_factory=list)
     served: int = 0
+    #: when the request at the head of ``inflight`` started running
+    busy_since: float | None = None
+    #: it will exit (sticky error, execution timeout): what it holds did not run
+    doomed: bool = False
     #: the response arena as a numpy byte array, the base of zero-copy outputs
     outputs: np.ndarray | None = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One instance of a model across restarts: its current worker and its history."""
+
+    instance: int
+    worker: _Worker | None = None
+    restarts: int = 0
+    #: deaths in a row before the worker became ready (a crash loop when >= CRASH_LOOP)
+    start_failures: int = 0
+    last_error: str | None = None
+    restart_at: float | None = None
 
 
 @dataclass(eq=False)
@@ -124,14 +121,26 @@ class _Model:
     cfg: ModelConfig
     arena: Arena
     allocator: Allocator
-    workers: list[_Worker] = field(default_factory=list)
+    slots: list[_Slot] = field(default_factory=list)
     queue: collections.deque[Call] = field(default_factory=collections.deque)
     binder: Binder | None = None
     next: int = 0  # where the next round-robin scan starts
+    #: the last start-up error, while every instance is in a crash loop
+    unavailable: str | None = None
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def workers(self) -> list[_Worker]:
+        return [s.worker for s in self.slots if s.worker is not None]
+
+
+#: Deaths before READY in a row after which an instance counts as failing to start.
+CRASH_LOOP = 3
+#: Restart backoff: 0.1 s, doubling per consecutive start failure, at most 5 s.
+BACKOFF_BASE, BACKOFF_MAX = 0.1, 5.0
 
 
 class Router:
@@ -156,6 +165,13 @@ class Router:
         self._stopped = False
         self._submit_lock = threading.Lock()
         self._idle = True  # the router thread may be blocked in poll()
+        # Request deadlines, a heap of weak references: a finished call must not be
+        # kept alive (with its outputs) until its deadline; dead entries are dropped
+        # when they come due, or in a sweep when they pile up.
+        self._timers: list[tuple[float, int, weakref.ref[Call]]] = []
+        self._timers_sweep_at = 1024
+        self._timer_seq = itertools.count()
+        self._endpoint = ""
         self._dir = PrivateDir()
         self._ctx = zmq.Context(1)
         self._sock: zmq.Socket | None = None
@@ -167,7 +183,9 @@ class Router:
         try:
             for cfg in configs:
                 arena = Arena(options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-req")
-                self.models[cfg.name] = _Model(cfg, arena, Allocator(arena.size))
+                m = _Model(cfg, arena, Allocator(arena.size))
+                m.slots = [_Slot(i) for i in range(cfg.instances)]
+                self.models[cfg.name] = m
         except BaseException:
             self._close_resources()
             raise
@@ -224,10 +242,10 @@ class Router:
         return self._thread.is_alive()
 
     def workers(self) -> list[WorkerInfo]:
-        """Snapshot of every worker (thread-safe: reads immutable fields only)."""
+        """Snapshot of every current worker (thread-safe: reads fields only)."""
         out = []
         for m in list(self.models.values()):
-            for w in list(m.workers):
+            for w in m.workers:
                 ready = w.ready
                 out.append(
                     WorkerInfo(
@@ -243,6 +261,42 @@ class Router:
                         exitcode=w.proc.returncode,
                     )
                 )
+        return out
+
+    def health(self) -> dict[str, ModelHealth]:
+        """Per model and instance: state, restarts, last error (thread-safe snapshot)."""
+        out = {}
+        for m in list(self.models.values()):
+            instances = []
+            for s in list(m.slots):
+                w = s.worker
+                if self._stopped:
+                    state = "stopped"
+                elif s.start_failures >= CRASH_LOOP:
+                    state = "failed"
+                elif w is None or w.state == _DEAD:
+                    state = "restarting"
+                else:
+                    state = w.state
+                instances.append(
+                    InstanceHealth(
+                        instance=s.instance,
+                        pid=w.proc.pid if w is not None else None,
+                        state=state,
+                        restarts=s.restarts,
+                        last_error=s.last_error,
+                    )
+                )
+            ready = sum(i.state == _READY for i in instances)
+            if self._stopped:
+                state = "stopped"
+            elif ready:
+                state = "ready"
+            elif m.unavailable is not None:
+                state = "unavailable"
+            else:
+                state = "starting"
+            out[m.name] = ModelHealth(m.name, state, ready, tuple(instances), m.unavailable, len(m.queue))
         return out
 
     # ── the router thread ──────────────────────────────────────────────────────
@@ -264,25 +318,25 @@ class Router:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone worker raises, not drops
-        endpoint = self._dir.endpoint("router")
-        sock.bind(endpoint)
-        os.chmod(endpoint.removeprefix("ipc://"), 0o600)
+        self._endpoint = self._dir.endpoint("router")
+        sock.bind(self._endpoint)
+        os.chmod(self._endpoint.removeprefix("ipc://"), 0o600)
         self._sock = sock
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_fd, zmq.POLLIN)
         self._fd_handlers[self._wake_fd] = None
         self._start_deadline = time.monotonic() + self.options.start_timeout
         for m in self.models.values():
-            for i in range(m.cfg.instances):
-                self._spawn(m, i, endpoint)
+            for slot in m.slots:
+                self._spawn(m, slot)
 
-    def _spawn(self, m: _Model, instance: int, endpoint: str) -> None:
+    def _spawn(self, m: _Model, slot: _Slot) -> None:
         identity = f"w{next(self._identities)}".encode()
         spec = WorkerSpec(
             model=m.name,
-            instance=instance,
+            instance=slot.instance,
             path=os.fspath(m.cfg.path),
-            endpoint=endpoint,
+            endpoint=self._endpoint,
             identity=identity.decode(),
             parameters={k: str(v) for k, v in m.cfg.parameters.items()},
             request_bytes=m.arena.size,
@@ -298,9 +352,10 @@ class Router:
         env.setdefault("OMP_NUM_THREADS", str(intra))
         env.setdefault("MKL_NUM_THREADS", str(intra))
         proc = WorkerProcess(spec, self._watch_r, env)
-        w = _Worker(m, instance, identity, proc)
+        w = _Worker(m, slot.instance, identity, proc)
         w.outputs = np.frombuffer(proc.responses.flat.numpy(), dtype=np.uint8)
-        m.workers.append(w)
+        slot.worker = w
+        slot.restart_at = None
         self._by_identity[identity] = w
         assert proc.pidfd is not None
         self._poller.register(proc.pidfd, zmq.POLLIN)
@@ -312,16 +367,15 @@ class Router:
         sock = self._sock
         assert sock is not None
         while True:
-            timeout = None
-            if not self._started.is_set():
-                timeout = max(0.0, self._start_deadline - time.monotonic())
-                if timeout == 0.0:
-                    self._start_failed_timeout()
-                    return
-            if self._stop_at is not None:
-                if self._drained() or time.monotonic() >= self._stop_at:
-                    return
-                timeout = max(0.0, self._stop_at - time.monotonic())
+            now = time.monotonic()
+            self._run_timers(now)
+            wake = self._next_wake(now)
+            if not self._started.is_set() and now >= self._start_deadline:
+                self._start_failed_timeout()
+                return
+            if self._stop_at is not None and (self._drained() or now >= self._stop_at):
+                return
+            timeout = None if wake is None else max(0.0, wake - now)
             self._idle = True
             # A call that arrived while we were busy came without a wake-up: do not sleep.
             wait_ms = None if timeout is None else int(timeout * 1000) + 1
@@ -345,6 +399,74 @@ class Router:
             if self._start_error is not None:
                 return
 
+    def _next_wake(self, now: float) -> float | None:
+        """The earliest moment something is due: a deadline, a restart, a timeout."""
+        due = []
+        if not self._started.is_set():
+            due.append(self._start_deadline)
+        if self._stop_at is not None:
+            due.append(self._stop_at)
+        if self._timers:
+            due.append(self._timers[0][0])
+        for m in self.models.values():
+            limit = m.cfg.execution_timeout
+            for s in m.slots:
+                if s.restart_at is not None:
+                    due.append(s.restart_at)
+                w = s.worker
+                if limit is not None and w is not None and w.busy_since is not None and not w.doomed:
+                    due.append(w.busy_since + limit)
+        return min(due) if due else None
+
+    def _run_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            call = heapq.heappop(timers)[2]()
+            if call is not None:
+                self._expire(call)
+        for m in self.models.values():
+            limit = m.cfg.execution_timeout
+            for s in m.slots:
+                if s.restart_at is not None and s.restart_at <= now and self._stop_at is None:
+                    self._spawn(m, s)
+                w = s.worker
+                if (
+                    limit is not None
+                    and w is not None
+                    and w.busy_since is not None
+                    and not w.doomed
+                    and w.busy_since + limit <= now
+                ):
+                    self._execution_timed_out(w, limit)
+
+    def _expire(self, call: Call) -> None:
+        """A request's deadline passed: fail it (and drop it, if it was not sent yet)."""
+        if call.future.done():
+            return
+        exc = TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
+        if not call.dispatched:
+            try:
+                call.model.queue.remove(call)
+            except ValueError:
+                pass
+            call.fail(exc)
+        else:  # a worker is reading its tensors: free them when it answers or dies
+            call.resolve_error(exc)
+
+    def _execution_timed_out(self, w: _Worker, limit: float) -> None:
+        call = next(iter(w.inflight.values()))
+        del w.inflight[call.id]
+        call.fail(
+            TimeoutError(
+                f"model {w.model.name!r}: an execution took longer than execution_timeout={limit:g} s; "
+                f"worker {w.instance} (pid {w.proc.pid}) was killed and is being replaced"
+            )
+        )
+        log.error("worker %s/%d (pid %d) exceeded execution_timeout; killing it", w.model.name, w.instance, w.proc.pid)
+        w.doomed = True
+        w.busy_since = None
+        w.proc.kill()
+
     def _drained(self) -> bool:
         return not self.inbox and all(
             not m.queue and not any(w.inflight for w in m.workers) for m in self.models.values()
@@ -356,47 +478,71 @@ class Router:
         while inbox:
             call = inbox.popleft()
             call.model.queue.append(call)
+            if call.deadline is not None:
+                self._add_timer(call)
             touched.add(call.model.name)
         for name in touched:
             self._dispatch(self.models[name])
 
+    def _add_timer(self, call: Call) -> None:
+        timers = self._timers
+        if len(timers) >= self._timers_sweep_at:
+            timers[:] = [t for t in timers if t[2]() is not None]
+            heapq.heapify(timers)
+            self._timers_sweep_at = max(1024, 2 * len(timers))
+        assert call.deadline is not None
+        heapq.heappush(timers, (call.deadline, next(self._timer_seq), weakref.ref(call)))
+
     def _dispatch(self, m: _Model) -> None:
         if self.released:
             self._collect_releases()
-        limit = self.options.max_inflight
         queue = m.queue
-        workers = m.workers
-        n = len(workers)
+        if not queue:
+            return
+        if m.unavailable is not None and not any(w.state == _READY for w in m.workers):
+            while queue:
+                queue.popleft().fail(ModelUnavailableError(m.name, m.unavailable))
+            return
+        limit = self.options.max_inflight
+        slots = m.slots
+        n = len(slots)
         while queue:
             # Least-loaded ready worker; ties go round-robin (scanning from the one after
             # the last choice), so that even sequential traffic reaches every instance.
             best = None
             for k in range(n):
-                w = workers[(m.next + k) % n]
+                w = slots[(m.next + k) % n].worker
                 if (
-                    w.state == _READY
+                    w is not None
+                    and w.state == _READY
+                    and not w.doomed
                     and len(w.inflight) < limit
                     and (best is None or len(w.inflight) < len(best.inflight))
                 ):
                     best = w
             if best is None:
-                if not any(w.state in (_READY, _STARTING) for w in m.workers):
-                    self._fail_queue(m)
-                return
+                return  # a reply, a restart or a death will call us again
             call = queue.popleft()
-            if not call.future.set_running_or_notify_cancel():
-                call.free()  # cancelled while queued
+            if not call.dispatched:
+                if not call.future.set_running_or_notify_cancel():
+                    call.free()  # cancelled while queued
+                    continue
+                call.dispatched = True
+            elif call.future.done():  # its deadline passed while it waited to be re-sent
+                call.free()
                 continue
-            m.next = (workers.index(best) + 1) % n
+            m.next = (best.instance + 1) % n
             releases, best.releases = best.releases, []
             header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs))
+            if not best.inflight:
+                best.busy_since = time.monotonic()
             best.inflight[call.id] = call
             try:
                 send(self._sock, header, call.frames, identity=best.identity)  # type: ignore[arg-type]
-            except zmq.ZMQError as e:  # the worker went away between its exit and our noticing
-                best.inflight.pop(call.id, None)
-                call.fail(WorkerDiedError(m.name, best.instance, best.proc.pid, best.proc.reap(), f"send failed: {e}"))
-            call.frames = call.blobs = []  # sent (or copied by ZeroMQ); let the buffers go
+            except zmq.ZMQError:
+                # The worker went away between its exit and our noticing: the pidfd
+                # event follows, and re-sends this call with the worker's others.
+                pass
 
     def _collect_releases(self) -> None:
         released = self.released
@@ -445,38 +591,46 @@ class Router:
         weakref.finalize(owner, self.released.append, (w, d.where)).atexit = False
         return tensor
 
-    def _on_response(self, w: _Worker, msg: wire.Response, frames: list[zmq.Frame]) -> None:
-        call = w.inflight.pop(msg.id, None)
+    def _answered(self, w: _Worker, req_id: int) -> Call | None:
+        call = w.inflight.pop(req_id, None)
         if call is None:
-            log.warning("worker %s/%d answered unknown request %d", w.model.name, w.instance, msg.id)
-            return
+            log.warning("worker %s/%d answered unknown request %d", w.model.name, w.instance, req_id)
+            return None
         w.served += 1
+        w.busy_since = time.monotonic() if w.inflight else None
         call.free()
+        return call
+
+    def _on_response(self, w: _Worker, msg: wire.Response, frames: list[zmq.Frame]) -> None:
+        call = self._answered(w, msg.id)
+        if call is None:
+            return
         try:
             outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: self._output_slot(w, d))
         except ProtocolError as e:
-            call.fail(e)
+            call.resolve_error(e)
             return
         binder = w.model.binder
         assert binder is not None
-        result = dict(zip(binder.output_names(len(outputs)), outputs))
-        try:
-            call.future.set_result(result)
-        except Exception:
-            pass  # resolved concurrently (cannot happen once running, but never kill the router)
+        call.resolve(dict(zip(binder.output_names(len(outputs)), outputs)))
 
     def _on_error(self, w: _Worker, msg: wire.Error) -> None:
-        call = w.inflight.pop(msg.id, None)
+        if msg.fatal:
+            # It exits after this (sticky CUDA error): the requests queued in it did
+            # not run, and are re-sent elsewhere when its exit is seen.
+            w.doomed = True
+            log.error(
+                "worker %s/%d reported a sticky error and is being replaced: %s", w.model.name, w.instance, msg.message
+            )
+        call = self._answered(w, msg.id)
         if call is None:
-            log.warning("worker %s/%d reported %s: %s", w.model.name, w.instance, msg.error_type, msg.message)
             return
-        w.served += 1
         exc: TorchRTError
         if msg.input_error:
             exc = InvalidInputError(w.model.name, None, "a well-formed request", msg.message)
         else:
             exc = ModelError(w.model.name, msg.error_type, msg.message, msg.traceback)
-        call.fail(exc)
+        call.resolve_error(exc)
 
     def _on_ready(self, w: _Worker, msg: wire.Ready) -> None:
         if msg.protocol != wire.PROTOCOL_VERSION:
@@ -487,19 +641,24 @@ class Router:
             return
         w.ready = msg
         w.state = _READY
-        if w.model.binder is None:
-            w.model.binder = Binder(w.model.cfg, msg.inputs)
-        log.info("worker %s/%d ready (pid %d) with %s", w.model.name, w.instance, msg.pid, msg.flags)
-        if all(x.state == _READY for m in self.models.values() for x in m.workers):
+        m = w.model
+        slot = m.slots[w.instance]
+        slot.start_failures = 0
+        m.unavailable = None
+        if m.binder is None:
+            m.binder = Binder(m.cfg, msg.inputs)
+        log.info("worker %s/%d ready (pid %d) with %s", m.name, w.instance, msg.pid, msg.flags)
+        if not self._started.is_set() and all(x.state == _READY for mm in self.models.values() for x in mm.workers):
             self._started.set()
 
     def _on_failed(self, w: _Worker, msg: wire.Failed) -> None:
         text = f"{msg.error_type}: {msg.message}"
+        w.model.slots[w.instance].last_error = text
         if not self._started.is_set():
             self._start_error = WorkerStartError(w.model.name, w.instance, text, msg.traceback)
             self._started.set()
         else:
-            log.error("worker %s/%d failed: %s", w.model.name, w.instance, text)
+            log.error("worker %s/%d failed to start: %s", w.model.name, w.instance, text)
 
     def _on_stderr(self, w: _Worker) -> None:
         if not w.proc.read_stderr():
@@ -507,34 +666,71 @@ class Router:
             self._fd_handlers.pop(w.proc.stderr_fd, None)
 
     def _on_exit(self, w: _Worker) -> None:
+        """A worker exited: re-send or fail what it held, and schedule its restart."""
         pidfd = w.proc.pidfd
         if pidfd is not None:
             self._poller.unregister(pidfd)
             self._fd_handlers.pop(pidfd, None)
+        if w.proc.stderr_fd in self._fd_handlers:
+            self._poller.unregister(w.proc.stderr_fd)
+            del self._fd_handlers[w.proc.stderr_fd]
         code = w.proc.wait(1.0)
         tail = w.proc.tail()
-        stopping = self._stop_at is not None and w.state == _STOPPED
-        w.state = _STOPPED if stopping else _DEAD
-        if stopping:
+        self._by_identity.pop(w.identity, None)
+        if self._stop_at is not None and w.state == _STOPPED:
             return
-        log.error("worker %s/%d (pid %d) exited with %s", w.model.name, w.instance, w.proc.pid, code)
+        m = w.model
+        slot = m.slots[w.instance]
+        was_ready = w.state == _READY
+        w.state = _DEAD
+        w.busy_since = None
+        log.error("worker %s/%d (pid %d) exited with %s", m.name, w.instance, w.proc.pid, code)
         if not self._started.is_set() and self._start_error is None:
-            self._start_error = WorkerStartError(w.model.name, w.instance, f"the process exited with code {code}", tail)
+            self._start_error = WorkerStartError(m.name, w.instance, f"the process exited with code {code}", tail)
             self._started.set()
-        inflight, w.inflight = w.inflight, {}
-        for call in inflight.values():
-            call.fail(WorkerDiedError(w.model.name, w.instance, w.proc.pid, code, tail))
-        self._dispatch(w.model)
+            return
+        self._resend_or_fail(w, code, tail)
+        # Replace it: a fresh process, after a backoff that grows while it keeps dying
+        # before it is ready.
+        if slot.last_error is None or was_ready:
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            slot.last_error = f"worker {w.instance} (pid {w.proc.pid}) {how}" + (
+                f": {tail.splitlines()[-1]}" if tail else ""
+            )
+        if not was_ready:
+            slot.start_failures += 1
+        slot.restarts += 1
+        delay = 0.0 if was_ready else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (slot.start_failures - 1))
+        slot.restart_at = time.monotonic() + delay
+        w.outputs = None
+        w.proc.close()
+        if all(s.start_failures >= CRASH_LOOP for s in m.slots):
+            m.unavailable = slot.last_error or f"exited with code {code}"
+        self._dispatch(m)
 
-    def _fail_queue(self, m: _Model) -> None:
-        dead = [w for w in m.workers if w.state == _DEAD]
-        w = dead[-1] if dead else None
-        while m.queue:
-            call = m.queue.popleft()
-            if w is not None:
-                call.fail(WorkerDiedError(m.name, w.instance, w.proc.pid, w.proc.returncode, w.proc.tail()))
-            else:
-                call.fail(PoolClosedError(f"model {m.name!r} has no worker left"))
+    def _resend_or_fail(self, w: _Worker, code: int | None, tail: str) -> None:
+        """Decide the fate of what a dead worker held (see docs/reliability.md).
+
+        Only the request at the head of its queue was running; it is re-sent while it
+        has retries left and has not now been running in two workers that died
+        (a poison request). The others never ran, and are re-sent, in order, ahead
+        of newer requests.
+        """
+        m = w.model
+        calls = list(w.inflight.values())
+        w.inflight = {}
+        resend = []
+        for i, call in enumerate(calls):
+            if call.future.done():  # its deadline passed while it was in the worker
+                call.free()
+                continue
+            if i == 0 and not w.doomed:
+                call.attempts += 1
+                if call.attempts >= 2 or call.attempts > m.cfg.max_retries:
+                    call.fail(WorkerDiedError(m.name, w.instance, w.proc.pid, code, tail, poison=call.attempts >= 2))
+                    continue
+            resend.append(call)
+        m.queue.extendleft(reversed(resend))
 
     def _start_failed_timeout(self) -> None:
         slow = [w for m in self.models.values() for w in m.workers if w.state == _STARTING]
@@ -577,8 +773,10 @@ class Router:
         deadline = time.monotonic() + 5.0
         for w in live:
             w.proc.stop(max(0.0, deadline - time.monotonic()))
-            if w.state != _DEAD:
-                w.state = _STOPPED
+        for m in self.models.values():
+            for w in m.workers:
+                if w.state != _DEAD:
+                    w.state = _STOPPED
         self._close_resources()
 
     def _close_resources(self) -> None:

@@ -7,7 +7,7 @@ whose fault it was, so callers can react without parsing messages:
 - the configuration: :class:`ConfigError`;
 - the model itself raised: :class:`ModelError` (remote traceback text attached);
 - something outside broke: :class:`WorkerDiedError`, :class:`WorkerStartError`,
-  :class:`ProtocolError`;
+  :class:`ModelUnavailableError`, :class:`ProtocolError`;
 - the caller closed the pool: :class:`PoolClosedError`;
 - a deadline passed: :class:`TimeoutError`.
 """
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "InvalidInputError",
     "ModelError",
+    "ModelUnavailableError",
     "PoolClosedError",
     "ProtocolError",
     "TimeoutError",
@@ -105,6 +106,8 @@ class WorkerDiedError(TorchRTError):
         pid: int,
         exitcode: int | None,
         stderr_tail: str = "",
+        *,
+        poison: bool = False,
     ) -> None:
         self.model = model
         self.instance = instance
@@ -112,11 +115,28 @@ class WorkerDiedError(TorchRTError):
         self.exitcode = exitcode
         self.signal = -exitcode if exitcode is not None and exitcode < 0 else None
         self.stderr_tail = stderr_tail
+        #: the request was running when two workers died: it is not sent a third time
+        self.poison = poison
         how = f"was killed by signal {self.signal}" if self.signal is not None else f"exited with code {exitcode}"
         text = f"worker {instance} of model {model!r} (pid {pid}) {how}"
+        if poison:
+            text += "; this request was running in two workers that died, so it is not retried (a poison request?)"
         if stderr_tail:
             text += "; last lines of its stderr:\n" + stderr_tail.rstrip()
         super().__init__(text)
+
+
+class ModelUnavailableError(TorchRTError):
+    """Every instance of the model keeps failing to start; requests fail fast.
+
+    The pool keeps restarting the instances (with capped backoff) and serves the model
+    again as soon as one becomes ready. ``reason`` is the last start-up error.
+    """
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        self.reason = reason
+        super().__init__(f"model {model!r} is unavailable: its workers keep failing to start; last error: {reason}")
 
 
 class WorkerStartError(TorchRTError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["WorkerInfo"]
+__all__ = ["InstanceHealth", "ModelHealth", "WorkerInfo"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +36,47 @@ class WorkerInfo:
     inflight: int = 0
     served: int = 0
     exitcode: int | None = None
+
+
+@dataclass(frozen=True)
+class InstanceHealth:
+    """One instance of a model, as ``Pool.health()`` reports it.
+
+    Attributes:
+        instance: its instance number.
+        pid: the current worker process (None between a death and the restart).
+        state: ``"starting"``, ``"ready"``, ``"restarting"`` (died; a new process is
+            due), ``"failed"`` (keeps dying before it is ready; still retried, with
+            backoff) or ``"stopped"``.
+        restarts: how many times a worker of this instance was replaced.
+        last_error: why the last worker died or failed to start (None if none did).
+    """
+
+    instance: int
+    pid: int | None
+    state: str
+    restarts: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelHealth:
+    """One model, as ``Pool.health()`` reports it.
+
+    Attributes:
+        model: its name.
+        state: ``"ready"`` (at least one instance serves), ``"starting"``,
+            ``"unavailable"`` (every instance keeps failing to start; requests fail
+            fast with ``ModelUnavailableError``) or ``"stopped"``.
+        ready: instances ready now.
+        instances: each instance's health.
+        error: the last start-up error while unavailable.
+        queued: requests waiting for an instance.
+    """
+
+    model: str
+    state: str
+    ready: int
+    instances: tuple[InstanceHealth, ...] = ()
+    error: str | None = None
+    queued: int = 0

@@ -64,6 +64,15 @@ class Spin(nn.Module):
         return acc
 
 
+class Sticky(nn.Module):
+    """Fails like a CUDA kernel fault (a sticky error) when the first element is negative."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(x.reshape(-1)[0] < 0):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return x * 2
+
+
 MODELS = {
     "tiny": Tiny,
     "add": Add,
@@ -72,6 +81,7 @@ MODELS = {
     "raiser": Raiser,
     "listout": ListOutputs,
     "spin": Spin,
+    "sticky": Sticky,
 }
 
 

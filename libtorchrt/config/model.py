@@ -111,6 +111,17 @@ class ModelConfig:
         method: the module method to run (Triton's ``MODULE_METHOD_NAME``).
         env: extra environment variables for this model's workers only.
         version: the model version (from a repository's version directory).
+        max_retries: how often a request is sent again after the worker running it
+            died before answering (requests queued behind it in that worker are
+            always re-sent: they never ran). A request that was running in two
+            workers that died fails as a poison request whatever this says.
+        timeout: default deadline of a request, in seconds (None: no deadline);
+            ``infer``/``submit`` take their own ``timeout``.
+        execution_timeout: seconds one execution may take (None: no limit); past it
+            the request fails with ``TimeoutError`` and the worker is killed and
+            replaced (a hung model cannot be interrupted otherwise).
+        max_request_bytes: refuse requests whose tensors add up to more (None: no
+            limit), before anything is allocated.
 
     Raises:
         ConfigError: a field or parameter value is invalid (names model, key, value).
@@ -126,6 +137,10 @@ class ModelConfig:
     method: str = "forward"
     env: Mapping[str, str] = field(default_factory=dict)
     version: int = 1
+    max_retries: int = 1
+    timeout: float | None = None
+    execution_timeout: float | None = None
+    max_request_bytes: int | None = None
     #: the parsed execution-mode flags (derived from ``parameters``)
     flags: flag_mod.Flags = field(init=False, repr=False, compare=False)
 
@@ -149,6 +164,20 @@ class ModelConfig:
                 model=self.name,
                 key="max_batch_size",
             )
+        for key in ("max_retries",):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(
+                    f"model {self.name!r}: {key} is {value!r}; expected an integer >= 0", model=self.name, key=key
+                )
+        for key in ("timeout", "execution_timeout", "max_request_bytes"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(
+                    f"model {self.name!r}: {key} is {value!r}; expected a positive number or None",
+                    model=self.name,
+                    key=key,
+                )
         self.parameters = {str(k): v for k, v in dict(self.parameters).items()}
         self.inputs = tuple(self.inputs)
         self.outputs = tuple(self.outputs)

@@ -176,6 +176,8 @@ class Error:
     traceback: str = ""
     #: the error came from the caller's input (bad binding), not from the model
     input_error: bool = False
+    #: the worker cannot go on (a sticky CUDA error) and exits after this message
+    fatal: bool = False
 
 
 @dataclass(slots=True)
@@ -276,6 +278,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "message": (str,),
     "traceback": (str,),
     "input_error": (bool,),
+    "fatal": (bool,),
     "offsets": (list,),
 }
 

@@ -127,6 +127,11 @@ class WorkerProcess:
             pass
         return self.returncode
 
+    def kill(self) -> None:
+        """SIGKILL the process (its exit is then seen through the pidfd)."""
+        if self.reap() is None:
+            self.proc.kill()
+
     def stop(self, grace: float) -> None:
         """Make sure the process is gone: wait ``grace``, then SIGTERM, then SIGKILL."""
         if self.wait(grace) is not None:

@@ -37,6 +37,19 @@ __all__ = ["WorkerSpec", "main"]
 
 _PR_SET_PDEATHSIG = 1
 
+#: Messages of CUDA errors after which the CUDA context cannot be trusted: the worker
+#: reports the error for its request, then exits to be replaced by a fresh process.
+STICKY_ERRORS = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS_",
+    "CUDNN_STATUS_",
+    "cudaError",
+)
+#: Exit status of a worker that left because of a sticky error.
+EXIT_STICKY = 3
+
 
 @dataclass
 class WorkerSpec:
@@ -129,7 +142,8 @@ class _Worker:
     def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
         return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
 
-    def serve(self) -> None:
+    def serve(self) -> int:
+        """Serve requests until told to stop; return the process's exit status."""
         sock = self.sock
         while True:
             _, header, frames = recv(sock)
@@ -140,11 +154,12 @@ class _Worker:
                 continue
             if isinstance(msg, wire.Request):
                 self._release(msg.releases)
-                self._run(msg, frames)
+                if not self._run(msg, frames):
+                    return EXIT_STICKY
             elif isinstance(msg, wire.Release):
                 self._release(msg.offsets)
             elif isinstance(msg, wire.Shutdown):
-                return
+                return 0
             else:
                 self._send_error(-1, ProtocolError(f"unexpected {type(msg).__name__} message"))
 
@@ -155,12 +170,13 @@ class _Worker:
             except ValueError:
                 print(f"libtorchrt worker: ignored release of unknown slot {offset}", file=sys.stderr)
 
-    def _run(self, msg: wire.Request, frames: list[zmq.Frame]) -> None:
+    def _run(self, msg: wire.Request, frames: list[zmq.Frame]) -> bool:
+        """Run one request; return False if this process must not go on."""
         try:
             inputs = tensor_io.read(msg.tensors, msg.blobs, frames, self._slot)
         except ProtocolError as e:
             self._send_error(msg.id, e)
-            return
+            return True
         try:
             outputs = _outputs(self.method(*inputs))
             if self.clean_cache and torch.cuda.is_available():
@@ -169,13 +185,17 @@ class _Worker:
                 outputs = [t.cpu() for t in outputs]
             placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
-            self._send_error(msg.id, e, traceback.format_exc())
-            return
+            sticky = any(marker in str(e) for marker in STICKY_ERRORS)
+            self._send_error(msg.id, e, traceback.format_exc(), fatal=sticky)
+            if sticky:
+                print(f"libtorchrt worker: exiting after a sticky CUDA error: {e}", file=sys.stderr)
+            return not sticky
         header = wire.encode(wire.Response(msg.id, placed.descs, placed.blobs))
         send(self.sock, header, placed.frames, zero_copy=True)
+        return True
 
-    def _send_error(self, req_id: int, e: BaseException, tb: str = "") -> None:
-        err = wire.Error(req_id, type(e).__name__, str(e), tb, isinstance(e, ProtocolError))
+    def _send_error(self, req_id: int, e: BaseException, tb: str = "", fatal: bool = False) -> None:
+        err = wire.Error(req_id, type(e).__name__, str(e), tb, isinstance(e, ProtocolError), fatal)
         self.sock.send(wire.encode(err))
 
 
@@ -208,8 +228,7 @@ def main(argv: list[str]) -> int:
         sock.send(wire.encode(ready))
         mode = torch.inference_mode if effective["INFERENCE_MODE"] else torch.no_grad
         with mode():
-            worker.serve()
-        return 0
+            return worker.serve()
     finally:
         sock.close()
         ctx.term()

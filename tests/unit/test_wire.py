@@ -179,7 +179,7 @@ def test_blobs_decode_as_bytes(cls: type) -> None:
         ([Failed.KIND, 1, 10, "E", "m", "tb", {"new": 1}], Failed(1, 10, "E", "m", "tb")),
         ([Request.KIND, 5, [], [64], [b"x"], "priority", 9], Request(5, [], [64], [b"x"])),
         ([Response.KIND, 6, [], [b"y"], ["future"]], Response(6, [], [b"y"])),
-        ([Error.KIND, 7, "E", "m", "", True, 123], Error(7, "E", "m", "", True)),
+        ([Error.KIND, 7, "E", "m", "", True, False, 123], Error(7, "E", "m", "", True, False)),
         ([Release.KIND, [0], None], Release([0])),
         ([Shutdown.KIND, "grace", 5.0], Shutdown()),
     ],

@@ -1,0 +1,76 @@
+"""One request on its way through the front: placement, future, deadline, retries."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .transport import tensors as tensor_io
+
+if TYPE_CHECKING:
+    from ._router import _Model
+
+__all__ = ["Call"]
+
+
+class Call:
+    """A request: where its tensors are, the caller's future, and its bookkeeping.
+
+    Its arena slots and blobs are kept until the request is finished (answered, failed
+    or expired), so that a request whose worker died can be sent again.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "attempts",
+        "blobs",
+        "deadline",
+        "descs",
+        "dispatched",
+        "frames",
+        "future",
+        "id",
+        "model",
+        "offsets",
+    )
+
+    def __init__(self, model: _Model, placed: tensor_io.Placed, deadline: float | None = None) -> None:
+        self.model = model
+        self.descs, self.blobs, self.frames, self.offsets = placed
+        self.future: Future[dict[str, torch.Tensor]] = Future()
+        self.id = 0
+        #: monotonic time after which the request fails with TimeoutError
+        self.deadline = deadline
+        #: how many workers died while running it (not while it waited behind another)
+        self.attempts = 0
+        #: whether its future was marked running (it can no longer be cancelled)
+        self.dispatched = False
+
+    def free(self) -> None:
+        """Give the request's arena slots and buffers back (once no worker reads them)."""
+        offsets, self.offsets = self.offsets, []
+        for offset in offsets:
+            self.model.allocator.free(offset)
+        self.frames = self.blobs = []
+
+    def fail(self, exc: BaseException) -> None:
+        """Free the request and fail its future (unless it already resolved)."""
+        self.free()
+        self.resolve_error(exc)
+
+    def resolve_error(self, exc: BaseException) -> None:
+        """Fail the future without freeing (a worker may still be reading the slots)."""
+        if not self.future.done():
+            try:
+                self.future.set_exception(exc)
+            except Exception:  # resolved concurrently (cancelled by the caller)
+                pass
+
+    def resolve(self, result: Any) -> None:
+        if not self.future.done():
+            try:
+                self.future.set_result(result)
+            except Exception:
+                pass

@@ -159,6 +159,7 @@ class Router:
         self._ids = itertools.count(1)
         self._identities = itertools.count()
         self._by_identity: dict[bytes, _Worker] = {}
+        self._unknown_peers: set[bytes] = set()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._stop_at: float | None = None  # drain deadline, once stop() was called
@@ -560,7 +561,7 @@ class Router:
                 break
             w = self._by_identity.get(identity)
             if w is None or not header:
-                log.warning("dropped a message from an unknown peer")
+                self._unknown_peer(identity)
                 continue
             try:
                 msg = wire.decode(header)
@@ -578,6 +579,13 @@ class Router:
             touched.add(w.model.name)
         for name in touched:
             self._dispatch(self.models[name])
+
+    def _unknown_peer(self, identity: bytes) -> None:
+        # Once per peer (a bounded memory of them), so a noisy peer cannot flood the log.
+        if identity not in self._unknown_peers:
+            if len(self._unknown_peers) < 1024:
+                self._unknown_peers.add(identity)
+            log.warning("dropped a message from an unknown peer %r", identity[:32])
 
     def _output_slot(self, w: _Worker, d: wire.TensorDesc) -> torch.Tensor:
         base = w.outputs
@@ -607,8 +615,8 @@ class Router:
             return
         try:
             outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: self._output_slot(w, d))
-        except ProtocolError as e:
-            call.resolve_error(e)
+        except Exception as e:  # a reply we cannot rebuild fails its request, not the router
+            call.resolve_error(e if isinstance(e, ProtocolError) else ProtocolError(f"unreadable reply: {e!r}"))
             return
         binder = w.model.binder
         assert binder is not None
@@ -676,6 +684,10 @@ class Router:
             del self._fd_handlers[w.proc.stderr_fd]
         code = w.proc.wait(1.0)
         tail = w.proc.tail()
+        # Replies it sent before dying may still wait in the socket: take them first,
+        # so an answered request is not run a second time (or blamed for the death).
+        if self._sock is not None:
+            self._on_messages(self._sock)
         self._by_identity.pop(w.identity, None)
         if self._stop_at is not None and w.state == _STOPPED:
             return

@@ -72,10 +72,14 @@ class Arena:
         """Return a tensor of ``dtype``/``shape`` that aliases ``nbytes`` at ``offset``.
 
         Raises:
-            ValueError: the slot does not lie inside the arena.
+            ValueError: the slot does not lie inside the arena, or is not aligned for
+                ``dtype``.
         """
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise ValueError(f"slot [{offset}, {offset + nbytes}) lies outside the {self.size}-byte arena")
+        itemsize = dtype.itemsize
+        if offset % itemsize:
+            raise ValueError(f"slot offset {offset} is not aligned for {dtype} ({itemsize}-byte elements)")
         return self.flat[offset : offset + nbytes].view(dtype).view(shape)
 
     def close_fd(self) -> None:

@@ -191,7 +191,7 @@ def read(
             if len(blob) != d.nbytes:
                 raise ProtocolError(f"blob of {len(blob)} bytes for a {d.nbytes}-byte tensor")
             if not blob:
-                out.append(torch.empty(d.shape, dtype=dtype))
+                out.append(_empty(d.shape, dtype))
             else:  # a writable copy: the caller owns its outputs
                 out.append(as_tensor(bytearray(blob), dtype, d.shape)[0])
         elif kind == FRAME:
@@ -201,7 +201,7 @@ def read(
             if buf.nbytes != d.nbytes:
                 raise ProtocolError(f"data frame of {buf.nbytes} bytes for a {d.nbytes}-byte tensor")
             if d.nbytes == 0:
-                out.append(torch.empty(d.shape, dtype=dtype))
+                out.append(_empty(d.shape, dtype))
             else:
                 out.append(as_tensor(buf, dtype, d.shape)[0])
         else:
@@ -209,6 +209,14 @@ def read(
                 raise ProtocolError("arena descriptor, but the sender has no arena")
             try:
                 out.append(slot(d))
-            except ValueError as e:
-                raise ProtocolError(str(e)) from None
+            except (ValueError, RuntimeError) as e:
+                raise ProtocolError(f"bad arena descriptor: {e}") from None
     return out
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of ``shape``, even one whose other dims would overflow strides."""
+    try:
+        return torch.empty(shape, dtype=dtype)
+    except RuntimeError as e:  # e.g. (0, 2**39, 2**39): "Stride calculation overflowed"
+        raise ProtocolError(f"cannot build an empty tensor of shape {list(shape)}: {e}") from None

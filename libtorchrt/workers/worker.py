@@ -164,18 +164,21 @@ class _Worker:
                 self._send_error(-1, ProtocolError(f"unexpected {type(msg).__name__} message"))
 
     def _release(self, offsets: list[int]) -> None:
+        unknown = 0
         for offset in offsets:
             try:
                 self.allocator.free(offset)
             except ValueError:
-                print(f"libtorchrt worker: ignored release of unknown slot {offset}", file=sys.stderr)
+                unknown += 1
+        if unknown:  # one line, however many: a hostile peer cannot flood the log
+            print(f"libtorchrt worker: ignored the release of {unknown} unknown slot(s)", file=sys.stderr)
 
     def _run(self, msg: wire.Request, frames: list[zmq.Frame]) -> bool:
         """Run one request; return False if this process must not go on."""
         try:
             inputs = tensor_io.read(msg.tensors, msg.blobs, frames, self._slot)
-        except ProtocolError as e:
-            self._send_error(msg.id, e)
+        except Exception as e:  # whatever a hostile descriptor provokes, answer it
+            self._send_error(msg.id, e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}"))
             return True
         try:
             outputs = _outputs(self.method(*inputs))

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -377,12 +378,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.endpoint is not None:
         return _fail(ENDPOINT_MESSAGE)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGTERM ends the sweep like Ctrl-C: pools shut down, partial results written.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         with tempfile.TemporaryDirectory(prefix="libtorchrt-bench-") as tmp:
             return _run(args, Path(tmp), argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) -> int:

@@ -86,14 +86,18 @@ class ModelError(TorchRTError):
     def __init__(self, model: str, error_type: str, message: str, remote_traceback: str) -> None:
         self.model = model
         self.error_type = error_type
+        self.message = message
         self.remote_traceback = remote_traceback
         super().__init__(f"model {model!r} raised {error_type}: {message}")
 
     def __str__(self) -> str:
-        text = str(self.args[0])
-        if self.remote_traceback:
-            text += "\n\nWorker traceback:\n" + self.remote_traceback.rstrip()
-        return text
+        if not self.remote_traceback:
+            return str(self.args[0])
+        # The traceback ends with the full message (TorchScript's includes its own
+        # traceback), so the headline keeps only the message's last line.
+        lines = [line for line in self.message.strip().splitlines() if line.strip()]
+        headline = f"model {self.model!r} raised {self.error_type}: {lines[-1] if lines else ''}"
+        return f"{headline}\n\nWorker traceback:\n{self.remote_traceback.rstrip()}"
 
 
 class WorkerDiedError(TorchRTError):

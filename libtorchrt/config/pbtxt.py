@@ -67,7 +67,7 @@ def _dtype_name(value: int) -> str:
 
 
 def _is_file(source: str) -> bool:
-    if "\n" in source or "{" in source or ":" in source:
+    if "\n" in source or "{" in source:
         return False  # configuration text, not a path
     try:
         return Path(source).is_file()

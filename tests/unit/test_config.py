@@ -416,3 +416,12 @@ def test_invalid_model_in_repository_names_its_file(tmp_path: Path) -> None:
     d = write_model(tmp_path, "m", 'name: "m"\nbogus_field: 1\n')
     with pytest.raises(ConfigError, match=re.escape(str(d / "config.pbtxt")) + r":2:"):
         load_repository(tmp_path)
+
+
+def test_a_config_path_may_contain_a_colon(tmp_path: Path) -> None:
+    directory = tmp_path / "runs:2026" / "resnet"
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.pt").write_bytes(b"not loaded here")
+    (directory / "config.pbtxt").write_text('platform: "pytorch_libtorch"\n')
+    cfg = ModelConfig.from_pbtxt(str(directory / "config.pbtxt"))  # a path, not config text
+    assert (cfg.name, cfg.path) == ("resnet", directory / "1" / "model.pt")

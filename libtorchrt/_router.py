@@ -77,6 +77,7 @@ class RouterOptions:
     request_arena_bytes: int = 256 << 20
     response_arena_bytes: int = 64 << 20
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
+    busy_poll_us: int = 0
     max_inflight: int = 4
     start_timeout: float = 120.0
 
@@ -345,6 +346,7 @@ class Router:
             parent_pid=os.getpid(),
             method=m.cfg.method,
             inline_threshold=self.options.inline_threshold,
+            busy_poll_us=self.options.busy_poll_us,
         )
         assert m.arena.fd is not None
         spec.request_fd = m.arena.fd
@@ -380,7 +382,7 @@ class Router:
             self._idle = True
             # A call that arrived while we were busy came without a wake-up: do not sleep.
             wait_ms = None if timeout is None else int(timeout * 1000) + 1
-            events = [] if self.inbox else self._poller.poll(wait_ms)
+            events = [] if self.inbox else self._poll(wait_ms)
             self._idle = False
             if self.inbox:
                 self._on_inbox()
@@ -399,6 +401,20 @@ class Router:
                         handler[0](handler[1])
             if self._start_error is not None:
                 return
+
+    def _poll(self, wait_ms: int | None) -> list[tuple[Any, int]]:
+        spin = self.options.busy_poll_us
+        if spin and any(w.inflight for m in self.models.values() for w in m.workers):
+            # A reply is due soon: poll without sleeping for a while, since a thread
+            # that sleeps and wakes pays for it (see Pool's busy_poll_us).
+            deadline = time.perf_counter() + spin / 1e6
+            while time.perf_counter() < deadline and not self.inbox:
+                events = self._poller.poll(0)
+                if events:
+                    return events
+            if self.inbox:
+                return []
+        return self._poller.poll(wait_ms)
 
     def _next_wake(self, now: float) -> float | None:
         """The earliest moment something is due: a deadline, a restart, a timeout."""

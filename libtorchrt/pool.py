@@ -61,6 +61,13 @@ class Pool:
         max_inflight: requests sent ahead to one worker, so it finds the next one
             waiting when it finishes; 4 keeps short models busy (tiny: 2 → 4 gave
             ~+40% requests/s here), more only deepens the queue in a worker.
+        busy_poll_us: after a reply, workers (and the router thread, while it awaits
+            one) poll this long without sleeping before they block. A process that
+            sleeps between requests wakes up slowly; polling trades CPU for latency:
+            measured here, tiny's p50 at concurrency 1 went from ~210 to ~130 µs and
+            its throughput at concurrency 8 up by ~30%, while the cnn model lost
+            ~10% (the polling takes CPU from compute). Off (0) by default; turn it
+            on for short models on machines with spare cores.
 
     Raises:
         ConfigError: a model's configuration is invalid.
@@ -77,6 +84,7 @@ class Pool:
         response_arena_bytes: int = 64 << 20,
         inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
         max_inflight: int = 4,
+        busy_poll_us: int = 0,
     ) -> None:
         configs = list(load_repository(repository)) if repository is not None else []
         configs += list(models)
@@ -95,6 +103,7 @@ class Pool:
             inline_threshold=inline_threshold,
             max_inflight=max_inflight,
             start_timeout=start_timeout,
+            busy_poll_us=busy_poll_us,
         )
         self._inline_threshold = inline_threshold
         self._router = Router(configs, options)

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class WorkerSpec:
     device: str = "cpu"
     method: str = "forward"
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
+    busy_poll_us: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -77,6 +79,15 @@ class WorkerSpec:
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
         return cls(**json.loads(text))
+
+
+def _spin(sock: zmq.Socket, seconds: float) -> None:
+    """Poll without sleeping for up to ``seconds``: a process that sleeps between
+    requests wakes up slowly (see Pool's ``busy_poll_us``)."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if sock.poll(0):
+            return
 
 
 def _die_with_parent(spec: WorkerSpec) -> None:
@@ -145,7 +156,10 @@ class _Worker:
     def serve(self) -> int:
         """Serve requests until told to stop; return the process's exit status."""
         sock = self.sock
+        spin = self.spec.busy_poll_us / 1e6
         while True:
+            if spin and not sock.poll(0):
+                _spin(sock, spin)
             _, header, frames = recv(sock)
             try:
                 msg = wire.decode(header)

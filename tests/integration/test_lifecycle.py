@@ -159,3 +159,11 @@ def test_outputs_held_across_close_stay_readable(model_dir: Path) -> None:
     assert torch.equal(y, x)
     del y
     assert_no_leaks(before)
+
+
+def test_busy_polling_serves_the_same_results(make_pool, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool("tiny", "add", busy_poll_us=200)
+    a, b = torch.arange(3.0), torch.ones(3)
+    for _ in range(50):
+        assert torch.equal(pool.infer("add", [a, b], timeout=10)["OUTPUT__0"], a + b)
+    assert pool.infer("tiny", [torch.randn(2, 64)], timeout=10)["OUTPUT__0"].shape == (2, 64)

@@ -157,7 +157,8 @@ class Runner:
                     continue
                 done: set[int] = set()
                 try:
-                    with libtorchrt_caller(self.lib, name, path, n, x) as lib_call:
+                    options = {"busy_poll_us": a.busy_poll_us} if a.busy_poll_us else {}
+                    with libtorchrt_caller(self.lib, name, path, n, x, **options) as lib_call:
                         note = _check(first_output(lib_call()), ref)
                         for c in a.concurrency:
                             self.add(Row(name, "libtorchrt", n, c, self._timed(lib_call, c), note=note))
@@ -219,6 +220,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.5,
         help="warm-up seconds per row (default: 0.5)",
+    )
+    p.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=0,
+        help="Pool(busy_poll_us=...) for the libtorchrt rows (default: 0, off)",
     )
     p.add_argument(
         "--quick",

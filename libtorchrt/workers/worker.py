@@ -12,9 +12,11 @@ response arena (one copy), reply. A model exception fails that request only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -90,20 +92,49 @@ def _spin(sock: zmq.Socket, seconds: float) -> None:
             return
 
 
+def _at_eof(fd: int) -> bool:
+    try:
+        readable, _, _ = select.select([fd], [], [], 0.05)
+        return bool(readable) and os.read(fd, 1) == b""
+    except OSError:
+        return False
+
+
+def _orphaned_exit(spec: WorkerSpec, front_gone: bool = False) -> None:
+    """Leave at once; if the front is gone, remove its endpoint directory first.
+
+    A front that closes its pool removes the directory itself; one that was killed
+    cannot, so its workers do (any of them; the others find it gone). The watch pipe's
+    EOF means the front is gone or shutting down, so removing is always safe then; a
+    SIGTERM may come from anyone, so it counts only if that EOF is there too (the
+    kernel closes a dying process's descriptors before it signals PR_SET_PDEATHSIG,
+    and before it reparents the children, so getppid() cannot tell yet).
+    """
+    if front_gone or _at_eof(spec.watch_fd) or os.getppid() != spec.parent_pid:
+        path = spec.endpoint.removeprefix("ipc://")
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
+    os._exit(0)
+
+
 def _die_with_parent(spec: WorkerSpec) -> None:
     """Exit when the front exits, however it exits.
 
-    PR_SET_PDEATHSIG covers a front killed outright; the watch pipe (whose only
-    write end is held by the front) also covers a front that closes the pool and
-    lives on, and the window before prctl ran (checked through getppid).
+    The watch pipe (whose only write end the front holds) reaches EOF when the front
+    closes the pool or dies; PR_SET_PDEATHSIG (SIGTERM, handled) covers a main
+    thread stuck in a model; getppid covers the window before prctl ran. Each path
+    cleans the dead front's endpoint directory before exiting.
     """
+    signal.signal(signal.SIGTERM, lambda *_: _orphaned_exit(spec))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux; the watch pipe still works
     if os.getppid() != spec.parent_pid:
-        os._exit(1)
+        _orphaned_exit(spec)
 
     def watch() -> None:
         try:
@@ -111,7 +142,9 @@ def _die_with_parent(spec: WorkerSpec) -> None:
                 pass
         except OSError:
             pass
-        os._exit(0)
+        # Do not ask getppid() here: the front's descriptors close before the kernel
+        # reparents its children, so a dying front may still look like our parent.
+        _orphaned_exit(spec, front_gone=True)
 
     threading.Thread(target=watch, name="libtorchrt-parent-watch", daemon=True).start()
 

@@ -118,6 +118,7 @@ def test_workers_exit_when_the_front_is_killed(model_dir: Path, tmp_path: Path) 
             from libtorchrt import Pool, ModelConfig
             pool = Pool(models=[ModelConfig("tiny", {str(model_dir / "tiny.pt")!r}, instances=2)])
             print(" ".join(str(w.pid) for w in pool.workers()), flush=True)
+            print(pool._router._dir.path, flush=True)
             time.sleep(60)
             """
         )
@@ -126,13 +127,15 @@ def test_workers_exit_when_the_front_is_killed(model_dir: Path, tmp_path: Path) 
     try:
         assert front.stdout is not None
         pids = [int(p) for p in front.stdout.readline().split()]
-        assert len(pids) == 2 and all(_pid_alive(p) for p in pids)
+        endpoints = Path(front.stdout.readline().strip())
+        assert len(pids) == 2 and all(_pid_alive(p) for p in pids) and endpoints.is_dir()
         front.kill()
         front.wait(10)
         deadline = time.monotonic() + 2.0
         while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not any(_pid_alive(p) for p in pids), "workers outlived their front by more than 2 s"
+        assert not endpoints.exists(), f"the dead front's ipc directory remains: {list(endpoints.iterdir())}"
     finally:
         front.kill()
         front.wait(10)

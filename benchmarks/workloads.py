@@ -1,4 +1,4 @@
-"""Benchmark workloads: small TorchScript models plus their example inputs.
+"""Benchmark workloads: the standard models of ``libtorchrt.bench`` plus example inputs.
 
 Each workload stresses a different part of a serving stack:
 
@@ -6,7 +6,8 @@ Each workload stresses a different part of a serving stack:
 * ``payload`` -- ``x * 1.0`` on a 4 MiB ``[1, 1024, 1024]`` tensor: transport.
 * ``cnn``     -- five stride-2 3x3 convolutions on ``[1, 3, 224, 224]``: compute.
 
-Public API (kept stable so other tools can import it)::
+The models are defined once, in :mod:`libtorchrt.bench.workloads` (so that
+``python -m libtorchrt.bench --workload NAME`` measures the same ones)::
 
     from benchmarks import workloads
     path = workloads.build("tiny", "/tmp/models")    # -> Path to tiny.pt
@@ -15,116 +16,14 @@ Public API (kept stable so other tools can import it)::
 
 from __future__ import annotations
 
-import itertools
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from libtorchrt.bench.workloads import WORKLOADS, Workload, build, names
 
 __all__ = ["WORKLOADS", "Workload", "build", "example_input", "load", "names"]
-
-
-class TinyMLP(nn.Module):
-    """``Linear(64, 64) -> ReLU -> Linear(64, 64)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, 64)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(64, 64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Scale(nn.Module):
-    """``x * 1.0``: returns a fresh tensor of the input's size (pure transport)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 1.0
-
-
-class SmallCNN(nn.Module):
-    """Five 3x3/2 convs 3->16->32->64->64->64 (ReLU), mean-pool, Linear(64, 10)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        channels = [3, 16, 32, 64, 64, 64]
-        layers: list[nn.Module] = []
-        for c_in, c_out in itertools.pairwise(channels):
-            layers += [
-                nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1),
-                nn.ReLU(),
-            ]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = x.mean(dim=(2, 3))
-        return self.head(x)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A named workload: model factory, input shape and a one-line description."""
-
-    name: str
-    factory: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
-    description: str
-
-    @property
-    def input_nbytes(self) -> int:
-        """Size of the float32 example input in bytes."""
-        n = 1
-        for d in self.input_shape:
-            n *= d
-        return 4 * n
-
-
-WORKLOADS: dict[str, Workload] = {
-    w.name: w
-    for w in (
-        Workload("tiny", TinyMLP, (1, 64), "MLP 64-64-64, per-request overhead"),
-        Workload("payload", Scale, (1, 1024, 1024), "x * 1.0 on 4 MiB, transport"),
-        Workload("cnn", SmallCNN, (1, 3, 224, 224), "5 stride-2 convs on 224x224, compute"),
-    )
-}
-
-
-def names() -> list[str]:
-    """Return the workload names in their canonical order."""
-    return list(WORKLOADS)
-
-
-def _get(name: str) -> Workload:
-    try:
-        return WORKLOADS[name]
-    except KeyError:
-        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}") from None
-
-
-def build(name: str, directory: str | Path, *, seed: int = 0) -> Path:
-    """Script workload ``name`` (``torch.jit.script``) into ``<directory>/<name>.pt``.
-
-    Weights are deterministic (seeded, without touching the global RNG state).
-    """
-    workload = _get(name)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.pt"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = workload.factory().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(model)
-    scripted.save(str(path))
-    return path
 
 
 def load(path: str | Path) -> torch.jit.ScriptModule:
@@ -136,6 +35,10 @@ def load(path: str | Path) -> torch.jit.ScriptModule:
 
 
 def example_input(name: str, *, seed: int = 1) -> torch.Tensor:
-    """Return a deterministic float32 example input for workload ``name``."""
+    """Return a deterministic float32 example input for workload ``name``.
+
+    Raises:
+        KeyError: no such workload.
+    """
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(_get(name).input_shape, generator=generator, dtype=torch.float32)
+    return torch.randn(WORKLOADS[name].input_shape, generator=generator, dtype=torch.float32)

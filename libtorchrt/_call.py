@@ -10,7 +10,7 @@ import torch
 from .transport import tensors as tensor_io
 
 if TYPE_CHECKING:
-    from ._router import _Model
+    from ._state import _Model
 
 __all__ = ["Call"]
 

@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ import zmq
 
 from ._binding import Binder
 from ._call import Call
+from ._state import BACKOFF_BASE, BACKOFF_MAX, CRASH_LOOP, DEAD, READY, STARTING, STOPPED, _Model, _Slot, _Worker
 from .config.model import ModelConfig
 from .errors import (
     InvalidInputError,
@@ -67,8 +68,6 @@ __all__ = ["Router", "RouterOptions"]
 
 log = logging.getLogger("libtorchrt")
 
-_STARTING, _READY, _DEAD, _STOPPED = "starting", "ready", "dead", "stopped"
-
 
 @dataclass
 class RouterOptions:
@@ -80,68 +79,6 @@ class RouterOptions:
     busy_poll_us: int = 0
     max_inflight: int = 4
     start_timeout: float = 120.0
-
-
-@dataclass(eq=False)
-class _Worker:
-    """The front's record of one worker process (one model instance)."""
-
-    model: _Model
-    instance: int
-    identity: bytes
-    proc: WorkerProcess
-    state: str = _STARTING
-    ready: wire.Ready | None = None
-    #: requests sent to it and not answered, in the order it runs them
-    inflight: dict[int, Call] = field(default_factory=dict)
-    releases: list[int] = field(default_factory=list)
-    served: int = 0
-    #: when the request at the head of ``inflight`` started running
-    busy_since: float | None = None
-    #: it will exit (sticky error, execution timeout): what it holds did not run
-    doomed: bool = False
-    #: the response arena as a numpy byte array, the base of zero-copy outputs
-    outputs: np.ndarray | None = None
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One instance of a model across restarts: its current worker and its history."""
-
-    instance: int
-    worker: _Worker | None = None
-    restarts: int = 0
-    #: deaths in a row before the worker became ready (a crash loop when >= CRASH_LOOP)
-    start_failures: int = 0
-    last_error: str | None = None
-    restart_at: float | None = None
-
-
-@dataclass(eq=False)
-class _Model:
-    cfg: ModelConfig
-    arena: Arena
-    allocator: Allocator
-    slots: list[_Slot] = field(default_factory=list)
-    queue: collections.deque[Call] = field(default_factory=collections.deque)
-    binder: Binder | None = None
-    next: int = 0  # where the next round-robin scan starts
-    #: the last start-up error, while every instance is in a crash loop
-    unavailable: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    @property
-    def workers(self) -> list[_Worker]:
-        return [s.worker for s in self.slots if s.worker is not None]
-
-
-#: Deaths before READY in a row after which an instance counts as failing to start.
-CRASH_LOOP = 3
-#: Restart backoff: 0.1 s, doubling per consecutive start failure, at most 5 s.
-BACKOFF_BASE, BACKOFF_MAX = 0.1, 5.0
 
 
 class Router:
@@ -276,7 +213,7 @@ class Router:
                     state = "stopped"
                 elif s.start_failures >= CRASH_LOOP:
                     state = "failed"
-                elif w is None or w.state == _DEAD:
+                elif w is None or w.state == DEAD:
                     state = "restarting"
                 else:
                     state = w.state
@@ -289,7 +226,7 @@ class Router:
                         last_error=s.last_error,
                     )
                 )
-            ready = sum(i.state == _READY for i in instances)
+            ready = sum(i.state == READY for i in instances)
             if self._stopped:
                 state = "stopped"
             elif ready:
@@ -516,7 +453,7 @@ class Router:
         queue = m.queue
         if not queue:
             return
-        if m.unavailable is not None and not any(w.state == _READY for w in m.workers):
+        if m.unavailable is not None and not any(w.state == READY for w in m.workers):
             while queue:
                 queue.popleft().fail(ModelUnavailableError(m.name, m.unavailable))
             return
@@ -531,7 +468,7 @@ class Router:
                 w = slots[(m.next + k) % n].worker
                 if (
                     w is not None
-                    and w.state == _READY
+                    and w.state == READY
                     and not w.doomed
                     and len(w.inflight) < limit
                     and (best is None or len(w.inflight) < len(best.inflight))
@@ -565,7 +502,7 @@ class Router:
         released = self.released
         while released:
             w, offset = released.popleft()
-            if w.state == _READY:
+            if w.state == READY:
                 w.releases.append(offset)
 
     def _on_messages(self, sock: zmq.Socket) -> None:
@@ -664,7 +601,7 @@ class Router:
             self._started.set()
             return
         w.ready = msg
-        w.state = _READY
+        w.state = READY
         m = w.model
         slot = m.slots[w.instance]
         slot.start_failures = 0
@@ -672,7 +609,7 @@ class Router:
         if m.binder is None:
             m.binder = Binder(m.cfg, msg.inputs)
         log.info("worker %s/%d ready (pid %d) with %s", m.name, w.instance, msg.pid, msg.flags)
-        if not self._started.is_set() and all(x.state == _READY for mm in self.models.values() for x in mm.workers):
+        if not self._started.is_set() and all(x.state == READY for mm in self.models.values() for x in mm.workers):
             self._started.set()
 
     def _on_failed(self, w: _Worker, msg: wire.Failed) -> None:
@@ -705,12 +642,12 @@ class Router:
         if self._sock is not None:
             self._on_messages(self._sock)
         self._by_identity.pop(w.identity, None)
-        if self._stop_at is not None and w.state == _STOPPED:
+        if self._stop_at is not None and w.state == STOPPED:
             return
         m = w.model
         slot = m.slots[w.instance]
-        was_ready = w.state == _READY
-        w.state = _DEAD
+        was_ready = w.state == READY
+        w.state = DEAD
         w.busy_since = None
         log.error("worker %s/%d (pid %d) exited with %s", m.name, w.instance, w.proc.pid, code)
         if not self._started.is_set() and self._start_error is None:
@@ -761,7 +698,7 @@ class Router:
         m.queue.extendleft(reversed(resend))
 
     def _start_failed_timeout(self) -> None:
-        slow = [w for m in self.models.values() for w in m.workers if w.state == _STARTING]
+        slow = [w for m in self.models.values() for w in m.workers if w.state == STARTING]
         w = slow[0]
         self._start_error = WorkerStartError(
             w.model.name,
@@ -789,7 +726,7 @@ class Router:
         self._fail_all(PoolClosedError("the pool was closed before this request completed"))
         live = [w for m in self.models.values() for w in m.workers if w.proc.reap() is None]
         for w in live:
-            w.state = _STOPPED
+            w.state = STOPPED
             try:
                 send(self._sock, wire.encode(wire.Shutdown()), identity=w.identity)  # type: ignore[arg-type]
             except (zmq.ZMQError, AttributeError, TypeError):
@@ -803,8 +740,8 @@ class Router:
             w.proc.stop(max(0.0, deadline - time.monotonic()))
         for m in self.models.values():
             for w in m.workers:
-                if w.state != _DEAD:
-                    w.state = _STOPPED
+                if w.state != DEAD:
+                    w.state = STOPPED
         self._close_resources()
 
     def _close_resources(self) -> None:

@@ -1,0 +1,86 @@
+"""The front's records of models, instances and worker processes (front process).
+
+Owned and mutated by the router thread only; other threads read single fields of them
+(``Pool.workers()``, ``Pool.health()``), which is safe under the GIL.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._binding import Binder
+from ._call import Call
+from .config.model import ModelConfig
+from .transport import wire
+from .transport.arena import Allocator, Arena
+from .workers.process import WorkerProcess
+
+__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "CRASH_LOOP", "DEAD", "READY", "STARTING", "STOPPED"]
+
+#: Worker states.
+STARTING, READY, DEAD, STOPPED = "starting", "ready", "dead", "stopped"
+
+
+@dataclass(eq=False)
+class _Worker:
+    """The front's record of one worker process (one model instance)."""
+
+    model: _Model
+    instance: int
+    identity: bytes
+    proc: WorkerProcess
+    state: str = STARTING
+    ready: wire.Ready | None = None
+    #: requests sent to it and not answered, in the order it runs them
+    inflight: dict[int, Call] = field(default_factory=dict)
+    releases: list[int] = field(default_factory=list)
+    served: int = 0
+    #: when the request at the head of ``inflight`` started running
+    busy_since: float | None = None
+    #: it will exit (sticky error, execution timeout): what it holds did not run
+    doomed: bool = False
+    #: the response arena as a numpy byte array, the base of zero-copy outputs
+    outputs: np.ndarray | None = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One instance of a model across restarts: its current worker and its history."""
+
+    instance: int
+    worker: _Worker | None = None
+    restarts: int = 0
+    #: deaths in a row before the worker became ready (a crash loop when >= CRASH_LOOP)
+    start_failures: int = 0
+    last_error: str | None = None
+    restart_at: float | None = None
+
+
+@dataclass(eq=False)
+class _Model:
+    cfg: ModelConfig
+    arena: Arena
+    allocator: Allocator
+    slots: list[_Slot] = field(default_factory=list)
+    queue: collections.deque[Call] = field(default_factory=collections.deque)
+    binder: Binder | None = None
+    next: int = 0  # where the next round-robin scan starts
+    #: the last start-up error, while every instance is in a crash loop
+    unavailable: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def workers(self) -> list[_Worker]:
+        return [s.worker for s in self.slots if s.worker is not None]
+
+
+#: Deaths before READY in a row after which an instance counts as failing to start.
+CRASH_LOOP = 3
+#: Restart backoff: 0.1 s, doubling per consecutive start failure, at most 5 s.
+BACKOFF_BASE, BACKOFF_MAX = 0.1, 5.0

@@ -61,8 +61,13 @@ def recv(sock: zmq.Socket, flags: int = 0, routed: bool = False) -> tuple[bytes,
     Raises:
         zmq.Again: with ``zmq.NOBLOCK``, no message is waiting.
     """
-    identity = sock.recv(flags) if routed else b""
-    header = sock.recv(flags) if not routed else (sock.recv() if sock.get(zmq.RCVMORE) else b"")
+    identity = b""
+    if routed:
+        identity = sock.recv(flags)
+        if not sock.get(zmq.RCVMORE):
+            return identity, b"", []
+        flags = 0  # the rest of a message is already there
+    header = sock.recv(flags)
     rest: list[zmq.Frame] = []
     while sock.get(zmq.RCVMORE):
         rest.append(sock.recv(copy=False))

@@ -172,7 +172,7 @@ def _outputs(result: Any) -> list[torch.Tensor]:
 
 
 class _Worker:
-    def __init__(self, spec: WorkerSpec, module: Any, sock: zmq.Socket) -> None:
+    def __init__(self, spec: WorkerSpec, module: Any, sock: zmq.Socket, flags: flag_mod.Flags) -> None:
         self.spec = spec
         self.method = getattr(module, spec.method)
         self.sock = sock
@@ -181,7 +181,9 @@ class _Worker:
         self.requests.close_fd()
         self.responses.close_fd()
         self.allocator = Allocator(self.responses.size)
-        self.clean_cache = bool(flag_mod.parse(spec.model, spec.parameters).get("ENABLE_CACHE_CLEANING"))
+        self.clean_cache = bool(flags.get("ENABLE_CACHE_CLEANING")) and torch.cuda.is_available()
+        #: a model on a device may answer with device tensors: bring them to the host
+        self.to_host = spec.device != "cpu"
 
     def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
         return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
@@ -229,9 +231,9 @@ class _Worker:
             return True
         try:
             outputs = _outputs(self.method(*inputs))
-            if self.clean_cache and torch.cuda.is_available():
+            if self.clean_cache:
                 torch.cuda.empty_cache()
-            if any(t.device.type != "cpu" for t in outputs):
+            if self.to_host:
                 outputs = [t.cpu() for t in outputs]
             placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
@@ -268,7 +270,7 @@ def main(argv: list[str]) -> int:
                 print(f"libtorchrt worker {spec.model}/{spec.instance}: {w.message}", file=sys.stderr)
             module = _load(spec)
             names = _input_names(module, spec.method)
-            worker = _Worker(spec, module, sock)
+            worker = _Worker(spec, module, sock, fl)
             effective = flag_mod.effective(fl)
         except Exception as e:
             failed = wire.Failed(wire.PROTOCOL_VERSION, os.getpid(), type(e).__name__, str(e), traceback.format_exc())

@@ -1,8 +1,24 @@
-"""Model configuration: Python dataclasses, ``config.pbtxt`` files, repositories (front)."""
+"""Model configuration: in Python, or from a Triton-style repository (runs in the front)."""
 
 from __future__ import annotations
 
-from .model import ModelConfig, TensorSpec
+from .batching import DynamicBatching, QueuePolicy
+from .instances import InstanceGroup
+from .model import ModelConfig
 from .repository import load_repository
+from .tensor import TensorSpec
+from .versions import VersionPolicy
+from .warmup import ModelWarmup, WarmupInput, warmup_tensors
 
-__all__ = ["ModelConfig", "TensorSpec", "load_repository"]
+__all__ = [
+    "DynamicBatching",
+    "InstanceGroup",
+    "ModelConfig",
+    "ModelWarmup",
+    "QueuePolicy",
+    "TensorSpec",
+    "VersionPolicy",
+    "WarmupInput",
+    "load_repository",
+    "warmup_tensors",
+]

@@ -1,8 +1,10 @@
-"""A model's configuration in Python: :class:`ModelConfig` and :class:`TensorSpec`.
+"""A model's configuration in Python: :class:`ModelConfig` (runs in the front).
 
-Runs in the front. The fields follow Triton's ``ModelConfig`` where they exist there
-(``max_batch_size``, ``input``/``output`` as :class:`TensorSpec`, ``parameters``), so that
-a ``config.pbtxt`` and a Python configuration mean the same thing.
+The fields follow Triton's ``ModelConfig`` where they exist there (``max_batch_size``,
+``input``/``output`` as :class:`TensorSpec`, ``instance_group``, ``dynamic_batching``,
+``model_warmup``, ``version_policy``, ``parameters``), so that a ``config.pbtxt`` and
+a Python configuration mean the same thing; :meth:`ModelConfig.to_pbtxt` writes one
+as the other.
 """
 
 from __future__ import annotations
@@ -14,83 +16,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError
-from ..transport.wire import DTYPES, dtype_name
 from ..workers import flags as flag_mod
+from .batching import DynamicBatching, QueuePolicy
+from .instances import KINDS, InstanceGroup, cuda_device_count
+from .tensor import STRING, TRITON_DTYPES, TensorSpec, normalize_dtype
+from .versions import VersionPolicy
+from .warmup import ModelWarmup, WarmupInput, WarmupValue, declared_warmup, warmup_tensors
 
-__all__ = ["TRITON_DTYPES", "ModelConfig", "TensorSpec", "normalize_dtype"]
+__all__ = [
+    "KINDS",
+    "LAUNCH_BLOCKING_KEY",
+    "METHOD_KEY",
+    "STRING",
+    "TRITON_DTYPES",
+    "WARMUP_RUNS_KEY",
+    "DynamicBatching",
+    "InstanceGroup",
+    "ModelConfig",
+    "ModelWarmup",
+    "QueuePolicy",
+    "TensorSpec",
+    "VersionPolicy",
+    "WarmupInput",
+    "cuda_device_count",
+    "normalize_dtype",
+]
 
-#: Triton's data types and the torch dtypes they stand for.
-TRITON_DTYPES: dict[str, str] = {
-    "TYPE_BOOL": "bool",
-    "TYPE_UINT8": "uint8",
-    "TYPE_INT8": "int8",
-    "TYPE_INT16": "int16",
-    "TYPE_INT32": "int32",
-    "TYPE_INT64": "int64",
-    "TYPE_FP16": "float16",
-    "TYPE_BF16": "bfloat16",
-    "TYPE_FP32": "float32",
-    "TYPE_FP64": "float64",
-}
-_SHORT = {k.removeprefix("TYPE_"): v for k, v in TRITON_DTYPES.items()}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-def normalize_dtype(value: str | torch.dtype, *, model: str = "?", where: str = "dtype") -> str:
-    """Return the wire name of a dtype given as torch dtype, wire name or Triton name.
-
-    Raises:
-        ConfigError: the dtype is not one libtorchrt can carry.
-    """
-    if isinstance(value, torch.dtype):
-        try:
-            return dtype_name(value)
-        except KeyError:
-            pass
-    elif isinstance(value, str):
-        text = value.strip()
-        if text in DTYPES:
-            return text
-        if text.upper() in TRITON_DTYPES:
-            return TRITON_DTYPES[text.upper()]
-        if text.upper() in _SHORT:
-            return _SHORT[text.upper()]
-        if text.removeprefix("torch.") in DTYPES:
-            return text.removeprefix("torch.")
-    raise ConfigError(
-        f"model {model!r}: {where} {value!r} is not supported; expected one of "
-        f"{', '.join(TRITON_DTYPES)} (or a torch dtype)",
-        model=model,
-        key=where,
-    )
-
-
-@dataclass
-class TensorSpec:
-    """One declared input or output: name, dtype and dims (-1: any size).
-
-    ``dims`` excludes the batch dimension when the model's ``max_batch_size > 0``,
-    as in Triton. ``dims=None`` accepts any shape.
-    """
-
-    name: str
-    dtype: str | torch.dtype = "float32"
-    dims: Sequence[int] | None = None
-    optional: bool = False
-
-    def __post_init__(self) -> None:
-        self.dtype = normalize_dtype(self.dtype, where=f"data_type of {self.name!r}")
-        if self.dims is not None:
-            self.dims = tuple(int(d) for d in self.dims)
-            if any(d < -1 for d in self.dims):
-                raise ConfigError(f"tensor {self.name!r}: dims {list(self.dims)} may only hold sizes or -1")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[str(self.dtype)]
+_DEVICE_RE = re.compile(r"^(cpu|cuda(?::([0-9]+))?|auto)$")
+#: The parameter that names the module method to run (Triton's PyTorch backend's).
+METHOD_KEY = "MODULE_METHOD_NAME"
+#: The parameter that asks for warm-up runs built from the declared inputs.
+WARMUP_RUNS_KEY = "WARMUP_RUNS"
+#: The parameter that sets CUDA_LAUNCH_BLOCKING in the environment of the model's workers.
+LAUNCH_BLOCKING_KEY = "CUDA_LAUNCH_BLOCKING"
 
 
 @dataclass
@@ -100,7 +60,14 @@ class ModelConfig:
     Args:
         name: the model's name, used in requests.
         path: the TorchScript file (``torch.jit.save`` output).
-        instances: worker processes to start for this model (one process each).
+        instances: worker processes to start for this model (one process each), per
+            device of ``devices``.
+        devices: where the instances run: ``"cpu"``, ``"cuda"`` (every GPU),
+            ``"cuda:N"``, or ``"auto"`` (every GPU if CUDA is available, else the
+            CPU); ``instances`` processes start on each. Default: the CPU, unless
+            ``instance_groups`` says otherwise.
+        instance_groups: Triton's ``instance_group`` blocks (from ``config.pbtxt``);
+            when given, they replace ``instances``/``devices``.
         parameters: execution-mode parameters, as in Triton's ``parameters`` block
             (e.g. ``{"DISABLE_OPTIMIZED_EXECUTION": "true"}``); see docs/flags.md.
         inputs: declared inputs; requests are checked against them in the front.
@@ -122,6 +89,20 @@ class ModelConfig:
             replaced (a hung model cannot be interrupted otherwise).
         max_request_bytes: refuse requests whose tensors add up to more (None: no
             limit), before anything is allocated.
+        dynamic_batching: Triton's ``dynamic_batching`` settings (None: the block
+            is absent). Read and checked; requests are not batched yet.
+        warmup: Triton's ``model_warmup`` samples, run by every instance before it
+            is ready.
+        version_policy: which versions of a repository's model are served.
+        warmup_runs: zero-data warm-up runs built from the declared ``inputs``
+            (``WARMUP_RUNS`` in ``parameters``), after the ``warmup`` samples.
+        notes: what the configuration asked for that libtorchrt does not do
+            (e.g. an ``optimization`` block); the pool warns each at start.
+
+    ``parameters`` and the fields they set agree both ways: ``MODULE_METHOD_NAME``
+    sets ``method`` (and ``method="predict"`` adds the parameter),
+    ``WARMUP_RUNS`` sets ``warmup_runs`` likewise, and ``CUDA_LAUNCH_BLOCKING``
+    sets ``env["CUDA_LAUNCH_BLOCKING"]`` to ``"1"``/``"0"`` for this model's workers.
 
     Raises:
         ConfigError: a field or parameter value is invalid (names model, key, value).
@@ -137,10 +118,17 @@ class ModelConfig:
     method: str = "forward"
     env: Mapping[str, str] = field(default_factory=dict)
     version: int = 1
+    devices: Sequence[str] | str | None = None
+    instance_groups: Sequence[InstanceGroup] = ()
     max_retries: int = 1
     timeout: float | None = None
     execution_timeout: float | None = None
     max_request_bytes: int | None = None
+    dynamic_batching: DynamicBatching | None = None
+    warmup: Sequence[ModelWarmup] = ()
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    warmup_runs: int = 0
+    notes: Sequence[str] = field(default=(), compare=False)
     #: the parsed execution-mode flags (derived from ``parameters``)
     flags: flag_mod.Flags = field(init=False, repr=False, compare=False)
 
@@ -178,19 +166,229 @@ class ModelConfig:
                     model=self.name,
                     key=key,
                 )
+        self._check_devices()
         self.parameters = {str(k): v for k, v in dict(self.parameters).items()}
         self.inputs = tuple(self.inputs)
         self.outputs = tuple(self.outputs)
         self.env = {str(k): str(v) for k, v in dict(self.env).items()}
-        method = self.parameters.get("MODULE_METHOD_NAME")
-        if method:
-            self.method = str(method)
+        self.notes = tuple(str(n) for n in self.notes)
+        self._sync_parameters()
         self.flags = flag_mod.parse(self.name, self.parameters)
+        blocking = self.flags.get(LAUNCH_BLOCKING_KEY)
+        if blocking is not None:
+            value = "1" if blocking else "0"
+            if self.env.get(LAUNCH_BLOCKING_KEY, value) != value:
+                raise ConfigError(
+                    f"model {self.name!r}: parameter {LAUNCH_BLOCKING_KEY} is {self.parameters[LAUNCH_BLOCKING_KEY]!r} "
+                    f"but env sets it to {self.env[LAUNCH_BLOCKING_KEY]!r}; give one",
+                    model=self.name,
+                    key=LAUNCH_BLOCKING_KEY,
+                )
+            self.env[LAUNCH_BLOCKING_KEY] = value
         for specs, kind in ((self.inputs, "input"), (self.outputs, "output")):
             names = [s.name for s in specs]
             dup = {n for n in names if names.count(n) > 1}
             if dup:
-                raise ConfigError(f"model {self.name!r}: {kind} names repeat: {sorted(dup)}", model=self.name)
+                raise ConfigError(
+                    f"model {self.name!r}: {kind} names repeat: {sorted(dup)}", model=self.name, key=f"{kind}s"
+                )
+        self._check_scheduling()
+
+    def _sync_parameters(self) -> None:
+        """Make ``method``/``warmup_runs`` and their parameters agree (see the class docstring)."""
+        params = dict(self.parameters)
+        given = params.get(METHOD_KEY)
+        if given is not None and str(given).strip():
+            if self.method not in ("forward", str(given).strip()):
+                raise ConfigError(
+                    f"model {self.name!r}: method is {self.method!r} but parameter {METHOD_KEY} is {given!r}; give one",
+                    model=self.name,
+                    key=METHOD_KEY,
+                )
+            self.method = str(given).strip()
+        elif self.method != "forward":
+            params[METHOD_KEY] = self.method
+        if not isinstance(self.method, str) or not self.method.isidentifier():
+            raise ConfigError(
+                f"model {self.name!r}: method {self.method!r} is not a method name", model=self.name, key=METHOD_KEY
+            )
+        runs = self.warmup_runs
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+            raise ConfigError(
+                f"model {self.name!r}: warmup_runs is {runs!r}; expected an integer >= 0",
+                model=self.name,
+                key="warmup_runs",
+            )
+        given = params.get(WARMUP_RUNS_KEY)
+        if given is not None:
+            try:
+                parsed = int(str(given).strip())
+            except ValueError:
+                parsed = -1
+            if parsed < 0 or isinstance(given, bool):
+                raise ConfigError(
+                    f"model {self.name!r}: parameter {WARMUP_RUNS_KEY} has value {given!r}; expected an integer >= 0",
+                    model=self.name,
+                    key=WARMUP_RUNS_KEY,
+                )
+            if runs not in (0, parsed):
+                raise ConfigError(
+                    f"model {self.name!r}: warmup_runs is {runs} but parameter {WARMUP_RUNS_KEY} is {given!r}; "
+                    "give one",
+                    model=self.name,
+                    key=WARMUP_RUNS_KEY,
+                )
+            self.warmup_runs = parsed
+        elif runs:
+            params[WARMUP_RUNS_KEY] = str(runs)
+        self.parameters = params
+
+    def _check_scheduling(self) -> None:
+        """Check dynamic batching, warm-up and version policy against the rest."""
+        if self.dynamic_batching is not None:
+            if not isinstance(self.dynamic_batching, DynamicBatching):
+                raise ConfigError(
+                    f"model {self.name!r}: dynamic_batching must be a DynamicBatching or None",
+                    model=self.name,
+                    key="dynamic_batching",
+                )
+            self.dynamic_batching.check(self.name, self.max_batch_size)
+        self.warmup = tuple(self.warmup)
+        for sample in self.warmup:
+            if not isinstance(sample, ModelWarmup):
+                raise ConfigError(
+                    f"model {self.name!r}: warmup holds {sample!r}; expected ModelWarmup", model=self.name, key="warmup"
+                )
+            sample.check(self.name, self.max_batch_size, self.inputs)
+        if self.warmup_runs and not self.inputs:
+            raise ConfigError(
+                f"model {self.name!r}: {WARMUP_RUNS_KEY}={self.warmup_runs} needs declared inputs to build the "
+                "warm-up tensors from; declare inputs or use a model_warmup block",
+                model=self.name,
+                key=WARMUP_RUNS_KEY,
+            )
+        try:
+            declared_warmup(self.inputs, self.warmup_runs)
+        except ConfigError as e:
+            raise ConfigError(f"model {self.name!r}: {e}", model=self.name, key=e.key) from None
+        if not isinstance(self.version_policy, VersionPolicy):
+            raise ConfigError(
+                f"model {self.name!r}: version_policy must be a VersionPolicy", model=self.name, key="version_policy"
+            )
+
+    def _check_devices(self) -> None:
+        if isinstance(self.devices, str):
+            self.devices = (self.devices,)
+        if self.devices is not None:
+            self.devices = tuple(str(d).strip().lower() for d in self.devices)
+            for d in self.devices:
+                if not _DEVICE_RE.match(d):
+                    raise ConfigError(
+                        f"model {self.name!r}: device {d!r} is not one of 'cpu', 'cuda', 'cuda:N', 'auto'",
+                        model=self.name,
+                        key="devices",
+                    )
+            if self.instance_groups:
+                raise ConfigError(
+                    f"model {self.name!r}: give devices or instance_groups, not both", model=self.name, key="devices"
+                )
+        self.instance_groups = tuple(self.instance_groups)
+
+    @property
+    def groups(self) -> tuple[InstanceGroup, ...]:
+        """The instance groups, whichever way they were given."""
+        if self.instance_groups:
+            return tuple(self.instance_groups)
+        out = []
+        for d in self.devices or ("cpu",):
+            m = _DEVICE_RE.match(d)
+            assert m is not None
+            if d == "cpu":
+                out.append(InstanceGroup(self.instances, "KIND_CPU"))
+            elif d == "auto":
+                out.append(InstanceGroup(self.instances, "KIND_AUTO"))
+            else:
+                gpus = (int(m.group(2)),) if m.group(2) is not None else ()
+                out.append(InstanceGroup(self.instances, "KIND_GPU", gpus))
+        return tuple(out)
+
+    def placements(self, cuda_devices: int | None = None) -> list[str]:
+        """The device of each instance (``"cpu"`` or ``"cuda:N"``), in instance order.
+
+        Args:
+            cuda_devices: GPUs on this machine (default: ask torch).
+
+        Raises:
+            ConfigError: an instance asks for a GPU this machine does not have.
+        """
+        n = cuda_device_count() if cuda_devices is None else cuda_devices
+        return [d for g in self.groups for d in g.devices(self.name, n)]
+
+    @property
+    def model_dir(self) -> Path:
+        """The model's directory in a repository: the one above the version directory.
+
+        That is the parent of the nearest directory of ``path`` named ``version``
+        (``<model>/<version>/<file>``); for a path not laid out so, the directory
+        two levels above the file.
+        """
+        return self._layout()[0]
+
+    @property
+    def model_filename(self) -> str:
+        """The model file's path inside its version directory (``default_model_filename``)."""
+        return self._layout()[1]
+
+    def _layout(self) -> tuple[Path, str]:
+        path = Path(self.path)
+        for parent in path.parents:
+            if parent.name == str(self.version):
+                return parent.parent, path.relative_to(parent).as_posix()
+        return path.parent.parent, path.name
+
+    @property
+    def warmup_count(self) -> int:
+        """Warm-up executions each instance runs before it is ready."""
+        return sum(w.runs for w in self.warmup) + self.warmup_runs
+
+    def warmup_samples(self) -> list[ModelWarmup]:
+        """Every warm-up sample, in order: the ``warmup`` blocks, then ``WARMUP_RUNS``."""
+        extra = declared_warmup(self.inputs, self.warmup_runs)
+        return [*self.warmup, *([extra] if extra else [])]
+
+    def warmup_requests(self) -> list[dict[str, WarmupValue]]:
+        """The inputs of every warm-up execution, in order (see :func:`warmup_tensors`).
+
+        Files of ``input_data_file`` are read from :attr:`model_dir` ``/warmup/``.
+
+        Raises:
+            ConfigError: a warm-up data file is missing or does not fit its input.
+        """
+        out: list[dict[str, WarmupValue]] = []
+        for sample in self.warmup_samples():
+            try:
+                out += warmup_tensors(sample, self.model_dir, self.max_batch_size)
+            except ConfigError as e:
+                raise ConfigError(f"model {self.name!r}: {e}", model=self.name, key=e.key) from None
+        return out
+
+    def to_pbtxt(self) -> str:
+        """This configuration as ``config.pbtxt`` text.
+
+        ``ModelConfig.from_pbtxt(cfg.to_pbtxt())`` equals ``cfg`` for a configuration
+        read from a ``config.pbtxt`` (but for ``path`` and ``version``, which are the
+        repository's layout: only :attr:`model_filename` is written, as
+        ``default_model_filename``). Python-only settings (``env``, timeouts,
+        ``max_retries``, ``max_request_bytes``) are not written; ``instances`` and
+        ``devices`` are written as the instance groups they stand for.
+
+        Raises:
+            ConfigError: something ``config.pbtxt`` cannot hold (an input without
+                dims, a complex dtype).
+        """
+        from .writer import to_pbtxt
+
+        return to_pbtxt(self)
 
     def check_files(self) -> None:
         """Check that the model file exists.
@@ -210,10 +408,14 @@ class ModelConfig:
         Args:
             source: the file's path, or the configuration text itself.
             model_dir: the model's directory in a repository (default: the file's
-                directory); the model file is looked up in its version directories.
+                directory); the model file is looked up in its version directories
+                and the highest version that ``version_policy`` serves is taken
+                (:func:`load_repository` gives every served version). Text without
+                a directory gives ``path`` = the model file's name, ``version`` 1.
 
         Raises:
-            ConfigError: the file does not parse or uses an unsupported field.
+            ConfigError: the file does not parse, uses an unsupported field, or no
+                version directory holds the model file (names file and line).
         """
         from .pbtxt import load
 

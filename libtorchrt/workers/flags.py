@@ -5,10 +5,12 @@ Parsing happens in the front when a model is configured, so a bad value fails th
 at start with a :class:`~libtorchrt.errors.ConfigError` naming model, key and value.
 Applying happens in the worker process, once, before the model is loaded: every worker
 is its own process, so a flag is exact for its model and never leaks into another.
+:func:`prepare` then freezes / optimizes the loaded module when asked to.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,10 +18,21 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["BOOL_KEYS", "INT_KEYS", "Flags", "apply", "effective", "parse"]
+__all__ = [
+    "BOOL_KEYS",
+    "CONFIG_KEYS",
+    "INT_KEYS",
+    "OWN_BOOL_KEYS",
+    "TRITON_BOOL_KEYS",
+    "Flags",
+    "apply",
+    "effective",
+    "parse",
+    "prepare",
+]
 
-#: Boolean parameters, as in Triton's PyTorch backend.
-BOOL_KEYS = (
+#: Boolean parameters of Triton's PyTorch backend.
+TRITON_BOOL_KEYS = (
     "DISABLE_OPTIMIZED_EXECUTION",
     "INFERENCE_MODE",
     "ENABLE_NVFUSER",
@@ -28,9 +41,18 @@ BOOL_KEYS = (
     "ENABLE_TENSOR_FUSER",
     "DISABLE_CUDNN",
     "ENABLE_CACHE_CLEANING",
+    "ENABLE_WEIGHT_SHARING",
 )
+#: Boolean parameters of libtorchrt's own: freezing, and CUDA_LAUNCH_BLOCKING per model
+#: (set in the environment of the model's workers by ModelConfig, not by apply()).
+OWN_BOOL_KEYS = ("FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKING")
+#: Every boolean parameter.
+BOOL_KEYS = TRITON_BOOL_KEYS + OWN_BOOL_KEYS
 #: Integer parameters (thread counts).
 INT_KEYS = ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
+#: Parameters that ModelConfig reads (the method to run, warm-up runs): known, so
+#: not reported as unused, but not execution-mode flags.
+CONFIG_KEYS = ("MODULE_METHOD_NAME", "WARMUP_RUNS")
 
 # Triton's ParseBoolValue accepts these spellings, case-insensitively.
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -38,6 +60,10 @@ _FALSE = frozenset({"false", "0", "no", "off"})
 
 NVFUSER_NOTE = (
     "ENABLE_NVFUSER is accepted but has no effect: NVFuser was removed from TorchScript in this torch version"
+)
+WEIGHT_SHARING_NOTE = (
+    "ENABLE_WEIGHT_SHARING is accepted but has no effect: every instance is its own worker process and "
+    "loads its own copy of the weights, so N instances on one device hold N copies"
 )
 
 
@@ -54,6 +80,20 @@ class Flags:
 
     def to_wire(self) -> dict[str, bool | int]:
         return dict(self.values)
+
+    def notes(self) -> list[str]:
+        """Warnings for the user: flags that do nothing here, keys nobody reads."""
+        notes = []
+        if "ENABLE_NVFUSER" in self.values:
+            notes.append(NVFUSER_NOTE)
+        if self.values.get("ENABLE_WEIGHT_SHARING"):
+            notes.append(WEIGHT_SHARING_NOTE)
+        if self.unknown:
+            notes.append(
+                "parameters that are not execution-mode flags were passed through unused: "
+                + ", ".join(sorted(self.unknown))
+            )
+        return notes
 
 
 def parse(model: str, parameters: Mapping[str, Any]) -> Flags:
@@ -73,7 +113,7 @@ def parse(model: str, parameters: Mapping[str, Any]) -> Flags:
             values[key] = _parse_bool(model, key, raw)
         elif key in INT_KEYS:
             values[key] = _parse_int(model, key, raw)
-        else:
+        elif key not in CONFIG_KEYS:
             unknown.append(key)
     return Flags(values, tuple(unknown))
 
@@ -116,7 +156,7 @@ def apply(flags: Flags, *, cpu: bool = True) -> list[str]:
     """
     import torch
 
-    notes: list[str] = []
+    notes = flags.notes()
     v = flags.values
     intra = v.get("INTRA_OP_THREAD_COUNT", 1 if cpu else None)
     if intra is not None:
@@ -133,13 +173,6 @@ def apply(flags: Flags, *, cpu: bool = True) -> list[str]:
         torch._C._jit_set_texpr_fuser_enabled(bool(v["ENABLE_TENSOR_FUSER"]))
     if "DISABLE_CUDNN" in v:
         torch.backends.cudnn.enabled = not v["DISABLE_CUDNN"]
-    if "ENABLE_NVFUSER" in v:
-        notes.append(NVFUSER_NOTE)
-    if flags.unknown:
-        notes.append(
-            "parameters that are not execution-mode flags were passed through unused: "
-            + ", ".join(sorted(flags.unknown))
-        )
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     return notes
@@ -163,6 +196,56 @@ def effective(flags: Flags) -> dict[str, bool | int]:
         "ENABLE_TENSOR_FUSER": bool(torch._C._jit_texpr_fuser_enabled()),
         "DISABLE_CUDNN": not torch.backends.cudnn.enabled,
         "ENABLE_CACHE_CLEANING": bool(flags.values.get("ENABLE_CACHE_CLEANING", False)),
+        "ENABLE_WEIGHT_SHARING": False,  # each process owns its weights, whatever was asked
+        "FREEZE_MODULE": _freezes(flags),
+        "OPTIMIZE_FOR_INFERENCE": bool(flags.values.get("OPTIMIZE_FOR_INFERENCE", False)),
+        "CUDA_LAUNCH_BLOCKING": os.environ.get("CUDA_LAUNCH_BLOCKING", "0").strip() == "1",
         "INTRA_OP_THREAD_COUNT": torch.get_num_threads(),
         "INTER_OP_THREAD_COUNT": torch.get_num_interop_threads(),
     }
+
+
+def _freezes(flags: Flags) -> bool:
+    return bool(flags.values.get("FREEZE_MODULE") or flags.values.get("OPTIMIZE_FOR_INFERENCE"))
+
+
+def prepare(module: Any, flags: Flags, *, method: str = "forward", model: str = "?") -> Any:
+    """Freeze and/or optimize a loaded TorchScript module, as its flags ask.
+
+    ``FREEZE_MODULE``: ``torch.jit.freeze(module.eval())`` (parameters and attributes
+    become constants). ``OPTIMIZE_FOR_INFERENCE``: ``torch.jit.optimize_for_inference``
+    (freezes first). A ``method`` other than ``forward`` is kept through freezing
+    (``preserved_attrs``), which otherwise drops every method but ``forward``.
+
+    Args:
+        module: the loaded ``torch.jit.ScriptModule``.
+        flags: the model's parsed flags.
+        method: the method the worker runs (``MODULE_METHOD_NAME``).
+        model: the model's name, for error messages.
+
+    Returns:
+        The module to run: ``module`` itself when neither flag is set.
+
+    Raises:
+        ConfigError: torch could not freeze or optimize this module (names the flag).
+    """
+    if not _freezes(flags):
+        return module
+    import torch
+
+    key = "OPTIMIZE_FOR_INFERENCE" if flags.values.get("OPTIMIZE_FOR_INFERENCE") else "FREEZE_MODULE"
+    keep = [method] if method != "forward" else None
+    try:
+        with warnings.catch_warnings():
+            # torch >= 2.9 deprecates torch.jit.*; the model is TorchScript by definition.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+            frozen = torch.jit.freeze(module.eval(), preserved_attrs=keep)
+            if key == "OPTIMIZE_FOR_INFERENCE":
+                frozen = torch.jit.optimize_for_inference(frozen, other_methods=keep)
+    except Exception as e:
+        raise ConfigError(
+            f"model {model!r}: {key} failed: {type(e).__name__}: {e}; set {key} to false for this model",
+            model=model,
+            key=key,
+        ) from e
+    return frozen

@@ -65,7 +65,7 @@ def test_defaults() -> None:
 def test_module_method_name_parameter_sets_the_method() -> None:
     cfg = ModelConfig(name="m", path="m.pt", parameters={"MODULE_METHOD_NAME": "predict"})
     assert cfg.method == "predict"
-    assert cfg.flags.unknown == ("MODULE_METHOD_NAME",)  # not an execution-mode flag
+    assert cfg.flags.values == {} and cfg.flags.unknown == ()  # read by ModelConfig: known, not a flag
 
 
 def test_parameters_and_env_are_normalised_to_strings() -> None:
@@ -123,7 +123,7 @@ def test_default_dtype_is_float32() -> None:
     assert TensorSpec("x").dtype == "float32"
 
 
-@pytest.mark.parametrize("value", ["TYPE_STRING", "complex", "TYPE_UINT16", "float", "", torch.quint8, 32])
+@pytest.mark.parametrize("value", ["complex", "TYPE_UINT16", "TYPE_UINT64", "float", "", torch.quint8, 32])
 def test_unsupported_dtype_is_a_config_error_naming_the_value(value: Any) -> None:
     with pytest.raises(ConfigError) as e:
         TensorSpec("x", value)
@@ -180,7 +180,7 @@ def test_full_pbtxt_gives_the_right_fields() -> None:
     cfg = ModelConfig.from_pbtxt(FULL)
     assert cfg.name == "m"
     assert cfg.max_batch_size == 8
-    assert cfg.instances == 2
+    assert cfg.placements(0) == ["cpu", "cpu"]
     assert cfg.inputs == (
         TensorSpec("INPUT__0", "float32", (3, -1)),
         TensorSpec("INPUT__1", "int64", (1,)),
@@ -198,23 +198,71 @@ def test_full_pbtxt_gives_the_right_fields() -> None:
 
 def test_backend_pytorch_is_accepted_and_defaults_apply() -> None:
     cfg = ModelConfig.from_pbtxt('name: "m"\nbackend: "pytorch"\n')
-    assert (cfg.instances, cfg.max_batch_size, cfg.inputs, cfg.outputs) == (1, 0, (), ())
+    assert (cfg.placements(0), cfg.max_batch_size, cfg.inputs, cfg.outputs) == (["cpu"], 0, (), ())
 
 
-def test_instance_groups_sum_their_counts() -> None:
+def test_instance_groups_place_their_counts() -> None:
     text = 'name: "m"\ninstance_group [ { count: 2 kind: KIND_CPU }, { count: 3 } ]\n'
-    assert ModelConfig.from_pbtxt(text).instances == 5
+    cfg = ModelConfig.from_pbtxt(text)
+    assert cfg.placements(0) == ["cpu"] * 5  # KIND_AUTO without CUDA: the CPU
+    assert cfg.placements(2) == ["cpu"] * 2 + ["cuda:0"] * 3 + ["cuda:1"] * 3  # with: count on each GPU
 
 
 def test_instance_group_without_count_means_one() -> None:
-    assert ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { kind: KIND_CPU } ]\n').instances == 1
+    assert ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { kind: KIND_CPU } ]\n').placements(4) == ["cpu"]
 
 
-def test_kind_gpu_is_a_config_error_saying_no_cuda() -> None:
-    text = 'name: "m"\ninstance_group [ { count: 1 kind: KIND_GPU } ]\n'
-    with pytest.raises(ConfigError, match="no CUDA") as e:
-        ModelConfig.from_pbtxt(text)
-    assert "KIND_GPU" in str(e.value) and e.value.key == "instance_group"
+def test_no_instance_group_means_one_per_gpu_else_one_cpu() -> None:
+    cfg = ModelConfig.from_pbtxt('name: "m"\n')
+    assert (cfg.placements(0), cfg.placements(2)) == (["cpu"], ["cuda:0", "cuda:1"])
+
+
+def test_kind_gpu_lists_its_gpus() -> None:
+    text = 'name: "m"\ninstance_group [ { count: 2 kind: KIND_GPU gpus: [1, 3] } ]\n'
+    assert ModelConfig.from_pbtxt(text).placements(4) == ["cuda:1", "cuda:1", "cuda:3", "cuda:3"]
+
+
+def test_kind_gpu_without_cuda_is_a_config_error_naming_the_gpu() -> None:
+    cfg = ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { count: 1 kind: KIND_GPU gpus: [1] } ]\n')
+    with pytest.raises(ConfigError, match="model 'm' asks for GPU 1; this machine has no CUDA device") as e:
+        cfg.placements(0)
+    assert e.value.key == "gpus"
+    with pytest.raises(ConfigError, match=r"asks for GPU 1; this machine has 1 CUDA device\(s\)"):
+        cfg.placements(1)
+    with pytest.raises(ConfigError, match="KIND_GPU instances; this machine has no CUDA device"):
+        ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { kind: KIND_GPU } ]\n').placements(0)
+
+
+def test_kind_model_is_refused_with_its_line() -> None:
+    with pytest.raises(ConfigError, match=r":2: .*KIND_MODEL"):
+        ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { kind: KIND_MODEL } ]\n')
+
+
+@pytest.mark.parametrize(
+    ("devices", "want"),
+    [
+        (None, ["cpu", "cpu"]),
+        ("cpu", ["cpu", "cpu"]),
+        (["cuda:0", "cuda:1"], ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]),
+        ("cuda", ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]),
+        ("auto", ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]),
+    ],
+)
+def test_python_devices_start_instances_on_each(devices: Any, want: list[str]) -> None:
+    assert ModelConfig(name="m", path="m.pt", instances=2, devices=devices).placements(2) == want
+
+
+def test_python_auto_without_cuda_is_the_cpu_and_cuda_is_an_error() -> None:
+    assert ModelConfig(name="m", path="m.pt", devices="auto").placements(0) == ["cpu"]
+    with pytest.raises(ConfigError, match="asks for GPU 0; this machine has no CUDA device"):
+        ModelConfig(name="m", path="m.pt", devices=["cuda:0"]).placements(0)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu", "cuda:-1"])
+def test_bad_device_is_a_config_error(device: str) -> None:
+    with pytest.raises(ConfigError, match="is not one of") as e:
+        ModelConfig(name="m", path="m.pt", devices=[device])
+    assert e.value.key == "devices"
 
 
 def test_unknown_field_is_a_config_error_with_its_line() -> None:
@@ -230,27 +278,27 @@ def test_syntax_error_is_a_config_error() -> None:
 
 
 @pytest.mark.parametrize(
-    "field, block",
+    "field, block, key",
     [
-        ("dynamic_batching", "dynamic_batching { }"),
-        ("sequence_batching", "sequence_batching { }"),
-        ("response_cache", "response_cache { enable: true }"),
-        ("runtime", 'runtime: "model.py"'),
-        ("optimization", "optimization { priority: PRIORITY_MAX }"),
-        ("model_warmup", 'model_warmup [ { name: "w" } ]'),
+        ("sequence_batching", "sequence_batching { }", "sequence_batching"),
+        ("runtime", 'runtime: "model.py"', "runtime"),
+        ("batch_input", 'batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "N" source_input: "x" } ]', None),
+        ("cc_model_filenames", 'cc_model_filenames { key: "7.5" value: "model_t4.pt" }', None),
+        ("model_repository_agents", 'model_repository_agents { agents [ { name: "checksum" } ] }', None),
+        ("decoupled", "model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
     ],
 )
-def test_proto_field_not_yet_supported_is_a_config_error_naming_field_and_line(field: str, block: str) -> None:
+def test_refused_field_is_a_config_error_naming_field_and_line(field: str, block: str, key: str | None) -> None:
     text = f'name: "m"\nplatform: "pytorch_libtorch"\n{block}\n'
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_pbtxt(text)
     assert field in str(e.value)
     assert "<config.pbtxt>:3:" in str(e.value)
-    assert e.value.key == field
+    assert e.value.key == (key or field)
 
 
 def test_line_number_of_a_refused_field_after_blank_lines() -> None:
-    text = 'name: "m"\n\n\ndynamic_batching { }\n'
+    text = 'name: "m"\n\n\nsequence_batching { }\n'
     with pytest.raises(ConfigError, match=r"<config\.pbtxt>:4:"):
         ModelConfig.from_pbtxt(text)
 
@@ -269,9 +317,10 @@ def test_tensor_without_data_type_is_a_config_error() -> None:
 
 
 def test_unsupported_tensor_data_type_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="TYPE_STRING") as e:
-        ModelConfig.from_pbtxt('name: "m"\noutput [ { name: "y" data_type: TYPE_STRING dims: [ 1 ] } ]\n')
+    with pytest.raises(ConfigError, match="TYPE_UINT32") as e:
+        ModelConfig.from_pbtxt('name: "m"\noutput [ { name: "y" data_type: TYPE_UINT32 dims: [ 1 ] } ]\n')
     assert "<config.pbtxt>:2:" in str(e.value)
+    assert e.value.key == "output.data_type"
 
 
 def test_bad_parameter_value_is_a_config_error_naming_key_and_value() -> None:
@@ -288,9 +337,10 @@ def test_bad_parameter_value_error_has_a_line_number() -> None:
 
 
 def test_unsupported_input_sub_field_is_refused() -> None:
-    text = 'name: "m"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 3 ] reshape: { shape: [ 1, 3 ] } } ]\n'
-    with pytest.raises(ConfigError, match="reshape"):
+    text = 'name: "m"\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 3 ] is_shape_tensor: true } ]\n'
+    with pytest.raises(ConfigError, match="is_shape_tensor") as e:
         ModelConfig.from_pbtxt(text)
+    assert e.value.key == "input.is_shape_tensor"
 
 
 def test_long_single_line_config_text_parses() -> None:
@@ -355,7 +405,7 @@ def test_repository_picks_the_highest_version_and_ignores_other_dirs(tmp_path: P
     assert [m.name for m in models] == ["alpha", "beta"]
     alpha, beta = models
     assert (alpha.version, Path(alpha.path), alpha.max_batch_size) == (3, a / "3" / "model.pt", 4)
-    assert (beta.version, Path(beta.path), beta.instances) == (2, b / "2" / "model.pt", 3)
+    assert (beta.version, Path(beta.path), len(beta.placements(0))) == (2, b / "2" / "model.pt", 3)
 
 
 def test_versions_compare_as_numbers(tmp_path: Path) -> None:

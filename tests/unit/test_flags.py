@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
+import torch
 
 from libtorchrt import ConfigError, ModelConfig
 from libtorchrt.workers import flags
-from libtorchrt.workers.flags import BOOL_KEYS, INT_KEYS
+from libtorchrt.workers.flags import BOOL_KEYS, INT_KEYS, OWN_BOOL_KEYS, TRITON_BOOL_KEYS
 
 TRUE_WORDS = ["true", "1", "yes", "on"]
 FALSE_WORDS = ["false", "0", "no", "off"]
@@ -18,8 +20,8 @@ def spellings(word: str) -> list[str]:
     return sorted({word, word.upper(), word.capitalize(), word.swapcase(), f"  {word}\t"})
 
 
-def test_key_lists_are_triton_s() -> None:
-    assert set(BOOL_KEYS) == {
+def test_key_lists_are_triton_s_and_ours() -> None:
+    assert set(TRITON_BOOL_KEYS) == {
         "DISABLE_OPTIMIZED_EXECUTION",
         "INFERENCE_MODE",
         "ENABLE_NVFUSER",
@@ -28,7 +30,10 @@ def test_key_lists_are_triton_s() -> None:
         "ENABLE_TENSOR_FUSER",
         "DISABLE_CUDNN",
         "ENABLE_CACHE_CLEANING",
+        "ENABLE_WEIGHT_SHARING",
     }
+    assert set(OWN_BOOL_KEYS) == {"FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKING"}
+    assert BOOL_KEYS == TRITON_BOOL_KEYS + OWN_BOOL_KEYS
     assert set(INT_KEYS) == {"INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT"}
 
 
@@ -89,7 +94,12 @@ def test_thread_counts_refuse_everything_else(key: str, value: Any) -> None:
 def test_unknown_keys_are_passed_through_in_order() -> None:
     parsed = flags.parse("m", {"FOO": "bar", "INFERENCE_MODE": "on", "MODULE_METHOD_NAME": "f", "inference_mode": "x"})
     assert parsed.values == {"INFERENCE_MODE": True}
-    assert parsed.unknown == ("FOO", "MODULE_METHOD_NAME", "inference_mode")  # keys are case-sensitive
+    assert parsed.unknown == ("FOO", "inference_mode")  # keys are case-sensitive
+
+
+def test_keys_that_model_config_reads_are_neither_flags_nor_unknown() -> None:
+    parsed = flags.parse("m", {"MODULE_METHOD_NAME": "predict", "WARMUP_RUNS": "3"})
+    assert parsed.values == {} and parsed.unknown == ()
 
 
 def test_empty_parameters_give_empty_flags() -> None:
@@ -124,3 +134,105 @@ def test_model_config_keeps_parsed_flags() -> None:
     )
     assert cfg.flags.values == {"DISABLE_OPTIMIZED_EXECUTION": True, "INTER_OP_THREAD_COUNT": 3}
     assert cfg.flags.unknown == ("CUSTOM",)
+
+
+# ------------------------------------------------------------ notes and effective
+
+
+def test_weight_sharing_is_accepted_with_a_note_saying_each_process_owns_its_weights() -> None:
+    parsed = flags.parse("m", {"ENABLE_WEIGHT_SHARING": "true"})
+    assert parsed.values == {"ENABLE_WEIGHT_SHARING": True}
+    (note,) = parsed.notes()
+    assert "ENABLE_WEIGHT_SHARING" in note and "no effect" in note and "own copy of the weights" in note
+    assert flags.parse("m", {"ENABLE_WEIGHT_SHARING": "false"}).notes() == []
+
+
+def test_notes_name_nvfuser_and_unknown_keys() -> None:
+    notes = flags.parse("m", {"ENABLE_NVFUSER": "false", "TYPO_KEY": "1"}).notes()
+    assert notes[0] == flags.NVFUSER_NOTE
+    assert "TYPO_KEY" in notes[1]
+
+
+def test_effective_reports_every_key_including_freezing_and_launch_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    got = flags.effective(flags.parse("m", {"OPTIMIZE_FOR_INFERENCE": "true", "ENABLE_WEIGHT_SHARING": "true"}))
+    assert set(got) == set(BOOL_KEYS) | set(INT_KEYS)
+    assert got["FREEZE_MODULE"] is True, "optimize_for_inference freezes first"
+    assert got["OPTIMIZE_FOR_INFERENCE"] is True
+    assert got["ENABLE_WEIGHT_SHARING"] is False
+    assert got["CUDA_LAUNCH_BLOCKING"] is True
+    monkeypatch.delenv("CUDA_LAUNCH_BLOCKING")
+    got = flags.effective(flags.parse("m", {}))
+    assert (got["FREEZE_MODULE"], got["OPTIMIZE_FOR_INFERENCE"], got["CUDA_LAUNCH_BLOCKING"]) == (False, False, False)
+
+
+def test_cuda_launch_blocking_goes_to_the_model_s_environment_only() -> None:
+    on = ModelConfig(name="m", path="m.pt", parameters={"CUDA_LAUNCH_BLOCKING": "true"})
+    off = ModelConfig(name="m", path="m.pt", parameters={"CUDA_LAUNCH_BLOCKING": "0"}, env={"X": "1"})
+    assert on.env == {"CUDA_LAUNCH_BLOCKING": "1"} and on.flags.unknown == ()
+    assert off.env == {"X": "1", "CUDA_LAUNCH_BLOCKING": "0"}
+    assert ModelConfig(name="m", path="m.pt").env == {}
+
+
+def test_cuda_launch_blocking_in_parameters_and_env_must_agree() -> None:
+    same = ModelConfig(
+        name="m", path="m.pt", parameters={"CUDA_LAUNCH_BLOCKING": "1"}, env={"CUDA_LAUNCH_BLOCKING": "1"}
+    )
+    assert same.env == {"CUDA_LAUNCH_BLOCKING": "1"}
+    with pytest.raises(ConfigError, match="CUDA_LAUNCH_BLOCKING") as e:
+        ModelConfig(name="m", path="m.pt", parameters={"CUDA_LAUNCH_BLOCKING": "1"}, env={"CUDA_LAUNCH_BLOCKING": "0"})
+    assert e.value.key == "CUDA_LAUNCH_BLOCKING"
+    with pytest.raises(ConfigError, match="CUDA_LAUNCH_BLOCKING"):
+        ModelConfig(name="m", path="m.pt", parameters={"CUDA_LAUNCH_BLOCKING": "sometimes"})
+
+
+# ----------------------------------------------------------------------- prepare
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + 1
+
+
+def _scripted() -> torch.jit.ScriptModule:
+    return torch.jit.script(_Scaled())
+
+
+def test_prepare_without_the_flags_returns_the_module_itself() -> None:
+    module = _scripted()
+    assert flags.prepare(module, flags.parse("m", {"FREEZE_MODULE": "false"})) is module
+
+
+@pytest.mark.parametrize("key", ["FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE"])
+def test_prepare_freezes_and_keeps_results(key: str) -> None:
+    module = _scripted().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # prepare filters torch.jit's own
+        frozen = flags.prepare(module, flags.parse("m", {key: "true"}))
+    assert frozen is not module
+    assert not module.training, "freezing needs eval mode: prepare sets it"
+    assert not list(frozen.parameters()), "parameters became constants"
+    x = torch.arange(3.0)
+    torch.testing.assert_close(frozen(x), x * 2)
+
+
+@pytest.mark.parametrize("key", ["FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE"])
+def test_prepare_keeps_the_module_method_to_run(key: str) -> None:
+    parsed = flags.parse("m", {key: "true"})
+    frozen = flags.prepare(_scripted(), parsed, method="predict")
+    torch.testing.assert_close(frozen.predict(torch.ones(3)), torch.full((3,), 3.0))
+    assert not hasattr(flags.prepare(_scripted(), parsed), "predict"), "freezing drops other methods by default"
+
+
+def test_prepare_failure_is_a_config_error_naming_model_and_flag() -> None:
+    with pytest.raises(ConfigError, match=r"model 'm': FREEZE_MODULE failed") as e:
+        flags.prepare(_scripted(), flags.parse("m", {"FREEZE_MODULE": "1"}), method="no_such_method", model="m")
+    assert (e.value.model, e.value.key) == ("m", "FREEZE_MODULE")

@@ -166,6 +166,7 @@ def read(
     blobs: Sequence[bytes],
     frames: Sequence[zmq.Frame],
     slot: Callable[[TensorDesc], torch.Tensor] | None,
+    device_slot: Callable[[TensorDesc], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Rebuild tensors from descriptors.
 
@@ -175,6 +176,8 @@ def read(
         frames: the message's data frames (after the header).
         slot: returns the tensor viewing an arena descriptor's slot; None if the
             sender has no arena.
+        device_slot: the same for a ``DEVICE`` descriptor (a CUDA buffer); None if
+            the message may not carry any.
 
     Raises:
         ProtocolError: a descriptor names a missing blob or frame, one of the wrong
@@ -205,12 +208,13 @@ def read(
             else:
                 out.append(as_tensor(buf, dtype, d.shape)[0])
         else:
-            if slot is None:
-                raise ProtocolError("arena descriptor, but the sender has no arena")
+            view = slot if kind == ARENA else device_slot
+            if view is None:
+                raise ProtocolError(f"{'arena' if kind == ARENA else 'device'} descriptor, but there is no such buffer")
             try:
-                out.append(slot(d))
-            except (ValueError, RuntimeError) as e:
-                raise ProtocolError(f"bad arena descriptor: {e}") from None
+                out.append(view(d))
+            except (ValueError, RuntimeError, KeyError) as e:
+                raise ProtocolError(f"bad {'arena' if kind == ARENA else 'device'} descriptor: {e}") from None
     return out
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "DTYPES",
     "PROTOCOL_VERSION",
     "Error",
+    "Export",
     "Failed",
     "Message",
     "Ready",
@@ -76,8 +77,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 #: Where a tensor's bytes travel (``TensorDesc.kind``): inside the header, as a
-#: separate frame, or in the sender's shared-memory arena.
-BLOB, FRAME, ARENA = 0, 1, 2
+#: separate frame, in the sender's shared-memory arena, or in a CUDA device buffer
+#: (the request's ``device_in`` buffer, or the reply's ``device_out`` one).
+BLOB, FRAME, ARENA, DEVICE = 0, 1, 2, 3
+_KINDS_OF_PLACE = (BLOB, FRAME, ARENA, DEVICE)
 
 
 class TensorDesc(NamedTuple):
@@ -109,7 +112,7 @@ def _desc(raw: Any) -> TensorDesc:
         or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
     ):
         raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
-    if type(kind) is not int or kind not in (BLOB, FRAME, ARENA) or type(where) is not int or where < 0:
+    if type(kind) is not int or kind not in _KINDS_OF_PLACE or type(where) is not int or where < 0:
         raise ProtocolError(f"bad location {kind!r:.20}/{where!r:.20} in tensor descriptor")
     return TensorDesc(dtype, tuple(shape), kind, where)
 
@@ -139,12 +142,46 @@ class Failed:
     traceback: str = ""
 
 
+class Export(NamedTuple):
+    """A CUDA buffer of the front's, for a GPU worker to map once (see ``transport.cuda``).
+
+    ``event`` is the buffer's interprocess CUDA event (recorded after the front's
+    copies into it; empty for an output buffer, which the worker writes).
+    """
+
+    id: int
+    device: int
+    nbytes: int
+    handle: bytes
+    event: bytes
+
+
+def _export(raw: Any) -> Export:
+    if (
+        not isinstance(raw, list)
+        or len(raw) < 5
+        or not all(type(x) is int and x >= 0 for x in raw[:3])
+        or type(raw[3]) is not bytes
+        or len(raw[3]) != 64
+        or type(raw[4]) is not bytes
+        or len(raw[4]) not in (0, 64)
+    ):
+        raise ProtocolError(f"malformed device buffer export {raw!r:.80}")
+    return Export(raw[0], raw[1], raw[2], raw[3], raw[4])
+
+
 @dataclass(slots=True)
 class Request:
     """Front → worker: run the model on these tensors.
 
     ``releases`` piggybacks the offsets of response-arena slots that the front no
     longer uses, so that freeing needs no message of its own.
+
+    GPU workers only: ``exports`` carries CUDA allocations (:class:`Export`) the
+    worker maps the first time it sees them and keeps; ``device_ids`` names, for each
+    ``DEVICE`` descriptor in order, the export holding it; ``device_in`` is an export
+    whose event the worker waits for before reading (-1: none); ``device_out`` the
+    buffer to write outputs into (-1: outputs go to host memory).
     """
 
     KIND: ClassVar[int] = 3
@@ -153,6 +190,12 @@ class Request:
     releases: list[int] = field(default_factory=list)
     #: the bytes of small tensors (``BLOB`` descriptors index into it)
     blobs: list[bytes] = field(default_factory=list)
+    exports: list[Export] = field(default_factory=list)
+    device_in: int = -1
+    device_out: int = -1
+    #: offsets of ``device_out`` slots the front no longer uses
+    device_releases: list[int] = field(default_factory=list)
+    device_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -203,7 +246,22 @@ _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) 
 def encode(msg: Message) -> bytes:
     """Encode a message as a header frame (its data frames are sent separately)."""
     if isinstance(msg, Request):  # the hot path, without generic field walking
-        return msgpack.packb([3, msg.id, msg.tensors, msg.releases, msg.blobs])
+        if msg.device_in < 0 and msg.device_out < 0 and not (msg.exports or msg.device_releases or msg.device_ids):
+            return msgpack.packb([3, msg.id, msg.tensors, msg.releases, msg.blobs])
+        return msgpack.packb(
+            [
+                3,
+                msg.id,
+                msg.tensors,
+                msg.releases,
+                msg.blobs,
+                msg.exports,
+                msg.device_in,
+                msg.device_out,
+                msg.device_releases,
+                msg.device_ids,
+            ]
+        )
     if isinstance(msg, Response):
         return msgpack.packb([4, msg.id, msg.tensors, msg.blobs])
     return msgpack.packb([msg.KIND, *(getattr(msg, f) for f in _FIELDS[type(msg)])])
@@ -247,10 +305,28 @@ def _tensors(raw: Any) -> list[TensorDesc]:
 def _request(values: list[Any]) -> Request:
     if len(values) < 2 or type(values[0]) is not int:
         raise ProtocolError("malformed Request message")
-    releases = values[2] if len(values) > 2 else []
-    if not isinstance(releases, list) or not all(type(o) is int and o >= 0 for o in releases):
-        raise ProtocolError("malformed Request message: releases must be offsets")
-    return Request(values[0], _tensors(values[1]), releases, _blobs(values, 3))
+    releases = _offsets(values, 2, "releases")
+    request = Request(values[0], _tensors(values[1]), releases, _blobs(values, 3))
+    if len(values) > 4:
+        exports = values[4]
+        if not isinstance(exports, list) or len(exports) > _MAX_TENSORS:
+            raise ProtocolError("malformed Request message: exports must be an array")
+        request.exports = [_export(e) for e in exports]
+        for name, i in (("device_in", 5), ("device_out", 6)):
+            value = values[i] if len(values) > i else -1
+            if type(value) is not int or value < -1:
+                raise ProtocolError(f"malformed Request message: {name} must be a buffer id or -1")
+            setattr(request, name, value)
+        request.device_releases = _offsets(values, 7, "device_releases")
+        request.device_ids = _offsets(values, 8, "device_ids")
+    return request
+
+
+def _offsets(values: list[Any], i: int, name: str) -> list[int]:
+    offsets = values[i] if len(values) > i else []
+    if not isinstance(offsets, list) or not all(type(o) is int and o >= 0 for o in offsets):
+        raise ProtocolError(f"malformed Request message: {name} must be offsets")
+    return offsets
 
 
 def _response(values: list[Any]) -> Response:

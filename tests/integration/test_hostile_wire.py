@@ -664,7 +664,19 @@ def targeted_cases(size: int) -> list[Case]:
         _arena_case("float32", [0], 3, "empty float32 slot at offset 3"),
         _arena_case("float32", [], 2, "float32 scalar at offset 2"),
         # kinds
-        Case("kind 3", msgpack.packb([3, 15, [["float32", [2], 3, 0]], [], [ok]])),
+        Case("kind 3 (DEVICE) to a CPU worker", msgpack.packb([3, 15, [["float32", [2], 3, 0]], [], [ok]])),
+        Case("DEVICE input naming a buffer", msgpack.packb([3, 15, [["float32", [2], 3, 0]], [], [], [], 1, -1, []])),
+        Case("kind 4", msgpack.packb([3, 15, [["float32", [2], 4, 0]], [], [ok]])),
+        # GPU fields, which a CPU worker ignores (or refuses when malformed)
+        Case(
+            "CUDA exports to a CPU worker",
+            msgpack.packb(
+                [3, 23, [["float32", [2], BLOB, 0]], [], [ok], [[1, 0, 1024, b"\0" * 64, b"\1" * 64]], -1, 1, []]
+            ),
+        ),
+        Case("malformed CUDA export", msgpack.packb([3, 24, [], [], [], [[1, 0]], -1, -1, []])),
+        Case("device_in as a string", msgpack.packb([3, 25, [], [], [], [], "1", -1, []])),
+        Case("device releases of unknown slots", msgpack.packb([3, 26, [], [], [], [], -1, -1, [0, 64, 2**40]])),
         Case("kind -1", msgpack.packb([3, 15, [["float32", [2], -1, 0]], [], [ok]])),
         Case("kind True", msgpack.packb([3, 15, [["float32", [2], True, 0]], [], [ok]])),
         Case("kind 'arena'", msgpack.packb([3, 15, [["float32", [2], "arena", 0]], [], [ok]])),

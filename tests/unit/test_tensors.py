@@ -417,8 +417,23 @@ def test_missing_frame_raises_protocol_error() -> None:
 
 
 def test_arena_descriptor_without_an_arena_raises_protocol_error() -> None:
-    with pytest.raises(ProtocolError, match="no arena"):
+    with pytest.raises(ProtocolError, match="arena descriptor, but there is no such buffer"):
         tensors.read([TensorDesc("float32", (4,), wire.ARENA, 0)], [b"x" * 16], [zmq.Frame(b"x" * 16)], None)
+
+
+def test_device_descriptor_without_a_device_buffer_raises_protocol_error() -> None:
+    # A CPU worker (or the front reading a CPU worker's reply) has no device buffer.
+    host = lambda d: torch.zeros(4)  # noqa: E731
+    with pytest.raises(ProtocolError, match="device descriptor, but there is no such buffer"):
+        tensors.read([TensorDesc("float32", (4,), wire.DEVICE, 0)], [], [], host)
+
+
+def test_device_descriptor_errors_become_protocol_errors() -> None:
+    def missing(d: TensorDesc) -> torch.Tensor:
+        raise KeyError(d.where)
+
+    with pytest.raises(ProtocolError, match="bad device descriptor"):
+        tensors.read([TensorDesc("float32", (4,), wire.DEVICE, 64)], [], [], None, missing)
 
 
 @pytest.mark.parametrize("where, shape", [(1 << 16, (4,)), ((1 << 16) - 8, (4,)), (0, (1 << 15,))])

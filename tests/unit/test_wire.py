@@ -17,10 +17,12 @@ from libtorchrt.transport import wire
 from libtorchrt.transport.wire import (
     ARENA,
     BLOB,
+    DEVICE,
     DTYPES,
     FRAME,
     PROTOCOL_VERSION,
     Error,
+    Export,
     Failed,
     Ready,
     Release,
@@ -148,10 +150,44 @@ def test_request_and_response_headers_carry_blobs_last() -> None:
 
 
 def test_tensor_kinds_are_fixed_wire_values() -> None:
-    assert (BLOB, FRAME, ARENA) == (0, 1, 2)
+    assert (BLOB, FRAME, ARENA, DEVICE) == (0, 1, 2, 3)
 
 
-@pytest.mark.parametrize("kind", [BLOB, FRAME, ARENA])
+def test_gpu_request_fields_round_trip() -> None:
+    export = Export(3, 1, 1 << 20, bytes(range(64)), b"\x01" * 64)
+    out = Export(4, 1, 1 << 16, b"\x02" * 64, b"")
+    msg = Request(9, [TensorDesc("float32", (2,), DEVICE, 128)], [64], [], [export, out], 3, 4, [0, 256], [3])
+    back = decode(encode(msg))
+    assert back == msg
+    assert isinstance(back.exports[0], Export) and back.exports[0].handle == bytes(range(64))  # type: ignore[union-attr]
+
+
+def test_cpu_request_stays_five_fields_on_the_wire() -> None:
+    assert len(msgpack.unpackb(encode(Request(1, [], [8])))) == 5
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param([[[1, 0, 64, b"x" * 63, b""]], -1, -1, []], id="short-handle"),
+        pytest.param([[[1, 0, 64, b"x" * 64, b"e"]], -1, -1, []], id="short-event"),
+        pytest.param([[[-1, 0, 64, b"x" * 64, b""]], -1, -1, []], id="negative-id"),
+        pytest.param([[["1", 0, 64, b"x" * 64, b""]], -1, -1, []], id="string-id"),
+        pytest.param([[[1, 0, 64]], -1, -1, []], id="short-export"),
+        pytest.param(["exports"], id="exports-not-array"),
+        pytest.param([[], -2, -1, []], id="device-in-below-minus-one"),
+        pytest.param([[], -1, True, []], id="device-out-bool"),
+        pytest.param([[], -1, -1, [-8]], id="negative-device-release"),
+        pytest.param([[], -1, -1, [], [-1]], id="negative-device-id"),
+        pytest.param([[], -1, -1, [], "3"], id="device-ids-not-array"),
+    ],
+)
+def test_malformed_gpu_request_fields_raise_protocol_error(tail: list[Any]) -> None:
+    with pytest.raises(ProtocolError):
+        decode(pack([Request.KIND, 1, [], [], [], *tail]))
+
+
+@pytest.mark.parametrize("kind", [BLOB, FRAME, ARENA, DEVICE])
 def test_request_tensor_descriptors_keep_their_fields(kind: int) -> None:
     desc = TensorDesc("complex128", (3, 1, 2), kind, 640)
     (back,) = decode(encode(Request(1, [desc]))).tensors  # type: ignore[union-attr]
@@ -177,7 +213,7 @@ def test_blobs_decode_as_bytes(cls: type) -> None:
     [
         ([Ready.KIND, 1, 10, {}, ["x"], "cpu", [], "a newer field", 3], Ready(1, 10, {}, ["x"], "cpu", [])),
         ([Failed.KIND, 1, 10, "E", "m", "tb", {"new": 1}], Failed(1, 10, "E", "m", "tb")),
-        ([Request.KIND, 5, [], [64], [b"x"], "priority", 9], Request(5, [], [64], [b"x"])),
+        ([Request.KIND, 5, [], [64], [b"x"], [], -1, -1, [], [], "priority", 9], Request(5, [], [64], [b"x"])),
         ([Response.KIND, 6, [], [b"y"], ["future"]], Response(6, [], [b"y"])),
         ([Error.KIND, 7, "E", "m", "", True, False, 123], Error(7, "E", "m", "", True, False)),
         ([Release.KIND, [0], None], Release([0])),
@@ -313,7 +349,7 @@ def test_malformed_fields_raise_protocol_error(header: list[Any]) -> None:
         pytest.param(["float32", [True], FRAME, 0], id="bool-dim"),
         pytest.param(["float32", [2**40], FRAME, 0], id="huge-dim"),
         pytest.param(["float32", [1] * 33, FRAME, 0], id="33-dims"),
-        pytest.param(["float32", [2], 3, 0], id="kind-3"),
+        pytest.param(["float32", [2], 4, 0], id="kind-4"),
         pytest.param(["float32", [2], -1, 0], id="kind-negative"),
         pytest.param(["float32", [2], 2**32, 0], id="kind-huge"),
         pytest.param(["float32", [2], True, 0], id="kind-true"),

@@ -128,8 +128,8 @@ class Binder:
                 ) from None
         if not isinstance(value, torch.Tensor):
             raise InvalidInputError(self.model, name, "a torch.Tensor", _describe(value))
-        if value.device.type != "cpu":
-            raise InvalidInputError(self.model, name, "a CPU tensor", _describe(value))
+        if value.device.type not in ("cpu", "cuda"):
+            raise InvalidInputError(self.model, name, "a CPU or CUDA tensor", _describe(value))
         if value.dtype not in _WIRE_DTYPES or value.layout != torch.strided or value.is_quantized:
             raise InvalidInputError(self.model, name, "a dense tensor of a supported dtype", _describe(value))
         spec = self.specs[pos]

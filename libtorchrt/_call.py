@@ -10,6 +10,7 @@ import torch
 from .transport import tensors as tensor_io
 
 if TYPE_CHECKING:
+    from ._gpu import InputBuffer
     from ._state import _Model
 
 __all__ = ["Call"]
@@ -26,12 +27,19 @@ class Call:
         "__weakref__",
         "attempts",
         "blobs",
+        "cuda_outputs",
         "deadline",
         "descs",
+        "device",
+        "device_buffer",
+        "device_exports",
+        "device_ids",
+        "device_offsets",
         "dispatched",
         "frames",
         "future",
         "id",
+        "keep",
         "model",
         "offsets",
     )
@@ -39,6 +47,17 @@ class Call:
     def __init__(self, model: _Model, placed: tensor_io.Placed, deadline: float | None = None) -> None:
         self.model = model
         self.descs, self.blobs, self.frames, self.offsets = placed
+        #: the GPU whose workers must run it (its inputs are in that GPU's buffer)
+        self.device: int | None = None
+        self.device_buffer: InputBuffer | None = None
+        self.device_offsets: list[int] = []
+        #: for each DEVICE descriptor, the export holding it; the caller allocations
+        #: among them; the caller tensors the worker reads in place (kept alive)
+        self.device_ids: list[int] = []
+        self.device_exports: list[Any] = []
+        self.keep: list[torch.Tensor] = []
+        #: outputs should come back as CUDA tensors (the inputs were)
+        self.cuda_outputs = False
         self.future: Future[dict[str, torch.Tensor]] = Future()
         self.id = 0
         #: monotonic time after which the request fails with TimeoutError
@@ -54,6 +73,12 @@ class Call:
         for offset in offsets:
             self.model.allocator.free(offset)
         self.frames = self.blobs = []
+        self.keep = []
+        if self.device_offsets:
+            offsets, self.device_offsets = self.device_offsets, []
+            assert self.device_buffer is not None
+            for offset in offsets:
+                self.device_buffer.allocator.free(offset)
 
     def fail(self, exc: BaseException) -> None:
         """Free the request and fail its future (unless it already resolved)."""

@@ -43,7 +43,20 @@ import zmq
 
 from ._binding import Binder
 from ._call import Call
-from ._state import BACKOFF_BASE, BACKOFF_MAX, CRASH_LOOP, DEAD, READY, STARTING, STOPPED, _Model, _Slot, _Worker
+from ._gpu import DeviceBuffers
+from ._state import (
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    CRASH_LOOP,
+    DEAD,
+    READY,
+    STARTING,
+    STOPPED,
+    _Model,
+    _Slot,
+    _Worker,
+    gpu_index,
+)
 from .config.model import ModelConfig
 from .errors import (
     InvalidInputError,
@@ -119,11 +132,15 @@ class Router:
         self._watch_r, self._watch_w = os.pipe()
         self._poller = zmq.Poller()
         self._fd_handlers: dict[int, Any] = {}
+        #: CUDA buffers for CUDA tensors (made on first use)
+        self.gpu = DeviceBuffers(options.request_arena_bytes, options.response_arena_bytes)
         try:
             for cfg in configs:
+                placements = cfg.placements()
                 arena = Arena(options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-req")
                 m = _Model(cfg, arena, Allocator(arena.size))
-                m.slots = [_Slot(i) for i in range(cfg.instances)]
+                m.slots = [_Slot(i, d) for i, d in enumerate(placements)]
+                m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
                 self.models[cfg.name] = m
         except BaseException:
             self._close_resources()
@@ -281,6 +298,7 @@ class Router:
             request_bytes=m.arena.size,
             response_bytes=self.options.response_arena_bytes,
             parent_pid=os.getpid(),
+            device=slot.device,
             method=m.cfg.method,
             inline_threshold=self.options.inline_threshold,
             busy_poll_us=self.options.busy_poll_us,
@@ -292,7 +310,7 @@ class Router:
         env.setdefault("OMP_NUM_THREADS", str(intra))
         env.setdefault("MKL_NUM_THREADS", str(intra))
         proc = WorkerProcess(spec, self._watch_r, env)
-        w = _Worker(m, slot.instance, identity, proc)
+        w = _Worker(m, slot.instance, identity, proc, gpu=gpu_index(slot.device))
         w.outputs = np.frombuffer(proc.responses.flat.numpy(), dtype=np.uint8)
         slot.worker = w
         slot.restart_at = None
@@ -448,7 +466,7 @@ class Router:
         heapq.heappush(timers, (call.deadline, next(self._timer_seq), weakref.ref(call)))
 
     def _dispatch(self, m: _Model) -> None:
-        if self.released:
+        if self.released or self.gpu.released:
             self._collect_releases()
         queue = m.queue
         if not queue:
@@ -461,8 +479,10 @@ class Router:
         slots = m.slots
         n = len(slots)
         while queue:
-            # Least-loaded ready worker; ties go round-robin (scanning from the one after
-            # the last choice), so that even sequential traffic reaches every instance.
+            # Least-loaded ready worker (on the call's GPU, if its inputs are in a GPU
+            # buffer); ties go round-robin (scanning from the one after the last
+            # choice), so that even sequential traffic reaches every instance.
+            device = queue[0].device
             best = None
             for k in range(n):
                 w = slots[(m.next + k) % n].worker
@@ -471,6 +491,7 @@ class Router:
                     and w.state == READY
                     and not w.doomed
                     and len(w.inflight) < limit
+                    and (device is None or w.gpu == device)
                     and (best is None or len(w.inflight) < len(best.inflight))
                 ):
                     best = w
@@ -487,7 +508,14 @@ class Router:
                 continue
             m.next = (best.instance + 1) % n
             releases, best.releases = best.releases, []
-            header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs))
+            if best.gpu is None:
+                header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs))
+            else:
+                try:
+                    header = self._gpu_request(best, call, releases)
+                except Exception as e:  # e.g. no device memory left for its response buffer
+                    call.fail(ModelError(m.name, type(e).__name__, f"cannot set up CUDA buffers: {e}", ""))
+                    continue
             if not best.inflight:
                 best.busy_since = time.monotonic()
             best.inflight[call.id] = call
@@ -498,12 +526,44 @@ class Router:
                 # event follows, and re-sends this call with the worker's others.
                 pass
 
+    def _gpu_request(self, w: _Worker, call: Call, releases: list[int]) -> bytes:
+        """The header of ``call`` for GPU worker ``w``, with the CUDA allocations it
+        needs (the caller's ones every time: the worker caches them by id)."""
+        exports = list(call.device_exports)
+        device_in = device_out = -1
+        fresh = []
+        if call.device_offsets:
+            assert call.device_buffer is not None
+            device_in = call.device_buffer.export.id
+            fresh.append(call.device_buffer.export)
+        if call.cuda_outputs:
+            assert w.gpu is not None
+            export = self.gpu.output_buffer(w.identity, w.gpu).export
+            device_out = export.id
+            fresh.append(export)
+        for export in fresh:
+            if export.id not in w.mapped:
+                w.mapped.add(export.id)
+                exports.append(export)
+        device_releases, w.device_releases = w.device_releases, []
+        msg = wire.Request(
+            call.id, call.descs, releases, call.blobs, exports, device_in, device_out, device_releases, call.device_ids
+        )
+        return wire.encode(msg)
+
     def _collect_releases(self) -> None:
         released = self.released
         while released:
             w, offset = released.popleft()
             if w.state == READY:
                 w.releases.append(offset)
+        if self.gpu.released:
+            self.gpu.collect(self._device_released)
+
+    def _device_released(self, identity: bytes, offset: int) -> None:
+        w = self._by_identity.get(identity)
+        if w is not None and w.state == READY:
+            w.device_releases.append(offset)
 
     def _on_messages(self, sock: zmq.Socket) -> None:
         touched: set[str] = set()
@@ -567,13 +627,34 @@ class Router:
         if call is None:
             return
         try:
-            outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: self._output_slot(w, d))
+            if w.gpu is None:
+                outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: self._output_slot(w, d))
+            else:
+                outputs = self._gpu_outputs(w, call, msg, frames)
         except Exception as e:  # a reply we cannot rebuild fails its request, not the router
             call.resolve_error(e if isinstance(e, ProtocolError) else ProtocolError(f"unreadable reply: {e!r}"))
             return
         binder = w.model.binder
         assert binder is not None
         call.resolve(dict(zip(binder.output_names(len(outputs)), outputs)))
+
+    def _gpu_outputs(self, w: _Worker, call: Call, msg: wire.Response, frames: list[zmq.Frame]) -> list[torch.Tensor]:
+        """A GPU worker's outputs: ``DEVICE`` ones view its response buffer (no copy);
+        the others are read as from any worker, and moved to the GPU if the caller
+        asked for CUDA outputs (only when the response buffer was full)."""
+        if not call.cuda_outputs and any(d.kind == wire.DEVICE for d in msg.tensors):
+            raise ProtocolError("device outputs for a request that did not ask for them")
+        gpu = self.gpu
+        outputs = tensor_io.read(
+            msg.tensors,
+            msg.blobs,
+            frames,
+            lambda d: self._output_slot(w, d),
+            lambda d: gpu.output_view(w.identity, d),
+        )
+        if call.cuda_outputs:
+            outputs = [t if t.is_cuda else t.to(f"cuda:{w.gpu}") for t in outputs]
+        return outputs
 
     def _on_error(self, w: _Worker, msg: wire.Error) -> None:
         if msg.fatal:
@@ -669,6 +750,8 @@ class Router:
         slot.restart_at = time.monotonic() + delay
         w.outputs = None
         w.proc.close()
+        if w.gpu is not None:
+            self.gpu.drop_worker(w.identity)
         if all(s.start_failures >= CRASH_LOOP for s in m.slots):
             m.unavailable = slot.last_error or f"exited with code {code}"
         self._dispatch(m)
@@ -750,6 +833,7 @@ class Router:
                 w.outputs = None
                 w.proc.close()
             m.arena.close()
+        self.gpu.close()  # after the workers, which map its buffers, are gone
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

@@ -18,7 +18,7 @@ from .transport import wire
 from .transport.arena import Allocator, Arena
 from .workers.process import WorkerProcess
 
-__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "CRASH_LOOP", "DEAD", "READY", "STARTING", "STOPPED"]
+__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "CRASH_LOOP", "DEAD", "READY", "STARTING", "STOPPED", "gpu_index"]
 
 #: Worker states.
 STARTING, READY, DEAD, STOPPED = "starting", "ready", "dead", "stopped"
@@ -44,6 +44,17 @@ class _Worker:
     doomed: bool = False
     #: the response arena as a numpy byte array, the base of zero-copy outputs
     outputs: np.ndarray | None = None
+    #: its GPU (None on the CPU)
+    gpu: int | None = None
+    #: ids of the front's CUDA buffers it has mapped
+    mapped: set[int] = field(default_factory=set)
+    #: slots of its CUDA response buffer the front is done with
+    device_releases: list[int] = field(default_factory=list)
+
+
+def gpu_index(device: str) -> int | None:
+    """The GPU number of ``"cuda:N"`` (None for ``"cpu"``)."""
+    return int(device.partition(":")[2] or 0) if device.startswith("cuda") else None
 
 
 @dataclass(eq=False)
@@ -51,6 +62,8 @@ class _Slot:
     """One instance of a model across restarts: its current worker and its history."""
 
     instance: int
+    #: where its workers run: "cpu" or "cuda:N"
+    device: str = "cpu"
     worker: _Worker | None = None
     restarts: int = 0
     #: deaths in a row before the worker became ready (a crash loop when >= CRASH_LOOP)
@@ -70,6 +83,8 @@ class _Model:
     next: int = 0  # where the next round-robin scan starts
     #: the last start-up error, while every instance is in a crash loop
     unavailable: str | None = None
+    #: the GPUs its instances run on (empty: CPU only)
+    gpus: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ import torch
 
 from ._call import Call
 from ._router import Router, RouterOptions
+from ._state import _Model
 from .config import ModelConfig, load_repository
 from .errors import InvalidInputError, ModelUnavailableError, PoolClosedError, TimeoutError, UnknownModelError
 from .info import ModelHealth, WorkerInfo
@@ -68,6 +69,14 @@ class Pool:
             its throughput at concurrency 8 up by ~30%, while the cnn model lost
             ~10% (the polling takes CPU from compute). Off (0) by default; turn it
             on for short models on machines with spare cores.
+        cuda_outputs: a request whose inputs are CUDA tensors, to a model running on
+            a GPU, gets CUDA tensors back (on the model's GPU); False: CPU tensors.
+            Without CUDA inputs, outputs are always CPU tensors.
+
+    GPU instances (``devices=["cuda:0"]`` or ``instance_group { kind: KIND_GPU }``):
+    ``request_arena_bytes`` is also the size of each model's request buffer on each
+    of its GPUs, and ``response_arena_bytes`` that of each GPU worker's response
+    buffer; both are made on the first request with CUDA inputs.
 
     Raises:
         ConfigError: a model's configuration is invalid.
@@ -85,6 +94,7 @@ class Pool:
         inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
         max_inflight: int = 4,
         busy_poll_us: int = 0,
+        cuda_outputs: bool = True,
     ) -> None:
         configs = list(load_repository(repository)) if repository is not None else []
         configs += list(models)
@@ -106,6 +116,7 @@ class Pool:
             busy_poll_us=busy_poll_us,
         )
         self._inline_threshold = inline_threshold
+        self._cuda_outputs = bool(cuda_outputs)
         self._router = Router(configs, options)
         self._finalizer = weakref.finalize(self, _finalize, self._router)
         try:
@@ -170,9 +181,25 @@ class Pool:
         if timeout is None:
             timeout = m.cfg.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline)
+        if not any(t.is_cuda for t in tensors):
+            call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline)
+        else:
+            call = self._cuda_call(m, tensors, deadline)
         self._router.submit(call)
         return call.future
+
+    def _cuda_call(self, m: _Model, tensors: list[torch.Tensor], deadline: float | None) -> Call:
+        """A call with CUDA inputs: they go device to device into the model's GPU
+        buffer when it runs on a GPU, else (a CPU model) through host memory."""
+        if not m.gpus:
+            placed = tensor_io.write([t.cpu() for t in tensors], m.arena, m.allocator, self._inline_threshold)
+            return Call(m, placed, deadline)
+        gpu = self._router.gpu.place(m.name, m.gpus, tensors, m.arena, m.allocator, self._inline_threshold)
+        call = Call(m, gpu.placed, deadline)
+        call.device, call.device_buffer, call.device_offsets = gpu.device, gpu.buffer, gpu.device_offsets
+        call.device_ids, call.device_exports, call.keep = gpu.device_ids, gpu.exports, gpu.keep
+        call.cuda_outputs = self._cuda_outputs
+        return call
 
     def infer(self, model: str, inputs: Inputs, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.

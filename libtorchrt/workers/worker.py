@@ -35,6 +35,7 @@ from ..transport import wire
 from ..transport.arena import Allocator, Arena
 from ..transport.sockets import recv, send
 from . import flags as flag_mod
+from .gpu import GpuSide
 
 __all__ = ["WorkerSpec", "main"]
 
@@ -182,8 +183,8 @@ class _Worker:
         self.responses.close_fd()
         self.allocator = Allocator(self.responses.size)
         self.clean_cache = bool(flags.get("ENABLE_CACHE_CLEANING")) and torch.cuda.is_available()
-        #: a model on a device may answer with device tensors: bring them to the host
-        self.to_host = spec.device != "cpu"
+        #: the CUDA side of a GPU instance (None on the CPU)
+        self.gpu = GpuSide(spec.device, self.requests, self.responses) if spec.device != "cpu" else None
 
     def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
         return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
@@ -212,8 +213,7 @@ class _Worker:
             else:
                 self._send_error(-1, ProtocolError(f"unexpected {type(msg).__name__} message"))
 
-    def _release(self, offsets: list[int]) -> None:
-        unknown = 0
+    def _release(self, offsets: list[int], unknown: int = 0) -> None:
         for offset in offsets:
             try:
                 self.allocator.free(offset)
@@ -224,6 +224,8 @@ class _Worker:
 
     def _run(self, msg: wire.Request, frames: list[zmq.Frame]) -> bool:
         """Run one request; return False if this process must not go on."""
+        if self.gpu is not None:
+            return self._run_gpu(msg, frames, self.gpu)
         try:
             inputs = tensor_io.read(msg.tensors, msg.blobs, frames, self._slot)
         except Exception as e:  # whatever a hostile descriptor provokes, answer it
@@ -231,20 +233,58 @@ class _Worker:
             return True
         try:
             outputs = _outputs(self.method(*inputs))
-            if self.clean_cache:
-                torch.cuda.empty_cache()
-            if self.to_host:
-                outputs = [t.cpu() for t in outputs]
             placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
-            sticky = any(marker in str(e) for marker in STICKY_ERRORS)
-            self._send_error(msg.id, e, traceback.format_exc(), fatal=sticky)
-            if sticky:
-                print(f"libtorchrt worker: exiting after a sticky CUDA error: {e}", file=sys.stderr)
-            return not sticky
+            return self._failed(msg.id, e)
         header = wire.encode(wire.Response(msg.id, placed.descs, placed.blobs))
         send(self.sock, header, placed.frames, zero_copy=True)
         return True
+
+    def _run_gpu(self, msg: wire.Request, frames: list[zmq.Frame], gpu: GpuSide) -> bool:
+        """Run one request on this worker's GPU, on its own stream (see ``gpu.py``)."""
+        try:
+            with torch.cuda.stream(gpu.stream):
+                gpu.open(msg.exports, msg.device_out)
+                self._release([], gpu.release(msg.device_releases))
+                if msg.device_in >= 0:
+                    gpu.wait_inputs(msg.device_in)
+                owners = iter(msg.device_ids)
+                inputs = tensor_io.read(
+                    msg.tensors, msg.blobs, frames, self._slot, lambda d: gpu.input_view(next(owners, -1), d)
+                )
+        except Exception as e:
+            self._send_error(msg.id, e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}"))
+            return True
+        placed: tensor_io.Placed | None = None
+        device_offsets: list[int] = []
+        try:
+            with torch.cuda.stream(gpu.stream):
+                outputs = _outputs(self.method(*gpu.to_device(inputs)))
+                placed, device_offsets = gpu.place(
+                    outputs, msg.device_out, self.responses, self.allocator, self.spec.inline_threshold
+                )
+            # The front frees this request's slots and reads its outputs on our reply.
+            gpu.stream.synchronize()
+            if self.clean_cache:
+                torch.cuda.empty_cache()
+        except Exception as e:
+            with contextlib.suppress(Exception):  # queued kernels may still read the inputs
+                gpu.stream.synchronize()
+            if placed is not None:
+                self._release(placed.offsets)
+                gpu.release(device_offsets)
+            return self._failed(msg.id, e)
+        header = wire.encode(wire.Response(msg.id, placed.descs, placed.blobs))
+        send(self.sock, header, placed.frames, zero_copy=True)
+        return True
+
+    def _failed(self, req_id: int, e: Exception) -> bool:
+        """Report a failed execution; return False if this process must not go on."""
+        sticky = any(marker in str(e) for marker in STICKY_ERRORS)
+        self._send_error(req_id, e, traceback.format_exc(), fatal=sticky)
+        if sticky:
+            print(f"libtorchrt worker: exiting after a sticky CUDA error: {e}", file=sys.stderr)
+        return not sticky
 
     def _send_error(self, req_id: int, e: BaseException, tb: str = "", fatal: bool = False) -> None:
         err = wire.Error(req_id, type(e).__name__, str(e), tb, isinstance(e, ProtocolError), fatal)
@@ -262,6 +302,8 @@ def main(argv: list[str]) -> int:
     sock.connect(spec.endpoint)
     try:
         try:
+            if spec.device != "cpu":  # before anything touches CUDA: one context, on our GPU
+                torch.cuda.set_device(torch.device(spec.device))
             fl = flag_mod.parse(spec.model, spec.parameters)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", RuntimeWarning)
@@ -276,11 +318,17 @@ def main(argv: list[str]) -> int:
             failed = wire.Failed(wire.PROTOCOL_VERSION, os.getpid(), type(e).__name__, str(e), traceback.format_exc())
             sock.send(wire.encode(failed))
             return 1
+        if worker.gpu is not None:
+            notes += worker.gpu.notes
         ready = wire.Ready(wire.PROTOCOL_VERSION, os.getpid(), effective, names, spec.device, notes)
         sock.send(wire.encode(ready))
         mode = torch.inference_mode if effective["INFERENCE_MODE"] else torch.no_grad
-        with mode():
-            return worker.serve()
+        try:
+            with mode():
+                return worker.serve()
+        finally:
+            if worker.gpu is not None:
+                worker.gpu.close(worker.requests, worker.responses)
     finally:
         sock.close()
         ctx.term()

@@ -144,7 +144,7 @@ def test_non_tensor_value(value: Any, got: str) -> None:
 def test_meta_device_tensor() -> None:
     e = refused(binder(), {"a": torch.empty(2, device="meta"), "b": B})
     assert e.input == "a"
-    assert e.expected == "a CPU tensor"
+    assert e.expected == "a CPU or CUDA tensor"
     assert "meta" in e.got
 
 

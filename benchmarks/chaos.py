@@ -371,7 +371,7 @@ def _run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         hung = [t.name for t in [*threads, kthread] if t.is_alive()]
         # Arena occupancy once every request finished (a slot is freed when its
         # request resolves; give the router a moment for the last ones).
-        allocator = pool._router.models[MODEL].allocator
+        allocator = pool._router.default[MODEL].allocator
         settle = time.monotonic() + 5
         while allocator.used and time.monotonic() < settle:
             time.sleep(0.01)

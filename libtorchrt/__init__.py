@@ -8,7 +8,17 @@ processes, no changes to multiprocessing or the environment.
 
 from __future__ import annotations
 
-from .config import ModelConfig, TensorSpec
+from .config import (
+    DynamicBatching,
+    InstanceGroup,
+    ModelConfig,
+    ModelWarmup,
+    QueuePolicy,
+    TensorSpec,
+    VersionPolicy,
+    WarmupInput,
+    load_repository,
+)
 from .errors import (
     ConfigError,
     InvalidInputError,
@@ -22,28 +32,36 @@ from .errors import (
     WorkerDiedError,
     WorkerStartError,
 )
-from .info import InstanceHealth, ModelHealth, WorkerInfo
+from .info import InstanceHealth, ModelHealth, ModelStatus, WorkerInfo
 from .pool import Pool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DynamicBatching",
+    "InstanceGroup",
     "InstanceHealth",
     "InvalidInputError",
     "ModelConfig",
     "ModelError",
     "ModelHealth",
+    "ModelStatus",
     "ModelUnavailableError",
+    "ModelWarmup",
     "Pool",
     "PoolClosedError",
     "ProtocolError",
+    "QueuePolicy",
     "TensorSpec",
     "TimeoutError",
     "TorchRTError",
     "UnknownModelError",
+    "VersionPolicy",
+    "WarmupInput",
     "WorkerDiedError",
     "WorkerInfo",
     "WorkerStartError",
     "__version__",
+    "load_repository",
 ]

@@ -42,6 +42,7 @@ class Call:
         "keep",
         "model",
         "offsets",
+        "warmup",
     )
 
     def __init__(self, model: _Model, placed: tensor_io.Placed, deadline: float | None = None) -> None:
@@ -66,6 +67,8 @@ class Call:
         self.attempts = 0
         #: whether its future was marked running (it can no longer be cancelled)
         self.dispatched = False
+        #: a warm-up request of the router's own (no caller waits for it)
+        self.warmup = False
 
     def free(self) -> None:
         """Give the request's arena slots and buffers back (once no worker reads them)."""

@@ -50,8 +50,8 @@ from ._state import (
     CRASH_LOOP,
     DEAD,
     READY,
-    STARTING,
     STOPPED,
+    WARMING,
     _Model,
     _Slot,
     _Worker,
@@ -66,10 +66,11 @@ from .errors import (
     ProtocolError,
     TimeoutError,
     TorchRTError,
+    UnknownModelError,
     WorkerDiedError,
     WorkerStartError,
 )
-from .info import InstanceHealth, ModelHealth, WorkerInfo
+from .info import InstanceHealth, ModelHealth, ModelStatus, WorkerInfo
 from .transport import tensors as tensor_io
 from .transport import wire
 from .transport.arena import Allocator, Arena
@@ -94,6 +95,15 @@ class RouterOptions:
     start_timeout: float = 120.0
 
 
+def _one_line(text: str) -> str:
+    """A message on one line: its first line, and its last when they differ (a
+    TorchScript error says where first and what last)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0]} ... {lines[-1]}"
+
+
 class Router:
     """Starts the workers and routes calls to them from its own thread.
 
@@ -103,7 +113,9 @@ class Router:
 
     def __init__(self, configs: Sequence[ModelConfig], options: RouterOptions) -> None:
         self.options = options
-        self.models: dict[str, _Model] = {}
+        #: every model version served, and each model's default (highest) version
+        self.models: dict[tuple[str, int], _Model] = {}
+        self.default: dict[str, _Model] = {}
         self.inbox: collections.deque[Call] = collections.deque()
         #: (worker, offset) of response slots whose last tensor died; any thread appends
         self.released: collections.deque[tuple[_Worker, int]] = collections.deque()
@@ -137,11 +149,13 @@ class Router:
         try:
             for cfg in configs:
                 placements = cfg.placements()
-                arena = Arena(options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-req")
+                arena = Arena(options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-v{cfg.version}-req")
                 m = _Model(cfg, arena, Allocator(arena.size))
                 m.slots = [_Slot(i, d) for i, d in enumerate(placements)]
                 m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
-                self.models[cfg.name] = m
+                self.models[(cfg.name, cfg.version)] = m
+                if cfg.name not in self.default or cfg.version > self.default[cfg.name].version:
+                    self.default[cfg.name] = m
         except BaseException:
             self._close_resources()
             raise
@@ -151,15 +165,31 @@ class Router:
     # ── called from caller threads ─────────────────────────────────────────────
 
     def wait_started(self, timeout: float) -> None:
-        """Block until every worker is READY.
+        """Block until every model is loaded (all its workers READY) or failed.
+
+        A model whose workers fail to start while the pool starts is marked failed
+        (``statuses()`` says why) and the others are served.
 
         Raises:
-            WorkerStartError: a worker failed to start or did not start in time.
+            WorkerStartError: no model could be loaded (the first one's error), or
+                the start did not finish in time.
         """
         if not self._started.wait(timeout):
             raise WorkerStartError("*", -1, f"workers did not start within {timeout:.0f} s")
         if self._start_error is not None:
             raise self._start_error
+
+    def lookup(self, name: str, version: int | None = None) -> _Model:
+        """The model serving ``name`` (its highest version unless ``version`` is given).
+
+        Raises:
+            UnknownModelError: no such model, or no such version of it.
+        """
+        m = self.default.get(name) if version is None else self.models.get((name, version))
+        if m is None:
+            versions = sorted(v for n, v in self.models if n == name)
+            raise UnknownModelError(name, sorted(self.default), version=version, versions=versions)
+        return m
 
     def submit(self, call: Call) -> None:
         """Hand a call to the router thread (thread-safe).
@@ -205,6 +235,7 @@ class Router:
                 ready = w.ready
                 out.append(
                     WorkerInfo(
+                        version=m.version,
                         model=m.name,
                         instance=w.instance,
                         pid=w.proc.pid,
@@ -220,39 +251,66 @@ class Router:
         return out
 
     def health(self) -> dict[str, ModelHealth]:
-        """Per model and instance: state, restarts, last error (thread-safe snapshot)."""
+        """Per model and instance: state, restarts, last error (thread-safe snapshot).
+
+        Keyed by model name; a model served in several versions has one entry per
+        version, keyed ``"name/version"``, and its name keys its default version.
+        """
         out = {}
-        for m in list(self.models.values()):
-            instances = []
-            for s in list(m.slots):
-                w = s.worker
-                if self._stopped:
-                    state = "stopped"
-                elif s.start_failures >= CRASH_LOOP:
-                    state = "failed"
-                elif w is None or w.state == DEAD:
-                    state = "restarting"
-                else:
-                    state = w.state
-                instances.append(
-                    InstanceHealth(
-                        instance=s.instance,
-                        pid=w.proc.pid if w is not None else None,
-                        state=state,
-                        restarts=s.restarts,
-                        last_error=s.last_error,
-                    )
-                )
-            ready = sum(i.state == READY for i in instances)
-            if self._stopped:
-                state = "stopped"
-            elif ready:
-                state = "ready"
-            elif m.unavailable is not None:
-                state = "unavailable"
+        counts = collections.Counter(name for name, _ in self.models)
+        for (name, version), m in list(self.models.items()):
+            health = self._model_health(m)
+            if counts[name] == 1:
+                out[name] = health
             else:
-                state = "starting"
-            out[m.name] = ModelHealth(m.name, state, ready, tuple(instances), m.unavailable, len(m.queue))
+                out[f"{name}/{version}"] = health
+                if self.default.get(name) is m:
+                    out[name] = health
+        return out
+
+    def _model_health(self, m: _Model) -> ModelHealth:
+        instances = []
+        for s in list(m.slots):
+            w = s.worker
+            if self._stopped or m.failed is not None:
+                state = "stopped"
+            elif s.start_failures >= CRASH_LOOP:
+                state = "failed"
+            elif w is None or w.state == DEAD:
+                state = "restarting"
+            else:
+                state = w.state
+            instances.append(
+                InstanceHealth(
+                    instance=s.instance,
+                    pid=w.proc.pid if w is not None else None,
+                    state=state,
+                    restarts=s.restarts,
+                    last_error=s.last_error,
+                )
+            )
+        ready = sum(i.state == READY for i in instances)
+        state, error = self._model_state(m, ready)
+        return ModelHealth(m.name, state, ready, tuple(instances), error, len(m.queue), m.version)
+
+    def _model_state(self, m: _Model, ready: int) -> tuple[str, str | None]:
+        if m.failed is not None:
+            return "failed", m.failed
+        if self._stopped:
+            return "stopped", None
+        if ready:
+            return "ready", None
+        if m.unavailable is not None:
+            return "unavailable", m.unavailable
+        return "loading", None
+
+    def statuses(self) -> list[ModelStatus]:
+        """Each model version served: its state and error (thread-safe snapshot)."""
+        out = []
+        for m in list(self.models.values()):
+            ready = sum(1 for w in m.workers if w.state == READY)
+            state, error = self._model_state(m, ready)
+            out.append(ModelStatus(m.name, m.version, state, error, ready, len(m.slots)))
         return out
 
     # ── the router thread ──────────────────────────────────────────────────────
@@ -330,7 +388,8 @@ class Router:
             wake = self._next_wake(now)
             if not self._started.is_set() and now >= self._start_deadline:
                 self._start_failed_timeout()
-                return
+                if self._start_error is not None:
+                    return
             if self._stop_at is not None and (self._drained() or now >= self._stop_at):
                 return
             timeout = None if wake is None else max(0.0, wake - now)
@@ -452,9 +511,9 @@ class Router:
             call.model.queue.append(call)
             if call.deadline is not None:
                 self._add_timer(call)
-            touched.add(call.model.name)
-        for name in touched:
-            self._dispatch(self.models[name])
+            touched.add(call.model)
+        for m in touched:
+            self._dispatch(m)
 
     def _add_timer(self, call: Call) -> None:
         timers = self._timers
@@ -470,6 +529,10 @@ class Router:
             self._collect_releases()
         queue = m.queue
         if not queue:
+            return
+        if m.failed is not None:
+            while queue:
+                queue.popleft().fail(ModelUnavailableError(m.name, m.failed, loaded=False))
             return
         if m.unavailable is not None and not any(w.state == READY for w in m.workers):
             while queue:
@@ -566,7 +629,7 @@ class Router:
             w.device_releases.append(offset)
 
     def _on_messages(self, sock: zmq.Socket) -> None:
-        touched: set[str] = set()
+        touched: set[_Model] = set()
         while True:
             try:
                 identity, header, frames = recv(sock, zmq.NOBLOCK, routed=True)
@@ -589,9 +652,9 @@ class Router:
                 self._on_ready(w, msg)
             elif isinstance(msg, wire.Failed):
                 self._on_failed(w, msg)
-            touched.add(w.model.name)
-        for name in touched:
-            self._dispatch(self.models[name])
+            touched.add(w.model)
+        for m in touched:
+            self._dispatch(m)
 
     def _unknown_peer(self, identity: bytes) -> None:
         # Once per peer (a bounded memory of them), so a noisy peer cannot flood the log.
@@ -625,6 +688,9 @@ class Router:
     def _on_response(self, w: _Worker, msg: wire.Response, frames: list[zmq.Frame]) -> None:
         call = self._answered(w, msg.id)
         if call is None:
+            return
+        if call.warmup:
+            self._warmed(w, msg)
             return
         try:
             if w.gpu is None:
@@ -667,6 +733,9 @@ class Router:
         call = self._answered(w, msg.id)
         if call is None:
             return
+        if call.warmup:
+            self._warmup_failed(w, _one_line(msg.message), f"{msg.message}\n{msg.traceback}")
+            return
         exc: TorchRTError
         if msg.input_error:
             exc = InvalidInputError(w.model.name, None, "a well-formed request", msg.message)
@@ -682,23 +751,105 @@ class Router:
             self._started.set()
             return
         w.ready = msg
+        m = w.model
+        if m.binder is None:
+            m.binder = Binder(m.cfg, msg.inputs)
+        if m.warmup is None:
+            try:
+                m.warmup = [m.binder.bind(sample) for sample in m.cfg.warmup_requests()]
+            except TorchRTError as e:  # a warm-up sample the model cannot take
+                self._warmup_failed(w, f"its warm-up requests do not fit the model: {e}", "")
+                return
+        if m.warmup:
+            self._send_warmup(w, m.warmup)
+        else:
+            self._became_ready(w)
+
+    def _send_warmup(self, w: _Worker, samples: list[list[Any]]) -> None:
+        """Run the model's warm-up requests on ``w`` before it takes any request."""
+        m = w.model
+        w.state = WARMING
+        w.warmup_left = len(samples)
+        w.busy_since = time.monotonic()
+        for tensors in samples:
+            call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self.options.inline_threshold))
+            call.id, call.warmup, call.dispatched = next(self._ids), True, True
+            w.inflight[call.id] = call
+            header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
+            try:
+                send(self._sock, header, call.frames, identity=w.identity)  # type: ignore[arg-type]
+            except zmq.ZMQError:
+                return  # it is gone: its exit follows
+
+    def _warmed(self, w: _Worker, msg: wire.Response) -> None:
+        """A warm-up request came back: drop its outputs; the last one makes ``w`` READY."""
+        w.served -= 1  # not a caller's request
+        for d in msg.tensors:
+            if d.kind == wire.ARENA:
+                w.releases.append(d.where)
+            elif d.kind == wire.DEVICE:
+                w.device_releases.append(d.where)
+        w.warmup_left -= 1
+        if w.warmup_left == 0 and w.state == WARMING:
+            self._became_ready(w)
+
+    def _warmup_failed(self, w: _Worker, text: str, tb: str) -> None:
+        """``w``'s warm-up failed: a start failure (the worker is stopped and replaced,
+        or the model fails to load while the pool starts)."""
+        w.served -= 1
+        text = f"warm-up failed: {text}"
+        w.model.slots[w.instance].last_error = text
+        log.error("worker %s/%d %s", w.model.name, w.instance, text)
+        if not self._started.is_set():
+            self._model_failed(w.model, WorkerStartError(w.model.name, w.instance, text, tb))
+        elif w.state != DEAD:
+            w.doomed = True
+            w.proc.kill()  # its exit counts as a start failure, with backoff
+
+    def _became_ready(self, w: _Worker) -> None:
         w.state = READY
+        w.busy_since = None
         m = w.model
         slot = m.slots[w.instance]
         slot.start_failures = 0
         m.unavailable = None
-        if m.binder is None:
-            m.binder = Binder(m.cfg, msg.inputs)
-        log.info("worker %s/%d ready (pid %d) with %s", m.name, w.instance, msg.pid, msg.flags)
-        if not self._started.is_set() and all(x.state == READY for mm in self.models.values() for x in mm.workers):
-            self._started.set()
+        ready = w.ready
+        log.info("worker %s/%d ready (pid %d) with %s", m.name, w.instance, w.proc.pid, ready.flags if ready else {})
+        self._check_started()
+        self._dispatch(m)
+
+    def _check_started(self) -> None:
+        """The pool has started once every model is loaded or failed."""
+        if self._started.is_set():
+            return
+        models = list(self.models.values())
+        if not all(m.failed is not None or all(w.state == READY for w in m.workers) for m in models):
+            return
+        if all(m.failed is not None for m in models):  # nothing to serve
+            self._start_error = models[0].start_error
+        self._started.set()
+
+    def _model_failed(self, m: _Model, error: WorkerStartError) -> None:
+        """``m`` could not be loaded while the pool started: stop its workers, keep its
+        error, serve the others."""
+        if m.failed is not None:
+            return
+        m.failed = str(error).split("\n", 1)[0]
+        m.start_error = error
+        log.error("model %s (version %d) failed to load: %s", m.name, m.version, m.failed)
+        for w in m.workers:
+            if w.state != DEAD:
+                w.state = STOPPED
+                w.proc.kill()
+        while m.queue:
+            m.queue.popleft().fail(ModelUnavailableError(m.name, m.failed, loaded=False))
+        self._check_started()
 
     def _on_failed(self, w: _Worker, msg: wire.Failed) -> None:
         text = f"{msg.error_type}: {msg.message}"
         w.model.slots[w.instance].last_error = text
         if not self._started.is_set():
-            self._start_error = WorkerStartError(w.model.name, w.instance, text, msg.traceback)
-            self._started.set()
+            self._model_failed(w.model, WorkerStartError(w.model.name, w.instance, text, msg.traceback))
         else:
             log.error("worker %s/%d failed to start: %s", w.model.name, w.instance, text)
 
@@ -723,17 +874,19 @@ class Router:
         if self._sock is not None:
             self._on_messages(self._sock)
         self._by_identity.pop(w.identity, None)
-        if self._stop_at is not None and w.state == STOPPED:
-            return
         m = w.model
+        if (self._stop_at is not None or m.failed is not None) and w.state == STOPPED:
+            self._drop_worker(w)
+            return
         slot = m.slots[w.instance]
         was_ready = w.state == READY
         w.state = DEAD
         w.busy_since = None
         log.error("worker %s/%d (pid %d) exited with %s", m.name, w.instance, w.proc.pid, code)
         if not self._started.is_set() and self._start_error is None:
-            self._start_error = WorkerStartError(m.name, w.instance, f"the process exited with code {code}", tail)
-            self._started.set()
+            reason = slot.last_error or f"the process exited with code {code}"
+            self._model_failed(m, WorkerStartError(m.name, w.instance, reason, tail))
+            self._drop_worker(w)
             return
         self._resend_or_fail(w, code, tail)
         # Replace it: a fresh process, after a backoff that grows while it keeps dying
@@ -748,13 +901,21 @@ class Router:
         slot.restarts += 1
         delay = 0.0 if was_ready else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (slot.start_failures - 1))
         slot.restart_at = time.monotonic() + delay
+        self._drop_worker(w)
+        if all(s.start_failures >= CRASH_LOOP for s in m.slots):
+            m.unavailable = slot.last_error or f"exited with code {code}"
+        self._dispatch(m)
+
+    def _drop_worker(self, w: _Worker) -> None:
+        """Release what the front holds for an exited worker."""
+        for call in w.inflight.values():
+            if call.warmup:
+                call.free()
+        w.inflight = {k: c for k, c in w.inflight.items() if not c.warmup}
         w.outputs = None
         w.proc.close()
         if w.gpu is not None:
             self.gpu.drop_worker(w.identity)
-        if all(s.start_failures >= CRASH_LOOP for s in m.slots):
-            m.unavailable = slot.last_error or f"exited with code {code}"
-        self._dispatch(m)
 
     def _resend_or_fail(self, w: _Worker, code: int | None, tail: str) -> None:
         """Decide the fate of what a dead worker held (see docs/reliability.md).
@@ -769,7 +930,7 @@ class Router:
         w.inflight = {}
         resend = []
         for i, call in enumerate(calls):
-            if call.future.done():  # its deadline passed while it was in the worker
+            if call.future.done() or call.warmup:  # its deadline passed; or the router's own
                 call.free()
                 continue
             if i == 0 and not w.doomed:
@@ -781,15 +942,23 @@ class Router:
         m.queue.extendleft(reversed(resend))
 
     def _start_failed_timeout(self) -> None:
-        slow = [w for m in self.models.values() for w in m.workers if w.state == STARTING]
-        w = slow[0]
-        self._start_error = WorkerStartError(
-            w.model.name,
-            w.instance,
-            f"not READY within start_timeout={self.options.start_timeout:.0f} s (raise it for slow-loading models)",
-            w.proc.tail(),
-        )
-        self._started.set()
+        """The start deadline passed: the models still loading fail to load."""
+        for m in list(self.models.values()):
+            slow = [w for w in m.workers if w.state != READY]
+            if m.failed is None and slow:
+                w = slow[0]
+                what = "warm up" if w.state == WARMING else "load"
+                self._model_failed(
+                    m,
+                    WorkerStartError(
+                        m.name,
+                        w.instance,
+                        f"did not {what} within start_timeout={self.options.start_timeout:.0f} s "
+                        "(raise it for slow-loading models)",
+                        w.proc.tail(),
+                    ),
+                )
+        self._check_started()
 
     def _fail_all(self, exc: BaseException) -> None:
         while self.inbox:

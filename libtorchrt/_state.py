@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -18,10 +19,10 @@ from .transport import wire
 from .transport.arena import Allocator, Arena
 from .workers.process import WorkerProcess
 
-__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "CRASH_LOOP", "DEAD", "READY", "STARTING", "STOPPED", "gpu_index"]
+__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "CRASH_LOOP", "DEAD", "READY", "STARTING", "STOPPED", "WARMING", "gpu_index"]
 
-#: Worker states.
-STARTING, READY, DEAD, STOPPED = "starting", "ready", "dead", "stopped"
+#: Worker states (a worker is WARMING while it runs its model's warm-up requests).
+STARTING, WARMING, READY, DEAD, STOPPED = "starting", "warming", "ready", "dead", "stopped"
 
 
 @dataclass(eq=False)
@@ -50,6 +51,8 @@ class _Worker:
     mapped: set[int] = field(default_factory=set)
     #: slots of its CUDA response buffer the front is done with
     device_releases: list[int] = field(default_factory=list)
+    #: warm-up requests it has still to answer before it is READY
+    warmup_left: int = 0
 
 
 def gpu_index(device: str) -> int | None:
@@ -85,10 +88,20 @@ class _Model:
     unavailable: str | None = None
     #: the GPUs its instances run on (empty: CPU only)
     gpus: tuple[int, ...] = ()
+    #: why it could not be loaded (its workers failed to start while the pool
+    #: started); it then serves nothing and is not retried
+    failed: str | None = None
+    start_error: Exception | None = None
+    #: the bound inputs of its warm-up requests (built at its first READY)
+    warmup: list[list[Any]] | None = None
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def version(self) -> int:
+        return self.cfg.version
 
     @property
     def workers(self) -> list[_Worker]:

@@ -47,10 +47,17 @@ class ConfigError(TorchRTError, ValueError):
 class UnknownModelError(TorchRTError, KeyError):
     """A request named a model that the pool does not serve."""
 
-    def __init__(self, model: str, known: list[str]) -> None:
+    def __init__(
+        self, model: str, known: list[str], *, version: int | None = None, versions: list[int] | None = None
+    ) -> None:
         self.model = model
         self.known = known
-        super().__init__(f"unknown model {model!r}; this pool serves {sorted(known)}")
+        self.version = version
+        if version is not None and versions:
+            text = f"model {model!r} has no version {version}; it serves versions {sorted(versions)}"
+        else:
+            text = f"unknown model {model!r}; this pool serves {sorted(known)}"
+        super().__init__(text)
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
@@ -131,16 +138,20 @@ class WorkerDiedError(TorchRTError):
 
 
 class ModelUnavailableError(TorchRTError):
-    """Every instance of the model keeps failing to start; requests fail fast.
-
-    The pool keeps restarting the instances (with capped backoff) and serves the model
-    again as soon as one becomes ready. ``reason`` is the last start-up error.
+    """The model cannot serve: every instance keeps failing to start (the pool keeps
+    restarting them, with capped backoff, and serves the model again as soon as one is
+    ready), or it failed to load when the pool started (``Pool.models()`` says why).
+    Requests fail fast. ``reason`` is the last start-up error.
     """
 
-    def __init__(self, model: str, reason: str) -> None:
+    def __init__(self, model: str, reason: str, *, loaded: bool = True) -> None:
         self.model = model
         self.reason = reason
-        super().__init__(f"model {model!r} is unavailable: its workers keep failing to start; last error: {reason}")
+        if loaded:
+            text = f"model {model!r} is unavailable: its workers keep failing to start; last error: {reason}"
+        else:
+            text = f"model {model!r} is unavailable: it failed to load: {reason}"
+        super().__init__(text)
 
 
 class WorkerStartError(TorchRTError):

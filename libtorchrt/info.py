@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["InstanceHealth", "ModelHealth", "WorkerInfo"]
+__all__ = ["InstanceHealth", "ModelHealth", "ModelStatus", "WorkerInfo"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class WorkerInfo:
         inflight: requests sent to it and not yet answered.
         served: requests it has answered (results and model errors).
         exitcode: its exit code once dead (negative: the signal that killed it).
+        version: the model version it serves.
     """
 
     model: str
@@ -36,6 +37,7 @@ class WorkerInfo:
     inflight: int = 0
     served: int = 0
     exitcode: int | None = None
+    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,15 @@ class ModelHealth:
 
     Attributes:
         model: its name.
-        state: ``"ready"`` (at least one instance serves), ``"starting"``,
+        state: ``"ready"`` (at least one instance serves), ``"loading"``,
             ``"unavailable"`` (every instance keeps failing to start; requests fail
-            fast with ``ModelUnavailableError``) or ``"stopped"``.
+            fast with ``ModelUnavailableError``), ``"failed"`` (it could not be
+            loaded when the pool started; it serves nothing) or ``"stopped"``.
         ready: instances ready now.
         instances: each instance's health.
-        error: the last start-up error while unavailable.
+        error: the last start-up error while unavailable or failed.
         queued: requests waiting for an instance.
+        version: the model version.
     """
 
     model: str
@@ -80,3 +84,27 @@ class ModelHealth:
     instances: tuple[InstanceHealth, ...] = ()
     error: str | None = None
     queued: int = 0
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model version, as ``Pool.models()`` lists it.
+
+    Attributes:
+        name: the model's name.
+        version: its version (None when its configuration could not be read).
+        state: ``"ready"``, ``"loading"`` (its instances are starting or warming
+            up), ``"unavailable"`` (its instances keep failing; retried),
+            ``"failed"`` (it could not be loaded; not retried) or ``"stopped"``.
+        error: why it failed or is unavailable (None otherwise).
+        ready: instances ready now.
+        instances: instances configured.
+    """
+
+    name: str
+    version: int | None
+    state: str
+    error: str | None = None
+    ready: int = 0
+    instances: int = 0

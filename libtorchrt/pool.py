@@ -28,8 +28,15 @@ from ._call import Call
 from ._router import Router, RouterOptions
 from ._state import _Model
 from .config import ModelConfig, load_repository
-from .errors import InvalidInputError, ModelUnavailableError, PoolClosedError, TimeoutError, UnknownModelError
-from .info import ModelHealth, WorkerInfo
+from .errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelUnavailableError,
+    PoolClosedError,
+    TimeoutError,
+    UnknownModelError,
+)
+from .info import ModelHealth, ModelStatus, WorkerInfo
 from .transport import tensors as tensor_io
 
 __all__ = ["Pool"]
@@ -69,6 +76,10 @@ class Pool:
             its throughput at concurrency 8 up by ~30%, while the cnn model lost
             ~10% (the polling takes CPU from compute). Off (0) by default; turn it
             on for short models on machines with spare cores.
+        strict: any model that cannot be loaded (a bad configuration in the
+            repository, or workers that fail to start) fails the pool. By default
+            such a model is left out, listed as failed by :meth:`models`, and the
+            others are served (as Triton does with ``--exit-on-error=false``).
         cuda_outputs: a request whose inputs are CUDA tensors, to a model running on
             a GPU, gets CUDA tensors back (on the model's GPU); False: CPU tensors.
             Without CUDA inputs, outputs are always CPU tensors.
@@ -79,8 +90,10 @@ class Pool:
     buffer; both are made on the first request with CUDA inputs.
 
     Raises:
-        ConfigError: a model's configuration is invalid.
-        WorkerStartError: a worker failed to start (its stderr tail is attached).
+        ConfigError: a model's configuration is invalid (a repository's model only
+            with ``strict``; else it is left out).
+        WorkerStartError: no model could be loaded, or (``strict``) one could not
+            (the failing worker's stderr tail is attached).
     """
 
     def __init__(
@@ -95,16 +108,23 @@ class Pool:
         max_inflight: int = 4,
         busy_poll_us: int = 0,
         cuda_outputs: bool = True,
+        strict: bool = False,
     ) -> None:
-        configs = list(load_repository(repository)) if repository is not None else []
+        errors: list[tuple[str, ConfigError]] = []
+        configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
         configs += list(models)
-        if not configs:
-            raise ValueError("Pool needs a model repository or models=[ModelConfig(...)]")
-        names = [c.name for c in configs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        keys = [(c.name, c.version) for c in configs]
+        if len(set(keys)) != len(keys):
+            repeated = sorted({f"{n} version {v}" for n, v in keys if keys.count((n, v)) > 1})
+            raise ValueError(f"models repeat: {repeated}")
         for cfg in configs:
             cfg.check_files()
+        #: models of the repository whose configuration could not be read
+        self._load_errors = [ModelStatus(name, None, "failed", str(e)) for name, e in errors]
+        if not configs:
+            if errors:
+                raise errors[0][1]
+            raise ValueError("Pool needs a model repository or models=[ModelConfig(...)]")
         self._closed = False
         self._close_lock = threading.Lock()
         options = RouterOptions(
@@ -121,6 +141,10 @@ class Pool:
         self._finalizer = weakref.finalize(self, _finalize, self._router)
         try:
             self._router.wait_started(start_timeout + 10.0)
+            if strict:
+                failed = next((m for m in self._router.models.values() if m.start_error is not None), None)
+                if failed is not None:
+                    raise failed.start_error  # type: ignore[misc]
         except BaseException:
             self.close()
             raise
@@ -130,16 +154,22 @@ class Pool:
 
     def _startup_warnings(self) -> dict[str, list[str]]:
         notes: dict[str, list[str]] = {}
+        for status in self._load_errors:
+            notes.setdefault(status.name, []).append(f"not served: {status.error}")
         for m in self._router.models.values():
+            mine = notes.setdefault(m.name, [])
+            if m.failed is not None:
+                mine.append(f"version {m.version} not served: it failed to load: {m.failed}")
+            mine += [n for n in m.cfg.notes if n not in mine]
             ready = next((w.ready for w in m.workers if w.ready is not None), None)
             if ready and ready.warnings:
-                notes[m.name] = list(ready.warnings)
-        return notes
+                mine += [n for n in ready.warnings if n not in mine]
+        return {k: v for k, v in notes.items() if v}
 
     # ── requests ───────────────────────────────────────────────────────────────
 
     def submit(
-        self, model: str, inputs: Inputs, *, timeout: float | None = None
+        self, model: str, inputs: Inputs, *, version: int | None = None, timeout: float | None = None
     ) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
         """Send a request; return a future of its outputs.
 
@@ -147,6 +177,7 @@ class Pool:
             model: the model's name.
             inputs: a dict keyed by ``forward()`` argument name or ``INPUT__<i>``, a
                 list of tensors in argument order, or a single tensor.
+            version: the model version (default: the highest version served).
             timeout: the request's deadline in seconds (default: the model's
                 ``timeout``, else none). Past it the future fails with
                 :class:`TimeoutError`; a request not yet sent to a worker is dropped.
@@ -165,9 +196,15 @@ class Pool:
         """
         if self._closed:
             raise PoolClosedError("the pool is closed")
-        m = self._router.models.get(model)
-        if m is None:
-            raise UnknownModelError(model, list(self._router.models))
+        try:
+            m = self._router.lookup(model, version)
+        except UnknownModelError:
+            failed = next((s for s in self._load_errors if s.name == model), None)
+            if failed is not None and failed.error is not None:
+                raise ModelUnavailableError(model, failed.error, loaded=False) from None
+            raise
+        if m.failed is not None:
+            raise ModelUnavailableError(model, m.failed, loaded=False)
         if m.unavailable is not None:
             raise ModelUnavailableError(model, m.unavailable)
         binder = m.binder
@@ -201,7 +238,9 @@ class Pool:
         call.cuda_outputs = self._cuda_outputs
         return call
 
-    def infer(self, model: str, inputs: Inputs, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+    def infer(
+        self, model: str, inputs: Inputs, *, version: int | None = None, timeout: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.
 
         Args:
@@ -218,7 +257,7 @@ class Pool:
             WorkerDiedError: the worker died while running the request.
             TimeoutError: no result within ``timeout``.
         """
-        future = self.submit(model, inputs, timeout=timeout)
+        future = self.submit(model, inputs, version=version, timeout=timeout)
         try:
             # The router fails the future at the deadline; the margin only guards
             # against a router that cannot (it never blocks for long).
@@ -229,9 +268,11 @@ class Pool:
             future.cancel()
             raise TimeoutError(f"model {model!r} did not answer within {timeout} s") from None
 
-    async def infer_async(self, model: str, inputs: Inputs, *, timeout: float | None = None) -> dict[str, torch.Tensor]:
+    async def infer_async(
+        self, model: str, inputs: Inputs, *, version: int | None = None, timeout: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Run one request from asyncio; see :meth:`infer`."""
-        return await asyncio.wrap_future(self.submit(model, inputs, timeout=timeout))
+        return await asyncio.wrap_future(self.submit(model, inputs, version=version, timeout=timeout))
 
     # ── introspection ──────────────────────────────────────────────────────────
 
@@ -239,9 +280,13 @@ class Pool:
         """One entry per worker process: model, instance, pid, device, state, flags."""
         return self._router.workers()
 
-    def models(self) -> list[str]:
-        """The names of the models this pool serves."""
-        return list(self._router.models)
+    def models(self) -> list[ModelStatus]:
+        """Every model version the pool was asked to serve, with its state and error:
+        ``"ready"``, ``"loading"``, ``"unavailable"``, ``"failed"`` (with why) or
+        ``"stopped"``; a repository model whose configuration could not be read is
+        listed as failed with version None. Sorted by name, then version."""
+        out = [*self._router.statuses(), *self._load_errors]
+        return sorted(out, key=lambda s: (s.name, -1 if s.version is None else s.version))
 
     def health(self) -> dict[str, ModelHealth]:
         """Each model's state and each instance's (ready, restarting, failed), with
@@ -275,4 +320,4 @@ class Pool:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<libtorchrt.Pool {state} models={self.models()}>"
+        return f"<libtorchrt.Pool {state} models={sorted(self._router.default)}>"

@@ -92,7 +92,7 @@ class ModelConfig:
         dynamic_batching: Triton's ``dynamic_batching`` settings (None: the block
             is absent). Read and checked; requests are not batched yet.
         warmup: Triton's ``model_warmup`` samples, run by every instance before it
-            is ready.
+            is ready; or an integer N, short for ``warmup_runs=N``.
         version_policy: which versions of a repository's model are served.
         warmup_runs: zero-data warm-up runs built from the declared ``inputs``
             (``WARMUP_RUNS`` in ``parameters``), after the ``warmup`` samples.
@@ -125,7 +125,7 @@ class ModelConfig:
     execution_timeout: float | None = None
     max_request_bytes: int | None = None
     dynamic_batching: DynamicBatching | None = None
-    warmup: Sequence[ModelWarmup] = ()
+    warmup: Sequence[ModelWarmup] = ()  # or an int: see the docstring
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup_runs: int = 0
     notes: Sequence[str] = field(default=(), compare=False)
@@ -167,6 +167,9 @@ class ModelConfig:
                     key=key,
                 )
         self._check_devices()
+        runs: Any = self.warmup
+        if isinstance(runs, int) and not isinstance(runs, bool):  # warmup=N: N runs
+            self.warmup_runs, self.warmup = runs, ()
         self.parameters = {str(k): v for k, v in dict(self.parameters).items()}
         self.inputs = tuple(self.inputs)
         self.outputs = tuple(self.outputs)

@@ -124,7 +124,7 @@ def test_a_deadline_drops_a_queued_request_before_dispatch(make_pool, model_dir:
     assert time.monotonic() - start < 1.0
     busy.result(timeout=60)
     assert pool.workers()[0].served == 1, "the expired request must never reach the worker"
-    assert pool._router.models["spin"].allocator.used == 0
+    assert pool._router.default["spin"].allocator.used == 0
 
 
 def test_cancelling_a_queued_request_removes_it(make_pool, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -133,7 +133,7 @@ def test_cancelling_a_queued_request_removes_it(make_pool, model_dir: Path) -> N
     queued = pool.submit("spin", [torch.full((100_000,), 10.0)])  # 400 KB: an arena slot
     assert queued.cancel()
     busy.result(timeout=60)
-    _wait(lambda: pool._router.models["spin"].allocator.used == 0, 10, "the cancelled request's slot")
+    _wait(lambda: pool._router.default["spin"].allocator.used == 0, 10, "the cancelled request's slot")
     assert pool.workers()[0].served == 1
 
 
@@ -141,7 +141,7 @@ def test_an_oversized_request_is_refused_before_allocation(make_pool, model_dir:
     pool = make_pool(ModelConfig("identity", model_dir / "identity.pt", max_request_bytes=1 << 20))
     with pytest.raises(InvalidInputError, match="max_request_bytes=1048576"):
         pool.infer("identity", [torch.zeros(2 << 20, dtype=torch.uint8)])
-    assert pool._router.models["identity"].allocator.used == 0
+    assert pool._router.default["identity"].allocator.used == 0
     x = torch.tensor([float("nan"), float("inf"), -float("inf")])  # served, not an error
     assert torch.equal(pool.infer("identity", [x])["OUTPUT__0"].isnan(), x.isnan())
 
@@ -216,7 +216,7 @@ def test_chaos_every_request_resolves_and_the_pool_recovers(make_pool, model_dir
     # after the storm: all instances back, serving normally, no arena slot lost
     _wait(lambda: pool.health()["tiny"].ready == 2, 60, "both instances to be back")
     assert pool.infer("tiny", [torch.randn(1, 64)], timeout=30)["OUTPUT__0"].shape == (1, 64)
-    assert pool._router.models["tiny"].allocator.used == 0
+    assert pool._router.default["tiny"].allocator.used == 0
     assert sum(i.restarts for i in pool.health()["tiny"].instances) >= 1
 
 

@@ -49,7 +49,7 @@ def test_pool_serves_a_model_repository(tmp_path: Path, model_dir: Path) -> None
     before = snapshot()
     repo = _repo(tmp_path / "repo", model_dir)
     with Pool(repo) as pool:
-        assert pool.models() == ["tiny"]
+        assert [(s.name, s.state) for s in pool.models()] == [("tiny", "ready")]
         workers = pool.workers()
         assert len(workers) == 2 and {w.instance for w in workers} == {0, 1}
         assert all(w.flags["ENABLE_JIT_PROFILING"] is False for w in workers)

@@ -5,12 +5,20 @@ the model fails here with :class:`InvalidInputError` and no worker ever sees it.
 
 Inputs bind as in Triton's PyTorch backend: a key equal to a ``forward()`` argument
 name binds to it; a key ``<anything>__<i>`` binds to argument ``i``; a list binds by
-position. Outputs are named by the configured outputs (by their ``__<i>`` suffix, else
-in order) and default to ``OUTPUT__<i>``.
+position. A method that takes one ``Dict[str, Tensor]`` gets the request's inputs as that
+dictionary, keyed by their names (the declared inputs' names, if any are declared).
+Outputs are named by the configured outputs (by their ``__<i>`` suffix, else in order)
+and default to ``OUTPUT__<i>``.
+
+A ``TYPE_STRING`` input (TorchScript's ``List[str]``) takes a list or tuple of ``str``
+(or of UTF-8 ``bytes``), or a numpy array of str, bytes or such objects, and binds to
+:class:`~libtorchrt.transport.tensors.Strings`, encoded here once. An input that is not
+declared binds to strings when it is given as such.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,12 +28,16 @@ import torch
 
 from .config.model import ModelConfig, TensorSpec
 from .errors import InvalidInputError
+from .transport.tensors import Strings
 from .transport.wire import DTYPES
 
 __all__ = ["Binder"]
 
 _INDEXED = re.compile(r"^.+__(\d+)$")
 _WIRE_DTYPES = frozenset(DTYPES.values())
+_STRINGS = "a list of str (TYPE_STRING)"
+#: distinct key sets of a Dict[str, Tensor] model whose encoding is kept
+_MAX_KEY_SETS = 64
 
 
 def _index(name: str) -> int | None:
@@ -36,7 +48,19 @@ def _index(name: str) -> int | None:
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor {str(value.dtype).removeprefix('torch.')}{list(value.shape)} on {value.device}"
+    if isinstance(value, np.ndarray):
+        return f"numpy {value.dtype}{list(value.shape)}"
     return type(value).__name__
+
+
+def _stringlike(value: Any) -> bool:
+    """Whether an undeclared input was given as strings."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, (str, bytes)) for v in value)
+    if isinstance(value, np.ndarray):
+        kind = value.dtype.kind
+        return kind in "US" or (kind == "O" and all(isinstance(v, (str, bytes)) for v in value.flat))
+    return False
 
 
 class Binder:
@@ -45,19 +69,26 @@ class Binder:
     Args:
         cfg: the model's configuration.
         arg_names: the model method's argument names (without ``self``).
+        dict_input: the method takes one ``Dict[str, Tensor]`` (``wire.Ready.dict_input``).
     """
 
-    def __init__(self, cfg: ModelConfig, arg_names: Sequence[str]) -> None:
+    def __init__(self, cfg: ModelConfig, arg_names: Sequence[str], *, dict_input: bool = False) -> None:
         self.model = cfg.name
         self.arg_names = list(arg_names)
         self.max_batch_size = cfg.max_batch_size
+        self.dict_input = dict_input
+        #: the declared inputs by name (a Dict[str, Tensor] model's keys)
+        self.declared: dict[str, TensorSpec] = {spec.name: spec for spec in cfg.inputs}
+        # Resolved once: TensorSpec.torch_dtype raises for TYPE_STRING, which has none.
+        self._dtypes: dict[str, torch.dtype] = {s.name: s.torch_dtype for s in cfg.inputs if not s.is_string}
+        self._keys: dict[tuple[str, ...], Strings] = {}
         n = len(self.arg_names)
         self.positions: dict[str, int] = {name: i for i, name in enumerate(self.arg_names)}
         self.specs: list[TensorSpec | None] = [None] * n
         # Triton's precedence: argument name, then the `__<i>` suffix, then the
         # configuration's order, into the positions that no other spec claimed.
         unplaced: list[TensorSpec] = []
-        for spec in cfg.inputs:
+        for spec in cfg.inputs if not dict_input else ():
             pos = self.positions.get(spec.name)
             if pos is None:
                 pos = _index(spec.name)
@@ -71,26 +102,37 @@ class Binder:
             self.positions[spec.name] = pos
             self.specs[pos] = spec
         self._outputs = list(cfg.outputs)
+        #: outputs declared with a reshape (given their dims back: shape_outputs)
+        self._reshaped = [s for s in self._outputs if s.reshape is not None]
         self._output_names: dict[int, list[str]] = {}
 
     @property
     def expected(self) -> str:
+        if self.dict_input:
+            names = list(self.declared) if self.declared else "named by the request"
+            return f"a dict of input name -> tensor (the model takes one Dict[str, Tensor]): inputs {names}"
         return f"inputs {[self.display(i) for i in range(len(self.arg_names))]}"
 
     def display(self, pos: int) -> str:
         spec = self.specs[pos]
         return spec.name if spec is not None else self.arg_names[pos]
 
-    def bind(self, inputs: Any) -> list[torch.Tensor]:
-        """Return the request's tensors in argument order, checked.
+    def bind(self, inputs: Any) -> list[Any]:
+        """Return the request's values in argument order, checked: tensors, and
+        :class:`Strings` for string inputs. For a ``Dict[str, Tensor]`` model, the
+        dictionary's values, then its keys (as :class:`Strings`), last.
 
         Raises:
-            InvalidInputError: an input is unknown, missing, not a tensor, or of the
-                wrong dtype, rank or size.
+            InvalidInputError: an input is unknown, missing, not a tensor (not strings,
+                for a string input), or of the wrong dtype, rank or size.
         """
+        if self.dict_input:
+            return self._bind_dict(inputs)
         n = len(self.arg_names)
         if isinstance(inputs, (torch.Tensor, np.ndarray)):
             inputs = [inputs]
+        elif n == 1 and isinstance(inputs, (list, tuple)) and inputs and _stringlike(inputs):
+            inputs = [inputs]  # the strings of a one-argument model
         if isinstance(inputs, Mapping):
             bound: list[Any] = [None] * n
             for key, value in inputs.items():
@@ -115,10 +157,40 @@ class Binder:
             raise InvalidInputError(
                 self.model, None, "a dict of name -> tensor, or a list of tensors", type(inputs).__name__
             )
-        return [self._check(i, v) for i, v in enumerate(bound)]
+        return [self._check(self.display(i), self.specs[i], v) for i, v in enumerate(bound)]
 
-    def _check(self, pos: int, value: Any) -> torch.Tensor:
-        name = self.display(pos)
+    def _bind_dict(self, inputs: Any) -> list[Any]:
+        if not isinstance(inputs, Mapping):
+            raise InvalidInputError(self.model, None, self.expected, type(inputs).__name__)
+        values = []
+        for key, value in inputs.items():
+            spec = self.declared.get(key) if isinstance(key, str) else None
+            if spec is None and (self.declared or not isinstance(key, str)):
+                raise InvalidInputError(self.model, str(key), self.expected, f"unknown input {key!r}")
+            if spec is not None and spec.is_string:
+                raise InvalidInputError(
+                    self.model, key, "a tensor: the model takes one Dict[str, Tensor]", "an input declared TYPE_STRING"
+                )
+            values.append(self._check(key, spec, value, strings=False))
+        missing = [name for name, spec in self.declared.items() if name not in inputs and not spec.optional]
+        if missing:
+            raise InvalidInputError(self.model, missing[0], self.expected, f"no value for {missing}")
+        keys = tuple(inputs)
+        encoded = self._keys.get(keys)
+        if encoded is None:
+            if len(self._keys) >= _MAX_KEY_SETS:  # undeclared models may see any key sets
+                self._keys.clear()
+            try:
+                encoded = self._keys[keys] = Strings.of(keys)
+            except UnicodeEncodeError:
+                raise InvalidInputError(self.model, None, "input names in valid Unicode", repr(keys)) from None
+        return [*values, encoded]
+
+    def _check(self, name: str, spec: TensorSpec | None, value: Any, strings: bool = True) -> Any:
+        if spec is not None and spec.is_string:
+            return self._strings(name, spec, value)
+        if spec is None and strings and _stringlike(value):
+            return self._strings(name, None, value)
         if isinstance(value, np.ndarray):
             try:
                 value = torch.from_numpy(value)
@@ -132,15 +204,87 @@ class Binder:
             raise InvalidInputError(self.model, name, "a CPU or CUDA tensor", _describe(value))
         if value.dtype not in _WIRE_DTYPES or value.layout != torch.strided or value.is_quantized:
             raise InvalidInputError(self.model, name, "a dense tensor of a supported dtype", _describe(value))
-        spec = self.specs[pos]
         if spec is not None:
-            if value.dtype != spec.torch_dtype:
+            if value.dtype != self._dtypes[spec.name]:
                 raise InvalidInputError(
                     self.model, name, f"dtype {spec.dtype}", f"dtype {str(value.dtype).removeprefix('torch.')}"
                 )
             if spec.dims is not None:
-                self._check_shape(name, spec, tuple(value.shape))
+                shape = tuple(value.shape)
+                self._check_shape(name, spec, shape)
+                if spec.reshape is not None:  # Triton's reshape: the shape the model takes
+                    value = value.reshape(spec.model_shape(shape, self.max_batch_size > 0))
         return value
+
+    def _strings(self, name: str, spec: TensorSpec | None, value: Any) -> Strings:
+        """Check and encode a string input (see the module docstring)."""
+        items: Sequence[Any]
+        shape: tuple[int, ...] | None = None
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind not in "USO":
+                raise InvalidInputError(self.model, name, _STRINGS, _describe(value))
+            if value.ndim != 1:
+                shape = tuple(value.shape)
+                if spec is not None and spec.dims is not None:
+                    self._check_shape(name, spec, shape)
+                spec = None  # checked: its count follows
+            items = value.reshape(-1).tolist()
+        elif isinstance(value, (list, tuple)):
+            items = value
+        else:
+            raise InvalidInputError(self.model, name, _STRINGS, _describe(value))
+        encoded = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                try:
+                    encoded.append(item.encode())
+                except UnicodeEncodeError as e:
+                    raise InvalidInputError(
+                        self.model, name, "strings encodable as UTF-8", f"element {i}: {e.reason}"
+                    ) from None
+            elif isinstance(item, (bytes, bytearray)):
+                try:
+                    item.decode()  # the model gets str: the bytes must be UTF-8
+                except UnicodeDecodeError as e:
+                    raise InvalidInputError(
+                        self.model, name, "str, or bytes in UTF-8", f"element {i}: {e.reason} at byte {e.start}"
+                    ) from None
+                encoded.append(bytes(item))
+            else:
+                raise InvalidInputError(self.model, name, _STRINGS, f"element {i} is {_describe(item)}")
+        if spec is not None and spec.dims is not None:
+            shape = self._check_count(name, spec, len(encoded))
+        try:
+            return Strings(encoded, shape)
+        except ValueError as e:
+            raise InvalidInputError(self.model, name, "strings under 4 GiB each", str(e)) from None
+
+    def _check_count(self, name: str, spec: TensorSpec, count: int) -> tuple[int, ...] | None:
+        """A flat list of strings holds the elements of ``dims`` (rows of them, when the
+        model batches) in row-major order: check that ``count`` is such a number.
+
+        Returns:
+            The request's shape when ``dims`` tell it (no -1), else None (1-D).
+        """
+        dims = tuple(spec.dims or ())
+        per_row = math.prod(d for d in dims if d != -1)
+        batched = self.max_batch_size > 0
+        if -1 not in dims and not batched:
+            if count != per_row:
+                raise InvalidInputError(self.model, name, f"{per_row} strings (dims {list(dims)})", f"{count} strings")
+            return dims
+        if count % per_row if per_row else count:
+            raise InvalidInputError(
+                self.model, name, f"a multiple of {per_row} strings (dims {list(dims)})", f"{count} strings"
+            )
+        rows = count // per_row if per_row else 0
+        if not batched or -1 in dims:
+            return None
+        if rows > self.max_batch_size:
+            raise InvalidInputError(
+                self.model, name, f"at most max_batch_size={self.max_batch_size} rows", f"{rows} rows"
+            )
+        return (rows, *dims)
 
     def _check_shape(self, name: str, spec: TensorSpec, shape: tuple[int, ...]) -> None:
         dims = tuple(spec.dims or ())
@@ -153,6 +297,23 @@ class Binder:
             )
         if not ok:
             raise InvalidInputError(self.model, name, f"shape {list(dims)} (-1: any size)", f"shape {list(shape)}")
+
+    @property
+    def reshapes(self) -> bool:
+        return bool(self._reshaped)
+
+    def shape_outputs(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Give outputs declared with ``reshape`` their declared ``dims`` back (the model
+        produces the ``reshape`` shape; the caller gets ``dims``, as in Triton)."""
+        for spec in self._reshaped:
+            value = result.get(spec.name)
+            if isinstance(value, torch.Tensor) and spec.dims is not None and list(spec.dims).count(-1) <= 1:
+                lead = tuple(value.shape[:1]) if self.max_batch_size > 0 and value.dim() else ()
+                try:
+                    result[spec.name] = value.reshape(lead + tuple(spec.dims))
+                except RuntimeError:
+                    pass  # not that many elements: hand it over as the model made it
+        return result
 
     def output_names(self, count: int) -> list[str]:
         """Names for a result of ``count`` tensors (cached per count)."""

@@ -14,11 +14,16 @@
 
 ``read`` turns descriptors back into tensors: blobs are copied out of the header (they
 are small), frames and arena slots are viewed without copying.
+
+String tensors (``List[str]``) are the exception: ``write`` takes them as
+:class:`Strings`, already encoded, and always sends them as a ``BLOB``, however large
+(see ``wire``); ``read`` gives them back as ``list[str]``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -28,12 +33,79 @@ import zmq
 
 from ..errors import ProtocolError
 from .arena import Allocator, Arena
-from .wire import ARENA, BLOB, DTYPES, FRAME, TensorDesc, dtype_name
+from .wire import ARENA, BLOB, DTYPES, FRAME, STRING, TensorDesc, decode_strings, dtype_name, encode_strings
 
-__all__ = ["DEFAULT_INLINE_THRESHOLD", "Placed", "as_frame", "as_tensor", "read", "write"]
+__all__ = ["DEFAULT_INLINE_THRESHOLD", "Placed", "Strings", "as_frame", "as_tensor", "read", "write"]
 
 #: Tensors at most this large travel inside the message header.
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
+
+
+class Strings:
+    """A string tensor (``TYPE_STRING``; TorchScript's ``List[str]``), encoded for the wire.
+
+    The front binds a request's string inputs to this, and the worker a model's string
+    outputs, so that each is encoded once. The model always gets (and gives) a flat list;
+    ``shape`` keeps the request's shape (``[batch, *dims]``, as Triton's clients send
+    ``[N, 1]`` arrays), for the front's row counting; the wire carries ``[count]``.
+
+    A request carries it beside its tensors, so it answers the few tensor questions the
+    front asks of every input: ``is_cuda`` (False), ``cpu()`` (itself), ``shape``,
+    ``dim()``, and its size as the ``uint8`` buffer of its encoding: ``nbytes``, and
+    ``numel()`` (the encoding's length) times ``element_size()`` (1). Byte limits
+    (``max_request_bytes``) therefore count what crosses the wire: each element's UTF-8
+    bytes plus 4.
+
+    Args:
+        items: the elements, each already UTF-8 encoded.
+        shape: the request's shape, holding ``len(items)`` elements (default: 1-D).
+
+    Raises:
+        ValueError: an element of 4 GiB or more, or a ``shape`` of another size.
+    """
+
+    __slots__ = ("blob", "count", "shape")
+    is_cuda = False
+
+    def __init__(self, items: Sequence[bytes], shape: Sequence[int] | None = None) -> None:
+        #: Triton's ``BYTES`` serialization of the elements
+        self.blob = encode_strings(items)
+        #: the number of elements
+        self.count = len(items)
+        self.shape: tuple[int, ...] = (self.count,) if shape is None else tuple(shape)
+        if math.prod(self.shape) != self.count:
+            raise ValueError(f"shape {list(self.shape)} does not hold {self.count} strings")
+
+    @classmethod
+    def of(cls, values: Sequence[str]) -> Strings:
+        """Encode ``values`` (``str`` elements), 1-D.
+
+        Raises:
+            UnicodeEncodeError: an element holds a lone surrogate.
+        """
+        return cls([v.encode() for v in values])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+    def numel(self) -> int:
+        return len(self.blob)
+
+    def element_size(self) -> int:
+        return 1
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def cpu(self) -> Strings:
+        return self
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"<Strings {list(self.shape)}, {len(self.blob)} bytes>"
 
 
 class Placed(NamedTuple):
@@ -104,6 +176,29 @@ def as_tensor(buf: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[tor
     return torch.from_numpy(owner).view(dtype).view(shape), owner
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray | None:
+    """``t`` as a numpy array sharing its memory, or None (bfloat16, conjugate or
+    negative views, a tensor that requires grad, not on the CPU)."""
+    if t.dtype not in _NUMPY:
+        return None
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError, ValueError):  # ValueError: shapes numpy cannot hold
+        return None
+
+
+def _copy_array(arena: Arena, offset: int, arr: np.ndarray) -> None:
+    """Copy ``arr`` (any strides) into the arena at ``offset``, in C order.
+
+    numpy lets go of the GIL for a big copy, and keeps it for a small one.
+    """
+    nbytes = arr.nbytes
+    if offset < 0 or offset + nbytes > arena.size:
+        raise ValueError(f"slot [{offset}, {offset + nbytes}) lies outside the {arena.size}-byte arena")
+    dest = arena.bytes[offset : offset + nbytes].view(arr.dtype).reshape(arr.shape)
+    np.copyto(dest, arr)
+
+
 def _copy_into(arena: Arena, offset: int, nbytes: int, t: torch.Tensor) -> None:
     if offset < 0 or offset + nbytes > arena.size:  # a raw copy has no bounds of its own
         raise ValueError(f"slot [{offset}, {offset + nbytes}) lies outside the {arena.size}-byte arena")
@@ -118,7 +213,7 @@ def _copy_into(arena: Arena, offset: int, nbytes: int, t: torch.Tensor) -> None:
 
 
 def write(
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor | Strings],
     arena: Arena | None,
     allocator: Allocator | None,
     inline_threshold: int,
@@ -127,7 +222,7 @@ def write(
 
     Blobs and arena slots are copies, so the caller may change its tensors as soon as
     this returns; only a ``FRAME`` (arena full) still refers to the caller's memory
-    until ZeroMQ has sent it.
+    until ZeroMQ has sent it. :class:`Strings` always go as a ``BLOB``.
 
     Raises:
         KeyError: a tensor's dtype cannot cross the wire.
@@ -138,7 +233,24 @@ def write(
     offsets: list[int] = []
     try:
         for t in tensors:
+            if isinstance(t, Strings):
+                descs.append(TensorDesc(STRING, (t.count,), BLOB, len(blobs)))
+                blobs.append(t.blob)
+                continue
             name = dtype_name(t.dtype)
+            arr = _numpy(t)
+            if arr is not None:  # the common case, without torch calls (see above)
+                nbytes = arr.nbytes
+                if nbytes <= inline_threshold:
+                    descs.append(TensorDesc(name, arr.shape, BLOB, len(blobs)))
+                    blobs.append(arr.tobytes())
+                    continue
+                offset = allocator.alloc(nbytes) if arena is not None and allocator is not None else None
+                if offset is not None:
+                    offsets.append(offset)
+                    _copy_array(arena, offset, arr)  # type: ignore[arg-type]
+                    descs.append(TensorDesc(name, arr.shape, ARENA, offset))
+                    continue
             shape = tuple(t.shape)
             nbytes = t.numel() * t.element_size()
             if nbytes <= inline_threshold:
@@ -167,8 +279,8 @@ def read(
     frames: Sequence[zmq.Frame],
     slot: Callable[[TensorDesc], torch.Tensor] | None,
     device_slot: Callable[[TensorDesc], torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
-    """Rebuild tensors from descriptors.
+) -> list[Any]:
+    """Rebuild tensors from descriptors (string tensors as ``list[str]``).
 
     Args:
         descs: the descriptors, in order.
@@ -181,12 +293,19 @@ def read(
 
     Raises:
         ProtocolError: a descriptor names a missing blob or frame, one of the wrong
-            size, or a slot outside the arena.
+            size, or a slot outside the arena; or a string blob is malformed.
     """
-    out: list[torch.Tensor] = []
+    out: list[Any] = []
     for d in descs:
-        dtype = DTYPES[d.dtype]
         kind = d.kind
+        if d.dtype == STRING:
+            if kind != BLOB or len(d.shape) != 1:  # wire.decode refuses these too
+                raise ProtocolError(f"a string tensor must be a 1-D blob, got shape {list(d.shape)} of kind {kind}")
+            if d.where >= len(blobs):
+                raise ProtocolError(f"descriptor names blob {d.where} of {len(blobs)}")
+            out.append(decode_strings(blobs[d.where], d.shape[0]))
+            continue
+        dtype = DTYPES[d.dtype]
         if kind == BLOB:
             if d.where >= len(blobs):
                 raise ProtocolError(f"descriptor names blob {d.where} of {len(blobs)}")

@@ -11,11 +11,24 @@ A tensor is described by :class:`TensorDesc` ``(dtype, shape, inline, where)``: 
 bytes are either data frame number ``where`` (``inline``) or ``nbytes`` bytes at offset
 ``where`` of the sender's shared-memory arena. Nothing is pickled, ever: the decoder
 only accepts msgpack's plain types and checks every field's type and range.
+
+A *string tensor* (Triton's ``TYPE_STRING``, TorchScript's ``List[str]``) has dtype
+``"string"`` and a 1-D shape ``[n]``, and always travels as a ``BLOB``, however large:
+its blob is Triton's ``BYTES`` serialization, each element a 4-byte little-endian length
+followed by that many bytes of UTF-8 (:func:`encode_strings`). :func:`decode_strings`
+checks it strictly (the lengths add up to the blob exactly, the bytes are UTF-8). Its size
+is bounded like any header's: by the front's ``max_request_bytes`` on the way in.
+
+A request for a model whose method takes one ``Dict[str, Tensor]`` (``Ready.dict_input``)
+carries one tensor per key, then the dictionary's keys, in the same order, as a last
+string tensor (last, so that a request's first tensor is still its first input).
 """
 
 from __future__ import annotations
 
 import math
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -27,6 +40,7 @@ from ..errors import ProtocolError
 __all__ = [
     "DTYPES",
     "PROTOCOL_VERSION",
+    "STRING",
     "Error",
     "Export",
     "Failed",
@@ -38,8 +52,10 @@ __all__ = [
     "Shutdown",
     "TensorDesc",
     "decode",
+    "decode_strings",
     "dtype_name",
     "encode",
+    "encode_strings",
 ]
 
 PROTOCOL_VERSION = 1
@@ -61,6 +77,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+#: The wire name of a string tensor (a ``List[str]``): not a torch dtype, so not in DTYPES.
+STRING = "string"
 
 # Bounds that keep a hostile header from making the receiver allocate absurd amounts.
 _MAX_DIMS = 32
@@ -97,6 +115,7 @@ class TensorDesc(NamedTuple):
 
     @property
     def nbytes(self) -> int:
+        """The tensor's size in bytes (not for a string tensor, whose size is its blob's)."""
         return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
 
@@ -104,7 +123,7 @@ def _desc(raw: Any) -> TensorDesc:
     if not isinstance(raw, list) or len(raw) < 4:
         raise ProtocolError(f"tensor descriptor must be a 4-element array, got {raw!r:.80}")
     dtype, shape, kind, where = raw[0], raw[1], raw[2], raw[3]
-    if type(dtype) is not str or dtype not in _ITEMSIZE:
+    if type(dtype) is not str or (dtype not in _ITEMSIZE and dtype != STRING):
         raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
     if (
         not isinstance(shape, list)
@@ -114,7 +133,59 @@ def _desc(raw: Any) -> TensorDesc:
         raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
     if type(kind) is not int or kind not in _KINDS_OF_PLACE or type(where) is not int or where < 0:
         raise ProtocolError(f"bad location {kind!r:.20}/{where!r:.20} in tensor descriptor")
+    if dtype == STRING and (kind != BLOB or len(shape) != 1):
+        raise ProtocolError(f"a string tensor must be a 1-D blob, got shape {shape!r:.40} of kind {kind}")
     return TensorDesc(dtype, tuple(shape), kind, where)
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def encode_strings(items: Sequence[bytes]) -> bytes:
+    """Triton's ``BYTES`` serialization of ``items`` (each already UTF-8 encoded).
+
+    Raises:
+        ValueError: an element of 4 GiB or more, whose length has no 4-byte encoding.
+    """
+    parts = []
+    pack = _LENGTH.pack
+    for item in items:
+        if len(item) > 0xFFFFFFFF:
+            raise ValueError(f"a string of {len(item)} bytes; at most 4 GiB - 1 fit the wire format")
+        parts.append(pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def decode_strings(blob: bytes, count: int) -> list[str]:
+    """The ``count`` strings of a ``BYTES`` blob (see :func:`encode_strings`).
+
+    Raises:
+        ProtocolError: the blob does not hold exactly ``count`` length-prefixed
+            elements (one too long, too short, bytes left over), or one is not UTF-8.
+    """
+    size = len(blob)
+    if count > size // _LENGTH.size:  # before allocating anything for a hostile count
+        raise ProtocolError(f"a blob of {size} bytes cannot hold {count} strings")
+    out: list[str] = []
+    unpack = _LENGTH.unpack_from
+    pos = 0
+    for i in range(count):
+        if pos + 4 > size:
+            raise ProtocolError(f"string blob ends inside the length of element {i} of {count}")
+        (length,) = unpack(blob, pos)
+        pos += 4
+        end = pos + length
+        if end > size:
+            raise ProtocolError(f"element {i} of a string blob claims {length} bytes; {size - pos} are left")
+        try:
+            out.append(str(blob[pos:end], "utf-8"))
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"element {i} of a string blob is not UTF-8: {e.reason} at byte {e.start}") from None
+        pos = end
+    if pos != size:
+        raise ProtocolError(f"{size - pos} bytes left over after the {count} elements of a string blob")
+    return out
 
 
 @dataclass(slots=True)
@@ -128,6 +199,9 @@ class Ready:
     inputs: list[str] = field(default_factory=list)
     device: str = "cpu"
     warnings: list[str] = field(default_factory=list)
+    #: the method takes one ``Dict[str, Tensor]`` (``inputs`` is its one argument's
+    #: name): requests carry the keys last (see the module docstring)
+    dict_input: bool = False
 
 
 @dataclass(slots=True)
@@ -196,6 +270,9 @@ class Request:
     #: offsets of ``device_out`` slots the front no longer uses
     device_releases: list[int] = field(default_factory=list)
     device_ids: list[int] = field(default_factory=list)
+    #: a batch of requests run as one execution: the rows of each, in order (empty:
+    #: one request); ``tensors`` then holds each request's inputs in turn
+    batch: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -246,7 +323,11 @@ _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) 
 def encode(msg: Message) -> bytes:
     """Encode a message as a header frame (its data frames are sent separately)."""
     if isinstance(msg, Request):  # the hot path, without generic field walking
-        if msg.device_in < 0 and msg.device_out < 0 and not (msg.exports or msg.device_releases or msg.device_ids):
+        if (
+            msg.device_in < 0
+            and msg.device_out < 0
+            and not (msg.exports or msg.device_releases or msg.device_ids or msg.batch)
+        ):
             return msgpack.packb([3, msg.id, msg.tensors, msg.releases, msg.blobs])
         return msgpack.packb(
             [
@@ -260,6 +341,7 @@ def encode(msg: Message) -> bytes:
                 msg.device_out,
                 msg.device_releases,
                 msg.device_ids,
+                msg.batch,
             ]
         )
     if isinstance(msg, Response):
@@ -319,6 +401,9 @@ def _request(values: list[Any]) -> Request:
             setattr(request, name, value)
         request.device_releases = _offsets(values, 7, "device_releases")
         request.device_ids = _offsets(values, 8, "device_ids")
+        request.batch = _offsets(values, 9, "batch")
+        if len(request.batch) > _MAX_TENSORS or any(rows == 0 for rows in request.batch):
+            raise ProtocolError("malformed Request message: batch must list at most 4096 positive row counts")
     return request
 
 
@@ -355,6 +440,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "traceback": (str,),
     "input_error": (bool,),
     "fatal": (bool,),
+    "dict_input": (bool,),
     "offsets": (list,),
 }
 

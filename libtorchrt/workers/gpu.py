@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -133,14 +134,23 @@ class GpuSide:
             raise ProtocolError(f"no request buffer {buffer_id} was exported to this worker")
         event.wait(self.stream)
 
-    def to_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t if t.is_cuda else t.to(self.device, non_blocking=True) for t in tensors]
+    def to_device(self, args: list[Any]) -> list[Any]:
+        """The method's arguments with their host tensors moved to this GPU (strings
+        stay as they are; a ``Dict[str, Tensor]``'s values move)."""
+        return [self._moved(a) for a in args]
+
+    def _moved(self, arg: Any) -> Any:
+        if isinstance(arg, torch.Tensor):
+            return arg if arg.is_cuda else arg.to(self.device, non_blocking=True)
+        if isinstance(arg, dict):
+            return {k: self._moved(v) for k, v in arg.items()}
+        return arg
 
     # ── outputs ────────────────────────────────────────────────────────────────
 
     def place(
         self,
-        outputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor | tensor_io.Strings],
         device_out: int,
         responses: Arena,
         allocator: Allocator,
@@ -149,7 +159,8 @@ class GpuSide:
         """Put the outputs where the front reads them: the front's response buffer
         when it asked for CUDA outputs (``device_out``), else host memory (the big ones
         copied by DMA straight into the response arena). Copies are queued on this
-        worker's stream; the caller synchronises it before replying.
+        worker's stream; the caller synchronises it before replying. String outputs
+        go as blobs, as from a CPU worker.
 
         Returns:
             The placement, and the response-buffer slots it took.
@@ -163,22 +174,23 @@ class GpuSide:
         device_offsets: list[int] = []
         try:
             for t in outputs:
-                nbytes = t.numel() * t.element_size()
-                name, shape = dtype_name(t.dtype), tuple(t.shape)
-                if t.is_cuda and device_out >= 0 and nbytes and self.out_allocator is not None:
-                    offset = self.out_allocator.alloc(nbytes)
-                    if offset is not None:
-                        device_offsets.append(offset)
-                        self.buffers[device_out].view(offset, nbytes, t.dtype, shape).copy_(t)
-                        descs.append(TensorDesc(name, shape, DEVICE, offset))
-                        continue
-                if t.is_cuda and nbytes > inline_threshold:
-                    offset = allocator.alloc(nbytes)
-                    if offset is not None:
-                        offsets.append(offset)
-                        responses.view(offset, nbytes, t.dtype, shape).copy_(t, non_blocking=bool(self.pinned))
-                        descs.append(TensorDesc(name, shape, ARENA, offset))
-                        continue
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    nbytes = t.numel() * t.element_size()
+                    name, shape = dtype_name(t.dtype), tuple(t.shape)
+                    if device_out >= 0 and nbytes and self.out_allocator is not None:
+                        offset = self.out_allocator.alloc(nbytes)
+                        if offset is not None:
+                            device_offsets.append(offset)
+                            self.buffers[device_out].view(offset, nbytes, t.dtype, shape).copy_(t)
+                            descs.append(TensorDesc(name, shape, DEVICE, offset))
+                            continue
+                    if nbytes > inline_threshold:
+                        offset = allocator.alloc(nbytes)
+                        if offset is not None:
+                            offsets.append(offset)
+                            responses.view(offset, nbytes, t.dtype, shape).copy_(t, non_blocking=bool(self.pinned))
+                            descs.append(TensorDesc(name, shape, ARENA, offset))
+                            continue
                 # Small, or no room: bring it to the host and place it as any output.
                 one = tensor_io.write([t.cpu()], responses, allocator, inline_threshold)
                 (d,) = one.descs

@@ -3,11 +3,17 @@
 Runs in a fresh interpreter started by the front (``python -m libtorchrt.workers``).
 Start-up order matters: die with the parent first (so a front killed at any moment
 leaves no orphan), then apply the execution-mode flags (TorchScript reads them when it
-first compiles), then load the model, then say READY with the flags read back from torch.
+first compiles), then load the model and freeze / optimize it if its flags ask (a failure
+is a start failure), then say READY with the flags read back from torch.
 
 The loop is single-threaded and owns the one DEALER socket: receive a request, view its
 inputs in the request arena (no copy), run the model, write the outputs into the
 response arena (one copy), reply. A model exception fails that request only.
+
+String inputs arrive as ``list[str]`` and ``List[str]`` outputs go back as string
+tensors; a method that takes one ``Dict[str, Tensor]`` is called with the request's keys
+and tensors as that dictionary (see ``transport.wire``). Inputs whose kind (tensor or
+strings) does not match the method's argument types are refused as the caller's error.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +41,7 @@ from ..transport import tensors as tensor_io
 from ..transport import wire
 from ..transport.arena import Allocator, Arena
 from ..transport.sockets import recv, send
+from . import batching
 from . import flags as flag_mod
 from .gpu import GpuSide
 
@@ -159,23 +167,64 @@ def _load(spec: WorkerSpec) -> torch.jit.ScriptModule:
     return module
 
 
-def _input_names(module: torch.jit.ScriptModule, method: str) -> list[str]:
+@dataclass
+class _Signature:
+    """What the worker needs of the method's schema."""
+
+    names: list[str]
+    #: per argument: "tensor", "strings", or None (not checked here)
+    kinds: list[str | None]
+    #: the method takes one Dict[str, Tensor]
+    dict_input: bool
+    #: the method returns one List[str]
+    strings_out: bool
+
+
+_KINDS = {"Tensor": "tensor", "Optional[Tensor]": "tensor", "List[str]": "strings", "Optional[List[str]]": "strings"}
+
+
+def _signature(module: torch.jit.ScriptModule, method: str) -> _Signature:
     schema = getattr(module, method).schema
-    return [a.name for a in schema.arguments[1:]]  # drop self
+    types = [str(a.type) for a in schema.arguments[1:]]  # drop self
+    returns = [str(r.type) for r in schema.returns]
+    return _Signature(
+        names=[a.name for a in schema.arguments[1:]],
+        kinds=[_KINDS.get(t) for t in types],
+        dict_input=types == ["Dict[str, Tensor]"],
+        strings_out=returns == ["List[str]"],
+    )
 
 
-def _outputs(result: Any) -> list[torch.Tensor]:
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(s, str) for s in value)
+
+
+def _outputs(result: Any, strings_out: bool = False) -> list[torch.Tensor | tensor_io.Strings]:
     if isinstance(result, torch.Tensor):
         return [result]
-    if isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in result):
-        return list(result)
-    raise TypeError(f"the model returned {type(result).__name__}; expected a Tensor or a tuple/list of Tensors")
+    if strings_out:  # one List[str]; the schema tells it from an empty list of tensors
+        return [tensor_io.Strings.of(result)]
+    if isinstance(result, (tuple, list)):
+        out: list[torch.Tensor | tensor_io.Strings] = []
+        for item in result:
+            if isinstance(item, torch.Tensor):
+                out.append(item)
+            elif _is_strings(item):
+                out.append(tensor_io.Strings.of(item))
+            else:
+                break
+        else:
+            return out
+    raise TypeError(
+        f"the model returned {type(result).__name__}; expected a Tensor, a List[str], or a tuple/list of them"
+    )
 
 
 class _Worker:
     def __init__(self, spec: WorkerSpec, module: Any, sock: zmq.Socket, flags: flag_mod.Flags) -> None:
         self.spec = spec
         self.method = getattr(module, spec.method)
+        self.signature = _signature(module, spec.method)
         self.sock = sock
         self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
         self.responses = Arena(spec.response_bytes, fd=spec.response_fd)
@@ -188,6 +237,41 @@ class _Worker:
 
     def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
         return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
+
+    def _read(
+        self, msg: wire.Request, frames: list[zmq.Frame], device_slot: Callable[[wire.TensorDesc], torch.Tensor] | None
+    ) -> list[Any]:
+        """A request's inputs; for a batch, one per argument holding every request's rows."""
+        if msg.batch:
+            return batching.gather(msg.tensors, msg.batch, msg.blobs, frames, self._slot, device_slot)
+        return tensor_io.read(msg.tensors, msg.blobs, frames, self._slot, device_slot)
+
+    def _arguments(self, inputs: list[Any]) -> list[Any]:
+        """The method's arguments for a request's inputs, checked against its schema.
+
+        Raises:
+            ProtocolError: strings for a tensor argument or a tensor for a string one;
+                for a ``Dict[str, Tensor]`` method, inputs that are not one tensor per
+                key followed by the keys (distinct strings).
+        """
+        sig = self.signature
+        if sig.dict_input:
+            keys: Any = inputs[-1] if inputs else None
+            values = inputs[:-1]
+            if not _is_strings(keys) or len(keys) != len(values) or len(set(keys)) != len(keys):
+                raise ProtocolError(
+                    "a request for a Dict[str, Tensor] method must carry a tensor per key, then the keys (strings)"
+                )
+            for key, value in zip(keys, values):
+                if not isinstance(value, torch.Tensor):
+                    raise ProtocolError(f"input {key!r}: the method takes Dict[str, Tensor]; got strings")
+            return [dict(zip(keys, values))]
+        for name, kind, value in zip(sig.names, sig.kinds, inputs):
+            if kind is not None and isinstance(value, torch.Tensor) != (kind == "tensor"):
+                got = "a tensor" if isinstance(value, torch.Tensor) else f"{len(value)} strings"
+                want = "a Tensor" if kind == "tensor" else "a List[str]"
+                raise ProtocolError(f"input {name!r}: the method takes {want}; got {got}")
+        return inputs
 
     def serve(self) -> int:
         """Serve requests until told to stop; return the process's exit status."""
@@ -227,12 +311,14 @@ class _Worker:
         if self.gpu is not None:
             return self._run_gpu(msg, frames, self.gpu)
         try:
-            inputs = tensor_io.read(msg.tensors, msg.blobs, frames, self._slot)
+            inputs = self._arguments(self._read(msg, frames, None))
         except Exception as e:  # whatever a hostile descriptor provokes, answer it
             self._send_error(msg.id, e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}"))
             return True
         try:
-            outputs = _outputs(self.method(*inputs))
+            outputs = _outputs(self.method(*inputs), self.signature.strings_out)
+            if msg.batch:
+                batching.check_rows(outputs, sum(msg.batch))
             placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
             return self._failed(msg.id, e)
@@ -249,9 +335,7 @@ class _Worker:
                 if msg.device_in >= 0:
                     gpu.wait_inputs(msg.device_in)
                 owners = iter(msg.device_ids)
-                inputs = tensor_io.read(
-                    msg.tensors, msg.blobs, frames, self._slot, lambda d: gpu.input_view(next(owners, -1), d)
-                )
+                inputs = self._arguments(self._read(msg, frames, lambda d: gpu.input_view(next(owners, -1), d)))
         except Exception as e:
             self._send_error(msg.id, e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}"))
             return True
@@ -259,7 +343,9 @@ class _Worker:
         device_offsets: list[int] = []
         try:
             with torch.cuda.stream(gpu.stream):
-                outputs = _outputs(self.method(*gpu.to_device(inputs)))
+                outputs = _outputs(self.method(*gpu.to_device(inputs)), self.signature.strings_out)
+                if msg.batch:
+                    batching.check_rows(outputs, sum(msg.batch))
                 placed, device_offsets = gpu.place(
                     outputs, msg.device_out, self.responses, self.allocator, self.spec.inline_threshold
                 )
@@ -310,8 +396,7 @@ def main(argv: list[str]) -> int:
                 notes = flag_mod.apply(fl, cpu=spec.device == "cpu")
             for w in caught:
                 print(f"libtorchrt worker {spec.model}/{spec.instance}: {w.message}", file=sys.stderr)
-            module = _load(spec)
-            names = _input_names(module, spec.method)
+            module = flag_mod.prepare(_load(spec), fl, method=spec.method, model=spec.model)
             worker = _Worker(spec, module, sock, fl)
             effective = flag_mod.effective(fl)
         except Exception as e:
@@ -320,7 +405,8 @@ def main(argv: list[str]) -> int:
             return 1
         if worker.gpu is not None:
             notes += worker.gpu.notes
-        ready = wire.Ready(wire.PROTOCOL_VERSION, os.getpid(), effective, names, spec.device, notes)
+        sig = worker.signature
+        ready = wire.Ready(wire.PROTOCOL_VERSION, os.getpid(), effective, sig.names, spec.device, notes, sig.dict_input)
         sock.send(wire.encode(ready))
         mode = torch.inference_mode if effective["INFERENCE_MODE"] else torch.no_grad
         try:

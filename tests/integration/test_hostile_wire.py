@@ -295,7 +295,7 @@ class WireWorker:
             tensors = tensor_io.read(msg.tensors, msg.blobs, [zmq.Frame(f) for f in case.frames], slot)
         except Exception:
             return Expect("error", msg.id)
-        if len(tensors) != 1:  # identity's forward() takes exactly one tensor
+        if len(tensors) != 1 or not isinstance(tensors[0], torch.Tensor):  # identity takes exactly one tensor
             return Expect("error", msg.id)
         (t,) = tensors
         return Expect("response", msg.id, msg.tensors[0].dtype, tuple(t.shape), raw_bytes(t))
@@ -667,6 +667,25 @@ def targeted_cases(size: int) -> list[Case]:
         Case("kind 3 (DEVICE) to a CPU worker", msgpack.packb([3, 15, [["float32", [2], 3, 0]], [], [ok]])),
         Case("DEVICE input naming a buffer", msgpack.packb([3, 15, [["float32", [2], 3, 0]], [], [], [], 1, -1, []])),
         Case("kind 4", msgpack.packb([3, 15, [["float32", [2], 4, 0]], [], [ok]])),
+        # string tensors (Triton's BYTES blobs); identity's argument is a Tensor, so even a valid one is refused
+        *(
+            Case(what, msgpack.packb([3, 16, [["string", shape, kind, 0]], [], [blob]]))
+            for what, shape, kind, blob in [
+                ("valid strings for a tensor argument", [2], BLOB, b"\x01\0\0\0a\0\0\0\0"),
+                ("string blob ending inside a length", [1], BLOB, b"\x01\0\0"),
+                ("string element past the blob's end", [1], BLOB, b"\x05\0\0\0abc"),
+                ("string element claiming 4 GiB", [1], BLOB, b"\xff\xff\xff\xffabc"),
+                ("string blob with bytes left over", [1], BLOB, b"\x01\0\0\0ab"),
+                ("more strings declared than held", [3], BLOB, b"\x01\0\0\0a"),
+                ("2**40-1 strings in 5 bytes", [2**40 - 1], BLOB, b"\x01\0\0\0a"),
+                ("string that is not UTF-8", [1], BLOB, b"\x02\0\0\0\xc3\x28"),
+                ("string holding a UTF-8 surrogate", [1], BLOB, b"\x03\0\0\0\xed\xa0\x80"),
+                ("strings in the arena", [1], ARENA, b""),
+                ("strings as a frame", [1], FRAME, b""),
+                ("strings of two dimensions", [1, 1], BLOB, b"\0\0\0\0"),
+                ("a string scalar", [], BLOB, b"\0\0\0\0"),
+            ]
+        ),
         # GPU fields, which a CPU worker ignores (or refuses when malformed)
         Case(
             "CUDA exports to a CPU worker",

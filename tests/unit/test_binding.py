@@ -12,6 +12,8 @@ import torch
 
 from libtorchrt import ConfigError, InvalidInputError, ModelConfig, TensorSpec
 from libtorchrt._binding import Binder
+from libtorchrt.transport.tensors import Strings
+from libtorchrt.transport.wire import decode_strings
 
 
 def binder(
@@ -19,9 +21,10 @@ def binder(
     inputs: Sequence[TensorSpec] = (),
     outputs: Sequence[TensorSpec] = (),
     max_batch_size: int = 0,
+    dict_input: bool = False,
 ) -> Binder:
     cfg = ModelConfig(name="m", path="m.pt", inputs=inputs, outputs=outputs, max_batch_size=max_batch_size)
-    return Binder(cfg, list(args))
+    return Binder(cfg, list(args), dict_input=dict_input)
 
 
 def refused(b: Binder, inputs: Any) -> InvalidInputError:
@@ -169,7 +172,9 @@ def test_unsupported_dtype_or_layout(kind: str) -> None:
 
 
 def test_numpy_array_of_an_unsupported_dtype() -> None:
-    e = refused(binder(), {"a": np.array(["x", "y"]), "b": B})
+    e = refused(binder(), {"a": np.array(["2020-01-01"], dtype="datetime64[D]"), "b": B})
+    assert e.input == "a" and e.got.startswith("numpy ")
+    e = refused(binder(), {"a": np.array([1, "x"], dtype=object), "b": B})  # not all strings
     assert e.input == "a" and e.got.startswith("numpy ")
     e = refused(binder(), {"a": np.zeros(2, dtype=np.uint32), "b": B})
     assert e.input == "a"
@@ -294,3 +299,200 @@ def test_mixed_output_names_fall_back_to_order() -> None:
 def test_output_names_are_cached_per_count() -> None:
     b = binder(outputs=[TensorSpec("y")])
     assert b.output_names(2) is b.output_names(2)
+
+
+# ------------------------------------------------------------------ TYPE_STRING
+
+
+def strings_of(value: Any) -> list[str]:
+    """The elements a bound Strings carries (decoded back from its wire encoding)."""
+    assert isinstance(value, Strings)
+    return decode_strings(value.blob, value.count)
+
+
+TEXT = [TensorSpec("text", "TYPE_STRING", [-1])]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        pytest.param(["ab", "cd"], ["ab", "cd"], id="list"),
+        pytest.param(("ab",), ["ab"], id="tuple"),
+        pytest.param([], [], id="empty"),
+        pytest.param(["", "é", "日本", "a\x00b"], ["", "é", "日本", "a\x00b"], id="non-ascii"),
+        pytest.param([b"ab", bytearray(b"c"), "d"], ["ab", "c", "d"], id="bytes"),
+        pytest.param(np.array(["ab", "é"]), ["ab", "é"], id="numpy-unicode"),
+        pytest.param(np.array([b"ab", b"c"]), ["ab", "c"], id="numpy-bytes"),
+        pytest.param(np.array(["ab", b"c"], dtype=object), ["ab", "c"], id="numpy-object"),
+    ],
+)
+def test_string_inputs_accept_lists_tuples_bytes_and_numpy(value: Any, expected: list[str]) -> None:
+    (out,) = binder(["text"], inputs=TEXT).bind({"text": value})
+    assert strings_of(out) == expected
+
+
+def test_string_inputs_never_ask_for_a_torch_dtype() -> None:
+    # TensorSpec.torch_dtype raises ConfigError for TYPE_STRING: binding must not call it.
+    b = binder(["x", "text"], inputs=[TensorSpec("x", "float32", [-1]), *TEXT])
+    x, text = b.bind({"x": torch.ones(2), "text": ["a"]})
+    assert isinstance(x, torch.Tensor) and strings_of(text) == ["a"]
+    e = refused(b, {"x": torch.ones(2), "text": torch.ones(2)})
+    assert (e.input, e.expected) == ("text", "a list of str (TYPE_STRING)")
+
+
+def test_a_list_of_strings_binds_to_a_one_input_model_on_its_own() -> None:
+    (out,) = binder(["text"], inputs=TEXT).bind(["a", "b"])
+    assert strings_of(out) == ["a", "b"]
+    (out,) = binder(["text"], inputs=TEXT).bind([["a", "b"]])  # positionally
+    assert strings_of(out) == ["a", "b"]
+    (out,) = binder(["text"], inputs=TEXT).bind(np.array(["a"]))
+    assert strings_of(out) == ["a"]
+
+
+def test_undeclared_inputs_bind_to_strings_when_given_strings() -> None:
+    a, b = binder().bind({"a": ["x"], "b": B})
+    assert strings_of(a) == ["x"] and b is B
+    (out,) = binder(["x"]).bind(np.array(["y", "z"]))
+    assert strings_of(out) == ["y", "z"]
+    (out,) = binder(["x"]).bind(np.array([["a", "b"], ["c", "d"]]))
+    assert strings_of(out) == ["a", "b", "c", "d"], "row-major"
+
+
+@pytest.mark.parametrize(
+    "value, expected, got",
+    [
+        pytest.param(torch.zeros(2), "a list of str (TYPE_STRING)", "tensor float32[2] on cpu", id="tensor"),
+        pytest.param("ab", "a list of str (TYPE_STRING)", "str", id="a-bare-str"),
+        pytest.param(b"ab", "a list of str (TYPE_STRING)", "bytes", id="a-bare-bytes"),
+        pytest.param({"ab"}, "a list of str (TYPE_STRING)", "set", id="set"),
+        pytest.param(np.zeros(2), "a list of str (TYPE_STRING)", "numpy float64[2]", id="numpy-float"),
+        pytest.param(["a", 1], "a list of str (TYPE_STRING)", "element 1 is int", id="int-element"),
+        pytest.param([["a"]], "a list of str (TYPE_STRING)", "element 0 is list", id="nested-list"),
+        pytest.param(np.array(["a", 1], dtype=object), "a list of str (TYPE_STRING)", "element 1 is int", id="np-obj"),
+        pytest.param([b"\xff"], "str, or bytes in UTF-8", "element 0: invalid start byte at byte 0", id="not-utf8"),
+        pytest.param(
+            ["ok", "\udc80"], "strings encodable as UTF-8", "element 1: surrogates not allowed", id="surrogate"
+        ),
+    ],
+)
+def test_bad_string_values_are_refused_naming_the_input(value: Any, expected: str, got: str) -> None:
+    e = refused(binder(["text"], inputs=TEXT), {"text": value})
+    assert (e.input, e.expected, e.got) == ("text", expected, got)
+
+
+def test_fixed_string_dims_check_the_count() -> None:
+    b = binder(["text"], inputs=[TensorSpec("text", "TYPE_STRING", [3])])
+    assert strings_of(b.bind({"text": ["a", "b", "c"]})[0]) == ["a", "b", "c"]
+    for n in (0, 2, 4):
+        e = refused(b, {"text": ["a"] * n})
+        assert (e.input, e.expected, e.got) == ("text", "3 strings (dims [3])", f"{n} strings")
+
+
+def test_string_dims_with_a_free_size_take_multiples_of_the_fixed_ones() -> None:
+    b = binder(["text"], inputs=[TensorSpec("text", "TYPE_STRING", [-1, 2])])
+    for n in (0, 2, 6):
+        b.bind({"text": ["a"] * n})
+    e = refused(b, {"text": ["a"] * 3})
+    assert (e.expected, e.got) == ("a multiple of 2 strings (dims [-1, 2])", "3 strings")
+
+
+def test_batched_strings_are_rows_up_to_max_batch_size() -> None:
+    b = binder(["text"], inputs=[TensorSpec("text", "TYPE_STRING", [1])], max_batch_size=4)
+    for n in (0, 1, 4):
+        b.bind({"text": ["a"] * n})
+    e = refused(b, {"text": ["a"] * 5})
+    assert (e.input, e.expected, e.got) == ("text", "at most max_batch_size=4 rows", "5 rows")
+    assert strings_of(b.bind({"text": np.array([["a"], ["b"]])})[0]) == ["a", "b"]  # [batch, *dims]
+    e = refused(b, {"text": np.array([["a", "b"]])})
+    assert (e.expected, e.got) == ("shape [-1, 1] (-1: any size)", "shape [1, 2]")
+    e = refused(b, {"text": np.array([["a"]] * 5)})
+    assert e.got == "5 rows"
+    wide = binder(["text"], inputs=[TensorSpec("text", "TYPE_STRING", [2])], max_batch_size=2)
+    wide.bind({"text": ["a"] * 4})
+    assert refused(wide, {"text": ["a"] * 3}).got == "3 strings"
+    assert refused(wide, {"text": ["a"] * 6}).got == "3 rows"
+
+
+def test_strings_size_as_their_encoding() -> None:
+    (out,) = binder(["text"], inputs=TEXT).bind({"text": ["ab", "é"]})
+    assert out.numel() * out.element_size() == (4 + 2) + (4 + 2) and not out.is_cuda
+
+
+# ------------------------------------------------------------- Dict[str, Tensor]
+
+DICT_SPECS = [
+    TensorSpec("a", "float32", [-1]),
+    TensorSpec("b", "int64", [4]),
+    TensorSpec("c", "float32", [-1], optional=True),
+]
+
+
+def dict_binder(inputs: Sequence[TensorSpec] = DICT_SPECS, **kwargs: Any) -> Binder:
+    return binder(["inputs"], inputs=inputs, dict_input=True, **kwargs)
+
+
+def test_a_dict_model_binds_its_tensors_then_their_keys() -> None:
+    a = torch.ones(3)
+    *values, keys = dict_binder().bind({"b": B, "a": a})
+    assert strings_of(keys) == ["b", "a"]
+    assert values[0] is B and values[1] is a
+    *values, keys = dict_binder().bind({"a": a, "b": B, "c": a})  # the optional one too
+    assert strings_of(keys) == ["a", "b", "c"] and len(values) == 3
+
+
+def test_a_dict_models_keys_are_encoded_once_per_key_set() -> None:
+    b = dict_binder()
+    first = b.bind({"a": torch.ones(1), "b": B})[-1]
+    assert b.bind({"a": torch.zeros(1), "b": B})[-1] is first
+    assert b.bind({"b": B, "a": torch.zeros(1)})[-1] is not first
+
+
+def test_a_dict_model_checks_the_declared_inputs() -> None:
+    b = dict_binder()
+    e = refused(b, {"a": torch.ones(1), "b": B, "INPUT__0": B})
+    assert e.input == "INPUT__0" and e.got == "unknown input 'INPUT__0'"
+    assert "Dict[str, Tensor]" in e.expected and "['a', 'b', 'c']" in e.expected
+    e = refused(b, {"a": torch.ones(1)})
+    assert (e.input, e.got) == ("b", "no value for ['b']")
+    e = refused(b, {"a": torch.ones(1), "b": B.to(torch.int32)})
+    assert (e.input, e.expected, e.got) == ("b", "dtype int64", "dtype int32")
+    e = refused(b, {"a": torch.ones(1), "b": torch.zeros(5, dtype=torch.int64)})
+    assert (e.input, e.got) == ("b", "shape [5]")
+    e = refused(b, {"a": ["strings"], "b": B})
+    assert (e.input, e.expected) == ("a", "a torch.Tensor")
+    e = refused(b, {0: B})
+    assert e.input == "0"
+
+
+@pytest.mark.parametrize("inputs", [[torch.ones(1), B], torch.ones(1), "a"], ids=["list", "tensor", "str"])
+def test_a_dict_model_takes_only_a_dict(inputs: Any) -> None:
+    e = refused(dict_binder(), inputs)
+    assert e.input is None and "Dict[str, Tensor]" in e.expected
+
+
+def test_an_undeclared_dict_model_takes_any_names() -> None:
+    b = dict_binder(inputs=())
+    x = np.zeros(2, dtype=np.float32)
+    *values, keys = b.bind({"anything": B, "x": x})
+    assert strings_of(keys) == ["anything", "x"] and values[0] is B and values[1].dtype == torch.float32
+    *values, keys = b.bind({})
+    assert strings_of(keys) == [] and values == []
+    e = refused(b, {"x": ["strings"]})
+    assert (e.input, e.expected) == ("x", "a torch.Tensor")
+
+
+def test_a_dict_model_refuses_an_input_declared_as_strings() -> None:
+    e = refused(dict_binder(inputs=[TensorSpec("s", "TYPE_STRING", [-1])]), {"s": ["x"]})
+    assert e.input == "s" and "Dict[str, Tensor]" in e.expected
+
+
+def test_bound_strings_keep_the_requests_shape_for_row_counting() -> None:
+    batched = binder(["text"], inputs=[TensorSpec("text", "TYPE_STRING", [2])], max_batch_size=4)
+    (out,) = batched.bind({"text": ["a"] * 6})
+    assert (out.shape, out.dim(), out.count) == ((3, 2), 2, 6)
+    (out,) = batched.bind({"text": np.array([["a", "b"]], dtype=object)})
+    assert out.shape == (1, 2)
+    (out,) = binder(["text"], inputs=[TensorSpec("text", "TYPE_STRING", [3])]).bind({"text": ["a", "b", "c"]})
+    assert out.shape == (3,)
+    (out,) = binder(["text"], inputs=TEXT).bind({"text": ["a", "b"]})  # -1: only the count is known
+    assert out.shape == (2,)

@@ -506,3 +506,55 @@ def test_as_frame_holds_the_contiguous_bytes(make: Callable[[], torch.Tensor]) -
 
 def test_as_frame_of_an_empty_tensor_is_empty() -> None:
     assert bytes(tensors.as_frame(torch.empty(3, 0))) == b""
+
+
+# ------------------------------------------------------------------ string tensors
+
+
+def test_strings_are_written_as_blobs_and_read_back_as_lists_of_str(shm: Shm) -> None:
+    big = [f"element {i}" for i in range(10_000)]  # ~150 KB: beyond the inline threshold, still a blob
+    values = [tensors.Strings.of(["a", "", "日本"]), sample(torch.float32, (2, 3)), tensors.Strings.of(big)]
+    placed = tensors.write(values, shm.front, shm.alloc, DEFAULT)
+    assert [d.kind for d in placed.descs] == [wire.BLOB, wire.BLOB, wire.BLOB]
+    assert placed.descs[0] == TensorDesc("string", (3,), wire.BLOB, 0)
+    assert placed.descs[2] == TensorDesc("string", (10_000,), wire.BLOB, 2)
+    assert not placed.offsets and not placed.frames
+    msg = wire.decode(wire.encode(wire.Request(1, placed.descs, [], placed.blobs)))
+    assert isinstance(msg, wire.Request)
+    out = tensors.read(msg.tensors, msg.blobs, [], shm.slot)
+    assert out[0] == ["a", "", "日本"] and out[2] == big
+    torch.testing.assert_close(out[1], values[1])
+
+
+def test_strings_answer_the_fronts_size_questions_with_their_encoding() -> None:
+    s = tensors.Strings([b"ab", "é".encode()])
+    assert (len(s), s.numel(), s.element_size(), s.is_cuda) == (2, 4 + 2 + 4 + 2, 1, False)
+    assert s.cpu() is s
+    empty = tensors.Strings.of([])
+    assert (len(empty), empty.numel(), empty.blob) == (0, 0, b"")
+    with pytest.raises(UnicodeEncodeError):
+        tensors.Strings.of(["\ud800"])
+
+
+@pytest.mark.parametrize(
+    "desc, blobs",
+    [
+        pytest.param(TensorDesc("string", (1,), wire.BLOB, 1), [b"\x00" * 4], id="missing-blob"),
+        pytest.param(TensorDesc("string", (2,), wire.BLOB, 0), [b"\x00" * 4], id="count-mismatch"),
+        pytest.param(TensorDesc("string", (1,), wire.BLOB, 0), [b"\x01\x00\x00\x00\xff"], id="invalid-utf8"),
+        pytest.param(TensorDesc("string", (1,), wire.ARENA, 0), [], id="in-the-arena"),
+        pytest.param(TensorDesc("string", (1, 1), wire.BLOB, 0), [b"\x00" * 4], id="two-dims"),
+    ],
+)
+def test_malformed_string_tensors_raise_protocol_error(desc: TensorDesc, blobs: list[bytes], shm: Shm) -> None:
+    with pytest.raises(ProtocolError):
+        tensors.read([desc], blobs, [], shm.slot)
+
+
+def test_strings_keep_a_shape_of_their_size() -> None:
+    s = tensors.Strings([b"a", b"b", b"c", b"d"], (2, 2))
+    assert (s.shape, s.dim(), s.count, s.nbytes) == ((2, 2), 2, 4, 4 * 5)
+    with pytest.raises(ValueError, match="does not hold"):
+        tensors.Strings([b"a"], (2,))
+    placed = tensors.write([s], None, None, DEFAULT)
+    assert placed.descs == [TensorDesc("string", (4,), wire.BLOB, 0)], "the wire carries [count]"

@@ -70,6 +70,7 @@ MESSAGES = [
         ),
         id="ready-full",
     ),
+    pytest.param(Ready(PROTOCOL_VERSION, 5, inputs=["inputs"], dict_input=True), id="ready-dict-input"),
     pytest.param(Failed(PROTOCOL_VERSION, 7, "RuntimeError", "bad model file"), id="failed-defaults"),
     pytest.param(Failed(PROTOCOL_VERSION, 7, "RuntimeError", "boom", "Traceback ...\n  line 1"), id="failed-tb"),
     pytest.param(
@@ -100,6 +101,10 @@ MESSAGES = [
         id="request-all-kinds-blobs",
     ),
     pytest.param(Request(0, []), id="request-empty"),
+    pytest.param(
+        Request(47, [TensorDesc("string", (2,), BLOB, 0), TensorDesc("float32", (1,), BLOB, 1)], [], [b"", b""]),
+        id="request-string",
+    ),
     pytest.param(Request(1, [], [], [b"\x00" * 70000]), id="request-big-blob"),
     pytest.param(Response(43, [TensorDesc("bfloat16", (7,), ARENA, 192)]), id="response"),
     pytest.param(
@@ -162,6 +167,11 @@ def test_gpu_request_fields_round_trip() -> None:
     assert isinstance(back.exports[0], Export) and back.exports[0].handle == bytes(range(64))  # type: ignore[union-attr]
 
 
+def test_batch_rows_round_trip() -> None:
+    msg = Request(4, [TensorDesc("float32", (2, 3), BLOB, 0), TensorDesc("float32", (1, 3), BLOB, 1)], batch=[2, 1])
+    assert decode(encode(msg)) == msg
+
+
 def test_cpu_request_stays_five_fields_on_the_wire() -> None:
     assert len(msgpack.unpackb(encode(Request(1, [], [8])))) == 5
 
@@ -180,6 +190,9 @@ def test_cpu_request_stays_five_fields_on_the_wire() -> None:
         pytest.param([[], -1, -1, [-8]], id="negative-device-release"),
         pytest.param([[], -1, -1, [], [-1]], id="negative-device-id"),
         pytest.param([[], -1, -1, [], "3"], id="device-ids-not-array"),
+        pytest.param([[], -1, -1, [], [], [2, 0]], id="batch-of-zero-rows"),
+        pytest.param([[], -1, -1, [], [], [-1]], id="batch-negative-rows"),
+        pytest.param([[], -1, -1, [], [], [1] * 4097], id="batch-too-long"),
     ],
 )
 def test_malformed_gpu_request_fields_raise_protocol_error(tail: list[Any]) -> None:
@@ -211,9 +224,9 @@ def test_blobs_decode_as_bytes(cls: type) -> None:
 @pytest.mark.parametrize(
     "header, expected",
     [
-        ([Ready.KIND, 1, 10, {}, ["x"], "cpu", [], "a newer field", 3], Ready(1, 10, {}, ["x"], "cpu", [])),
+        ([Ready.KIND, 1, 10, {}, ["x"], "cpu", [], True, "new", 3], Ready(1, 10, {}, ["x"], "cpu", [], True)),
         ([Failed.KIND, 1, 10, "E", "m", "tb", {"new": 1}], Failed(1, 10, "E", "m", "tb")),
-        ([Request.KIND, 5, [], [64], [b"x"], [], -1, -1, [], [], "priority", 9], Request(5, [], [64], [b"x"])),
+        ([Request.KIND, 5, [], [64], [b"x"], [], -1, -1, [], [], [], "priority", 9], Request(5, [], [64], [b"x"])),
         ([Response.KIND, 6, [], [b"y"], ["future"]], Response(6, [], [b"y"])),
         ([Error.KIND, 7, "E", "m", "", True, False, 123], Error(7, "E", "m", "", True, False)),
         ([Release.KIND, [0], None], Release([0])),
@@ -305,6 +318,8 @@ def test_malformed_envelope_raises_protocol_error(header: bytes) -> None:
         pytest.param([Ready.KIND, 1, 10, [], [], "cpu"], id="ready-flags-not-map"),
         pytest.param([Ready.KIND, 1, 10, {}, "x"], id="ready-inputs-not-array"),
         pytest.param([Ready.KIND, 1, 10, {}, [], 0], id="ready-device-int"),
+        pytest.param([Ready.KIND, 1, 10, {}, [], "cpu", [], 1], id="ready-dict-input-int"),
+        pytest.param([Ready.KIND, 1, 10, {}, [], "cpu", [], "true"], id="ready-dict-input-str"),
         pytest.param([Failed.KIND, 1, 10, "E"], id="failed-missing-message"),
         pytest.param([Failed.KIND, 1, 10, "E", None], id="failed-message-nil"),
         pytest.param([Error.KIND, "7", "E", "m"], id="error-id-str"),
@@ -366,6 +381,13 @@ def test_malformed_fields_raise_protocol_error(header: list[Any]) -> None:
         pytest.param(["float32", [2], ARENA, 1.0], id="float-offset"),
         pytest.param(["float32", [2], ARENA, True], id="bool-offset"),
         pytest.param(["float32", [2], ARENA, "0"], id="str-offset"),
+        pytest.param(["string", [2], ARENA, 0], id="string-in-arena"),
+        pytest.param(["string", [2], FRAME, 0], id="string-as-frame"),
+        pytest.param(["string", [2], DEVICE, 0], id="string-on-device"),
+        pytest.param(["string", [], BLOB, 0], id="string-scalar"),
+        pytest.param(["string", [2, 1], BLOB, 0], id="string-2d"),
+        pytest.param(["String", [2], BLOB, 0], id="string-wrong-case"),
+        pytest.param(["bytes", [2], BLOB, 0], id="string-as-bytes"),
     ],
 )
 @pytest.mark.parametrize("kind", [Request.KIND, Response.KIND])
@@ -553,3 +575,117 @@ def test_truncated_valid_headers_decode_or_raise_protocol_error(msg: Any, data: 
 @given(_valid_messages)
 def test_generated_requests_round_trip(msg: Any) -> None:
     assert decode(encode(msg)) == msg
+
+
+# -------------------------------------------------------------------- string tensors
+
+STRING_LISTS = [
+    pytest.param([], id="empty-list"),
+    pytest.param([""], id="one-empty-string"),
+    pytest.param(["", "", ""], id="empty-strings"),
+    pytest.param(["hello", "world"], id="ascii"),
+    pytest.param(["straße", "日本語", "emoji 🙂", "\u200b"], id="non-ascii"),
+    pytest.param(["a\x00b", "\x00", "\n\r\t"], id="control-characters"),
+    pytest.param(["x" * 70_000, ""], id="longer-than-the-inline-threshold"),
+]
+
+
+@pytest.mark.parametrize("values", STRING_LISTS)
+def test_strings_round_trip(values: list[str]) -> None:
+    blob = wire.encode_strings([v.encode() for v in values])
+    assert wire.decode_strings(blob, len(values)) == values
+
+
+def test_strings_are_tritons_bytes_serialization() -> None:
+    # Each element: a 4-byte little-endian length, then its UTF-8 bytes.
+    assert (
+        wire.encode_strings([b"ab", b"", "é".encode()]) == b"\x02\x00\x00\x00ab\x00\x00\x00\x00\x02\x00\x00\x00\xc3\xa9"
+    )
+    assert wire.encode_strings([]) == b""
+    assert wire.encode_strings([b"x" * 256]) == b"\x00\x01\x00\x00" + b"x" * 256
+
+
+def test_a_string_descriptor_round_trips_as_a_one_dimensional_blob() -> None:
+    msg = Response(3, [TensorDesc("string", (0,), BLOB, 0)], [b""])
+    assert decode(encode(msg)) == msg
+    assert wire.STRING == "string" and "string" not in DTYPES
+
+
+OK_BLOB = b"\x01\x00\x00\x00a"
+
+
+@pytest.mark.parametrize(
+    "blob, count",
+    [
+        pytest.param(b"", 1, id="no-bytes-for-one-string"),
+        pytest.param(b"\x01\x00\x00", 1, id="truncated-length"),
+        pytest.param(b"\x02\x00\x00\x00a", 1, id="element-one-byte-short"),
+        pytest.param(b"\xff\xff\xff\xffa", 1, id="element-claims-4-gib"),
+        pytest.param(OK_BLOB + b"\x00", 1, id="one-byte-left-over"),
+        pytest.param(OK_BLOB + b"\x00\x00\x00\x00", 1, id="one-element-more-than-declared"),
+        pytest.param(OK_BLOB, 2, id="one-element-fewer-than-declared"),
+        pytest.param(OK_BLOB, 0, id="elements-for-an-empty-list"),
+        pytest.param(OK_BLOB, 2**40 - 1, id="huge-count"),
+        pytest.param(b"\x00" * 16, 5, id="count-beyond-the-blob"),
+        pytest.param(b"\x01\x00\x00\x00\xff", 1, id="invalid-utf8"),
+        pytest.param(b"\x02\x00\x00\x00\xc0\x80", 1, id="overlong-utf8-nul"),
+        pytest.param(b"\x03\x00\x00\x00\xed\xa0\x80", 1, id="utf8-encoded-surrogate"),
+        pytest.param(b"\x01\x00\x00\x00\xc3", 1, id="truncated-utf8-sequence"),
+        pytest.param(b"\x04\x00\x00\x00\xf4\x90\x80\x80", 1, id="beyond-u10ffff"),
+    ],
+)
+def test_malformed_string_blobs_raise_protocol_error(blob: bytes, count: int) -> None:
+    with pytest.raises(ProtocolError):
+        wire.decode_strings(blob, count)
+
+
+def test_an_element_of_4_gib_cannot_be_encoded() -> None:
+    class Huge(bytes):
+        def __len__(self) -> int:
+            return 2**32
+
+    with pytest.raises(ValueError, match="4 GiB"):
+        wire.encode_strings([Huge(b"x")])
+
+
+@FAST
+@given(st.lists(st.text(max_size=20), max_size=20))
+def test_generated_strings_round_trip(values: list[str]) -> None:
+    blob = wire.encode_strings([v.encode() for v in values])
+    assert wire.decode_strings(blob, len(values)) == values
+    assert len(blob) == sum(4 + len(v.encode()) for v in values)
+
+
+@FAST
+@given(st.binary(max_size=64), st.integers(0, 2**40))
+@example(b"\x00\x00\x00\x00", 1)
+@example(b"\x01\x00\x00\x00\x80", 1)
+def test_random_string_blobs_decode_or_raise_protocol_error(blob: bytes, count: int) -> None:
+    try:
+        values = wire.decode_strings(blob, count)
+    except ProtocolError:
+        return
+    assert len(values) == count and all(type(v) is str for v in values)
+    assert wire.encode_strings([v.encode() for v in values]) == blob, "a blob decodes only if it is exact"
+
+
+@FAST
+@given(st.lists(st.text(max_size=8), min_size=1, max_size=8), st.data())
+def test_damaged_string_blobs_decode_or_raise_protocol_error(values: list[str], data: st.DataObject) -> None:
+    blob = bytearray(wire.encode_strings([v.encode() for v in values]))
+    how = data.draw(st.sampled_from(["cut", "extend", "flip", "count"]), label="how")
+    count = len(values)
+    if how == "cut":
+        del blob[data.draw(st.integers(0, len(blob) - 1), label="at") :]
+    elif how == "extend":
+        blob += data.draw(st.binary(min_size=1, max_size=8), label="extra")
+    elif how == "flip":
+        i = data.draw(st.integers(0, len(blob) - 1), label="at")
+        blob[i] ^= data.draw(st.integers(1, 255), label="bits")
+    else:
+        count += data.draw(st.sampled_from([-1, 1, 2**31]), label="delta")
+    try:
+        out = wire.decode_strings(bytes(blob), count)
+    except ProtocolError:
+        return
+    assert how == "flip" and len(out) == count  # a flipped byte may still spell valid strings

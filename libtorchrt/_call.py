@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,11 @@ class Call:
         "keep",
         "model",
         "offsets",
+        "priority",
+        "rows",
+        "sent_ns",
+        "seq",
+        "submitted_ns",
         "warmup",
     )
 
@@ -69,6 +75,15 @@ class Call:
         self.dispatched = False
         #: a warm-up request of the router's own (no caller waits for it)
         self.warmup = False
+        #: rows of the batch dimension it carries (1 for a model without batching)
+        self.rows = 1
+        #: its priority level (dynamic batching; 0: the model's default)
+        self.priority = 0
+        #: when it was submitted, and last sent to a worker (perf_counter_ns)
+        self.submitted_ns = time.perf_counter_ns()
+        self.sent_ns = 0
+        #: its place in the model's order of requests (preserve_ordering; -1: none)
+        self.seq = -1
 
     def free(self) -> None:
         """Give the request's arena slots and buffers back (once no worker reads them)."""
@@ -94,11 +109,24 @@ class Call:
             try:
                 self.future.set_exception(exc)
             except Exception:  # resolved concurrently (cancelled by the caller)
-                pass
+                return
+            if not self.warmup:
+                self.model.stats.failed()
+        if self.seq >= 0:
+            self.model.ordered_skip(self)
 
     def resolve(self, result: Any) -> None:
+        """Hand the caller its outputs (router thread), in order if the model keeps it."""
+        orderer = self.model.orderer
+        if orderer is not None and self.seq >= 0:
+            orderer.arrive(self, result)
+        else:
+            self.deliver(result)
+
+    def deliver(self, result: Any) -> None:
         if not self.future.done():
             try:
                 self.future.set_result(result)
             except Exception:
-                pass
+                return
+            self.model.stats.succeeded(self.rows, self.submitted_ns, self.sent_ns, time.perf_counter_ns())

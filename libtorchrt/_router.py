@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import zmq
 
+from ._batch import Batch
+from ._batcher import Batcher, Orderer
 from ._binding import Binder
 from ._call import Call
 from ._gpu import DeviceBuffers
@@ -70,7 +72,7 @@ from .errors import (
     WorkerDiedError,
     WorkerStartError,
 )
-from .info import InstanceHealth, ModelHealth, ModelStatus, WorkerInfo
+from .info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from .transport import tensors as tensor_io
 from .transport import wire
 from .transport.arena import Allocator, Arena
@@ -81,6 +83,9 @@ from .workers.worker import WorkerSpec
 __all__ = ["Router", "RouterOptions"]
 
 log = logging.getLogger("libtorchrt")
+
+#: Batches sent ahead to one worker: the next one waits while one runs.
+BATCHES_PER_WORKER = 2
 
 
 @dataclass
@@ -129,6 +134,7 @@ class Router:
         self._stopped = False
         self._submit_lock = threading.Lock()
         self._idle = True  # the router thread may be blocked in poll()
+        self._waking = False  # a caller is waking it (or has) since it last looked
         # Request deadlines, a heap of weak references: a finished call must not be
         # kept alive (with its outputs) until its deadline; dead entries are dropped
         # when they come due, or in a sweep when they pile up.
@@ -153,6 +159,15 @@ class Router:
                 m = _Model(cfg, arena, Allocator(arena.size))
                 m.slots = [_Slot(i, d) for i, d in enumerate(placements)]
                 m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
+                # (string inputs are not batched yet: see docs/batching.md)
+                if (
+                    cfg.dynamic_batching is not None
+                    and cfg.max_batch_size > 0
+                    and not any(spec.is_string for spec in cfg.inputs)
+                ):
+                    m.batcher = Batcher(m)
+                    if cfg.dynamic_batching.preserve_ordering:
+                        m.orderer = Orderer()
                 self.models[(cfg.name, cfg.version)] = m
                 if cfg.name not in self.default or cfg.version > self.default[cfg.name].version:
                     self.default[cfg.name] = m
@@ -198,18 +213,29 @@ class Router:
             PoolClosedError: the router has stopped.
         """
         call.id = next(self._ids)
-        # The lock orders this against closing the eventfd (a write to a closed,
-        # possibly reused descriptor number would be a bug); it is held for one
-        # non-blocking syscall.
-        with self._submit_lock:
-            if self._stopped:
-                call.free()
-                raise PoolClosedError("the pool is closed")
-            self.inbox.append(call)
-            # Wake the router only if it may be asleep: it publishes _idle before its
-            # last look at the inbox, so either it sees this call or we see _idle.
-            if self._idle:
-                os.eventfd_write(self._wake_fd, 1)
+        if self._stopped:
+            call.free()
+            raise PoolClosedError("the pool is closed")
+        self.inbox.append(call)
+        # Wake the router only if it may be asleep: it publishes _idle before its last
+        # look at the inbox, so either it sees this call or we see _idle. Under load it
+        # is awake, and callers take no lock at all (with many caller threads, a lock
+        # here was where they queued up).
+        if self._idle and not self._waking:
+            # One wake-up is enough: the others see _waking and skip the syscall
+            # (the router clears it before it looks at the inbox). The lock orders
+            # the write against closing the eventfd (a write to a closed, possibly
+            # reused descriptor number would be a bug).
+            self._waking = True
+            with self._submit_lock:
+                if not self._stopped:
+                    os.eventfd_write(self._wake_fd, 1)
+        if self._stopped:  # stopped meanwhile: its last sweep of the inbox may be past
+            try:
+                self.inbox.remove(call)
+            except ValueError:
+                return  # the router took it, and answers it
+            call.fail(PoolClosedError("the pool is closed"))
 
     def stop(self, grace: float, timeout: float) -> None:
         """Drain for up to ``grace`` seconds, stop the workers, release everything.
@@ -291,7 +317,7 @@ class Router:
             )
         ready = sum(i.state == READY for i in instances)
         state, error = self._model_state(m, ready)
-        return ModelHealth(m.name, state, ready, tuple(instances), error, len(m.queue), m.version)
+        return ModelHealth(m.name, state, ready, tuple(instances), error, m.pending, m.version)
 
     def _model_state(self, m: _Model, ready: int) -> tuple[str, str | None]:
         if m.failed is not None:
@@ -303,6 +329,17 @@ class Router:
         if m.unavailable is not None:
             return "unavailable", m.unavailable
         return "loading", None
+
+    def pending(self) -> int:
+        """Requests taken and not finished, all models together (approximate, any thread)."""
+        total = len(self.inbox)
+        for m in list(self.models.values()):
+            total += m.pending + sum(len(w.inflight) for w in m.workers)
+        return total
+
+    def stats(self) -> list[ModelStats]:
+        """Each model version's counters (thread-safe snapshot)."""
+        return [m.stats.snapshot(m.pending) for m in list(self.models.values())]
 
     def statuses(self) -> list[ModelStatus]:
         """Each model version served: its state and error (thread-safe snapshot)."""
@@ -404,6 +441,7 @@ class Router:
                 if target is sock:
                     self._on_messages(sock)
                 elif target == self._wake_fd:
+                    self._waking = False
                     try:
                         os.eventfd_read(self._wake_fd)
                     except BlockingIOError:
@@ -440,6 +478,10 @@ class Router:
         if self._timers:
             due.append(self._timers[0][0])
         for m in self.models.values():
+            if m.batcher is not None:
+                wake = m.batcher.wake_at()
+                if wake is not None:
+                    due.append(wake)
             limit = m.cfg.execution_timeout
             for s in m.slots:
                 if s.restart_at is not None:
@@ -456,6 +498,10 @@ class Router:
             if call is not None:
                 self._expire(call)
         for m in self.models.values():
+            if m.batcher is not None:
+                wake = m.batcher.wake_at()
+                if wake is not None and wake <= now:
+                    self._dispatch(m)
             limit = m.cfg.execution_timeout
             for s in m.slots:
                 if s.restart_at is not None and s.restart_at <= now and self._stop_at is None:
@@ -476,10 +522,14 @@ class Router:
             return
         exc = TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
         if not call.dispatched:
-            try:
-                call.model.queue.remove(call)
-            except ValueError:
-                pass
+            m = call.model
+            if m.batcher is not None:
+                m.batcher.remove(call)
+            else:
+                try:
+                    m.queue.remove(call)
+                except ValueError:
+                    pass
             call.fail(exc)
         else:  # a worker is reading its tensors: free them when it answers or dies
             call.resolve_error(exc)
@@ -500,7 +550,7 @@ class Router:
 
     def _drained(self) -> bool:
         return not self.inbox and all(
-            not m.queue and not any(w.inflight for w in m.workers) for m in self.models.values()
+            not m.pending and not any(w.inflight for w in m.workers) for m in self.models.values()
         )
 
     def _on_inbox(self) -> None:
@@ -508,10 +558,16 @@ class Router:
         inbox = self.inbox
         while inbox:
             call = inbox.popleft()
-            call.model.queue.append(call)
+            m = call.model
+            if m.batcher is None:
+                m.queue.append(call)
+            else:
+                if m.orderer is not None:
+                    m.orderer.number(call)
+                m.batcher.add(call, time.monotonic())
             if call.deadline is not None:
                 self._add_timer(call)
-            touched.add(call.model)
+            touched.add(m)
         for m in touched:
             self._dispatch(m)
 
@@ -527,37 +583,21 @@ class Router:
     def _dispatch(self, m: _Model) -> None:
         if self.released or self.gpu.released:
             self._collect_releases()
-        queue = m.queue
-        if not queue:
+        if not m.pending:
             return
         if m.failed is not None:
-            while queue:
-                queue.popleft().fail(ModelUnavailableError(m.name, m.failed, loaded=False))
+            self._fail_queued(m, ModelUnavailableError(m.name, m.failed, loaded=False))
             return
         if m.unavailable is not None and not any(w.state == READY for w in m.workers):
-            while queue:
-                queue.popleft().fail(ModelUnavailableError(m.name, m.unavailable))
+            self._fail_queued(m, ModelUnavailableError(m.name, m.unavailable))
             return
+        if m.batcher is not None:
+            self._dispatch_batches(m, m.batcher)
+            return
+        queue = m.queue
         limit = self.options.max_inflight
-        slots = m.slots
-        n = len(slots)
         while queue:
-            # Least-loaded ready worker (on the call's GPU, if its inputs are in a GPU
-            # buffer); ties go round-robin (scanning from the one after the last
-            # choice), so that even sequential traffic reaches every instance.
-            device = queue[0].device
-            best = None
-            for k in range(n):
-                w = slots[(m.next + k) % n].worker
-                if (
-                    w is not None
-                    and w.state == READY
-                    and not w.doomed
-                    and len(w.inflight) < limit
-                    and (device is None or w.gpu == device)
-                    and (best is None or len(w.inflight) < len(best.inflight))
-                ):
-                    best = w
+            best = self._least_loaded(m, limit, queue[0].device)
             if best is None:
                 return  # a reply, a restart or a death will call us again
             call = queue.popleft()
@@ -569,27 +609,78 @@ class Router:
             elif call.future.done():  # its deadline passed while it waited to be re-sent
                 call.free()
                 continue
-            m.next = (best.instance + 1) % n
-            releases, best.releases = best.releases, []
-            if best.gpu is None:
-                header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs))
-            else:
-                try:
-                    header = self._gpu_request(best, call, releases)
-                except Exception as e:  # e.g. no device memory left for its response buffer
-                    call.fail(ModelError(m.name, type(e).__name__, f"cannot set up CUDA buffers: {e}", ""))
-                    continue
-            if not best.inflight:
-                best.busy_since = time.monotonic()
-            best.inflight[call.id] = call
-            try:
-                send(self._sock, header, call.frames, identity=best.identity)  # type: ignore[arg-type]
-            except zmq.ZMQError:
-                # The worker went away between its exit and our noticing: the pidfd
-                # event follows, and re-sends this call with the worker's others.
-                pass
+            self._send(best, call)
 
-    def _gpu_request(self, w: _Worker, call: Call, releases: list[int]) -> bytes:
+    def _dispatch_batches(self, m: _Model, batcher: Batcher) -> None:
+        """Send the batches that are due, while an instance can take one more
+        (two each: the next waits while one runs)."""
+        now = time.monotonic()
+        while len(batcher):
+            best = self._least_loaded(m, BATCHES_PER_WORKER, None)
+            if best is None:
+                return
+            batch = batcher.next_batch(now)
+            if batch is None:
+                return  # it waits for more rows, at most its delay (see _next_wake)
+            batch.id = next(self._ids)
+            batch.dispatched = True
+            self._send(best, batch)
+
+    def _fail_queued(self, m: _Model, exc: TorchRTError) -> None:
+        while m.queue:
+            m.queue.popleft().fail(exc)
+        if m.batcher is not None:
+            for call in m.batcher.drain():
+                call.fail(exc)
+
+    def _least_loaded(self, m: _Model, limit: int, device: int | None) -> _Worker | None:
+        """The ready worker of ``m`` with the fewest requests in flight (below
+        ``limit``, on GPU ``device`` if given); ties go round-robin (scanning from the
+        one after the last choice), so that even sequential traffic reaches every
+        instance."""
+        slots = m.slots
+        n = len(slots)
+        best = None
+        for k in range(n):
+            w = slots[(m.next + k) % n].worker
+            if (
+                w is not None
+                and w.state == READY
+                and not w.doomed
+                and len(w.inflight) < limit
+                and (device is None or w.gpu == device)
+                and (best is None or len(w.inflight) < len(best.inflight))
+            ):
+                best = w
+        if best is not None:
+            m.next = (best.instance + 1) % n
+        return best
+
+    def _send(self, w: _Worker, call: Call) -> None:
+        """Send ``call`` to worker ``w`` (which records it as in flight)."""
+        releases, w.releases = w.releases, []
+        batch = call.member_rows if isinstance(call, Batch) else []
+        if w.gpu is None:
+            header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs, batch=batch))
+        else:
+            try:
+                header = self._gpu_request(w, call, releases, batch)
+            except Exception as e:  # e.g. no device memory left for its response buffer
+                w.releases = releases + w.releases
+                call.fail(ModelError(w.model.name, type(e).__name__, f"cannot set up CUDA buffers: {e}", ""))
+                return
+        if not w.inflight:
+            w.busy_since = time.monotonic()
+        w.inflight[call.id] = call
+        call.sent_ns = time.perf_counter_ns()
+        try:
+            send(self._sock, header, call.frames, identity=w.identity)  # type: ignore[arg-type]
+        except zmq.ZMQError:
+            # The worker went away between its exit and our noticing: the pidfd
+            # event follows, and re-sends this call with the worker's others.
+            pass
+
+    def _gpu_request(self, w: _Worker, call: Call, releases: list[int], batch: list[int]) -> bytes:
         """The header of ``call`` for GPU worker ``w``, with the CUDA allocations it
         needs (the caller's ones every time: the worker caches them by id)."""
         exports = list(call.device_exports)
@@ -610,7 +701,16 @@ class Router:
                 exports.append(export)
         device_releases, w.device_releases = w.device_releases, []
         msg = wire.Request(
-            call.id, call.descs, releases, call.blobs, exports, device_in, device_out, device_releases, call.device_ids
+            call.id,
+            call.descs,
+            releases,
+            call.blobs,
+            exports,
+            device_in,
+            device_out,
+            device_releases,
+            call.device_ids,
+            batch=batch,
         )
         return wire.encode(msg)
 
@@ -692,6 +792,7 @@ class Router:
         if call.warmup:
             self._warmed(w, msg)
             return
+        w.model.stats.executed(call.rows)
         try:
             if w.gpu is None:
                 outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: self._output_slot(w, d))
@@ -702,7 +803,8 @@ class Router:
             return
         binder = w.model.binder
         assert binder is not None
-        call.resolve(dict(zip(binder.output_names(len(outputs)), outputs)))
+        result = dict(zip(binder.output_names(len(outputs)), outputs))
+        call.resolve(binder.shape_outputs(result) if binder.reshapes else result)
 
     def _gpu_outputs(self, w: _Worker, call: Call, msg: wire.Response, frames: list[zmq.Frame]) -> list[torch.Tensor]:
         """A GPU worker's outputs: ``DEVICE`` ones view its response buffer (no copy);
@@ -718,8 +820,8 @@ class Router:
             lambda d: self._output_slot(w, d),
             lambda d: gpu.output_view(w.identity, d),
         )
-        if call.cuda_outputs:
-            outputs = [t if t.is_cuda else t.to(f"cuda:{w.gpu}") for t in outputs]
+        if call.cuda_outputs:  # (strings stay lists)
+            outputs = [t.to(f"cuda:{w.gpu}") if isinstance(t, torch.Tensor) and not t.is_cuda else t for t in outputs]
         return outputs
 
     def _on_error(self, w: _Worker, msg: wire.Error) -> None:
@@ -736,6 +838,7 @@ class Router:
         if call.warmup:
             self._warmup_failed(w, _one_line(msg.message), f"{msg.message}\n{msg.traceback}")
             return
+        w.model.stats.executed(call.rows)
         exc: TorchRTError
         if msg.input_error:
             exc = InvalidInputError(w.model.name, None, "a well-formed request", msg.message)
@@ -753,7 +856,9 @@ class Router:
         w.ready = msg
         m = w.model
         if m.binder is None:
-            m.binder = Binder(m.cfg, msg.inputs)
+            m.binder = Binder(m.cfg, msg.inputs, dict_input=msg.dict_input)
+            if msg.dict_input and m.batcher is not None and not len(m.batcher):
+                m.batcher = m.orderer = None  # a Dict[str, Tensor] model is not batched yet
         if m.warmup is None:
             try:
                 m.warmup = [m.binder.bind(sample) for sample in m.cfg.warmup_requests()]
@@ -939,7 +1044,10 @@ class Router:
                     call.fail(WorkerDiedError(m.name, w.instance, w.proc.pid, code, tail, poison=call.attempts >= 2))
                     continue
             resend.append(call)
-        m.queue.extendleft(reversed(resend))
+        if m.batcher is not None:
+            m.batcher.extendleft(resend, time.monotonic())
+        else:
+            m.queue.extendleft(reversed(resend))
 
     def _start_failed_timeout(self) -> None:
         """The start deadline passed: the models still loading fail to load."""
@@ -964,8 +1072,7 @@ class Router:
         while self.inbox:
             self.inbox.popleft().fail(exc)
         for m in self.models.values():
-            while m.queue:
-                m.queue.popleft().fail(exc)
+            self._fail_queued(m, exc)  # type: ignore[arg-type]
             for w in m.workers:
                 inflight, w.inflight = w.inflight, {}
                 for call in inflight.values():

@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from ._batcher import Batcher, Orderer
 from ._binding import Binder
 from ._call import Call
+from ._stats import Stats
 from .config.model import ModelConfig
 from .transport import wire
 from .transport.arena import Allocator, Arena
@@ -94,6 +96,23 @@ class _Model:
     start_error: Exception | None = None
     #: the bound inputs of its warm-up requests (built at its first READY)
     warmup: list[list[Any]] | None = None
+    stats: Stats = field(init=False)
+    #: dynamic batching: its request queues and batch forming (None: one request
+    #: per execution), and the order keeper of preserve_ordering
+    batcher: Batcher | None = None
+    orderer: Orderer | None = None
+
+    def __post_init__(self) -> None:
+        self.stats = Stats(self.cfg.name, self.cfg.version)
+
+    def ordered_skip(self, call: Call) -> None:
+        if self.orderer is not None:
+            self.orderer.skip(call)
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for an instance."""
+        return len(self.queue) + (len(self.batcher) if self.batcher is not None else 0)
 
     @property
     def name(self) -> str:

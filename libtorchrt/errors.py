@@ -8,6 +8,8 @@ whose fault it was, so callers can react without parsing messages:
 - the model itself raised: :class:`ModelError` (remote traceback text attached);
 - something outside broke: :class:`WorkerDiedError`, :class:`WorkerStartError`,
   :class:`ModelUnavailableError`, :class:`ProtocolError`;
+- a remote client's server could not be reached, or went away:
+  :class:`ServerConnectionError`;
 - the caller closed the pool: :class:`PoolClosedError`;
 - a deadline passed: :class:`TimeoutError`.
 """
@@ -23,6 +25,8 @@ __all__ = [
     "ModelUnavailableError",
     "PoolClosedError",
     "ProtocolError",
+    "QueueFullError",
+    "ServerConnectionError",
     "TimeoutError",
     "TorchRTError",
     "UnknownModelError",
@@ -154,6 +158,16 @@ class ModelUnavailableError(TorchRTError):
         super().__init__(text)
 
 
+class QueueFullError(TorchRTError):
+    """The request was refused at once: the model's queue (``max_queue_size``) or the
+    pool's (``max_pending``) is full. Nothing was queued; try again later."""
+
+    def __init__(self, model: str, limit: int, what: str = "max_queue_size") -> None:
+        self.model = model
+        self.limit = limit
+        super().__init__(f"model {model!r}: the queue is full ({what}={limit}); the request was not taken")
+
+
 class WorkerStartError(TorchRTError):
     """A worker process could not start (bad model file, bad flags, timeout)."""
 
@@ -169,6 +183,21 @@ class WorkerStartError(TorchRTError):
 
 class ProtocolError(TorchRTError):
     """A message on the wire was malformed or of another protocol version."""
+
+
+class ServerConnectionError(TorchRTError, ConnectionError):
+    """A remote client (``libtorchrt.Client``) could not reach its server (no answer,
+    a refused ZeroMQ handshake), or lost the connection before a request was answered.
+
+    ``endpoint`` names the server.
+    """
+
+    def __init__(self, message: str, *, endpoint: str = "") -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+    def __str__(self) -> str:  # OSError would format a single argument the same; be explicit
+        return str(self.args[0]) if self.args else ""
 
 
 class PoolClosedError(TorchRTError):

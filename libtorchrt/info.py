@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["InstanceHealth", "ModelHealth", "ModelStatus", "WorkerInfo"]
+__all__ = ["LATENCY_BUCKETS", "InstanceHealth", "ModelHealth", "ModelStats", "ModelStatus", "WorkerInfo"]
+
+#: Upper bounds (seconds) of the request-latency histogram of :class:`ModelStats`.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass(frozen=True)
@@ -108,3 +111,44 @@ class ModelStatus:
     error: str | None = None
     ready: int = 0
     instances: int = 0
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One model version's counters since the pool started, as ``Pool.stats()`` reports
+    them (Triton's statistics, and the source of the server's metrics).
+
+    Attributes:
+        model: its name.
+        version: its version.
+        success: requests answered with outputs.
+        failure: requests that failed (bad input, model error, worker died, timeout,
+            unavailable, ...).
+        inferences: items inferred: the rows of the batch dimension of each successful
+            request when ``max_batch_size > 0``, else one per request (Triton's
+            "inference count").
+        executions: model executions (Triton's "execution count"): one per request, or
+            per batch when requests are batched together.
+        queue_ns: total time successful requests waited in the front for an instance.
+        compute_ns: total time from sending successful requests to a worker to their
+            replies (model execution plus the hand-over both ways).
+        request_ns: total time of successful requests, from submit to outputs.
+        batch_sizes: executions per batch size (rows executed together).
+        latency: cumulative counts of successful requests whose latency was at most each
+            bound of :data:`LATENCY_BUCKETS`, as ``((bound_s, count), ...)``; the last
+            count is ``success``.
+        pending: requests waiting for an instance now.
+    """
+
+    model: str
+    version: int
+    success: int = 0
+    failure: int = 0
+    inferences: int = 0
+    executions: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    request_ns: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    latency: tuple[tuple[float, int], ...] = ()
+    pending: int = 0

@@ -90,7 +90,7 @@ class ModelConfig:
         max_request_bytes: refuse requests whose tensors add up to more (None: no
             limit), before anything is allocated.
         dynamic_batching: Triton's ``dynamic_batching`` settings (None: the block
-            is absent). Read and checked; requests are not batched yet.
+            is absent): requests are batched together (see docs/batching.md).
         warmup: Triton's ``model_warmup`` samples, run by every instance before it
             is ready; or an integer N, short for ``warmup_runs=N``.
         version_policy: which versions of a repository's model are served.

@@ -446,9 +446,8 @@ class _Reader:
             return batching
 
         batching: DynamicBatching = self.guard(("dynamic_batching",), build)
-        self.notes.append(
-            "dynamic_batching is read and checked but not acted on yet: requests are not batched together"
-        )
+        if mbs == 0:
+            self.notes.append("dynamic_batching has no effect with max_batch_size 0: requests run one by one")
         return batching
 
     def _warmup(self, w: Any, i: int, mbs: int, inputs: list[TensorSpec]) -> ModelWarmup:

@@ -24,20 +24,22 @@ from typing import Any
 
 import torch
 
-from ._call import Call
-from ._router import Router, RouterOptions
-from ._state import _Model
-from .config import ModelConfig, load_repository
-from .errors import (
+from .._call import Call
+from .._router import Router, RouterOptions
+from .._state import _Model
+from ..config import ModelConfig, load_repository
+from ..errors import (
     ConfigError,
     InvalidInputError,
     ModelUnavailableError,
     PoolClosedError,
+    QueueFullError,
     TimeoutError,
+    TorchRTError,
     UnknownModelError,
 )
-from .info import ModelHealth, ModelStatus, WorkerInfo
-from .transport import tensors as tensor_io
+from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
+from ..transport import tensors as tensor_io
 
 __all__ = ["Pool"]
 
@@ -76,6 +78,10 @@ class Pool:
             its throughput at concurrency 8 up by ~30%, while the cnn model lost
             ~10% (the polling takes CPU from compute). Off (0) by default; turn it
             on for short models on machines with spare cores.
+        max_pending: requests the pool holds at most (waiting or running, all
+            models together); one more fails at once with ``QueueFullError``, so an
+            overload cannot grow memory without bound (None: no limit). Per model,
+            ``dynamic_batching``'s ``max_queue_size`` does the same.
         strict: any model that cannot be loaded (a bad configuration in the
             repository, or workers that fail to start) fails the pool. By default
             such a model is left out, listed as failed by :meth:`models`, and the
@@ -109,6 +115,7 @@ class Pool:
         busy_poll_us: int = 0,
         cuda_outputs: bool = True,
         strict: bool = False,
+        max_pending: int | None = None,
     ) -> None:
         errors: list[tuple[str, ConfigError]] = []
         configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
@@ -137,6 +144,9 @@ class Pool:
         )
         self._inline_threshold = inline_threshold
         self._cuda_outputs = bool(cuda_outputs)
+        if max_pending is not None and (isinstance(max_pending, bool) or max_pending < 1):
+            raise ValueError(f"max_pending is {max_pending!r}; expected a positive integer or None")
+        self._max_pending = max_pending
         self._router = Router(configs, options)
         self._finalizer = weakref.finalize(self, _finalize, self._router)
         try:
@@ -169,7 +179,13 @@ class Pool:
     # ── requests ───────────────────────────────────────────────────────────────
 
     def submit(
-        self, model: str, inputs: Inputs, *, version: int | None = None, timeout: float | None = None
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
     ) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
         """Send a request; return a future of its outputs.
 
@@ -178,6 +194,9 @@ class Pool:
             inputs: a dict keyed by ``forward()`` argument name or ``INPUT__<i>``, a
                 list of tensors in argument order, or a single tensor.
             version: the model version (default: the highest version served).
+            priority: its priority level, for a model with ``dynamic_batching``
+                ``priority_levels`` (1 is the highest; default: the model's
+                ``default_priority_level``).
             timeout: the request's deadline in seconds (default: the model's
                 ``timeout``, else none). Past it the future fails with
                 :class:`TimeoutError`; a request not yet sent to a worker is dropped.
@@ -192,6 +211,8 @@ class Pool:
             InvalidInputError: the inputs do not fit the model (or exceed its
                 ``max_request_bytes``).
             ModelUnavailableError: every instance of the model keeps failing to start.
+            QueueFullError: the model's queue (``max_queue_size``) or the pool's
+                (``max_pending``) is full: the request was not taken.
             PoolClosedError: the pool is closed.
         """
         if self._closed:
@@ -209,12 +230,26 @@ class Pool:
             raise ModelUnavailableError(model, m.unavailable)
         binder = m.binder
         assert binder is not None  # set before the pool finished starting
-        tensors = binder.bind(inputs)
-        limit = m.cfg.max_request_bytes
-        if limit is not None:
-            total = sum(t.numel() * t.element_size() for t in tensors)
-            if total > limit:
-                raise InvalidInputError(model, None, f"at most max_request_bytes={limit} bytes", f"{total} bytes")
+        try:
+            tensors = binder.bind(inputs)
+            limit = m.cfg.max_request_bytes
+            if limit is not None:
+                total = sum(t.numel() * t.element_size() for t in tensors)
+                if total > limit:
+                    raise InvalidInputError(model, None, f"at most max_request_bytes={limit} bytes", f"{total} bytes")
+            batcher = m.batcher
+            if batcher is not None:
+                level = batcher.level(priority)
+                batcher.admit(level)
+            elif priority is not None:
+                raise InvalidInputError(
+                    model, None, "no priority (the model has no dynamic_batching levels)", "priority"
+                )
+            if self._max_pending is not None and self._router.pending() >= self._max_pending:
+                raise QueueFullError(model, self._max_pending, "max_pending")
+        except TorchRTError:
+            m.stats.failed()
+            raise
         if timeout is None:
             timeout = m.cfg.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -222,6 +257,11 @@ class Pool:
             call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline)
         else:
             call = self._cuda_call(m, tensors, deadline)
+        if m.cfg.max_batch_size > 0 and tensors and tensors[0].dim() > 0:
+            call.rows = int(tensors[0].shape[0])
+        if batcher is not None:
+            call.priority = level
+            call.deadline = batcher.queue_deadline(call, timeout)
         self._router.submit(call)
         return call.future
 
@@ -239,7 +279,13 @@ class Pool:
         return call
 
     def infer(
-        self, model: str, inputs: Inputs, *, version: int | None = None, timeout: float | None = None
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.
 
@@ -257,7 +303,7 @@ class Pool:
             WorkerDiedError: the worker died while running the request.
             TimeoutError: no result within ``timeout``.
         """
-        future = self.submit(model, inputs, version=version, timeout=timeout)
+        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
         try:
             # The router fails the future at the deadline; the margin only guards
             # against a router that cannot (it never blocks for long).
@@ -269,10 +315,17 @@ class Pool:
             raise TimeoutError(f"model {model!r} did not answer within {timeout} s") from None
 
     async def infer_async(
-        self, model: str, inputs: Inputs, *, version: int | None = None, timeout: float | None = None
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run one request from asyncio; see :meth:`infer`."""
-        return await asyncio.wrap_future(self.submit(model, inputs, version=version, timeout=timeout))
+        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
+        return await asyncio.wrap_future(future)
 
     # ── introspection ──────────────────────────────────────────────────────────
 
@@ -287,6 +340,21 @@ class Pool:
         listed as failed with version None. Sorted by name, then version."""
         out = [*self._router.statuses(), *self._load_errors]
         return sorted(out, key=lambda s: (s.name, -1 if s.version is None else s.version))
+
+    def stats(self) -> list[ModelStats]:
+        """Each model version's counters since the pool started: requests that
+        succeeded and failed, inferences and executions, queue/compute/request time,
+        batch sizes and a latency histogram (see :class:`ModelStats`). Sorted by name,
+        then version."""
+        return sorted(self._router.stats(), key=lambda s: (s.model, s.version))
+
+    def config(self, model: str, version: int | None = None) -> ModelConfig:
+        """The configuration a served model runs with (its highest version by default).
+
+        Raises:
+            UnknownModelError: no such model or version.
+        """
+        return self._router.lookup(model, version).cfg
 
     def health(self) -> dict[str, ModelHealth]:
         """Each model's state and each instance's (ready, restarting, failed), with

@@ -1,0 +1,187 @@
+"""Dynamic batching against one request per execution, in one run.
+
+- **tiny** (MLP 64-64-64, ``[1, 64]`` per request), 2 instances, 64 closed-loop caller
+  threads: requests/s, p50/p99 and mean batch size with ``dynamic_batching``
+  (``max_batch_size: 32``, ``max_queue_delay_microseconds: 500``) and without it
+  (the same model, each request executed alone). Goal: >= 3x.
+- **cnn** (``[1, 3, 224, 224]``), 2 instances, 16 callers, the same two ways.
+- **overload**: callers that do not wait (each submits every 0.2 ms, far above what
+  the model serves), with ``max_queue_size: 64``: requests refused with QueueFullError
+  at once, requests served, and the front's resident memory at the start and the end
+  of the run, which must stay flat (a bounded queue holds a bounded number of requests).
+
+Run: ``python benchmarks/batching.py [--seconds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from libtorchrt import DynamicBatching, ModelConfig, Pool, QueueFullError, QueuePolicy, TensorSpec
+from libtorchrt.bench import workloads
+
+SHAPES = {"tiny": (64,), "cnn": (3, 224, 224)}
+
+
+def config(name: str, path: Path, batching: bool, **queue: Any) -> ModelConfig:
+    return ModelConfig(
+        name,
+        path,
+        instances=2,
+        max_batch_size=32,
+        inputs=[TensorSpec("INPUT__0", "float32", SHAPES[name])],
+        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=500, default_queue_policy=QueuePolicy(**queue))
+        if batching
+        else None,
+    )
+
+
+def closed_loop(pool: Pool, name: str, callers: int, seconds: float) -> dict[str, float]:
+    stop = threading.Event()
+    counting = threading.Event()
+    latencies: list[list[float]] = [[] for _ in range(callers)]
+
+    def caller(i: int) -> None:
+        x = torch.randn(1, *SHAPES[name])
+        mine = latencies[i]
+        while not stop.is_set():
+            t = time.perf_counter()
+            pool.infer(name, x)
+            if counting.is_set():
+                mine.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    time.sleep(min(1.0, seconds / 2))
+    before = pool.stats()[0]
+    counting.set()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    counting.clear()
+    elapsed = time.perf_counter() - start
+    after = pool.stats()[0]
+    stop.set()
+    for t in threads:
+        t.join()
+    flat = sorted(v for per in latencies for v in per)
+    executions = after.executions - before.executions
+    return {
+        "rps": len(flat) / elapsed,
+        "p50_ms": statistics.median(flat) * 1e3,
+        "p99_ms": flat[int(0.99 * (len(flat) - 1))] * 1e3,
+        "batch": (after.inferences - before.inferences) / executions if executions else float("nan"),
+    }
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def overload(path: Path, seconds: float) -> dict[str, float]:
+    """Open-loop callers far above capacity, against a bounded queue."""
+    with Pool(models=[config("cnn", path, True, max_queue_size=64)]) as pool:
+        x = torch.randn(1, *SHAPES["cnn"])
+        refused = served = 0
+        lock = threading.Lock()
+        stop = threading.Event()
+        futures: list[Any] = []
+
+        def caller() -> None:
+            nonlocal refused
+            while not stop.is_set():
+                try:
+                    f = pool.submit("cnn", x)
+                except QueueFullError:
+                    with lock:
+                        refused += 1
+                else:
+                    with lock:
+                        futures.append(f)
+                time.sleep(0.0002)
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        rss_start = rss_mib()
+        for t in threads:
+            t.start()
+        peak_pending = 0
+        start = time.perf_counter()
+        rss_samples: list[tuple[float, float]] = []
+        while time.perf_counter() < start + seconds:
+            peak_pending = max(peak_pending, pool.stats()[0].pending)
+            rss_samples.append((time.perf_counter() - start, rss_mib()))
+            time.sleep(0.01)
+        second_half = [r for t, r in rss_samples if t >= seconds / 2]
+        stop.set()
+        for t in threads:
+            t.join()
+        for f in futures:
+            f.result(60)
+            served += 1
+        rss_end = rss_mib()
+    return {
+        "refused": refused,
+        "served": served,
+        "peak_pending": peak_pending,
+        "rss_start": rss_start,
+        "rss_half_min": min(second_half),
+        "rss_half_max": max(second_half),
+        "rss_end": rss_end,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: workloads.build(name, tmp) for name in SHAPES}
+        for name, callers in (("tiny", 64), ("cnn", 16)):
+            for batching in (False, True):
+                with Pool(models=[config(name, paths[name], batching)]) as pool:
+                    r = closed_loop(pool, name, callers, args.seconds)
+                rows.append((name, callers, batching, r))
+                print(
+                    f"{name} x{callers} {'batching' if batching else 'one per execution'}: {r['rps']:,.0f} req/s, "
+                    f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, mean batch {r['batch']:.1f}",
+                    flush=True,
+                )
+        over = overload(paths["cnn"], args.seconds)
+    print()
+    print("| workload | callers | mode | req/s | p50 ms | p99 ms | mean batch | batching / alone |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, callers, batching, r in rows:
+        alone = next(x for n, _, b, x in rows if n == name and not b)
+        ratio = f"{r['rps'] / alone['rps']:.2f}x" if batching else ""
+        mode = "dynamic batching (32, 500 us)" if batching else "one request per execution"
+        print(
+            f"| {name} | {callers} | {mode} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['batch']:.1f} | {ratio} |"
+        )
+    print()
+    print(
+        f"overload (cnn, 4 open-loop callers every 0.2 ms, max_queue_size 64, {args.seconds:.0f} s): "
+        f"{over['served']:,} served, {over['refused']:,} refused with QueueFullError, "
+        f"peak queue {over['peak_pending']}; front RSS {over['rss_start']:.0f} MiB at the start, "
+        f"{over['rss_half_min']:.0f}-{over['rss_half_max']:.0f} MiB over the second half, {over['rss_end']:.0f} MiB "
+        "after draining (the request arena's touched pages count in it, at most request_arena_bytes)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Per-model counters: requests, inferences, executions, durations (front).
+
+Updated by the router thread as requests finish (and by caller threads for requests
+refused before they reach it, under a lock); read as :class:`~libtorchrt.info.ModelStats`
+snapshots by ``Pool.stats()`` and the server's metrics. Counting costs a few integer
+additions per request; the clock is read where the request's life already passes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+from .info import LATENCY_BUCKETS, ModelStats
+
+__all__ = ["Stats"]
+
+
+class Stats:
+    """The counters of one model version."""
+
+    def __init__(self, model: str, version: int) -> None:
+        self.model = model
+        self.version = version
+        self.success = 0
+        self.failure = 0
+        self.inferences = 0
+        self.executions = 0
+        self.queue_ns = 0
+        self.compute_ns = 0
+        self.request_ns = 0
+        self.batch_sizes: dict[int, int] = {}
+        self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._lock = threading.Lock()  # for the rare updates from caller threads
+
+    def succeeded(self, rows: int, submitted_ns: int, sent_ns: int, done_ns: int) -> None:
+        """One request answered (router thread)."""
+        self.success += 1
+        self.inferences += rows
+        self.queue_ns += max(0, sent_ns - submitted_ns)
+        self.compute_ns += max(0, done_ns - sent_ns)
+        latency = max(0, done_ns - submitted_ns)
+        self.request_ns += latency
+        self._latency[bisect.bisect_left(LATENCY_BUCKETS, latency / 1e9)] += 1
+
+    def executed(self, rows: int) -> None:
+        """One model execution of ``rows`` rows (router thread)."""
+        self.executions += 1
+        self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+
+    def failed(self) -> None:
+        """One request failed (any thread)."""
+        with self._lock:
+            self.failure += 1
+
+    def snapshot(self, pending: int) -> ModelStats:
+        counts = list(self._latency)
+        cumulative, total = [], 0
+        for bound, count in zip(LATENCY_BUCKETS, counts):
+            total += count
+            cumulative.append((bound, total))
+        return ModelStats(
+            model=self.model,
+            version=self.version,
+            success=self.success,
+            failure=self.failure,
+            inferences=self.inferences,
+            executions=self.executions,
+            queue_ns=self.queue_ns,
+            compute_ns=self.compute_ns,
+            request_ns=self.request_ns,
+            batch_sizes=dict(self.batch_sizes),
+            latency=(*cumulative, (float("inf"), total + counts[-1])),
+            pending=pending,
+        )

@@ -1,0 +1,93 @@
+"""A batch request's inputs, assembled in the worker (see ``_batcher.py`` in the front).
+
+A batch's descriptors are its requests' own, request after request; for each input the
+worker builds one tensor of all their rows:
+
+- requests whose rows lie back to back in the request arena (consecutive slots, as the
+  allocator hands them out to requests that arrive together) are viewed as one tensor,
+  without copying;
+- small inputs that travel inside the header are joined once into one buffer;
+- otherwise the rows are gathered with one copy (``torch.cat``).
+
+The front never concatenates; every path costs at most one copy of each row.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import zmq
+
+from ..errors import ProtocolError
+from ..transport import tensors as tensor_io
+from ..transport.wire import ARENA, BLOB, DTYPES, TensorDesc
+
+__all__ = ["check_rows", "gather"]
+
+
+def gather(
+    descs: Sequence[TensorDesc],
+    rows: Sequence[int],
+    blobs: Sequence[bytes],
+    frames: Sequence[zmq.Frame],
+    slot: Callable[[TensorDesc], torch.Tensor],
+    device_slot: Callable[[TensorDesc], torch.Tensor] | None = None,
+) -> list[Any]:
+    """One input per model argument, each holding the rows of every request in order.
+
+    Raises:
+        ProtocolError: the descriptors do not make up ``len(rows)`` requests of the same
+            inputs with those row counts and matching non-batch dimensions.
+    """
+    k = len(rows)
+    if not k or len(descs) % k:
+        raise ProtocolError(f"a batch of {k} requests cannot hold {len(descs)} input descriptors")
+    n = len(descs) // k
+    total = sum(rows)
+    out: list[Any] = []
+    for i in range(n):
+        group = [descs[j * n + i] for j in range(k)]
+        first = group[0]
+        for d, r in zip(group, rows):
+            if d.dtype != first.dtype or not d.shape or d.shape[0] != r or d.shape[1:] != first.shape[1:]:
+                raise ProtocolError(f"input {i} of a batch: {d.dtype}{list(d.shape)} does not fit {r} rows")
+        shape = (total, *first.shape[1:])
+        dtype = DTYPES.get(first.dtype)
+        if first.kind == ARENA and all(d.kind == ARENA for d in group) and _adjacent(group):
+            out.append(slot(TensorDesc(first.dtype, shape, ARENA, first.where)))
+        elif dtype is not None and all(d.kind == BLOB for d in group):
+            for d in group:
+                if d.where >= len(blobs) or len(blobs[d.where]) != d.nbytes:
+                    raise ProtocolError(f"input {i} of a batch names a missing or wrong-sized blob")
+            joined = bytearray(b"".join(blobs[d.where] for d in group))
+            out.append(tensor_io.as_tensor(joined, dtype, shape)[0] if joined else torch.empty(shape, dtype=dtype))
+        else:
+            parts = tensor_io.read(group, blobs, frames, slot, device_slot)
+            if parts and isinstance(parts[0], list):  # strings
+                out.append([s for part in parts for s in part])
+            else:
+                out.append(torch.cat(parts))
+    return out
+
+
+def _adjacent(group: Sequence[TensorDesc]) -> bool:
+    return all(b.where == a.where + a.nbytes for a, b in itertools.pairwise(group))
+
+
+def check_rows(outputs: Sequence[Any], total: int) -> None:
+    """Each output of a batch must have one row per input row.
+
+    Raises:
+        ValueError: an output whose first dimension is not ``total``.
+    """
+    for i, t in enumerate(outputs):
+        got = len(t) if isinstance(t, list) else (t.shape[0] if t.dim() else None)
+        if got != total:
+            raise ValueError(
+                f"output {i} of a batch of {total} rows has shape "
+                f"{list(t.shape) if isinstance(t, torch.Tensor) else [len(t)]}; a batching model "
+                "(max_batch_size > 0) must return one row per input row"
+            )

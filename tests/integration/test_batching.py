@@ -1,0 +1,230 @@
+"""Dynamic batching: batches formed by Triton's rules, each request getting its own
+rows back, ordering, the delay bound, preferred sizes, shapes never merged, bounded
+queues, queue timeouts (REJECT and DELAY), priorities and the statistics."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from libtorchrt import (
+    DynamicBatching,
+    InvalidInputError,
+    ModelConfig,
+    ModelError,
+    Pool,
+    QueueFullError,
+    QueuePolicy,
+    TensorSpec,
+    TimeoutError,
+)
+
+
+class SpinDouble(nn.Module):
+    """``x * 2 + 1`` per row, after spinning ``x[0, 0]`` loop iterations when it is
+    positive and above 1000 (so a request can be made slow by its first value)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = int(x[0, 0].item())
+        acc = torch.zeros(1)
+        if n > 1000:
+            for _ in range(n):
+                acc = acc + torch.ones(1)
+        return x * 2 + 1 + acc * 0
+
+
+class DropsARow(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x[1:]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("batching")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        for name, cls in (("spin", SpinDouble), ("drops", DropsARow)):
+            torch.jit.script(cls()).save(str(d / f"{name}.pt"))
+    return d
+
+
+@pytest.fixture
+def batching_pool(models_dir: Path, make_pool: Callable[..., Pool]) -> Callable[..., Pool]:
+    def make(
+        instances: int = 1, max_batch_size: int = 8, dims: list[int] | None = None, model: str = "spin", **db: Any
+    ) -> Pool:
+        cfg = ModelConfig(
+            "m",
+            models_dir / f"{model}.pt",
+            instances=instances,
+            max_batch_size=max_batch_size,
+            inputs=[TensorSpec("INPUT__0", "float32", dims or [4])],
+            dynamic_batching=DynamicBatching(**db),
+        )
+        return make_pool(cfg)
+
+    return make
+
+
+def rows(*values: float, width: int = 4) -> Tensor:
+    return torch.tensor([[float(v)] * width for v in values])
+
+
+def test_every_request_gets_its_own_rows_under_concurrency(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(instances=2, max_batch_size=16, max_queue_delay_microseconds=2000)
+    errors: list[str] = []
+
+    def caller(k: int) -> None:
+        for i in range(40):
+            n = 1 + (k + i) % 4  # 1..4 rows, each row unique to this request
+            x = torch.tensor([[-float(k * 10_000 + i * 10 + r)] * 4 for r in range(n)])  # < 0: no spin
+            out = pool.infer("m", x)["OUTPUT__0"]
+            if out.shape != x.shape or not torch.equal(out, x * 2 + 1):
+                errors.append(f"caller {k} request {i}: {out[:, 0].tolist()} for {x[:, 0].tolist()}")
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    (stats,) = pool.stats()
+    assert stats.success == 480 and stats.failure == 0
+    assert stats.inferences == sum(1 + (k + i) % 4 for k in range(12) for i in range(40))
+    assert stats.executions < stats.success  # requests were batched together
+    assert max(stats.batch_sizes) <= 16
+    assert sum(stats.batch_sizes.values()) == stats.executions
+
+
+def test_a_lone_request_waits_at_most_the_queue_delay(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(max_queue_delay_microseconds=300_000)
+    pool.infer("m", rows(1))  # warm the model up
+    start = time.monotonic()
+    pool.infer("m", rows(2))
+    waited = time.monotonic() - start
+    assert 0.3 <= waited < 0.3 + 0.25, waited
+
+
+def test_a_preferred_size_leaves_at_once(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(preferred_batch_size=[4], max_queue_delay_microseconds=5_000_000)
+    pool.infer("m", rows(*range(4)))  # one request of 4 rows: preferred, at once
+    start = time.monotonic()
+    futures = [pool.submit("m", rows(i)) for i in range(4)]  # four of one row each
+    outs = [f.result(10)["OUTPUT__0"] for f in futures]
+    assert time.monotonic() - start < 2.0  # nowhere near the 5 s delay
+    assert [o[0, 0].item() for o in outs] == [1.0, 3.0, 5.0, 7.0]
+    assert pool.stats()[0].batch_sizes.get(4, 0) >= 1
+
+
+def test_requests_of_other_shapes_are_never_merged(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(dims=[-1], max_queue_delay_microseconds=100_000)
+    futures = [pool.submit("m", rows(i, width=3 if i % 2 else 5)) for i in range(6)]
+    for i, f in enumerate(futures):
+        out = f.result(10)["OUTPUT__0"]
+        assert out.shape == (1, 3 if i % 2 else 5) and torch.all(out == 2 * i + 1)
+    stats = pool.stats()[0]
+    assert stats.executions >= 2 and stats.inferences == 6
+
+
+def test_more_rows_than_max_batch_size_are_refused(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(max_batch_size=4)
+    with pytest.raises(InvalidInputError, match="max_batch_size=4"):
+        pool.infer("m", rows(*range(5)))
+    assert pool.stats()[0].failure == 1
+
+
+def test_a_full_queue_refuses_at_once(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(max_queue_delay_microseconds=2_000_000, default_queue_policy=QueuePolicy(max_queue_size=2))
+    futures = [pool.submit("m", rows(i)) for i in range(2)]
+    time.sleep(0.1)  # the router has queued them
+    start = time.monotonic()
+    with pytest.raises(QueueFullError, match="max_queue_size=2"):
+        pool.submit("m", rows(9))
+    assert time.monotonic() - start < 0.5
+    assert [f.result(10)["OUTPUT__0"][0, 0].item() for f in futures] == [1.0, 3.0]
+
+
+def test_max_pending_bounds_the_whole_pool(models_dir: Path, make_pool: Callable[..., Pool]) -> None:
+    cfg = ModelConfig("m", models_dir / "spin.pt", max_batch_size=8, inputs=[TensorSpec("INPUT__0", "float32", [4])])
+    pool = make_pool(cfg, max_pending=3)
+    slow = [pool.submit("m", rows(300_000)) for _ in range(3)]
+    with pytest.raises(QueueFullError, match="max_pending=3"):
+        pool.submit("m", rows(1))
+    for f in slow:
+        f.result(60)
+    assert pool.infer("m", rows(1))["OUTPUT__0"][0, 0].item() == 3.0  # room again
+
+
+@pytest.mark.parametrize("action", ["REJECT", "DELAY"])
+def test_queue_timeout_rejects_or_delays(batching_pool: Callable[..., Pool], action: str) -> None:
+    pool = batching_pool(
+        max_queue_delay_microseconds=600_000,
+        default_queue_policy=QueuePolicy(timeout_action=action, default_timeout_microseconds=100_000),
+    )
+    start = time.monotonic()
+    if action == "REJECT":
+        with pytest.raises(TimeoutError):
+            pool.infer("m", rows(2))
+        assert time.monotonic() - start < 0.5  # failed at its queue timeout, not after the delay
+    else:
+        assert pool.infer("m", rows(2))["OUTPUT__0"][0, 0].item() == 5.0  # waited on, then served
+        assert time.monotonic() - start >= 0.5
+
+
+def test_a_request_timeout_override_is_honoured_when_allowed(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(
+        max_queue_delay_microseconds=800_000,
+        default_queue_policy=QueuePolicy(default_timeout_microseconds=5_000_000, allow_timeout_override=True),
+    )
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        pool.infer("m", rows(2), timeout=0.1)
+    assert time.monotonic() - start < 0.6
+
+
+def test_higher_priority_requests_go_first(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(max_batch_size=1, priority_levels=2, default_priority_level=2)
+    busy = [pool.submit("m", rows(400_000, width=4)) for _ in range(2)]  # fills the instance's two slots
+    time.sleep(0.05)
+    done: list[str] = []
+    low = pool.submit("m", rows(1))
+    high = pool.submit("m", rows(2), priority=1)
+    low.add_done_callback(lambda f: done.append("low"))
+    high.add_done_callback(lambda f: done.append("high"))
+    for f in [*busy, low, high]:
+        f.result(60)
+    assert done == ["high", "low"]
+    with pytest.raises(InvalidInputError, match="priority"):
+        pool.infer("m", rows(1), priority=3)
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_preserve_ordering_hands_results_out_in_request_order(
+    batching_pool: Callable[..., Pool], preserve: bool
+) -> None:
+    # Two instances, one request per batch: a slow first request and fast ones after it.
+    pool = batching_pool(instances=2, max_batch_size=1, preserve_ordering=preserve)
+    done: list[int] = []
+    futures = [pool.submit("m", rows(600_000 if i == 0 else i)) for i in range(6)]
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda f, i=i: done.append(i))
+    for f in futures:
+        f.result(60)
+    if preserve:
+        assert done == list(range(6))
+    else:
+        assert done[0] != 0  # the fast ones overtook it: the test can tell the difference
+
+
+def test_a_model_that_drops_rows_fails_the_batch_clearly(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(model="drops")
+    with pytest.raises(ModelError, match="one row per input row"):
+        pool.infer("m", rows(1, 2))

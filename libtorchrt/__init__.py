@@ -8,6 +8,7 @@ processes, no changes to multiprocessing or the environment.
 
 from __future__ import annotations
 
+from .client import Client
 from .config import (
     DynamicBatching,
     InstanceGroup,
@@ -26,18 +27,21 @@ from .errors import (
     ModelUnavailableError,
     PoolClosedError,
     ProtocolError,
+    QueueFullError,
+    ServerConnectionError,
     TimeoutError,
     TorchRTError,
     UnknownModelError,
     WorkerDiedError,
     WorkerStartError,
 )
-from .info import InstanceHealth, ModelHealth, ModelStatus, WorkerInfo
+from .info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from .pool import Pool
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
     "ConfigError",
     "DynamicBatching",
     "InstanceGroup",
@@ -46,13 +50,16 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "ModelHealth",
+    "ModelStats",
     "ModelStatus",
     "ModelUnavailableError",
     "ModelWarmup",
     "Pool",
     "PoolClosedError",
     "ProtocolError",
+    "QueueFullError",
     "QueuePolicy",
+    "ServerConnectionError",
     "TensorSpec",
     "TimeoutError",
     "TorchRTError",

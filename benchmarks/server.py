@@ -1,0 +1,246 @@
+"""Server-mode benchmark: the payload workload through each way into a pool server.
+
+Run from the repository root::
+
+    python benchmarks/server.py                       # ~1.5 min on 2 cores
+    python benchmarks/server.py --duration 5 --repeat 3 --concurrency 1,2,4 --json out.json
+
+One ``libtorchrt-pool`` server (a subprocess, one instance of the payload workload:
+``x * 1.0`` on a 4 MiB float32 ``[1, 1024, 1024]`` tensor) is driven, in turn, by:
+
+* ``pool``        -- ``Pool.infer`` in this process (no server; the reference);
+* ``zmq-client``  -- ``libtorchrt.Client`` over ZeroMQ on the same host (tensors through
+  shared memory), when ``libtorchrt.client`` is there;
+* ``http-binary`` -- ``tritonclient.http`` with the binary tensor data extension
+  (inputs and outputs as raw bytes after the JSON header);
+* ``http-binary-raw`` -- the same requests from ``http.client`` with the body built once
+  and the output viewed in place: what the server costs without tritonclient's own
+  copies and parsing;
+* ``http-json``   -- ``tritonclient.http`` with tensors as JSON lists of numbers.
+
+Each row is closed-loop caller threads (``benchmarks/_harness.py``): requests/s and
+p50/p99 latency, medians over ``--repeat`` windows of ``--duration`` seconds. Every
+answer of the warm-up is checked against the input. docs/benchmarks-server.md holds the
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from benchmarks._harness import Measurement, measure
+from benchmarks._report import loadavg, machine_info
+from libtorchrt.bench import workloads
+
+MODES = ("pool", "zmq-client", "http-binary", "http-binary-raw", "http-json")
+SHAPE = (1, 1024, 1024)
+CONFIG = """
+name: "payload"
+platform: "pytorch_libtorch"
+max_batch_size: 0
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 1, 1024, 1024 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 1, 1024, 1024 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+
+def repository(directory: Path) -> Path:
+    """A repository holding the payload workload as ``payload`` version 1."""
+    repo = directory / "repo"
+    (repo / "payload" / "1").mkdir(parents=True)
+    (repo / "payload" / "config.pbtxt").write_text(CONFIG)
+    workloads.build("payload", repo / "payload" / "1").rename(repo / "payload" / "1" / "model.pt")
+    return repo
+
+
+def has_client() -> bool:
+    try:
+        import libtorchrt.client
+        import libtorchrt.server.zmq_frontend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def pool_server(repo: Path, zmq: bool) -> Iterator[dict[str, str]]:
+    """Run ``python -m libtorchrt.pool`` on free ports; yield its endpoints by name."""
+    args = [sys.executable, "-m", "libtorchrt.pool", "--model-repository", str(repo), "--http", "127.0.0.1:0",
+            "--metrics", "off", "--max-request-bytes", "64MiB", "--log-level", "warning"]  # fmt: skip
+    if zmq:
+        args += ["--zmq", "tcp://127.0.0.1:0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    endpoints: dict[str, str] = {}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.match(r"\s+(HTTP|ZeroMQ|metrics)\s+(\S+)", line)
+            if m:
+                endpoints[m.group(1)] = m.group(2)
+            if endpoints.get("HTTP") and (not zmq or endpoints.get("ZeroMQ")):
+                break
+        else:
+            raise RuntimeError(f"the server exited with status {proc.wait()} before it was ready")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe drained
+        yield endpoints
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _check(out: Any, x: torch.Tensor) -> None:
+    got = out if isinstance(out, torch.Tensor) else torch.from_numpy(np.array(out))
+    if got.shape != x.shape or not torch.equal(got, x):
+        raise AssertionError("the server answered with the wrong tensor")
+
+
+def http_caller(address: str, x: torch.Tensor, binary: bool) -> Callable[[], None]:
+    """One call per invocation, a ``tritonclient.http`` client per caller thread."""
+    import tritonclient.http as th
+
+    local = threading.local()
+    arr = x.numpy().copy()
+
+    def call() -> None:
+        if not hasattr(local, "client"):
+            local.client = th.InferenceServerClient(address.removeprefix("http://"), network_timeout=120.0)
+            local.input = th.InferInput("INPUT__0", list(arr.shape), "FP32")
+            local.input.set_data_from_numpy(arr, binary_data=binary)
+            local.output = th.InferRequestedOutput("OUTPUT__0", binary_data=binary)
+            _check(local.client.infer("payload", [local.input], outputs=[local.output]).as_numpy("OUTPUT__0"), x)
+        local.client.infer("payload", [local.input], outputs=[local.output]).as_numpy("OUTPUT__0")
+
+    return call
+
+
+def raw_caller(address: str, x: torch.Tensor) -> Callable[[], None]:
+    """The binary request from ``http.client``: one connection per caller thread."""
+    import http.client
+
+    header = json.dumps(
+        {
+            "inputs": [{"name": "INPUT__0", "shape": list(SHAPE), "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.numel() * 4}}],
+            "outputs": [{"name": "OUTPUT__0", "parameters": {"binary_data": True}}],
+        }
+    ).encode()  # fmt: skip
+    body = header + x.numpy().tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    local = threading.local()
+
+    def call() -> None:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        local.conn.request("POST", "/v2/models/payload/infer", body=body, headers=headers)
+        response = local.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+        n = int(response.getheader("Inference-Header-Content-Length", "0"))
+        np.frombuffer(data, np.float32, offset=n)  # the output, in place
+
+    return call
+
+
+def client_caller(endpoint: str, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``libtorchrt.Client`` (one, shared by the caller threads: it is thread-safe)."""
+    from libtorchrt.client import Client
+
+    client = Client(endpoint)
+    _check(client.infer("payload", {"INPUT__0": x})["OUTPUT__0"], x)
+
+    def call() -> None:
+        client.infer("payload", {"INPUT__0": x})
+
+    return call, client.close
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from libtorchrt import Pool
+
+    x = torch.rand(SHAPE, generator=torch.Generator().manual_seed(0))
+    rows: list[dict[str, Any]] = []
+
+    def row(mode: str, concurrency: int, m: Measurement) -> None:
+        rows.append({"mode": mode, "concurrency": concurrency, **m.to_dict()})
+        print(f"{mode:<15} {concurrency:>4} {m.rps:>9.1f} {m.p50_us / 1e3:>9.2f} {m.p99_us / 1e3:>9.2f}", flush=True)
+
+    print(f"{'mode':<15} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9}")
+    with tempfile.TemporaryDirectory(prefix="libtorchrt-bench-server-") as tmp:
+        repo = repository(Path(tmp))
+        common = {"duration": args.duration, "repeat": args.repeat, "warmup": 1.0, "warmup_calls": 5}
+        if "pool" in args.modes:
+            with Pool(repo) as pool:
+                _check(pool.infer("payload", x)["OUTPUT__0"], x)
+                for c in args.concurrency:
+                    row("pool", c, measure(lambda: pool.infer("payload", x), concurrency=c, **common))
+        zmq = "zmq-client" in args.modes and has_client()
+        if "zmq-client" in args.modes and not zmq:
+            print("zmq-client: skipped (libtorchrt.client is not there)")
+        with pool_server(repo, zmq) as endpoints:
+            if zmq:
+                call, close = client_caller(endpoints["ZeroMQ"], x)
+                try:
+                    for c in args.concurrency:
+                        row("zmq-client", c, measure(call, concurrency=c, **common))
+                finally:
+                    close()
+            if "http-binary-raw" in args.modes:
+                for c in args.concurrency:
+                    row("http-binary-raw", c, measure(raw_caller(endpoints["HTTP"], x), concurrency=c, **common))
+            for mode, binary in (("http-binary", True), ("http-json", False)):
+                if mode in args.modes:
+                    # A JSON request takes seconds: longer windows, or they would hold none.
+                    slow = {**common, "duration": max(args.duration, args.json_duration)} if not binary else common
+                    for c in args.concurrency:
+                        row(mode, c, measure(http_caller(endpoints["HTTP"], x, binary), concurrency=c, **slow))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--concurrency", default="1,4", help="comma-separated caller threads (default: 1,4)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per window (default: 3)")
+    p.add_argument("--json-duration", type=float, default=15.0, help="seconds per window of http-json (default: 15)")
+    p.add_argument("--repeat", type=int, default=3, help="windows per row; the median is reported (default: 3)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows and the machine as JSON")
+    args = p.parse_args(argv)
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        p.error(f"unknown modes {sorted(unknown)}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    t0 = time.monotonic()
+    rows = run(args)
+    print(f"({time.monotonic() - t0:.0f} s; load average {loadavg()}; {os.cpu_count()} CPUs)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

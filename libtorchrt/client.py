@@ -1,0 +1,351 @@
+"""``Client``: a pool served by another process, maybe on another host (client process).
+
+The public side: inputs are checked and converted, and big tensors copied into shared
+memory, in the caller's thread; the I/O thread of ``_connection.Connection`` does the
+rest (its module docstring shows the data flow). See docs/client.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._connection import MARGIN, Connection, Request
+from ._plain import health_from_plain, statuses_from_plain
+from .errors import InvalidInputError, PoolClosedError, TimeoutError
+from .info import ModelHealth, ModelStatus
+from .transport import tensors as tensor_io
+from .transport.wire import DTYPES
+
+__all__ = ["Client"]
+
+Inputs = Mapping[str, Any] | Sequence[Any] | torch.Tensor | np.ndarray
+
+_WIRE_DTYPES = frozenset(DTYPES.values())
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {str(value.dtype).removeprefix('torch.')}{list(value.shape)} on {value.device}"
+    if isinstance(value, np.ndarray):
+        return f"numpy {value.dtype}{list(value.shape)}"
+    return type(value).__name__
+
+
+def _stringlike(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, (str, bytes)) for v in value)
+    if isinstance(value, np.ndarray):
+        kind = value.dtype.kind
+        return kind in "US" or (kind == "O" and all(isinstance(v, (str, bytes)) for v in value.flat))
+    return False
+
+
+def _strings(model: str, name: str | None, value: Any) -> tensor_io.Strings:
+    items = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else value
+    encoded = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            try:
+                encoded.append(item.encode())
+            except UnicodeEncodeError as e:
+                raise InvalidInputError(model, name, "strings encodable as UTF-8", f"element {i}: {e.reason}") from None
+        else:
+            encoded.append(bytes(item))  # the server checks that it is UTF-8
+    try:
+        return tensor_io.Strings(encoded)
+    except ValueError as e:
+        raise InvalidInputError(model, name, "strings under 4 GiB each", str(e)) from None
+
+
+def _value(model: str, name: str | None, value: Any) -> torch.Tensor | tensor_io.Strings:
+    """One input as it crosses the wire: a CPU tensor, or encoded strings."""
+    if _stringlike(value):
+        return _strings(model, name, value)
+    if isinstance(value, np.ndarray):
+        try:
+            value = torch.from_numpy(value)
+        except TypeError:
+            raise InvalidInputError(model, name, "a tensor of a supported dtype", f"numpy {value.dtype}") from None
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInputError(model, name, "a torch.Tensor", _describe(value))
+    if value.dtype not in _WIRE_DTYPES or value.layout != torch.strided or value.is_quantized:
+        raise InvalidInputError(model, name, "a dense tensor of a supported dtype", _describe(value))
+    return value if value.device.type == "cpu" else value.cpu()
+
+
+def _normalize(model: str, inputs: Any) -> tuple[list[str] | None, bool, list[Any]]:
+    """``(names, single, values)`` of a request's inputs, in the shapes the pool takes
+    (see ``remote.Infer``), each value checked and converted by :func:`_value`."""
+    if isinstance(inputs, (torch.Tensor, np.ndarray)) or (
+        isinstance(inputs, (list, tuple)) and inputs and _stringlike(inputs)
+    ):
+        return None, True, [_value(model, None, inputs)]
+    if isinstance(inputs, Mapping):
+        names = []
+        for key in inputs:
+            if not isinstance(key, str):
+                raise InvalidInputError(model, str(key), "inputs named by str", f"a key of type {type(key).__name__}")
+            names.append(key)
+        return names, False, [_value(model, key, v) for key, v in inputs.items()]
+    if isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
+        return None, False, [_value(model, f"INPUT__{i}", v) for i, v in enumerate(inputs)]
+    raise InvalidInputError(model, None, "a dict of name -> tensor, or a list of tensors", type(inputs).__name__)
+
+
+def _finalize(connection: Connection) -> None:
+    if connection.alive:
+        warnings.warn(
+            "libtorchrt.Client was not closed; closing it now (use `with Client(...)` or call close())",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        connection.stop(grace=0.0)
+
+
+class Client:
+    """A pool served by a :class:`~libtorchrt.server.zmq_frontend.ZmqFrontend`, maybe on
+    another host, with the same calls as :class:`~libtorchrt.Pool`.
+
+    Thread-safe and asyncio-friendly: many threads may share one client. On the same
+    host, tensors travel through shared memory (memfds handed over a Unix socket);
+    across hosts, as zero-copy ZeroMQ frames.
+
+    Args:
+        endpoint: the server's ZeroMQ endpoint, ``tcp://HOST:PORT`` or ``ipc:///PATH``.
+        timeout: the default deadline of each request, in seconds (None: none).
+        curve_server_key: the server's CURVE public key (Z85), for a server started
+            with ``curve_secret_key``.
+        shared_memory: None: use shared memory when the server runs on the same host
+            (and lets us), else frames; True: require it; False: always frames.
+        connect_timeout: how long to wait for the server's handshake, here and after
+            the connection drops.
+        curve_client_key: this client's ``(public, secret)`` CURVE keys, for a server
+            that admits only some clients; default, a fresh pair.
+        request_arena_bytes: the shared memory for request tensors (address space;
+            pages are used only when touched). Larger tensors travel as frames.
+        inline_threshold: tensors up to this many bytes travel inside the header.
+
+    Raises:
+        ServerConnectionError: no server answered within ``connect_timeout``, it
+            refused the ZeroMQ handshake (CURVE), or shared memory was required and
+            could not be set up.
+        ProtocolError: the server speaks another protocol version.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout: float | None = None,
+        curve_server_key: bytes | None = None,
+        shared_memory: bool | None = None,
+        connect_timeout: float = 10.0,
+        curve_client_key: tuple[bytes, bytes] | None = None,
+        request_arena_bytes: int = 128 << 20,
+        inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._connection = Connection(
+            endpoint,
+            curve_server_key=curve_server_key,
+            curve_client_key=curve_client_key,
+            shared_memory=shared_memory,
+            connect_timeout=connect_timeout,
+            request_arena_bytes=request_arena_bytes,
+            inline_threshold=inline_threshold,
+        )
+        self._finalizer = weakref.finalize(self, _finalize, self._connection)
+        try:
+            self._connection.wait_ready(connect_timeout)
+        except BaseException:
+            self.close(grace=0.0)
+            raise
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether the current session moves tensors through shared memory."""
+        return self._connection.shm
+
+    # ── requests ───────────────────────────────────────────────────────────────
+
+    def submit(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
+        """Send a request; return a future of its outputs (see ``Pool.submit``).
+
+        Args:
+            model: the model's name.
+            inputs: a dict keyed by input name, a list in argument order, or a single
+                tensor; values are tensors (CUDA ones are copied to the CPU), numpy
+                arrays, or lists of ``str`` for string inputs.
+            version: the model version (default: the highest version served).
+            timeout: the request's deadline in seconds (default: the client's).
+            priority: its priority level, for a model with ``dynamic_batching``
+                ``priority_levels`` (see ``Pool.submit``).
+
+        Returns:
+            A ``concurrent.futures.Future`` resolving to ``{output name: tensor}``
+            (``list[str]`` for string outputs). Output tensors may view shared memory,
+            recycled once they are freed. Cancelling the future tells the server,
+            which drops the request unless it already runs.
+
+        Raises:
+            InvalidInputError: an input cannot cross the wire, or the request exceeds
+                the server's ``max_request_bytes``. The server checks the rest
+                (unknown model, shapes, ...) and the future fails with its error.
+            PoolClosedError: the client is closed.
+        """
+        connection = self._connection
+        if connection.closed:
+            raise PoolClosedError("the client is closed")
+        if connection.fatal is not None:
+            raise connection.fatal
+        if timeout is None:
+            timeout = self.timeout
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a str, got {type(model).__name__}")
+        version = None if version is None else int(version)
+        timeout = None if timeout is None else float(timeout)
+        priority = None if priority is None else int(priority)
+        names, single, values = _normalize(model, inputs)
+        session = connection.session
+        limit = session.max_request_bytes if session is not None else None
+        if limit is not None:
+            total = sum(v.numel() * v.element_size() for v in values)
+            if total > limit:
+                raise InvalidInputError(model, None, f"at most max_request_bytes={limit} bytes", f"{total} bytes")
+        future: Future[dict[str, torch.Tensor]] = Future()
+        request = Request(next(connection.ids), future, model)
+        request.timeout = timeout
+        if connection.shm:
+            placed = tensor_io.write(values, connection.arena, connection.allocator, connection.inline_threshold)
+        else:
+            placed = tensor_io.write(values, None, None, connection.inline_threshold)
+        request.offsets = placed.offsets
+        request.frames = placed.frames
+        # every field of INFER but releases (added when it is sent)
+        request.header_fields = (
+            request.id, model, version, timeout, names, placed.descs, placed.blobs, single, priority
+        )  # fmt: skip
+        connection.submit(request)
+        future.add_done_callback(_cancel_on_done(connection, request.id))
+        return future
+
+    def infer(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run one request and wait for its outputs (see ``Pool.infer``).
+
+        Raises:
+            UnknownModelError, InvalidInputError, ModelError, ModelUnavailableError,
+            WorkerDiedError, TimeoutError: as the pool raised them in the server.
+            ServerConnectionError: the connection was lost before the answer came.
+            PoolClosedError: the client is closed.
+        """
+        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
+        if timeout is None:
+            timeout = self.timeout
+        try:
+            return future.result(None if timeout is None else timeout + 2 * MARGIN)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the request's own error (ours derives from TimeoutError)
+                raise
+            future.cancel()
+            raise TimeoutError(f"model {model!r} did not answer within {timeout} s") from None
+
+    async def infer_async(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run one request from asyncio; see :meth:`infer`."""
+        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
+        return await asyncio.wrap_future(future)
+
+    # ── introspection ──────────────────────────────────────────────────────────
+
+    def _query(self, what: str, timeout: float | None) -> Any:
+        connection = self._connection
+        if connection.fatal is not None:
+            raise connection.fatal
+        future: Future[Any] = Future()
+        request = Request(next(connection.ids), future, what=what)
+        if timeout is None:
+            timeout = self.timeout if self.timeout is not None else connection.connect_timeout
+        request.timeout = timeout
+        connection.submit(request)
+        try:
+            return future.result(timeout + 2 * MARGIN)
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise
+            raise TimeoutError(f"{what}(): no answer from the server within {timeout} s") from None
+
+    def models(self, *, timeout: float | None = None) -> list[ModelStatus]:
+        """Every model version the server's pool serves, with its state and error
+        (see ``Pool.models``)."""
+        return statuses_from_plain(self._query("models", timeout))
+
+    def health(self, *, timeout: float | None = None) -> dict[str, ModelHealth]:
+        """Each model's and instance's state in the server's pool (see ``Pool.health``)."""
+        return health_from_plain(self._query("health", timeout))
+
+    # ── lifetime ───────────────────────────────────────────────────────────────
+
+    def close(self, grace: float = 5.0) -> None:
+        """Let requests in flight finish for up to ``grace`` seconds (the rest fail with
+        :class:`PoolClosedError`), end the session and release every socket, thread,
+        descriptor and arena of the client. Idempotent. Output tensors still held keep
+        their shared memory mapped until they are freed."""
+        self._connection.stop(grace)
+        self._finalizer.detach()
+
+    @property
+    def closed(self) -> bool:
+        return self._connection.closed or self._connection.closing_at is not None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(grace=0.0 if exc[0] is not None else 5.0)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "shared memory" if self.shared_memory else "frames"
+        return f"<libtorchrt.Client {self.endpoint} ({state})>"
+
+
+def _cancel_on_done(connection: Connection, request_id: int) -> Any:
+    """A done-callback that tells the server when the caller cancelled the future."""
+
+    def done(future: Future[Any]) -> None:
+        if future.cancelled():
+            connection.cancel(request_id)
+
+    return done

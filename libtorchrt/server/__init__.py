@@ -1,0 +1,17 @@
+"""Server mode: a ``Pool`` served to other processes and machines (server process).
+
+``libtorchrt-pool --model-repository DIR`` (also ``python -m libtorchrt.pool``) loads a
+repository into a :class:`~libtorchrt.Pool` and serves it::
+
+    tritonclient.http, curl, a load balancer ──HTTP──► http.py (KServe v2, ASGI on uvicorn)
+    libtorchrt.Client ──────────────────ZeroMQ──────► zmq_frontend.py          │
+    Prometheus ─────────────────────────HTTP────────► metrics.py               ▼
+                                                                     Pool.submit ──► workers
+
+One module per concept: ``cli.py`` (options), ``service.py`` (listen, load, serve,
+drain), ``http.py`` (the HTTP application), ``kserve.py`` (the tensor codec and data
+types), ``metadata.py`` (server/model metadata, config, statistics documents),
+``metrics.py`` (Prometheus), ``progress.py`` (start-up display), ``security.py``
+(addresses, tokens, keys), ``zmq_frontend.py`` (ZeroMQ). Importing this package
+imports none of them.
+"""

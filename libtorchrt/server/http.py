@@ -1,0 +1,433 @@
+"""The KServe v2 / Open Inference Protocol over HTTP: the ASGI application (server process).
+
+::
+
+    uvicorn (event loop thread)              worker threads            router thread
+    ───────────────────────────              ──────────────            ─────────────
+    POST /v2/models/m/infer
+      read the body, ≤ --max-request-bytes
+      (Content-Length checked first)
+                                   ──────►   decode (kserve.py)
+                                             pool.submit: bind, copy
+                                             into shared memory ─────► worker ... reply
+      await the future, watching for                                       │
+      the client going away (cancel) ◄──────────────────────────────────────┘
+                                   ──────►   encode (JSON or binary)
+      send header JSON, then the tensors' bytes as they are
+
+Small requests (up to 64 KiB) are decoded, submitted and encoded on the event loop;
+larger ones in worker threads, so a big JSON body never stalls the health checks.
+Errors are ``{"error": "..."}`` with the status codes of :data:`STATUS`. A client that
+disconnects while its body is read or its request runs leaves nothing behind: the body
+is dropped, a request not yet sent to a worker is cancelled, and the outputs of one
+that ran are freed when the response is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ..config import ModelConfig
+from ..errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelError,
+    ModelUnavailableError,
+    PoolClosedError,
+    QueueFullError,
+    TimeoutError,
+    TorchRTError,
+    UnknownModelError,
+    WorkerDiedError,
+)
+from ..info import ModelStatus
+from ..pool import Pool
+from . import metadata
+from .kserve import EncodedResponse, InferRequest, RequestError, decode_request, encode_response
+from .security import BearerAuth
+
+__all__ = ["HEALTH_PATHS", "STATUS", "Limits", "ServerState", "build_app"]
+
+log = logging.getLogger("libtorchrt.server")
+
+#: HTTP status of each error the pool raises (anything else: 500)
+STATUS: dict[type[BaseException], int] = {
+    InvalidInputError: 400,
+    UnknownModelError: 404,
+    ModelUnavailableError: 503,
+    PoolClosedError: 503,
+    QueueFullError: 503,
+    TimeoutError: 504,
+    ModelError: 500,
+    WorkerDiedError: 500,
+    ConfigError: 500,
+}
+#: paths open without the bearer token (probes carry none; they reveal nothing)
+HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+#: requests and responses up to this size are handled on the event loop
+_INLINE_BYTES = 64 * 1024
+_HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may ask of the server.
+
+    Attributes:
+        max_request_bytes: the largest request body (after decompression), checked
+            against ``Content-Length`` before anything is read.
+        max_inflight: inference requests handled at once; more get 503 at once
+            (bounds the memory bodies in flight hold: this times ``max_request_bytes``).
+    """
+
+    max_request_bytes: int = 64 << 20
+    max_inflight: int = 64
+
+
+@dataclass
+class ServerState:
+    """What the HTTP handlers share: the pool, the limits, and whether it is draining."""
+
+    pool: Pool
+    limits: Limits
+    draining: bool = False
+    inflight: int = 0
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _failure(e: BaseException) -> JSONResponse:
+    if isinstance(e, RequestError):
+        return _error(e.status, e.message)
+    status = next((code for cls, code in STATUS.items() if isinstance(e, cls)), 500)
+    # A model's traceback (paths, code) stays in the server's log; the client gets the headline.
+    message = str(e.args[0]) if isinstance(e, ModelError) and e.args else str(e)
+    if status >= 500 and not isinstance(e, QueueFullError):
+        log.warning("%s: %s", type(e).__name__, e)
+    return _error(status, message, {"Retry-After": "1"} if isinstance(e, QueueFullError) else None)
+
+
+def _version(request: Request) -> int | None:
+    text = request.path_params.get("version")
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise RequestError(400, f"model version {text!r} is not a number")
+    return int(text)
+
+
+class _Models:
+    """Model lookups against the pool's public snapshots."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def statuses(self, name: str) -> list[ModelStatus]:
+        found = [s for s in self.pool.models() if s.name == name]
+        if not found:
+            known = sorted({s.name for s in self.pool.models()})
+            raise RequestError(404, f"unknown model {name!r}; this server serves {known}")
+        return found
+
+    def status(self, name: str, version: int | None) -> ModelStatus:
+        found = self.statuses(name)
+        served = [s for s in found if s.version is not None]
+        if not served:  # its configuration could not be read
+            raise RequestError(503, f"model {name!r} is unavailable: {found[0].error}")
+        if version is None:
+            return max(served, key=lambda s: s.version or 0)
+        for s in served:
+            if s.version == version:
+                return s
+        versions = sorted(s.version for s in served if s.version is not None)
+        raise RequestError(404, f"model {name!r} has no version {version}; it serves versions {versions}")
+
+    def config(self, name: str, version: int | None) -> ModelConfig:
+        status = self.status(name, version)
+        return self.pool.config(name, status.version)
+
+
+async def _in_thread(size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if size <= _INLINE_BYTES:
+        return fn(*args, **kwargs)
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused (413) as soon as it is known to exceed ``limit``."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate")
+    declared = request.headers.get("content-length")
+    too_big = f"the request body is larger than this server takes ({limit} bytes, --max-request-bytes)"
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise RequestError(413, f"{too_big}: Content-Length is {int(declared)}")
+    # Memory follows what was received, never what the client announced; the chunks
+    # are joined once at the end (growing one buffer would copy it again and again).
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, too_big)
+        chunks.append(chunk)
+    body = bytearray().join(chunks)
+    del chunks
+    if encoding == "identity":
+        return body
+    return await _in_thread(len(body), _decompress, body, encoding, limit, too_big)
+
+
+def _decompress(data: bytearray, encoding: str, limit: int, too_big: str) -> bytearray:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit + 1)  # never more than the limit allows
+    except zlib.error as e:
+        raise RequestError(400, f"the {encoding} body does not decompress: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise RequestError(413, f"{too_big} once decompressed")
+    return bytearray(out)
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(_HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise RequestError(400, f"Inference-Header-Content-Length {value!r} is not a number")
+    return int(value)
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _outputs(future: concurrent.futures.Future[Any], receive: Receive) -> Any:
+    """The request's outputs; if the client goes away first, cancel the request."""
+    result = asyncio.wrap_future(future)
+    watch = asyncio.ensure_future(_until_disconnected(receive))
+    try:
+        await asyncio.wait({result, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not result.done():
+        result.cancel()  # cancels the pool's future too, if it was not sent to a worker
+        raise ClientDisconnect()
+    return result.result()
+
+
+def _output_bytes(outputs: dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() if hasattr(v, "numel") else 64 * len(v) for v in outputs.values())
+
+
+class TensorResponse(Response):
+    """An inference response: the JSON header, then each binary output's bytes as a
+    body chunk of its own (they are views of the worker's output memory, not copied)."""
+
+    def __init__(self, encoded: EncodedResponse) -> None:
+        self.encoded = encoded
+        self.status_code = 200
+        self.background = None
+        content_type = b"application/octet-stream" if encoded.header_length is not None else b"application/json"
+        self.raw_headers = [(b"content-type", content_type), (b"content-length", str(encoded.size).encode())]
+        if encoded.header_length is not None:
+            self.raw_headers.append((_HEADER_LENGTH.encode(), str(encoded.header_length).encode()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        parts = [self.encoded.header, *self.encoded.chunks]
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
+
+
+class _Endpoints:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.models = _Models(state.pool)
+
+    # ── health and metadata ────────────────────────────────────────────────
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    def server_ready(self) -> bool:
+        if self.state.draining or self.state.pool.closed:
+            return False
+        loaded = [s for s in self.state.pool.models() if s.state != "failed"]
+        return bool(loaded) and all(s.state == "ready" for s in loaded)
+
+    async def ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self.server_ready() else 400)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(metadata.server_metadata())
+
+    async def model_metadata(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            cfg = self.models.config(name, _version(request))
+            versions = [s.version for s in self.models.statuses(name) if s.version is not None]
+            return JSONResponse(metadata.model_metadata(cfg, versions))
+        except (RequestError, TorchRTError) as e:
+            return _failure(e)
+
+    async def model_ready(self, request: Request) -> Response:
+        try:
+            status = self.models.status(request.path_params["name"], _version(request))
+        except RequestError as e:
+            if e.status == 503:  # known, but its configuration could not be read
+                return Response(status_code=400)
+            return _failure(e)
+        ready = status.state == "ready" and not self.state.draining
+        return Response(status_code=200 if ready else 400)
+
+    async def model_config(self, request: Request) -> Response:
+        try:
+            cfg = self.models.config(request.path_params["name"], _version(request))
+            return JSONResponse(metadata.model_config(cfg))
+        except (RequestError, TorchRTError) as e:
+            return _failure(e)
+
+    async def repository_index(self, request: Request) -> Response:
+        return JSONResponse(metadata.repository_index(self.state.pool.models()))
+
+    async def statistics(self, request: Request) -> Response:
+        stats_of = getattr(self.state.pool, "stats", None)
+        if stats_of is None:
+            return _error(501, "statistics are not available from this version of libtorchrt")
+        try:
+            name = request.path_params.get("name")
+            version = _version(request)
+            if name is not None:
+                version = self.models.status(name, version).version
+        except RequestError as e:
+            return _failure(e)
+        stats = [s for s in stats_of() if name is None or (s.model == name and s.version == version)]
+        return JSONResponse(metadata.model_statistics(stats))
+
+    # ── inference ──────────────────────────────────────────────────────────
+
+    async def infer(self, request: Request) -> Response:
+        state = self.state
+        if state.draining or state.pool.closed:
+            return _error(503, "the server is shutting down; send the request to another instance")
+        if state.inflight >= state.limits.max_inflight:
+            return _error(
+                503,
+                f"the server is handling {state.limits.max_inflight} requests already (--max-inflight); retry",
+                {"Retry-After": "1"},
+            )
+        state.inflight += 1
+        try:
+            return await self._infer(request)
+        except ClientDisconnect:
+            log.debug("client went away during %s", request.url.path)
+            return Response(status_code=400)  # nobody reads it
+        except (RequestError, TorchRTError) as e:
+            return _failure(e)
+        finally:
+            state.inflight -= 1
+
+    async def _infer(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        version = _version(request)
+        try:
+            cfg = self.models.config(name, version)
+        except UnknownModelError as e:  # gone between the two looks (it cannot, today)
+            raise RequestError(404, str(e)) from None
+        header_length = _header_length(request)
+        body = await _read_body(request, self.state.limits.max_request_bytes)
+        declared = {s.name: s for s in cfg.inputs}
+        req: InferRequest = await _in_thread(len(body), decode_request, body, header_length, name, declared)
+        del body  # the inputs hold what they need of it
+        if req.outputs is not None and cfg.outputs:
+            names = [s.name for s in cfg.outputs]
+            unknown = [o.name for o in req.outputs if o.name not in names]
+            if unknown:
+                raise RequestError(400, f"model {name!r} has no output {unknown[0]!r}; it gives {names}")
+        size = sum(v.numel() * v.element_size() if hasattr(v, "numel") else len(v) for v in req.inputs.values())
+        options: dict[str, Any] = {"version": cfg.version, "timeout": req.timeout}
+        if req.priority is not None:
+            options["priority"] = req.priority
+        future = await _in_thread(size, self.state.pool.submit, name, req.inputs, **options)
+        req.inputs.clear()  # copied into shared memory by submit
+        outputs = await _outputs(future, request.receive)
+        encoded = await _in_thread(_output_bytes(outputs), encode_response, name, cfg.version, req, outputs)
+        del outputs
+        return TensorResponse(encoded)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 404:
+            return _error(404, f"no such endpoint: {request.method} {request.url.path}", headers)
+        if exc.status_code == 405:
+            allowed = headers.get("Allow", "") if headers else ""
+            return _error(405, f"{request.method} is not allowed on {request.url.path}; use {allowed}", headers)
+        return _error(exc.status_code, str(exc.detail), headers)
+    return _error(500, "internal error")
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("internal error handling %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def build_app(state: ServerState, *, token: bytes | None = None) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The ASGI application serving ``state.pool`` over the KServe v2 protocol.
+
+    Args:
+        state: the pool, the limits, and the draining flag (set it to refuse new
+            inference requests and report not ready).
+        token: when given, every request except the health probes must carry
+            ``Authorization: Bearer <token>``.
+    """
+    ep = _Endpoints(state)
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", ep.live, methods=["GET"]),
+        Route("/v2/health/ready", ep.ready, methods=["GET"]),
+        Route("/v2", ep.server_metadata, methods=["GET"]),
+        Route("/v2/repository/index", ep.repository_index, methods=["POST"]),
+        Route("/v2/models/stats", ep.statistics, methods=["GET"]),
+    ]
+    for prefix in (model, versioned):
+        routes += [
+            Route(prefix, ep.model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", ep.model_ready, methods=["GET"]),
+            Route(prefix + "/config", ep.model_config, methods=["GET"]),
+            Route(prefix + "/stats", ep.statistics, methods=["GET"]),
+            Route(prefix + "/infer", ep.infer, methods=["POST"]),
+        ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _not_found, Exception: _internal_error},
+    )
+    if token is None:
+        return app
+    return BearerAuth(app, token, HEALTH_PATHS)

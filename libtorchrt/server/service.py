@@ -1,0 +1,359 @@
+"""The pool server's lifetime: listen, load, serve, drain (server process, main thread).
+
+::
+
+    bind HTTP/metrics sockets ── a port is taken? exit 1 before loading anything
+    Pool(repository)          ── progress per model and instance; nothing loaded? exit 1
+    ZmqFrontend.start()       ── (with --zmq)
+    serve (one event loop: uvicorn for HTTP and metrics)
+        print the endpoints
+        ... SIGTERM / SIGINT ...
+    drain                     ── HTTP: listeners closed, new inference requests get 503,
+                                 in-flight ones finish (up to --grace); ZeroMQ likewise
+    Pool.close(grace)         ── workers stopped, shared memory and sockets released
+    exit 0
+
+Signals are handled by one handler for the whole lifetime. While the pool loads, it
+raises :class:`Stopped` in the main thread (``Pool()`` then closes what it started);
+while serving, it sets the event loop's stop event; a second signal while draining
+stops waiting for HTTP clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from .. import __version__
+from ..errors import TorchRTError
+from ..pool import Pool
+from ._internals import start_pool
+from .http import Limits, ServerState, build_app
+from .metrics import build_metrics_app
+from .progress import Progress
+from .security import Address
+
+__all__ = ["Options", "Stopped", "serve"]
+
+log = logging.getLogger("libtorchrt.server")
+
+#: seconds an idle HTTP connection is kept open
+KEEP_ALIVE_S = 75
+
+
+class Stopped(BaseException):
+    """A stop signal arrived while the pool was loading (a BaseException, like
+    KeyboardInterrupt, so that nothing on the way swallows it)."""
+
+
+@dataclass
+class Options:
+    """What the command line asked for, checked (see ``cli.py``)."""
+
+    repository: str
+    http: Address | None
+    metrics: Address | None
+    zmq: str | None
+    token: bytes | None = None
+    curve_secret_key: bytes | None = None
+    insecure: bool = False
+    strict: bool = False
+    start_timeout: float = 120.0
+    grace: float = 20.0
+    limits: Limits = field(default_factory=Limits)
+    busy_poll_us: int = 0
+    access_log: bool = False
+
+
+class _Signals:
+    """The process's SIGTERM/SIGINT handler, for every stage of its life."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.raise_now = False
+        self.on_signal: Callable[[int], None] | None = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.on_signal is not None:
+            self.on_signal(self.count)
+        elif self.raise_now:
+            log.info("%s: stopping the start", name)
+            raise Stopped(name)
+        else:
+            log.info("%s: already stopping", name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class _Uvicorn(uvicorn.Server):
+    """A uvicorn server that leaves signals to the service (it would re-raise them
+    after its shutdown, turning a clean stop into death by SIGTERM)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+
+def _listen(address: Address, option: str) -> socket.socket:
+    """A listening socket on ``address``, bound now so that a taken port fails fast.
+
+    Raises:
+        OSError: with a message naming the option.
+    """
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {address} ({option}): {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        hint = "; is another server running? choose another port" if e.errno == 98 else ""
+        raise OSError(e.errno, f"cannot listen on {address} ({option}): {e.strerror}{hint}") from None
+    return sock
+
+
+def _url(sock: socket.socket, path: str = "") -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+
+
+class _Service:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.signals = _Signals()
+        self.sockets: dict[str, socket.socket] = {}
+        self.pool: Pool | None = None
+        self.zmq: Any = None
+        self.state: ServerState | None = None
+
+    # ── stages ─────────────────────────────────────────────────────────────
+
+    def run(self) -> int:
+        with self.signals.installed():
+            try:
+                return self._run()
+            finally:
+                self.signals.on_signal = None
+                self.signals.raise_now = False
+                self._close()
+
+    def _run(self) -> int:
+        opts = self.options
+        try:
+            if opts.http is not None:
+                self.sockets["http"] = _listen(opts.http, "--http")
+            if opts.metrics is not None:
+                self.sockets["metrics"] = _listen(opts.metrics, "--metrics")
+        except OSError as e:
+            log.error("%s", e.strerror)
+            return 1
+        try:
+            self.pool = self._load()
+        except Stopped:
+            return 0
+        except (TorchRTError, ValueError, OSError) as e:
+            if opts.strict:
+                log.error("a model of %s could not be loaded (--strict): %s", opts.repository, e)
+            else:
+                log.error("no model could be loaded from %s: %s", opts.repository, e)
+            return 1
+        if self.signals.count:  # a signal between the load and here
+            return 0
+        if opts.zmq is not None and not self._start_zmq():
+            return 1
+        self.state = ServerState(self.pool, opts.limits)
+        asyncio.run(self._serve())
+        return 0
+
+    def _load(self) -> Pool:
+        opts = self.options
+        progress = Progress(sys.stderr)
+        root = logging.getLogger()
+        handlers = root.handlers[:]
+        if progress.tty and handlers:  # log records go above the live display
+            formatter = handlers[0].formatter or logging.Formatter()
+            root.handlers = [progress.log_handler(formatter)]
+        log.info("loading %s", opts.repository)
+        t0 = time.monotonic()
+        self.signals.raise_now = True
+        try:
+            pool = start_pool(
+                opts.repository,
+                progress.observe,
+                strict=opts.strict,
+                start_timeout=opts.start_timeout,
+                busy_poll_us=opts.busy_poll_us,
+            )
+        finally:
+            self.signals.raise_now = False
+            progress.close()
+            root.handlers = handlers
+        statuses = pool.models()
+        failed = [s for s in statuses if s.state == "failed"]
+        log.info(
+            "loaded %d model versions of %d models in %.1f s%s",
+            len(statuses) - len(failed),
+            len({s.name for s in statuses}),
+            time.monotonic() - t0,
+            f"; {len(failed)} failed" if failed else "",
+        )
+        for s in failed:
+            log.error("model %s%s is not served: %s", s.name, "" if s.version is None else f" v{s.version}", s.error)
+        return pool
+
+    def _start_zmq(self) -> bool:
+        from .zmq_frontend import ZmqFrontend  # pyzmq's server side, only when asked for
+
+        opts = self.options
+        assert opts.zmq is not None
+        kwargs: dict[str, Any] = {"curve_secret_key": opts.curve_secret_key, "insecure": opts.insecure}
+        if "max_request_bytes" in inspect.signature(ZmqFrontend).parameters:
+            kwargs["max_request_bytes"] = opts.limits.max_request_bytes
+        try:
+            self.zmq = ZmqFrontend(self.pool, opts.zmq, **kwargs)
+            self.zmq.start()
+        except (TorchRTError, OSError, ValueError) as e:
+            log.error("cannot serve ZeroMQ on %s (--zmq): %s", opts.zmq, e)
+            return False
+        return True
+
+    async def _serve(self) -> None:
+        assert self.pool is not None and self.state is not None
+        opts = self.options
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        servers: list[_Uvicorn] = []
+
+        def on_signal(count: int) -> None:
+            if count == 1:
+                loop.call_soon_threadsafe(stop.set)
+            else:  # a second signal: stop waiting for clients
+                log.warning("second stop signal: closing HTTP connections now")
+                for server in servers:
+                    server.force_exit = True
+
+        self.signals.on_signal = on_signal
+        apps = {"http": build_app(self.state, token=opts.token)}
+        if "metrics" in self.sockets:
+            apps["metrics"] = build_metrics_app(self.pool)
+        tasks = []
+        for key, sock in self.sockets.items():
+            config = uvicorn.Config(
+                apps[key],
+                log_config=None,
+                log_level=None,
+                access_log=opts.access_log and key == "http",
+                lifespan="off",
+                timeout_graceful_shutdown=int(opts.grace) or 1,
+                # Longer than the idle timeouts of load balancers (60 s), so that the
+                # server never closes a kept-alive connection a client is about to use.
+                timeout_keep_alive=KEEP_ALIVE_S,
+                server_header=False,
+                proxy_headers=False,
+            )
+            server = _Uvicorn(config)
+            servers.append(server)
+            tasks.append(asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{key}"))
+        for server, task in zip(servers, tasks):
+            while not server.started and not task.done():  # uvicorn has no started event
+                await asyncio.sleep(0.01)
+            if task.done():
+                task.result()  # raises why it did not start
+        self._banner()
+        if self.signals.count:
+            stop.set()
+        done = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping: draining requests in flight (up to %.0f s)", opts.grace)
+        self.state.draining = True
+        zmq_closed = loop.run_in_executor(None, self.zmq.close, opts.grace) if self.zmq is not None else None
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if zmq_closed is not None:
+            await zmq_closed
+        done.cancel()
+
+    def _banner(self) -> None:
+        assert self.pool is not None
+        statuses = self.pool.models()
+        ready = [s for s in statuses if s.state == "ready"]
+        failed = [s for s in statuses if s.state == "failed"]
+        lines = [
+            f"libtorchrt-pool {__version__} ready: {len(ready)} model versions"
+            + (f", {len(failed)} failed" if failed else "")
+        ]
+        if "http" in self.sockets:
+            auth = "; bearer token required" if self.options.token else ""
+            lines.append(f"  HTTP     {_url(self.sockets['http'])}  (KServe v2{auth})")
+        if self.zmq is not None:
+            key = getattr(self.zmq, "curve_public_key", None)
+            extra = f"  (CURVE server key {key.decode()})" if key else ""
+            lines.append(f"  ZeroMQ   {self.zmq.endpoint}{extra}")
+        if "metrics" in self.sockets:
+            lines.append(f"  metrics  {_url(self.sockets['metrics'], '/metrics')}")
+        print("\n".join(lines), flush=True)
+
+    def _close(self) -> None:
+        grace = self.options.grace
+        if self.zmq is not None:
+            self.zmq.close(grace)
+            _remove_ipc(self.options.zmq)
+        if self.pool is not None:
+            self.pool.close(grace)
+            log.info("stopped")
+        for sock in self.sockets.values():
+            sock.close()
+
+
+def _remove_ipc(endpoint: str | None) -> None:
+    """Remove the socket file of an ``ipc://`` endpoint this server bound: ZeroMQ leaves
+    it behind, and a server that stopped must leave nothing. (The frontend refuses to
+    bind a path another server listens on, so the file is this server's.)"""
+    if endpoint is None or not endpoint.startswith("ipc://") or endpoint[6:7] in ("*", "@"):
+        return
+    path = endpoint.removeprefix("ipc://")
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
+def serve(options: Options) -> int:
+    """Run the pool server until SIGTERM or SIGINT; return the exit status.
+
+    Returns:
+        0 after a clean stop (also when stopped while loading), 1 when a port is
+        taken, nothing could be loaded, or the ZeroMQ endpoint cannot be served.
+    """
+    return _Service(options).run()

@@ -1,0 +1,198 @@
+"""Helpers for the server tests: a small repository, and the real server as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests import models, triton_models
+
+__all__ = ["SPIN_CONFIG", "ServerProcess", "build_repository", "children_of"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: the models of tests/data/repository the server tests serve: FP32 with batching and
+#: two instances, BYTES, INT32 in two versions, BF16 with BOOL
+TRITON_MODELS = ("resnet_classifier", "text_normalizer", "seq2seq_generator", "masked_bf16")
+
+#: a model busy for about x[0] * 1.6 µs (tests/models.py Spin), two instances
+SPIN_CONFIG = """
+name: "spin"
+platform: "pytorch_libtorch"
+max_batch_size: 0
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 1 ] } ]
+instance_group [ { count: 2 kind: KIND_CPU } ]
+"""
+
+#: a model whose configuration does not parse: listed as failed, answers 503
+BROKEN_CONFIG = (
+    'name: "broken"\nplatform: "pytorch_libtorch"\ninput [ { name: "x" data_type: TYPE_FP32 dim: [ 1 ] } ]\n'
+)
+
+
+def build_repository(directory: Path, names: tuple[str, ...] = TRITON_MODELS, *, spin: bool = False,
+                     broken: bool = False) -> Path:  # fmt: skip
+    """A repository of some models of tests/data/repository (their TorchScript built),
+    optionally with the ``spin`` model and a ``broken`` one."""
+    repo = directory / "repo"
+    repo.mkdir(parents=True)
+    for name in names:
+        shutil.copytree(triton_models.REPOSITORY / name, repo / name)
+    triton_models.build(repo, cuda=False)
+    if spin:
+        (repo / "spin" / "1").mkdir(parents=True)
+        (repo / "spin" / "config.pbtxt").write_text(SPIN_CONFIG)
+        shutil.move(str(models.save("spin", repo / "spin" / "1")), str(repo / "spin" / "1" / "model.pt"))
+    if broken:
+        (repo / "broken" / "1").mkdir(parents=True)
+        (repo / "broken" / "config.pbtxt").write_text(BROKEN_CONFIG)
+    return repo
+
+
+def children_of(pid: int) -> set[int]:
+    """PIDs of the live (non-zombie) children of ``pid``."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            out.add(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    """``python -m libtorchrt.pool`` as a subprocess, its output read line by line.
+
+    Args:
+        args: the command line after ``python -m libtorchrt.pool``.
+        env: extra environment variables.
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = [sys.executable, "-m", "libtorchrt.pool", *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.http = ""
+        self.metrics = ""
+        self.zmq = ""
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """The first line (from now on) matching ``pattern``.
+
+        Raises:
+            AssertionError: the server exited or ``timeout`` passed first.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output}") from None
+            if line is None:
+                self._queue.put(None)
+                raise AssertionError(f"the server exited ({self.proc.wait()}) before {pattern!r}:\n{self.output}")
+            m = regex.search(line)
+            if m:
+                return m
+
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        """Wait for the banner; set :attr:`http` and :attr:`metrics` (host:port) and
+        :attr:`zmq` (the endpoint)."""
+        self.wait_for(r"libtorchrt-pool \S+ ready", timeout)
+        while True:
+            try:  # the banner is one write: its lines are queued together
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                break
+            assert line is not None, self.output
+            m = re.match(r"\s+(HTTP|metrics|ZeroMQ)\s+(\S+)", line)
+            if not m:
+                self._queue.put(line)  # not the banner's: leave it for later waits
+                break
+            if m.group(1) == "HTTP":
+                self.http = m.group(2).removeprefix("http://")
+            elif m.group(1) == "ZeroMQ":
+                self.zmq = m.group(2)
+            elif m.group(1) == "metrics":
+                self.metrics = m.group(2).removeprefix("http://").removesuffix("/metrics")
+            if line.lstrip().startswith("metrics"):
+                break
+        return self
+
+    def workers(self) -> set[int]:
+        return children_of(self.proc.pid)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send ``sig``; return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"the server did not exit within {timeout} s:\n{self.output}") from None
+        self._reader.join(10)
+        return code
+
+    def kill(self) -> None:
+        """For teardown: make sure the process is gone (SIGKILL after a SIGTERM)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

@@ -1,0 +1,151 @@
+"""The ``libtorchrt-pool`` command line: every option documented (``--help`` and
+docs/server.md), checked before anything loads; and docs/deployment.md's manifests and
+container recipe parse and use options the command takes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libtorchrt.server.cli import build_parser, options_from
+from libtorchrt.server.security import Address, UsageError
+
+yaml = pytest.importorskip("yaml")
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+TOKEN = "0123456789abcdef-token"
+
+
+def option_strings() -> list[str]:
+    return [s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")]
+
+
+def test_help_and_server_md_document_every_option() -> None:
+    text = build_parser().format_help()
+    server_md = (DOCS / "server.md").read_text()
+    for option in option_strings():
+        assert option in text, option
+        assert f"`{option}" in server_md, f"docs/server.md does not document {option}"
+
+
+def parse(*argv: str, repo: Path) -> Any:
+    return options_from(build_parser().parse_args(["--model-repository", str(repo), *argv]))
+
+
+def test_defaults_bind_loopback_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIBTORCHRT_HTTP_TOKEN", raising=False)
+    opts = parse(repo=tmp_path)
+    assert opts.http == Address("127.0.0.1", 8000) and opts.metrics == Address("127.0.0.1", 8002)
+    assert opts.zmq is None and opts.token is None and not opts.insecure
+    assert opts.limits.max_request_bytes == 64 << 20
+    assert parse("--max-request-bytes", "512k", repo=tmp_path).limits.max_request_bytes == 512 << 10
+    assert parse("--max-request-bytes", "2MiB", repo=tmp_path).limits.max_request_bytes == 2 << 20
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--http", "0.0.0.0:8000"), "reachable from other machines"),
+        (("--zmq", "tcp://0.0.0.0:8001"), "CURVE keys"),
+        (("--http", "off"), "no way to reach the models"),
+        (("--zmq-curve-secret-key-file", "/dev/null"), "Z85"),
+        (("--grace", "-1"), "--grace"),
+    ],
+)
+def test_refused_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: tuple[str, ...],
+                               message: str) -> None:  # fmt: skip
+    monkeypatch.delenv("LIBTORCHRT_HTTP_TOKEN", raising=False)
+    with pytest.raises(UsageError, match=message):
+        parse(*argv, repo=tmp_path)
+
+
+def test_missing_repository(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="is not a directory"):
+        parse(repo=tmp_path / "missing")
+
+
+def test_authentication_or_insecure_opens_other_addresses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIBTORCHRT_HTTP_TOKEN", raising=False)
+    assert parse("--http", "0.0.0.0:8000", "--insecure", repo=tmp_path).insecure
+    assert parse("--metrics", "0.0.0.0:8002", repo=tmp_path).metrics == Address("0.0.0.0", 8002)  # read-only
+    monkeypatch.setenv("LIBTORCHRT_HTTP_TOKEN", TOKEN)
+    assert parse("--http", "0.0.0.0:8000", repo=tmp_path).token == TOKEN.encode()
+
+
+def test_bad_values_are_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--max-request-bytes", "lots"], ["--max-inflight", "0"], ["--log-level", "loud"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["--model-repository", ".", *argv])
+        assert e.value.code == 2
+    assert "is not a size" in capsys.readouterr().err
+
+
+def test_module_and_console_script() -> None:
+    main = Path(__file__).resolve().parents[2] / "libtorchrt" / "pool" / "__main__.py"
+    assert "from libtorchrt.server.cli import main" in main.read_text()
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    if "libtorchrt-pool" not in scripts:
+        pytest.skip("libtorchrt is not installed with its console scripts (pip install -e .)")
+    assert scripts["libtorchrt-pool"] == "libtorchrt.server.cli:main"
+
+
+# ── docs/deployment.md ─────────────────────────────────────────────────────────
+
+
+def blocks(kind: str) -> list[str]:
+    text = (DOCS / "deployment.md").read_text()
+    return re.findall(rf"```{kind}\n(.*?)```", text, re.DOTALL)
+
+
+def manifests() -> list[dict[str, Any]]:
+    return [doc for block in blocks("yaml") for doc in yaml.safe_load_all(block) if doc]
+
+
+def _check_args(args: list[str], tmp_path: Path) -> argparse.Namespace:
+    args = [a.replace("/mnt/models", str(tmp_path)).replace("=/models", f"={tmp_path}") for a in args]
+    parsed = build_parser().parse_args(args)
+    options_from(parsed)  # the token comes from the Secret, as LIBTORCHRT_HTTP_TOKEN
+    return parsed
+
+
+def test_deployment_manifests_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIBTORCHRT_HTTP_TOKEN", TOKEN)
+    docs = manifests()
+    kinds = {d["kind"]: d for d in docs}
+    assert {"ServingRuntime", "InferenceService", "Secret", "Deployment", "Service"} <= set(kinds)
+    runtime = kinds["ServingRuntime"]
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1" and runtime["spec"]["protocolVersions"] == ["v2"]
+    container = runtime["spec"]["containers"][0]
+    parsed = _check_args(container["args"], tmp_path)
+    port = int(parsed.http.rsplit(":", 1)[1])
+    assert container["ports"][0]["containerPort"] == port
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": port}
+    assert container["env"][0]["name"] == "LIBTORCHRT_HTTP_TOKEN"
+    service = kinds["InferenceService"]
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    _check_args(pod["containers"][0]["args"], tmp_path)
+    grace = float(parsed.grace)
+    assert service["spec"]["predictor"]["terminationGracePeriodSeconds"] > grace
+    assert pod["terminationGracePeriodSeconds"] > grace
+
+
+def test_container_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIBTORCHRT_HTTP_TOKEN", TOKEN)
+    (dockerfile,) = blocks("dockerfile")
+    lines = [line for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    assert lines[0].startswith("FROM python:3.")
+    entry = next(line for line in lines if line.startswith("ENTRYPOINT"))
+    cmd = next(line for line in lines if line.startswith("CMD"))
+    assert yaml.safe_load(entry.removeprefix("ENTRYPOINT")) == ["libtorchrt-pool"]
+    _check_args(yaml.safe_load(cmd.removeprefix("CMD")), tmp_path)
+    assert any(line.startswith("USER") and "root" not in line for line in lines)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._binding import _describe, _stringlike
 from ._connection import MARGIN, Connection, Request
 from ._plain import health_from_plain, statuses_from_plain
 from .errors import InvalidInputError, PoolClosedError, TimeoutError
@@ -30,23 +31,6 @@ __all__ = ["Client"]
 Inputs = Mapping[str, Any] | Sequence[Any] | torch.Tensor | np.ndarray
 
 _WIRE_DTYPES = frozenset(DTYPES.values())
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor {str(value.dtype).removeprefix('torch.')}{list(value.shape)} on {value.device}"
-    if isinstance(value, np.ndarray):
-        return f"numpy {value.dtype}{list(value.shape)}"
-    return type(value).__name__
-
-
-def _stringlike(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(isinstance(v, (str, bytes)) for v in value)
-    if isinstance(value, np.ndarray):
-        kind = value.dtype.kind
-        return kind in "US" or (kind == "O" and all(isinstance(v, (str, bytes)) for v in value.flat))
-    return False
 
 
 def _strings(model: str, name: str | None, value: Any) -> tensor_io.Strings:

@@ -22,9 +22,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def children() -> set[int]:
-    """PIDs of this process's live (non-zombie) children."""
-    me = str(os.getpid())
+def children(pid: int | None = None) -> set[int]:
+    """PIDs of the live (non-zombie) children of ``pid`` (default: this process)."""
+    me = str(os.getpid() if pid is None else pid)
     out = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

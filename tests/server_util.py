@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests import models, triton_models
+from tests.conftest import children
 
 __all__ = ["SPIN_CONFIG", "ServerProcess", "build_repository", "children_of"]
 
@@ -60,18 +61,7 @@ def build_repository(directory: Path, names: tuple[str, ...] = TRITON_MODELS, *,
 
 def children_of(pid: int) -> set[int]:
     """PIDs of the live (non-zombie) children of ``pid``."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == str(pid) and fields[0] != "Z":
-            out.add(int(entry))
-    return out
+    return children(pid)
 
 
 def alive(pid: int) -> bool:

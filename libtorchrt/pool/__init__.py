@@ -253,7 +253,10 @@ class Pool:
         if timeout is None:
             timeout = m.cfg.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not any(t.is_cuda for t in tensors):
+        cuda = any(t.is_cuda for t in tensors)
+        if cuda and batcher is not None:  # batches are gathered on the host (docs/batching.md)
+            tensors, cuda = [t.cpu() for t in tensors], False
+        if not cuda:
             call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline)
         else:
             call = self._cuda_call(m, tensors, deadline)

@@ -228,3 +228,20 @@ def test_a_model_that_drops_rows_fails_the_batch_clearly(batching_pool: Callable
     pool = batching_pool(model="drops")
     with pytest.raises(ModelError, match="one row per input row"):
         pool.infer("m", rows(1, 2))
+
+
+def test_a_batch_whose_worker_dies_is_sent_again_whole(batching_pool: Callable[..., Pool]) -> None:
+    import os
+    import signal
+
+    pool = batching_pool(instances=2, max_batch_size=8, max_queue_delay_microseconds=100_000)
+    # A slow batch of four requests (the first row makes it spin), then its worker is killed.
+    futures = [pool.submit("m", rows(500_000 if i == 0 else -i)) for i in range(4)]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(w.inflight for w in pool.workers()):
+        time.sleep(0.01)
+    busy = next(w for w in pool.workers() if w.inflight)
+    os.kill(busy.pid, signal.SIGKILL)
+    outs = [f.result(120)["OUTPUT__0"] for f in futures]  # re-sent once (max_retries=1), as a batch
+    assert [o[0, 0].item() for o in outs] == [1_000_001.0, -1.0, -3.0, -5.0]
+    assert pool.health()["m"].instances[0].restarts + pool.health()["m"].instances[1].restarts == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ._call import Call
@@ -71,23 +72,26 @@ class Batch(Call):
         """Split ``{name: batched tensor}`` by rows and resolve each member."""
         if not self.future.done():
             self.future.set_result({})
+        outputs = {name: _sliceable(value) for name, value in result.items()}
         start = 0
         for call in self.members:
             end = start + call.rows
             call.sent_ns = self.sent_ns
-            call.resolve({name: _rows(value, start, end) for name, value in result.items()})
+            call.resolve({name: _rows(value, start, end) for name, value in outputs.items()})
             start = end
 
 
-def _rows(value: Any, start: int, end: int) -> Any:
-    """Rows ``[start, end)`` of one output, as a view where possible.
+def _sliceable(value: Any) -> Any:
+    """An output as something to slice rows of: a numpy view of a CPU tensor (numpy
+    slicing keeps the GIL; torch's indexing releases and re-takes it, which waits for
+    the switch interval beside busy threads), else the value itself."""
+    if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16 and value.device.type == "cpu":
+        return value.numpy()
+    return value
 
-    Numpy slicing keeps the GIL (torch's indexing releases and re-takes it, which
-    waits for the switch interval beside busy threads); the slice's base keeps the
-    whole output, and so its shared-memory slot, alive.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.dtype != torch.bfloat16 and value.device.type == "cpu":
-            return torch.from_numpy(value.numpy()[start:end])
-        return value[start:end]
-    return value[start:end]  # a list of str
+
+def _rows(value: Any, start: int, end: int) -> Any:
+    """Rows ``[start, end)`` of one output, as a view (a list of str: a copy). A numpy
+    slice's base keeps the whole output, and so its shared-memory slot, alive."""
+    part = value[start:end]
+    return torch.from_numpy(part) if isinstance(part, np.ndarray) else part

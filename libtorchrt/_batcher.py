@@ -62,8 +62,8 @@ class Batcher:
             level: collections.deque() for level in (range(1, self.levels + 1) if self.levels else (0,))
         }
         self.policies = {level: _policy(db, level) for level in self.queues}
-        #: when each queued call was queued (monotonic), by id
-        self.queued_at: dict[int, float] = {}
+        #: each queued call's time of queueing (monotonic) and batch key, by id
+        self.entries: dict[int, tuple[float, Any]] = {}
 
     # ── caller threads ─────────────────────────────────────────────────────────
 
@@ -109,7 +109,7 @@ class Batcher:
 
     def add(self, call: Call, now: float) -> None:
         self.queues[call.priority].append(call)
-        self.queued_at[call.id] = now
+        self.entries[call.id] = (now, _key(call))
 
     def extendleft(self, calls: Iterable[Call], now: float) -> None:
         """Put calls back at the head (re-sent after their worker died), in order."""
@@ -117,7 +117,7 @@ class Batcher:
             members = call.members if isinstance(call, Batch) else [call]
             for member in reversed(members):
                 self.queues[member.priority].appendleft(member)
-                self.queued_at.setdefault(member.id, now)
+                self.entries.setdefault(member.id, (now, _key(member)))
 
     def remove(self, call: Call) -> bool:
         """Take a queued call out (its deadline passed); False if it is not queued."""
@@ -125,25 +125,25 @@ class Batcher:
             self.queues[call.priority].remove(call)
         except ValueError:
             return False
-        self.queued_at.pop(call.id, None)
+        self.entries.pop(call.id, None)
         return True
 
     def drain(self) -> list[Call]:
         out = [c for q in self.queues.values() for c in q]
         for q in self.queues.values():
             q.clear()
-        self.queued_at.clear()
+        self.entries.clear()
         return out
 
     def _drop(self, call: Call) -> None:
-        self.queued_at.pop(call.id, None)
+        self.entries.pop(call.id, None)
         call.free()
         self.model.ordered_skip(call)
 
     def wake_at(self) -> float | None:
         """When the oldest waiting request's delay runs out (None: nothing waits)."""
-        heads = [self.queued_at.get(q[0].id) for q in self.queues.values() if q]
-        times = [t for t in heads if t is not None]
+        heads = [self.entries.get(q[0].id) for q in self.queues.values() if q]
+        times = [e[0] for e in heads if e is not None]
         return min(times) + self.delay if times else None
 
     def next_batch(self, now: float) -> Batch | None:
@@ -156,12 +156,14 @@ class Batcher:
             if not queue:
                 continue
             head = queue[0]
-            key = _key(head)
+            entries = self.entries
+            queued_at, key = entries.get(head.id) or (now, _key(head))
             picked: list[Call] = []
             rows = 0
             sums: list[int] = []  # rows after each picked call
             for call in queue:
-                if _key(call) != key:
+                entry = entries.get(call.id)
+                if (entry[1] if entry is not None else _key(call)) != key:
                     continue  # never merged: a batch of its own later
                 if rows + call.rows > self.max_rows:
                     break
@@ -178,14 +180,19 @@ class Batcher:
                     if size in sums:
                         take = sums.index(size) + 1
                         break
-            if not take and now >= self.queued_at.get(head.id, now) + self.delay:
+            if not take and now >= queued_at + self.delay:
                 take = len(picked)
             if not take:
                 return None  # the highest level waits: lower ones wait behind it
             chosen = picked[:take]
+            if queue[take - 1] is chosen[-1]:  # the usual case: the head of the queue
+                for _ in range(take):
+                    queue.popleft()
+            else:
+                for call in chosen:
+                    queue.remove(call)
             for call in chosen:
-                queue.remove(call)
-                self.queued_at.pop(call.id, None)
+                entries.pop(call.id, None)
             return Batch(self.model, chosen)
         return None
 

@@ -619,14 +619,7 @@ class Connection:
 
     def _on_conn(self, session: _Session) -> None:
         """The session's Unix connection is readable: the server ended the session."""
-        conn = session.conn
-        try:
-            data = conn.recv(1) if conn is not None else b""
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if fdpass.peer_closed(session.conn):
             self._lose(session)
 
     def _lose(self, session: _Session, settle_now: bool = False) -> None:

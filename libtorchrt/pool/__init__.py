@@ -260,7 +260,7 @@ class Pool:
             call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline)
         else:
             call = self._cuda_call(m, tensors, deadline)
-        if m.cfg.max_batch_size > 0 and tensors and tensors[0].dim() > 0:
+        if m.cfg.max_batch_size > 0 and tensors and tensors[0].shape:  # (shape, not dim(): keeps the GIL)
             call.rows = int(tensors[0].shape[0])
         if batcher is not None:
             call.priority = level

@@ -702,14 +702,7 @@ class _Server:
         if session is not None:
             # An attached session's connection carries nothing more: readable means
             # the client closed it or died.
-            conn = session.conn
-            try:
-                data = conn.recv(1) if conn is not None else b""
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
+            if fdpass.peer_closed(session.conn):
                 log.debug("client %s closed its shared-memory connection", session.identity.hex())
                 self._end(session)
             return

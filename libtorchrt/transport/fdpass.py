@@ -25,7 +25,7 @@ import stat
 
 from .arena import Arena
 
-__all__ = ["MAX_MESSAGE", "recv_message", "sealed_arena", "send_message", "take_arena"]
+__all__ = ["MAX_MESSAGE", "peer_closed", "recv_message", "sealed_arena", "send_message", "take_arena"]
 
 #: The largest hand-off message (a small msgpack header); longer ones are refused.
 MAX_MESSAGE = 4096
@@ -107,3 +107,14 @@ def recv_message(sock: socket.socket, maxfds: int = 1) -> tuple[bytes, list[int]
             os.close(fd)
         raise ValueError("hand-off message too long, or with too many descriptors")
     return msg, received
+
+
+def peer_closed(conn: socket.socket | None) -> bool:
+    """Whether the other end of a non-blocking connection that carries nothing more
+    (once the hand-off is done) closed it: readable with no data, or an error."""
+    try:
+        return not (conn.recv(1) if conn is not None else b"")
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

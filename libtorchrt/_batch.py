@@ -3,8 +3,8 @@
 It is a :class:`~libtorchrt._call.Call` to the router (dispatch, retries, deaths work the
 same), whose descriptors are its members' own, in order: the worker finds each input's
 rows for every member and runs them as one tensor. Its outputs are split back by rows,
-each member getting views of its own rows (no copy); their memory is released when the
-last member's view is freed.
+each member getting views of its own rows (no copy), made in the member's caller thread;
+their memory is released when the last member's view is freed.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import torch
 
 from ._call import Call
 from .transport import tensors as tensor_io
-from .transport.wire import BLOB, FRAME
+from .transport.wire import BLOB, FRAME, TensorDesc
 
 if TYPE_CHECKING:
+    from ._binding import Binder
     from ._state import _Model
 
 __all__ = ["Batch"]
@@ -37,13 +38,16 @@ class Batch(Call):
         for call in members:
             nblobs, nframes = len(blobs), len(frames)
             for d in call.descs:
-                if d.kind == BLOB:
-                    d = d._replace(where=d.where + nblobs)
-                elif d.kind == FRAME:
-                    d = d._replace(where=d.where + nframes)
+                kind = d.kind
+                if kind == BLOB and nblobs:
+                    d = TensorDesc(d.dtype, d.shape, kind, d.where + nblobs)
+                elif kind == FRAME and nframes:
+                    d = TensorDesc(d.dtype, d.shape, kind, d.where + nframes)
                 descs.append(d)
-            blobs += call.blobs
-            frames += call.frames
+            if call.blobs:
+                blobs += call.blobs
+            if call.frames:
+                frames += call.frames
         super().__init__(model, tensor_io.Placed(descs, blobs, frames, []))
         self.members = list(members)
         self.rows = sum(c.rows for c in members)
@@ -69,29 +73,44 @@ class Batch(Call):
             call.resolve_error(exc)
 
     def resolve(self, result: Any) -> None:
-        """Split ``{name: batched tensor}`` by rows and resolve each member."""
+        """Resolve each member with its rows of ``{name: batched output}``.
+
+        The router only hands each member a :class:`_Rows`; the member's tensors are
+        made by the thread that reads its result: every torch call that makes a tensor
+        lets go of the GIL, and a router thread that did so once per member waited
+        for it back behind dozens of caller threads, once per member, per batch.
+        """
         if not self.future.done():
             self.future.set_result({})
-        outputs = {name: _sliceable(value) for name, value in result.items()}
+        binder = self.model.binder
+        reshaper = binder if binder is not None and binder.reshapes else None
+        sent_ns = self.sent_ns
         start = 0
         for call in self.members:
             end = start + call.rows
-            call.sent_ns = self.sent_ns
-            call.resolve({name: _rows(value, start, end) for name, value in outputs.items()})
+            call.sent_ns = sent_ns
+            call.resolve(_Rows(result, start, end, reshaper))
             start = end
 
 
-def _sliceable(value: Any) -> Any:
-    """An output as something to slice rows of: a numpy view of a CPU tensor (numpy
-    slicing keeps the GIL; torch's indexing releases and re-takes it, which waits for
-    the switch interval beside busy threads), else the value itself."""
-    if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16 and value.device.type == "cpu":
-        return value.numpy()
-    return value
+class _Rows:
+    """One member's outputs: rows ``[start, end)`` of each batched output (numpy
+    arrays where the dtype allows, else tensors or lists of str), made into tensors
+    when called. A numpy slice keeps its array's root alive, and so the output's
+    shared-memory slot (see ``tensors.as_array``)."""
 
+    __slots__ = ("binder", "end", "outputs", "start")
 
-def _rows(value: Any, start: int, end: int) -> Any:
-    """Rows ``[start, end)`` of one output, as a view (a list of str: a copy). A numpy
-    slice's base keeps the whole output, and so its shared-memory slot, alive."""
-    part = value[start:end]
-    return torch.from_numpy(part) if isinstance(part, np.ndarray) else part
+    def __init__(self, outputs: dict[str, Any], start: int, end: int, binder: Binder | None) -> None:
+        self.outputs = outputs
+        self.start = start
+        self.end = end
+        self.binder = binder
+
+    def __call__(self) -> dict[str, Any]:
+        start, end = self.start, self.end
+        result = {
+            name: torch.from_numpy(value[start:end]) if isinstance(value, np.ndarray) else value[start:end]
+            for name, value in self.outputs.items()
+        }
+        return self.binder.shape_outputs(result) if self.binder is not None else result

@@ -198,8 +198,13 @@ class Batcher:
 
 
 def _key(call: Call) -> Any:
-    """What must match for requests to share a batch: dtypes and non-batch dims."""
-    return tuple((d.dtype, d.shape[1:]) for d in call.descs)
+    """What must match for requests to share a batch: dtypes and non-batch dims. (A
+    one-input key is a pair, never equal to a key of several inputs, a tuple of pairs.)"""
+    descs = call.descs
+    if len(descs) == 1:
+        d = descs[0]
+        return d.dtype, d.shape[1:]
+    return tuple((d.dtype, d.shape[1:]) for d in descs)
 
 
 def _policy(db: DynamicBatching, level: int) -> QueuePolicy:

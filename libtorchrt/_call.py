@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from ._future import RequestFuture
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,7 +65,7 @@ class Call:
         self.keep: list[torch.Tensor] = []
         #: outputs should come back as CUDA tensors (the inputs were)
         self.cuda_outputs = False
-        self.future: Future[dict[str, torch.Tensor]] = Future()
+        self.future: RequestFuture[dict[str, torch.Tensor]] = RequestFuture()
         self.id = 0
         #: monotonic time after which the request fails with TimeoutError
         self.deadline = deadline
@@ -126,7 +126,10 @@ class Call:
     def deliver(self, result: Any) -> None:
         if not self.future.done():
             try:
-                self.future.set_result(result)
+                if callable(result):  # its outputs, made by the thread that reads them
+                    self.future.set_result_by(result)
+                else:
+                    self.future.set_result(result)
             except Exception:
                 return
             self.model.stats.succeeded(self.rows, self.submitted_ns, self.sent_ns, time.perf_counter_ns())

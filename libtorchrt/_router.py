@@ -76,6 +76,7 @@ from .info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerIn
 from .transport import tensors as tensor_io
 from .transport import wire
 from .transport.arena import Allocator, Arena
+from .transport.heldgil import HeldSocket, held
 from .transport.sockets import PrivateDir, recv, send
 from .workers.process import WorkerProcess
 from .workers.worker import WorkerSpec
@@ -145,6 +146,8 @@ class Router:
         self._dir = PrivateDir()
         self._ctx = zmq.Context(1)
         self._sock: zmq.Socket | None = None
+        #: the same socket's sends and receives without letting go of the GIL
+        self._held: HeldSocket | None = None
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # The watch pipe: workers exit when its write end (held only here) closes.
         self._watch_r, self._watch_w = os.pipe()
@@ -373,6 +376,7 @@ class Router:
         sock.bind(self._endpoint)
         os.chmod(self._endpoint.removeprefix("ipc://"), 0o600)
         self._sock = sock
+        self._held = held(sock)
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_fd, zmq.POLLIN)
         self._fd_handlers[self._wake_fd] = None
@@ -674,7 +678,10 @@ class Router:
         w.inflight[call.id] = call
         call.sent_ns = time.perf_counter_ns()
         try:
-            send(self._sock, header, call.frames, identity=w.identity)  # type: ignore[arg-type]
+            if self._held is not None:
+                self._held.send(w.identity, header, call.frames)
+            else:
+                send(self._sock, header, call.frames, identity=w.identity)  # type: ignore[arg-type]
         except zmq.ZMQError:
             # The worker went away between its exit and our noticing: the pidfd
             # event follows, and re-sends this call with the worker's others.
@@ -730,11 +737,18 @@ class Router:
 
     def _on_messages(self, sock: zmq.Socket) -> None:
         touched: set[_Model] = set()
+        held = self._held
         while True:
-            try:
-                identity, header, frames = recv(sock, zmq.NOBLOCK, routed=True)
-            except zmq.Again:
-                break
+            if held is not None:
+                got = held.recv()
+                if got is None:
+                    break
+                identity, header, frames = got
+            else:
+                try:
+                    identity, header, frames = recv(sock, zmq.NOBLOCK, routed=True)
+                except zmq.Again:
+                    break
             w = self._by_identity.get(identity)
             if w is None or not header:
                 self._unknown_peer(identity)
@@ -764,16 +778,29 @@ class Router:
             log.warning("dropped a message from an unknown peer %r", identity[:32])
 
     def _output_slot(self, w: _Worker, d: wire.TensorDesc) -> torch.Tensor:
-        base = w.outputs
-        assert base is not None
-        nbytes = d.nbytes
-        if d.where + nbytes > base.size:
-            raise ValueError(f"output slot [{d.where}, {d.where + nbytes}) lies outside the response arena")
-        tensor, owner = tensor_io.as_tensor(base[d.where : d.where + nbytes], wire.DTYPES[d.dtype], d.shape)
+        tensor, owner = tensor_io.as_tensor(self._slot_bytes(w, d), wire.DTYPES[d.dtype], d.shape)
         # The slot is the caller's until the last tensor sharing its storage dies; then
         # its offset is queued and rides back to the worker on the next request.
         weakref.finalize(owner, self.released.append, (w, d.where)).atexit = False
         return tensor
+
+    def _output_array(self, w: _Worker, d: wire.TensorDesc) -> Any:
+        """An output slot as a numpy array where its dtype allows (else as a tensor),
+        released like :meth:`_output_slot`'s once the last view of it is freed."""
+        made = tensor_io.as_array(self._slot_bytes(w, d), wire.DTYPES[d.dtype], d.shape)
+        if made is None:
+            return self._output_slot(w, d)
+        weakref.finalize(made[1], self.released.append, (w, d.where)).atexit = False
+        return made[0]
+
+    @staticmethod
+    def _slot_bytes(w: _Worker, d: wire.TensorDesc) -> np.ndarray:
+        base = w.outputs
+        assert base is not None
+        end = d.where + d.nbytes
+        if end > base.size:
+            raise ValueError(f"output slot [{d.where}, {end}) lies outside the response arena")
+        return base[d.where : end]
 
     def _answered(self, w: _Worker, req_id: int) -> Call | None:
         call = w.inflight.pop(req_id, None)
@@ -793,9 +820,13 @@ class Router:
             self._warmed(w, msg)
             return
         w.model.stats.executed(call.rows)
+        batch = isinstance(call, Batch)
         try:
             if w.gpu is None:
-                outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: self._output_slot(w, d))
+                # A batch's outputs stay numpy arrays here: its members make their
+                # tensors in their own threads (see Batch.resolve).
+                slot = self._output_array if batch else self._output_slot
+                outputs = tensor_io.read(msg.tensors, msg.blobs, frames, lambda d: slot(w, d), arrays=batch)
             else:
                 outputs = self._gpu_outputs(w, call, msg, frames)
         except Exception as e:  # a reply we cannot rebuild fails its request, not the router
@@ -804,7 +835,7 @@ class Router:
         binder = w.model.binder
         assert binder is not None
         result = dict(zip(binder.output_names(len(outputs)), outputs))
-        call.resolve(binder.shape_outputs(result) if binder.reshapes else result)
+        call.resolve(binder.shape_outputs(result) if binder.reshapes and not batch else result)
 
     def _gpu_outputs(self, w: _Worker, call: Call, msg: wire.Response, frames: list[zmq.Frame]) -> list[torch.Tensor]:
         """A GPU worker's outputs: ``DEVICE`` ones view its response buffer (no copy);

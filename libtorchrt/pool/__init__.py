@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .._call import Call
+from .._future import LoopWaker
 from .._router import Router, RouterOptions
 from .._state import _Model
 from ..config import ModelConfig, load_repository
@@ -133,6 +134,9 @@ class Pool:
                 raise errors[0][1]
             raise ValueError("Pool needs a model repository or models=[ModelConfig(...)]")
         self._closed = False
+        #: per event loop, what wakes it for finished requests (infer_async)
+        self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = weakref.WeakKeyDictionary()
+        self._waker: LoopWaker | None = None
         self._close_lock = threading.Lock()
         options = RouterOptions(
             request_arena_bytes=request_arena_bytes,
@@ -253,7 +257,11 @@ class Pool:
         if timeout is None:
             timeout = m.cfg.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        cuda = any(t.is_cuda for t in tensors)
+        cuda = False
+        for t in tensors:
+            if t.is_cuda:
+                cuda = True
+                break
         if cuda and batcher is not None:  # batches are gathered on the host (docs/batching.md)
             tensors, cuda = [t.cpu() for t in tensors], False
         if not cuda:
@@ -326,9 +334,27 @@ class Pool:
         timeout: float | None = None,
         priority: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Run one request from asyncio; see :meth:`infer`."""
+        """Run one request from asyncio; see :meth:`infer`.
+
+        The event loop is woken once for all the requests that finish together (a
+        batch's, say), not once per request. Cancelling the awaiting task cancels the
+        request if it has not been sent to a worker yet.
+        """
         future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
-        return await asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        waker = self._waker
+        if waker is None or waker.loop is not loop:
+            waker = self._wakers.get(loop)
+            if waker is None:
+                waker = self._wakers.setdefault(loop, LoopWaker(loop))
+            self._waker = waker  # the last loop's, found again without a weak reference
+        waiter: asyncio.Future[dict[str, torch.Tensor]] = loop.create_future()
+        future.notify(waker, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
     # ── introspection ──────────────────────────────────────────────────────────
 
@@ -377,6 +403,7 @@ class Pool:
             self._closed = True
             self._router.stop(grace=grace, timeout=grace + 30.0)
             self._finalizer.detach()
+            self._waker = None  # (it holds its event loop)
 
     @property
     def closed(self) -> bool:

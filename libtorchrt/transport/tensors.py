@@ -35,7 +35,7 @@ from ..errors import ProtocolError
 from .arena import Allocator, Arena
 from .wire import ARENA, BLOB, DTYPES, FRAME, STRING, TensorDesc, decode_strings, dtype_name, encode_strings
 
-__all__ = ["DEFAULT_INLINE_THRESHOLD", "Placed", "Strings", "as_frame", "as_tensor", "read", "write"]
+__all__ = ["DEFAULT_INLINE_THRESHOLD", "Placed", "Strings", "as_array", "as_frame", "as_tensor", "read", "write"]
 
 #: Tensors at most this large travel inside the message header.
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
@@ -176,6 +176,25 @@ def as_tensor(buf: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[tor
     return torch.from_numpy(owner).view(dtype).view(shape), owner
 
 
+def as_array(buf: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """A numpy array of ``dtype``/``shape`` over buffer ``buf``, without copying or
+    torch calls (each torch call that makes a tensor lets go of the GIL, which with many
+    busy threads is a wait for it back); None for a dtype numpy lacks (bfloat16).
+
+    Returns:
+        ``(array, root)``: every view of ``array`` (a slice, a reshape) keeps ``root``
+        alive, and nothing else does; a weak reference to ``root`` tells when the last
+        view of the memory is gone. (numpy points a view's base at the first array of
+        the chain that owns its memory or views a non-array, so ``buf`` is wrapped in a
+        memoryview to make the root this array rather than one ``buf`` came from.)
+    """
+    np_dtype = _NUMPY.get(dtype)
+    if np_dtype is None:
+        return None
+    root = np.frombuffer(memoryview(buf), dtype=np_dtype)
+    return root.reshape(shape), root
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray | None:
     """``t`` as a numpy array sharing its memory, or None (bfloat16, conjugate or
     negative views, a tensor that requires grad, not on the CPU)."""
@@ -277,8 +296,9 @@ def read(
     descs: Sequence[TensorDesc],
     blobs: Sequence[bytes],
     frames: Sequence[zmq.Frame],
-    slot: Callable[[TensorDesc], torch.Tensor] | None,
+    slot: Callable[[TensorDesc], Any] | None,
     device_slot: Callable[[TensorDesc], torch.Tensor] | None = None,
+    arrays: bool = False,
 ) -> list[Any]:
     """Rebuild tensors from descriptors (string tensors as ``list[str]``).
 
@@ -290,6 +310,8 @@ def read(
             sender has no arena.
         device_slot: the same for a ``DEVICE`` descriptor (a CUDA buffer); None if
             the message may not carry any.
+        arrays: give blob and frame tensors of a dtype numpy has as numpy arrays
+            (``slot`` then returns arrays too), so that no torch call is made.
 
     Raises:
         ProtocolError: a descriptor names a missing blob or frame, one of the wrong
@@ -315,7 +337,7 @@ def read(
             if not blob:
                 out.append(_empty(d.shape, dtype))
             else:  # a writable copy: the caller owns its outputs
-                out.append(as_tensor(bytearray(blob), dtype, d.shape)[0])
+                out.append(_from_buffer(bytearray(blob), dtype, d.shape, arrays))
         elif kind == FRAME:
             if d.where >= len(frames):
                 raise ProtocolError(f"descriptor names data frame {d.where} of {len(frames)}")
@@ -325,7 +347,7 @@ def read(
             if d.nbytes == 0:
                 out.append(_empty(d.shape, dtype))
             else:
-                out.append(as_tensor(buf, dtype, d.shape)[0])
+                out.append(_from_buffer(buf, dtype, d.shape, arrays))
         else:
             view = slot if kind == ARENA else device_slot
             if view is None:
@@ -335,6 +357,11 @@ def read(
             except (ValueError, RuntimeError, KeyError) as e:
                 raise ProtocolError(f"bad {'arena' if kind == ARENA else 'device'} descriptor: {e}") from None
     return out
+
+
+def _from_buffer(buf: Any, dtype: torch.dtype, shape: tuple[int, ...], arrays: bool) -> Any:
+    made = as_array(buf, dtype, shape) if arrays else None
+    return made[0] if made is not None else as_tensor(buf, dtype, shape)[0]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Dynamic batching against one request per execution, in one run.
 
-- **tiny** (MLP 64-64-64, ``[1, 64]`` per request), 2 instances, 64 closed-loop caller
-  threads: requests/s, p50/p99 and mean batch size with ``dynamic_batching``
+- **tiny** (MLP 64-64-64, ``[1, 64]`` per request), 2 instances, 64 closed-loop callers:
+  requests/s, p50/p99 and mean batch size with ``dynamic_batching``
   (``max_batch_size: 32``, ``max_queue_delay_microseconds: 500``) and without it
-  (the same model, each request executed alone). Goal: >= 3x.
+  (the same model, each request executed alone). Goal: >= 3x. The callers are 64
+  threads calling ``Pool.infer``, and (``--callers``) 64 asyncio tasks of one event
+  loop awaiting ``Pool.infer_async``: each pair of rows (alone, batching) uses one kind.
 - **cnn** (``[1, 3, 224, 224]``), 2 instances, 16 callers, the same two ways.
 - **overload**: callers that do not wait (each submits every 0.2 ms, far above what
   the model serves), with ``max_queue_size: 64``: requests refused with QueueFullError
@@ -16,6 +18,7 @@ Run: ``python benchmarks/batching.py [--seconds 3]``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import resource
 import statistics
 import sys
@@ -76,7 +79,42 @@ def closed_loop(pool: Pool, name: str, callers: int, seconds: float) -> dict[str
     stop.set()
     for t in threads:
         t.join()
-    flat = sorted(v for per in latencies for v in per)
+    return summary(sorted(v for per in latencies for v in per), elapsed, before, after)
+
+
+def closed_loop_async(pool: Pool, name: str, callers: int, seconds: float) -> dict[str, float]:
+    """As :func:`closed_loop`, with ``callers`` asyncio tasks of one event loop."""
+
+    async def run() -> dict[str, float]:
+        x = torch.randn(1, *SHAPES[name])
+        stop = False
+        counting = False
+        latencies: list[float] = []
+
+        async def caller() -> None:
+            while not stop:
+                t = time.perf_counter()
+                await pool.infer_async(name, x)
+                if counting:
+                    latencies.append(time.perf_counter() - t)
+
+        tasks = [asyncio.create_task(caller()) for _ in range(callers)]
+        await asyncio.sleep(min(1.0, seconds / 2))
+        before = pool.stats()[0]
+        counting = True
+        start = time.perf_counter()
+        await asyncio.sleep(seconds)
+        counting = False
+        elapsed = time.perf_counter() - start
+        after = pool.stats()[0]
+        stop = True
+        await asyncio.gather(*tasks)
+        return summary(sorted(latencies), elapsed, before, after)
+
+    return asyncio.run(run())
+
+
+def summary(flat: list[float], elapsed: float, before: Any, after: Any) -> dict[str, float]:
     executions = after.executions - before.executions
     return {
         "rps": len(flat) / elapsed,
@@ -148,31 +186,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--workloads", default="tiny,cnn", help="closed-loop workloads to run")
     parser.add_argument("--no-overload", action="store_true", help="skip the overload run")
+    parser.add_argument(
+        "--callers", default="threads,asyncio", help="kinds of tiny callers: threads, asyncio (cnn: threads)"
+    )
     args = parser.parse_args(argv)
     chosen = args.workloads.split(",")
+    kinds = args.callers.split(",")
+    drivers = {"threads": closed_loop, "asyncio": closed_loop_async}
+    runs = [("tiny", 64, kind) for kind in kinds if "tiny" in chosen]
+    runs += [("cnn", 16, "threads")] if "cnn" in chosen else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: workloads.build(name, tmp) for name in SHAPES}
-        for name, callers in [(n, c) for n, c in (("tiny", 64), ("cnn", 16)) if n in chosen]:
+        for name, callers, kind in runs:
             for batching in (False, True):
                 with Pool(models=[config(name, paths[name], batching)]) as pool:
-                    r = closed_loop(pool, name, callers, args.seconds)
-                rows.append((name, callers, batching, r))
+                    r = drivers[kind](pool, name, callers, args.seconds)
+                rows.append((name, callers, kind, batching, r))
                 print(
-                    f"{name} x{callers} {'batching' if batching else 'one per execution'}: {r['rps']:,.0f} req/s, "
-                    f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, mean batch {r['batch']:.1f}",
+                    f"{name} x{callers} {kind} {'batching' if batching else 'one per execution'}: "
+                    f"{r['rps']:,.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                    f"mean batch {r['batch']:.1f}",
                     flush=True,
                 )
         over = None if args.no_overload else overload(paths["cnn"], args.seconds)
     print()
     print("| workload | callers | mode | req/s | p50 ms | p99 ms | mean batch | batching / alone |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, callers, batching, r in rows:
-        alone = next(x for n, _, b, x in rows if n == name and not b)
+    for name, callers, kind, batching, r in rows:
+        alone = next(x for n, _, k, b, x in rows if n == name and k == kind and not b)
         ratio = f"{r['rps'] / alone['rps']:.2f}x" if batching else ""
         mode = "dynamic batching (32, 500 us)" if batching else "one request per execution"
         print(
-            f"| {name} | {callers} | {mode} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"| {name} | {callers} {kind} | {mode} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['batch']:.1f} | {ratio} |"
         )
     if over is None:

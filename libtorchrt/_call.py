@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from ._future import RequestFuture
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._future import RequestFuture
 from .transport import tensors as tensor_io
 
 if TYPE_CHECKING:
@@ -124,12 +124,16 @@ class Call:
             self.deliver(result)
 
     def deliver(self, result: Any) -> None:
+        """Resolve the future with ``result`` (a dict of outputs, or a function that
+        makes it in the reading thread), counted first, so that a caller who reads the
+        stats once it has its outputs finds its request in them: only the router thread
+        finishes a dispatched request, so it cannot be finished in between."""
         if not self.future.done():
+            self.model.stats.succeeded(self.rows, self.submitted_ns, self.sent_ns, time.perf_counter_ns())
             try:
-                if callable(result):  # its outputs, made by the thread that reads them
+                if callable(result):
                     self.future.set_result_by(result)
                 else:
                     self.future.set_result(result)
             except Exception:
                 return
-            self.model.stats.succeeded(self.rows, self.submitted_ns, self.sent_ns, time.perf_counter_ns())

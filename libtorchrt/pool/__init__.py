@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .._call import Call
-from .._future import LoopWaker
+from .._future import LoopWaker, RequestFuture
 from .._router import Router, RouterOptions
 from .._state import _Model
 from ..config import ModelConfig, load_repository
@@ -219,6 +219,11 @@ class Pool:
                 (``max_pending``) is full: the request was not taken.
             PoolClosedError: the pool is closed.
         """
+        return self._submit(model, inputs, version, timeout, priority)
+
+    def _submit(
+        self, model: str, inputs: Inputs, version: int | None, timeout: float | None, priority: int | None
+    ) -> RequestFuture[dict[str, torch.Tensor]]:
         if self._closed:
             raise PoolClosedError("the pool is closed")
         try:
@@ -340,7 +345,7 @@ class Pool:
         batch's, say), not once per request. Cancelling the awaiting task cancels the
         request if it has not been sent to a worker yet.
         """
-        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
+        future = self._submit(model, inputs, version, timeout, priority)
         loop = asyncio.get_running_loop()
         waker = self._waker
         if waker is None or waker.loop is not loop:

@@ -37,7 +37,7 @@ def _prototype(restype: Any, *argtypes: Any) -> Any:
     errno right after the call (``ctypes.get_errno()``), before anything can change it."""
     flags = ctypes._FUNCFLAG_CDECL | ctypes._FUNCFLAG_PYTHONAPI | ctypes._FUNCFLAG_USE_ERRNO  # type: ignore[attr-defined]
 
-    class Function(ctypes._CFuncPtr):  # type: ignore[name-defined,misc]
+    class Function(ctypes._CFuncPtr):  # type: ignore[name-defined]
         _argtypes_ = argtypes
         _restype_ = restype
         _flags_ = flags

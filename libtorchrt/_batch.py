@@ -9,7 +9,6 @@ their memory is released when the last member's view is freed.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,6 @@ import numpy as np
 import torch
 
 from ._call import Call
-from ._future import resolve_in_turn
 from .transport import tensors as tensor_io
 from .transport.wire import BLOB, FRAME, TensorDesc
 
@@ -87,24 +85,12 @@ class Batch(Call):
         binder = self.model.binder
         reshaper = binder if binder is not None and binder.reshapes else None
         sent_ns = self.sent_ns
-        orderer = self.model.orderer
-        stats = self.model.stats
-        done_ns = time.perf_counter_ns()
         start = 0
-        pairs: list[tuple[Any, _Rows]] = []
         for call in self.members:
             end = start + call.rows
             call.sent_ns = sent_ns
-            rows = _Rows(result, start, end, reshaper)
-            if orderer is not None and call.seq >= 0:
-                orderer.arrive(call, rows)
-            elif not call.future.done():
-                # Counted before its caller can see it: nothing but this thread can
-                # finish a dispatched request (it can no longer be cancelled).
-                stats.succeeded(call.rows, call.submitted_ns, sent_ns, done_ns)
-                pairs.append((call.future, rows))
+            call.resolve(_Rows(result, start, end, reshaper))
             start = end
-        resolve_in_turn(pairs)
 
 
 class _Rows:

@@ -21,9 +21,8 @@ from __future__ import annotations
 import _thread
 import asyncio
 import collections
-import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures._base import (
@@ -36,7 +35,7 @@ from concurrent.futures._base import (
 )
 from typing import Any, TypeVar, cast
 
-__all__ = ["LoopWaker", "RequestFuture", "resolve_in_turn"]
+__all__ = ["LoopWaker", "RequestFuture"]
 
 T = TypeVar("T")
 
@@ -72,10 +71,6 @@ class RequestFuture(Future[T]):
         #: an asyncio future to settle, and the waker of its loop (see notify())
         self._waiter: asyncio.Future[T] | None = None
         self._waker: LoopWaker | None = None
-        #: threads blocked in _wait; whether the last of them to leave wakes _next
-        self._sleepers = 0
-        self._handoff = False
-        self._next: RequestFuture[Any] | None = None
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -97,22 +92,9 @@ class RequestFuture(Future[T]):
 
     def _wait(self, timeout: float | None) -> str:
         """Wait until done or ``timeout``; the state then."""
-        if self._state not in _DONE:
-            with self._mutex:
-                self._sleepers += 1
-            try:
-                # Acquire and hand straight back: every waiter (there may be several) passes.
-                if self._finished.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-                    self._finished.release()
-            finally:
-                with self._mutex:
-                    self._sleepers -= 1
-                    after = None
-                    if not self._sleepers and self._handoff:
-                        self._handoff = False
-                        after, self._next = self._next, None
-                if after is not None:
-                    wake_in_turn(after)
+        # Acquire and hand straight back: every waiter (there may be several) passes.
+        if self._state not in _DONE and self._finished.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            self._finished.release()
         return self._state
 
     def result(self, timeout: float | None = None) -> T:
@@ -198,7 +180,7 @@ class RequestFuture(Future[T]):
         resolving one)."""
         self._finish(_DEFERRED, make)
 
-    def _finish(self, result: Any, make: Callable[[], T] | None, release: bool = True) -> None:
+    def _finish(self, result: Any, make: Callable[[], T] | None) -> None:
         with self._mutex:
             state = self._state
             if state not in _DONE:
@@ -209,7 +191,7 @@ class RequestFuture(Future[T]):
                     waiter.add_result(self)
         if state in _DONE:  # (repr takes the lock: not under it)
             raise InvalidStateError(f"{state}: {self!r}")
-        self._done(release)
+        self._done()
 
     def set_exception(self, exception: BaseException | None) -> None:
         with self._mutex:
@@ -223,9 +205,8 @@ class RequestFuture(Future[T]):
             raise InvalidStateError(f"{state}: {self!r}")
         self._done()
 
-    def _done(self, release: bool = True) -> None:
-        if release:
-            self._finished.release()
+    def _done(self) -> None:
+        self._finished.release()
         for fn in self._done_callbacks:
             try:
                 fn(self)
@@ -263,46 +244,6 @@ class RequestFuture(Future[T]):
                 waiter.set_result(value)
                 return
         waiter.set_exception(exc)
-
-
-def resolve_in_turn(pairs: Sequence[tuple[RequestFuture[Any], Callable[[], Any]]]) -> list[bool]:
-    """Resolve futures with deferred values (``set_result_by``), then wake their
-    blocked threads one after another: each woken thread wakes the next as it leaves
-    ``result()``, so that a batch's callers take the GIL in turn rather than all at
-    once (dozens of threads woken together queue on the GIL, and the router thread
-    waits behind them). Returns, for each, whether it was resolved (not done before)."""
-    done: list[bool] = []
-    chain: list[RequestFuture[Any]] = []
-    for future, make in pairs:
-        try:
-            future._finish(_DEFERRED, make, release=False)
-        except InvalidStateError:
-            done.append(False)
-            continue
-        done.append(True)
-        chain.append(future)
-    for prev, nxt in itertools.pairwise(chain):
-        prev._next = nxt
-    if chain:
-        wake_in_turn(chain[0])
-    return done
-
-
-def wake_in_turn(future: RequestFuture[Any] | None) -> None:
-    """Release the futures of a chain from ``future`` on, up to the first one a
-    thread waits on (the last such thread to leave continues the chain)."""
-    while future is not None:
-        with future._mutex:
-            after = future._next
-            handed = future._sleepers > 0
-            if handed:
-                future._handoff = True
-            else:
-                future._next = None
-        future._finished.release()
-        if handed:
-            return
-        future = after
 
 
 class LoopWaker:

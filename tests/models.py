@@ -64,6 +64,19 @@ class Spin(nn.Module):
         return acc
 
 
+class SpinDouble(nn.Module):
+    """``x * 2 + 1`` per row, after spinning ``x[0, 0]`` loop iterations when it is
+    above 1000 (so a request can keep its instance busy, by its first value)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = int(x[0, 0].item())
+        acc = torch.zeros(1)
+        if n > 1000:
+            for _ in range(n):
+                acc = acc + torch.ones(1)
+        return x * 2 + 1 + acc * 0
+
+
 class Sticky(nn.Module):
     """Fails like a CUDA kernel fault (a sticky error) when the first element is negative."""
 

@@ -15,25 +15,13 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from libtorchrt import DynamicBatching, InvalidInputError, ModelConfig, Pool, TensorSpec
 from tests.conftest import assert_no_leaks, snapshot
+from tests.models import SpinDouble
 
 WAIT = 30.0  # seconds any one round of requests may take, at most
-
-
-class SpinAffine(nn.Module):
-    """``x * 2 + 1`` per row, after spinning ``x[0, 0]`` loop iterations when it is
-    above 1000 (so a request can keep its instance busy)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        n = int(x[0, 0].item())
-        acc = torch.zeros(1)
-        if n > 1000:
-            for _ in range(n):
-                acc = acc + torch.ones(1)
-        return x * 2 + 1 + acc * 0
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +29,13 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("async") / "affine.pt"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.jit.script(SpinAffine()).save(str(path))
+        torch.jit.script(SpinDouble()).save(str(path))
     return path
 
 
 @pytest.fixture
 def affine_pool(model_file: Path, make_pool: Callable[..., Pool]) -> Callable[..., Pool]:
-    """A pool serving model "m" (SpinAffine), with dynamic batching unless
+    """A pool serving model "m" (SpinDouble), with dynamic batching unless
     ``max_batch_size`` is 0."""
 
     def make(

@@ -26,19 +26,7 @@ from libtorchrt import (
     TensorSpec,
     TimeoutError,
 )
-
-
-class SpinDouble(nn.Module):
-    """``x * 2 + 1`` per row, after spinning ``x[0, 0]`` loop iterations when it is
-    positive and above 1000 (so a request can be made slow by its first value)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        n = int(x[0, 0].item())
-        acc = torch.zeros(1)
-        if n > 1000:
-            for _ in range(n):
-                acc = acc + torch.ones(1)
-        return x * 2 + 1 + acc * 0
+from tests.models import SpinDouble
 
 
 class DropsARow(nn.Module):

@@ -1144,6 +1144,7 @@ class Router:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+            self._held = None
         self._ctx.term()
         for fd in (self._wake_fd, self._watch_r, self._watch_w):
             if fd >= 0:

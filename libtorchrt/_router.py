@@ -76,8 +76,8 @@ from .info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerIn
 from .transport import tensors as tensor_io
 from .transport import wire
 from .transport.arena import Allocator, Arena
-from .transport.heldgil import HeldSocket, held
-from .transport.sockets import PrivateDir, recv, send
+from .transport.heldgil import HeldSocket, PyzmqSocket, held
+from .transport.sockets import PrivateDir, send
 from .workers.process import WorkerProcess
 from .workers.worker import WorkerSpec
 
@@ -147,7 +147,7 @@ class Router:
         self._ctx = zmq.Context(1)
         self._sock: zmq.Socket | None = None
         #: the same socket's sends and receives without letting go of the GIL
-        self._held: HeldSocket | None = None
+        self._held: HeldSocket | PyzmqSocket | None = None
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # The watch pipe: workers exit when its write end (held only here) closes.
         self._watch_r, self._watch_w = os.pipe()
@@ -678,10 +678,8 @@ class Router:
         w.inflight[call.id] = call
         call.sent_ns = time.perf_counter_ns()
         try:
-            if self._held is not None:
-                self._held.send(w.identity, header, call.frames)
-            else:
-                send(self._sock, header, call.frames, identity=w.identity)  # type: ignore[arg-type]
+            assert self._held is not None
+            self._held.send(w.identity, header, call.frames)
         except zmq.ZMQError:
             # The worker went away between its exit and our noticing: the pidfd
             # event follows, and re-sends this call with the worker's others.
@@ -738,17 +736,12 @@ class Router:
     def _on_messages(self, sock: zmq.Socket) -> None:
         touched: set[_Model] = set()
         held = self._held
+        assert held is not None
         while True:
-            if held is not None:
-                got = held.recv()
-                if got is None:
-                    break
-                identity, header, frames = got
-            else:
-                try:
-                    identity, header, frames = recv(sock, zmq.NOBLOCK, routed=True)
-                except zmq.Again:
-                    break
+            got = held.recv()
+            if got is None:
+                break
+            identity, header, frames = got
             w = self._by_identity.get(identity)
             if w is None or not header:
                 self._unknown_peer(identity)

@@ -12,7 +12,8 @@ was the pool's throughput limit (docs/batching.md).
 ctypes prototypes that keep the GIL (``PYFUNCTYPE``), with ``ZMQ_DONTWAIT``: nothing here
 can block. A send that would block (the peer's queue is full), and messages with data
 frames (big tensors, which stay zero-copy frames), go through pyzmq as before. Where
-libzmq's symbols cannot be found, :func:`held` returns None and the router uses pyzmq.
+libzmq's symbols cannot be found, :func:`held` returns a :class:`PyzmqSocket`, the same
+calls through pyzmq.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 
 import zmq
 
+from .sockets import recv as pyzmq_recv
 from .sockets import send as pyzmq_send
 
-__all__ = ["HeldSocket", "held"]
+__all__ = ["HeldSocket", "PyzmqSocket", "held"]
 
 #: size of libzmq's zmq_msg_t (``unsigned char _[64]``, 8-byte aligned)
 _MSG_WORDS = 8
@@ -65,8 +67,9 @@ _lib: _Lib | None = None
 _tried = False
 
 
-def held(sock: zmq.Socket) -> HeldSocket | None:
-    """A :class:`HeldSocket` over ``sock``, or None if libzmq cannot be reached."""
+def held(sock: zmq.Socket) -> HeldSocket | PyzmqSocket:
+    """A :class:`HeldSocket` over ``sock``, or a :class:`PyzmqSocket` (the same calls
+    through pyzmq) if libzmq cannot be reached."""
     global _lib, _tried
     if not _tried:
         _tried = True
@@ -74,7 +77,24 @@ def held(sock: zmq.Socket) -> HeldSocket | None:
             _lib = _Lib()
         except (ImportError, OSError, AttributeError):
             _lib = None
-    return None if _lib is None else HeldSocket(sock, _lib)
+    return PyzmqSocket(sock) if _lib is None else HeldSocket(sock, _lib)
+
+
+class PyzmqSocket:
+    """:class:`HeldSocket`'s two calls through pyzmq, which lets go of the GIL around
+    each: where libzmq's own symbols cannot be found."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+
+    def recv(self) -> tuple[bytes, bytes, list[Any]] | None:
+        try:
+            return pyzmq_recv(self.sock, zmq.NOBLOCK, routed=True)
+        except zmq.Again:
+            return None
+
+    def send(self, identity: bytes, header: bytes, frames: Sequence[Any] = ()) -> None:
+        pyzmq_send(self.sock, header, frames, identity=identity)
 
 
 class HeldSocket:

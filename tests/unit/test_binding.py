@@ -496,3 +496,38 @@ def test_bound_strings_keep_the_requests_shape_for_row_counting() -> None:
     assert out.shape == (3,)
     (out,) = binder(["text"], inputs=TEXT).bind({"text": ["a", "b"]})  # -1: only the count is known
     assert out.shape == (2,)
+
+
+# ------------------------------------------------- checks remembered per shape
+
+
+def test_a_remembered_shape_still_refuses_other_devices_layouts_and_dtypes() -> None:
+    """Once a float32 [2, 2] CPU tensor has been accepted (and remembered), a sparse,
+    meta-device, float64 or wider tensor in the same place is still refused, by each
+    binding path (one tensor, a list, a dict)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = torch.eye(2).to_sparse()
+    bad = {
+        "sparse": sparse,
+        "meta": torch.ones(2, 2, device="meta"),
+        "float64": torch.ones(2, 2, dtype=torch.float64),
+        "wider": torch.ones(2, 3),
+    }
+    one = binder(args=["a"], inputs=[TensorSpec("a", "float32", [2, 2])])
+    two = binder(inputs=[TensorSpec("a", "float32", [2, 2]), TensorSpec("b", "int64", [4])])
+    ok = torch.ones(2, 2)
+    for _ in range(2):  # the second time from memory
+        assert one.bind(ok)[0] is ok
+        assert two.bind([ok, B])[0] is ok
+    for name, value in bad.items():
+        assert refused(one, value).input == "a", name
+        assert refused(one, [value]).input == "a", name
+        assert refused(two, {"a": value, "b": B}).input == "a", name
+
+
+def test_a_reshaped_input_is_reshaped_every_time() -> None:
+    b = binder(args=["a"], inputs=[TensorSpec("a", "float32", [4], reshape=[2, 2])])
+    x = torch.arange(4, dtype=torch.float32)
+    for _ in range(3):
+        assert b.bind(x)[0].shape == (2, 2)

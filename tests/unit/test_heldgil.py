@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import zmq
 
-from libtorchrt.transport.heldgil import HeldSocket, held
+from libtorchrt.transport.heldgil import HeldSocket, PyzmqSocket, held
 
 IDENTITY = b"worker-7"
 WAIT = 5.0  # seconds any single message may take to arrive
@@ -40,13 +40,16 @@ def _pair(ctx: zmq.Context, tmp_path: Path, **router_options: int) -> tuple[zmq.
     dealer.setsockopt(zmq.IDENTITY, IDENTITY)
     dealer.connect(endpoint)
     sock = held(router)
-    assert sock is not None, "libzmq's symbols should be reachable through pyzmq here"
+    assert isinstance(sock, HeldSocket), "libzmq's symbols should be reachable through pyzmq here"
     return router, dealer, sock
 
 
-@pytest.fixture
-def pair(context: zmq.Context, tmp_path: Path) -> tuple[zmq.Socket, zmq.Socket, HeldSocket]:
-    return _pair(context, tmp_path)
+@pytest.fixture(params=["held", "pyzmq"])
+def pair(request: pytest.FixtureRequest, context: zmq.Context, tmp_path: Path) -> tuple[zmq.Socket, zmq.Socket, Any]:
+    """The pair, with the HeldSocket, or with the pyzmq fallback (the same calls) that
+    the router uses where libzmq's symbols cannot be found."""
+    router, dealer, sock = _pair(context, tmp_path)
+    return router, dealer, sock if request.param == "held" else PyzmqSocket(router)
 
 
 def _next(sock: HeldSocket, timeout: float = WAIT) -> tuple[bytes, bytes, list[Any]]:

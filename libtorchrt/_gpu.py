@@ -128,10 +128,6 @@ class Placement:
     keep: list[torch.Tensor] = field(default_factory=list)
 
 
-def _plain(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and not t.is_conj() and not t.is_neg()
-
-
 class DeviceBuffers:
     """The pool's CUDA state, created on first use.
 
@@ -221,7 +217,7 @@ class DeviceBuffers:
             if not t.is_cuda or not nbytes:
                 host[pos] = t.cpu() if t.is_cuda else t
                 continue
-            found = self._export(t, device) if t.device.index == device and _plain(t) else None
+            found = self._export(t, device) if t.device.index == device and tensor_io.plain(t) else None
             if found is None:
                 copies.append(pos)
                 continue

@@ -35,7 +35,17 @@ from ..errors import ProtocolError
 from .arena import Allocator, Arena
 from .wire import ARENA, BLOB, DTYPES, FRAME, STRING, TensorDesc, decode_strings, dtype_name, encode_strings
 
-__all__ = ["DEFAULT_INLINE_THRESHOLD", "Placed", "Strings", "as_array", "as_frame", "as_tensor", "read", "write"]
+__all__ = [
+    "DEFAULT_INLINE_THRESHOLD",
+    "Placed",
+    "Strings",
+    "as_array",
+    "as_frame",
+    "as_tensor",
+    "plain",
+    "read",
+    "write",
+]
 
 #: Tensors at most this large travel inside the message header.
 DEFAULT_INLINE_THRESHOLD = 64 * 1024
@@ -154,9 +164,25 @@ _NUMPY: dict[torch.dtype, np.dtype] = {
 }
 
 
-def _plain(t: torch.Tensor) -> bool:
-    """Whether ``t``'s bytes are exactly ``nbytes`` at ``data_ptr()``."""
-    return t.is_contiguous() and not t.is_conj() and not t.is_neg()
+_dispatch_keys = getattr(torch._C, "_dispatch_keys", None)
+_FLIPPED = [getattr(torch._C.DispatchKey, key, None) for key in ("Negative", "Conjugate")]
+if None in _FLIPPED:  # (a torch without them: ask the tensor)
+    _dispatch_keys = None
+
+
+def plain(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes are exactly ``nbytes`` at ``data_ptr()``: contiguous, and no
+    lazy negation or conjugation (a view that flips its values when read).
+
+    Those two bits are read from the tensor's dispatch keys: ``is_neg()`` and
+    ``is_conj()`` are generated bindings, each of which lets go of the GIL.
+    """
+    if not t.is_contiguous():
+        return False
+    if _dispatch_keys is not None:
+        keys = _dispatch_keys(t)
+        return not (keys.has(_FLIPPED[0]) or keys.has(_FLIPPED[1]))
+    return not t.is_conj() and not t.is_neg()
 
 
 def as_tensor(buf: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[torch.Tensor, Any]:
@@ -221,12 +247,17 @@ def _copy_array(arena: Arena, offset: int, arr: np.ndarray) -> None:
 def _copy_into(arena: Arena, offset: int, nbytes: int, t: torch.Tensor) -> None:
     if offset < 0 or offset + nbytes > arena.size:  # a raw copy has no bounds of its own
         raise ValueError(f"slot [{offset}, {offset + nbytes}) lies outside the {arena.size}-byte arena")
-    if _plain(t):
-        # A plain memcpy (ctypes releases the GIL for it, worth it for a big copy).
+    if plain(t):
+        # A plain memcpy (ctypes releases the GIL for it, worth it for a big copy: an
+        # arena slot holds more than the inline threshold).
         # torch's copy_ would also split a big copy over its intra-op threads, and
         # with many caller threads doing so at once the OpenMP workers spin against
         # each other (measured: payload at concurrency 8 ran at a third of the speed).
         ctypes.memmove(arena.address + offset, t.data_ptr(), nbytes)
+        return
+    arr = _numpy(t)  # strided: numpy copies it on one thread, without the GIL
+    if arr is not None:
+        _copy_array(arena, offset, arr)
     else:
         arena.view(offset, nbytes, t.dtype, tuple(t.shape)).copy_(t)
 
@@ -257,24 +288,13 @@ def write(
                 blobs.append(t.blob)
                 continue
             name = dtype_name(t.dtype)
-            arr = _numpy(t)
-            if arr is not None:  # the common case, without torch calls (see above)
-                nbytes = arr.nbytes
-                if nbytes <= inline_threshold:
-                    descs.append(TensorDesc(name, arr.shape, BLOB, len(blobs)))
-                    blobs.append(arr.tobytes())
-                    continue
-                offset = allocator.alloc(nbytes) if arena is not None and allocator is not None else None
-                if offset is not None:
-                    offsets.append(offset)
-                    _copy_array(arena, offset, arr)  # type: ignore[arg-type]
-                    descs.append(TensorDesc(name, arr.shape, ARENA, offset))
-                    continue
             shape = tuple(t.shape)
-            nbytes = t.numel() * t.element_size()
+            nbytes = t.nbytes
             if nbytes <= inline_threshold:
+                # (string_at keeps the GIL; t.numpy() would let go of it)
+                blob = ctypes.string_at(t.data_ptr(), nbytes) if nbytes and plain(t) else bytes(as_frame(t))
                 descs.append(TensorDesc(name, shape, BLOB, len(blobs)))
-                blobs.append(ctypes.string_at(t.data_ptr(), nbytes) if nbytes and _plain(t) else bytes(as_frame(t)))
+                blobs.append(blob)
                 continue
             offset = allocator.alloc(nbytes) if arena is not None and allocator is not None else None
             if offset is None:

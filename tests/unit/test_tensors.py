@@ -143,9 +143,34 @@ NON_CONTIGUOUS: dict[str, Callable[[], torch.Tensor]] = {
     "storage-offset": lambda: torch.arange(10, dtype=torch.int16)[3:7],
     "conj-view": lambda: torch.complex(torch.arange(6.0), torch.ones(6)).conj(),
     "neg-view": lambda: torch.complex(torch.arange(6.0), torch.arange(6.0)).conj().imag,
+    "neg-view-float": lambda: torch._neg_view(torch.arange(6.0)),
+    "neg-view-inference": lambda: _inference_neg_view(),
     "bool-permuted": lambda: (torch.arange(24).reshape(2, 3, 4) % 2 == 0).permute(2, 0, 1),
     "bfloat16-sliced": lambda: torch.arange(32, dtype=torch.bfloat16).reshape(4, 8)[:, ::4],
 }
+
+
+def _inference_neg_view() -> torch.Tensor:
+    """A negated view made in inference mode: no view bookkeeping (``_is_view()`` is
+    False), only the negation bit says its memory holds the opposite values."""
+    with torch.inference_mode():
+        t = torch._neg_view(torch.arange(6.0))
+    assert not t._is_view() and t.is_neg()
+    return t
+
+
+@pytest.mark.parametrize("name", list(NON_CONTIGUOUS))
+@pytest.mark.parametrize("read_keys", [True, False], ids=["dispatch-keys", "is_neg-is_conj"])
+def test_plain_is_false_for_every_tensor_whose_bytes_differ(
+    name: str, read_keys: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not read_keys:  # a torch without the dispatch keys: plain() asks the tensor
+        monkeypatch.setattr(tensors, "_dispatch_keys", None)
+    t = NON_CONTIGUOUS[name]()
+    # (a contiguous slice's bytes start at its data_ptr(): plain)
+    assert tensors.plain(t) is (name == "storage-offset")
+    assert tensors.plain(t.resolve_conj().resolve_neg().contiguous())
+    assert tensors.plain(torch.zeros(2, 3)) and tensors.plain(torch.zeros(0))
 
 
 @pytest.mark.parametrize("mode", MODES)

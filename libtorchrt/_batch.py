@@ -3,12 +3,13 @@
 It is a :class:`~libtorchrt._call.Call` to the router (dispatch, retries, deaths work the
 same), whose descriptors are its members' own, in order: the worker finds each input's
 rows for every member and runs them as one tensor. Its outputs are split back by rows,
-each member getting views of its own rows (no copy), made in the member's caller thread;
-their memory is released when the last member's view is freed.
+each member getting views of its own rows (no copy), made by the first caller thread
+that reads a result; their memory is released when the last member's view is freed.
 """
 
 from __future__ import annotations
 
+import _thread
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -75,42 +76,75 @@ class Batch(Call):
     def resolve(self, result: Any) -> None:
         """Resolve each member with its rows of ``{name: batched output}``.
 
-        The router only hands each member a :class:`_Rows`; the member's tensors are
-        made by the thread that reads its result: every torch call that makes a tensor
-        lets go of the GIL, and a router thread that did so once per member waited
-        for it back behind dozens of caller threads, once per member, per batch.
+        The router only hands each member a :class:`_Rows`; the tensors are made by
+        the first thread that reads a result (see :class:`_Outputs`): a router thread
+        that let go of the GIL for them waited for it back behind dozens of caller
+        threads, per batch.
         """
         if not self.future.done():
             self.future.set_result({})
         binder = self.model.binder
         reshaper = binder if binder is not None and binder.reshapes else None
         sent_ns = self.sent_ns
-        start = 0
-        for call in self.members:
-            end = start + call.rows
+        members = self.members
+        shared = _Outputs(result, [c.rows for c in members], reshaper)
+        for i, call in enumerate(members):
             call.sent_ns = sent_ns
-            call.resolve(_Rows(result, start, end, reshaper))
-            start = end
+            call.resolve(_Rows(shared, i))
+
+
+class _Outputs:
+    """A batch's outputs, split by member rows once, by the first thread that asks.
+
+    Freeing a tensor lets go of the GIL: once per tensor, and once more when it frees
+    memory it owns (measured with uprobes on CPython's ``take_gil``), as does every
+    torch call that makes tensors. One ``from_numpy`` and one ``split_with_sizes`` per
+    output give every member a view of one storage: about one GIL release per member
+    (its view's deallocation), where a ``from_numpy`` per member cost two. The memory
+    is released with the last view (the root array's finalizer)."""
+
+    __slots__ = ("binder", "lock", "outputs", "parts", "rows")
+
+    def __init__(self, outputs: dict[str, Any], rows: list[int], binder: Binder | None) -> None:
+        self.outputs = outputs
+        self.rows = rows
+        self.binder = binder
+        self.parts: dict[str, list[Any]] | None = None
+        self.lock = _thread.allocate_lock()
+
+    def member(self, i: int) -> dict[str, Any]:
+        parts = self.parts
+        if parts is None:
+            with self.lock:
+                parts = self.parts
+                if parts is None:
+                    parts = self.parts = {name: self._split(value) for name, value in self.outputs.items()}
+        result = {}
+        for name, values in parts.items():
+            result[name] = values[i]
+            values[i] = None  # the member's own, from now on
+        return self.binder.shape_outputs(result) if self.binder is not None else result
+
+    def _split(self, value: Any) -> list[Any]:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if isinstance(value, torch.Tensor):
+            return list(value.split_with_sizes(self.rows))
+        out, start = [], 0  # strings: a list per member
+        for rows in self.rows:
+            out.append(value[start : start + rows])
+            start += rows
+        return out
 
 
 class _Rows:
-    """One member's outputs: rows ``[start, end)`` of each batched output (numpy
-    arrays where the dtype allows, else tensors or lists of str), made into tensors
-    when called. A numpy slice keeps its array's root alive, and so the output's
-    shared-memory slot (see ``tensors.as_array``)."""
+    """One member's outputs (the ``i``-th of a batch's), made when called."""
 
-    __slots__ = ("binder", "end", "outputs", "start")
+    __slots__ = ("i", "shared")
 
-    def __init__(self, outputs: dict[str, Any], start: int, end: int, binder: Binder | None) -> None:
-        self.outputs = outputs
-        self.start = start
-        self.end = end
-        self.binder = binder
+    def __init__(self, shared: _Outputs, i: int) -> None:
+        self.shared = shared
+        self.i = i
 
     def __call__(self) -> dict[str, Any]:
-        start, end = self.start, self.end
-        result = {
-            name: torch.from_numpy(value[start:end]) if isinstance(value, np.ndarray) else value[start:end]
-            for name, value in self.outputs.items()
-        }
-        return self.binder.shape_outputs(result) if self.binder is not None else result
+        return self.shared.member(self.i)

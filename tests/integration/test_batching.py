@@ -34,12 +34,20 @@ class DropsARow(nn.Module):
         return x[1:]
 
 
+class Kinds(nn.Module):
+    """Outputs of three kinds: float32 rows, bfloat16 rows (no numpy dtype: the
+    front splits a tensor, not an array) and one int64 per row."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return x * 2, (x + 0.5).to(torch.bfloat16), x.sum(1).to(torch.int64)
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("batching")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        for name, cls in (("spin", SpinDouble), ("drops", DropsARow)):
+        for name, cls in (("spin", SpinDouble), ("drops", DropsARow), ("kinds", Kinds)):
             torch.jit.script(cls()).save(str(d / f"{name}.pt"))
     return d
 
@@ -90,6 +98,47 @@ def test_every_request_gets_its_own_rows_under_concurrency(batching_pool: Callab
     assert stats.executions < stats.success  # requests were batched together
     assert max(stats.batch_sizes) <= 16
     assert sum(stats.batch_sizes.values()) == stats.executions
+
+
+def test_outputs_of_every_kind_are_split_back_by_rows(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(model="kinds", instances=1, max_batch_size=16, max_queue_delay_microseconds=20_000)
+    errors: list[str] = []
+
+    def caller(k: int) -> None:
+        for i in range(15):
+            n = 1 + (k + i) % 3
+            x = torch.tensor([[float(k * 100 + i * 4 + r)] * 4 for r in range(n)])
+            out = pool.infer("m", x)
+            want = (x * 2, (x + 0.5).to(torch.bfloat16), x.sum(1).to(torch.int64))
+            got = (out["OUTPUT__0"], out["OUTPUT__1"], out["OUTPUT__2"])
+            for g, w in zip(got, want):
+                if g.dtype != w.dtype or g.shape != w.shape or not torch.equal(g, w):
+                    errors.append(f"caller {k} request {i}: {g.tolist()} for {w.tolist()}")
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert pool.stats()[0].executions < 120  # requests were batched together
+
+
+def test_members_views_share_the_batch_memory_and_outlive_each_other(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(preferred_batch_size=[4], max_queue_delay_microseconds=5_000_000)
+    pool.infer("m", rows(*range(4)))  # warm up: one execution
+    futures = [pool.submit("m", rows(-i - 1)) for i in range(4)]  # one batch of four
+    outs = [f.result(10)["OUTPUT__0"] for f in futures]
+    assert pool.stats()[0].executions == 2
+    # Views of one output, no copies: each member's rows lie where the worker wrote them.
+    base = outs[0].data_ptr()
+    assert [o.data_ptr() - base for o in outs] == [i * 4 * 4 for i in range(4)]
+    kept = outs.pop(2)
+    del outs, futures
+    # The batch's memory is still held by the kept view: later responses go elsewhere.
+    for _ in range(20):
+        assert pool.infer("m", rows(*range(4)))["OUTPUT__0"][:, 0].tolist() == [1.0, 3.0, 5.0, 7.0]
+    assert torch.equal(kept, rows(-5.0))  # -3 * 2 + 1, untouched
 
 
 def test_a_lone_request_waits_at_most_the_queue_delay(batching_pool: Callable[..., Pool]) -> None:

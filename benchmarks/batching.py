@@ -12,7 +12,10 @@
   at once, requests served, and the front's resident memory at the start and the end
   of the run, which must stay flat (a bounded queue holds a bounded number of requests).
 
-Run: ``python benchmarks/batching.py [--seconds 3]``.
+``--device cuda:0`` puts the instances on a GPU (two processes on one GPU; the callers'
+inputs stay on the CPU, as a batch is gathered on the host).
+
+Run: ``python benchmarks/batching.py [--seconds 3] [--device cuda:0]``.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from libtorchrt.bench import workloads
 SHAPES = {"tiny": (64,), "cnn": (3, 224, 224)}
 
 
-def config(name: str, path: Path, batching: bool, **queue: Any) -> ModelConfig:
+def config(name: str, path: Path, batching: bool, device: str = "cpu", **queue: Any) -> ModelConfig:
     return ModelConfig(
         name,
         path,
         instances=2,
+        devices=device,
         max_batch_size=32,
         inputs=[TensorSpec("INPUT__0", "float32", SHAPES[name])],
         dynamic_batching=DynamicBatching(max_queue_delay_microseconds=500, default_queue_policy=QueuePolicy(**queue))
@@ -189,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--callers", default="threads,asyncio", help="kinds of tiny callers: threads, asyncio (cnn: threads)"
     )
+    parser.add_argument("--device", default="cpu", help="where the instances run: cpu, or cuda:N")
     args = parser.parse_args(argv)
     chosen = args.workloads.split(",")
     kinds = args.callers.split(",")
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = {name: workloads.build(name, tmp) for name in SHAPES}
         for name, callers, kind in runs:
             for batching in (False, True):
-                with Pool(models=[config(name, paths[name], batching)]) as pool:
+                with Pool(models=[config(name, paths[name], batching, args.device)]) as pool:
                     r = drivers[kind](pool, name, callers, args.seconds)
                 rows.append((name, callers, kind, batching, r))
                 print(
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         over = None if args.no_overload else overload(paths["cnn"], args.seconds)
     print()
+    print(f"instances on {args.device}")
     print("| workload | callers | mode | req/s | p50 ms | p99 ms | mean batch | batching / alone |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, callers, kind, batching, r in rows:

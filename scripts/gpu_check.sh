@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, in one go (issue #8): install what is missing, run tests/gpu, then the
-# GPU benchmark (benchmarks/gpu.py), printing a table. Ends well inside 8 minutes.
+# The GPU check, in one go (issue #8): install what is missing, run tests/gpu, the GPU
+# benchmark (benchmarks/gpu.py) and dynamic batching on the GPU (benchmarks/batching.py
+# --device cuda:0), printing tables. Ends well inside 9 minutes.
 #
-#   scripts/gpu_check.sh            # on a machine with CUDA and a CUDA build of torch
+#   scripts/gpu_check.sh                      # on a machine with CUDA and a CUDA build of torch
+#   STEPS="tests batching" scripts/gpu_check.sh   # some of the steps: tests, gpu, batching
 #
 # It uses the python3 that holds a CUDA build of torch (PYTHON=... to choose another).
 # Missing packages are installed from wheels in .whl/ when that folder exists (machines
@@ -32,13 +34,23 @@ fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-echo "== tests/gpu"
+STEPS=" ${STEPS:-tests gpu batching} "
 set -o pipefail
-timeout 210 "$PY" -m pytest -q -rs -p no:cacheprovider --timeout 100 --durations=8 tests/gpu 2>&1 | tee "$OUT/tests.log"
-tests=$?
-
-echo "== benchmarks/gpu.py"
-timeout 170 "$PY" benchmarks/gpu.py --seconds "${SECONDS_PER_ROW:-2}" --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/bench.log"
-bench=$?
-echo "gpu_check: tests exit $tests, benchmark exit $bench"
-exit $(( tests != 0 || bench != 0 ))
+tests=0 bench=0 batching=0
+if [[ $STEPS == *" tests "* ]]; then
+  echo "== tests/gpu"
+  timeout 210 "$PY" -m pytest -q -rs -p no:cacheprovider --timeout 100 --durations=8 tests/gpu 2>&1 | tee "$OUT/tests.log"
+  tests=$?
+fi
+if [[ $STEPS == *" gpu "* ]]; then
+  echo "== benchmarks/gpu.py"
+  timeout 170 "$PY" benchmarks/gpu.py --seconds "${SECONDS_PER_ROW:-2}" --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/bench.log"
+  bench=$?
+fi
+if [[ $STEPS == *" batching "* ]]; then
+  echo "== benchmarks/batching.py --device cuda:0"
+  timeout 150 "$PY" benchmarks/batching.py --device cuda:0 --seconds 2 --no-overload 2>&1 | tee "$OUT/batching.log"
+  batching=$?
+fi
+echo "gpu_check: tests exit $tests, benchmark exit $bench, batching exit $batching"
+exit $(( tests != 0 || bench != 0 || batching != 0 ))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from libtorchrt import ConfigError, ModelConfig, ModelError, Pool
+from libtorchrt import ConfigError, DynamicBatching, ModelConfig, ModelError, Pool, TensorSpec
 from tests import models
 from tests.conftest import assert_no_leaks, snapshot
 
@@ -42,7 +42,15 @@ class Conv(nn.Module):
         return torch.relu(self.conv(x))
 
 
-EXTRA = {"index_select": IndexSelect, "conv": Conv}
+class RowsOnDevice(nn.Module):
+    """``x * 2 + 1`` per row, and per row 1 when it ran on a GPU (else 0)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        on = torch.full([x.shape[0]], 1 if x.is_cuda else 0, dtype=torch.int64, device=x.device)
+        return x * 2 + 1, on
+
+
+EXTRA = {"index_select": IndexSelect, "conv": Conv, "rows": RowsOnDevice}
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +206,41 @@ def test_many_threads_get_their_own_results(gpu_dir: Path, gpu_pool: Callable[..
         t.join()
     assert not errors
     assert all(w.served > 0 for w in pool.workers()), [w.served for w in pool.workers()]
+
+
+def test_dynamic_batching_runs_batches_on_the_gpu(gpu_dir: Path, gpu_pool: Callable[..., Pool]) -> None:
+    cfg = ModelConfig(
+        "rows",
+        gpu_dir / "rows.pt",
+        instances=2,
+        devices="cuda:0",
+        max_batch_size=16,
+        inputs=[TensorSpec("INPUT__0", "float32", [4])],
+        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=2000),
+    )
+    pool = gpu_pool(cfg)
+    errors: list[str] = []
+
+    def caller(k: int) -> None:
+        for i in range(30):
+            n = 1 + (k + i) % 3
+            x = torch.tensor([[float(k * 1000 + i * 10 + r)] * 4 for r in range(n)])
+            if i % 3 == 0:  # CUDA inputs are gathered on the host too (docs/batching.md)
+                x = x.cuda()
+            out = pool.infer("rows", x)
+            y, on = out["OUTPUT__0"], out["OUTPUT__1"]
+            if y.is_cuda or not torch.equal(y, x.cpu() * 2 + 1) or on.tolist() != [1] * n:
+                errors.append(f"caller {k} request {i}: {y[:, 0].tolist()} on={on.tolist()}")
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    (stats,) = pool.stats()
+    assert stats.success == 240 and stats.executions < 240  # batched, on the GPU workers
+    assert all(w.device == "cuda:0" for w in pool.workers())
 
 
 def test_device_side_assert_replaces_the_worker(gpu_pool: Callable[..., Pool]) -> None:

@@ -29,7 +29,7 @@ if [ -d .whl ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 else
   "$PY" -m pip install -q --no-cache-dir --upgrade --target "$SITE" 'pyzmq>=25' 'msgpack>=1.0' 'protobuf>=7.35.1'
-fi
+fi || { echo "gpu_check: could not install pyzmq, msgpack, protobuf (no network? put their wheels in .whl/)"; exit 3; }
 "$PY" -c "import pytest, pytest_timeout" 2>/dev/null || "$PY" -m pip install -q --target "$SITE" pytest pytest-timeout
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1

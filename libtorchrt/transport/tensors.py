@@ -164,10 +164,18 @@ _NUMPY: dict[torch.dtype, np.dtype] = {
 }
 
 
+def _flipped_mask() -> int | None:
+    """The bits of a tensor's dispatch key set that mark a lazily negated or conjugated
+    view (None: a torch without the key sets' raw form; plain() then asks the tensor)."""
+    try:
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.Negative).add(torch._C.DispatchKey.Conjugate)
+        return int(keys.raw_repr())
+    except (AttributeError, TypeError):
+        return None
+
+
 _dispatch_keys = getattr(torch._C, "_dispatch_keys", None)
-_FLIPPED = [getattr(torch._C.DispatchKey, key, None) for key in ("Negative", "Conjugate")]
-if None in _FLIPPED:  # (a torch without them: ask the tensor)
-    _dispatch_keys = None
+_FLIPPED = _flipped_mask()
 
 
 def plain(t: torch.Tensor) -> bool:
@@ -179,9 +187,8 @@ def plain(t: torch.Tensor) -> bool:
     """
     if not t.is_contiguous():
         return False
-    if _dispatch_keys is not None:
-        keys = _dispatch_keys(t)
-        return not (keys.has(_FLIPPED[0]) or keys.has(_FLIPPED[1]))
+    if _dispatch_keys is not None and _FLIPPED is not None:
+        return not _dispatch_keys(t).raw_repr() & _FLIPPED
     return not t.is_conj() and not t.is_neg()
 
 

@@ -165,7 +165,7 @@ def test_plain_is_false_for_every_tensor_whose_bytes_differ(
     name: str, read_keys: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not read_keys:  # a torch without the dispatch keys: plain() asks the tensor
-        monkeypatch.setattr(tensors, "_dispatch_keys", None)
+        monkeypatch.setattr(tensors, "_FLIPPED", None)
     t = NON_CONTIGUOUS[name]()
     # (a contiguous slice's bytes start at its data_ptr(): plain)
     assert tensors.plain(t) is (name == "storage-offset")

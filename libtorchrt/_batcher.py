@@ -9,7 +9,8 @@ head of the highest non-empty level whose non-batch dimensions and dtypes match 
 oldest one's (others are never merged: no padding, no ragged batches), up to
 ``max_batch_size`` rows, and leaves:
 
-- at once, when the rows queued reach ``max_batch_size`` or one of the
+- at once, when the rows queued reach ``max_batch_size``, or the next request would
+  not fit in it (waiting cannot grow the batch), or they make up one of the
   ``preferred_batch_size`` (the largest preferred size that the queued requests make
   up exactly is sent, leaving the rest to grow);
 - otherwise when its oldest request has waited ``max_queue_delay_microseconds``
@@ -28,6 +29,7 @@ placed (a full queue); they only read lengths.
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
     from ._state import _Model
 
 __all__ = ["Batch", "Batcher", "Orderer"]
+
+#: distinct batch keys a batcher keeps (a model sent ever new shapes starts over)
+_MAX_KEYS = 256
 
 
 class Batcher:
@@ -62,8 +67,8 @@ class Batcher:
             level: collections.deque() for level in (range(1, self.levels + 1) if self.levels else (0,))
         }
         self.policies = {level: _policy(db, level) for level in self.queues}
-        #: each queued call's time of queueing (monotonic) and batch key, by id
-        self.entries: dict[int, tuple[float, Any]] = {}
+        #: batch keys seen, each kept once: equal keys are the same object (``is``)
+        self._keys: dict[Any, Any] = {}
 
     # ── caller threads ─────────────────────────────────────────────────────────
 
@@ -109,15 +114,37 @@ class Batcher:
 
     def add(self, call: Call, now: float) -> None:
         self.queues[call.priority].append(call)
-        self.entries[call.id] = (now, _key(call))
+        call.queued_at = now
+        call.key = self._key(call)
+
+    def _key(self, call: Call) -> Any:
+        """What must match for requests to share a batch: dtypes and non-batch dims
+        (a one-input key is a pair, never equal to a several-input one, a tuple of
+        pairs), as one shared object per distinct key."""
+        descs = call.descs
+        if len(descs) == 1:
+            d = descs[0]
+            key: Any = (d.dtype, d.shape[1:])
+        else:
+            key = tuple((d.dtype, d.shape[1:]) for d in descs)
+        keys = self._keys
+        found = keys.get(key)
+        if found is None:
+            if len(keys) >= _MAX_KEYS:
+                keys.clear()  # (calls queued with an old key still compare equal: see next_batch)
+            found = keys[key] = key
+        return found
 
     def extendleft(self, calls: Iterable[Call], now: float) -> None:
-        """Put calls back at the head (re-sent after their worker died), in order."""
+        """Put calls back at the head (re-sent after their worker died), in order,
+        keeping the time they were first queued."""
         for call in reversed(list(calls)):
             members = call.members if isinstance(call, Batch) else [call]
             for member in reversed(members):
                 self.queues[member.priority].appendleft(member)
-                self.entries.setdefault(member.id, (now, _key(member)))
+                if member.key is None:
+                    member.queued_at = now
+                    member.key = self._key(member)
 
     def remove(self, call: Call) -> bool:
         """Take a queued call out (its deadline passed); False if it is not queued."""
@@ -125,25 +152,21 @@ class Batcher:
             self.queues[call.priority].remove(call)
         except ValueError:
             return False
-        self.entries.pop(call.id, None)
         return True
 
     def drain(self) -> list[Call]:
         out = [c for q in self.queues.values() for c in q]
         for q in self.queues.values():
             q.clear()
-        self.entries.clear()
         return out
 
     def _drop(self, call: Call) -> None:
-        self.entries.pop(call.id, None)
         call.free()
         self.model.ordered_skip(call)
 
     def wake_at(self) -> float | None:
         """When the oldest waiting request's delay runs out (None: nothing waits)."""
-        heads = [self.entries.get(q[0].id) for q in self.queues.values() if q]
-        times = [e[0] for e in heads if e is not None]
+        times = [q[0].queued_at for q in self.queues.values() if q]
         return min(times) + self.delay if times else None
 
     def next_batch(self, now: float) -> Batch | None:
@@ -156,26 +179,27 @@ class Batcher:
             if not queue:
                 continue
             head = queue[0]
-            entries = self.entries
-            queued_at, key = entries.get(head.id) or (now, _key(head))
+            queued_at, key = head.queued_at, head.key
+            max_rows = self.max_rows
             picked: list[Call] = []
             rows = 0
-            sums: list[int] = []  # rows after each picked call
+            full = False  # the next request does not fit: waiting cannot grow the batch
             for call in queue:
-                entry = entries.get(call.id)
-                if (entry[1] if entry is not None else _key(call)) != key:
+                if call.key is not key and call.key != key:
                     continue  # never merged: a batch of its own later
-                if rows + call.rows > self.max_rows:
+                if rows + call.rows > max_rows:
+                    full = True
                     break
                 picked.append(call)
                 rows += call.rows
-                sums.append(rows)
-                if rows == self.max_rows:
+                if rows == max_rows:
+                    full = True
                     break
             take = 0
-            if rows == self.max_rows:
+            if full:
                 take = len(picked)
-            else:
+            elif self.preferred:
+                sums = list(itertools.accumulate(c.rows for c in picked))  # rows after each
                 for size in self.preferred:  # the largest preferred size made up exactly
                     if size in sums:
                         take = sums.index(size) + 1
@@ -191,20 +215,8 @@ class Batcher:
             else:
                 for call in chosen:
                     queue.remove(call)
-            for call in chosen:
-                entries.pop(call.id, None)
             return Batch(self.model, chosen)
         return None
-
-
-def _key(call: Call) -> Any:
-    """What must match for requests to share a batch: dtypes and non-batch dims. (A
-    one-input key is a pair, never equal to a key of several inputs, a tuple of pairs.)"""
-    descs = call.descs
-    if len(descs) == 1:
-        d = descs[0]
-        return d.dtype, d.shape[1:]
-    return tuple((d.dtype, d.shape[1:]) for d in descs)
 
 
 def _policy(db: DynamicBatching, level: int) -> QueuePolicy:

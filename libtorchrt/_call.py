@@ -41,9 +41,11 @@ class Call:
         "future",
         "id",
         "keep",
+        "key",
         "model",
         "offsets",
         "priority",
+        "queued_at",
         "rows",
         "sent_ns",
         "seq",
@@ -79,6 +81,10 @@ class Call:
         self.rows = 1
         #: its priority level (dynamic batching; 0: the model's default)
         self.priority = 0
+        #: when the batcher first queued it (monotonic), and what it may be batched
+        #: with (see Batcher.add); None until queued
+        self.queued_at = 0.0
+        self.key: Any = None
         #: when it was submitted, and last sent to a worker (perf_counter_ns)
         self.submitted_ns = time.perf_counter_ns()
         self.sent_ns = 0
@@ -87,9 +93,10 @@ class Call:
 
     def free(self) -> None:
         """Give the request's arena slots and buffers back (once no worker reads them)."""
-        offsets, self.offsets = self.offsets, []
-        for offset in offsets:
-            self.model.allocator.free(offset)
+        if self.offsets:
+            offsets, self.offsets = self.offsets, []
+            for offset in offsets:
+                self.model.allocator.free(offset)
         self.frames = self.blobs = []
         self.keep = []
         if self.device_offsets:

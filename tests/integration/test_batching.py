@@ -161,6 +161,20 @@ def test_a_preferred_size_leaves_at_once(batching_pool: Callable[..., Pool]) -> 
     assert pool.stats()[0].batch_sizes.get(4, 0) >= 1
 
 
+def test_a_batch_the_next_request_does_not_fit_leaves_at_once(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(max_batch_size=4, max_queue_delay_microseconds=5_000_000)
+    pool.infer("m", rows(*range(4)))  # warm up (4 rows: full, at once)
+    start = time.monotonic()
+    three = pool.submit("m", rows(1, 2, 3))
+    two = pool.submit("m", rows(4, 5))  # 3 + 2 > 4: the first batch cannot grow
+    assert three.result(10)["OUTPUT__0"][:, 0].tolist() == [3.0, 5.0, 7.0]
+    assert time.monotonic() - start < 2.0  # nowhere near the 5 s delay
+    assert not two.done()  # it waits for rows to join it, up to the delay
+    pool.submit("m", rows(6, 7)).result(10)  # 2 + 2 = 4 rows: full
+    assert two.result(10)["OUTPUT__0"][:, 0].tolist() == [9.0, 11.0]
+    assert pool.stats()[0].batch_sizes == {4: 2, 3: 1}
+
+
 def test_requests_of_other_shapes_are_never_merged(batching_pool: Callable[..., Pool]) -> None:
     pool = batching_pool(dims=[-1], max_queue_delay_microseconds=100_000)
     futures = [pool.submit("m", rows(i, width=3 if i % 2 else 5)) for i in range(6)]

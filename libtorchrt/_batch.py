@@ -10,6 +10,7 @@ that reads a result; their memory is released when the last member's view is fre
 from __future__ import annotations
 
 import _thread
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Batch"]
 
+_desc = tuple.__new__
+
 
 class Batch(Call):
     """Requests executed together; ``members`` in row order."""
@@ -40,10 +43,10 @@ class Batch(Call):
             nblobs, nframes = len(blobs), len(frames)
             for d in call.descs:
                 kind = d.kind
-                if kind == BLOB and nblobs:
-                    d = TensorDesc(d.dtype, d.shape, kind, d.where + nblobs)
+                if kind == BLOB and nblobs:  # (tuple.__new__: the NamedTuple's own is Python)
+                    d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nblobs))
                 elif kind == FRAME and nframes:
-                    d = TensorDesc(d.dtype, d.shape, kind, d.where + nframes)
+                    d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nframes))
                 descs.append(d)
             if call.blobs:
                 blobs += call.blobs
@@ -88,9 +91,20 @@ class Batch(Call):
         sent_ns = self.sent_ns
         members = self.members
         shared = _Outputs(result, [c.rows for c in members], reshaper)
+        if self.model.orderer is not None:
+            for i, call in enumerate(members):
+                call.sent_ns = sent_ns
+                call.resolve(_Rows(shared, i))
+            return
+        # Counted first, all together (see Call.deliver); only this thread finishes a
+        # dispatched request, so none finishes in between.
+        live = [call for call in members if not call.future.done()]
+        self.model.stats.succeeded_together(live, sent_ns, time.perf_counter_ns())
         for i, call in enumerate(members):
             call.sent_ns = sent_ns
-            call.resolve(_Rows(shared, i))
+            future = call.future
+            if not future.done():
+                future.set_result_by(_Rows(shared, i))
 
 
 class _Outputs:

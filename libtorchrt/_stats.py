@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .info import LATENCY_BUCKETS, ModelStats
+
+if TYPE_CHECKING:
+    from ._call import Call
 
 __all__ = ["Stats"]
 
@@ -42,6 +47,24 @@ class Stats:
         latency = max(0, done_ns - submitted_ns)
         self.request_ns += latency
         self._latency[bisect.bisect_left(LATENCY_BUCKETS, latency / 1e9)] += 1
+
+    def succeeded_together(self, calls: Sequence[Call], sent_ns: int, done_ns: int) -> None:
+        """Requests answered by one execution (a batch's members; router thread)."""
+        buckets, latency = LATENCY_BUCKETS, self._latency
+        rows = queue_ns = request_ns = 0
+        for call in calls:
+            submitted = call.submitted_ns
+            rows += call.rows
+            queue_ns += max(0, sent_ns - submitted)
+            took = max(0, done_ns - submitted)
+            request_ns += took
+            latency[bisect.bisect_left(buckets, took / 1e9)] += 1
+        n = len(calls)
+        self.success += n
+        self.inferences += rows
+        self.queue_ns += queue_ns
+        self.compute_ns += n * max(0, done_ns - sent_ns)
+        self.request_ns += request_ns
 
     def executed(self, rows: int) -> None:
         """One model execution of ``rows`` rows (router thread)."""

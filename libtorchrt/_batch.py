@@ -135,9 +135,9 @@ class _Outputs:
                     parts = self.parts = {name: self._split(value) for name, value in self.outputs.items()}
         result = {}
         for name, values in parts.items():
-            result[name] = values[i]
-            values[i] = None  # the member's own, from now on
-        return self.binder.shape_outputs(result) if self.binder is not None else result
+            result[name], values[i] = values[i], None  # the member's own, from now on
+        binder = self.binder
+        return result if binder is None else binder.shape_outputs(result)
 
     def _split(self, value: Any) -> list[Any]:
         if isinstance(value, np.ndarray):

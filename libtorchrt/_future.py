@@ -56,21 +56,23 @@ class RequestFuture(Future[T]):
     Python object over an RLock, for every future).
     """
 
+    # Defaults read from the class until set (fewer assignments per request).
+    _cond: threading.Condition | None = None
+    _result: Any = None
+    _exception: BaseException | None = None
+    _make: Callable[[], T] | None = None
+    _made: T | None = None
+    #: an asyncio future to settle, and the waker of its loop (see notify())
+    _waiter: asyncio.Future[T] | None = None
+    _waker: LoopWaker | None = None
+
     def __init__(self) -> None:  # (not Future.__init__: see the class docstring)
         self._mutex = _thread.allocate_lock()
-        self._cond: threading.Condition | None = None
         self._finished = _thread.allocate_lock()
         self._finished.acquire()
         self._state = PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
         self._waiters: list[Any] = []
         self._done_callbacks: list[Callable[[Future[T]], object]] = []
-        self._make: Callable[[], T] | None = None
-        self._made: T | None = None
-        #: an asyncio future to settle, and the waker of its loop (see notify())
-        self._waiter: asyncio.Future[T] | None = None
-        self._waker: LoopWaker | None = None
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -215,6 +217,11 @@ class RequestFuture(Future[T]):
         waker = self._waker
         if waker is not None:
             waker.add(self)
+
+    def watch(self, waker: LoopWaker, waiter: asyncio.Future[T]) -> None:
+        """As :meth:`notify`, for a pending future no other thread has seen yet (so
+        without taking the lock)."""
+        self._waiter, self._waker = waiter, waker
 
     def notify(self, waker: LoopWaker, waiter: asyncio.Future[T]) -> None:
         """Settle ``waiter`` (in ``waker``'s loop) once this future is done."""

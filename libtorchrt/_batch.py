@@ -90,7 +90,11 @@ class Batch(Call):
         reshaper = binder if binder is not None and binder.reshapes else None
         sent_ns = self.sent_ns
         members = self.members
-        shared = _Outputs(result, [c.rows for c in members], reshaper)
+        # Split once when one event loop reads every member (see _Outputs); caller
+        # threads each make their own views.
+        waker = members[0].future.waker
+        split = waker is not None and all(c.future.waker is waker for c in members)
+        shared = _Outputs(result, [c.rows for c in members], reshaper, split)
         if self.model.orderer is not None:
             for i, call in enumerate(members):
                 call.sent_ns = sent_ns
@@ -108,25 +112,31 @@ class Batch(Call):
 
 
 class _Outputs:
-    """A batch's outputs, split by member rows once, by the first thread that asks.
+    """A batch's outputs, handed to each member as views of its own rows.
 
     Freeing a tensor lets go of the GIL: once per tensor, and once more when it frees
     memory it owns (measured with uprobes on CPython's ``take_gil``), as does every
-    torch call that makes tensors. One ``from_numpy`` and one ``split_with_sizes`` per
-    output give every member a view of one storage: about one GIL release per member
-    (its view's deallocation), where a ``from_numpy`` per member cost two. The memory
-    is released with the last view (the root array's finalizer)."""
+    torch op. When one event loop reads every member (``split``), one ``from_numpy``
+    and one ``split_with_sizes`` per output, by the first read, give every member a view
+    of one storage: about one GIL release per member (its view's deallocation), where a
+    ``from_numpy`` per member costs two. Caller threads each make their own views
+    (``from_numpy`` of their rows): one thread splitting for all of them held the GIL
+    for the whole batch and let it go midway, and cost them ~10% (A/B, 64 threads). The
+    memory is released with the last view either way (the root array's finalizer)."""
 
-    __slots__ = ("binder", "lock", "outputs", "parts", "rows")
+    __slots__ = ("binder", "lock", "outputs", "parts", "rows", "split")
 
-    def __init__(self, outputs: dict[str, Any], rows: list[int], binder: Binder | None) -> None:
+    def __init__(self, outputs: dict[str, Any], rows: list[int], binder: Binder | None, split: bool = True) -> None:
         self.outputs = outputs
         self.rows = rows
         self.binder = binder
+        self.split = split
         self.parts: dict[str, list[Any]] | None = None
         self.lock = _thread.allocate_lock()
 
     def member(self, i: int) -> dict[str, Any]:
+        if not self.split:
+            return self._shaped(self._own(i))
         parts = self.parts
         if parts is None:
             # Never wait for another thread's split: splitting lets go of the GIL, and

@@ -218,6 +218,11 @@ class RequestFuture(Future[T]):
         if waker is not None:
             waker.add(self)
 
+    @property
+    def waker(self) -> LoopWaker | None:
+        """The waker of the event loop awaiting this future (None: none is)."""
+        return self._waker
+
     def watch(self, waker: LoopWaker, waiter: asyncio.Future[T]) -> None:
         """As :meth:`notify`, for a pending future no other thread has seen yet (so
         without taking the lock)."""

@@ -45,3 +45,16 @@ def test_a_member_does_not_wait_for_another_threads_split() -> None:
     assert shared.parts is None
     assert shared.member(2)["id"].tolist() == [4, 5]  # the split, later
     assert shared.parts is not None and shared.parts["id"][0] is not None  # member 0 not read yet
+
+
+def test_without_a_shared_reader_each_member_makes_its_own_views() -> None:
+    """Members read by caller threads (no event loop reads them all): no split, each
+    member gets views of its own rows, still of the batch's memory."""
+    rows = [2, 1, 3]
+    out = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+    shared = _Outputs({"y": out, "text": list("abcdef")}, rows, None, split=False)
+    got = [shared.member(i) for i in (2, 0, 1)]
+    assert [g["text"] for g in got] == [["d", "e", "f"], ["a", "b"], ["c"]]
+    assert got[0]["y"][:, 0].tolist() == [12.0, 16.0, 20.0]
+    assert got[1]["y"].data_ptr() == out.ctypes.data  # a view, not a copy
+    assert shared.parts is None  # never split

@@ -121,7 +121,7 @@ class _Outputs:
     of one storage: about one GIL release per member (its view's deallocation), where a
     ``from_numpy`` per member costs two. Caller threads each make their own views
     (``from_numpy`` of their rows): one thread splitting for all of them held the GIL
-    for the whole batch and let it go midway, and cost them ~10% (A/B, 64 threads). The
+    for the whole batch and let it go midway, and cost them ~6% (A/B, 64 threads). The
     memory is released with the last view either way (the root array's finalizer)."""
 
     __slots__ = ("binder", "lock", "outputs", "parts", "rows", "split")

@@ -10,6 +10,7 @@ that reads a result; their memory is released when the last member's view is fre
 from __future__ import annotations
 
 import _thread
+import itertools
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -80,7 +81,7 @@ class Batch(Call):
         """Resolve each member with its rows of ``{name: batched output}``.
 
         The router only hands each member a :class:`_Rows`; the tensors are made by
-        the first thread that reads a result (see :class:`_Outputs`): a router thread
+        the thread that reads each result (see :class:`_Outputs`): a router thread
         that let go of the GIL for them waited for it back behind dozens of caller
         threads, per batch.
         """
@@ -124,7 +125,7 @@ class _Outputs:
     for the whole batch and let it go midway, and cost them ~6% (A/B, 64 threads). The
     memory is released with the last view either way (the root array's finalizer)."""
 
-    __slots__ = ("binder", "lock", "outputs", "parts", "rows", "split")
+    __slots__ = ("binder", "lock", "outputs", "parts", "rows", "split", "starts")
 
     def __init__(self, outputs: dict[str, Any], rows: list[int], binder: Binder | None, split: bool = True) -> None:
         self.outputs = outputs
@@ -132,6 +133,7 @@ class _Outputs:
         self.binder = binder
         self.split = split
         self.parts: dict[str, list[Any]] | None = None
+        self.starts: list[int] | None = None  # each member's first row, then the total
         self.lock = _thread.allocate_lock()
 
     def member(self, i: int) -> dict[str, Any]:
@@ -162,8 +164,10 @@ class _Outputs:
 
     def _own(self, i: int) -> dict[str, Any]:
         """Member ``i``'s rows of each output, made apart from the split."""
-        start = sum(self.rows[:i])
-        end = start + self.rows[i]
+        starts = self.starts
+        if starts is None:  # (two threads may both make it: the same list)
+            starts = self.starts = [0, *itertools.accumulate(self.rows)]
+        start, end = starts[i], starts[i + 1]
         return {
             name: torch.from_numpy(value[start:end]) if isinstance(value, np.ndarray) else value[start:end]
             for name, value in self.outputs.items()

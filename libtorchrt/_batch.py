@@ -3,8 +3,8 @@
 It is a :class:`~libtorchrt._call.Call` to the router (dispatch, retries, deaths work the
 same), whose descriptors are its members' own, in order: the worker finds each input's
 rows for every member and runs them as one tensor. Its outputs are split back by rows,
-each member getting views of its own rows (no copy), made by the first caller thread
-that reads a result; their memory is released when the last member's view is freed.
+each member getting views of its own rows (no copy), made by the thread that reads its
+result (see ``_Outputs``); their memory is released when the last member's view is freed.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Batch(Call):
         # Counted first, all together (see Call.deliver); only this thread finishes a
         # dispatched request, so none finishes in between.
         live = [call for call in members if not call.future.done()]
-        self.model.stats.succeeded_together(live, sent_ns, time.perf_counter_ns())
+        self.model.stats.succeeded(live, sent_ns, time.perf_counter_ns())
         for i, call in enumerate(members):
             call.sent_ns = sent_ns
             future = call.future
@@ -133,7 +133,7 @@ class _Outputs:
         self.binder = binder
         self.split = split
         self.parts: dict[str, list[Any]] | None = None
-        self.starts: list[int] | None = None  # each member's first row, then the total
+        self.starts: list[int] | None = None  # see _starts
         self.lock = _thread.allocate_lock()
 
     def member(self, i: int) -> dict[str, Any]:
@@ -141,10 +141,10 @@ class _Outputs:
             return self._shaped(self._own(i))
         parts = self.parts
         if parts is None:
-            # Never wait for another thread's split: splitting lets go of the GIL, and
-            # callers queued on this lock would then wake one after another (measured
-            # with 64 caller threads: 11.1k -> 9.9k req/s). A member that finds the
-            # split under way makes its own views.
+            # Never wait for another thread's split (one event loop reads every member
+            # here, so it is only a guard): splitting lets go of the GIL, and waiters
+            # would wake one after another. A member that finds it under way makes its
+            # own views.
             if not self.lock.acquire(False):
                 return self._shaped(self._own(i))
             try:
@@ -162,11 +162,16 @@ class _Outputs:
         binder = self.binder
         return result if binder is None else binder.shape_outputs(result)
 
-    def _own(self, i: int) -> dict[str, Any]:
-        """Member ``i``'s rows of each output, made apart from the split."""
+    def _starts(self) -> list[int]:
+        """Each member's first row, then the total."""
         starts = self.starts
         if starts is None:  # (two threads may both make it: the same list)
             starts = self.starts = [0, *itertools.accumulate(self.rows)]
+        return starts
+
+    def _own(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s rows of each output, made apart from the split."""
+        starts = self._starts()
         start, end = starts[i], starts[i + 1]
         return {
             name: torch.from_numpy(value[start:end]) if isinstance(value, np.ndarray) else value[start:end]
@@ -178,11 +183,7 @@ class _Outputs:
             value = torch.from_numpy(value)
         if isinstance(value, torch.Tensor):
             return list(value.split_with_sizes(self.rows))
-        out, start = [], 0  # strings: a list per member
-        for rows in self.rows:
-            out.append(value[start : start + rows])
-            start += rows
-        return out
+        return [value[a:b] for a, b in itertools.pairwise(self._starts())]  # strings: a list each
 
 
 class _Rows:

@@ -136,7 +136,7 @@ class Call:
         stats once it has its outputs finds its request in them: only the router thread
         finishes a dispatched request, so it cannot be finished in between."""
         if not self.future.done():
-            self.model.stats.succeeded(self.rows, self.submitted_ns, self.sent_ns, time.perf_counter_ns())
+            self.model.stats.succeeded((self,), self.sent_ns, time.perf_counter_ns())
             try:
                 if callable(result):
                     self.future.set_result_by(result)

@@ -38,18 +38,9 @@ class Stats:
         self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self._lock = threading.Lock()  # for the rare updates from caller threads
 
-    def succeeded(self, rows: int, submitted_ns: int, sent_ns: int, done_ns: int) -> None:
-        """One request answered (router thread)."""
-        self.success += 1
-        self.inferences += rows
-        self.queue_ns += max(0, sent_ns - submitted_ns)
-        self.compute_ns += max(0, done_ns - sent_ns)
-        latency = max(0, done_ns - submitted_ns)
-        self.request_ns += latency
-        self._latency[bisect.bisect_left(LATENCY_BUCKETS, latency / 1e9)] += 1
-
-    def succeeded_together(self, calls: Sequence[Call], sent_ns: int, done_ns: int) -> None:
-        """Requests answered by one execution (a batch's members; router thread)."""
+    def succeeded(self, calls: Sequence[Call], sent_ns: int, done_ns: int) -> None:
+        """Requests answered by one execution, sent at ``sent_ns`` and answered at
+        ``done_ns`` (perf_counter_ns): one request, or a batch's members (router thread)."""
         buckets, latency = LATENCY_BUCKETS, self._latency
         rows = queue_ns = request_ns = 0
         for call in calls:

@@ -231,7 +231,7 @@ class Pool:
         waiter: tuple[LoopWaker, asyncio.Future[Any]] | None = None,
     ) -> RequestFuture[dict[str, torch.Tensor]]:
         """``waiter``: a loop's waker and an asyncio future it settles with the outcome
-        (see RequestFuture.notify), set before any other thread can see the request."""
+        (RequestFuture.watch), set before any other thread can see the request."""
         if self._closed:
             raise PoolClosedError("the pool is closed")
         try:

@@ -37,23 +37,10 @@ class Batch(Call):
     __slots__ = ("members",)
 
     def __init__(self, model: _Model, members: Sequence[Call]) -> None:
-        descs: list[Any] = []
-        blobs: list[bytes] = []
-        frames: list[Any] = []
-        for call in members:
-            nblobs, nframes = len(blobs), len(frames)
-            for d in call.descs:
-                kind = d.kind
-                if kind == BLOB and nblobs:  # (tuple.__new__: the NamedTuple's own is Python)
-                    d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nblobs))
-                elif kind == FRAME and nframes:
-                    d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nframes))
-                descs.append(d)
-            if call.blobs:
-                blobs += call.blobs
-            if call.frames:
-                frames += call.frames
-        super().__init__(model, tensor_io.Placed(descs, blobs, frames, []))
+        placed = _joined(members)
+        if placed is None:
+            placed = _listed(members)
+        super().__init__(model, placed)
         self.members = list(members)
         self.rows = sum(c.rows for c in members)
         self.priority = members[0].priority
@@ -110,6 +97,48 @@ class Batch(Call):
             future = call.future
             if not future.done():
                 future.set_result_by(_Rows(shared, i))
+
+
+def _joined(members: Sequence[Call]) -> tensor_io.Placed | None:
+    """The batch's inputs as one blob each, holding every member's rows in order, when
+    all of them travel inside the header (small inputs): the worker then reads one
+    descriptor per input, as for a single request of all the rows. None otherwise."""
+    if len(members) < 2:
+        return None
+    first = members[0].descs
+    parts: list[list[bytes]] = [[] for _ in first]
+    rows = 0
+    for call in members:
+        blobs = call.blobs
+        for part, d in zip(parts, call.descs):
+            if d.kind != BLOB:
+                return None
+            part.append(blobs[d.where])
+        rows += call.rows
+    descs = [_desc(TensorDesc, (d.dtype, (rows, *d.shape[1:]), BLOB, i)) for i, d in enumerate(first)]
+    return tensor_io.Placed(descs, [b"".join(part) for part in parts], [], [])
+
+
+def _listed(members: Sequence[Call]) -> tensor_io.Placed:
+    """The batch's inputs as its members' own descriptors, member after member (their
+    blob and frame numbers shifted to the batch's lists)."""
+    descs: list[Any] = []
+    blobs: list[bytes] = []
+    frames: list[Any] = []
+    for call in members:
+        nblobs, nframes = len(blobs), len(frames)
+        for d in call.descs:
+            kind = d.kind
+            if kind == BLOB and nblobs:  # (tuple.__new__: the NamedTuple's own is Python)
+                d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nblobs))
+            elif kind == FRAME and nframes:
+                d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nframes))
+            descs.append(d)
+        if call.blobs:
+            blobs += call.blobs
+        if call.frames:
+            frames += call.frames
+    return tensor_io.Placed(descs, blobs, frames, [])
 
 
 class _Outputs:

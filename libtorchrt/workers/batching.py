@@ -1,15 +1,23 @@
 """A batch request's inputs, assembled in the worker (see ``_batcher.py`` in the front).
 
-A batch's descriptors are its requests' own, request after request; for each input the
-worker builds one tensor of all their rows:
+When every input of every request travels inside the header (small inputs), the front
+joins them: one blob and one descriptor per input, holding all the rows (its first
+dimension is then the batch's total; a request's own descriptors hold its own rows,
+fewer when there are several requests, so the two forms cannot be confused). The worker
+reads those as it reads a single request's.
+
+Otherwise a batch's descriptors are its requests' own, request after request; for each
+input the worker builds one tensor of all their rows:
 
 - requests whose rows lie back to back in the request arena (consecutive slots, as the
   allocator hands them out to requests that arrive together) are viewed as one tensor,
   without copying;
-- small inputs that travel inside the header are joined once into one buffer;
+- small inputs that travel inside the header (not joined: a batch of one) are joined
+  once into one buffer;
 - otherwise the rows are gathered with one copy (``torch.cat``).
 
-The front never concatenates; every path costs at most one copy of each row.
+The front never concatenates tensors (it joins only the bytes of small inputs, which it
+copies into the header anyway); every path costs at most one copy of each row here.
 """
 
 from __future__ import annotations
@@ -43,10 +51,15 @@ def gather(
             inputs with those row counts and matching non-batch dimensions.
     """
     k = len(rows)
+    total = sum(rows)
+    if k > 1 and descs and descs[0].shape and descs[0].shape[0] == total:  # joined by the front
+        for d in descs:
+            if not d.shape or d.shape[0] != total or d.dtype not in DTYPES:
+                raise ProtocolError(f"a joined input of a batch of {total} rows: {d.dtype}{list(d.shape)}")
+        return tensor_io.read(descs, blobs, frames, slot, device_slot)
     if not k or len(descs) % k:
         raise ProtocolError(f"a batch of {k} requests cannot hold {len(descs)} input descriptors")
     n = len(descs) // k
-    total = sum(rows)
     out: list[Any] = []
     for i in range(n):
         group = [descs[j * n + i] for j in range(k)]

@@ -55,7 +55,12 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def batching_pool(models_dir: Path, make_pool: Callable[..., Pool]) -> Callable[..., Pool]:
     def make(
-        instances: int = 1, max_batch_size: int = 8, dims: list[int] | None = None, model: str = "spin", **db: Any
+        instances: int = 1,
+        max_batch_size: int = 8,
+        dims: list[int] | None = None,
+        model: str = "spin",
+        inline_threshold: int | None = None,
+        **db: Any,
     ) -> Pool:
         cfg = ModelConfig(
             "m",
@@ -65,7 +70,7 @@ def batching_pool(models_dir: Path, make_pool: Callable[..., Pool]) -> Callable[
             inputs=[TensorSpec("INPUT__0", "float32", dims or [4])],
             dynamic_batching=DynamicBatching(**db),
         )
-        return make_pool(cfg)
+        return make_pool(cfg) if inline_threshold is None else make_pool(cfg, inline_threshold=inline_threshold)
 
     return make
 
@@ -94,6 +99,26 @@ def test_every_request_gets_its_own_rows_under_concurrency(batching_pool: Callab
     assert stats.executions < stats.success  # requests were batched together
     assert max(stats.batch_sizes) <= 16
     assert sum(stats.batch_sizes.values()) == stats.executions
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["all-in-header", "one-in-the-arena"])
+def test_a_batch_reads_each_members_rows_however_they_travel(batching_pool: Callable[..., Pool], big: bool) -> None:
+    # Inputs of up to 32 bytes travel inside the header: four one-row requests are
+    # joined by the front into one input of four rows; a four-row request (64 bytes)
+    # goes to the arena instead, and the worker then gathers the members' own inputs.
+    pool = batching_pool(
+        max_batch_size=8,
+        inline_threshold=32,
+        preferred_batch_size=[7 if big else 4],
+        max_queue_delay_microseconds=5_000_000,
+    )
+    pool.infer("m", rows(-1))  # started: the next requests wait together for a batch
+    sizes = [1, 1, 4, 1] if big else [1, 1, 1, 1]
+    xs = [torch.tensor([[-float(10 * i + r)] * 4 for r in range(n)]) for i, n in enumerate(sizes)]
+    futures = [pool.submit("m", x) for x in xs]
+    for x, f in zip(xs, futures):
+        assert torch.equal(f.result(10)["OUTPUT__0"], x * 2 + 1)
+    assert pool.stats()[0].batch_sizes == {1: 1, sum(sizes): 1}
 
 
 def test_outputs_of_every_kind_are_split_back_by_rows(batching_pool: Callable[..., Pool]) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._future import RequestFuture
+from ._future import LoopFuture, RequestFuture
 from .transport import tensors as tensor_io
 
 if TYPE_CHECKING:
@@ -53,7 +53,13 @@ class Call:
         "warmup",
     )
 
-    def __init__(self, model: _Model, placed: tensor_io.Placed, deadline: float | None = None) -> None:
+    def __init__(
+        self,
+        model: _Model,
+        placed: tensor_io.Placed,
+        deadline: float | None = None,
+        future: LoopFuture | None = None,
+    ) -> None:
         self.model = model
         self.descs, self.blobs, self.frames, self.offsets = placed
         #: the GPU whose workers must run it (its inputs are in that GPU's buffer)
@@ -67,7 +73,8 @@ class Call:
         self.keep: list[torch.Tensor] = []
         #: outputs should come back as CUDA tensors (the inputs were)
         self.cuda_outputs = False
-        self.future: RequestFuture[dict[str, torch.Tensor]] = RequestFuture()
+        #: the caller's future: a RequestFuture, or an asyncio caller's LoopFuture
+        self.future: RequestFuture[dict[str, torch.Tensor]] | LoopFuture = RequestFuture() if future is None else future
         self.id = 0
         #: monotonic time after which the request fails with TimeoutError
         self.deadline = deadline

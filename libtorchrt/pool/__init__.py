@@ -20,12 +20,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from .._call import Call
-from .._future import LoopWaker, RequestFuture
+from .._future import LoopFuture, LoopWaker, RequestFuture
 from .._router import Router, RouterOptions
 from .._state import _Model
 from ..config import ModelConfig, load_repository
@@ -219,7 +219,7 @@ class Pool:
                 (``max_pending``) is full: the request was not taken.
             PoolClosedError: the pool is closed.
         """
-        return self._submit(model, inputs, version, timeout, priority)
+        return cast(RequestFuture[dict[str, torch.Tensor]], self._submit(model, inputs, version, timeout, priority))
 
     def _submit(
         self,
@@ -228,10 +228,10 @@ class Pool:
         version: int | None,
         timeout: float | None,
         priority: int | None,
-        waiter: tuple[LoopWaker, asyncio.Future[Any]] | None = None,
-    ) -> RequestFuture[dict[str, torch.Tensor]]:
-        """``waiter``: a loop's waker and an asyncio future it settles with the outcome
-        (RequestFuture.watch), set before any other thread can see the request."""
+        future: LoopFuture | None = None,
+    ) -> RequestFuture[dict[str, torch.Tensor]] | LoopFuture:
+        """``future``: an asyncio caller's (infer_async); else the call makes a
+        RequestFuture, which this returns."""
         if self._closed:
             raise PoolClosedError("the pool is closed")
         try:
@@ -278,28 +278,27 @@ class Pool:
         if cuda and batcher is not None:  # batches are gathered on the host (docs/batching.md)
             tensors, cuda = [t.cpu() for t in tensors], False
         if not cuda:
-            call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline)
+            call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline, future)
         else:
-            call = self._cuda_call(m, tensors, deadline)
+            call = self._cuda_call(m, tensors, deadline, future)
         if m.cfg.max_batch_size > 0 and tensors and tensors[0].shape:  # (shape, not dim(): keeps the GIL)
             call.rows = int(tensors[0].shape[0])
         if batcher is not None:
             call.priority = level
             call.deadline = batcher.queue_deadline(call, timeout)
-        future = call.future
-        if waiter is not None:
-            future.watch(*waiter)
         self._router.submit(call)
-        return future
+        return call.future
 
-    def _cuda_call(self, m: _Model, tensors: list[torch.Tensor], deadline: float | None) -> Call:
+    def _cuda_call(
+        self, m: _Model, tensors: list[torch.Tensor], deadline: float | None, future: LoopFuture | None
+    ) -> Call:
         """A call with CUDA inputs: they go device to device into the model's GPU
         buffer when it runs on a GPU, else (a CPU model) through host memory."""
         if not m.gpus:
             placed = tensor_io.write([t.cpu() for t in tensors], m.arena, m.allocator, self._inline_threshold)
-            return Call(m, placed, deadline)
+            return Call(m, placed, deadline, future)
         gpu = self._router.gpu.place(m.name, m.gpus, tensors, m.arena, m.allocator, self._inline_threshold)
-        call = Call(m, gpu.placed, deadline)
+        call = Call(m, gpu.placed, deadline, future)
         call.device, call.device_buffer, call.device_offsets = gpu.device, gpu.buffer, gpu.device_offsets
         call.device_ids, call.device_exports, call.keep = gpu.device_ids, gpu.exports, gpu.keep
         call.cuda_outputs = self._cuda_outputs
@@ -364,7 +363,7 @@ class Pool:
                 waker = self._wakers.setdefault(loop, LoopWaker(loop))
             self._waker = waker  # the last loop's, found again without a weak reference
         waiter: asyncio.Future[dict[str, torch.Tensor]] = loop.create_future()
-        future = self._submit(model, inputs, version, timeout, priority, (waker, waiter))
+        future = self._submit(model, inputs, version, timeout, priority, LoopFuture(waker, waiter))
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from libtorchrt._future import LoopWaker, RequestFuture
+from libtorchrt._future import LoopFuture, LoopWaker, RequestFuture
 
 T = TypeVar("T")
 WAIT = 5.0  # seconds anything that should happen at once may take
@@ -377,25 +377,42 @@ def test_an_awaiter_gets_a_result_set_in_another_thread() -> None:
     assert run_async(main()) == (11, [1, 2, 3])
 
 
-def test_watch_before_sharing_settles_like_notify() -> None:
-    """watch() (set before any other thread sees the future) settles its waiter with
-    a value, an error, or a cancellation, as notify() does."""
+def test_a_loop_future_settles_its_waiter_in_the_loop() -> None:
+    """LoopFuture (infer_async's): finished by another thread with a value, a value
+    built in the loop's thread, an error; cancelled while queued (the router then
+    learns it must not send it); not cancelled once running (its result still
+    arrives)."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         waker = LoopWaker(loop)
-        futures: list[RequestFuture[int]] = [RequestFuture() for _ in range(3)]
-        waiters: list[asyncio.Future[int]] = [loop.create_future() for _ in range(3)]
-        for f, w in zip(futures, waiters):
-            f.watch(waker, w)
-        later(0.02, futures[0].set_result_by, lambda: 7)
-        later(0.02, futures[1].set_exception, KeyError("failed"))
-        later(0.02, futures[2].cancel)
+        waiters: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(5)]
+        futures = [LoopFuture(waker, w) for w in waiters]
+        built_in: list[int] = []
+
+        def make() -> str:
+            built_in.append(threading.get_ident())
+            return "built"
+
+        later(0.02, futures[0].set_result, 7)
+        later(0.02, futures[1].set_result_by, make)
+        later(0.02, futures[2].set_exception, KeyError("failed"))
         assert await asyncio.wait_for(waiters[0], WAIT) == 7
+        assert await asyncio.wait_for(waiters[1], WAIT) == "built"
+        assert built_in == [threading.get_ident()]
         with pytest.raises(KeyError, match="failed"):
-            await asyncio.wait_for(waiters[1], WAIT)
-        with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiters[2], WAIT)
+        assert all(f.done() and not f.cancelled() for f in futures[:3])
+
+        queued, running = futures[3], futures[4]
+        assert queued.cancel() and queued.cancelled() and queued.done()
+        assert not queued.set_running_or_notify_cancel()  # the router drops it
+        assert running.set_running_or_notify_cancel() and running.running()
+        assert not running.cancel()
+        later(0.02, running.set_result, "late")
+        assert await asyncio.wait_for(waiters[4], WAIT) == "late"
+        with pytest.raises(concurrent.futures.InvalidStateError):
+            running.set_result("twice")
 
     run_async(main())
 

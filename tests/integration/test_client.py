@@ -589,7 +589,11 @@ def test_a_killed_client_leaks_nothing_in_the_server(pool: Pool, server: ZmqFron
         assert line.split() == ["ready", str(mode == "auto")], proc.stderr.read() if proc.stderr else ""
         (session,) = _sessions(server)
         assert (session.request_arena is not None) == (mode == "auto")
-        assert session.pending  # requests in flight
+        # requests in flight (the client's last sends may still be on their way)
+        deadline = time.monotonic() + 10
+        while not session.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert session.pending
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

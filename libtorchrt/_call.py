@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
     from ._state import _Model
 
 __all__ = ["Call"]
+
+#: the GPU fields' value until set (most requests have none: no list to make for them)
+_EMPTY: tuple[Any, ...] = ()
 
 
 class Call:
@@ -65,12 +69,12 @@ class Call:
         #: the GPU whose workers must run it (its inputs are in that GPU's buffer)
         self.device: int | None = None
         self.device_buffer: InputBuffer | None = None
-        self.device_offsets: list[int] = []
+        self.device_offsets: Sequence[int] = _EMPTY
         #: for each DEVICE descriptor, the export holding it; the caller allocations
         #: among them; the caller tensors the worker reads in place (kept alive)
-        self.device_ids: list[int] = []
-        self.device_exports: list[Any] = []
-        self.keep: list[torch.Tensor] = []
+        self.device_ids: Sequence[int] = _EMPTY
+        self.device_exports: Sequence[Any] = _EMPTY
+        self.keep: Sequence[torch.Tensor] = _EMPTY
         #: outputs should come back as CUDA tensors (the inputs were)
         self.cuda_outputs = False
         #: the caller's future: a RequestFuture, or an asyncio caller's LoopFuture
@@ -105,11 +109,11 @@ class Call:
             for offset in offsets:
                 self.model.allocator.free(offset)
         self.frames = self.blobs = []
-        self.keep = []
+        self.keep = _EMPTY
         if self.device_offsets:
-            offsets, self.device_offsets = self.device_offsets, []
+            taken, self.device_offsets = self.device_offsets, _EMPTY
             assert self.device_buffer is not None
-            for offset in offsets:
+            for offset in taken:
                 self.device_buffer.allocator.free(offset)
 
     def fail(self, exc: BaseException) -> None:

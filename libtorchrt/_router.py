@@ -714,7 +714,7 @@ class Router:
             device_in,
             device_out,
             device_releases,
-            call.device_ids,
+            list(call.device_ids),
             batch=batch,
         )
         return wire.encode(msg)

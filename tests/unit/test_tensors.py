@@ -279,6 +279,17 @@ def test_blob_and_arena_writes_are_snapshots_of_the_source(shm: Shm) -> None:
     del out
 
 
+def test_blobs_of_many_sizes_hold_their_tensors_bytes() -> None:
+    # The copy into a blob keeps a ctypes array type per size for a few sizes, and
+    # copies the others another way: every size, before and after, is exact.
+    for n in [*range(1, 200), 7, 64, 199]:
+        t = torch.arange(n, dtype=torch.uint8) ^ 0x5A
+        placed = tensors.write([t], None, None, HUGE)
+        assert placed.blobs == [t.numpy().tobytes()]
+        t.fill_(0)  # a copy: the caller may change its tensor at once
+        assert placed.blobs[0] != t.numpy().tobytes()
+
+
 def test_frame_write_refers_to_the_source_memory() -> None:
     # Only the arena-full fallback sends the caller's memory itself (ZeroMQ holds it).
     t = torch.zeros(256)

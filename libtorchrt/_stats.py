@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Stats"]
 
+#: LATENCY_BUCKETS in nanoseconds (a request's latency is binned without a division)
+_BUCKETS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS)
+
 
 class Stats:
     """The counters of one model version."""
@@ -40,22 +43,21 @@ class Stats:
 
     def succeeded(self, calls: Sequence[Call], sent_ns: int, done_ns: int) -> None:
         """Requests answered by one execution, sent at ``sent_ns`` and answered at
-        ``done_ns`` (perf_counter_ns): one request, or a batch's members (router thread)."""
-        buckets, latency = LATENCY_BUCKETS, self._latency
-        rows = queue_ns = request_ns = 0
+        ``done_ns`` (perf_counter_ns, monotonic: each was submitted before it was sent):
+        one request, or a batch's members (router thread)."""
+        buckets, latency = _BUCKETS_NS, self._latency
+        rows = submitted = 0
         for call in calls:
-            submitted = call.submitted_ns
+            at = call.submitted_ns
             rows += call.rows
-            queue_ns += max(0, sent_ns - submitted)
-            took = max(0, done_ns - submitted)
-            request_ns += took
-            latency[bisect.bisect_left(buckets, took / 1e9)] += 1
+            submitted += at
+            latency[bisect.bisect_left(buckets, done_ns - at)] += 1
         n = len(calls)
         self.success += n
         self.inferences += rows
-        self.queue_ns += queue_ns
+        self.queue_ns += max(0, n * sent_ns - submitted)
         self.compute_ns += n * max(0, done_ns - sent_ns)
-        self.request_ns += request_ns
+        self.request_ns += max(0, n * done_ns - submitted)
 
     def executed(self, rows: int) -> None:
         """One model execution of ``rows`` rows (router thread)."""

@@ -141,6 +141,22 @@ def test_outputs_of_every_kind_are_split_back_by_rows(batching_pool: Callable[..
     assert pool.stats()[0].executions < 120  # requests were batched together
 
 
+def test_the_statistics_time_every_member_of_a_batch(batching_pool: Callable[..., Pool]) -> None:
+    pool = batching_pool(preferred_batch_size=[4], max_queue_delay_microseconds=5_000_000)
+    start = time.perf_counter_ns()
+    futures = [pool.submit("m", rows(-i - 1)) for i in range(4)]  # one batch of four
+    for f in futures:
+        f.result(10)
+    wall = time.perf_counter_ns() - start
+    (stats,) = pool.stats()
+    assert (stats.success, stats.inferences, stats.executions) == (4, 4, 1)
+    # each request's time is its queueing (until the batch left) plus the batch's run
+    assert stats.queue_ns + stats.compute_ns == stats.request_ns
+    assert 0 < stats.compute_ns <= stats.request_ns <= 4 * wall
+    assert stats.latency[-1][1] == 4  # the histogram counts every request, within the wall time
+    assert all(count == 4 for bound, count in stats.latency if bound * 1e9 >= wall)
+
+
 def test_members_views_share_the_batch_memory_and_outlive_each_other(batching_pool: Callable[..., Pool]) -> None:
     pool = batching_pool(preferred_batch_size=[4], max_queue_delay_microseconds=5_000_000)
     pool.infer("m", rows(*range(4)))  # warm up: one execution

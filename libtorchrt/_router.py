@@ -560,6 +560,7 @@ class Router:
     def _on_inbox(self) -> None:
         touched = set()
         inbox = self.inbox
+        now = time.monotonic()  # (the calls taken together are queued at one moment)
         while inbox:
             call = inbox.popleft()
             m = call.model
@@ -568,7 +569,7 @@ class Router:
             else:
                 if m.orderer is not None:
                     m.orderer.number(call)
-                m.batcher.add(call, time.monotonic())
+                m.batcher.add(call, now)
             if call.deadline is not None:
                 self._add_timer(call)
             touched.add(m)

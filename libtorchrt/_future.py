@@ -65,9 +65,8 @@ class RequestFuture(Future[T]):
     _exception: BaseException | None = None
     _make: Callable[[], T] | None = None
     _made: T | None = None
-    #: an asyncio future to settle, and the waker of its loop (see notify())
-    _waiter: asyncio.Future[T] | None = None
-    _waker: LoopWaker | None = None
+    #: the waker of an event loop awaiting it: none (see LoopFuture)
+    waker: LoopWaker | None = None
 
     def __init__(self) -> None:  # (not Future.__init__: see the class docstring)
         self._mutex = _thread.allocate_lock()
@@ -217,43 +216,6 @@ class RequestFuture(Future[T]):
                 fn(self)
             except Exception:
                 LOGGER.exception("exception calling callback for %r", self)
-        waker = self._waker
-        if waker is not None:
-            waker.add(self)
-
-    @property
-    def waker(self) -> LoopWaker | None:
-        """The waker of the event loop awaiting this future (None: none is)."""
-        return self._waker
-
-    def notify(self, waker: LoopWaker, waiter: asyncio.Future[T]) -> None:
-        """Settle ``waiter`` (in ``waker``'s loop) once this future is done."""
-        with self._mutex:
-            self._waiter, self._waker = waiter, waker
-            done = self.done()
-        if done:  # (settling twice is harmless: the second finds the waiter done)
-            waker.add(self)
-
-    def settle(self) -> None:
-        """Give the asyncio waiter this future's outcome (in the waiter's loop)."""
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return
-        if self._state != FINISHED:
-            waiter.cancel()
-            return
-        exc = self._exception
-        if exc is None:
-            try:
-                value = self._result
-                if value is _DEFERRED:
-                    value = self._build()
-            except BaseException as e:  # building its outputs failed
-                exc = e
-            else:
-                waiter.set_result(value)
-                return
-        waiter.set_exception(exc)
 
 
 class LoopFuture:
@@ -350,10 +312,10 @@ class LoopWaker:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._ready: collections.deque[RequestFuture[Any] | LoopFuture] = collections.deque()
+        self._ready: collections.deque[LoopFuture] = collections.deque()
         self._scheduled = False
 
-    def add(self, future: RequestFuture[Any] | LoopFuture) -> None:
+    def add(self, future: LoopFuture) -> None:
         """Queue ``future`` to be settled (any thread)."""
         self._ready.append(future)
         if not self._scheduled:

@@ -352,29 +352,13 @@ def test_a_make_that_raises_reaches_a_wrap_future_awaiter() -> None:
     run_async(main())
 
 
-# ═════════════════════════════════════════════════════════ asyncio: notify/LoopWaker
+# ═══════════════════════════════════════════════ asyncio: LoopFuture and LoopWaker
 
 
-async def _awaiter(f: RequestFuture[T], waker: LoopWaker) -> T:
-    """Await ``f`` through notify() the way Pool.infer_async does."""
-    waiter: asyncio.Future[T] = waker.loop.create_future()
-    f.notify(waker, waiter)
-    return await asyncio.wait_for(waiter, WAIT)
-
-
-def test_an_awaiter_gets_a_result_set_in_another_thread() -> None:
-    """notify() + LoopWaker: a coroutine awaiting the future gets the result set by
-    another thread, plain or built by set_result_by."""
-
-    async def main() -> tuple[int, list[int]]:
-        waker = LoopWaker(asyncio.get_running_loop())
-        plain: RequestFuture[int] = RequestFuture()
-        lazy: RequestFuture[list[int]] = RequestFuture()
-        later(0.05, plain.set_result, 11)
-        later(0.05, lazy.set_result_by, lambda: [1, 2, 3])
-        return await _awaiter(plain, waker), await _awaiter(lazy, waker)
-
-    assert run_async(main()) == (11, [1, 2, 3])
+def _awaited(waker: LoopWaker) -> tuple[LoopFuture, Coroutine[Any, Any, Any]]:
+    """A LoopFuture as Pool.infer_async makes one, and the awaiting of its waiter."""
+    waiter: asyncio.Future[Any] = waker.loop.create_future()
+    return LoopFuture(waker, waiter), asyncio.wait_for(waiter, WAIT)
 
 
 def test_a_loop_future_settles_its_waiter_in_the_loop() -> None:
@@ -417,40 +401,22 @@ def test_a_loop_future_settles_its_waiter_in_the_loop() -> None:
     run_async(main())
 
 
-def test_an_awaiter_gets_a_result_set_before_notify() -> None:
-    """A future already resolved (or failed) when notify() is called still settles
-    its waiter."""
-
-    async def main() -> None:
-        waker = LoopWaker(asyncio.get_running_loop())
-        done: RequestFuture[str] = RequestFuture()
-        in_thread(lambda: done.set_result("early"))
-        assert await _awaiter(done, waker) == "early"
-        failed: RequestFuture[str] = RequestFuture()
-        failed.set_exception(KeyError("early error"))
-        with pytest.raises(KeyError, match="early error"):
-            await _awaiter(failed, waker)
-
-    run_async(main())
-
-
 def test_a_burst_from_many_threads_settles_every_awaiter() -> None:
-    """Hundreds of futures resolved at once by several threads: every awaiter gets
-    its own value."""
+    """A thousand futures resolved at once by several threads (as routers of several
+    pools would): every awaiter gets its own value, with one loop wake-up per burst."""
     n, nthreads = 1000, 4
 
     async def main() -> list[int]:
         waker = LoopWaker(asyncio.get_running_loop())
-        fs: list[RequestFuture[int]] = [RequestFuture() for _ in range(n)]
-        tasks = [asyncio.ensure_future(_awaiter(f, waker)) for f in fs]
-        await asyncio.sleep(0)  # every task has called notify()
+        pairs = [_awaited(waker) for _ in range(n)]
+        tasks = [asyncio.ensure_future(awaiting) for _, awaiting in pairs]
 
         def resolve(k: int) -> None:
             for i in range(k, n, nthreads):
                 if i % 3:
-                    fs[i].set_result(i)
+                    pairs[i][0].set_result(i)
                 else:
-                    fs[i].set_result_by(functools.partial(int, i))
+                    pairs[i][0].set_result_by(functools.partial(int, i))
 
         threads = [threading.Thread(target=resolve, args=(k,)) for k in range(nthreads)]
         for t in threads:
@@ -469,38 +435,20 @@ def test_exceptions_reach_the_awaiter() -> None:
 
     async def main() -> None:
         waker = LoopWaker(asyncio.get_running_loop())
-        failed: RequestFuture[int] = RequestFuture()
+        failed, awaiting = _awaited(waker)
         error = ValueError("model failed")
         later(0.02, failed.set_exception, error)
         with pytest.raises(ValueError) as info:
-            await _awaiter(failed, waker)
+            await awaiting
         assert info.value is error
 
         def make() -> int:
             raise LookupError("outputs could not be built")
 
-        lazy: RequestFuture[int] = RequestFuture()
+        lazy, awaiting = _awaited(waker)
         later(0.02, lazy.set_result_by, make)
         with pytest.raises(LookupError, match="could not be built"):
-            await _awaiter(lazy, waker)
-
-    run_async(main())
-
-
-def test_cancelling_the_future_cancels_the_awaiter() -> None:
-    """cancel() of the RequestFuture (from another thread, or before notify()) raises
-    CancelledError in the awaiting coroutine."""
-
-    async def main() -> None:
-        waker = LoopWaker(asyncio.get_running_loop())
-        f: RequestFuture[int] = RequestFuture()
-        later(0.05, f.cancel)
-        with pytest.raises(asyncio.CancelledError):
-            await _awaiter(f, waker)
-        early: RequestFuture[int] = RequestFuture()
-        assert early.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await _awaiter(early, waker)
+            await awaiting
 
     run_async(main())
 
@@ -514,16 +462,17 @@ def test_a_waiter_already_cancelled_is_left_alone() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda loop, context: errors.append(context))
         waker = LoopWaker(loop)
-        f: RequestFuture[int] = RequestFuture()
-        task = asyncio.ensure_future(_awaiter(f, waker))
+        f, awaiting = _awaited(waker)
+        task = asyncio.ensure_future(awaiting)
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert f.set_running_or_notify_cancel()  # (it was sent before the cancel)
         in_thread(lambda: f.set_result(1))
-        other: RequestFuture[int] = RequestFuture()
+        other, awaiting = _awaited(waker)
         later(0.02, other.set_result, 2)
-        value = await _awaiter(other, waker)
+        value = await awaiting
         await asyncio.sleep(0.02)
         return value
 
@@ -532,18 +481,13 @@ def test_a_waiter_already_cancelled_is_left_alone() -> None:
 
 
 def test_a_closed_loop_does_not_make_resolving_raise() -> None:
-    """Futures whose waiters belong to a closed loop still resolve without error, for
-    the resolver and for a later notify(); their results stay readable."""
+    """Futures whose waiters belong to a closed loop still resolve without error for
+    the resolving thread (the router's): nobody awaits them any more."""
     loop = asyncio.new_event_loop()
     waker = LoopWaker(loop)
-    f: RequestFuture[int] = RequestFuture()
-    g: RequestFuture[int] = RequestFuture()
-    f.notify(waker, loop.create_future())
+    f = LoopFuture(waker, loop.create_future())
+    g = LoopFuture(waker, loop.create_future())
     loop.close()
     in_thread(lambda: f.set_result(1))
-    in_thread(lambda: g.set_result(2))
-    g.notify(waker, asyncio.Future(loop=loop))
-    h: RequestFuture[int] = RequestFuture()
-    h.notify(waker, asyncio.Future(loop=loop))
-    in_thread(lambda: h.set_exception(KeyError("late")))
-    assert f.result(0) == 1 and g.result(0) == 2 and isinstance(h.exception(0), KeyError)
+    in_thread(lambda: g.set_exception(KeyError("late")))
+    assert f.done() and g.done()

@@ -281,8 +281,10 @@ class Pool:
             call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, self._inline_threshold), deadline, future)
         else:
             call = self._cuda_call(m, tensors, deadline, future)
-        if m.cfg.max_batch_size > 0 and tensors and tensors[0].shape:  # (shape, not dim(): keeps the GIL)
-            call.rows = int(tensors[0].shape[0])
+        if m.cfg.max_batch_size > 0 and tensors:
+            shape = tensors[0].shape  # (shape, not dim(): keeps the GIL)
+            if shape:
+                call.rows = shape[0]
         if batcher is not None:
             call.priority = level
             call.deadline = batcher.queue_deadline(call, timeout)

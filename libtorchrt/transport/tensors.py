@@ -317,7 +317,7 @@ def write(
                 blobs.append(t.blob)
                 continue
             name = dtype_name(t.dtype)
-            shape = tuple(t.shape)
+            shape = t.shape  # (a torch.Size: a tuple, packed as one; tuple() of it costs 0.2 µs)
             nbytes = t.nbytes
             if nbytes <= inline_threshold:
                 # (keeps the GIL; t.numpy() would let go of it)

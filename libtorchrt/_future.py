@@ -262,11 +262,14 @@ class LoopFuture:
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
-        if self._state in _CANCELLED:
+        state = self._state
+        if state == PENDING:
+            self._state = RUNNING
+            return True
+        if state in _CANCELLED:
             self._state = CANCELLED_AND_NOTIFIED
             return False
-        self._state = RUNNING
-        return True
+        raise RuntimeError(f"Future in unexpected state: {state}")  # (as concurrent.futures)
 
     def set_result(self, result: Any) -> None:
         self._finish(result, None, None)

@@ -397,6 +397,8 @@ def test_a_loop_future_settles_its_waiter_in_the_loop() -> None:
         assert await asyncio.wait_for(waiters[4], WAIT) == "late"
         with pytest.raises(concurrent.futures.InvalidStateError):
             running.set_result("twice")
+        with pytest.raises(RuntimeError, match="unexpected state"):
+            running.set_running_or_notify_cancel()  # finished: as a concurrent future
 
     run_async(main())
 

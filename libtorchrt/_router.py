@@ -715,7 +715,7 @@ class Router:
             device_in,
             device_out,
             device_releases,
-            list(call.device_ids),
+            call.device_ids,
             batch=batch,
         )
         return wire.encode(msg)

@@ -269,9 +269,10 @@ class Request:
     device_out: int = -1
     #: offsets of ``device_out`` slots the front no longer uses
     device_releases: list[int] = field(default_factory=list)
-    device_ids: list[int] = field(default_factory=list)
+    device_ids: Sequence[int] = field(default_factory=list)
     #: a batch of requests run as one execution: the rows of each, in order (empty:
-    #: one request); ``tensors`` then holds each request's inputs in turn
+    #: one request); ``tensors`` then holds each request's inputs in turn, or, joined,
+    #: one descriptor per input holding every request's rows (workers/batching.py)
     batch: list[int] = field(default_factory=list)
 
 

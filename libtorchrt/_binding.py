@@ -29,7 +29,7 @@ import torch
 from .config.model import ModelConfig, TensorSpec
 from .errors import InvalidInputError
 from .transport.tensors import Strings
-from .transport.wire import DTYPES
+from .transport.wire import DTYPES, MAX_DIMS, MAX_SIZE
 
 __all__ = ["Binder"]
 
@@ -45,6 +45,15 @@ _MAX_ACCEPTED = 256
 def _index(name: str) -> int | None:
     m = _INDEXED.match(name)
     return int(m.group(1)) if m else None
+
+
+def output_positions(outputs: Sequence[TensorSpec]) -> list[tuple[int, TensorSpec]]:
+    """Which of a model's results each declared output is: the ``<i>`` of names all
+    spelled ``OUTPUT__<i>`` (Triton's PyTorch convention), else their order."""
+    indexed = [_index(s.name) for s in outputs]
+    if indexed and all(i is not None for i in indexed):
+        return [(i, s) for i, s in zip(indexed, outputs) if i is not None]
+    return list(enumerate(outputs))
 
 
 def _describe(value: Any) -> str:
@@ -236,6 +245,11 @@ class Binder:
             raise InvalidInputError(self.model, name, "a CPU or CUDA tensor", _describe(value))
         if value.dtype not in _WIRE_DTYPES or value.layout != torch.strided or value.is_quantized:
             raise InvalidInputError(self.model, name, "a dense tensor of a supported dtype", _describe(value))
+        if value.dim() > MAX_DIMS or (not value.numel() and max(value.shape, default=0) >= MAX_SIZE):
+            # (the worker would refuse its descriptor; an empty tensor's sizes are free)
+            raise InvalidInputError(
+                self.model, name, f"at most {MAX_DIMS} dims, each under 2**40", f"shape {list(value.shape)}"
+            )
         if spec is not None:
             if value.dtype != self._dtypes[spec.name]:
                 raise InvalidInputError(
@@ -352,13 +366,8 @@ class Binder:
         names = self._output_names.get(count)
         if names is None:
             names = [f"OUTPUT__{i}" for i in range(count)]
-            indexed = [(_index(s.name), s.name) for s in self._outputs]
-            if indexed and all(i is not None for i, _ in indexed):
-                for i, name in indexed:
-                    if i is not None and i < count:
-                        names[i] = name
-            else:
-                for i, spec in enumerate(self._outputs[:count]):
+            for i, spec in output_positions(self._outputs):
+                if i < count:
                     names[i] = spec.name
             self._output_names[count] = names
         return names

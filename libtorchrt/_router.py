@@ -43,7 +43,7 @@ import zmq
 
 from ._batch import Batch
 from ._batcher import Batcher, Orderer
-from ._binding import Binder
+from ._binding import Binder, output_positions
 from ._call import Call
 from ._gpu import DeviceBuffers
 from ._state import (
@@ -60,6 +60,7 @@ from ._state import (
     gpu_index,
 )
 from .config.model import ModelConfig
+from .deadlines import poll_ms
 from .errors import (
     InvalidInputError,
     ModelError,
@@ -78,6 +79,7 @@ from .transport import wire
 from .transport.arena import Allocator, Arena
 from .transport.heldgil import HeldSocket, PyzmqSocket, held
 from .transport.sockets import PrivateDir, send
+from .workers.outputs import DeclaredOutput
 from .workers.process import WorkerProcess
 from .workers.worker import WorkerSpec
 
@@ -110,6 +112,17 @@ def _one_line(text: str) -> str:
     return f"{lines[0]} ... {lines[-1]}"
 
 
+def _declared_outputs(cfg: ModelConfig) -> list[list[Any]]:
+    """The outputs each worker checks its results against (see workers/outputs.py)."""
+    out = []
+    for position, spec in output_positions(cfg.outputs):
+        shape = spec.reshape if spec.reshape is not None else spec.dims
+        dims = None if shape is None else tuple(shape)
+        assert isinstance(spec.dtype, str)
+        out.append(DeclaredOutput(position, spec.name, spec.dtype, dims, cfg.max_batch_size > 0).to_json())
+    return out
+
+
 class Router:
     """Starts the workers and routes calls to them from its own thread.
 
@@ -133,6 +146,8 @@ class Router:
         self._start_error: BaseException | None = None
         self._stop_at: float | None = None  # drain deadline, once stop() was called
         self._stopped = False
+        #: the exception that stopped the router thread, if one did (a bug)
+        self.failure: BaseException | None = None
         self._submit_lock = threading.Lock()
         self._idle = True  # the router thread may be blocked in poll()
         self._waking = False  # a caller is waking it (or has) since it last looked
@@ -160,6 +175,7 @@ class Router:
                 placements = cfg.placements()
                 arena = Arena(options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-v{cfg.version}-req")
                 m = _Model(cfg, arena, Allocator(arena.size))
+                m.declared_outputs = _declared_outputs(cfg)
                 m.slots = [_Slot(i, d) for i, d in enumerate(placements)]
                 m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
                 # (string inputs are not batched yet: see docs/batching.md)
@@ -305,7 +321,7 @@ class Router:
                 state = "stopped"
             elif s.start_failures >= CRASH_LOOP:
                 state = "failed"
-            elif w is None or w.state == DEAD:
+            elif w is None or w.state == DEAD or w.doomed:  # (doomed: killed, its exit not seen yet)
                 state = "restarting"
             else:
                 state = w.state
@@ -360,7 +376,8 @@ class Router:
             self._setup()
             self._loop()
         except BaseException as e:  # a bug here must not leave callers waiting forever
-            log.exception("libtorchrt router thread failed")
+            log.critical("libtorchrt router thread failed; the pool is closed", exc_info=True)
+            self.failure = e
             if self._start_error is None and not self._started.is_set():
                 self._start_error = e if isinstance(e, TorchRTError) else WorkerStartError("*", -1, repr(e))
             self._fail_all(PoolClosedError(f"the pool's router thread failed: {e!r}"))
@@ -401,6 +418,7 @@ class Router:
             method=m.cfg.method,
             inline_threshold=self.options.inline_threshold,
             busy_poll_us=self.options.busy_poll_us,
+            outputs=m.declared_outputs,
         )
         assert m.arena.fd is not None
         spec.request_fd = m.arena.fd
@@ -433,10 +451,10 @@ class Router:
                     return
             if self._stop_at is not None and (self._drained() or now >= self._stop_at):
                 return
-            timeout = None if wake is None else max(0.0, wake - now)
             self._idle = True
             # A call that arrived while we were busy came without a wake-up: do not sleep.
-            wait_ms = None if timeout is None else int(timeout * 1000) + 1
+            # (poll_ms caps the wait: a far deadline must never overflow zmq_poll's int.)
+            wait_ms = None if wake is None else poll_ms(wake - now)
             events = [] if self.inbox else self._poll(wait_ms)
             self._idle = False
             if self.inbox:
@@ -479,8 +497,12 @@ class Router:
             due.append(self._start_deadline)
         if self._stop_at is not None:
             due.append(self._stop_at)
-        if self._timers:
-            due.append(self._timers[0][0])
+        timers = self._timers
+        # Finished calls' deadlines are dropped here, so they never decide a wake-up.
+        while timers and ((call := timers[0][2]()) is None or call.future.done()):
+            heapq.heappop(timers)
+        if timers:
+            due.append(timers[0][0])
         for m in self.models.values():
             if m.batcher is not None:
                 wake = m.batcher.wake_at()
@@ -548,6 +570,11 @@ class Router:
             )
         )
         log.error("worker %s/%d (pid %d) exceeded execution_timeout; killing it", w.model.name, w.instance, w.proc.pid)
+        w.model.slots[w.instance].last_error = (
+            f"worker {w.instance} (pid {w.proc.pid}) was killed: an execution took longer than "
+            f"execution_timeout={limit:g} s"
+        )
+        w.timed_out = True
         w.doomed = True
         w.busy_since = None
         w.proc.kill()
@@ -1021,7 +1048,7 @@ class Router:
         self._resend_or_fail(w, code, tail)
         # Replace it: a fresh process, after a backoff that grows while it keeps dying
         # before it is ready.
-        if slot.last_error is None or was_ready:
+        if (slot.last_error is None or was_ready) and not w.timed_out:
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
             slot.last_error = f"worker {w.instance} (pid {w.proc.pid}) {how}" + (
                 f": {tail.splitlines()[-1]}" if tail else ""

@@ -45,6 +45,8 @@ class _Worker:
     busy_since: float | None = None
     #: it will exit (sticky error, execution timeout): what it holds did not run
     doomed: bool = False
+    #: killed by the watchdog (``execution_timeout``): its slot's last error says so
+    timed_out: bool = False
     #: the response arena as a numpy byte array, the base of zero-copy outputs
     outputs: np.ndarray | None = None
     #: its GPU (None on the CPU)
@@ -101,6 +103,8 @@ class _Model:
     #: per execution), and the order keeper of preserve_ordering
     batcher: Batcher | None = None
     orderer: Orderer | None = None
+    #: its declared outputs, as its workers check every result against them
+    declared_outputs: list[list[Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stats = Stats(self.cfg.name, self.cfg.version)

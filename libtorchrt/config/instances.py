@@ -14,10 +14,15 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["KINDS", "InstanceGroup", "cuda_device_count"]
+__all__ = ["KINDS", "MAX_INSTANCES", "InstanceGroup", "cuda_device_count"]
 
 #: Where an instance group runs (Triton's ``instance_group.kind``; KIND_MODEL is not served).
 KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
+
+#: The most worker processes one model may ask for (all groups and GPUs together): each
+#: is a process with its own interpreter and torch, so an unbounded count is a way to
+#: exhaust the machine with one line of configuration.
+MAX_INSTANCES = 256
 
 
 @dataclass
@@ -48,8 +53,10 @@ class InstanceGroup:
                 f"instance_group kind {self.kind!r} is not supported; expected one of {', '.join(KINDS)}", key="kind"
             )
         self.kind = kind
-        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
-            raise ConfigError(f"instance_group count is {self.count!r}; expected an integer >= 1", key="count")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or not 1 <= self.count <= MAX_INSTANCES:
+            raise ConfigError(
+                f"instance_group count is {self.count!r}; expected an integer from 1 to {MAX_INSTANCES}", key="count"
+            )
         self.gpus = tuple(int(g) for g in self.gpus)
         if any(g < 0 for g in self.gpus):
             raise ConfigError(f"instance_group gpus {list(self.gpus)} must be GPU numbers >= 0", key="gpus")

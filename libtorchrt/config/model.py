@@ -16,15 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..deadlines import check_timeout
 from ..errors import ConfigError
 from ..workers import flags as flag_mod
 from .batching import DynamicBatching, QueuePolicy
-from .instances import KINDS, InstanceGroup, cuda_device_count
-from .tensor import STRING, TRITON_DTYPES, TensorSpec, normalize_dtype
+from .instances import KINDS, MAX_INSTANCES, InstanceGroup, cuda_device_count
+from .tensor import MAX_DIMS, STRING, TRITON_DTYPES, TensorSpec, normalize_dtype
 from .versions import VersionPolicy
 from .warmup import ModelWarmup, WarmupInput, WarmupValue, declared_warmup, warmup_tensors
 
 __all__ = [
+    "EXECUTION_TIMEOUT_KEY",
     "KINDS",
     "LAUNCH_BLOCKING_KEY",
     "METHOD_KEY",
@@ -51,6 +53,8 @@ METHOD_KEY = "MODULE_METHOD_NAME"
 WARMUP_RUNS_KEY = "WARMUP_RUNS"
 #: The parameter that sets CUDA_LAUNCH_BLOCKING in the environment of the model's workers.
 LAUNCH_BLOCKING_KEY = "CUDA_LAUNCH_BLOCKING"
+#: The parameter that sets ``execution_timeout`` (seconds), so a repository can set it.
+EXECUTION_TIMEOUT_KEY = "EXECUTION_TIMEOUT"
 
 
 @dataclass
@@ -86,7 +90,8 @@ class ModelConfig:
             ``infer``/``submit`` take their own ``timeout``.
         execution_timeout: seconds one execution may take (None: no limit); past it
             the request fails with ``TimeoutError`` and the worker is killed and
-            replaced (a hung model cannot be interrupted otherwise).
+            replaced (a hung model cannot be interrupted otherwise). The
+            ``EXECUTION_TIMEOUT`` parameter sets it from a ``config.pbtxt``.
         max_request_bytes: refuse requests whose tensors add up to more (None: no
             limit), before anything is allocated.
         dynamic_batching: Triton's ``dynamic_batching`` settings (None: the block
@@ -101,7 +106,8 @@ class ModelConfig:
 
     ``parameters`` and the fields they set agree both ways: ``MODULE_METHOD_NAME``
     sets ``method`` (and ``method="predict"`` adds the parameter),
-    ``WARMUP_RUNS`` sets ``warmup_runs`` likewise, and ``CUDA_LAUNCH_BLOCKING``
+    ``WARMUP_RUNS`` sets ``warmup_runs`` likewise, ``EXECUTION_TIMEOUT`` sets
+    ``execution_timeout`` (seconds), and ``CUDA_LAUNCH_BLOCKING``
     sets ``env["CUDA_LAUNCH_BLOCKING"]`` to ``"1"``/``"0"`` for this model's workers.
 
     Raises:
@@ -139,9 +145,14 @@ class ModelConfig:
                 model=str(self.name),
                 key="name",
             )
-        if not isinstance(self.instances, int) or isinstance(self.instances, bool) or self.instances < 1:
+        if (
+            not isinstance(self.instances, int)
+            or isinstance(self.instances, bool)
+            or not 1 <= self.instances <= MAX_INSTANCES
+        ):
             raise ConfigError(
-                f"model {self.name!r}: instances is {self.instances!r}; expected an integer >= 1",
+                f"model {self.name!r}: instances is {self.instances!r}; expected an integer from 1 to {MAX_INSTANCES} "
+                "(one worker process each)",
                 model=self.name,
                 key="instances",
             )
@@ -158,14 +169,23 @@ class ModelConfig:
                 raise ConfigError(
                     f"model {self.name!r}: {key} is {value!r}; expected an integer >= 0", model=self.name, key=key
                 )
-        for key in ("timeout", "execution_timeout", "max_request_bytes"):
+        for key in ("timeout", "execution_timeout"):
             value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            try:  # (NaN and bools refused; inf and other huge values capped: deadlines.py)
+                setattr(self, key, check_timeout(value, allow_zero=False))
+            except ValueError:
                 raise ConfigError(
-                    f"model {self.name!r}: {key} is {value!r}; expected a positive number or None",
+                    f"model {self.name!r}: {key} is {value!r}; expected a positive number of seconds or None",
                     model=self.name,
                     key=key,
-                )
+                ) from None
+        value = self.max_request_bytes
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(
+                f"model {self.name!r}: max_request_bytes is {value!r}; expected a positive integer or None",
+                model=self.name,
+                key="max_request_bytes",
+            )
         self._check_devices()
         runs: Any = self.warmup
         if isinstance(runs, int) and not isinstance(runs, bool):  # warmup=N: N runs
@@ -195,7 +215,34 @@ class ModelConfig:
                 raise ConfigError(
                     f"model {self.name!r}: {kind} names repeat: {sorted(dup)}", model=self.name, key=f"{kind}s"
                 )
+            for spec in specs:
+                self._check_satisfiable(spec, kind)
         self._check_scheduling()
+
+    def _check_satisfiable(self, spec: TensorSpec, kind: str) -> None:
+        """Refuse a declared shape no request could ever carry: more dimensions than a
+        tensor may have on any of our wires, or more elements than a tensor can hold."""
+        if not isinstance(spec, TensorSpec) or spec.dims is None:
+            return
+        batch = 1 if self.max_batch_size > 0 else 0
+        if len(spec.dims) + batch > MAX_DIMS:
+            extra = " (plus the batch dimension)" if batch else ""
+            raise ConfigError(
+                f"model {self.name!r}: {kind} {spec.name!r} has {len(spec.dims)} dims{extra}; "
+                f"a tensor may have at most {MAX_DIMS}",
+                model=self.name,
+                key="dims",
+            )
+        elements = max(1, self.max_batch_size)
+        for d in spec.dims:
+            elements *= max(d, 0)
+        if elements >= 2**63:
+            raise ConfigError(
+                f"model {self.name!r}: {kind} {spec.name!r} has dims {list(spec.dims)}, "
+                f"more than the 2**63 elements a tensor can hold",
+                model=self.name,
+                key="dims",
+            )
 
     def _sync_parameters(self) -> None:
         """Make ``method``/``warmup_runs`` and their parameters agree (see the class docstring)."""
@@ -244,7 +291,35 @@ class ModelConfig:
             self.warmup_runs = parsed
         elif runs:
             params[WARMUP_RUNS_KEY] = str(runs)
+        self._sync_execution_timeout(params)
         self.parameters = params
+
+    def _sync_execution_timeout(self, params: dict[str, Any]) -> None:
+        """``EXECUTION_TIMEOUT`` (seconds) and ``execution_timeout`` agree, as WARMUP_RUNS does."""
+        given = params.get(EXECUTION_TIMEOUT_KEY)
+        if given is None:
+            if self.execution_timeout is not None:
+                params[EXECUTION_TIMEOUT_KEY] = f"{self.execution_timeout:g}"
+            return
+        try:
+            if isinstance(given, bool):
+                raise ValueError(given)
+            parsed = check_timeout(float(str(given).strip()), allow_zero=False)
+        except ValueError:
+            raise ConfigError(
+                f"model {self.name!r}: parameter {EXECUTION_TIMEOUT_KEY} has value {given!r}; "
+                "expected a positive number of seconds",
+                model=self.name,
+                key=EXECUTION_TIMEOUT_KEY,
+            ) from None
+        if self.execution_timeout not in (None, parsed):
+            raise ConfigError(
+                f"model {self.name!r}: execution_timeout is {self.execution_timeout:g} but parameter "
+                f"{EXECUTION_TIMEOUT_KEY} is {given!r}; give one",
+                model=self.name,
+                key=EXECUTION_TIMEOUT_KEY,
+            )
+        self.execution_timeout = parsed
 
     def _check_scheduling(self) -> None:
         """Check dynamic batching, warm-up and version policy against the rest."""
@@ -296,6 +371,15 @@ class ModelConfig:
                     f"model {self.name!r}: give devices or instance_groups, not both", model=self.name, key="devices"
                 )
         self.instance_groups = tuple(self.instance_groups)
+        # (KIND_GPU on every GPU counts as one GPU here; placements() checks the real count)
+        total = sum(g.count * max(1, len(g.gpus)) for g in self.instance_groups if isinstance(g, InstanceGroup))
+        if total > MAX_INSTANCES:
+            raise ConfigError(
+                f"model {self.name!r}: its instance groups ask for {total} instances; at most {MAX_INSTANCES} "
+                "worker processes per model are started",
+                model=self.name,
+                key="count",
+            )
 
     @property
     def groups(self) -> tuple[InstanceGroup, ...]:
@@ -325,7 +409,15 @@ class ModelConfig:
             ConfigError: an instance asks for a GPU this machine does not have.
         """
         n = cuda_device_count() if cuda_devices is None else cuda_devices
-        return [d for g in self.groups for d in g.devices(self.name, n)]
+        out = [d for g in self.groups for d in g.devices(self.name, n)]
+        if len(out) > MAX_INSTANCES:
+            raise ConfigError(
+                f"model {self.name!r} asks for {len(out)} instances; at most {MAX_INSTANCES} worker processes per "
+                "model are started (lower instance_group count, or list fewer GPUs)",
+                model=self.name,
+                key="count",
+            )
+        return out
 
     @property
     def model_dir(self) -> Path:

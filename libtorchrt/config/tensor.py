@@ -18,7 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..transport.wire import DTYPES, dtype_name
 
-__all__ = ["STRING", "TRITON_DTYPES", "TensorSpec", "dtype_of", "normalize_dtype", "triton_dtype"]
+__all__ = ["MAX_DIMS", "STRING", "TRITON_DTYPES", "TensorSpec", "dtype_of", "normalize_dtype", "triton_dtype"]
 
 #: The dtype name of Triton's ``TYPE_STRING`` (``BYTES`` on Triton's wire).
 STRING = "string"
@@ -102,6 +102,10 @@ def triton_dtype(name: str) -> str:
             f"dtype {name!r} has no Triton data type; config.pbtxt can hold {', '.join(TRITON_DTYPES)}", key="data_type"
         ) from None
 
+
+#: The most dimensions a tensor may have on every wire (wire.py, remote.py, kserve.py
+#: refuse more): a declared shape with more can never be satisfied.
+MAX_DIMS = 32
 
 def _shape(value: Sequence[int], what: str, name: str) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

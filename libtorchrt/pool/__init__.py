@@ -20,6 +20,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -29,6 +30,7 @@ from .._future import LoopFuture, LoopWaker, RequestFuture
 from .._router import Router, RouterOptions
 from .._state import _Model
 from ..config import ModelConfig, load_repository
+from ..deadlines import check_timeout
 from ..errors import (
     ConfigError,
     InvalidInputError,
@@ -45,6 +47,16 @@ from ..transport import tensors as tensor_io
 __all__ = ["Pool"]
 
 Inputs = Mapping[str, Any] | Sequence[Any] | torch.Tensor
+
+
+def _request_timeout(model: str, timeout: object) -> float | None:
+    """A request's ``timeout`` argument, checked (huge ones capped; see deadlines.py)."""
+    try:
+        return check_timeout(timeout)
+    except ValueError:
+        raise InvalidInputError(
+            model, None, "timeout: a number of seconds >= 0, or None", f"timeout={timeout!r}"
+        ) from None
 
 
 def _finalize(router: Router) -> None:
@@ -90,6 +102,10 @@ class Pool:
         cuda_outputs: a request whose inputs are CUDA tensors, to a model running on
             a GPU, gets CUDA tensors back (on the model's GPU); False: CPU tensors.
             Without CUDA inputs, outputs are always CPU tensors.
+        execution_timeout: the ``execution_timeout`` (seconds) of every model that
+            sets none itself (neither the field nor the ``EXECUTION_TIMEOUT``
+            parameter): an execution that takes longer fails, and its worker is
+            killed and replaced. None: no default limit.
 
     GPU instances (``devices=["cuda:0"]`` or ``instance_group { kind: KIND_GPU }``):
     ``request_arena_bytes`` is also the size of each model's request buffer on each
@@ -117,10 +133,17 @@ class Pool:
         cuda_outputs: bool = True,
         strict: bool = False,
         max_pending: int | None = None,
+        execution_timeout: float | None = None,
     ) -> None:
         errors: list[tuple[str, ConfigError]] = []
         configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
         configs += list(models)
+        if execution_timeout is not None:
+            try:
+                limit = check_timeout(execution_timeout, allow_zero=False)
+            except ValueError as e:
+                raise ConfigError(f"Pool: execution_timeout: {e}", key="execution_timeout") from None
+            configs = [c if c.execution_timeout is not None else replace(c, execution_timeout=limit) for c in configs]
         keys = [(c.name, c.version) for c in configs]
         if len(set(keys)) != len(keys):
             repeated = sorted({f"{n} version {v}" for n, v in keys if keys.count((n, v)) > 1})
@@ -248,6 +271,7 @@ class Pool:
         binder = m.binder
         assert binder is not None  # set before the pool finished starting
         try:
+            timeout = m.cfg.timeout if timeout is None else _request_timeout(model, timeout)
             tensors = binder.bind(inputs)
             limit = m.cfg.max_request_bytes
             if limit is not None:
@@ -267,8 +291,6 @@ class Pool:
         except TorchRTError:
             m.stats.failed()
             raise
-        if timeout is None:
-            timeout = m.cfg.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         cuda = False
         for t in tensors:
@@ -331,6 +353,7 @@ class Pool:
             WorkerDiedError: the worker died while running the request.
             TimeoutError: no result within ``timeout``.
         """
+        timeout = _request_timeout(model, timeout)
         future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
         try:
             # The router fails the future at the deadline; the margin only guards
@@ -423,7 +446,17 @@ class Pool:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True once :meth:`close` was called, or once the pool failed (see :attr:`failure`)."""
+        return self._closed or self._router.failure is not None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The unexpected exception that stopped the pool's router thread, or None.
+
+        It is a bug when it happens: the pool then fails every request with
+        :class:`PoolClosedError`, and a server exits so that its supervisor restarts it.
+        """
+        return self._router.failure
 
     def __enter__(self) -> Pool:
         return self

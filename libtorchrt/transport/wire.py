@@ -83,6 +83,10 @@ STRING = "string"
 # Bounds that keep a hostile header from making the receiver allocate absurd amounts.
 _MAX_DIMS = 32
 _MAX_TENSORS = 4096
+#: The most dimensions, and the bound on each size, that a tensor descriptor may carry:
+#: a sender checks its tensors against them (what a receiver refuses is lost otherwise).
+MAX_DIMS = _MAX_DIMS
+MAX_SIZE = 2**40
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -128,7 +132,7 @@ def _desc(raw: Any) -> TensorDesc:
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_DIMS
-        or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
+        or not all(type(d) is int and 0 <= d < MAX_SIZE for d in shape)
     ):
         raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
     if type(kind) is not int or kind not in _KINDS_OF_PLACE or type(where) is not int or where < 0:
@@ -377,6 +381,26 @@ def decode(header: bytes | memoryview) -> Message:
         raise ProtocolError(f"malformed {cls.__name__} message: {e}") from None
     _check_types(msg)
     return msg
+
+
+def request_id(header: bytes | memoryview) -> int:
+    """The id of a Request whose header :func:`decode` refused, if it can be read (else
+    -1): the worker answers the refusal to that request, so its caller is not left
+    waiting for an answer that never comes."""
+    try:
+        raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
+    except Exception:
+        return -1
+    if (
+        isinstance(raw, list)
+        and len(raw) > 1
+        and type(raw[0]) is int
+        and raw[0] == Request.KIND
+        and type(raw[1]) is int
+        and raw[1] >= 0
+    ):
+        return raw[1]
+    return -1
 
 
 def _tensors(raw: Any) -> list[TensorDesc]:

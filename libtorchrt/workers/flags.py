@@ -52,7 +52,7 @@ BOOL_KEYS = TRITON_BOOL_KEYS + OWN_BOOL_KEYS
 INT_KEYS = ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
 #: Parameters that ModelConfig reads (the method to run, warm-up runs): known, so
 #: not reported as unused, but not execution-mode flags.
-CONFIG_KEYS = ("MODULE_METHOD_NAME", "WARMUP_RUNS")
+CONFIG_KEYS = ("MODULE_METHOD_NAME", "WARMUP_RUNS", "EXECUTION_TIMEOUT")
 
 # Triton's ParseBoolValue accepts these spellings, case-insensitively.
 _TRUE = frozenset({"true", "1", "yes", "on"})

@@ -30,7 +30,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ from ..transport.sockets import recv, send
 from . import batching
 from . import flags as flag_mod
 from .gpu import GpuSide
+from .outputs import DeclaredOutput, check_outputs
 
 __all__ = ["WorkerSpec", "main"]
 
@@ -83,6 +84,8 @@ class WorkerSpec:
     method: str = "forward"
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
     busy_poll_us: int = 0
+    #: the declared outputs, checked on every result (DeclaredOutput.to_json items)
+    outputs: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -234,6 +237,7 @@ class _Worker:
         self.clean_cache = bool(flags.get("ENABLE_CACHE_CLEANING")) and torch.cuda.is_available()
         #: the CUDA side of a GPU instance (None on the CPU)
         self.gpu = GpuSide(spec.device, self.requests, self.responses) if spec.device != "cpu" else None
+        self.declared = [DeclaredOutput.from_json(item) for item in spec.outputs]
 
     def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
         return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
@@ -284,7 +288,7 @@ class _Worker:
             try:
                 msg = wire.decode(header)
             except ProtocolError as e:
-                self._send_error(-1, e)
+                self._send_error(wire.request_id(header), e)
                 continue
             if isinstance(msg, wire.Request):
                 self._release(msg.releases)
@@ -317,6 +321,8 @@ class _Worker:
             return True
         try:
             outputs = _outputs(self.method(*inputs), self.signature.strings_out)
+            if self.declared:
+                check_outputs(outputs, self.declared)
             if msg.batch:
                 batching.check_rows(outputs, sum(msg.batch))
             placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
@@ -344,6 +350,8 @@ class _Worker:
         try:
             with torch.cuda.stream(gpu.stream):
                 outputs = _outputs(self.method(*gpu.to_device(inputs)), self.signature.strings_out)
+                if self.declared:
+                    check_outputs(outputs, self.declared)
                 if msg.batch:
                     batching.check_rows(outputs, sum(msg.batch))
                 placed, device_offsets = gpu.place(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from libtorchrt.config.instances import MAX_INSTANCES
 from libtorchrt.config.tensor import MAX_DIMS
 from libtorchrt.deadlines import MAX_TIMEOUT_S
 from tests import models
+from tests.conftest import assert_no_leaks, snapshot
 
 X = torch.arange(64, dtype=torch.float32).reshape(1, 64)
 LONG = torch.tensor([3_000_000.0])  # a few seconds of spinning
@@ -55,9 +56,17 @@ def _serves(pool: Pool, model: str = "tiny") -> None:
     assert pool.failure is None and not pool.closed
 
 
-@pytest.fixture
-def tiny(make_pool: Callable[..., Pool]) -> Pool:
-    return make_pool("tiny")
+@pytest.fixture(scope="module")
+def tiny(model_dir: Path) -> Iterator[Pool]:
+    """One pool for the attacks that leave it as it was (each checks it still serves);
+    checked for leaks once, when it closes."""
+    before = snapshot()
+    pool = Pool(models=[ModelConfig("tiny", model_dir / "tiny.pt")])
+    try:
+        yield pool
+    finally:
+        pool.close()
+        assert_no_leaks(before)
 
 
 # ── deadlines ────────────────────────────────────────────────────────────────

@@ -281,6 +281,11 @@ class Pool:
             batcher = m.batcher
             if batcher is not None:
                 level = batcher.level(priority)
+                if tensors and tensors[0].shape and not tensors[0].shape[0]:
+                    # (a batch is made of rows: an empty request would be a member of none)
+                    raise InvalidInputError(
+                        model, None, "at least 1 row (dynamic batching: dim 0 is the batch)", "0 rows"
+                    )
                 batcher.admit(level)
             elif priority is not None:
                 raise InvalidInputError(

@@ -315,3 +315,18 @@ def test_the_dims_limit_is_the_wires() -> None:
     from libtorchrt.transport import remote, wire
 
     assert MAX_DIMS == wire._MAX_DIMS == remote._MAX_DIMS == kserve.MAX_DIMS
+
+
+def test_an_empty_request_to_a_batching_model_is_the_callers_error(
+    make_pool: Callable[..., Pool], model_dir: Path
+) -> None:
+    # It reached the worker as a batch member of 0 rows, which the worker refused as a
+    # malformed message: the caller got a ProtocolError (or, before requests refused by
+    # the worker were answered under their id, waited forever).
+    from libtorchrt import DynamicBatching
+
+    cfg = ModelConfig("tiny", model_dir / "tiny.pt", max_batch_size=8, dynamic_batching=DynamicBatching())
+    pool = make_pool(cfg)
+    with pytest.raises(InvalidInputError, match="at least 1 row"):
+        pool.infer("tiny", [torch.zeros(0, 64)], timeout=30)
+    _serves(pool)

@@ -6,17 +6,23 @@
     ───────────────────────────              ──────────────            ─────────────
     POST /v2/models/m/infer
       read the body, ≤ --max-request-bytes
-      (Content-Length checked first)
-                                   ──────►   decode (kserve.py)
+      (Content-Length checked first),
+      within --body-timeout
+      take an in-flight slot (--max-inflight)
+                                   ──────►   decompress, decode (kserve.py)
                                              pool.submit: bind, copy
                                              into shared memory ─────► worker ... reply
       await the future, watching for                                       │
       the client going away (cancel) ◄──────────────────────────────────────┘
-                                   ──────►   encode (JSON or binary)
+                                   ──────►   encode (JSON ≤ --max-json-response-bytes,
+                                             or binary)
       send header JSON, then the tensors' bytes as they are
 
 Small requests (up to 64 KiB) are decoded, submitted and encoded on the event loop;
 larger ones in worker threads, so a big JSON body never stalls the health checks.
+A slot is taken only once the whole body has arrived, so clients that send their
+bodies slowly cannot hold every slot; they are bounded instead by --body-timeout
+(408) and, with everything being received, by --max-inflight times --max-request-bytes.
 Errors are ``{"error": "..."}`` with the status codes of :data:`STATUS`. A client that
 disconnects while its body is read or its request runs leaves nothing behind: the body
 is dropped, a request not yet sent to a worker is cancelled, and the outputs of one
@@ -27,9 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import re
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +89,11 @@ HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 #: requests and responses up to this size are handled on the event loop
 _INLINE_BYTES = 64 * 1024
 _HEADER_LENGTH = "inference-header-content-length"
+#: a number in a header or a path: ASCII digits only (``str.isdigit`` takes '²', which
+#: ``int`` refuses, and Arabic-Indic digits, which ``int`` reads), few enough to fit an int64
+_NUMBER = re.compile(r"[0-9]{1,18}")
+#: answers after which the rest of the request body is not read: the connection closes
+_CLOSE = {"Connection": "close"}
 
 
 @dataclass(frozen=True)
@@ -90,12 +103,21 @@ class Limits:
     Attributes:
         max_request_bytes: the largest request body (after decompression), checked
             against ``Content-Length`` before anything is read.
-        max_inflight: inference requests handled at once; more get 503 at once
-            (bounds the memory bodies in flight hold: this times ``max_request_bytes``).
+        max_inflight: inference requests handled at once, counted from when their
+            body has arrived; more get 503 at once. Bodies being received are bounded
+            apart, by their bytes: all of them together may hold at most this times
+            ``max_request_bytes`` (the memory bodies in flight hold).
+        body_timeout: seconds the whole request body may take to arrive, from when
+            its headers did; a slower one gets 408 and the connection is closed.
+        max_json_response_bytes: the most tensor data returned as JSON ``data`` in one
+            response (binary outputs are not limited); more gets 400 naming the binary
+            data extension.
     """
 
     max_request_bytes: int = 64 << 20
     max_inflight: int = 64
+    body_timeout: float = 30.0
+    max_json_response_bytes: int = 4 << 20
 
 
 @dataclass
@@ -105,7 +127,12 @@ class ServerState:
     pool: Pool
     limits: Limits
     draining: bool = False
+    #: inference requests holding a slot (their body has arrived)
     inflight: int = 0
+    #: bytes of the request bodies being received
+    receiving: int = 0
+    #: a thread the server depends on that stopped unexpectedly (the service sets it)
+    broken: str | None = None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -114,7 +141,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 def _failure(e: BaseException) -> JSONResponse:
     if isinstance(e, RequestError):
-        return _error(e.status, e.message)
+        return _error(e.status, e.message, e.headers)
     status = next((code for cls, code in STATUS.items() if isinstance(e, cls)), 500)
     # A model's traceback (paths, code) stays in the server's log; the client gets the headline.
     message = str(e.args[0]) if isinstance(e, ModelError) and e.args else str(e)
@@ -127,8 +154,8 @@ def _version(request: Request) -> int | None:
     text = request.path_params.get("version")
     if text is None or text == "":
         return None
-    if not text.isdigit():
-        raise RequestError(400, f"model version {text!r} is not a number")
+    if not _NUMBER.fullmatch(text):
+        raise RequestError(400, f"model version {text[:40]!r} is not a number (ASCII digits, at most 18)")
     return int(text)
 
 
@@ -169,42 +196,95 @@ async def _in_thread(size: int, fn: Callable[..., Any], *args: Any, **kwargs: An
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    """The request body, refused (413) as soon as it is known to exceed ``limit``."""
+def _too_big(limit: int) -> str:
+    return f"the request body is larger than this server takes ({limit} bytes, --max-request-bytes)"
+
+
+def _encoding(request: Request) -> str:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "deflate"):
-        raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate")
+        raise RequestError(
+            415, f"Content-Encoding {encoding[:40]!r} is not supported; send identity, gzip or deflate", _CLOSE
+        )
+    return encoding
+
+
+async def _receive_body(request: Request, state: ServerState) -> bytearray:
+    """The request body as sent (still compressed, if it is), holding no slot.
+
+    Raises:
+        RequestError: 413 as soon as it is known to exceed ``--max-request-bytes``;
+            408 when it has not all arrived within ``--body-timeout``; 503 when the
+            bodies being received would hold more than ``--max-inflight`` times
+            ``--max-request-bytes``. Each closes the connection (its rest is not read).
+        ClientDisconnect: the client went away.
+    """
+    limits = state.limits
+    limit = limits.max_request_bytes
     declared = request.headers.get("content-length")
-    too_big = f"the request body is larger than this server takes ({limit} bytes, --max-request-bytes)"
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise RequestError(400, f"Content-Length {declared!r} is not a number")
-        if int(declared) > limit:
-            raise RequestError(413, f"{too_big}: Content-Length is {int(declared)}")
+    if declared is not None:  # (h11 has checked it too; this does not depend on that)
+        if not re.fullmatch(r"[0-9]+", declared):
+            raise RequestError(400, f"Content-Length {declared[:40]!r} is not a number", _CLOSE)
+        if len(declared) > 18 or int(declared) > limit:
+            raise RequestError(413, f"{_too_big(limit)}: Content-Length is {declared}", _CLOSE)
+    budget = limits.max_inflight * limit
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout
     # Memory follows what was received, never what the client announced; the chunks
     # are joined once at the end (growing one buffer would copy it again and again).
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, too_big)
-        chunks.append(chunk)
-    body = bytearray().join(chunks)
-    del chunks
-    if encoding == "identity":
-        return body
-    return await _in_thread(len(body), _decompress, body, encoding, limit, too_big)
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(request.receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise RequestError(
+                    408,
+                    f"the request body did not arrive within {limits.body_timeout:g} s (--body-timeout); "
+                    f"{size} bytes came",
+                    _CLOSE,
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                state.receiving += len(chunk)
+                if size > limit:
+                    raise RequestError(413, _too_big(limit), _CLOSE)
+                if state.receiving > budget:
+                    raise RequestError(
+                        503,
+                        f"the server is receiving {budget} bytes of request bodies already "
+                        "(--max-inflight times --max-request-bytes); retry",
+                        {"Retry-After": "1", **_CLOSE},
+                    )
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return bytearray().join(chunks)
+    finally:
+        state.receiving -= size
 
 
-def _decompress(data: bytearray, encoding: str, limit: int, too_big: str) -> bytearray:
+def _decompress(data: bytearray, encoding: str, limit: int) -> bytearray:
+    """``data`` decompressed: never more than ``limit`` bytes are made (a bomb is
+    refused as it inflates), and it must be one whole stream, nothing after it."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
         out = d.decompress(data, limit + 1)  # never more than the limit allows
     except zlib.error as e:
         raise RequestError(400, f"the {encoding} body does not decompress: {e}") from None
     if len(out) > limit or d.unconsumed_tail:
-        raise RequestError(413, f"{too_big} once decompressed")
+        raise RequestError(413, f"{_too_big(limit)} once decompressed")
+    if not d.eof:  # all the input used, the stream unfinished: it was cut short
+        raise RequestError(400, f"the {encoding} body is truncated: its compressed stream does not end")
+    if d.unused_data:  # silently dropping what follows would serve another request than was sent
+        raise RequestError(
+            400,
+            f"the {encoding} body has {len(d.unused_data)} bytes after the end of its compressed stream "
+            "(another gzip member, or garbage); send a single stream",
+        )
     return bytearray(out)
 
 
@@ -212,8 +292,8 @@ def _header_length(request: Request) -> int | None:
     value = request.headers.get(_HEADER_LENGTH)
     if value is None:
         return None
-    if not value.strip().isdigit():
-        raise RequestError(400, f"Inference-Header-Content-Length {value!r} is not a number")
+    if not _NUMBER.fullmatch(value):
+        raise RequestError(400, f"Inference-Header-Content-Length {value[:40]!r} is not a number (ASCII digits)")
     return int(value)
 
 
@@ -271,6 +351,12 @@ class _Endpoints:
     # ── health and metadata ────────────────────────────────────────────────
 
     async def live(self, request: Request) -> Response:
+        # The pool's router thread died (a bug): every request would fail, so ask to be
+        # restarted. A normal drain stays live: it ends by itself.
+        if self.state.pool.failure is not None:
+            return _error(503, f"the pool failed: {self.state.pool.failure!r}")
+        if self.state.broken is not None:
+            return _error(503, f"{self.state.broken} stopped unexpectedly")
         return Response(status_code=200)
 
     def server_ready(self) -> bool:
@@ -334,13 +420,6 @@ class _Endpoints:
         state = self.state
         if state.draining or state.pool.closed:
             return _error(503, "the server is shutting down; send the request to another instance")
-        if state.inflight >= state.limits.max_inflight:
-            return _error(
-                503,
-                f"the server is handling {state.limits.max_inflight} requests already (--max-inflight); retry",
-                {"Retry-After": "1"},
-            )
-        state.inflight += 1
         try:
             return await self._infer(request)
         except ClientDisconnect:
@@ -348,10 +427,26 @@ class _Endpoints:
             return Response(status_code=400)  # nobody reads it
         except (RequestError, TorchRTError) as e:
             return _failure(e)
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of the ``--max-inflight`` slots, or 503 at once."""
+        state = self.state
+        if state.inflight >= state.limits.max_inflight:
+            raise RequestError(
+                503,
+                f"the server is handling {state.limits.max_inflight} requests already (--max-inflight); retry",
+                {"Retry-After": "1"},
+            )
+        state.inflight += 1
+        try:
+            yield
         finally:
             state.inflight -= 1
 
     async def _infer(self, request: Request) -> Response:
+        # What the headers tell is checked before the body is read; the body is read
+        # before a slot is taken (a slow sender must not hold one).
         name = request.path_params["name"]
         version = _version(request)
         try:
@@ -359,25 +454,32 @@ class _Endpoints:
         except UnknownModelError as e:  # gone between the two looks (it cannot, today)
             raise RequestError(404, str(e)) from None
         header_length = _header_length(request)
-        body = await _read_body(request, self.state.limits.max_request_bytes)
-        declared = {s.name: s for s in cfg.inputs}
-        req: InferRequest = await _in_thread(len(body), decode_request, body, header_length, name, declared)
-        del body  # the inputs hold what they need of it
-        if req.outputs is not None and cfg.outputs:
-            names = [s.name for s in cfg.outputs]
-            unknown = [o.name for o in req.outputs if o.name not in names]
-            if unknown:
-                raise RequestError(400, f"model {name!r} has no output {unknown[0]!r}; it gives {names}")
-        size = sum(v.numel() * v.element_size() if hasattr(v, "numel") else len(v) for v in req.inputs.values())
-        options: dict[str, Any] = {"version": cfg.version, "timeout": req.timeout}
-        if req.priority is not None:
-            options["priority"] = req.priority
-        future = await _in_thread(size, self.state.pool.submit, name, req.inputs, **options)
-        req.inputs.clear()  # copied into shared memory by submit
-        outputs = await _outputs(future, request.receive)
-        encoded = await _in_thread(_output_bytes(outputs), encode_response, name, cfg.version, req, outputs)
-        del outputs
-        return TensorResponse(encoded)
+        encoding = _encoding(request)
+        limits = self.state.limits
+        body = await _receive_body(request, self.state)
+        with self._slot():
+            if encoding != "identity":
+                body = await _in_thread(len(body), _decompress, body, encoding, limits.max_request_bytes)
+            declared = {s.name: s for s in cfg.inputs}
+            req: InferRequest = await _in_thread(len(body), decode_request, body, header_length, name, declared)
+            del body  # the inputs hold what they need of it
+            if req.outputs is not None and cfg.outputs:
+                names = [s.name for s in cfg.outputs]
+                unknown = [o.name for o in req.outputs if o.name not in names]
+                if unknown:
+                    raise RequestError(400, f"model {name!r} has no output {unknown[0]!r}; it gives {names}")
+            size = sum(v.numel() * v.element_size() if hasattr(v, "numel") else len(v) for v in req.inputs.values())
+            options: dict[str, Any] = {"version": cfg.version, "timeout": req.timeout}
+            if req.priority is not None:
+                options["priority"] = req.priority
+            future = await _in_thread(size, self.state.pool.submit, name, req.inputs, **options)
+            req.inputs.clear()  # copied into shared memory by submit
+            outputs = await _outputs(future, request.receive)
+            encoded = await _in_thread(
+                _output_bytes(outputs), encode_response, name, cfg.version, req, outputs, limits.max_json_response_bytes
+            )
+            del outputs
+            return TensorResponse(encoded)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -39,6 +39,7 @@ import torch
 
 from ..config import TensorSpec
 from ..config.tensor import STRING
+from ..deadlines import check_timeout
 
 __all__ = [
     "DATATYPES",
@@ -46,6 +47,7 @@ __all__ = [
     "InferRequest",
     "OutputRequest",
     "RequestError",
+    "data_bytes",
     "datatype_of",
     "decode_request",
     "encode_response",
@@ -98,19 +100,34 @@ _JSON_KINDS = {"bool": "b", "int": "iu", "float": "iuf"}
 _LENGTH = struct.Struct("<I")
 #: shapes deeper than this are refused (the wire format's own bound)
 MAX_DIMS = 32
+#: the most elements a shape may describe, its zero sizes left out: a non-empty tensor
+#: is bounded by the bytes received anyway, but ``[0, 2**62]`` is empty and would carry
+#: its absurd strides into byte arithmetic downstream (int64 overflow, a 500)
+MAX_ELEMENTS = 1 << 48
 
 
 class RequestError(Exception):
-    """A request the server answers with an error status (``{"error": message}``)."""
+    """A request the server answers with an error status (``{"error": message}``).
 
-    def __init__(self, status: int, message: str) -> None:
+    ``headers`` go with the answer; ``Connection: close`` among them tells the HTTP
+    server not to read the rest of a body it will not use.
+    """
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def _bad(message: str) -> RequestError:
     return RequestError(400, message)
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short: an error message must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def datatype_of(dtype: str) -> str:
@@ -173,14 +190,35 @@ def _flag(params: dict[str, Any], key: str, what: str) -> bool | None:
     if value is None:
         return None
     if not isinstance(value, bool):
-        raise _bad(f"parameter {key!r} of {what} must be true or false, got {value!r}")
+        raise _bad(f"parameter {key!r} of {what} must be true or false, got {_show(value)}")
     return value
 
 
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _bad(f"{what} must be an integer >= 0, got {value!r}")
+        raise _bad(f"{what} must be an integer >= 0, got {_show(value)}")
     return value
+
+
+def _timeout(value: Any) -> float | None:
+    """The ``timeout`` parameter (microseconds, as Triton takes it) in seconds; 0 is none.
+
+    Checked here, not only by the pool, so that the client hears which parameter was
+    wrong; a huge one is capped (see ``deadlines.py``: a far deadline once reached a poll
+    call as an overflowing int and killed the pool).
+    """
+    expected = "parameter 'timeout' must be a number of microseconds >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"{expected}, got {_show(value)} ({type(value).__name__})")
+    try:
+        seconds = value / 1e6
+    except OverflowError:  # an integer beyond a float's range: as far off as it gets
+        seconds = math.inf
+    try:
+        timeout = check_timeout(seconds)
+    except ValueError:  # NaN (JSON's NaN literal parses) or negative
+        raise _bad(f"{expected}, got {_show(value)}") from None
+    return timeout or None
 
 
 def decode_request(
@@ -213,6 +251,8 @@ def decode_request(
         doc = json.loads(view[:header_length].tobytes() if header_length < size else body)
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(f"the request is not valid JSON: {e}") from None
+    except RecursionError:  # json's C parser bounds its nesting by the recursion limit
+        raise _bad("the request's JSON is nested too deeply") from None
     doc = _object(doc, "the request")
     request = InferRequest()
     rid = doc.get("id")
@@ -229,7 +269,7 @@ def decode_request(
         raise _bad("parameter 'classification': the classification extension is not supported")
     timeout = params.get("timeout")
     if timeout is not None:
-        request.timeout = _count(timeout, "parameter 'timeout' (microseconds)") / 1e6 or None
+        request.timeout = _timeout(timeout)
     priority = params.get("priority")
     if priority is not None:
         request.priority = _count(priority, "parameter 'priority'") or None
@@ -269,11 +309,15 @@ def decode_request(
         if not isinstance(outputs, list):
             raise _bad("'outputs' must be a list")
         request.outputs = []
+        asked: set[str] = set()
         for i, item in enumerate(outputs):
             entry = _object(item, f"outputs[{i}]")
             name = entry.get("name")
             if not isinstance(name, str) or not name:
                 raise _bad(f"outputs[{i}] has no 'name'")
+            if name in asked:  # each copy would be encoded again, past --max-json-response-bytes
+                raise _bad(f"output {name!r} is asked for twice")
+            asked.add(name)
             out_params = _parameters(entry, f"output {name!r}")
             if "classification" in out_params:
                 raise _bad(f"output {name!r}: the classification extension is not supported")
@@ -295,7 +339,13 @@ def _header(entry: dict[str, Any], name: str, model: str, spec: TensorSpec | Non
     shape = entry.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise _bad(f"input {name!r} has no 'shape' (a list of at most {MAX_DIMS} sizes)")
-    return dtype, tuple(_count(d, f"the shape of input {name!r}") for d in shape)
+    dims = tuple(_count(d, f"the shape of input {name!r}") for d in shape)
+    if math.prod(d for d in dims if d) > MAX_ELEMENTS:
+        raise _bad(
+            f"input {name!r}: shape {_show(list(dims))} is too large "
+            f"(its sizes other than 0 multiply to more than 2**48 elements)"
+        )
+    return dtype, dims
 
 
 def _from_binary(data: memoryview, dtype: str, shape: tuple[int, ...], name: str) -> Any:
@@ -346,11 +396,14 @@ def _from_json(data: Any, dtype: str, shape: tuple[int, ...], name: str) -> Any:
             raise _bad(f"input {name!r}: BYTES data must be strings")
         if len(items) != numel:
             raise _bad(f"input {name!r}: shape {list(shape)} holds {numel} elements, 'data' has {len(items)}")
-        return [s.encode() for s in items]
+        try:
+            return [s.encode() for s in items]
+        except UnicodeEncodeError:  # JSON's "\udc80" parses to a lone surrogate, which UTF-8 cannot hold
+            raise _bad(f"input {name!r}: BYTES data must be valid Unicode (a string holds a lone surrogate)") from None
     try:
         arr = np.asarray(data)
     except ValueError:
-        raise _bad(f"input {name!r}: 'data' is a ragged list") from None
+        raise _bad(f"input {name!r}: 'data' is a ragged list, or nested deeper than numpy's 64 dimensions") from None
     kind = arr.dtype.kind
     if arr.size != numel:
         raise _bad(f"input {name!r}: shape {list(shape)} holds {numel} elements, 'data' has {arr.size}")
@@ -405,25 +458,58 @@ class EncodedResponse:
         return len(self.header) + sum(memoryview(c).nbytes for c in self.chunks)
 
 
+def data_bytes(value: Any) -> int:
+    """An output's size as binary data: a tensor's bytes; for ``BYTES`` (a list of
+    strings), each element's length and its 4-byte length prefix."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, list):
+        return sum(4 + (len(v.encode()) if isinstance(v, str) else len(v)) for v in value)
+    return 0
+
+
 def encode_response(
     model: str,
     version: int,
     request: InferRequest,
     outputs: Mapping[str, Any],
+    max_json_bytes: int | None = None,
 ) -> EncodedResponse:
     """Encode the pool's outputs for ``request``.
 
+    Args:
+        max_json_bytes: the most tensor data (:func:`data_bytes`) returned as JSON
+            ``data``, all outputs together; None: no limit. JSON costs the server
+            about 25 times the tensor's size while it is built, and holds the
+            interpreter (every other request) meanwhile, so large outputs are refused
+            as JSON before any of it is built; binary outputs are not limited.
+
     Raises:
-        RequestError: 400 for an output the model does not give; 500 for an output
-            the protocol cannot carry (a complex tensor).
+        RequestError: 400 for an output the model does not give, or JSON outputs over
+            ``max_json_bytes`` (the message says how to ask for binary data); 500 for
+            an output the protocol cannot carry (a complex tensor).
     """
     wanted: Sequence[OutputRequest] = request.outputs or [OutputRequest(name) for name in outputs]
-    docs: list[dict[str, Any]] = []
-    chunks: list[Any] = []
+    binary_of: dict[str, bool] = {}
     for want in wanted:
         if want.name not in outputs:
             raise _bad(f"model {model!r} has no output {want.name!r}; it gives {sorted(outputs)}")
-        binary = request.binary_output if want.binary is None else want.binary
+        binary_of[want.name] = request.binary_output if want.binary is None else want.binary
+    if max_json_bytes is not None:
+        as_json = [name for name, binary in binary_of.items() if not binary]
+        size = sum(data_bytes(outputs[name]) for name in as_json)
+        if size > max_json_bytes:
+            raise _bad(
+                f"outputs {as_json} of model {model!r} hold {size} bytes of tensor data, more than this server "
+                f"returns as JSON ({max_json_bytes} bytes, --max-json-response-bytes); ask for them as binary "
+                'data (binary tensor data extension): parameters {"binary_data": true} on each output, or '
+                '{"binary_data_output": true} on the request (tritonclient: '
+                "InferRequestedOutput(name, binary_data=True))"
+            )
+    docs: list[dict[str, Any]] = []
+    chunks: list[Any] = []
+    for want in wanted:
+        binary = binary_of[want.name]
         doc, chunk = _output(want.name, outputs[want.name], binary)
         docs.append(doc)
         if chunk is not None:

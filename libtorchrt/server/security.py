@@ -82,7 +82,7 @@ def parse_address(text: str, option: str) -> Address | None:
         host, port = "127.0.0.1", text
     if not host:
         raise UsageError(f"{option} {text!r}: give the host (127.0.0.1:{port}, or 0.0.0.0:{port} for every address)")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # not "²"
         raise UsageError(f"{option} {text!r}: the port must be a number from 0 to 65535")
     return Address(host, int(port))
 
@@ -133,7 +133,7 @@ def _zmq_host(endpoint: str) -> str | None:
         host, sep, port = rest[1:].partition("]:")
     else:
         host, sep, port = rest.rpartition(":")
-    if not sep or not host or not (port.isdigit() or port == "*"):
+    if not sep or not host or not ((port.isascii() and port.isdigit()) or port == "*"):
         raise UsageError(f"--zmq {endpoint!r}: expected tcp://HOST:PORT")
     return host
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from libtorchrt import ModelConfig, TensorSpec
+from libtorchrt.deadlines import MAX_TIMEOUT_S
 from libtorchrt.info import ModelStats, ModelStatus
 from libtorchrt.server import kserve, metadata
 from libtorchrt.server.kserve import InferRequest, OutputRequest, RequestError, decode_request, encode_response
@@ -115,6 +116,7 @@ BAD: list[tuple[dict[str, Any], bytes, str]] = [
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "BOOL", "data": [1, 0]}]}, b"", "must be true/false"),
     ({"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [256]}]}, b"", "out of the range"),
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a", 1]}]}, b"", "must be strings"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["\udc80"]}]}, b"", "lone surrogate"),
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]}, b"", "ragged"),
     ({"inputs": [{"name": "x", "shape": [2], "datatype": "BOOL", "parameters": {"binary_data_size": 2}}]},
      b"\x00\x07", "0 or 1"),
@@ -136,10 +138,82 @@ def test_bad_requests_name_what_is_wrong(doc: dict[str, Any], data: bytes, messa
 
 
 def test_a_huge_shape_allocates_nothing() -> None:
-    doc = {"inputs": [{"name": "x", "shape": [1 << 40, 1 << 20], "datatype": "FP64", "parameters": {
+    doc = {"inputs": [{"name": "x", "shape": [1 << 28, 1 << 20], "datatype": "FP64", "parameters": {
         "binary_data_size": 8}}]}  # fmt: skip
     with pytest.raises(RequestError, match="binary_data_size is 8"):
         decode_request(*body(doc, bytes(8)), "m")
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62], [2**62], [0, 2**64], [2**24, 0, 2**25], [0] + [2**20] * 10])
+def test_an_absurd_shape_is_refused_even_when_empty(shape: list[int]) -> None:
+    # [0, 2**62] holds no element, yet its strides overflowed int64 arithmetic further on
+    doc = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}
+    with pytest.raises(RequestError, match="is too large") as e:
+        decode_request(*body(doc), "m")
+    assert e.value.status == 400 and len(e.value.message) < 300
+    ok = {"inputs": [{"name": "x", "shape": [0, 2**40], "datatype": "FP32", "data": []}]}
+    assert decode_request(*body(ok), "m").inputs["x"].shape == (0, 2**40)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "seconds"),
+    [(0, None), (1500000, 1.5), (2.5e6, 2.5), (3_000_000_000_000, MAX_TIMEOUT_S), (10**400, MAX_TIMEOUT_S)],
+)
+def test_the_timeout_parameter_is_microseconds_capped(timeout: Any, seconds: float | None) -> None:
+    doc = {"parameters": {"timeout": timeout}, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}
+    assert decode_request(*body(doc), "m").timeout == seconds
+
+
+def test_infinity_as_timeout_is_capped() -> None:
+    x = b'[{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]'
+    raw_doc = b'{"parameters": {"timeout": Infinity}, "inputs": ' + x + b"}"
+    assert decode_request(bytearray(raw_doc), None, "m").timeout == MAX_TIMEOUT_S
+
+
+@pytest.mark.parametrize("timeout", ["-1", "NaN", "true", '"5"', "[1]", "-1e-3", "null"])
+def test_a_bad_timeout_is_refused_naming_the_parameter(timeout: str) -> None:
+    x = '[{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]'
+    raw_doc = f'{{"parameters": {{"timeout": {timeout}}}, "inputs": {x}}}'
+    if timeout == "null":  # no timeout at all
+        assert decode_request(bytearray(raw_doc.encode()), None, "m").timeout is None
+        return
+    with pytest.raises(RequestError, match="parameter 'timeout' must be a number of microseconds >= 0") as e:
+        decode_request(bytearray(raw_doc.encode()), None, "m")
+    assert e.value.status == 400
+
+
+def test_deep_json_is_400_not_a_recursion_error() -> None:
+    for nested in (b"[" * 100_000 + b"]" * 100_000, b'{"inputs": ' + b"[" * 100_000):
+        with pytest.raises(RequestError, match="nested too deeply"):
+            decode_request(bytearray(nested), None, "m")
+    deep = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [[[[[[1]]]]]]}]})
+    data = "[" * 200 + "1" + "]" * 200
+    doc = '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ' + data + "}]}"
+    with pytest.raises(RequestError, match="nested deeper than numpy"):
+        decode_request(bytearray(doc.encode()), None, "m")
+    assert decode_request(bytearray(deep.encode()), None, "m").inputs["x"].numel() == 1
+
+
+def test_an_output_asked_for_twice_is_refused() -> None:
+    doc = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], "outputs": [{"name": "a"}] * 2}
+    with pytest.raises(RequestError, match="output 'a' is asked for twice"):
+        decode_request(*body(doc), "m")
+
+
+def test_json_outputs_over_the_limit_are_refused_binary_ones_are_not() -> None:
+    outputs = {"big": torch.zeros(1000), "small": torch.zeros(2), "s": ["abc"] * 10}
+    assert kserve.data_bytes(outputs["big"]) == 4000 and kserve.data_bytes(outputs["s"]) == 70
+    with pytest.raises(RequestError) as e:
+        encode_response("m", 1, InferRequest(), outputs, max_json_bytes=4000)
+    assert e.value.status == 400 and "4078 bytes of tensor data" in e.value.message
+    assert '"binary_data": true' in e.value.message and "--max-json-response-bytes" in e.value.message
+    # binary outputs do not count; the others fit
+    req = InferRequest(outputs=[OutputRequest("big", True), OutputRequest("small"), OutputRequest("s")])
+    doc, data = _decode_response(encode_response("m", 1, req, outputs, max_json_bytes=100))
+    assert len(data) == 4000 and doc["outputs"][1]["data"] == [0.0, 0.0]
+    doc, data = _decode_response(encode_response("m", 1, InferRequest(binary_output=True), outputs, max_json_bytes=0))
+    assert len(data) == 4000 + 8 + 70
+    assert encode_response("m", 1, InferRequest(), outputs, max_json_bytes=4078).header_length is None
 
 
 def test_declared_datatype_is_checked() -> None:

@@ -51,6 +51,8 @@ def test_parse_address(text: str, want: Address | None) -> None:
         (":80", "give the host"),
         ("h:99999", "0 to 65535"),
         ("h:x", "number"),
+        ("h:\u00b2", "number"),  # '²': str.isdigit() takes it, int() does not
+        ("h:\u0661\u0662", "number"),  # Arabic-Indic 12: int() would take it
         ("[::1]", "[IPv6]"),
     ],
 )
@@ -88,7 +90,7 @@ def test_zmq_endpoints() -> None:
     check_zmq("tcp://127.0.0.1:0", curve_secret_key=None, insecure=False)
     check_zmq("tcp://localhost:7", curve_secret_key=None, insecure=False)
     check_zmq("ipc:///tmp/x/pool.sock", curve_secret_key=None, insecure=False)
-    for bad in ("udp://1.2.3.4:5", "tcp://1.2.3.4", "ipc://", "inproc://x"):
+    for bad in ("udp://1.2.3.4:5", "tcp://1.2.3.4", "ipc://", "inproc://x", "tcp://127.0.0.1:\u00b2"):
         with pytest.raises(UsageError, match=r"expected|give the socket"):
             check_zmq(bad, curve_secret_key=None, insecure=False)  # names what it expects
 

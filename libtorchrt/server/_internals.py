@@ -8,6 +8,7 @@ of the pool, so switching to the public API is a change to this file alone.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from ..info import ModelHealth
 from ..pool import Pool
 
-__all__ = ["ArenaUsage", "arena_usage", "start_pool"]
+__all__ = ["ArenaUsage", "arena_usage", "router_thread", "start_pool"]
 
 #: called, while the pool starts, with a function returning each model's health
 StartObserver = Callable[[Callable[[], dict[str, ModelHealth]]], None]
@@ -42,6 +43,13 @@ def arena_usage(pool: Pool) -> list[ArenaUsage]:
             continue
         out.append(ArenaUsage(name, version, used, int(m.arena.size)))
     return out
+
+
+def router_thread(pool: Pool) -> threading.Thread:
+    """The pool's router thread, whose end the server watches for. Stands in for a
+    public "wait until the pool stops" (e.g. ``pool.wait_closed()``)."""
+    thread: threading.Thread = pool._router._thread
+    return thread
 
 
 def start_pool(repository: str | os.PathLike[str], observe: StartObserver, **kwargs: Any) -> Pool:

@@ -78,7 +78,7 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
+        if not value > 0:  # (NaN too)
             raise argparse.ArgumentTypeError(f"{text!r} must be positive")
         return value
 
@@ -156,7 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=Limits().max_inflight,
         metavar="N",
-        help="HTTP inference requests handled at once; more get 503 with Retry-After (default: %(default)s)",
+        help="HTTP inference requests handled at once, counted once their body has arrived; more get 503 with "
+        "Retry-After (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=Limits().body_timeout,
+        metavar="SECONDS",
+        help="how long an HTTP request body may take to arrive, all of it; a slower one gets 408 and its "
+        "connection is closed (default: %(default)g)",
+    )
+    lim.add_argument(
+        "--max-json-response-bytes",
+        type=_size,
+        default=Limits().max_json_response_bytes,
+        metavar="SIZE",
+        help="the most tensor data an HTTP response returns as JSON; more gets 400 asking for the outputs as "
+        "binary data (binary outputs are not limited) (default: 4MiB)",
     )
     run = p.add_argument_group("running")
     run.add_argument(
@@ -171,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         metavar="SECONDS",
         help="how long a worker may take to load and warm up its model (default: %(default)s)",
+    )
+    run.add_argument(
+        "--execution-timeout",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="how long one execution may take, for models that set no EXECUTION_TIMEOUT parameter; a longer "
+        "one fails with 504 and its worker is killed and replaced (default: no limit)",
     )
     run.add_argument(
         "--grace",
@@ -232,8 +257,14 @@ def options_from(args: argparse.Namespace) -> Options:
         insecure=args.insecure,
         strict=args.strict,
         start_timeout=args.start_timeout,
+        execution_timeout=args.execution_timeout,
         grace=args.grace,
-        limits=Limits(max_request_bytes=args.max_request_bytes, max_inflight=args.max_inflight),
+        limits=Limits(
+            max_request_bytes=args.max_request_bytes,
+            max_inflight=args.max_inflight,
+            body_timeout=args.body_timeout,
+            max_json_response_bytes=args.max_json_response_bytes,
+        ),
         busy_poll_us=args.busy_poll_us,
         access_log=args.log_level == "debug",
     )

@@ -30,6 +30,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ import uvicorn
 from .. import __version__
 from ..errors import TorchRTError
 from ..pool import Pool
-from ._internals import start_pool
+from ._internals import router_thread, start_pool
 from .http import Limits, ServerState, build_app
 from .metrics import build_metrics_app
 from .progress import Progress
@@ -73,6 +74,7 @@ class Options:
     insecure: bool = False
     strict: bool = False
     start_timeout: float = 120.0
+    execution_timeout: float | None = None
     grace: float = 20.0
     limits: Limits = field(default_factory=Limits)
     busy_poll_us: int = 0
@@ -156,6 +158,10 @@ class _Service:
         self.pool: Pool | None = None
         self.zmq: Any = None
         self.state: ServerState | None = None
+        #: what stopped unexpectedly while serving (the exit status is then 1)
+        self.broken: str | None = None
+        self._stopping = False
+        self._watches: list[threading.Thread] = []
 
     # ── stages ─────────────────────────────────────────────────────────────
 
@@ -194,7 +200,7 @@ class _Service:
             return 1
         self.state = ServerState(self.pool, opts.limits)
         asyncio.run(self._serve())
-        return 0
+        return 1 if self.broken is not None else 0
 
     def _load(self) -> Pool:
         opts = self.options
@@ -214,6 +220,7 @@ class _Service:
                 strict=opts.strict,
                 start_timeout=opts.start_timeout,
                 busy_poll_us=opts.busy_poll_us,
+                execution_timeout=opts.execution_timeout,
             )
         finally:
             self.signals.raise_now = False
@@ -264,6 +271,9 @@ class _Service:
                     server.force_exit = True
 
         self.signals.on_signal = on_signal
+        self._watch(router_thread(self.pool), "the pool's router thread", loop, stop)
+        if self.zmq is not None:
+            self._watch(self.zmq._thread, "the ZeroMQ frontend's thread", loop, stop)
         apps = {"http": build_app(self.state, token=opts.token)}
         if "metrics" in self.sockets:
             apps["metrics"] = build_metrics_app(self.pool)
@@ -295,6 +305,10 @@ class _Service:
             stop.set()
         done = asyncio.ensure_future(stop.wait())
         await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        self._stopping = True
+        if self.broken is not None:
+            log.critical("%s stopped unexpectedly; exiting with status 1 so that a supervisor restarts the server",
+                         self.broken)  # fmt: skip
         log.info("stopping: draining requests in flight (up to %.0f s)", opts.grace)
         self.state.draining = True
         zmq_closed = loop.run_in_executor(None, self.zmq.close, opts.grace) if self.zmq is not None else None
@@ -304,6 +318,25 @@ class _Service:
         if zmq_closed is not None:
             await zmq_closed
         done.cancel()
+
+    def _watch(self, thread: threading.Thread, what: str, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        """Stop serving if ``thread`` ends while we serve: a thread the server depends on
+        died (a bug), and a server that only looks alive would never be restarted. The
+        watcher blocks in ``join`` (an event, not a poll) and ends with the thread."""
+
+        def watch() -> None:
+            thread.join()
+            if self._stopping:
+                return
+            self.broken = what
+            if self.state is not None:
+                self.state.broken = what  # /v2/health/live answers 503 from now on
+            with contextlib.suppress(RuntimeError):  # (the loop already closed)
+                loop.call_soon_threadsafe(stop.set)
+
+        watcher = threading.Thread(target=watch, name=f"libtorchrt-watch-{thread.name}", daemon=True)
+        watcher.start()
+        self._watches.append(watcher)
 
     def _banner(self) -> None:
         assert self.pool is not None
@@ -326,6 +359,7 @@ class _Service:
         print("\n".join(lines), flush=True)
 
     def _close(self) -> None:
+        self._stopping = True
         grace = self.options.grace
         if self.zmq is not None:
             self.zmq.close(grace)
@@ -333,6 +367,8 @@ class _Service:
         if self.pool is not None:
             self.pool.close(grace)
             log.info("stopped")
+        for watcher in self._watches:  # (their threads have ended: they end too)
+            watcher.join(5.0)
         for sock in self.sockets.values():
             sock.close()
 

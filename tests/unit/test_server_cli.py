@@ -45,6 +45,9 @@ def test_defaults_bind_loopback_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert opts.limits.max_request_bytes == 64 << 20
     assert parse("--max-request-bytes", "512k", repo=tmp_path).limits.max_request_bytes == 512 << 10
     assert parse("--max-request-bytes", "2MiB", repo=tmp_path).limits.max_request_bytes == 2 << 20
+    assert opts.limits.body_timeout == 30.0 and opts.limits.max_json_response_bytes == 4 << 20
+    limits = parse("--body-timeout", "2.5", "--max-json-response-bytes", "64k", repo=tmp_path).limits
+    assert limits.body_timeout == 2.5 and limits.max_json_response_bytes == 64 << 10
 
 
 @pytest.mark.parametrize(
@@ -78,7 +81,8 @@ def test_authentication_or_insecure_opens_other_addresses(tmp_path: Path, monkey
 
 
 def test_bad_values_are_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--max-request-bytes", "lots"], ["--max-inflight", "0"], ["--log-level", "loud"]):
+    for argv in (["--max-request-bytes", "lots"], ["--max-inflight", "0"], ["--log-level", "loud"],
+                 ["--body-timeout", "0"], ["--body-timeout", "nan"], ["--max-json-response-bytes", "0"]):  # fmt: skip
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args(["--model-repository", ".", *argv])
         assert e.value.code == 2

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shlex
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +182,43 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "pyzmq": zmq.__version__,
+    }
+
+
+#: the repository this file belongs to: the commit recorded is the one the benchmark ran from
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """What a stored result needs to be rerun: the command line, the commit
+    (``git rev-parse HEAD``; None outside a git checkout), whether the working tree
+    differed from it (``dirty``: changed or untracked files, as ``git status`` lists
+    them; None when git could not tell) and which files (``dirty_files``: the figures
+    may depend on them, or not)."""
+    head = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain=v1", "-z") if head is not None else None
+    changed: list[str] | None = None
+    if status is not None:
+        changed = []
+        entries = iter(status.split("\0"))
+        for entry in entries:
+            if len(entry) > 3:
+                changed.append(entry[3:])
+                if entry[0] in "RC":  # a rename or copy: its source path comes next
+                    next(entries, None)
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "commit": None if head is None else head.strip(),
+        "dirty": None if changed is None else bool(changed),
+        "dirty_files": changed,
     }
 
 

@@ -15,13 +15,17 @@
 ``--device cuda:0`` puts the instances on a GPU (two processes on one GPU; the callers'
 inputs stay on the CPU, as a batch is gathered on the host).
 
-Run: ``python benchmarks/batching.py [--seconds 3] [--device cuda:0]``.
+Run: ``python benchmarks/batching.py [--seconds 3] [--device cuda:0] [--json PATH]``.
+``--json`` writes every row, the overload figures, the machine, the command and the
+commit it ran on (``git rev-parse HEAD``, with a dirty flag).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import resource
 import statistics
 import sys
@@ -35,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._report import loadavg, machine_info, provenance
 from libtorchrt import DynamicBatching, ModelConfig, Pool, QueueFullError, QueuePolicy, TensorSpec
 from libtorchrt.bench import workloads
 
@@ -185,6 +190,33 @@ def overload(path: Path, seconds: float) -> dict[str, float]:
     }
 
 
+def json_document(
+    args: argparse.Namespace,
+    source: dict[str, Any],
+    info: dict[str, Any],
+    rows: list[tuple[str, int, str, bool, dict[str, float]]],
+    over: dict[str, float] | None,
+) -> dict[str, Any]:
+    """The ``--json`` document: where the figures came from (``command``, ``commit``,
+    ``dirty``), the machine, the options, one entry per measured row (``ratio``: batching
+    over one request per execution, for the batching rows) and the overload figures. A
+    figure that could not be computed (NaN: no execution counted) is null."""
+    out = []
+    for name, callers, kind, batching, r in rows:
+        alone = next((x for n, _, k, b, x in rows if n == name and k == kind and not b), None)
+        ratio = r["rps"] / alone["rps"] if batching and alone is not None and alone["rps"] else None
+        figures = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+        row = {"workload": name, "callers": callers, "kind": kind, "batching": batching}
+        out.append({**row, **figures, "ratio": ratio})
+    return {
+        **source,
+        "machine": info,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": out,
+        "overload": over,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -194,13 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         "--callers", default="threads,asyncio", help="kinds of tiny callers: threads, asyncio (cnn: threads)"
     )
     parser.add_argument("--device", default="cpu", help="where the instances run: cpu, or cuda:N")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures, machine and commit to PATH")
     args = parser.parse_args(argv)
+    source = provenance()  # before the run: the code that runs is the code recorded
+    info = machine_info()
+    info["loadavg_1min_start"] = loadavg()
+    print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}, torch {info['torch']}", flush=True)
     chosen = args.workloads.split(",")
     kinds = args.callers.split(",")
     drivers = {"threads": closed_loop, "asyncio": closed_loop_async}
     runs = [("tiny", 64, kind) for kind in kinds if "tiny" in chosen]
     runs += [("cnn", 16, "threads")] if "cnn" in chosen else []
-    rows = []
+    rows: list[tuple[str, int, str, bool, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: workloads.build(name, tmp) for name in SHAPES}
         for name, callers, kind in runs:
@@ -215,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         over = None if args.no_overload else overload(paths["cnn"], args.seconds)
+    info["loadavg_1min_end"] = loadavg()
     print()
     print(f"instances on {args.device}")
     print("| workload | callers | mode | req/s | p50 ms | p99 ms | mean batch | batching / alone |")
@@ -227,16 +265,19 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {callers} {kind} | {mode} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['batch']:.1f} | {ratio} |"
         )
-    if over is None:
-        return 0
-    print()
-    print(
-        f"overload (cnn, 4 open-loop callers every 0.2 ms, max_queue_size 64, {args.seconds:.0f} s): "
-        f"{over['served']:,} served, {over['refused']:,} refused with QueueFullError, "
-        f"peak queue {over['peak_pending']}; front RSS {over['rss_start']:.0f} MiB at the start, "
-        f"{over['rss_half_min']:.0f}-{over['rss_half_max']:.0f} MiB over the second half, {over['rss_end']:.0f} MiB "
-        "after draining (the request arena's touched pages count in it, at most request_arena_bytes)"
-    )
+    if over is not None:
+        print()
+        print(
+            f"overload (cnn, 4 open-loop callers every 0.2 ms, max_queue_size 64, {args.seconds:.0f} s): "
+            f"{over['served']:,} served, {over['refused']:,} refused with QueueFullError, "
+            f"peak queue {over['peak_pending']}; front RSS {over['rss_start']:.0f} MiB at the start, "
+            f"{over['rss_half_min']:.0f}-{over['rss_half_max']:.0f} MiB over the second half, "
+            f"{over['rss_end']:.0f} MiB after draining (the request arena's touched pages count in it, "
+            "at most request_arena_bytes)"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(json_document(args, source, info, rows, over), indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -20,7 +20,8 @@ Modes:
   message, while the library cannot be imported);
 * ``floor``      -- the transport floor for the 4 MiB payload (see ``_floor.py``).
 
-A "targets" block at the end compares the rows of the same run.
+A "targets" block at the end compares the rows of the same run. ``--json`` also records
+the command, the commit (``git rev-parse HEAD``) and whether the tree was dirty.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from benchmarks._floor import FLOOR_MODES, run_floor
 from benchmarks._harness import Measurement, measure
 from benchmarks._libtorchrt import first_output, import_libtorchrt, libtorchrt_caller
 from benchmarks._proc import stop_resource_tracker
-from benchmarks._report import Row, Table, evaluate_targets, loadavg, machine_info, print_targets
+from benchmarks._report import Row, Table, evaluate_targets, loadavg, machine_info, print_targets, provenance
 
 MODES = ("direct", "mp-queue", "libtorchrt", "floor")
 POOL_START_ESTIMATE_S = 3.0
@@ -260,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     load = loadavg()
     info["loadavg_1min_start"] = load
+    source = provenance()  # before the run: the code that runs is the code recorded
     print(f"libtorchrt core benchmark -- {info['cpu_count']} CPUs, torch {info['torch']}, {info['platform']}")
+    print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}")
     if load is not None and info["cpu_count"] and load > 0.25 * info["cpu_count"]:
         print(f"note: the machine is busy (1-min load average {load:.2f}); expect noisy figures")
     started = time.perf_counter()
@@ -285,21 +288,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"\nelapsed {elapsed:.0f} s")
     if args.json is not None:
-        doc = {
-            "machine": info,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "libtorchrt": {
-                "available": runner.lib is not None,
-                "error": runner.lib_error,
-            },
-            "rows": [r.to_dict() for r in runner.rows],
-            "targets": targets,
-            "elapsed_s": elapsed,
-            "complete": status == 0,
-        }
+        doc = json_document(args, source, info, runner, targets, elapsed, complete=status == 0)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
     return status
+
+
+def json_document(
+    args: argparse.Namespace,
+    source: dict[str, Any],
+    info: dict[str, Any],
+    runner: Runner,
+    targets: list[dict[str, Any]],
+    elapsed: float,
+    complete: bool,
+) -> dict[str, Any]:
+    """The ``--json`` document: where the figures came from (``command``, ``commit``,
+    ``dirty``), the machine, the options, every row and the targets."""
+    return {
+        **source,
+        "machine": info,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "libtorchrt": {
+            "available": runner.lib is not None,
+            "error": runner.lib_error,
+        },
+        "rows": [r.to_dict() for r in runner.rows],
+        "targets": targets,
+        "elapsed_s": elapsed,
+        "complete": complete,
+    }
 
 
 if __name__ == "__main__":

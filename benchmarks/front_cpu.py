@@ -1,0 +1,251 @@
+"""Where a request's CPU goes: the front's threads, the workers, and the router's wake-ups.
+
+The tiny workload of ``benchmarks/batching.py`` (2 instances, 64 closed-loop callers, with
+and without dynamic batching), driven by the same callers; around each drive this script
+reads, from ``/proc``, the CPU time of every thread of this process (``schedstat``) and of
+every worker process, and the router thread's voluntary context switches; it counts the
+callers' wake-ups of the router (its eventfd writes). Everything is divided by the
+requests answered over the same span (``Pool.stats()``)::
+
+    python benchmarks/front_cpu.py [--seconds 2] [--callers asyncio,threads] [--json PATH]
+
+Columns, per request: the front's CPU (all its threads) and its parts -- the event loop
+(asyncio callers: the main thread), the router thread, ZeroMQ's I/O threads, and the rest
+(the caller threads, with thread callers); the workers' CPU (both together), and their
+busy cores (CPU over wall time); the router's voluntary context switches (it blocked and
+was woken: by a caller, a worker's reply or a deadline) and the callers' eventfd wake-ups;
+the mean round trip the router sees (sent to answered, ``compute_ns``). Linux only.
+``--json`` also records the command, the commit and whether the tree was dirty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._report import loadavg, machine_info, provenance
+from benchmarks.batching import closed_loop, closed_loop_async, config
+from libtorchrt import Pool
+from libtorchrt.bench import workloads
+
+CALLERS = 64
+DRIVERS: dict[str, Callable[..., dict[str, float]]] = {"asyncio": closed_loop_async, "threads": closed_loop}
+
+
+def _cpu_ns(task_dir: str) -> int:
+    """A thread's time on a CPU so far, in ns (the first field of its schedstat)."""
+    with open(f"{task_dir}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def _threads() -> dict[int, tuple[str, int]]:
+    """This process's live threads: ``{tid: (comm, cpu_ns)}``."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            out[int(tid)] = (comm, _cpu_ns(f"/proc/self/task/{tid}"))
+        except OSError:  # the thread exited meanwhile
+            continue
+    return out
+
+
+def _process_cpu_ns(pid: int) -> int:
+    """All threads of process ``pid`` (alive now), in ns."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += _cpu_ns(f"/proc/{pid}/task/{tid}")
+        except OSError:
+            continue
+    return total
+
+
+def _voluntary_switches(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise RuntimeError("no voluntary_ctxt_switches in /proc status")
+
+
+def _self_cpu_ns() -> int:
+    """This process's CPU time, threads that have exited included."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return round((r.ru_utime + r.ru_stime) * 1e9)
+
+
+class _EventfdCounter:
+    """Counts ``os.eventfd_write`` calls while installed: in a pool's front only the
+    callers' wake-ups of the router (and its own stop) write to an eventfd."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._real = os.eventfd_write
+
+    def __call__(self, fd: int, value: int) -> None:
+        self.count += 1  # (not atomic across threads: a count, not an invariant)
+        self._real(fd, value)
+
+    @contextmanager
+    def installed(self) -> Iterator[_EventfdCounter]:
+        os.eventfd_write = self
+        try:
+            yield self
+        finally:
+            os.eventfd_write = self._real
+
+
+@dataclass
+class _Snapshot:
+    wall: float
+    process_ns: int
+    threads: dict[int, tuple[str, int]]
+    workers_ns: int
+    router_switches: int
+    wakeups: int
+    success: int
+    executions: int
+    inferences: int
+    compute_ns: int
+
+    @classmethod
+    def take(cls, pool: Pool, router_tid: int, pids: Sequence[int], wakeups: int) -> _Snapshot:
+        s = pool.stats()[0]
+        return cls(
+            time.perf_counter(),
+            _self_cpu_ns(),
+            _threads(),
+            sum(_process_cpu_ns(pid) for pid in pids),
+            _voluntary_switches(router_tid),
+            wakeups,
+            s.success,
+            s.executions,
+            s.inferences,
+            s.compute_ns,
+        )
+
+
+def _router_tid() -> int:
+    for t in threading.enumerate():
+        if t.name == "libtorchrt-router" and t.native_id is not None:
+            return t.native_id
+    raise RuntimeError("no libtorchrt-router thread")
+
+
+def measure(path: Path, kind: str, batching: bool, seconds: float) -> dict[str, Any]:
+    """One drive of the tiny workload, and its CPU and wake-ups per request."""
+    counter = _EventfdCounter()
+    with counter.installed(), Pool(models=[config("tiny", path, batching)]) as pool:
+        pids = [w.pid for w in pool.workers() if w.pid is not None]
+        router = _router_tid()
+        main = threading.main_thread().native_id
+        before = _Snapshot.take(pool, router, pids, counter.count)
+        DRIVERS[kind](pool, "tiny", CALLERS, seconds)
+        after = _Snapshot.take(pool, router, pids, counter.count)
+    requests = after.success - before.success
+    executions = after.executions - before.executions
+
+    def thread_delta(pick: Callable[[int, str], bool]) -> int:
+        return sum(
+            ns - before.threads.get(tid, ("", 0))[1] for tid, (comm, ns) in after.threads.items() if pick(tid, comm)
+        )
+
+    front = after.process_ns - before.process_ns
+    loop = thread_delta(lambda tid, comm: tid == main)
+    routed = thread_delta(lambda tid, comm: tid == router)
+    zmq_io = thread_delta(lambda tid, comm: comm.startswith("ZMQbg"))
+    wall = after.wall - before.wall
+    workers = after.workers_ns - before.workers_ns
+    per = 1e3 * requests  # ns -> µs per request
+    return {
+        "callers": kind,
+        "batching": batching,
+        "requests": requests,
+        "wall_s": wall,
+        "req_per_s": requests / wall,
+        "mean_batch": (after.inferences - before.inferences) / executions if executions else None,
+        "front_us": front / per,
+        "main_thread_us": loop / per,
+        "router_us": routed / per,
+        "zmq_io_us": zmq_io / per,
+        "other_front_us": (front - loop - routed - zmq_io) / per,
+        "workers_us": workers / per,
+        "workers_cores": workers / 1e9 / wall,
+        "front_cores": front / 1e9 / wall,
+        "router_switches_per_request": (after.router_switches - before.router_switches) / requests,
+        "router_wakeups_per_request": (after.wakeups - before.wakeups) / requests,
+        "round_trip_ms": (after.compute_ns - before.compute_ns) / requests / 1e6,
+    }
+
+
+COLUMNS = (
+    ("req_per_s", "req/s", "{:,.0f}"),
+    ("mean_batch", "batch", "{:.1f}"),
+    ("front_us", "front", "{:.1f}"),
+    ("main_thread_us", "main/loop", "{:.1f}"),
+    ("router_us", "router", "{:.1f}"),
+    ("zmq_io_us", "zmq io", "{:.1f}"),
+    ("other_front_us", "other", "{:.1f}"),
+    ("workers_us", "workers", "{:.1f}"),
+    ("workers_cores", "w cores", "{:.2f}"),
+    ("router_switches_per_request", "r sw/req", "{:.3f}"),
+    ("router_wakeups_per_request", "wake/req", "{:.3f}"),
+    ("round_trip_ms", "rtt ms", "{:.2f}"),
+)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    mode = f"{r['callers']} {'batching' if r['batching'] else 'alone'}"
+    cells = ["n/a" if r[key] is None else fmt.format(r[key]) for key, _, fmt in COLUMNS]
+    print(f"{mode:<18}" + "".join(f"{c:>10}" for c in cells), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=2.0, help="measured seconds per drive (default: 2)")
+    p.add_argument("--callers", default="asyncio", help="asyncio, threads or both (default: asyncio)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures, machine and commit to PATH")
+    args = p.parse_args(argv)
+    kinds = [k for k in args.callers.split(",") if k]
+    if not kinds or any(k not in DRIVERS for k in kinds):
+        p.error(f"--callers: choose from {', '.join(DRIVERS)}")
+    source = provenance()
+    info = machine_info()
+    info["loadavg_1min_start"] = loadavg()
+    print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}, torch {info['torch']}")
+    print("µs of CPU per request (front: all its threads); the span includes the callers' warm-up")
+    print(f"{'':<18}" + "".join(f"{title:>10}" for _, title, _ in COLUMNS), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="torchrt-front-cpu-") as tmp:
+        path = workloads.build("tiny", tmp)
+        for kind in kinds:
+            for batching in (False, True):
+                row = measure(path, kind, batching, args.seconds)
+                print_row(row)
+                rows.append(row)
+    info["loadavg_1min_end"] = loadavg()
+    if args.json is not None:
+        doc = {**source, "machine": info, "config": {**vars(args), "json": str(args.json)}, "rows": rows}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,7 @@ next connection starts a new session; requests made meanwhile wait for it (up to
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -45,6 +46,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ._plain import error_from_plain
+from .deadlines import poll_ms
 from .errors import PoolClosedError, ProtocolError, ServerConnectionError, TimeoutError
 from .transport import fdpass, remote
 from .transport import tensors as tensor_io
@@ -151,7 +153,9 @@ class Connection:
         self.releases: collections.deque[tuple[int, int]] = collections.deque()
         self.ids = itertools.count(1)
         self.pending: dict[int, Request] = {}  # sent, awaiting an answer
-        self.waiting: collections.deque[Request] = collections.deque()  # awaiting a session
+        #: awaiting a session, by id, in the order they came (a dict: a "wait" timer
+        #: finds and removes its request at once)
+        self.waiting: dict[int, Request] = {}
         self.session: _Session | None = None
         self.lost: list[_Session] = []  # sessions whose in-flight requests settle soon
         self.generation = 0
@@ -232,12 +236,17 @@ class Connection:
         """Hand a request (or a cancellation: a request id) to the I/O thread.
 
         Raises:
+            ServerConnectionError, ProtocolError: the connection failed for good
+                (:attr:`broken`), e.g. the I/O thread died.
             PoolClosedError: the client is closed.
         """
         with self.lock:  # ordered against closing the eventfd
             if self.closed:
                 if isinstance(request, Request):
                     self.free(request)
+                broken = self.broken
+                if broken is not None:
+                    raise broken
                 raise PoolClosedError("the client is closed")
             self.inbox.append(request)
             os.eventfd_write(self.wake_fd, 1)
@@ -270,17 +279,35 @@ class Connection:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
+    @property
+    def broken(self) -> BaseException | None:
+        """Why the client cannot serve any more although the caller did not close it
+        (the server's protocol, a refused handshake, the I/O thread's death), or None."""
+        return self.fatal if self.closing_at is None else None
+
     # ── the I/O thread ─────────────────────────────────────────────────────────
 
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as e:
-            log.exception("the libtorchrt client thread failed")
+        except BaseException as e:  # a bug: every caller must learn it now, not hang
+            log.critical("the libtorchrt client's I/O thread failed (server %s)", self.endpoint, exc_info=True)
             if self.fatal is None:
-                self.fatal = ServerConnectionError(f"the client's I/O thread failed: {e!r}", endpoint=self.endpoint)
+                fatal = ServerConnectionError(
+                    f"the client's I/O thread failed ({e!r}); this Client cannot be used any more: close it and "
+                    "make a new one",
+                    endpoint=self.endpoint,
+                )
+                fatal.__cause__ = e
+                self.fatal = fatal
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            except BaseException:
+                log.critical("the libtorchrt client could not shut down cleanly", exc_info=True)
+                self._fail_everything()
+                with contextlib.suppress(Exception):
+                    self._close_resources()
 
     def _loop(self) -> None:
         sock, monitor, wake_fd = self.sock, self.monitor, self.wake_fd
@@ -290,8 +317,7 @@ class Connection:
                 self._fail_waiting(PoolClosedError("the client was closed"))
                 if not self.pending or now >= self.closing_at:
                     return
-            wait = self._next_wake(now)
-            events = dict(self.poller.poll(None if wait is None else max(0, int(wait * 1000) + 1)))
+            events = dict(self.poller.poll(poll_ms(self._next_wake(now))))
             # Replies first: a disconnection below must not fail a request whose
             # answer already arrived.
             if sock in events:
@@ -313,18 +339,31 @@ class Connection:
     # timers: (when, seq, kind, id); kinds: "deadline" (a request's safety net),
     # "wait" (a request waiting too long for a session), "settle" (a lost session)
 
+    def _timer_live(self, kind: str, ident: int) -> bool:
+        """Whether a timer still has something to do: its request was not answered."""
+        if kind == "deadline":
+            request = self.pending.get(ident)
+            return request is not None and not request.expired
+        if kind == "wait":
+            return ident in self.waiting
+        return True
+
     def _add_timer(self, when: float, kind: str, ident: int) -> None:
         timers = self._timers
         if len(timers) > 2 * (len(self.pending) + len(self.waiting)) + 1024:
             # Requests answered long before their deadline leave their timers behind:
             # drop those, so that the heap stays as small as what is in flight.
-            live = self.pending.keys() | {r.id for r in self.waiting}
-            self._timers = timers = [t for t in timers if t[2] == "settle" or t[3] in live]
+            self._timers = timers = [t for t in timers if self._timer_live(t[2], t[3])]
             heapq.heapify(timers)
         heapq.heappush(timers, (when, next(self._timer_seq), kind, ident))
 
     def _next_wake(self, now: float) -> float | None:
-        wake = self._timers[0][0] - now if self._timers else None
+        # Timers of requests already answered are dropped as they reach the top, so
+        # they never decide a wake-up (a far deadline's timer would sit there for days).
+        timers = self._timers
+        while timers and not self._timer_live(timers[0][2], timers[0][3]):
+            heapq.heappop(timers)
+        wake = timers[0][0] - now if timers else None
         if self.closing_at is not None:
             left = self.closing_at - now
             wake = left if wake is None else min(wake, left)
@@ -339,9 +378,8 @@ class Connection:
                 if request is not None and not request.expired:
                     self._expire(request)
             elif kind == "wait":
-                request = next((r for r in self.waiting if r.id == ident), None)
+                request = self.waiting.pop(ident, None)
                 if request is not None:
-                    self.waiting.remove(request)
                     self._fail(request, self._no_connection())
             elif kind == "settle":
                 self._settle(ident)
@@ -375,7 +413,7 @@ class Connection:
             elif self.closing_at is not None:
                 self._fail(item, PoolClosedError("the client was closed"))
             elif self.session is None or self.session.lost:
-                self.waiting.append(item)
+                self.waiting[item.id] = item
                 wait = self.connect_timeout if item.timeout is None else min(self.connect_timeout, item.timeout)
                 self._add_timer(time.monotonic() + wait, "wait", item.id)
             else:
@@ -586,8 +624,8 @@ class Connection:
         if session.conn is not None:
             self.poller.register(session.conn.fileno(), zmq.POLLIN)
         self.ready.set()
-        waiting, self.waiting = self.waiting, collections.deque()
-        for request in waiting:
+        waiting, self.waiting = self.waiting, {}
+        for request in waiting.values():
             self._dispatch(request)
 
     def _attach(self, session: _Session, path: str) -> None:
@@ -666,8 +704,8 @@ class Connection:
             request.future.set_exception(error)
 
     def _fail_waiting(self, error: BaseException) -> None:
-        waiting, self.waiting = self.waiting, collections.deque()
-        for request in waiting:
+        waiting, self.waiting = self.waiting, {}
+        for request in waiting.values():
             self._fail(request, error)
 
     # shutdown
@@ -698,6 +736,21 @@ class Connection:
         self.lost = []
         self.ready.set()
         self._close_resources()
+
+    def _fail_everything(self) -> None:
+        """The last resort of a failed shutdown: fail every future still unanswered."""
+        with self.lock:
+            self.closed = True
+        error = self.fatal or PoolClosedError("the client was closed before the request was answered")
+        requests = [r for r in self.inbox if isinstance(r, Request)]
+        requests += [*self.waiting.values(), *self.pending.values()]
+        self.inbox.clear()
+        self.waiting = {}
+        self.pending = {}
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+        self.ready.set()
 
     def _close_resources(self) -> None:
         with self.lock:

@@ -21,7 +21,8 @@ import torch
 from ._binding import _describe, _stringlike
 from ._connection import MARGIN, Connection, Request
 from ._plain import health_from_plain, statuses_from_plain
-from .errors import InvalidInputError, PoolClosedError, TimeoutError
+from .deadlines import check_timeout
+from .errors import ConfigError, InvalidInputError, PoolClosedError, TimeoutError
 from .info import ModelHealth, ModelStatus
 from .transport import tensors as tensor_io
 from .transport.wire import DTYPES
@@ -85,6 +86,31 @@ def _normalize(model: str, inputs: Any) -> tuple[list[str] | None, bool, list[An
     raise InvalidInputError(model, None, "a dict of name -> tensor, or a list of tensors", type(inputs).__name__)
 
 
+def _setting(name: str, value: Any, *, allow_zero: bool = True) -> float | None:
+    """A duration argument (``timeout``, ``grace``), checked; huge ones are capped.
+
+    Raises:
+        ConfigError: not a number of seconds or None, NaN, negative.
+    """
+    try:
+        return check_timeout(value, allow_zero=allow_zero)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}", key=name) from None
+
+
+def _request_timeout(model: str, value: Any) -> float | None:
+    """A request's ``timeout``, checked (huge ones, ``inf`` included, are capped at
+    ``deadlines.MAX_TIMEOUT_S``: no wait may overflow a poll call).
+
+    Raises:
+        InvalidInputError: not a number of seconds or None, NaN, negative.
+    """
+    try:
+        return check_timeout(value)
+    except ValueError:
+        raise InvalidInputError(model, None, "timeout: a number of seconds >= 0, or None", repr(value)) from None
+
+
 def _finalize(connection: Connection) -> None:
     if connection.alive:
         warnings.warn(
@@ -119,6 +145,8 @@ class Client:
         inline_threshold: tensors up to this many bytes travel inside the header.
 
     Raises:
+        ConfigError: ``timeout`` or ``connect_timeout`` is not a number of seconds (NaN,
+            negative; huge ones, ``inf`` included, are capped at 30 days).
         ServerConnectionError: no server answered within ``connect_timeout``, it
             refused the ZeroMQ handshake (CURVE), or shared memory was required and
             could not be set up.
@@ -138,7 +166,11 @@ class Client:
         inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
     ) -> None:
         self.endpoint = endpoint
-        self.timeout = timeout
+        self.timeout = _setting("timeout", timeout)
+        checked = _setting("connect_timeout", connect_timeout, allow_zero=False)
+        if checked is None:
+            raise ConfigError("connect_timeout: expected a number of seconds > 0, got None", key="connect_timeout")
+        connect_timeout = checked
         self._connection = Connection(
             endpoint,
             curve_server_key=curve_server_key,
@@ -179,7 +211,8 @@ class Client:
                 tensor; values are tensors (CUDA ones are copied to the CPU), numpy
                 arrays, or lists of ``str`` for string inputs.
             version: the model version (default: the highest version served).
-            timeout: the request's deadline in seconds (default: the client's).
+            timeout: the request's deadline in seconds (default: the client's); one
+                beyond 30 days (``inf`` too) is capped there.
             priority: its priority level, for a model with ``dynamic_batching``
                 ``priority_levels`` (see ``Pool.submit``).
 
@@ -190,22 +223,24 @@ class Client:
             which drops the request unless it already runs.
 
         Raises:
-            InvalidInputError: an input cannot cross the wire, or the request exceeds
-                the server's ``max_request_bytes``. The server checks the rest
-                (unknown model, shapes, ...) and the future fails with its error.
+            InvalidInputError: an input cannot cross the wire, the request exceeds
+                the server's ``max_request_bytes``, or ``timeout`` is not a number of
+                seconds >= 0. The server checks the rest (unknown model, shapes, ...)
+                and the future fails with its error.
+            ServerConnectionError, ProtocolError: the client cannot serve any more
+                (its I/O thread failed, the server speaks another protocol, ...).
             PoolClosedError: the client is closed.
         """
         connection = self._connection
+        broken = connection.broken
+        if broken is not None:
+            raise broken
         if connection.closed:
             raise PoolClosedError("the client is closed")
-        if connection.fatal is not None:
-            raise connection.fatal
-        if timeout is None:
-            timeout = self.timeout
         if not isinstance(model, str):
             raise TypeError(f"model must be a str, got {type(model).__name__}")
+        timeout = self.timeout if timeout is None else _request_timeout(model, timeout)
         version = None if version is None else int(version)
-        timeout = None if timeout is None else float(timeout)
         priority = None if priority is None else int(priority)
         names, single, values = _normalize(model, inputs)
         session = connection.session
@@ -248,9 +283,8 @@ class Client:
             ServerConnectionError: the connection was lost before the answer came.
             PoolClosedError: the client is closed.
         """
+        timeout = self.timeout if timeout is None else _request_timeout(model, timeout)
         future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
-        if timeout is None:
-            timeout = self.timeout
         try:
             return future.result(None if timeout is None else timeout + 2 * MARGIN)
         except concurrent.futures.TimeoutError:
@@ -276,8 +310,10 @@ class Client:
 
     def _query(self, what: str, timeout: float | None) -> Any:
         connection = self._connection
-        if connection.fatal is not None:
-            raise connection.fatal
+        broken = connection.broken
+        if broken is not None:
+            raise broken
+        timeout = _setting("timeout", timeout)
         future: Future[Any] = Future()
         request = Request(next(connection.ids), future, what=what)
         if timeout is None:
@@ -306,8 +342,12 @@ class Client:
         """Let requests in flight finish for up to ``grace`` seconds (the rest fail with
         :class:`PoolClosedError`), end the session and release every socket, thread,
         descriptor and arena of the client. Idempotent. Output tensors still held keep
-        their shared memory mapped until they are freed."""
-        self._connection.stop(grace)
+        their shared memory mapped until they are freed.
+
+        Raises:
+            ConfigError: ``grace`` is not a number of seconds >= 0.
+        """
+        self._connection.stop(_setting("grace", grace) or 0.0)
         self._finalizer.detach()
 
     @property

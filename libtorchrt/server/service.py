@@ -25,10 +25,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -273,7 +271,7 @@ class _Service:
         self.signals.on_signal = on_signal
         self._watch(router_thread(self.pool), "the pool's router thread", loop, stop)
         if self.zmq is not None:
-            self._watch(self.zmq._thread, "the ZeroMQ frontend's thread", loop, stop)
+            self._watch(self.zmq.thread, "the ZeroMQ frontend's thread", loop, stop)
         apps = {"http": build_app(self.state, token=opts.token)}
         if "metrics" in self.sockets:
             apps["metrics"] = build_metrics_app(self.pool)
@@ -362,8 +360,7 @@ class _Service:
         self._stopping = True
         grace = self.options.grace
         if self.zmq is not None:
-            self.zmq.close(grace)
-            _remove_ipc(self.options.zmq)
+            self.zmq.close(grace)  # (it removes its ipc:// socket file itself, holding its lock)
         if self.pool is not None:
             self.pool.close(grace)
             log.info("stopped")
@@ -371,18 +368,6 @@ class _Service:
             watcher.join(5.0)
         for sock in self.sockets.values():
             sock.close()
-
-
-def _remove_ipc(endpoint: str | None) -> None:
-    """Remove the socket file of an ``ipc://`` endpoint this server bound: ZeroMQ leaves
-    it behind, and a server that stopped must leave nothing. (The frontend refuses to
-    bind a path another server listens on, so the file is this server's.)"""
-    if endpoint is None or not endpoint.startswith("ipc://") or endpoint[6:7] in ("*", "@"):
-        return
-    path = endpoint.removeprefix("ipc://")
-    with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
 
 
 def serve(options: Options) -> int:

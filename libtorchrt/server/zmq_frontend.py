@@ -22,6 +22,22 @@ session ends at once: requests still queued in the pool are cancelled, outputs o
 those still running are dropped when they finish, and its mapping of the client's
 arena and its own response arena are released.
 
+A hostile peer is bounded before anything is allocated for it: libzmq refuses a frame
+above ``max_request_bytes`` (``ZMQ_MAXMSGSIZE``) as it is announced, and the thread
+reads each message frame by frame, refusing one of more frames than a request can use
+or more bytes in all than the limit allows (releasing each frame as it is read) before
+it decodes anything; a header's timeout, sizes and fields are checked by ``remote``.
+libzmq hands over a multipart message only once all of it has arrived, so what it
+buffers meanwhile is bounded per frame, not per message: see docs/client.md, Security.
+
+An unexpected exception in the thread is a bug: it is logged as CRITICAL, the requests
+in flight are answered with ``PoolClosedError``, everything is closed, and ``alive``
+turns False (the server watches it, to exit rather than keep a dead endpoint).
+
+An ``ipc:///PATH`` endpoint is locked (``flock`` on ``PATH.lock``) for the frontend's
+life: a second server is refused while the first lives, and the socket file of one
+that was SIGKILLed is recognised as stale and replaced (see ``transport.sockets``).
+
 The frontend only calls the pool's public API (``submit``, ``models``, ``health``); it
 does not own the pool and does not close it.
 """
@@ -53,12 +69,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import __version__
 from .._plain import error_to_plain, health_to_plain, statuses_to_plain
+from ..deadlines import check_timeout, poll_ms
 from ..errors import ConfigError, InvalidInputError, PoolClosedError, ProtocolError
 from ..transport import fdpass, remote
 from ..transport import tensors as tensor_io
 from ..transport.arena import Allocator, Arena
-from ..transport.sockets import PrivateDir, send
-from ..transport.wire import DTYPES, TensorDesc
+from ..transport.sockets import Bounded, PrivateDir, hold_lock, lock_owner, recv_bounded, send
+from ..transport.wire import DTYPES, FRAME, TensorDesc
 
 __all__ = ["ZmqFrontend"]
 
@@ -72,6 +89,9 @@ HEARTBEAT_TIMEOUT = 10.0
 _MAX_UNATTACHED = 64
 #: Messages handled per wake-up before the other sources get a turn.
 _BATCH = 256
+#: What a message may carry beyond ``max_request_bytes`` of tensor data: its header's
+#: own fields (names, descriptors). Also the per-frame margin of ``ZMQ_MAXMSGSIZE``.
+_HEADER_MARGIN = 1 << 20
 _UCRED = struct.Struct("3i")
 
 
@@ -178,10 +198,24 @@ def _is_loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
 
 
-def _prepare_ipc(path: str, insecure: bool) -> None:
+def _grace(grace: float) -> float:
+    try:
+        seconds = check_timeout(grace)
+    except ValueError as e:
+        raise ConfigError(f"grace: {e}", key="grace") from None
+    return 0.0 if seconds is None else seconds
+
+
+def _prepare_ipc(path: str, insecure: bool) -> int:
     """An ``ipc://`` socket file must sit in a private directory (0700, ours): create
-    it so, refuse one open to others; refuse a path another server listens on (ZeroMQ
-    would silently take it over)."""
+    it so, refuse one open to others. Then take the endpoint's lock, ``PATH.lock``,
+    held for the frontend's life (see ``transport.sockets``): a live server holding it
+    means the path is taken (ZeroMQ would silently take it over); a dead one's socket
+    file is stale and removed here.
+
+    Returns:
+        The descriptor holding the lock (the caller closes it, after removing both files).
+    """
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -194,17 +228,47 @@ def _prepare_ipc(path: str, insecure: bool) -> None:
             "put the socket in a directory of your own with mode 0700, or pass insecure=True (--insecure)",
             key="endpoint",
         )
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ConfigError(f"ipc://{path} exists and is not a socket", key="endpoint")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            return  # nobody listens: a stale file of a server that died, which ZeroMQ replaces
-        finally:
-            probe.close()
-        raise OSError(errno.EADDRINUSE, f"ipc://{path} is in use by another server")
+    lock_path = path + ".lock"
+    try:
+        lock = hold_lock(lock_path)
+    except OSError as e:
+        raise ConfigError(f"ipc://{path}: cannot open its lock file {lock_path!r}: {e.strerror}", key="endpoint") from e
+    if lock is None:
+        owner = lock_owner(lock_path)
+        raise OSError(
+            errno.EADDRINUSE,
+            f"ipc://{path} is in use by another server (pid {owner if owner is not None else '?'}, "
+            f"which holds {lock_path})",
+        )
+    try:
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise ConfigError(f"ipc://{path} exists and is not a socket", key="endpoint")
+            # A server that holds no lock (an older version, another program) may
+            # listen there: ask before removing.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody listens: the stale file of a server that died
+            else:
+                raise OSError(errno.EADDRINUSE, f"ipc://{path} is in use by another server")
+            finally:
+                probe.close()
+    except BaseException:
+        _release_ipc_lock(lock_path, lock)
+        raise
+    return lock
+
+
+def _release_ipc_lock(lock_path: str, fd: int) -> None:
+    # Unlinked while still held, so that nobody takes a lock on a file about to go
+    # (hold_lock checks that the file it locked is still the one at the path).
+    try:
+        os.unlink(lock_path)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 class _Server:
@@ -251,6 +315,9 @@ class _Server:
         self._zap: zmq.Socket | None = None
         self._ipc_dir: PrivateDir | None = None
         self._ipc_path: str | None = None
+        #: the flock on ``ipc:///PATH``'s ``PATH.lock``; the socket file, once bound here
+        self._ipc_lock = -1
+        self._ipc_bound = False
         self._shm_dir: PrivateDir | None = None
         self._listener: socket.socket | None = None
         self._wake_fd = -1
@@ -259,6 +326,8 @@ class _Server:
         self._closing_at: float | None = None
         self._close_lock = threading.Lock()
         self._closed = False
+        #: the unexpected exception that stopped the I/O thread (a bug), if one did
+        self.failure: BaseException | None = None
         #: (session, request id, future) of finished pool futures; any thread appends
         self._completions: collections.deque[tuple[_Session, int, Future[Any]]] = collections.deque()
         self._sessions: dict[bytes, _Session] = {}
@@ -305,6 +374,7 @@ class _Server:
         """Stop taking requests, let those in flight finish for up to ``grace`` seconds
         (the rest fail with :class:`PoolClosedError`), then close every socket, thread,
         descriptor and shared-memory arena the frontend owns. Idempotent."""
+        grace = _grace(grace)
         with self._close_lock:
             if self._closed:
                 return
@@ -320,11 +390,17 @@ class _Server:
 
     @property
     def alive(self) -> bool:
+        """Whether the I/O thread runs (False before start, after close, and once it
+        failed: see :attr:`failure`)."""
         return self._thread is not None and self._thread.is_alive()
 
     @property
     def state(self) -> str:
-        return "closed" if self._closed else "serving" if self._thread is not None else "not started"
+        if self._closed:
+            return "closed"
+        if self.failure is not None:
+            return "failed"
+        return "serving" if self._thread is not None else "not started"
 
     # ── start-up (caller's thread) ─────────────────────────────────────────────
 
@@ -355,7 +431,7 @@ class _Server:
             return endpoint
         else:
             path = os.path.abspath(rest)
-            _prepare_ipc(path, self._insecure)
+            self._ipc_lock = _prepare_ipc(path, self._insecure)
         self._ipc_path = path
         return f"ipc://{path}"
 
@@ -373,8 +449,9 @@ class _Server:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TTL, int(HEARTBEAT_TIMEOUT * 1000))
         if self.max_request_bytes is not None:
-            # Enforced by libzmq before it allocates a frame; the margin is the header's.
-            sock.setsockopt(zmq.MAXMSGSIZE, self.max_request_bytes + (1 << 20))
+            # Enforced by libzmq on each frame, before it allocates it (the margin is the
+            # header's); the frames' number and sum are bounded by _on_messages.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_request_bytes + _HEADER_MARGIN)
         if self._secret is not None:
             sock.curve_server = True
             sock.curve_secretkey = self._secret
@@ -391,6 +468,7 @@ class _Server:
         last = sock.last_endpoint
         self._endpoint = last.decode() if isinstance(last, bytes) else str(last)
         if self._ipc_path is not None:
+            self._ipc_bound = True
             os.chmod(self._ipc_path, 0o600)  # its directory is 0700, so nobody got in before
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -423,8 +501,11 @@ class _Server:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException:
-            log.exception("the ZmqFrontend thread failed; closing it")
+        except BaseException as e:  # a bug: say so loudly; ``alive`` turns False
+            self.failure = e
+            log.critical(
+                "the ZmqFrontend thread failed; ZeroMQ clients are no longer served (%s)", self._endpoint, exc_info=True
+            )
         finally:
             try:
                 self._shutdown()
@@ -443,7 +524,7 @@ class _Server:
                 left = self._closing_at - time.monotonic()
                 if left <= 0:
                     return
-                wait_ms = max(1, int(left * 1000))
+                wait_ms = poll_ms(left)
             events = dict(self._poller.poll(wait_ms))
             # Disconnections first: a descriptor they name may already be reused by a
             # connection whose HELLO waits below (see _on_hello).
@@ -480,20 +561,41 @@ class _Server:
                         self._end(session)
 
     def _on_messages(self, sock: zmq.Socket) -> None:
+        limit = self.max_request_bytes
+        max_bytes = None if limit is None else limit + _HEADER_MARGIN
         for _ in range(_BATCH):
             try:
-                identity = sock.recv(zmq.NOBLOCK)
+                message = recv_bounded(sock, remote.MAX_FRAMES, max_bytes)
             except zmq.Again:
                 return
-            parts: list[zmq.Frame] = []
-            while sock.get(zmq.RCVMORE):
-                parts.append(sock.recv(copy=False))
-            if not parts:
-                continue
+            identity, parts = message.identity, message.frames
             try:
-                self._on_message(identity, parts[0], parts[1:])
+                if message.refused:
+                    self._refuse(message)
+                elif parts:
+                    self._on_message(identity, parts[0], parts[1:])
             except Exception:  # one bad message must not take the frontend down
                 log.exception("failed to handle a message from client %s", identity.hex())
+
+    def _refuse(self, message: Bounded) -> None:
+        """A message over the bounds of :meth:`_on_messages` (already released): answer
+        its request, named by its header if that could be kept, with an error: too many
+        frames is a ProtocolError, too many bytes for an INFER an InvalidInputError."""
+        identity, why = message.identity, message.refused
+        header = message.frames[0] if message.frames else None
+        log.warning("refused %s from client %s", why, identity.hex())
+        request_id = remote.request_id(header.bytes) if header is not None else -1
+        limit = self.max_request_bytes
+        error: Exception = ProtocolError(f"message refused: {why}")
+        if message.count <= remote.MAX_FRAMES and limit is not None and header is not None and request_id >= 0:
+            try:
+                msg = remote.decode(header.bytes)
+            except ProtocolError:
+                pass
+            else:
+                if isinstance(msg, remote.Infer):
+                    error = InvalidInputError(msg.model, None, f"at most max_request_bytes={limit} bytes", why)
+        self._reply_error(identity, request_id, error)
 
     def _on_message(self, identity: bytes, first: zmq.Frame, frames: list[zmq.Frame]) -> None:
         header = first.bytes
@@ -509,7 +611,8 @@ class _Server:
         try:
             msg = remote.decode(header)
         except ProtocolError as e:
-            self._reply_error(identity, -1, e)
+            # (answered as the request it names, if it names one: its caller fails now)
+            self._reply_error(identity, remote.request_id(header), e)
             return
         if session is None:
             if isinstance(msg, (remote.Infer, remote.Query)):
@@ -577,6 +680,11 @@ class _Server:
             return
         if msg.id in session.pending:
             self._reply_error(session.identity, msg.id, ProtocolError(f"request id {msg.id} is already in flight"))
+            return
+        referenced = sum(1 for d in msg.tensors if d.kind == FRAME)
+        if len(frames) > referenced:
+            extra = ProtocolError(f"{len(frames)} data frames, but the header refers to {referenced}")
+            self._reply_error(session.identity, msg.id, extra)
             return
         limit = self.max_request_bytes
         if limit is not None:
@@ -813,11 +921,13 @@ class _Server:
     def _shutdown(self) -> None:
         """Fail what did not finish in the grace period, end every session (I/O thread)."""
         self._on_completions()
+        if self.failure is None:
+            why = "the server closed before the request finished"
+        else:
+            why = f"the server's ZeroMQ frontend failed ({self.failure!r}) before the request finished"
         for session in list(self._sessions.values()):
             for request_id in list(session.pending):
-                self._reply_error(
-                    session.identity, request_id, PoolClosedError("the server closed before the request finished")
-                )
+                self._reply_error(session.identity, request_id, PoolClosedError(why))
             self._end(session)
         for fd in list(self._unattached):
             self._drop_conn(fd)
@@ -843,6 +953,19 @@ class _Server:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._ipc_lock >= 0:
+            # Still holding the endpoint's lock, so a socket file at the path is the one
+            # bound here (if libzmq did not remove it at close already): remove it, then
+            # the lock file, then let go of the lock.
+            assert self._ipc_path is not None
+            if self._ipc_bound:
+                try:
+                    if stat.S_ISSOCK(os.lstat(self._ipc_path).st_mode):
+                        os.unlink(self._ipc_path)
+                except OSError:
+                    pass
+            _release_ipc_lock(self._ipc_path + ".lock", self._ipc_lock)
+            self._ipc_lock = -1
         for directory in (self._shm_dir, self._ipc_dir):
             if directory is not None:
                 directory.close()
@@ -920,6 +1043,25 @@ class ZmqFrontend:
     def max_request_bytes(self) -> int | None:
         return self._server.max_request_bytes
 
+    @property
+    def alive(self) -> bool:
+        """Whether the frontend serves: its I/O thread runs. False before :meth:`start`,
+        after :meth:`close`, and once the thread failed on an unexpected exception (a
+        bug, logged as CRITICAL; :attr:`failure` holds it). A server watches it to exit
+        rather than keep a port that no longer answers."""
+        return self._server.alive
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The unexpected exception that stopped the I/O thread, or None."""
+        return self._server.failure
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The I/O thread (None before :meth:`start`): joining it waits, without polling,
+        until the frontend stops serving (closed, or failed)."""
+        return self._server._thread
+
     def start(self) -> ZmqFrontend:
         """Bind the endpoint and start serving; returns ``self``.
 
@@ -936,7 +1078,11 @@ class ZmqFrontend:
         """Stop taking requests, let those in flight finish for up to ``grace`` seconds
         (the rest fail with :class:`PoolClosedError`), then close every socket, thread,
         descriptor and shared-memory arena the frontend owns. Idempotent. The pool is
-        not closed."""
+        not closed.
+
+        Raises:
+            ConfigError: ``grace`` is not a number of seconds >= 0 (a huge one is capped).
+        """
         self._server.close(grace)
         self._finalizer.detach()
 

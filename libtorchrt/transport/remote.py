@@ -31,10 +31,12 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from ..deadlines import check_timeout
 from ..errors import ProtocolError
 from .wire import ARENA, BLOB, DTYPES, FRAME, STRING, TensorDesc
 
 __all__ = [
+    "MAX_FRAMES",
     "PROTOCOL_VERSION",
     "Answer",
     "Attach",
@@ -55,6 +57,7 @@ __all__ = [
     "encode",
     "payload_bytes",
     "peek_protocol",
+    "request_id",
 ]
 
 #: The version of this protocol (client ↔ frontend); independent of ``wire``'s.
@@ -67,6 +70,9 @@ _MAX_TENSORS = 4096
 _MAX_RELEASES = 1 << 16
 _MAX_NAME = 1024
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+#: The most frames a message may have: its header and one data frame per tensor. The
+#: frontend refuses a longer message before it decodes anything (see docs/client.md).
+MAX_FRAMES = 1 + _MAX_TENSORS
 
 
 def boot_id() -> str:
@@ -277,6 +283,25 @@ def peek_protocol(header: bytes | memoryview) -> tuple[int, int | None]:
     return raw[0], None
 
 
+def request_id(header: bytes | memoryview) -> int:
+    """The id of the request (INFER, QUERY or CANCEL) a header names, read without
+    checking the rest: a header that does not decode is then answered with a FAILURE
+    for that request, so that its caller fails at once rather than at its deadline.
+
+    Returns:
+        The id, or -1 when the header names none (or cannot be read at all).
+    """
+    try:
+        raw = _unpack(header)
+    except ProtocolError:
+        return -1
+    if raw[0] in (Infer.KIND, Query.KIND, Cancel.KIND) and len(raw) > 1:
+        ident = raw[1]
+        if type(ident) is int and ident >= 0:
+            return ident
+    return -1
+
+
 def decode(header: bytes | memoryview) -> Message:
     """Decode a header frame into its message.
 
@@ -333,10 +358,15 @@ def _check(msg: Message) -> None:
         if msg.version is not None and not (_is(msg.version, int) and msg.version >= 0):
             raise _fail(msg, "version")
         if msg.timeout is not None:
-            if _is(msg.timeout, int):
-                msg.timeout = float(msg.timeout)
-            if not _is(msg.timeout, float) or not (msg.timeout >= 0 and math.isfinite(msg.timeout)):
+            # NaN, a negative number or a string is refused; a huge one (inf included)
+            # is capped at deadlines.MAX_TIMEOUT_S, as a caller's would be: a deadline
+            # past what any wait can hold must never reach a poll call.
+            if not _is(msg.timeout, int, float):
                 raise _fail(msg, "timeout")
+            try:
+                msg.timeout = check_timeout(msg.timeout)
+            except ValueError:
+                raise ProtocolError(f"malformed Infer message: bad 'timeout' ({msg.timeout!r:.40})") from None
         if msg.names is not None and not _names(msg.names):
             raise _fail(msg, "names")
         msg.tensors = _tensors(msg.tensors)

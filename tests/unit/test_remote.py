@@ -3,6 +3,7 @@ data (``_plain``) and the shared-memory hand-off (``transport.fdpass``): no proc
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import socket
@@ -23,6 +24,7 @@ from libtorchrt._plain import (
     statuses_from_plain,
     statuses_to_plain,
 )
+from libtorchrt.deadlines import MAX_TIMEOUT_S
 from libtorchrt.errors import ProtocolError, TorchRTError
 from libtorchrt.info import InstanceHealth, ModelHealth, ModelStatus
 from libtorchrt.transport import fdpass, remote
@@ -149,6 +151,45 @@ def test_decode_raises_only_protocol_errors(kind: int, fields: list[Any]) -> Non
         remote.decode(msgpack.packb([kind, *fields]))
     except ProtocolError:
         pass
+
+
+def _infer_with_timeout(timeout: Any) -> bytes:
+    return msgpack.packb([remote.Infer.KIND, 1, "m", None, timeout, None, []])
+
+
+@pytest.mark.parametrize(
+    ("timeout", "expected"),
+    [(0, 0.0), (5, 5.0), (1.5, 1.5), (1e300, MAX_TIMEOUT_S), (math.inf, MAX_TIMEOUT_S), (2**64 - 1, MAX_TIMEOUT_S)],
+)
+def test_a_far_timeout_is_capped_as_a_callers_would_be(timeout: Any, expected: float) -> None:
+    msg = remote.decode(_infer_with_timeout(timeout))
+    assert isinstance(msg, remote.Infer) and msg.timeout == expected and type(msg.timeout) is float
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1.0, -(2**63), "5", True, [1], {"s": 1}, b"5"])
+def test_a_timeout_that_is_not_one_is_a_protocol_error(timeout: Any) -> None:
+    with pytest.raises(ProtocolError, match="timeout"):
+        remote.decode(_infer_with_timeout(timeout))
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (_infer_with_timeout(math.nan), 1),
+        (msgpack.packb([remote.Query.KIND, 7, "secrets"]), 7),
+        (msgpack.packb([remote.Cancel.KIND, 2**63 - 1, "extra"]), 2**63 - 1),
+        (msgpack.packb([remote.Infer.KIND, -5, "m"]), -1),
+        (msgpack.packb([remote.Infer.KIND, True, "m"]), -1),
+        (msgpack.packb([remote.Infer.KIND, 2**64 - 1, "m"]), 2**64 - 1),
+        (msgpack.packb([remote.Infer.KIND]), -1),
+        (msgpack.packb([remote.Release.KIND, 3]), -1),
+        (msgpack.packb([remote.Hello.KIND, 1]), -1),
+        (b"\xc1garbage", -1),
+        (b"", -1),
+    ],
+)
+def test_request_id_names_the_request_of_a_header_that_does_not_decode(header: bytes, expected: int) -> None:
+    assert remote.request_id(header) == expected
 
 
 def test_payload_bytes_counts_tensors_and_string_blobs() -> None:

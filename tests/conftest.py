@@ -58,6 +58,17 @@ def run_threads(target: Callable[[int], None], n: int) -> None:
         t.join()
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` once ``timeout`` seconds
+    have passed. For waiting on a state the test cannot be told about by an event (a
+    worker busy, a request queued, a restart done): never a bare sleep."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)
+
+
 def snapshot() -> dict[str, Any]:
     return {"children": children(), "fds": open_fds(), "maps": shm_mappings()}
 

@@ -62,6 +62,7 @@ from ._state import (
 from .config.model import ModelConfig
 from .deadlines import poll_ms
 from .errors import (
+    ConfigError,
     InvalidInputError,
     ModelError,
     ModelUnavailableError,
@@ -172,10 +173,16 @@ class Router:
         self.gpu = DeviceBuffers(options.request_arena_bytes, options.response_arena_bytes)
         try:
             for cfg in configs:
-                placements = cfg.placements()
+                try:
+                    placements = cfg.placements()
+                    unplaceable = None
+                except ConfigError as e:  # (a GPU this machine lacks): this model only fails
+                    placements, unplaceable = [], e
                 arena = Arena(options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-v{cfg.version}-req")
                 m = _Model(cfg, arena, Allocator(arena.size))
                 m.declared_outputs = _declared_outputs(cfg)
+                if unplaceable is not None:
+                    m.failed, m.start_error = str(unplaceable), unplaceable
                 m.slots = [_Slot(i, d) for i, d in enumerate(placements)]
                 m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
                 # (string inputs are not batched yet: see docs/batching.md)
@@ -401,6 +408,7 @@ class Router:
         for m in self.models.values():
             for slot in m.slots:
                 self._spawn(m, slot)
+        self._check_started()  # (when no model has a worker to wait for)
 
     def _spawn(self, m: _Model, slot: _Slot) -> None:
         identity = f"w{next(self._identities)}".encode()

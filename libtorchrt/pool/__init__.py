@@ -148,14 +148,26 @@ class Pool:
         if len(set(keys)) != len(keys):
             repeated = sorted({f"{n} version {v}" for n, v in keys if keys.count((n, v)) > 1})
             raise ValueError(f"models repeat: {repeated}")
-        for cfg in configs:
-            cfg.check_files()
-        #: models of the repository whose configuration could not be read
-        self._load_errors = [ModelStatus(name, None, "failed", str(e)) for name, e in errors]
-        if not configs:
-            if errors:
-                raise errors[0][1]
+        if not configs and not errors:
             raise ValueError("Pool needs a model repository or models=[ModelConfig(...)]")
+        #: models that could not be loaded before any worker started: a repository's
+        #: whose configuration could not be read (version None), and any whose file is
+        #: missing; each fails alone, unless strict
+        self._load_errors = [ModelStatus(name, None, "failed", str(e)) for name, e in errors]
+        usable = []
+        for cfg in configs:
+            try:
+                cfg.check_files()
+            except ConfigError as e:
+                if strict:
+                    raise
+                errors.append((cfg.name, e))
+                self._load_errors.append(ModelStatus(cfg.name, cfg.version, "failed", str(e)))
+                continue
+            usable.append(cfg)
+        configs = usable
+        if not configs:
+            raise errors[0][1]
         self._closed = False
         #: per event loop, what wakes it for finished requests (infer_async)
         self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = weakref.WeakKeyDictionary()

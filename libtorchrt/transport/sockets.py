@@ -143,6 +143,8 @@ def recv_bounded(sock: zmq.Socket, max_frames: int, max_bytes: int | None) -> Bo
 
 #: the lock file that marks a private directory as its owner's (see the module docstring)
 _OWNER = ".owner.lock"
+#: its public name: a worker whose front died removes it with the front's directory
+OWNER_LOCK = _OWNER
 
 
 def hold_lock(path: str, *, create: bool = True) -> int | None:

@@ -40,7 +40,7 @@ from ..errors import ProtocolError
 from ..transport import tensors as tensor_io
 from ..transport import wire
 from ..transport.arena import Allocator, Arena
-from ..transport.sockets import recv, send
+from ..transport.sockets import OWNER_LOCK, recv, send
 from . import batching
 from . import flags as flag_mod
 from .gpu import GpuSide
@@ -126,6 +126,8 @@ def _orphaned_exit(spec: WorkerSpec, front_gone: bool = False) -> None:
         path = spec.endpoint.removeprefix("ipc://")
         with contextlib.suppress(OSError):
             os.unlink(path)
+        with contextlib.suppress(OSError):  # (the dead front's lock: nobody holds it now)
+            os.unlink(os.path.join(os.path.dirname(path), OWNER_LOCK))
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(path))
     os._exit(0)

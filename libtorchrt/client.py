@@ -121,6 +121,27 @@ def _finalize(connection: Connection) -> None:
         connection.stop(grace=0.0)
 
 
+def _check_endpoint(endpoint: object) -> None:
+    """Refuse, with what to do instead, an endpoint that is not libtorchrt's ZeroMQ."""
+    if not isinstance(endpoint, str):
+        raise ConfigError(f"endpoint {endpoint!r}: expected a string such as 'tcp://HOST:PORT'", key="endpoint")
+    scheme, sep, _ = endpoint.partition("://")
+    if sep and scheme in ("tcp", "ipc"):
+        return
+    if scheme in ("http", "https"):
+        hint = (
+            "Client speaks libtorchrt's ZeroMQ protocol: start the server with --zmq tcp://HOST:PORT and "
+            "connect to that; for its HTTP endpoint use tritonclient.http (KServe v2) instead"
+        )
+    elif scheme in ("grpc", "grpcs"):
+        hint = "Client speaks libtorchrt's ZeroMQ protocol (tcp:// or ipc://); the server does not serve gRPC yet"
+    elif not sep:
+        hint = f"give a ZeroMQ endpoint with its transport: 'tcp://{endpoint}' or 'ipc:///path/to/socket'"
+    else:
+        hint = "expected tcp://HOST:PORT or ipc:///PATH"
+    raise ConfigError(f"endpoint {endpoint!r}: {hint}", key="endpoint")
+
+
 class Client:
     """A pool served by a :class:`~libtorchrt.server.zmq_frontend.ZmqFrontend`, maybe on
     another host, with the same calls as :class:`~libtorchrt.Pool`.
@@ -165,6 +186,7 @@ class Client:
         request_arena_bytes: int = 128 << 20,
         inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
     ) -> None:
+        _check_endpoint(endpoint)
         self.endpoint = endpoint
         self.timeout = _setting("timeout", timeout)
         checked = _setting("connect_timeout", connect_timeout, allow_zero=False)

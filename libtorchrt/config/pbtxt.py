@@ -19,6 +19,7 @@ docs/configuration.md lists them all, with the reasons.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -84,6 +85,33 @@ _USED = {
 _NO_FIELD_RE = re.compile(r'Message type "(?:[\w.]+\.)?(\w+)" has no field named "(\w+)"')
 
 
+_NO_ENUM_VALUE_RE = re.compile(r'Enum type "([\w.]+)" has no value named (\w+)')
+
+
+def _did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _field_names(owner: str) -> list[str]:
+    """The fields of the message type named ``owner`` (its short name), for hints."""
+    pending = list(pb.ModelConfig.DESCRIPTOR.file.message_types_by_name.values())
+    while pending:
+        d = pending.pop()
+        if d.name == owner:
+            return [f.name for f in d.fields]
+        pending += d.nested_types
+    return []
+
+
+def _enum_values(full_name: str) -> list[str]:
+    try:
+        enum = pb.ModelConfig.DESCRIPTOR.file.pool.FindEnumTypeByName(full_name)
+    except KeyError:
+        return []
+    return [v.name for v in enum.values]
+
+
 def parse_text(text: str, where: str = "<config.pbtxt>") -> pb.ModelConfig:
     """Parse config text into the protobuf message.
 
@@ -106,7 +134,11 @@ def parse_text(text: str, where: str = "<config.pbtxt>") -> pb.ModelConfig:
             if owner == "ModelConfig" and key in _UNMODELLED:
                 message = f"field {key!r} is not supported: {_UNMODELLED[key]}"
             else:
-                message = f"{owner} has no field {key!r} (see Triton's model_config.proto); check the spelling"
+                hint = _did_you_mean(key, _field_names(owner))
+                message = f"{owner} has no field {key!r} (see Triton's model_config.proto); check the spelling{hint}"
+        m = _NO_ENUM_VALUE_RE.search(message)
+        if m:
+            message = message.rstrip(".") + _did_you_mean(m.group(2), _enum_values(m.group(1)))
         raise ConfigError(f"{loc}: {message}", key=key) from None
     return msg
 

@@ -8,6 +8,7 @@ types are kept by their wire name (``"float32"``); Triton's ``TYPE_STRING`` is
 
 from __future__ import annotations
 
+import difflib
 import math
 import operator
 from collections.abc import Sequence
@@ -43,6 +44,23 @@ _TRITON_NAMES = {v: k for k, v in TRITON_DTYPES.items()}
 _EXPECTED = f"expected one of {', '.join(TRITON_DTYPES)} (or a torch dtype)"
 
 
+def _suggest(value: object) -> str:
+    """' did you mean TYPE_FP32?' for a near miss (``TYPE_FLOAT32``, ``TYPE_FP23``), else ''."""
+    if not isinstance(value, str):
+        return ""
+    text = value.strip().upper()
+    names = [*TRITON_DTYPES, *(f"TYPE_{n.upper()}" for n in DTYPES), *(n.upper() for n in DTYPES)]
+    close = difflib.get_close_matches(text, names, n=1, cutoff=0.7)
+    if not close:
+        return ""
+    name = close[0]
+    if not name.startswith("TYPE_"):
+        name = name.lower()
+    elif name not in TRITON_DTYPES:  # TYPE_FLOAT32: Triton spells it TYPE_FP32
+        name = _TRITON_NAMES.get(name.removeprefix("TYPE_").lower(), name)
+    return f" did you mean {name}?"
+
+
 def normalize_dtype(value: str | torch.dtype, *, model: str = "?", where: str = "dtype") -> str:
     """Return the dtype name of a dtype given as torch dtype, wire name or Triton name.
 
@@ -53,7 +71,9 @@ def normalize_dtype(value: str | torch.dtype, *, model: str = "?", where: str = 
     """
     name = _dtype(value)
     if name is None:
-        raise ConfigError(f"model {model!r}: {where} {value!r} is not supported; {_EXPECTED}", model=model, key=where)
+        raise ConfigError(
+            f"model {model!r}: {where} {value!r} is not supported;{_suggest(value)} {_EXPECTED}", model=model, key=where
+        )
     return name
 
 
@@ -85,7 +105,7 @@ def dtype_of(value: str | torch.dtype, what: str) -> str:
     name = _dtype(value)
     if name is None:
         where = f"{what}: " if what else ""
-        raise ConfigError(f"{where}data_type {value!r} is not supported; {_EXPECTED}", key="data_type")
+        raise ConfigError(f"{where}data_type {value!r} is not supported;{_suggest(value)} {_EXPECTED}", key="data_type")
     return name
 
 

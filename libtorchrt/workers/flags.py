@@ -10,6 +10,7 @@ is its own process, so a flag is exact for its model and never leaks into anothe
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from collections.abc import Mapping
@@ -91,9 +92,16 @@ class Flags:
         if self.unknown:
             notes.append(
                 "parameters that are not execution-mode flags were passed through unused: "
-                + ", ".join(sorted(self.unknown))
+                + ", ".join(_with_suggestion(key) for key in sorted(self.unknown))
             )
         return notes
+
+
+def _with_suggestion(key: str) -> str:
+    """``key``, and the known parameter it is probably a misspelling of."""
+    known = (*BOOL_KEYS, *INT_KEYS, *CONFIG_KEYS)
+    close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.75)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 def parse(model: str, parameters: Mapping[str, Any]) -> Flags:

@@ -43,6 +43,7 @@ from ..transport.arena import Allocator, Arena
 from ..transport.sockets import OWNER_LOCK, recv, send
 from . import batching
 from . import flags as flag_mod
+from . import modelfile
 from .gpu import GpuSide
 from .outputs import DeclaredOutput, check_outputs
 
@@ -167,7 +168,13 @@ def _load(spec: WorkerSpec) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         # torch.jit is deprecated in this torch; we call it on purpose (TorchScript models).
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
-        module = torch.jit.load(spec.path, map_location=spec.device)
+        try:
+            module = torch.jit.load(spec.path, map_location=spec.device)
+        except RuntimeError as e:
+            what = modelfile.describe(spec.path)
+            if what is None:
+                raise
+            raise RuntimeError(f"{spec.path} is {what}") from e
     module.eval()
     return module
 

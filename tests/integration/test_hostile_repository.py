@@ -66,10 +66,15 @@ HOSTILE: dict[str, tuple[str, str | bytes]] = {
     "garbage_text": (HEAD + "input [ { name: \n\x00\xff", "identity"),
     "not_a_model": (HEAD + F32_IN + F32_OUT, b"PK\x03\x04 this is no TorchScript archive"),
     "a_pickle": (HEAD + F32_IN + F32_OUT, b""),  # filled in with a hostile pickle
+    "a_checkpoint": (HEAD + F32_IN + F32_OUT, b""),  # filled in with a torch.save state dict
 }
 FAILED = ("bad_timeout", "many_instances", "many_dims", "huge_dims", "unknown_field", "garbage_text")
 #: models whose workers fail to load the file: failed at start, with the load error
-UNLOADABLE = ("not_a_model", "a_pickle")
+UNLOADABLE = {
+    "not_a_model": "not a TorchScript archive (not a zip file",
+    "a_pickle": "is a pickle (torch.save with the legacy format, or pickle.dump), not TorchScript",
+    "a_checkpoint": "is a torch.save checkpoint (a state dict or a pickled module), not TorchScript",
+}
 
 
 def _wait(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:
@@ -93,6 +98,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pool, Pa
         target = repo / name / "1" / "model.pt"
         if name == "a_pickle":
             target.write_bytes(pickle.dumps(_Evil(marker)))
+        elif name == "a_checkpoint":
+            torch.save(models.reference("tiny").state_dict(), target)
         elif isinstance(model, bytes):
             target.write_bytes(model)
         else:
@@ -140,8 +147,9 @@ def test_a_file_that_is_no_torchscript_fails_its_model_only_and_is_never_unpickl
 ) -> None:
     pool, marker = hostile
     states = {s.name: s for s in pool.models()}
-    for name in UNLOADABLE:
+    for name, words in UNLOADABLE.items():  # (torch says "your checkpoint file is corrupted")
         assert states[name].state == "failed", states[name]
+        assert words in (states[name].error or ""), states[name]
         with pytest.raises(ModelUnavailableError):
             pool.infer(name, [torch.ones(1)])
     assert not marker.exists(), "a pickle in the repository was unpickled"

@@ -537,7 +537,9 @@ class _Reader:
         if msg.response_cache.enable:
             self.notes.append("response_cache is ignored: libtorchrt has no response cache, every request runs")
         if msg.metric_tags:
-            self.notes.append(f"metric_tags {dict(msg.metric_tags)} are ignored: libtorchrt exports no metrics")
+            self.notes.append(
+                f"metric_tags {dict(msg.metric_tags)} are ignored: they are not added to the server's metrics"
+            )
 
     def _filename(self) -> str:
         name = self.msg.default_model_filename or DEFAULT_MODEL_FILENAME

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import queue
 import re
@@ -13,10 +15,24 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+from prometheus_client import parser as prometheus_parser
+
 from tests import models, triton_models
 from tests.conftest import children
 
-__all__ = ["SPIN_CONFIG", "ServerProcess", "build_repository", "children_of"]
+__all__ = [
+    "SPIN_CONFIG",
+    "Metrics",
+    "ServerProcess",
+    "add_model",
+    "build_repository",
+    "children_of",
+    "metrics",
+    "model_workers",
+    "request",
+    "sample",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +73,68 @@ def build_repository(directory: Path, names: tuple[str, ...] = TRITON_MODELS, *,
         (repo / "broken" / "1").mkdir(parents=True)
         (repo / "broken" / "config.pbtxt").write_text(BROKEN_CONFIG)
     return repo
+
+
+def add_model(repo: Path, name: str, config: str, module: torch.nn.Module) -> None:
+    """Add model ``name`` to the repository ``repo``: ``config`` as its config.pbtxt,
+    ``module`` scripted as its version 1."""
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(config)
+    torch.jit.script(module).save(str(repo / name / "1" / "model.pt"))
+
+
+def model_workers(pid: int, model: str) -> set[int]:
+    """PIDs of the live workers of ``model`` among the children of the server ``pid``
+    (a worker's command line ends with its spec, which names its model)."""
+    found = set()
+    for child in children_of(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) >= 4 and argv[1:3] == [b"-m", b"libtorchrt.workers"] and json.loads(argv[3])["model"] == model:
+            found.add(child)
+    return found
+
+
+def request(
+    address: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on a connection of its own: status, headers (lower-case names), body."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+#: scraped metrics: (name, sorted labels) -> value
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics(address: str, headers: dict[str, str] | None = None) -> Metrics:
+    """Scrape ``http://address/metrics``."""
+    status, _, body = request(address, "GET", "/metrics", headers=headers)
+    assert status == 200, body
+    out = {}
+    for family in prometheus_parser.text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(values: Metrics, name: str, **labels: str) -> float:
+    """One sample of scraped ``values``."""
+    return values[(name, tuple(sorted(labels.items())))]
 
 
 def children_of(pid: int) -> set[int]:

@@ -9,26 +9,28 @@ import gzip
 import http.client
 import json
 import os
+import select
 import socket
 import stat
 import struct
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # with tritonclient (a dev dependency): how it holds BF16
 import numpy as np
 import pytest
 import torch
+import tritonclient.http as tritonhttp
+from tritonclient.utils import np_to_triton_dtype
 
+from libtorchrt import Client
 from tests import triton_models
-from tests.server_util import ServerProcess, alive, build_repository
-
-tritonhttp = pytest.importorskip("tritonclient.http")
-prometheus_parser = pytest.importorskip("prometheus_client.parser")
-np_to_triton_dtype = pytest.importorskip("tritonclient.utils").np_to_triton_dtype
+from tests.conftest import wait_for
+from tests.server_util import ServerProcess, alive, build_repository, metrics, request, sample
 
 LIMIT = 1 << 20  # --max-request-bytes of the main server
 TOKEN = "s3cret-token-for-the-tests-0123456789"
@@ -63,38 +65,9 @@ def client(server: ServerProcess) -> Iterator[Any]:
     c.close()
 
 
-def request(
-    address: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    host, port = address.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        conn.close()
-
-
 def infer_json(address: str, model: str, doc: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     status, _, body = request(address, "POST", f"/v2/models/{model}/infer", json.dumps(doc).encode(), headers)
     return status, json.loads(body) if body else None
-
-
-def metrics(
-    address: str, headers: dict[str, str] | None = None
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, _, body = request(address, "GET", "/metrics", headers=headers)
-    assert status == 200, body
-    out = {}
-    for family in prometheus_parser.text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def sample(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return values[(name, tuple(sorted(labels.items())))]
 
 
 # ── tritonclient.http: the acceptance test ─────────────────────────────────────
@@ -135,9 +108,7 @@ def _inputs(name: str, version: int | None, binary: bool) -> tuple[list[Any], di
     out = []
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor):
-            if value.dtype == torch.bfloat16:
-                import ml_dtypes  # tritonclient sends BF16 from ml_dtypes arrays, as binary only
-
+            if value.dtype == torch.bfloat16:  # tritonclient sends BF16 from ml_dtypes arrays, as binary only
                 arr = value.float().numpy().astype(ml_dtypes.bfloat16)
                 kind = "BF16"
             else:
@@ -212,8 +183,7 @@ def test_compressed_requests_and_concurrency(client: Any, server: ServerProcess)
 
 
 def test_the_zmq_client_gets_the_same_answers(server: ServerProcess) -> None:
-    client_module = pytest.importorskip("libtorchrt.client")
-    with client_module.Client(server.zmq, timeout=60) as c:
+    with Client(server.zmq, timeout=60) as c:
         for name, version in CASES:
             inputs, expected = triton_models.example(name, version)
             triton_models.check(name, c.infer(name, inputs, version=version), expected)
@@ -310,6 +280,18 @@ def test_bad_paths_get_a_clear_error(server: ServerProcess, method: str, path: s
     assert message in json.loads(data)["error"]
 
 
+def _send_until_answered(s: socket.socket, chunks: list[bytes]) -> None:
+    """Send ``chunks`` on ``s`` until the server answers, or has closed the connection
+    (having answered: the answer then waits in the socket's receive buffer)."""
+    for chunk in chunks:
+        if select.select([s], [], [], 0)[0]:
+            return
+        try:
+            s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
 def test_oversize_bodies_are_refused_before_they_are_read(server: ServerProcess) -> None:
     host, port = server.http.rsplit(":", 1)
     # Content-Length over the limit: refused on the headers, the body never sent.
@@ -319,17 +301,16 @@ def test_oversize_bodies_are_refused_before_they_are_read(server: ServerProcess)
         r.begin()
         assert r.status == 413
         assert "--max-request-bytes" in json.loads(r.read())["error"]
-    # A chunked body that grows past the limit: refused once it does.
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    chunks = (bytes(64 << 10) for _ in range(LIMIT // (64 << 10) + 8))
-    try:
-        conn.request("POST", "/v2/models/spin/infer", body=chunks, encode_chunked=True)
-        r = conn.getresponse()
-        assert r.status == 413 and "larger than" in json.loads(r.read())["error"]
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server answered and closed while the rest was still being sent
-    finally:
-        conn.close()
+    # A chunked body that grows past the limit: refused once it does. (Had the server not
+    # refused it, the last chunk would end the body, and it would answer otherwise.)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v2/models/spin/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (64 << 10) + bytes(64 << 10) + b"\r\n"
+        _send_until_answered(s, [chunk] * (LIMIT // (64 << 10) + 8) + [b"0\r\n\r\n"])
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        assert r.status == 413, r.read()
+        assert "larger than" in json.loads(r.read())["error"]
     # A small gzip body that inflates past the limit.
     bomb = gzip.compress(bytes(LIMIT * 4))
     code, _, data = request(server.http, "POST", "/v2/models/spin/infer", bomb, {"Content-Encoding": "gzip"})
@@ -355,13 +336,35 @@ def _settled(server: ServerProcess, fds: int, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+SPIN_LABELS = {"model": "spin", "version": "1"}
+
+
+def _spin_body(n: float) -> bytes:
+    """A JSON request to spin: about ``n`` * 1.6 µs of work (more on a busy machine)."""
+    return json.dumps({"inputs": [{"name": "INPUT__0", "shape": [1], "datatype": "FP32", "data": [n]}]}).encode()
+
+
+def _spin_load(server: ServerProcess) -> tuple[int, int]:
+    """spin's requests sent to its workers, and those waiting in the pool's queue."""
+    values = metrics(server.metrics)
+    return (int(sample(values, "libtorchrt_inflight_requests", **SPIN_LABELS)),
+            int(sample(values, "nv_inference_pending_request_count", **SPIN_LABELS)))  # fmt: skip
+
+
+def _send_and_keep(server: ServerProcess, body: bytes) -> socket.socket:
+    """A connection that has sent one inference request to spin and reads nothing."""
+    host, port = server.http.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(f"POST /v2/models/spin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+              + body)  # fmt: skip
+    return s
+
+
 def test_clients_that_go_away_leave_nothing_behind(server: ServerProcess) -> None:
     host, port = server.http.rsplit(":", 1)
-    status, _ = infer_json(server.http, "spin", {"inputs": [{"name": "INPUT__0", "shape": [1], "datatype": "FP32",
-                                                             "data": [10]}]})  # fmt: skip
+    status, _, _ = request(server.http, "POST", "/v2/models/spin/infer", _spin_body(10))
     assert status == 200
     fds = _server_fds(server)
-    success = sample(metrics(server.metrics), "nv_inference_request_success_total", model="spin", version="1")
     spin = {"inputs": [{"name": "INPUT__0", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}
     body, headers = _binary(spin, struct.pack("<f", 300_000.0))  # about half a second of work
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -369,18 +372,58 @@ def test_clients_that_go_away_leave_nothing_behind(server: ServerProcess) -> Non
         with socket.create_connection((host, int(port)), timeout=30) as s:
             s.sendall(f"POST /v2/models/spin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n"
                       .encode() + body[: len(body) // 2])  # fmt: skip
-    for _ in range(4):  # gone while the model runs (two instances: two run, two wait)
+    for k in range(2):  # gone while the model runs: its outputs are dropped
         with socket.create_connection((host, int(port)), timeout=30) as s:
             s.sendall(f"POST /v2/models/spin/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n"
                       .encode() + body)  # fmt: skip
-            time.sleep(0.1)
+            wait_for(lambda k=k: sum(_spin_load(server)) == k + 1, 30, "the request to reach the pool")
     _settled(server, fds)
-    values = metrics(server.metrics)
-    # at most the requests that were running ran; the waiting ones were cancelled
-    assert sample(values, "nv_inference_request_success_total", model="spin", version="1") <= success + 4
     status, doc = infer_json(server.http, "spin", {"inputs": [{"name": "INPUT__0", "shape": [1], "datatype": "FP32",
                                                                "data": [10]}]})  # fmt: skip
     assert status == 200 and doc["outputs"][0]["data"] == [10.0]
+
+
+def test_requests_of_clients_that_went_away_never_run(server: ServerProcess) -> None:
+    """A request still in the pool's queue when its client disconnects is cancelled:
+    it never runs. Both instances of spin are kept busy by a long request, the requests
+    the pool sends ahead to each worker are filled with short ones, and those of the
+    clients that go away wait behind them in the pool's queue."""
+    fds = _server_fds(server)
+    before = metrics(server.metrics)
+    assert _spin_load(server) == (0, 0)
+    with ThreadPoolExecutor(32) as ex:
+        kept: list[Future[tuple[int, dict[str, str], bytes]]] = []
+
+        def send(n: float, count: int) -> None:
+            for _ in range(count):
+                kept.append(ex.submit(request, server.http, "POST", "/v2/models/spin/infer", _spin_body(n)))
+            wait_for(lambda: sum(_spin_load(server)) == len(kept), 30, f"{len(kept)} requests to reach the pool")
+
+        send(2_000_000, 2)  # a second or more each, one per instance
+        assert _spin_load(server) == (2, 0)
+        while _spin_load(server)[1] == 0:  # until requests wait in the pool's queue, not in a worker's
+            assert len(kept) < 64, "the workers take every request: the pool queues none"
+            send(10, 4)
+        fds_kept = _server_fds(server)
+        queued = _spin_load(server)[1]
+        gone = [_send_and_keep(server, _spin_body(10)) for _ in range(3)]
+        wait_for(lambda: _spin_load(server)[1] == queued + len(gone), 30, "the requests to be queued in the pool")
+        for s in gone:
+            s.close()
+        wait_for(lambda: _server_fds(server) <= fds_kept, 30, "the server to close the connections of the clients")
+        # (the long requests still run: nothing was sent to a worker since they were queued)
+        assert not kept[0].done() and not kept[1].done(), "the long requests ended too early: make them longer"
+        answers = [f.result(120) for f in kept]
+    assert [status for status, _, _ in answers] == [200] * len(kept), answers
+    _settled(server, fds)
+    after = metrics(server.metrics)
+
+    def delta(name: str) -> float:
+        return sample(after, name, **SPIN_LABELS) - sample(before, name, **SPIN_LABELS)
+
+    # exactly the requests whose clients stayed ran; those of the clients that went away never did
+    assert delta("nv_inference_exec_count_total") == len(kept)
+    assert delta("nv_inference_request_success_total") == len(kept)
 
 
 def test_metrics(server: ServerProcess, client: Any) -> None:
@@ -489,12 +532,20 @@ def test_sigterm_under_load_drains_and_exits_cleanly(guarded: ServerProcess) -> 
         time.sleep(0.02)
     guarded.proc.terminate()
     guarded.wait_for("stopping: draining", 10)
-    # new requests are refused: 503 while it drains, or no connection at all once it stopped listening
-    try:
-        status, doc = infer_json(guarded.http, "spin", SPIN, AUTH)
-        assert status == 503 and "shutting down" in doc["error"]
-    except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
-        pass
+    # New requests are refused from now on: 503 while the listener is still open (until
+    # uvicorn's next tick, at most 0.1 s later), then no connection at all; the listener
+    # closes while the requests in flight still run. (The 503 and the readiness probe's
+    # 400 while draining are tested in tests/integration/test_server_drain.py.)
+    refused: list[tuple[int, Any]] = []
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            refused.append(infer_json(guarded.http, "spin", SPIN, AUTH))
+        except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
+            break  # not listening any more
+        assert time.monotonic() < deadline, f"still taking connections 10 s into the drain: {refused[-3:]}"
+    assert all(status == 503 and "shutting down" in doc["error"] for status, doc in refused), refused
+    assert not results, "the listener closed only once the requests in flight had finished"
     for t in threads:
         t.join(60)
     assert [status for status, _ in results] == [200] * 4, results

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml  # a dev dependency (pyproject.toml): docs/deployment.md's manifests are YAML
 
 from libtorchrt.server.cli import build_parser, options_from
 from libtorchrt.server.security import Address, UsageError
-
-yaml = pytest.importorskip("yaml")
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 TOKEN = "0123456789abcdef-token"
@@ -90,12 +89,18 @@ def test_bad_values_are_argparse_errors(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_module_and_console_script() -> None:
-    main = Path(__file__).resolve().parents[2] / "libtorchrt" / "pool" / "__main__.py"
-    assert "from libtorchrt.server.cli import main" in main.read_text()
+    root = Path(__file__).resolve().parents[2]
+    assert "from libtorchrt.server.cli import main" in (root / "libtorchrt" / "pool" / "__main__.py").read_text()
+    assert re.search(r'(?m)^libtorchrt-pool = "libtorchrt\.server\.cli:main"$', (root / "pyproject.toml").read_text())
+
+
+def test_the_installed_console_script() -> None:
+    try:
+        importlib.metadata.distribution("libtorchrt")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("libtorchrt runs from its source tree here, not installed (pip install -e .)")
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
-    if "libtorchrt-pool" not in scripts:
-        pytest.skip("libtorchrt is not installed with its console scripts (pip install -e .)")
-    assert scripts["libtorchrt-pool"] == "libtorchrt.server.cli:main"
+    assert scripts.get("libtorchrt-pool") == "libtorchrt.server.cli:main", "reinstall: pip install -e ."
 
 
 # ── docs/deployment.md ─────────────────────────────────────────────────────────

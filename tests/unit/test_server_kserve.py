@@ -6,6 +6,7 @@ import json
 import struct
 from typing import Any
 
+import ml_dtypes  # comes with tritonclient (a dev dependency): how clients hold BF16
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,6 @@ from libtorchrt.deadlines import MAX_TIMEOUT_S
 from libtorchrt.info import ModelStats, ModelStatus
 from libtorchrt.server import kserve, metadata
 from libtorchrt.server.kserve import InferRequest, OutputRequest, RequestError, decode_request, encode_response
-
-ml_dtypes = pytest.importorskip("ml_dtypes")  # with tritonclient: how clients hold BF16
 
 DTYPES = ["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"]
 

@@ -139,8 +139,10 @@ def test_two_event_loops_in_two_threads_share_a_pool(affine_pool: Callable[..., 
     threads = [threading.Thread(target=loop_thread, args=(t,)) for t in range(2)]
     for th in threads:
         th.start()
+    deadline = time.monotonic() + 2 * WAIT
     for th in threads:
-        th.join(2 * WAIT)
+        th.join(max(0.0, deadline - time.monotonic()))
+    assert not any(th.is_alive() for th in threads), "an event loop thread is still running"
     assert sorted(results) == [0, 1]
     for outcome in results.values():
         assert not isinstance(outcome, BaseException), outcome
@@ -153,7 +155,10 @@ def test_cancelling_a_request_waiting_for_its_batch_removes_it(affine_pool: Call
     awaiting task is cancelled raises CancelledError there, is never executed, gives
     its arena slot back, and the pool keeps serving."""
     width = 20_000  # 80 KB a row: inputs travel in the request arena
-    pool = affine_pool(max_batch_size=8, width=width, preferred_batch_size=[4], max_queue_delay_microseconds=10_000_000)
+    # (a delay no wait here comes near: the four below leave by their preferred size alone)
+    pool = affine_pool(
+        max_batch_size=8, width=width, preferred_batch_size=[4], max_queue_delay_microseconds=600_000_000
+    )
     m = pool._router.default["m"]
 
     async def main() -> list[Tensor]:
@@ -163,10 +168,7 @@ def test_cancelling_a_request_waiting_for_its_batch_removes_it(affine_pool: Call
         lone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await lone
-        started = time.monotonic()
-        outs = await infer_all(pool, [request(k, width=width) for k in range(4)])
-        assert time.monotonic() - started < 5.0  # a preferred batch of these four alone
-        return outs
+        return await infer_all(pool, [request(k, width=width) for k in range(4)])
 
     xs = [request(k, width=width) for k in range(4)]
     check_own_rows(xs, asyncio.run(main()))
@@ -217,10 +219,10 @@ def test_invalid_inputs_fail_at_once_and_the_pool_keeps_serving(affine_pool: Cal
             torch.zeros(1, 4, dtype=torch.int64),  # wrong dtype
         ]
         for x in bad:
-            started = time.monotonic()
+            # raised by the coroutine's first step: before it ever waited for anything
+            step = pool.infer_async("m", x)
             with pytest.raises(InvalidInputError):
-                await pool.infer_async("m", x)
-            assert time.monotonic() - started < 1.0
+                step.send(None)
         return ok_before + await infer_all(pool, [request(2), request(3, rows=2)])
 
     check_own_rows([request(1), request(2), request(3, rows=2)], asyncio.run(main()))

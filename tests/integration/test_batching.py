@@ -4,6 +4,8 @@ queues, queue timeouts (REJECT and DELAY), priorities and the statistics."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -25,8 +27,14 @@ from libtorchrt import (
     TensorSpec,
     TimeoutError,
 )
-from tests.conftest import run_threads
+from tests.conftest import run_threads, wait_for
 from tests.models import SpinDouble
+
+#: max_queue_delay_microseconds no wait of these tests comes near: a batch that leaves
+#: before it left for another reason (a preferred size, a full batch)
+NEVER = 600_000_000
+#: seconds allowed for what happens without waiting for a delay (generous: a busy VM)
+SOON = 10.0
 
 
 class DropsARow(nn.Module):
@@ -176,35 +184,33 @@ def test_members_views_share_the_batch_memory_and_outlive_each_other(batching_po
 
 def test_a_lone_request_waits_at_most_the_queue_delay(batching_pool: Callable[..., Pool]) -> None:
     pool = batching_pool(max_queue_delay_microseconds=300_000)
-    pool.infer("m", rows(1))  # warm the model up
+    pool.infer("m", rows(1), timeout=SOON)  # warm the model up
     start = time.monotonic()
-    pool.infer("m", rows(2))
-    waited = time.monotonic() - start
-    assert 0.3 <= waited < 0.3 + 0.25, waited
+    # It leaves once the delay is over, though nothing else happens (no request, no
+    # reply): the router wakes for it by itself.
+    assert pool.submit("m", rows(2)).result(SOON)["OUTPUT__0"][0, 0].item() == 5.0
+    assert time.monotonic() - start >= 0.3  # it waited for others to join it
+    assert pool.stats()[0].batch_sizes == {1: 2}
 
 
 def test_a_preferred_size_leaves_at_once(batching_pool: Callable[..., Pool]) -> None:
-    pool = batching_pool(preferred_batch_size=[4], max_queue_delay_microseconds=5_000_000)
-    pool.infer("m", rows(*range(4)))  # one request of 4 rows: preferred, at once
-    start = time.monotonic()
+    pool = batching_pool(preferred_batch_size=[4], max_queue_delay_microseconds=NEVER)
+    pool.infer("m", rows(*range(4)), timeout=SOON)  # one request of 4 rows: preferred, at once
     futures = [pool.submit("m", rows(i)) for i in range(4)]  # four of one row each
-    outs = [f.result(10)["OUTPUT__0"] for f in futures]
-    assert time.monotonic() - start < 2.0  # nowhere near the 5 s delay
+    outs = [f.result(SOON)["OUTPUT__0"] for f in futures]
     assert [o[0, 0].item() for o in outs] == [1.0, 3.0, 5.0, 7.0]
-    assert pool.stats()[0].batch_sizes.get(4, 0) >= 1
+    assert pool.stats()[0].batch_sizes == {4: 2}
 
 
 def test_a_batch_the_next_request_does_not_fit_leaves_at_once(batching_pool: Callable[..., Pool]) -> None:
-    pool = batching_pool(max_batch_size=4, max_queue_delay_microseconds=5_000_000)
-    pool.infer("m", rows(*range(4)))  # warm up (4 rows: full, at once)
-    start = time.monotonic()
+    pool = batching_pool(max_batch_size=4, max_queue_delay_microseconds=NEVER)
+    pool.infer("m", rows(*range(4)), timeout=SOON)  # warm up (4 rows: full, at once)
     three = pool.submit("m", rows(1, 2, 3))
     two = pool.submit("m", rows(4, 5))  # 3 + 2 > 4: the first batch cannot grow
-    assert three.result(10)["OUTPUT__0"][:, 0].tolist() == [3.0, 5.0, 7.0]
-    assert time.monotonic() - start < 2.0  # nowhere near the 5 s delay
+    assert three.result(SOON)["OUTPUT__0"][:, 0].tolist() == [3.0, 5.0, 7.0]
     assert not two.done()  # it waits for rows to join it, up to the delay
-    pool.submit("m", rows(6, 7)).result(10)  # 2 + 2 = 4 rows: full
-    assert two.result(10)["OUTPUT__0"][:, 0].tolist() == [9.0, 11.0]
+    pool.submit("m", rows(6, 7)).result(SOON)  # 2 + 2 = 4 rows: full
+    assert two.result(SOON)["OUTPUT__0"][:, 0].tolist() == [9.0, 11.0]
     assert pool.stats()[0].batch_sizes == {4: 2, 3: 1}
 
 
@@ -228,11 +234,9 @@ def test_more_rows_than_max_batch_size_are_refused(batching_pool: Callable[..., 
 def test_a_full_queue_refuses_at_once(batching_pool: Callable[..., Pool]) -> None:
     pool = batching_pool(max_queue_delay_microseconds=2_000_000, default_queue_policy=QueuePolicy(max_queue_size=2))
     futures = [pool.submit("m", rows(i)) for i in range(2)]
-    time.sleep(0.1)  # the router has queued them
-    start = time.monotonic()
+    wait_for(lambda: pool.health()["m"].queued == 2, SOON, "the router to queue both")
     with pytest.raises(QueueFullError, match="max_queue_size=2"):
-        pool.submit("m", rows(9))
-    assert time.monotonic() - start < 0.5
+        pool.submit("m", rows(9))  # refused at once: submit() itself raises
     assert [f.result(10)["OUTPUT__0"][0, 0].item() for f in futures] == [1.0, 3.0]
 
 
@@ -250,14 +254,14 @@ def test_max_pending_bounds_the_whole_pool(models_dir: Path, make_pool: Callable
 @pytest.mark.parametrize("action", ["REJECT", "DELAY"])
 def test_queue_timeout_rejects_or_delays(batching_pool: Callable[..., Pool], action: str) -> None:
     pool = batching_pool(
-        max_queue_delay_microseconds=600_000,
+        max_queue_delay_microseconds=NEVER if action == "REJECT" else 600_000,
         default_queue_policy=QueuePolicy(timeout_action=action, default_timeout_microseconds=100_000),
     )
     start = time.monotonic()
     if action == "REJECT":
-        with pytest.raises(TimeoutError):
-            pool.infer("m", rows(2))
-        assert time.monotonic() - start < 0.5  # failed at its queue timeout, not after the delay
+        with pytest.raises(TimeoutError, match="deadline"):  # at its queue timeout: the delay never ends
+            pool.submit("m", rows(2)).result(SOON)
+        assert pool.health()["m"].queued == 0  # and dropped
     else:
         assert pool.infer("m", rows(2))["OUTPUT__0"][0, 0].item() == 5.0  # waited on, then served
         assert time.monotonic() - start >= 0.5
@@ -265,19 +269,21 @@ def test_queue_timeout_rejects_or_delays(batching_pool: Callable[..., Pool], act
 
 def test_a_request_timeout_override_is_honoured_when_allowed(batching_pool: Callable[..., Pool]) -> None:
     pool = batching_pool(
-        max_queue_delay_microseconds=800_000,
-        default_queue_policy=QueuePolicy(default_timeout_microseconds=5_000_000, allow_timeout_override=True),
+        max_queue_delay_microseconds=NEVER,
+        default_queue_policy=QueuePolicy(default_timeout_microseconds=60_000_000, allow_timeout_override=True),
     )
-    start = time.monotonic()
-    with pytest.raises(TimeoutError):
-        pool.infer("m", rows(2), timeout=0.1)
-    assert time.monotonic() - start < 0.6
+    # (its own 0.1 s, not the queue's 60 s: the wait for it is far shorter than that)
+    # A request's own deadline applies whatever allow_timeout_override says (see
+    # docs/batching.md), so this passes without the override too: the flag has no
+    # effect of its own for a test to see.
+    with pytest.raises(TimeoutError, match="deadline"):
+        pool.submit("m", rows(2), timeout=0.1).result(SOON)
 
 
 def test_higher_priority_requests_go_first(batching_pool: Callable[..., Pool]) -> None:
     pool = batching_pool(max_batch_size=1, priority_levels=2, default_priority_level=2)
     busy = [pool.submit("m", rows(400_000, width=4)) for _ in range(2)]  # fills the instance's two slots
-    time.sleep(0.05)
+    wait_for(lambda: pool.workers()[0].inflight == 2, SOON, "both to reach the worker")
     done: list[str] = []
     low = pool.submit("m", rows(1))
     high = pool.submit("m", rows(2), priority=1)
@@ -315,17 +321,15 @@ def test_a_model_that_drops_rows_fails_the_batch_clearly(batching_pool: Callable
 
 
 def test_a_batch_whose_worker_dies_is_sent_again_whole(batching_pool: Callable[..., Pool]) -> None:
-    import os
-    import signal
-
-    pool = batching_pool(instances=2, max_batch_size=8, max_queue_delay_microseconds=100_000)
-    # A slow batch of four requests (the first row makes it spin), then its worker is killed.
-    futures = [pool.submit("m", rows(500_000 if i == 0 else -i)) for i in range(4)]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not any(w.inflight for w in pool.workers()):
-        time.sleep(0.01)
+    pool = batching_pool(instances=2, max_batch_size=8, preferred_batch_size=[4], max_queue_delay_microseconds=NEVER)
+    # A slow batch of exactly four requests (the preferred size; the first row makes a
+    # fresh worker spin for a second or two), then its worker is killed while it runs.
+    futures = [pool.submit("m", rows(200_000 if i == 0 else -i)) for i in range(4)]
+    wait_for(lambda: any(w.inflight for w in pool.workers()), SOON, "the batch to reach a worker")
     busy = next(w for w in pool.workers() if w.inflight)
     os.kill(busy.pid, signal.SIGKILL)
     outs = [f.result(120)["OUTPUT__0"] for f in futures]  # re-sent once (max_retries=1), as a batch
-    assert [o[0, 0].item() for o in outs] == [1_000_001.0, -1.0, -3.0, -5.0]
+    assert [o[0, 0].item() for o in outs] == [400_001.0, -1.0, -3.0, -5.0]
     assert pool.health()["m"].instances[0].restarts + pool.health()["m"].instances[1].restarts == 1
+    # One execution was answered: the same four together (the killed one is never counted).
+    assert pool.stats()[0].batch_sizes == {4: 1}

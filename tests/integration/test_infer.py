@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,8 +222,10 @@ def test_many_threads_each_get_their_own_results(pool: Pool) -> None:
     threads = [threading.Thread(target=caller, args=(s,)) for s in range(8)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60  # (before any request's own timeout runs out)
     for t in threads:
-        t.join(120)
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a caller thread is still waiting for its results"
     assert not errors, errors[0]
     served = {w.instance: w.served for w in pool.workers() if w.model == "tiny"}
     assert all(n > 0 for n in served.values()), f"one instance got no work: {served}"

@@ -582,7 +582,7 @@ class Router:
             f"worker {w.instance} (pid {w.proc.pid}) was killed: an execution took longer than "
             f"execution_timeout={limit:g} s"
         )
-        w.timed_out = True
+        w.explained = True
         w.doomed = True
         w.busy_since = None
         w.proc.kill()
@@ -964,6 +964,7 @@ class Router:
         w.served -= 1
         text = f"warm-up failed: {text}"
         w.model.slots[w.instance].last_error = text
+        w.explained = True
         log.error("worker %s/%d %s", w.model.name, w.instance, text)
         if not self._started.is_set():
             self._model_failed(w.model, WorkerStartError(w.model.name, w.instance, text, tb))
@@ -1013,6 +1014,7 @@ class Router:
     def _on_failed(self, w: _Worker, msg: wire.Failed) -> None:
         text = f"{msg.error_type}: {msg.message}"
         w.model.slots[w.instance].last_error = text
+        w.explained = True
         if not self._started.is_set():
             self._model_failed(w.model, WorkerStartError(w.model.name, w.instance, text, msg.traceback))
         else:
@@ -1056,7 +1058,7 @@ class Router:
         self._resend_or_fail(w, code, tail)
         # Replace it: a fresh process, after a backoff that grows while it keeps dying
         # before it is ready.
-        if (slot.last_error is None or was_ready) and not w.timed_out:
+        if not w.explained:  # (a reason this worker gave, or the watchdog's, is kept)
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
             slot.last_error = f"worker {w.instance} (pid {w.proc.pid}) {how}" + (
                 f": {tail.splitlines()[-1]}" if tail else ""

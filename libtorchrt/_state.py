@@ -45,8 +45,9 @@ class _Worker:
     busy_since: float | None = None
     #: it will exit (sticky error, execution timeout): what it holds did not run
     doomed: bool = False
-    #: killed by the watchdog (``execution_timeout``): its slot's last error says so
-    timed_out: bool = False
+    #: its slot's last error already says why it is going (it reported a failure, its
+    #: warm-up failed, or the watchdog killed it): its exit does not overwrite that
+    explained: bool = False
     #: the response arena as a numpy byte array, the base of zero-copy outputs
     outputs: np.ndarray | None = None
     #: its GPU (None on the CPU)

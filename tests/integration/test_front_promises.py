@@ -280,15 +280,11 @@ def test_a_worker_that_keeps_dying_before_ready_is_restarted_with_doubling_cappe
     assert health.instances[0].restarts >= len(delays) + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Router._on_exit sets a slot's last_error for a death before READY only when it is None, "
-    "so after one death (a ready worker's) the later start failures keep reporting that first death",
-)
 def test_last_error_names_the_last_worker_that_died_before_ready(
     make_pool: Callable[..., Pool], models_dir: Path, tmp_path: Path
 ) -> None:
-    # InstanceHealth.last_error: "why the last worker died or failed to start".
+    # InstanceHealth.last_error: "why the last worker died or failed to start". (Once a
+    # ready worker had died, later start failures kept reporting that first death.)
     dying = _Dying(make_pool, models_dir / "addone.pt", tmp_path)
     killed = dying.kill_the_ready_worker()
     wait_for(lambda: dying.pool.health()["dies"].instances[0].restarts >= 2, RESTART, "a start to fail")

@@ -1,10 +1,12 @@
 """``python -m libtorchrt.bench``: the command line (runs in the bench process).
 
-Parses the options, resolves the model and its inputs, plans the sweep, runs it with a
-live table and progress line, and writes the ``--json`` / ``--csv`` / ``--plot``
-files. Exit status: 0 every configuration was measured; 1 some configuration could not
-be measured (its row says why) or the plot failed; 2 a usage error (bad option, model or
-input; ``--endpoint``); 130 interrupted (partial results are still written).
+Parses the options, resolves the model and its inputs (from a file, a repository, or
+the running server that ``--endpoint`` names), plans the sweep, runs it with a live
+table and progress line, and writes the ``--json`` / ``--csv`` / ``--plot`` files.
+Exit status: 0 every configuration was measured; 1 some configuration could not be
+measured (its row says why) or the plot failed; 2 a usage error (bad option, model or
+input; an endpoint that does not answer or does not serve the model); 130 interrupted
+(partial results are still written).
 """
 
 from __future__ import annotations
@@ -27,17 +29,33 @@ import libtorchrt
 from libtorchrt import ConfigError
 
 from . import workloads
-from .inputs import InputError, make_inputs, parse_shape
+from .endpoint import Endpoint, parse_endpoint, resolve_remote
+from .inputs import InputError, make_input_sets, parse_shape
 from .plot import PlotError, plot
 from .progress import Progress
+from .remote import HTTP_CLIENTS
 from .report import Row, Table, fmt_rate, fmt_us, format_parameters, machine_info, write_csv, write_json
+from .serving import InputFeed
 from .source import InputOptions, SourceError, Target, resolve
 from .sweep import Settings, Sweep, parameter_grid, plan
 
-__all__ = ["ENDPOINT_MESSAGE", "main", "parse_args", "parse_duration"]
+__all__ = ["main", "parse_args", "parse_duration"]
 
 PROG = "python -m libtorchrt.bench"
-ENDPOINT_MESSAGE = "--endpoint needs libtorchrt's server mode, not available in this version"
+#: The client each kind of endpoint is measured through, in words.
+_CLIENTS = {
+    "stdlib": "the bench's own KServe v2 client (http.client, binary tensor data both ways)",
+    "tritonclient": "tritonclient.http (binary tensor data both ways)",
+    "zmq": "libtorchrt.Client (one, shared by the caller threads)",
+}
+#: Options that shape the pools the tool starts: a running server's are what they are.
+_POOL_OPTIONS = {
+    "workload": "--workload",
+    "instances": "--instances",
+    "parameters": "--parameters",
+    "compare": "--compare",
+    "fresh_pool_per_row": "--fresh-pool-per-row",
+}
 #: Rough time to start a pool or load a thread server, for the plan's estimate.
 _START_ESTIMATE_S = 2.5
 
@@ -77,11 +95,12 @@ def _positive_int(text: str) -> int:
     return values[0]
 
 
-def _key_value(text: str, what: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise UsageError(f"{what} {text!r}: expected NAME=VALUE")
-    return key.strip(), value.strip()
+def _key_value(text: str, what: str, seps: str = "=") -> tuple[str, str]:
+    """``NAME=VALUE`` (or ``NAME:VALUE`` when ``seps`` has ``:``, perf_analyzer's ``--shape``)."""
+    cut = min((i for i in (text.find(c) for c in seps) if i >= 0), default=-1)
+    if cut <= 0 or not text[:cut].strip():
+        raise UsageError(f"{what} {text!r}: expected NAME{seps[0]}VALUE")
+    return text[:cut].strip(), text[cut + 1 :].strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Measure throughput and latency of a TorchScript model served by libtorchrt, "
-            "perf_analyzer-style, over instance counts, concurrencies, batch sizes and flags."
+            "perf_analyzer-style, over instance counts, concurrencies, batch sizes and flags; "
+            "or of a model served by a running libtorchrt-pool (--endpoint)."
         ),
         epilog="Durations take a unit: 10s, 500ms, 2m (plain numbers are seconds). See docs/bench.md.",
     )
@@ -99,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model_or_repository",
         nargs="?",
         metavar="MODEL_OR_REPOSITORY",
-        help="a TorchScript .pt file, a Triton-style model repository, or one model's directory",
+        help="a TorchScript .pt file, a Triton-style model repository, or one model's directory; "
+        "with --endpoint, the served model's name",
     )
     src.add_argument("--model", metavar="NAME", help="the repository's model to benchmark")
     src.add_argument(
@@ -220,10 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inp.add_argument(
         "--shape-override",
+        "--shape",
         action="append",
         default=[],
         metavar="NAME=D0,D1,...",
-        help="dims of a repository input (without the batch dim when max_batch_size > 0)",
+        help="dims of a declared input (without the batch dim when max_batch_size > 0); "
+        "-1 dims are sent as 1 without it (--shape NAME:D0,D1 as perf_analyzer also works)",
     )
     inp.add_argument(
         "--input-file",
@@ -246,7 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput vs concurrency and latency vs throughput (needs matplotlib)",
     )
     out.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    p.add_argument("--endpoint", metavar="URL", help="benchmark a running libtorchrt server (not available yet)")
+
+    remote = p.add_argument_group("a running server")
+    remote.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="benchmark the model served by a running libtorchrt-pool: http://HOST:PORT (KServe v2) "
+        "or tcp://HOST:PORT, ipc:///PATH (ZeroMQ, libtorchrt.Client)",
+    )
+    remote.add_argument(
+        "--metadata",
+        metavar="URL",
+        help="with a ZeroMQ --endpoint: read the model's inputs from this HTTP address of the same server",
+    )
+    remote.add_argument(
+        "--http-client",
+        choices=HTTP_CLIENTS,
+        default="stdlib",
+        help="the HTTP client: the bench's own, on http.client (default), or tritonclient.http",
+    )
     return p
 
 
@@ -255,7 +296,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.endpoint is not None:
-        return args
+        given = [flag for dest, flag in _POOL_OPTIONS.items() if getattr(args, dest) not in (None, False, [])]
+        if given:
+            parser.error(
+                f"{', '.join(given)}: a running server's models, instances and parameters are its own; "
+                "--endpoint measures them as they are"
+            )
+    else:
+        for dest, flag in (("metadata", "--metadata"), ("http_client", "--http-client")):
+            if getattr(args, dest) not in (None, "stdlib"):
+                parser.error(f"{flag} applies to --endpoint")
     if args.window is not None and args.window <= 0:
         parser.error("--window must be > 0")
     if args.duration is not None and args.duration <= 0:
@@ -284,6 +334,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         threshold=args.stability_percentage / 100.0,
         request_timeout=args.request_timeout,
         fresh_per_row=args.fresh_pool_per_row,
+        http_client=getattr(args, "http_client", "stdlib"),
     )
 
 
@@ -297,7 +348,7 @@ def input_options(args: argparse.Namespace) -> InputOptions:
         name, dtype = _key_value(text, "--input-dtype") if "=" in text else ("", text)
         options.dtypes[name] = dtype
     for text in args.shape_override:
-        name, shape = _key_value(text, "--shape-override")
+        name, shape = _key_value(text, "--shape-override", "=:")
         options.overrides[name] = parse_shape(shape)
     for text in args.input_file:
         name, path = _key_value(text, "--input-file")
@@ -376,8 +427,6 @@ def _fail(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = parse_args(argv)
-    if args.endpoint is not None:
-        return _fail(ENDPOINT_MESSAGE)
     # SIGTERM ends the sweep like Ctrl-C: pools shut down, partial results written.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
@@ -389,22 +438,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _target(args: argparse.Namespace, workdir: Path) -> Target:
+    """The model to benchmark: a file, a repository, or the one a running server serves.
+
+    Raises:
+        UsageError, SourceError, InputError, ConfigError: it cannot be found or reached.
+    """
+    options = input_options(args)
+    if args.endpoint is None:
+        return resolve(
+            args.model_or_repository, model=args.model, workload=args.workload, options=options, workdir=workdir
+        )
+    endpoint = parse_endpoint(args.endpoint)
+    name = args.model_or_repository
+    if args.model is not None and name is not None and args.model != name:
+        raise UsageError(f"two model names: {name!r} and --model {args.model!r}")
+    metadata: Endpoint | None = None
+    if endpoint.protocol != "http" and args.http_client != "stdlib":
+        raise UsageError("--http-client applies to an HTTP --endpoint")
+    if args.metadata is not None:
+        if endpoint.protocol != "zmq":
+            raise UsageError("--metadata applies to a ZeroMQ --endpoint; an HTTP endpoint describes its models itself")
+        metadata = parse_endpoint(args.metadata)
+        if metadata.protocol != "http":
+            raise UsageError(f"--metadata {args.metadata!r}: expected the server's HTTP address, http://HOST:PORT")
+    return resolve_remote(endpoint, model=args.model or name, options=options, metadata=metadata)
+
+
 def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) -> int:
     started = time.monotonic()
     try:
         settings = settings_from(args)
-        target = resolve(
-            args.model_or_repository,
-            model=args.model,
-            workload=args.workload,
-            options=input_options(args),
-            workdir=workdir,
-        )
+        target = _target(args, workdir)
         _check_batch(target, args.batch_size)
         batch_sizes: list[int | None] = list(args.batch_size) if args.batch_size else [None]
-        inputs = {b: make_inputs(target.inputs, b, data=args.input_data) for b in batch_sizes}
+        inputs = {b: InputFeed(make_input_sets(target.inputs, b, data=args.input_data)) for b in batch_sizes}
         alternatives = parameter_alternatives(args.parameters)
-        modes = ["processes", *(["threads"] if "threads" in args.compare else [])]
+        if target.endpoint is not None:
+            modes = [target.endpoint.protocol]
+        else:
+            modes = ["processes", *(["threads"] if "threads" in args.compare else [])]
         points = plan(
             modes=modes,
             parameter_sets=parameter_grid(alternatives),
@@ -420,11 +493,18 @@ def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) ->
     machine = machine_info()
     out = sys.stdout
     print(f"libtorchrt.bench {libtorchrt.__version__}: {target.source}", file=out)
+    if target.endpoint is not None:
+        print(f"  client: {_CLIENTS[settings.http_client if target.endpoint.protocol == 'http' else 'zmq']}", file=out)
     for spec in target.inputs:
-        shapes = sorted({str(list(t.shape)) for b, ts in inputs.items() for n, t in ts.items() if n == spec.name})
+        shapes = sorted({str(list(f.sets[0][spec.name].shape)) for f in inputs.values()})
         dtype = str(spec.dtype).removeprefix("torch.")
-        origin = f"from {spec.file}" if spec.file else f"{args.input_data} data"
+        sets = max(len(f) for f in inputs.values())
+        origin = (
+            f"from {spec.file}" if spec.file else f"{args.input_data} data" + (f", {sets} sets" if sets > 1 else "")
+        )
         print(f"  input {spec.name}: {dtype} {', '.join(shapes)} ({origin})", file=out)
+    for note in target.notes:
+        print(f"  note: {note}", file=out)
     print(
         f"  machine: {machine['cpus_usable']} CPU(s) ({machine['cpu']}), torch {machine['torch']}, "
         f"{machine['platform']}",
@@ -466,14 +546,18 @@ def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) ->
     print(f"elapsed {elapsed:.0f} s", file=out)
 
     if args.json is not None:
-        write_json(args.json, _document(args, argv, target, inputs, settings, machine, rows, best, elapsed, status))
+        write_json(
+            args.json, _document(args, argv, target, inputs, modes, settings, machine, rows, best, elapsed, status)
+        )
         print(f"wrote {args.json}", file=out)
     if args.csv is not None:
         write_csv(args.csv, rows)
         print(f"wrote {args.csv}", file=out)
     if args.plot is not None:
         try:
-            plot(rows, args.plot, title=f"{target.name} -- {machine['cpus_usable']} CPU(s), {machine['cpu']}")
+            where = f" at {target.endpoint.url}, measured from" if target.endpoint is not None else " --"
+            title = f"{target.name}{where} {machine['cpus_usable']} CPU(s), {machine['cpu']}"
+            plot(rows, args.plot, title=title, latency_budget_us=budget_us)
             print(f"wrote {args.plot}", file=out)
         except PlotError as exc:
             print(f"{PROG}: cannot plot: {exc}", file=sys.stderr)
@@ -485,7 +569,8 @@ def _document(
     args: argparse.Namespace,
     argv: Sequence[str] | None,
     target: Target,
-    inputs: dict[int | None, Any],
+    inputs: dict[int | None, InputFeed],
+    modes: list[str],
     settings: Settings,
     machine: dict[str, Any],
     rows: Sequence[Row],
@@ -503,19 +588,21 @@ def _document(
         "model": {
             "name": target.name,
             "source": target.source,
-            "path": str(target.config.path) if args.workload is None else None,
+            "path": str(target.config.path) if args.workload is None and target.endpoint is None else None,
+            "endpoint": target.endpoint.url if target.endpoint is not None else None,
             "max_batch_size": target.config.max_batch_size,
             "parameters": dict(target.config.parameters),
             "inputs": [spec.describe(b) for b in inputs for spec in target.inputs],
         },
         "settings": {
             **settings.to_dict(),
-            "modes": ["processes", *(["threads"] if "threads" in args.compare else [])],
+            "modes": modes,
             "instances": args.instances or [target.config.instances],
             "concurrency": args.concurrency,
             "batch_sizes": args.batch_size,
             "parameters": parameter_alternatives(args.parameters),
             "input_data": args.input_data,
+            "input_sets": {str(b): len(f) for b, f in inputs.items()},
             "latency_budget_s": args.latency_budget,
             "percentile_rule": "sorted[floor(q/100*(n-1)+0.5)] (perf_analyzer)",
         },

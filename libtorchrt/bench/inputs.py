@@ -1,9 +1,11 @@
 """Request inputs for the benchmark: declared shapes and dtypes, random data or files.
 
 Runs in the bench process. An :class:`InputSpec` says what one request carries for one
-model input; :func:`make_inputs` turns the specs into tensors for a batch size, once per
-configuration (every request of a configuration sends the same tensors, as
-perf_analyzer does by default).
+model input; :func:`make_inputs` turns the specs into tensors for a batch size, and
+:func:`make_input_sets` makes a few such sets with different seeds, once per
+configuration: requests take them in turn (``serving.InputFeed``), so that
+consecutive requests never send the same data, and no caller spends its measured time
+making data.
 
 Batch size ``B``:
 
@@ -24,7 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["InputError", "InputSpec", "make_inputs", "parse_shape"]
+__all__ = ["INPUT_SETS", "INPUT_SETS_BYTES", "InputError", "InputSpec", "make_input_sets", "make_inputs", "parse_shape"]
+
+#: Input sets per batch size that requests take in turn (different seeds)...
+INPUT_SETS = 8
+#: ...as long as they stay under this many bytes together (there are always two).
+INPUT_SETS_BYTES = 64 << 20
 
 
 class InputError(ValueError):
@@ -155,3 +162,28 @@ def make_inputs(
             )
         out[spec.name] = _generate(shape, spec.dtype, data, gen)
     return out
+
+
+def make_input_sets(
+    specs: Sequence[InputSpec], batch_size: int | None, *, data: str = "random", count: int = INPUT_SETS
+) -> list[dict[str, torch.Tensor]]:
+    """Up to ``count`` input sets for one batch size, generated with seeds 0, 1, ...
+
+    There are as many as fit in :data:`INPUT_SETS_BYTES`, and at least two; one when
+    nothing would differ between them (``data="zero"``, every input from a file).
+    Inputs read from a file are the same tensor in every set.
+
+    Raises:
+        InputError: as :func:`make_inputs`.
+    """
+    first = make_inputs(specs, batch_size, data=data, seed=0)
+    generated = [s for s in specs if s.file is None]
+    if count <= 1 or data == "zero" or not generated:
+        return [first]
+    nbytes = sum(t.numel() * t.element_size() for t in first.values())
+    n = max(2, min(count, INPUT_SETS_BYTES // max(nbytes, 1)))
+    sets = [first]
+    for seed in range(1, n):
+        fresh = make_inputs(generated, batch_size, data=data, seed=seed)
+        sets.append({s.name: fresh[s.name] if s.file is None else first[s.name] for s in specs})
+    return sets

@@ -3,8 +3,8 @@
 Runs in the bench process: ``concurrency`` caller threads each keep exactly one request
 outstanding (issue, wait for the reply, issue the next) against a ``call`` that
 blocks until its request is answered -- ``Pool.infer`` for process-per-instance
-serving, or the thread server of ``threads.py``. The main thread only watches the
-clock and files completed requests into windows.
+serving, the thread server of ``threads.py``, or a running server (``remote.py``).
+The main thread only watches the clock and files completed requests into windows.
 
 Two modes:
 
@@ -17,9 +17,10 @@ Two modes:
 * **request count** (:func:`measure_count`): after the warm-up, exactly ``requests``
   completions are counted; the time is from the end of the warm-up to the last of them.
 
-A request that raises is counted as an error of its exception type and the caller
-goes on. If no request at all succeeds during the warm-up, the measurement fails with
-:class:`MeasurementError` carrying the first error, instead of spinning on errors.
+A request that raises is counted as an error of its exception type (or its
+``error_name``: ``HTTP 503``) and the caller goes on. If no request at all succeeds
+during the warm-up, the measurement fails with :class:`MeasurementError` carrying the
+first error, instead of spinning on errors.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 from .stats import Summary, Window, is_stable, merge_errors, summarize
 
-__all__ = ["Measurement", "MeasurementError", "measure_count", "measure_windows"]
+__all__ = ["Measurement", "MeasurementError", "error_name", "measure_count", "measure_windows"]
 
 _NS = 1_000_000_000
 #: After a window ends, wait this long before filing it, so that a caller thread
@@ -121,7 +122,7 @@ class _Callers:
             try:
                 call()
             except Exception as exc:  # counted by type; the loop goes on
-                err = type(exc).__name__
+                err = error_name(exc)
                 if not self.first_error:
                     self.first_error.append(exc)
             else:
@@ -175,6 +176,13 @@ class _Callers:
         stuck = [t.name for t in self.threads if t.is_alive()]
         if stuck:
             raise MeasurementError(f"caller threads still blocked {join_timeout:g} s after the end: {stuck}")
+
+
+def error_name(exc: BaseException) -> str:
+    """What a failed request is counted as: its exception type, or the exception's
+    ``error_name`` when it has one (``HTTP 503``)."""
+    name = getattr(exc, "error_name", None)
+    return name if isinstance(name, str) and name else type(exc).__name__
 
 
 def _sleep_until(deadline_ns: int) -> None:

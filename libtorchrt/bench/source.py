@@ -12,6 +12,9 @@ the :class:`~libtorchrt.bench.inputs.InputSpec` of every input:
 * a model repository (``<repo>/<model>/config.pbtxt``; ``--model NAME`` picks one) or a
   single model directory -- inputs from the configuration's declared ``input`` dims and
   data types, -1 dims replaced by 1 unless ``--shape-override NAME=...`` gives them.
+
+A model served by a running server (``--endpoint``) is resolved by ``endpoint.py``,
+with the same input rules (:func:`declared_inputs`, :func:`given_inputs`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,7 +34,10 @@ from libtorchrt.config import load_repository
 from . import workloads
 from .inputs import InputSpec
 
-__all__ = ["SourceError", "Target", "resolve"]
+if TYPE_CHECKING:
+    from .endpoint import Endpoint
+
+__all__ = ["InputOptions", "SourceError", "Target", "declared_inputs", "given_inputs", "resolve", "variable_dims"]
 
 
 class SourceError(ValueError):
@@ -45,11 +52,16 @@ class Target:
         config: the model's configuration; ``instances`` is the default instance count.
         inputs: what each request carries.
         source: where it came from, in words (for the report).
+        endpoint: the running server that serves it (``--endpoint``); None: the
+            sweep starts its own pools.
+        notes: remarks for the report (variable dims sent as 1, ...).
     """
 
     config: ModelConfig
     inputs: list[InputSpec]
     source: str
+    endpoint: Endpoint | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -97,22 +109,41 @@ def _arg_names(path: Path, method: str = "forward") -> list[str]:
         return []
 
 
-def _from_shapes(options: InputOptions, path: Path, what: str) -> list[InputSpec]:
-    """Inputs given entirely on the command line (a .pt file, or a config without inputs)."""
+def given_inputs(options: InputOptions, missing: str) -> list[InputSpec]:
+    """Inputs given entirely on the command line (``--input-shape``, ``--input-file``).
+
+    Raises:
+        SourceError: none given (``missing`` is the message), or ``--shape-override``.
+    """
     names = list(dict.fromkeys([*options.shapes, *options.files]))
     if not names:
-        args = _arg_names(path)
-        hint = " ".join(f"--input-shape {a}=..." for a in args) or "--input-shape NAME=d0,d1,..."
-        raise SourceError(
-            f"{what} declares no input shapes; give every input's shape ({hint}) or data (--input-file NAME=x.npy)"
-        )
+        raise SourceError(missing)
     if options.overrides:
-        raise SourceError("--shape-override applies to a repository's declared inputs; use --input-shape here")
+        raise SourceError("--shape-override applies to a model's declared inputs; use --input-shape here")
+    _check_names(options, names, "the set of --input-shape/--input-file")
     return [InputSpec(n, options.shapes.get(n, ()), _dtype(options, n), file=options.files.get(n)) for n in names]
 
 
-def _from_config(cfg: ModelConfig, options: InputOptions) -> list[InputSpec]:
-    """Inputs from a configuration's declared ``input`` block."""
+def _from_shapes(options: InputOptions, path: Path, what: str) -> list[InputSpec]:
+    """Inputs of a model that declares none (a .pt file, or a config without inputs)."""
+    if not options.shapes and not options.files:
+        args = _arg_names(path)
+        hint = " ".join(f"--input-shape {a}=..." for a in args) or "--input-shape NAME=d0,d1,..."
+        return given_inputs(
+            options,
+            f"{what} declares no input shapes; give every input's shape ({hint}) or data (--input-file NAME=x.npy)",
+        )
+    return given_inputs(options, "")
+
+
+def declared_inputs(cfg: ModelConfig, options: InputOptions) -> list[InputSpec]:
+    """Inputs from a configuration's declared ``input`` block (-1 dims become 1 unless
+    ``--shape-override`` gives them).
+
+    Raises:
+        SourceError: an option names an input the model does not have, or an input
+            declares no dims and none are given.
+    """
     declared = list(cfg.inputs)
     if not declared:
         return _from_shapes(options, Path(cfg.path), f"model {cfg.name!r}'s configuration")
@@ -134,6 +165,19 @@ def _from_config(cfg: ModelConfig, options: InputOptions) -> list[InputSpec]:
         shape = tuple(1 if d == -1 else d for d in dims)
         specs.append(InputSpec(s.name, shape, _dtype(options, s.name, s.dtype), batched, options.files.get(s.name)))
     return specs
+
+
+def variable_dims(cfg: ModelConfig, options: InputOptions) -> list[str]:
+    """A note for each declared input whose -1 dims are sent as 1 (no option gives them)."""
+    notes = []
+    for s in cfg.inputs:
+        given = s.name in options.shapes or s.name in options.overrides or s.name in options.files
+        if not given and s.dims is not None and -1 in s.dims:
+            notes.append(
+                f"input {s.name!r} declares dims {list(s.dims)}: each -1 is sent as 1 "
+                f"(--shape-override {s.name}=... sets them)"
+            )
+    return notes
 
 
 def _model_name(path: Path) -> str:
@@ -190,7 +234,7 @@ def resolve(
         cfg = ModelConfig.from_pbtxt(path / "config.pbtxt", path)
         if model is not None and model != cfg.name:
             raise SourceError(f"{str(path)!r} is the directory of model {cfg.name!r}, not {model!r}")
-        return Target(cfg, _from_config(cfg, options), f"model directory {path}")
+        return Target(cfg, declared_inputs(cfg, options), f"model directory {path}", notes=variable_dims(cfg, options))
     configs = {c.name: c for c in load_repository(path)}
     if model is None:
         if len(configs) > 1:
@@ -199,7 +243,9 @@ def resolve(
     if model not in configs:
         raise SourceError(f"repository {str(path)!r} has no model {model!r}; it holds {sorted(configs)}")
     cfg = configs[model]
-    return Target(cfg, _from_config(cfg, options), f"repository {path}, model {model}")
+    return Target(
+        cfg, declared_inputs(cfg, options), f"repository {path}, model {model}", notes=variable_dims(cfg, options)
+    )
 
 
 def parameter_values(base: Mapping[str, object], sweep: Mapping[str, str]) -> dict[str, str]:

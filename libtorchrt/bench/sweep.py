@@ -9,6 +9,10 @@ a new :class:`libtorchrt.Pool` (``processes``) or a new
 group starts; the concurrencies and batch sizes of a group are load levels against it,
 each with its own warm-up, as perf_analyzer sweeps a running server. With
 ``fresh_per_row`` every configuration gets its own server instead.
+
+Against a running server (``--endpoint``) there is one group, mode ``http`` or
+``zmq``: its instance count and parameters are the server's, and the group's
+"server" is a set of connections to it (``remote.py``), closed at the end.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from libtorchrt import ModelConfig, Pool
 
 from .loadgen import Measurement, MeasurementError, measure_count, measure_windows
 from .progress import Progress
+from .remote import HttpServer, ZmqServer
 from .report import Row, format_parameters
+from .serving import InputFeed, Server, consume
 from .source import Target, parameter_values
 from .stats import Window
 from .threads import ThreadServer
@@ -36,8 +40,9 @@ from .threads import ThreadServer
 __all__ = ["MODES", "Point", "Settings", "Sweep", "parameter_grid", "plan"]
 
 #: ``processes``: a libtorchrt pool, one worker process per instance;
-#: ``threads``: the instances as threads of the bench process (Triton's way).
-MODES: tuple[str, ...] = ("processes", "threads")
+#: ``threads``: the instances as threads of the bench process (Triton's way);
+#: ``http``, ``zmq``: a running server (``--endpoint``), over HTTP or ZeroMQ.
+MODES: tuple[str, ...] = ("processes", "threads", "http", "zmq")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Settings:
     request_timeout: float = 60.0
     start_timeout: float = 120.0
     fresh_per_row: bool = False
+    http_client: str = "stdlib"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,7 +120,7 @@ class Sweep:
     Args:
         target: the model and its inputs.
         points: the configurations (from :func:`plan`).
-        inputs: the request's tensors for each batch size of the points.
+        inputs: the requests' input sets for each batch size of the points.
         settings: how to measure.
         on_row: called with each finished row.
         progress: the progress line to keep up to date.
@@ -124,7 +130,7 @@ class Sweep:
         self,
         target: Target,
         points: Sequence[Point],
-        inputs: Mapping[int | None, Mapping[str, torch.Tensor]],
+        inputs: Mapping[int | None, InputFeed],
         settings: Settings,
         *,
         on_row: Callable[[Row], None] | None = None,
@@ -219,14 +225,20 @@ class Sweep:
                 row.notes = notes + row.notes + server.news()
                 self._emit(row)
 
-    def _open(self, mode: str, cfg: ModelConfig) -> _Server:
+    def _open(self, mode: str, cfg: ModelConfig) -> Server:
+        s = self.settings
         if mode == "processes":
-            return _PoolServer(cfg, self.settings)
+            return _PoolServer(cfg, s)
         if mode == "threads":
-            return _ThreadsServer(cfg, self.settings)
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+            return _ThreadsServer(cfg, s)
+        endpoint = self.target.endpoint
+        if mode in ("http", "zmq") and endpoint is not None and endpoint.protocol == mode:
+            if mode == "http":
+                return HttpServer(endpoint, cfg.name, s.request_timeout, s.http_client)
+            return ZmqServer(endpoint, cfg.name, s.request_timeout)
+        raise ValueError(f"mode {mode!r} cannot run here; expected one of {MODES} (http and zmq need an endpoint)")
 
-    def _measure(self, point: Point, server: _Server) -> Row:
+    def _measure(self, point: Point, server: Server) -> Row:
         s = self.settings
         try:
             call = server.caller(self.inputs[point.batch_size])
@@ -267,30 +279,7 @@ class Sweep:
         return self._row(point, measurement=measurement)
 
 
-class _Server:
-    """What a sweep group runs against."""
-
-    notes: list[str]
-    flags: dict[str, Any]
-
-    def caller(self, inputs: Mapping[str, torch.Tensor]) -> Callable[[], object]:
-        raise NotImplementedError
-
-    def news(self) -> list[str]:
-        """Remarks about what happened since the last call (worker restarts, ...)."""
-        return []
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> _Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _PoolServer(_Server):
+class _PoolServer(Server):
     """A libtorchrt pool of ``cfg.instances`` worker processes."""
 
     def __init__(self, cfg: ModelConfig, settings: Settings) -> None:
@@ -302,11 +291,11 @@ class _PoolServer(_Server):
         self.flags = dict(workers[0].flags) if workers else {}
         self._restarts = 0
 
-    def caller(self, inputs: Mapping[str, torch.Tensor]) -> Callable[[], object]:
-        pool, name, timeout, data = self.pool, self.name, self.timeout, dict(inputs)
+    def caller(self, feed: InputFeed) -> Callable[[], object]:
+        pool, name, timeout, sets, take = self.pool, self.name, self.timeout, feed.sets, feed.take
 
         def call() -> None:
-            pool.infer(name, data, timeout=timeout)
+            consume(pool.infer(name, sets[take()], timeout=timeout))
 
         return call
 
@@ -322,7 +311,7 @@ class _PoolServer(_Server):
         self.pool.close()
 
 
-class _ThreadsServer(_Server):
+class _ThreadsServer(Server):
     """The model's instances as threads of this process (``threads.py``)."""
 
     def __init__(self, cfg: ModelConfig, settings: Settings) -> None:
@@ -331,12 +320,12 @@ class _ThreadsServer(_Server):
         self.notes = self.server.notes
         self.flags = {}
 
-    def caller(self, inputs: Mapping[str, torch.Tensor]) -> Callable[[], object]:
-        server, timeout = self.server, self.timeout
-        args = server.bind(inputs)
+    def caller(self, feed: InputFeed) -> Callable[[], object]:
+        server, timeout, take = self.server, self.timeout, feed.take
+        bound = [server.bind(inputs) for inputs in feed.sets]
 
         def call() -> None:
-            server.call(args, timeout)
+            consume(server.call(bound[take()], timeout))
 
         return call
 

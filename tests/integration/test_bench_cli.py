@@ -202,10 +202,12 @@ def test_repository_model_with_batch_and_parameter_sweep(tmp_path: Path) -> None
         assert r["infer_per_s"] == pytest.approx(4 * r["req_per_s"])
 
 
-def test_endpoint_is_refused_with_exit_2(tmp_path: Path) -> None:
+def test_endpoint_with_pool_options_is_a_usage_error(tmp_path: Path) -> None:
+    """--endpoint measures a running server as it is (tests/integration/test_bench_endpoint.py
+    drives a real one): options that shape the pools the tool starts are refused."""
     proc = bench("--workload", "tiny", "--endpoint", "http://127.0.0.1:8000", tmp=tmp_path, timeout=60)
     assert proc.returncode == 2
-    assert "--endpoint needs libtorchrt's server mode, not available in this version" in proc.stderr
+    assert "--workload: a running server's models, instances and parameters are its own" in proc.stderr
     assert proc.stdout == ""
 
 

@@ -338,9 +338,9 @@ def _readable_request_id(header: bytes) -> int:
         raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
     except Exception:
         return -1
-    if isinstance(raw, list) and len(raw) > 1 and type(raw[0]) is int and raw[0] == wire.Request.KIND and type(raw[1]) is int:
-        return raw[1] if raw[1] >= 0 else -1
-    return -1
+    if not (isinstance(raw, list) and len(raw) > 1 and type(raw[0]) is int and type(raw[1]) is int):
+        return -1
+    return raw[1] if raw[0] == wire.Request.KIND and raw[1] >= 0 else -1
 
 
 def check_error(msg: wire.Error, case: Case) -> None:

@@ -41,9 +41,8 @@ from ..transport import tensors as tensor_io
 from ..transport import wire
 from ..transport.arena import Allocator, Arena
 from ..transport.sockets import OWNER_LOCK, recv, send
-from . import batching
+from . import batching, modelfile
 from . import flags as flag_mod
-from . import modelfile
 from .gpu import GpuSide
 from .outputs import DeclaredOutput, check_outputs
 

@@ -295,6 +295,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line (exits with status 2 on a mistake)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `--parameters A=1 model.pt`: argparse gives the model to --parameters (it takes one
+    # or more values); a last value without '=' is the positional the user meant.
+    if args.model_or_repository is None and args.parameters and "=" not in args.parameters[-1]:
+        args.model_or_repository = args.parameters.pop()
     if args.endpoint is not None:
         given = [flag for dest, flag in _POOL_OPTIONS.items() if getattr(args, dest) not in (None, False, [])]
         if given:

@@ -108,3 +108,15 @@ def test_a_client_endpoint_that_is_not_zeromq_says_what_to_use(endpoint: str, wo
     with pytest.raises(ConfigError, match="endpoint") as info:
         Client(endpoint, connect_timeout=1)
     assert words in str(info.value)
+
+
+def test_the_bench_takes_a_model_named_after_parameters() -> None:
+    # `--parameters` takes one or more values, so argparse handed it the model name,
+    # and the tool said "name a model" although one was named.
+    from libtorchrt.bench.cli import parse_args
+
+    args = parse_args(["--parameters", "DISABLE_OPTIMIZED_EXECUTION=true,false", "model.pt"])
+    assert args.model_or_repository == "model.pt"
+    assert args.parameters == ["DISABLE_OPTIMIZED_EXECUTION=true,false"]
+    args = parse_args(["model.pt", "--parameters", "A=1", "B=2"])
+    assert args.model_or_repository == "model.pt" and args.parameters == ["A=1", "B=2"]

@@ -23,10 +23,15 @@ larger ones in worker threads, so a big JSON body never stalls the health checks
 A slot is taken only once the whole body has arrived, so clients that send their
 bodies slowly cannot hold every slot; they are bounded instead by --body-timeout
 (408) and, with everything being received, by --max-inflight times --max-request-bytes.
-Errors are ``{"error": "..."}`` with the status codes of :data:`STATUS`. A client that
-disconnects while its body is read or its request runs leaves nothing behind: the body
-is dropped, a request not yet sent to a worker is cancelled, and the outputs of one
-that ran are freed when the response is dropped.
+Errors are ``{"error": "..."}`` with the status codes of :data:`STATUS`, one line each:
+a model's traceback goes to the server's log (one record per failed request), never to
+the client. A client that disconnects while its body is read or its request runs
+leaves nothing behind: the body is dropped, a request not yet sent to a worker is
+cancelled, and the outputs of one that ran are freed when the response is dropped.
+
+The application serves from the moment the server listens, before the pool exists
+(``ServerState.pool`` is None while the repository loads): the probes answer (live 200,
+ready 400), and inference and model metadata answer 503 until the pool is there.
 """
 
 from __future__ import annotations
@@ -62,13 +67,13 @@ from ..errors import (
     UnknownModelError,
     WorkerDiedError,
 )
-from ..info import ModelStatus
+from ..info import ModelHealth, ModelStatus
 from ..pool import Pool
 from . import metadata
 from .kserve import EncodedResponse, InferRequest, RequestError, decode_request, encode_response
 from .security import BearerAuth
 
-__all__ = ["HEALTH_PATHS", "STATUS", "Limits", "ServerState", "build_app"]
+__all__ = ["HEALTH_PATHS", "STATUS", "Limits", "ServerState", "build_app", "summary"]
 
 log = logging.getLogger("libtorchrt.server")
 
@@ -94,6 +99,14 @@ _HEADER_LENGTH = "inference-header-content-length"
 _NUMBER = re.compile(r"[0-9]{1,18}")
 #: answers after which the rest of the request body is not read: the connection closes
 _CLOSE = {"Connection": "close"}
+#: TorchScript's message for an exception raised in a scripted model starts with this line,
+#: then its two tracebacks (serialized code, then the author's source: paths and code), and
+#: ends with the exception itself (``builtins.RuntimeError: ...``)
+_TORCHSCRIPT = "The following operation failed in the TorchScript interpreter."
+#: the last line of a TorchScript message: the exception's (qualified) type and message
+_RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*): (.*)$")
+#: the answer to a request that needs the pool while the repository loads
+_LOADING = "the server is loading its models; retry when /v2/health/ready answers 200"
 
 
 @dataclass(frozen=True)
@@ -122,9 +135,14 @@ class Limits:
 
 @dataclass
 class ServerState:
-    """What the HTTP handlers share: the pool, the limits, and whether it is draining."""
+    """What the HTTP handlers share: the pool, the limits, and whether it is draining.
 
-    pool: Pool
+    ``pool`` is None while the repository loads (the service sets it once the pool, and
+    the ZeroMQ frontend if any, are up); ``starting`` then gives each model's health,
+    from the moment the pool's router exists.
+    """
+
+    pool: Pool | None
     limits: Limits
     draining: bool = False
     #: inference requests holding a slot (their body has arrived)
@@ -133,20 +151,61 @@ class ServerState:
     receiving: int = 0
     #: a thread the server depends on that stopped unexpectedly (the service sets it)
     broken: str | None = None
+    #: while the pool loads: each model's health (``Pool.health()``), once its router exists
+    starting: Callable[[], dict[str, ModelHealth]] | None = None
+
+    def loading_models(self) -> list[ModelStatus]:
+        """While the pool loads: each model version known so far, as ``Pool.models()``
+        would list it (none before the pool's router exists)."""
+        snapshot = self.starting
+        if snapshot is None:
+            return []
+        seen = {(h.model, h.version): h for h in snapshot().values()}  # (a default version is listed twice)
+        return [ModelStatus(h.model, h.version, h.state, h.error, h.ready, len(h.instances))
+                for _, h in sorted(seen.items())]  # fmt: skip
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def summary(e: BaseException) -> str:
+    """One line saying what went wrong, for the client: never a traceback, a path or code.
+
+    A :class:`ModelError` gives the model's exception type and the first line of its
+    message (for a TorchScript model, the exception its interpreter reports on its last
+    line: ``model 'm' raised RuntimeError: negative input``); any other error the first
+    line of its message (a :class:`WorkerDiedError` without the worker's stderr).
+    """
+    if isinstance(e, ModelError):
+        lines = [line.strip() for line in e.message.strip().splitlines() if line.strip()]
+        kind, text = e.error_type, lines[0] if lines else ""
+        if lines and lines[0] == _TORCHSCRIPT:
+            raised = _RAISED.match(lines[-1])
+            kind, text = (raised.group(1), raised.group(2)) if raised else (kind, lines[-1])
+        return f"model {e.model!r} raised {kind}: {text}"
+    if isinstance(e, WorkerDiedError):  # its stderr is in the log, line by line
+        return _first_line(str(e)).removesuffix("; last lines of its stderr:")
+    return _first_line(str(e))
+
+
 def _failure(e: BaseException) -> JSONResponse:
     if isinstance(e, RequestError):
         return _error(e.status, e.message, e.headers)
     status = next((code for cls, code in STATUS.items() if isinstance(e, cls)), 500)
-    # A model's traceback (paths, code) stays in the server's log; the client gets the headline.
-    message = str(e.args[0]) if isinstance(e, ModelError) and e.args else str(e)
-    if status >= 500 and not isinstance(e, QueueFullError):
-        log.warning("%s: %s", type(e).__name__, e)
+    message = summary(e)
+    # One log record per failed request. A model's error carries the worker's traceback
+    # as text: it goes to the log as the record's exception (not the front's own stack,
+    # which says nothing). A dead worker's stderr was logged line by line as it came, and
+    # its death once by the pool, so its request's record is one line.
+    if isinstance(e, ModelError):
+        log.error("inference failed (%d): %s", status, message, exc_info=(type(e), e, None))
+    elif status >= 500 and not isinstance(e, QueueFullError):  # (a full queue is flow control)
+        log.log(logging.ERROR if status == 500 else logging.WARNING, "inference failed (%d): %s", status, message)
     return _error(status, message, {"Retry-After": "1"} if isinstance(e, QueueFullError) else None)
 
 
@@ -162,8 +221,20 @@ def _version(request: Request) -> int | None:
 class _Models:
     """Model lookups against the pool's public snapshots."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    @property
+    def pool(self) -> Pool:
+        """The pool.
+
+        Raises:
+            RequestError: 503 while the repository loads.
+        """
+        pool = self.state.pool
+        if pool is None:
+            raise RequestError(503, _LOADING, {"Retry-After": "1"})
+        return pool
 
     def statuses(self, name: str) -> list[ModelStatus]:
         found = [s for s in self.pool.models() if s.name == name]
@@ -346,23 +417,25 @@ class TensorResponse(Response):
 class _Endpoints:
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.models = _Models(state.pool)
+        self.models = _Models(state)
 
     # ── health and metadata ────────────────────────────────────────────────
 
     async def live(self, request: Request) -> Response:
         # The pool's router thread died (a bug): every request would fail, so ask to be
-        # restarted. A normal drain stays live: it ends by itself.
-        if self.state.pool.failure is not None:
-            return _error(503, f"the pool failed: {self.state.pool.failure!r}")
+        # restarted. A normal drain stays live: it ends by itself; so does a load.
+        pool = self.state.pool
+        if pool is not None and pool.failure is not None:
+            return _error(503, f"the pool failed: {pool.failure!r}")
         if self.state.broken is not None:
             return _error(503, f"{self.state.broken} stopped unexpectedly")
         return Response(status_code=200)
 
     def server_ready(self) -> bool:
-        if self.state.draining or self.state.pool.closed:
+        pool = self.state.pool
+        if pool is None or self.state.draining or pool.closed:
             return False
-        loaded = [s for s in self.state.pool.models() if s.state != "failed"]
+        loaded = [s for s in pool.models() if s.state != "failed"]
         return bool(loaded) and all(s.state == "ready" for s in loaded)
 
     async def ready(self, request: Request) -> Response:
@@ -384,7 +457,7 @@ class _Endpoints:
         try:
             status = self.models.status(request.path_params["name"], _version(request))
         except RequestError as e:
-            if e.status == 503:  # known, but its configuration could not be read
+            if e.status == 503:  # loading (any name), or known but its configuration could not be read
                 return Response(status_code=400)
             return _failure(e)
         ready = status.state == "ready" and not self.state.draining
@@ -398,13 +471,15 @@ class _Endpoints:
             return _failure(e)
 
     async def repository_index(self, request: Request) -> Response:
-        return JSONResponse(metadata.repository_index(self.state.pool.models()))
+        pool = self.state.pool
+        statuses = self.state.loading_models() if pool is None else pool.models()
+        return JSONResponse(metadata.repository_index(statuses))
 
     async def statistics(self, request: Request) -> Response:
-        stats_of = getattr(self.state.pool, "stats", None)
-        if stats_of is None:
-            return _error(501, "statistics are not available from this version of libtorchrt")
         try:
+            stats_of = getattr(self.models.pool, "stats", None)
+            if stats_of is None:
+                return _error(501, "statistics are not available from this version of libtorchrt")
             name = request.path_params.get("name")
             version = _version(request)
             if name is not None:
@@ -418,8 +493,10 @@ class _Endpoints:
 
     async def infer(self, request: Request) -> Response:
         state = self.state
-        if state.draining or state.pool.closed:
+        if state.draining or (state.pool is not None and state.pool.closed):
             return _error(503, "the server is shutting down; send the request to another instance")
+        if state.pool is None:
+            return _error(503, _LOADING, {"Retry-After": "1"})
         try:
             return await self._infer(request)
         except ClientDisconnect:
@@ -472,7 +549,7 @@ class _Endpoints:
             options: dict[str, Any] = {"version": cfg.version, "timeout": req.timeout}
             if req.priority is not None:
                 options["priority"] = req.priority
-            future = await _in_thread(size, self.state.pool.submit, name, req.inputs, **options)
+            future = await _in_thread(size, self.models.pool.submit, name, req.inputs, **options)
             req.inputs.clear()  # copied into shared memory by submit
             outputs = await _outputs(future, request.receive)
             encoded = await _in_thread(
@@ -495,8 +572,23 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("internal error handling %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    log.error("internal error handling %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error: {type(exc).__name__}: {_first_line(str(exc))}")
+
+
+class _Answered:
+    """The application, minus the re-raise: Starlette re-raises an unexpected exception
+    once ``_internal_error`` has logged and answered it ("so that servers can log it"),
+    and uvicorn would log it a second time, traceback and all."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception:  # logged and answered (500) by _internal_error already
+            pass
 
 
 def build_app(state: ServerState, *, token: bytes | None = None) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -526,9 +618,11 @@ def build_app(state: ServerState, *, token: bytes | None = None) -> Callable[[Sc
             Route(prefix + "/stats", ep.statistics, methods=["GET"]),
             Route(prefix + "/infer", ep.infer, methods=["POST"]),
         ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={HTTPException: _not_found, Exception: _internal_error},
+    app = _Answered(
+        Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: _not_found, Exception: _internal_error},
+        )
     )
     if token is None:
         return app

@@ -1,22 +1,32 @@
-"""The pool server's lifetime: listen, load, serve, drain (server process, main thread).
+"""The pool server's lifetime: listen, load, serve, drain (server process: the main
+thread, and the serving thread that runs the event loop).
 
 ::
 
+    main thread                                 serving thread (one event loop)
+    ───────────                                 ───────────────────────────────
     bind HTTP/metrics sockets ── a port is taken? exit 1 before loading anything
+    start the serving thread ─────────────────► uvicorn for HTTP and metrics: live 200,
+                                                ready 400, metrics with each model's
+                                                state, inference 503 "loading"
     Pool(repository)          ── progress per model and instance; nothing loaded? exit 1
     ZmqFrontend.start()       ── (with --zmq)
-    serve (one event loop: uvicorn for HTTP and metrics)
-        print the endpoints
-        ... SIGTERM / SIGINT ...
-    drain                     ── HTTP: listeners closed, new inference requests get 503,
-                                 in-flight ones finish (up to --grace); ZeroMQ likewise
+    ServerState.pool = pool   ─────────────────► inference served, ready 200
+    print the endpoints; wait for the serving thread
+        ... SIGTERM / SIGINT ... ──────────────► drain: HTTP listeners closed, new
+                                                inference requests 503, in-flight ones
+                                                finish (up to --grace); ZeroMQ likewise
     Pool.close(grace)         ── workers stopped, shared memory and sockets released
     exit 0
 
-Signals are handled by one handler for the whole lifetime. While the pool loads, it
-raises :class:`Stopped` in the main thread (``Pool()`` then closes what it started);
-while serving, it sets the event loop's stop event; a second signal while draining
-stops waiting for HTTP clients.
+The pool loads in the main thread because that is where signals arrive: while it
+loads, the one handler raises :class:`Stopped` in the middle of ``Pool()``, which then
+closes what it started (a ``Pool()`` running in another thread could not be stopped).
+So the event loop runs in a thread of its own, started before the load, and the probes
+and metrics answer from the moment the sockets are bound (a Kubernetes liveness probe
+does not kill a pod whose models take minutes to load). Once the pool exists, a signal
+tells the event loop to drain (``call_soon_threadsafe``) while the main thread waits
+for it in ``join``; a second signal while draining stops waiting for HTTP clients.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import uvicorn
 
 from .. import __version__
 from ..errors import TorchRTError
+from ..info import ModelHealth
 from ..pool import Pool
 from ._internals import router_thread, start_pool
 from .http import Limits, ServerState, build_app
@@ -77,6 +88,8 @@ class Options:
     limits: Limits = field(default_factory=Limits)
     busy_poll_us: int = 0
     access_log: bool = False
+    #: ``text`` or ``json`` (``--log-format``): a JSON log gets no live display either
+    log_format: str = "text"
 
 
 class _Signals:
@@ -155,11 +168,19 @@ class _Service:
         self.sockets: dict[str, socket.socket] = {}
         self.pool: Pool | None = None
         self.zmq: Any = None
-        self.state: ServerState | None = None
+        #: what the HTTP and metrics applications read: the pool is set once it serves
+        self.state = ServerState(None, options.limits)
         #: what stopped unexpectedly while serving (the exit status is then 1)
         self.broken: str | None = None
         self._stopping = False
         self._watches: list[threading.Thread] = []
+        # The serving thread: its event loop, what stops it, uvicorn's servers in it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = asyncio.Event()  # (bound to the loop that first waits on it)
+        self._servers: list[_Uvicorn] = []
+        self._listening = threading.Event()
+        self._serving_error: BaseException | None = None
 
     # ── stages ─────────────────────────────────────────────────────────────
 
@@ -167,6 +188,8 @@ class _Service:
         with self.signals.installed():
             try:
                 return self._run()
+            except Stopped:  # a signal while the start was failing anyway
+                return 0
             finally:
                 self.signals.on_signal = None
                 self.signals.raise_now = False
@@ -174,6 +197,9 @@ class _Service:
 
     def _run(self) -> int:
         opts = self.options
+        # Until the pool exists, a signal stops the start: Stopped, raised in this thread
+        # wherever it is (Pool() closes what it started; _close() the rest).
+        self.signals.raise_now = True
         try:
             if opts.http is not None:
                 self.sockets["http"] = _listen(opts.http, "--http")
@@ -183,45 +209,57 @@ class _Service:
             log.error("%s", e.strerror)
             return 1
         try:
+            if not self._start_serving():
+                return 1
             self.pool = self._load()
+            self.signals.on_signal = self._on_signal  # from now on a signal drains; it raises no more
         except Stopped:
             return 0
         except (TorchRTError, ValueError, OSError) as e:
+            self.signals.raise_now = False
             if opts.strict:
                 log.error("a model of %s could not be loaded (--strict): %s", opts.repository, e)
             else:
                 log.error("no model could be loaded from %s: %s", opts.repository, e)
             return 1
-        if self.signals.count:  # a signal between the load and here
-            return 0
+        finally:
+            self.signals.raise_now = False
         if opts.zmq is not None and not self._start_zmq():
             return 1
-        self.state = ServerState(self.pool, opts.limits)
-        asyncio.run(self._serve())
+        self.state.pool = self.pool  # inference is served from now on, ready answers 200
+        self._watch(router_thread(self.pool), "the pool's router thread")
+        if self.zmq is not None:
+            self._watch(self.zmq.thread, "the ZeroMQ frontend's thread")
+        self._banner()
+        assert self._thread is not None
+        self._thread.join()  # until drained (signal handlers run in this thread meanwhile)
         return 1 if self.broken is not None else 0
 
     def _load(self) -> Pool:
         opts = self.options
-        progress = Progress(sys.stderr)
+        progress = Progress(sys.stderr, tty=False if opts.log_format == "json" else None)
         root = logging.getLogger()
         handlers = root.handlers[:]
         if progress.tty and handlers:  # log records go above the live display
             formatter = handlers[0].formatter or logging.Formatter()
             root.handlers = [progress.log_handler(formatter)]
+
+        def observe(snapshot: Callable[[], dict[str, ModelHealth]]) -> None:
+            self.state.starting = snapshot  # the metrics and /v2/repository/index show the load
+            progress.observe(snapshot)
+
         log.info("loading %s", opts.repository)
         t0 = time.monotonic()
-        self.signals.raise_now = True
         try:
             pool = start_pool(
                 opts.repository,
-                progress.observe,
+                observe,
                 strict=opts.strict,
                 start_timeout=opts.start_timeout,
                 busy_poll_us=opts.busy_poll_us,
                 execution_timeout=opts.execution_timeout,
             )
         finally:
-            self.signals.raise_now = False
             progress.close()
             root.handlers = handlers
         statuses = pool.models()
@@ -253,28 +291,71 @@ class _Service:
             return False
         return True
 
+    # ── the serving thread ─────────────────────────────────────────────────
+
+    def _start_serving(self) -> bool:
+        """Start the serving thread; return once uvicorn answers on every socket (False,
+        logged, if it could not start)."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serving, name="libtorchrt-serving", daemon=True)
+        self._thread.start()
+        self._listening.wait()  # (set also if the thread fails)
+        if self._serving_error is not None:
+            log.error("cannot serve HTTP: %r", self._serving_error)
+            return False
+        urls = [f"{_url(self.sockets['http'])} (HTTP)"] if "http" in self.sockets else []
+        if "metrics" in self.sockets:
+            urls.append(f"{_url(self.sockets['metrics'], '/metrics')} (metrics)")
+        if urls:
+            log.info("listening on %s; the probes answer while the models load", " and ".join(urls))
+        return True
+
+    def _serving(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as e:
+            self._serving_error = e
+            if self._listening.is_set():  # it served, then failed: a bug
+                log.critical("the HTTP server's event loop failed", exc_info=True)
+                self.broken = "the HTTP server's event loop"
+        finally:
+            self._listening.set()  # (never leave the main thread waiting)
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    def _stop_serving(self) -> None:
+        """Make the serving thread drain and end (from any thread, or a signal handler)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # (the loop closed already)
+                self._loop.call_soon_threadsafe(self._stop.set)
+
+    def _on_signal(self, count: int) -> None:
+        if count == 1:
+            self._stop_serving()
+            return
+        log.warning("second stop signal: closing HTTP connections now")
+
+        def force_exit() -> None:
+            for server in self._servers:
+                server.force_exit = True
+
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(force_exit)
+
     async def _serve(self) -> None:
-        assert self.pool is not None and self.state is not None
         opts = self.options
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        servers: list[_Uvicorn] = []
-
-        def on_signal(count: int) -> None:
-            if count == 1:
-                loop.call_soon_threadsafe(stop.set)
-            else:  # a second signal: stop waiting for clients
-                log.warning("second stop signal: closing HTTP connections now")
-                for server in servers:
-                    server.force_exit = True
-
-        self.signals.on_signal = on_signal
-        self._watch(router_thread(self.pool), "the pool's router thread", loop, stop)
-        if self.zmq is not None:
-            self._watch(self.zmq.thread, "the ZeroMQ frontend's thread", loop, stop)
         apps = {"http": build_app(self.state, token=opts.token)}
         if "metrics" in self.sockets:
-            apps["metrics"] = build_metrics_app(self.pool)
+            apps["metrics"] = build_metrics_app(self.state)
         tasks = []
         for key, sock in self.sockets.items():
             config = uvicorn.Config(
@@ -291,33 +372,36 @@ class _Service:
                 proxy_headers=False,
             )
             server = _Uvicorn(config)
-            servers.append(server)
+            self._servers.append(server)
             tasks.append(asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{key}"))
-        for server, task in zip(servers, tasks):
+        for server, task in zip(self._servers, tasks):
             while not server.started and not task.done():  # uvicorn has no started event
                 await asyncio.sleep(0.01)
             if task.done():
                 task.result()  # raises why it did not start
-        self._banner()
-        if self.signals.count:
-            stop.set()
-        done = asyncio.ensure_future(stop.wait())
+                raise RuntimeError(f"{task.get_name()} stopped as it started")
+        self._listening.set()
+        done = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
         self._stopping = True
         if self.broken is not None:
             log.critical("%s stopped unexpectedly; exiting with status 1 so that a supervisor restarts the server",
                          self.broken)  # fmt: skip
-        log.info("stopping: draining requests in flight (up to %.0f s)", opts.grace)
+        if self.state.pool is None:
+            log.info("stopping")
+        else:
+            log.info("stopping: draining requests in flight (up to %.0f s)", opts.grace)
         self.state.draining = True
-        zmq_closed = loop.run_in_executor(None, self.zmq.close, opts.grace) if self.zmq is not None else None
-        for server in servers:
+        zmq = self.zmq
+        zmq_closed = loop.run_in_executor(None, zmq.close, opts.grace) if zmq is not None else None
+        for server in self._servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         if zmq_closed is not None:
             await zmq_closed
         done.cancel()
 
-    def _watch(self, thread: threading.Thread, what: str, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    def _watch(self, thread: threading.Thread, what: str) -> None:
         """Stop serving if ``thread`` ends while we serve: a thread the server depends on
         died (a bug), and a server that only looks alive would never be restarted. The
         watcher blocks in ``join`` (an event, not a poll) and ends with the thread."""
@@ -327,10 +411,8 @@ class _Service:
             if self._stopping:
                 return
             self.broken = what
-            if self.state is not None:
-                self.state.broken = what  # /v2/health/live answers 503 from now on
-            with contextlib.suppress(RuntimeError):  # (the loop already closed)
-                loop.call_soon_threadsafe(stop.set)
+            self.state.broken = what  # /v2/health/live answers 503 from now on
+            self._stop_serving()
 
         watcher = threading.Thread(target=watch, name=f"libtorchrt-watch-{thread.name}", daemon=True)
         watcher.start()
@@ -359,6 +441,11 @@ class _Service:
     def _close(self) -> None:
         self._stopping = True
         grace = self.options.grace
+        if self._thread is not None and self._thread.is_alive():  # the start failed or was stopped
+            self._stop_serving()
+            self._thread.join(grace + 30.0)
+            if self._thread.is_alive():
+                log.warning("the HTTP server did not stop within %.0f s", grace + 30.0)
         if self.zmq is not None:
             self.zmq.close(grace)  # (it removes its ipc:// socket file itself, holding its lock)
         if self.pool is not None:

@@ -1,19 +1,29 @@
 """Server mode's 5xx answers (docs/server.md, "Errors"), each caused for real on a real
 ``python -m libtorchrt.pool``: 500 for a model that raises and for a worker that dies
 under a request (after the retry of docs/reliability.md), 504 for a request's deadline,
-503 with ``Retry-After`` for a full model queue and for ``--max-inflight`` requests."""
+503 with ``Retry-After`` for a full model queue and for ``--max-inflight`` requests.
+
+And what a 500 tells (docs/server.md, "Logs"): the client gets one line, never the
+model's traceback, paths or code; the server's log gets the traceback once, in one
+record, as text or (``--log-format json``) as one JSON object per line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from libtorchrt.errors import ModelError, WorkerDiedError
+from libtorchrt.info import ModelStatus
+from libtorchrt.server.http import _TORCHSCRIPT, Limits, ServerState, build_app, summary
 from tests.conftest import wait_for
 from tests.models import Raiser, Spin, SpinDouble
 from tests.server_util import ServerProcess, add_model, alive, metrics, model_workers, request, sample
@@ -120,12 +130,6 @@ def test_a_model_error_gives_500(server: ServerProcess) -> None:
     assert status == 200 and json.loads(data)["outputs"][0]["data"] == [4.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the body carries ModelError.args[0], the model's whole message: for TorchScript its two "
-    "tracebacks, with source code and file paths (docs/server.md: the message's first line; the model's "
-    "traceback stays in the server's log)",
-)
 def test_a_model_error_answers_only_its_headline(server: ServerProcess) -> None:
     answer = infer(server, "raiser", body(-1))
     assert answer[0] == 500, answer
@@ -205,3 +209,116 @@ def test_more_than_max_inflight_requests_get_503_with_retry_after(server: Server
     assert [status for status, _, _ in answers] == [200] * MAX_INFLIGHT, answers
     status, _, data = infer(server, "raiser", body(1))  # a slot is free again
     assert status == 200 and json.loads(data)["outputs"][0]["data"] == [2.0]
+
+
+# ── what a 500 tells: one line to the client, the traceback once to the log ────
+
+#: the one line a client gets when the raiser model raises
+HEADLINE = "model 'raiser' raised RuntimeError: negative input rejected by the model"
+
+
+def raise_once(tmp_path: Path, *args: str) -> tuple[Answer, ServerProcess]:
+    """A server of the raiser model alone (with ``args``), asked once to raise, then
+    stopped: the answer, and the server with its whole output."""
+    repo = tmp_path / "repo"
+    add_model(repo, "raiser", RAISER_CONFIG, Raiser())
+    proc = ServerProcess("--model-repository", str(repo), "--http", "127.0.0.1:0", "--metrics", "off",
+                         "--grace", "5", *args)  # fmt: skip
+    try:
+        proc.wait_ready()
+        answer = infer(proc, "raiser", body(-1))
+        assert proc.stop() == 0, proc.output  # (every record is written by then)
+    finally:
+        proc.kill()
+    return answer, proc
+
+
+def assert_one_line_for_the_client(answer: Answer) -> None:
+    assert answer[0] == 500, answer
+    error = error_of(answer)
+    assert error == HEADLINE, error
+    raw = answer[2].decode()
+    for leak in ("Traceback", "models.py", "worker.py", "RaiseException", "<--- HERE", "/"):
+        assert leak not in raw, (leak, raw)
+
+
+@pytest.mark.timeout(300)
+def test_a_500_is_one_line_and_its_traceback_is_logged_once(tmp_path: Path) -> None:
+    answer, proc = raise_once(tmp_path)
+    assert_one_line_for_the_client(answer)
+    log = proc.output
+    assert log.count(f"ERROR   libtorchrt.server: inference failed (500): {HEADLINE}") == 1, log
+    # the worker's traceback, and TorchScript's two with the author's code, once each
+    assert log.count("Traceback (most recent call last):") == 1, log
+    assert log.count("Traceback of TorchScript, original code (most recent call last):") == 1, log
+    assert log.count('raise RuntimeError("negative input rejected by the model")') == 1, log  # the author's code
+
+
+@pytest.mark.timeout(300)
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    answer, proc = raise_once(tmp_path, "--log-format", "json")
+    assert_one_line_for_the_client(answer)
+    banner = [i for i, line in enumerate(proc.lines) if line.startswith("libtorchrt-pool ") and " ready:" in line]
+    assert len(banner) == 1, proc.output
+    records = []
+    for i, line in enumerate(proc.lines):
+        if banner[0] <= i <= banner[0] + 1:  # the banner (stdout): its line, and HTTP's
+            continue
+        doc = json.loads(line)  # every other line: a log record
+        assert {"time", "level", "logger", "message"} <= set(doc) <= {"time", "level", "logger", "message",
+                                                                       "exception"}, doc  # fmt: skip
+        records.append(doc)
+    assert any(r["message"].startswith("listening on http://") for r in records)
+    assert any(r["message"].startswith("raiser v1 instance 0: ready after ") for r in records)
+    failed = [r for r in records if "exception" in r]
+    assert len(failed) == 1, failed
+    (record,) = failed
+    assert record["level"] == "ERROR" and record["logger"] == "libtorchrt.server"
+    assert record["message"] == f"inference failed (500): {HEADLINE}"
+    assert record["exception"].count("Traceback (most recent call last):") == 1
+    assert "Traceback of TorchScript, original code" in record["exception"]
+    assert sum(line.count("Traceback") for line in proc.lines) == record["exception"].count("Traceback")
+
+
+def test_every_summary_is_one_line() -> None:
+    """What a 500 tells for each kind of failure (the TorchScript one: above, for real)."""
+    plain = ModelError("m", "ValueError", "bad value\n  more about it\n", "Traceback (most recent call last):\n ...")
+    assert summary(plain) == "model 'm' raised ValueError: bad value"
+    scripted = ModelError("m", "Error", f"{_TORCHSCRIPT}\nTraceback of TorchScript ...\n  File \"/src/m.py\"\n"
+                          "torch.OutOfMemoryError: out of memory\n", "tb")  # fmt: skip
+    assert summary(scripted) == "model 'm' raised OutOfMemoryError: out of memory"
+    died = WorkerDiedError("m", 0, 42, -9, "line one\nline two")
+    assert summary(died) == "worker 0 of model 'm' (pid 42) was killed by signal 9"
+    assert summary(ModelError("m", "Error", "", "")) == "model 'm' raised Error: "
+
+
+class _BrokenPool:
+    """A pool whose model list fails: a bug in the server's reach into it."""
+
+    closed = False
+    failure = None
+
+    def models(self) -> list[ModelStatus]:
+        raise RuntimeError("a bug\nwith a second line")
+
+
+def test_an_internal_error_answers_one_line_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Starlette re-raises what its error handler answered; uvicorn would log it again."""
+    app = build_app(ServerState(_BrokenPool(), Limits()))  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/v2/models/m", "raw_path": b"/v2/models/m", "query_string": b"", "root_path": "",
+             "headers": [], "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))  # it does not raise: uvicorn logs nothing
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {"error": "internal error: RuntimeError: a bug"}
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.levelno == logging.ERROR and record.exc_info is not None

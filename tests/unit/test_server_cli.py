@@ -1,19 +1,23 @@
 """The ``libtorchrt-pool`` command line: every option documented (``--help`` and
-docs/server.md), checked before anything loads; and docs/deployment.md's manifests and
-container recipe parse and use options the command takes."""
+docs/server.md), checked before anything loads; tritonserver's spellings accepted where
+they mean the same, refused where they do not; the JSON log; and docs/deployment.md's
+manifests and container recipe parse and use options the command takes."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
+import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml  # a dev dependency (pyproject.toml): docs/deployment.md's manifests are YAML
 
-from libtorchrt.server.cli import build_parser, options_from
+from libtorchrt.server.cli import JsonFormatter, build_parser, log_level, options_from
 from libtorchrt.server.security import Address, UsageError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -53,7 +57,7 @@ def test_defaults_bind_loopback_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     ("argv", "message"),
     [
         (("--http", "0.0.0.0:8000"), "reachable from other machines"),
-        (("--zmq", "tcp://0.0.0.0:8001"), "CURVE keys"),
+        (("--zmq", "tcp://0.0.0.0:8003"), "CURVE keys"),
         (("--http", "off"), "no way to reach the models"),
         (("--zmq-curve-secret-key-file", "/dev/null"), "Z85"),
         (("--grace", "-1"), "--grace"),
@@ -64,6 +68,90 @@ def test_refused_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.delenv("LIBTORCHRT_HTTP_TOKEN", raising=False)
     with pytest.raises(UsageError, match=message):
         parse(*argv, repo=tmp_path)
+
+
+# ── tritonserver's spellings ───────────────────────────────────────────────────
+
+
+def test_tritonserver_ports_bind_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIBTORCHRT_HTTP_TOKEN", raising=False)
+    opts = parse("--http-port", "8080", "--metrics-port", "9090", repo=tmp_path)
+    assert opts.http == Address("127.0.0.1", 8080) and opts.metrics == Address("127.0.0.1", 9090)
+    assert parse("--http-port=0", repo=tmp_path).http == Address("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--http", "127.0.0.1:8000", "--http-port", "8000"), "--http and --http-port both"),
+        (("--metrics", "off", "--metrics-port", "8002"), "--metrics and --metrics-port both"),
+        (("--grpc-port", "8001"), "does not serve gRPC"),
+        (("--model-control-mode", "explicit"), "--model-control-mode explicit is not supported"),
+        (("--model-control-mode", "POLL"), "--model-control-mode poll is not supported"),
+        (("--strict", "--exit-on-error=false"), "contradict"),
+    ],
+)
+def test_tritonserver_options_without_a_meaning_here_are_refused(
+    tmp_path: Path, argv: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(*argv, repo=tmp_path)
+
+
+def test_tritonserver_options_with_a_meaning_here(tmp_path: Path) -> None:
+    assert parse("--model-control-mode", "none", repo=tmp_path).strict is False
+    assert parse("--exit-on-error=true", repo=tmp_path).strict is True
+    assert parse("--exit-on-error", "FALSE", repo=tmp_path).strict is False
+    assert parse("--exit-on-error=1", "--strict", repo=tmp_path).strict is True
+    assert parse(repo=tmp_path).strict is False  # unlike tritonserver, which exits on error by default
+    assert parse("--log-verbose", "1", repo=tmp_path).access_log  # debug: the access log
+    assert not parse("--log-verbose", "0", repo=tmp_path).access_log
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [((), "info"), (("--log-verbose", "2"), "debug"), (("--log-verbose", "0"), "info"),
+     (("--log-level", "warning", "--log-verbose", "0"), "warning"),
+     (("--log-level", "debug", "--log-verbose", "1"), "debug")],
+)  # fmt: skip
+def test_log_verbose_is_log_level_debug(argv: tuple[str, ...], level: str) -> None:
+    assert log_level(build_parser().parse_args(["--model-repository", ".", *argv])) == level
+
+
+def test_log_verbose_and_another_log_level_are_refused() -> None:
+    with pytest.raises(UsageError, match="--log-verbose 1 asks for --log-level debug, not error"):
+        log_level(build_parser().parse_args(["--model-repository", ".", "--log-level", "error", "--log-verbose", "1"]))
+
+
+def test_bad_tritonserver_values_are_argparse_errors() -> None:
+    for argv in (["--http-port", "http"], ["--http-port", "70000"], ["--model-control-mode", "sometimes"],
+                 ["--exit-on-error", "maybe"], ["--log-verbose", "-1"], ["--log-format", "xml"]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["--model-repository", ".", *argv])
+        assert e.value.code == 2, argv
+
+
+# ── the JSON log ───────────────────────────────────────────────────────────────
+
+
+def test_json_log_records_are_one_json_object_per_line() -> None:
+    formatter = JsonFormatter()
+    record = logging.LogRecord("libtorchrt.server", logging.INFO, __file__, 1, 'loaded "%s"\nin %d s', ("m", 2), None)
+    line = formatter.format(record)
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert set(doc) == {"time", "level", "logger", "message"}
+    assert doc["level"] == "INFO" and doc["logger"] == "libtorchrt.server" and doc["message"] == 'loaded "m"\nin 2 s'
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", doc["time"])
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    line = formatter.format(failed)
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert doc["level"] == "ERROR" and doc["message"] == "failed"
+    assert doc["exception"].startswith("Traceback (most recent call last):") and "ValueError: bad" in doc["exception"]
 
 
 def test_missing_repository(tmp_path: Path) -> None:

@@ -1,18 +1,19 @@
-"""The server's Prometheus metrics and start-up progress, from fake pool snapshots."""
+"""The server's Prometheus metrics and start-up progress, from fake pool snapshots:
+Triton's metrics under Triton's exact names, the loading state before the pool exists."""
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from libtorchrt.info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerInfo
-from libtorchrt.server.metrics import INSTANCE_STATES, MODEL_STATES, registry_for
+from libtorchrt.server.metrics import INSTANCE_STATES, MODEL_STATES, TRITON_COUNTERS, registry_for, render
 from libtorchrt.server.progress import Progress
 
 
@@ -33,8 +34,16 @@ class FakePool:
         self._router = SimpleNamespace(models={("m", 1): model})
 
 
-def scrape(pool: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(registry_for(pool)).decode()
+def text_of(pool: Any, starting: Any = None) -> str:
+    """What GET /metrics answers, for a pool (None while it loads)."""
+    return render(registry_for(SimpleNamespace(pool=pool, starting=starting))).decode()
+
+
+def scrape(pool: Any, starting: Any = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples by name and labels. (prometheus_client's parser names a counter's samples
+    ``<name>_total`` whatever the text says: the names as written are checked in
+    test_tritons_metrics_have_tritons_exact_names.)"""
+    text = text_of(pool, starting)
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -69,6 +78,52 @@ def test_counters_histogram_and_gauges() -> None:
     assert value(v, "libtorchrt_arena_bytes") == 1 << 20
     assert [value(v, "libtorchrt_model_state", state=s) for s in MODEL_STATES] == [1, 0, 0, 0, 0]
     assert v[("libtorchrt_model_state", (("model", "x"), ("state", "failed"), ("version", "")))] == 1
+
+
+def test_tritons_metrics_have_tritons_exact_names() -> None:
+    """As Triton writes them (docs/user_guide/metrics.md): counters without the _total
+    that prometheus_client would append, labels model and version."""
+    text = text_of(FakePool())
+    expected = {
+        "nv_inference_request_success": "4",
+        "nv_inference_request_failure": "1",
+        "nv_inference_count": "8",
+        "nv_inference_exec_count": "3",
+        "nv_inference_request_duration_us": "40",
+        "nv_inference_queue_duration_us": "2",
+        "nv_inference_compute_infer_duration_us": "30",
+    }
+    assert [name for name, *_ in TRITON_COUNTERS] == list(expected)
+    for name, value in expected.items():
+        assert f"# TYPE {name} counter\n" in text, name
+        assert f'\n{name}{{model="m",version="1"}} {value}\n' in text, name
+    assert "# TYPE nv_inference_pending_request_count gauge\n" in text
+    assert '\nnv_inference_pending_request_count{model="m",version="1"} 2.0\n' in text
+    assert not re.search(r"(?m)^nv_inference_\w+_total\b", text), "a Triton counter with _total"
+    assert re.search(r"(?m)^libtorchrt_worker_restarts_total\{", text)  # ours: Prometheus' conventions
+
+
+def test_label_values_are_escaped() -> None:
+    pool = FakePool()
+    pool.stats = lambda: [ModelStats('we"ird\\na\nme', 1, success=1)]
+    text = text_of(pool)
+    assert '\nnv_inference_request_success{model="we\\"ird\\\\na\\nme",version="1"} 1\n' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # it parses
+    assert families["nv_inference_request_success"].samples[0].labels["model"] == 'we"ird\\na\nme'
+
+
+def test_while_the_pool_loads_the_models_states_are_shown() -> None:
+    instances = (InstanceHealth(0, 100, "starting"), InstanceHealth(1, 101, "warming"))
+    health = ModelHealth("m", "loading", 0, instances, version=1)
+    v = scrape(None, lambda: {"m": health})
+    assert [value(v, "libtorchrt_model_state", state=s) for s in MODEL_STATES] == [0, 1, 0, 0, 0]
+    assert value(v, "libtorchrt_instances", state="starting") == 1
+    assert value(v, "libtorchrt_instances", state="warming") == 1
+    assert ("process_resident_memory_bytes", ()) in v
+    assert not any(name.startswith("nv_inference") for name, _ in v)  # no counts before the pool counts
+    before_the_router = scrape(None, None)  # the repository is being read: no model known yet
+    assert ("process_resident_memory_bytes", ()) in before_the_router
+    assert not any(name.startswith("libtorchrt_model_state") for name, _ in before_the_router)
 
 
 def test_a_pool_without_stats_still_has_its_state_metrics() -> None:

@@ -153,6 +153,8 @@ class ServerState:
     broken: str | None = None
     #: while the pool loads: each model's health (``Pool.health()``), once its router exists
     starting: Callable[[], dict[str, ModelHealth]] | None = None
+    #: set while draining: called (on the event loop) when the last in-flight request ends
+    on_idle: Callable[[], None] | None = None
 
     def loading_models(self) -> list[ModelStatus]:
         """While the pool loads: each model version known so far, as ``Pool.models()``
@@ -520,6 +522,8 @@ class _Endpoints:
             yield
         finally:
             state.inflight -= 1
+            if not state.inflight and state.on_idle is not None:
+                state.on_idle()
 
     async def _infer(self, request: Request) -> Response:
         # What the headers tell is checked before the body is read; the body is read

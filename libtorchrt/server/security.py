@@ -141,7 +141,7 @@ def _zmq_host(endpoint: str) -> str | None:
 def check_zmq(endpoint: str, *, curve_secret_key: bytes | None, insecure: bool) -> None:
     """Refuse a non-loopback ``tcp://`` endpoint without CURVE keys or ``--insecure``.
 
-    ZeroMQ also binds interface names (``tcp://eth0:8001``) and ``*``: those count as
+    ZeroMQ also binds interface names (``tcp://eth0:8003``) and ``*``: those count as
     not loopback.
 
     Raises:

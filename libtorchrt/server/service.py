@@ -181,6 +181,8 @@ class _Service:
         self._servers: list[_Uvicorn] = []
         self._listening = threading.Event()
         self._serving_error: BaseException | None = None
+        #: a second signal: stop draining now (set on the serving thread's loop)
+        self._forced = asyncio.Event()
 
     # ── stages ─────────────────────────────────────────────────────────────
 
@@ -340,15 +342,10 @@ class _Service:
         if count == 1:
             self._stop_serving()
             return
-        log.warning("second stop signal: closing HTTP connections now")
-
-        def force_exit() -> None:
-            for server in self._servers:
-                server.force_exit = True
-
+        log.warning("second stop signal: failing the requests in flight and stopping now")
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(force_exit)
+                self._loop.call_soon_threadsafe(self._forced.set)
 
     async def _serve(self) -> None:
         opts = self.options
@@ -391,15 +388,41 @@ class _Service:
             log.info("stopping")
         else:
             log.info("stopping: draining requests in flight (up to %.0f s)", opts.grace)
-        self.state.draining = True
+        self.state.draining = True  # ready answers 400, new inference requests 503
         zmq = self.zmq
         zmq_closed = loop.run_in_executor(None, zmq.close, opts.grace) if zmq is not None else None
+        await self._drain(opts.grace)
         for server in self._servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         if zmq_closed is not None:
             await zmq_closed
         done.cancel()
+
+    async def _drain(self, grace: float) -> None:
+        """Keep listening while the HTTP requests in flight finish, for up to ``grace``
+        seconds: probes see not-ready (a load balancer takes the server out) and new
+        requests get 503, on the connections clients hold and on new ones. A second
+        signal ends the wait: the pool fails what still runs, and each request is
+        answered with that error before the listener closes."""
+        state = self.state
+        idle = asyncio.Event()
+        state.on_idle = idle.set
+        if not state.inflight:
+            idle.set()
+        waits = [asyncio.ensure_future(idle.wait()), asyncio.ensure_future(self._forced.wait())]
+        try:
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            state.on_idle = None
+        if self._forced.is_set() or not idle.is_set():
+            loop = asyncio.get_running_loop()
+            closing = [loop.run_in_executor(None, self.zmq.close, 0.0)] if self.zmq is not None else []
+            if self.pool is not None:  # (its requests fail with PoolClosedError: answered 503)
+                closing.append(loop.run_in_executor(None, self.pool.close, 0.0))
+            await asyncio.gather(*closing, return_exceptions=True)
 
     def _watch(self, thread: threading.Thread, what: str) -> None:
         """Stop serving if ``thread`` ends while we serve: a thread the server depends on

@@ -376,7 +376,12 @@ class _Server:
         descriptor and shared-memory arena the frontend owns. Idempotent."""
         grace = _grace(grace)
         with self._close_lock:
-            if self._closed:
+            if self._closed:  # closing already: a shorter grace hurries it (a second signal)
+                at = time.monotonic() + max(grace, 0.0)
+                alive = self._thread is not None and self._thread.is_alive()
+                if alive and self._closing_at is not None and at < self._closing_at:
+                    self._closing_at = at
+                    self._wake()
                 return
             self._closed = True
             if self._thread is None:

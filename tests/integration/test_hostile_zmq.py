@@ -182,7 +182,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         assert dead_workers and dead_dirs, dead.output
         dead_inode = _inode(socket_path)
         assert dead.stop(signal.SIGKILL) == -signal.SIGKILL
-        assert socket_path.exists() and all((tmpdir / d).exists() for d in dead_dirs)
+        # Its workers remove the router's directory as they exit (they see the front
+        # gone); the frontend's directory and its ipc:// socket file stay behind.
+        _wait_until(lambda: not any(alive(pid) for pid in dead_workers), 30, "the dead server's workers to exit")
+        dead_dirs = {d for d in dead_dirs if (tmpdir / d).exists()}
+        assert socket_path.exists() and dead_dirs, "the SIGKILLed server left nothing to clean: the test proves nothing"
         proc = _start(repo, endpoint, tmpdir)
         proc.wait_for(r"libtorchrt-pool \S+ ready", START_TIMEOUT)
         served = Served(proc, endpoint, socket_path, tmpdir, repo, dead.proc.pid, dead_workers, dead_dirs, dead_inode)

@@ -532,20 +532,19 @@ def test_sigterm_under_load_drains_and_exits_cleanly(guarded: ServerProcess) -> 
         time.sleep(0.02)
     guarded.proc.terminate()
     guarded.wait_for("stopping: draining", 10)
-    # New requests are refused from now on: 503 while the listener is still open (until
-    # uvicorn's next tick, at most 0.1 s later), then no connection at all; the listener
-    # closes while the requests in flight still run. (The 503 and the readiness probe's
-    # 400 while draining are tested in tests/integration/test_server_drain.py.)
+    # New requests are refused from now on with 503, while the requests in flight run:
+    # the listener stays open until they have finished (then closes). (The readiness
+    # probe's 400 while draining is tested in tests/integration/test_server_drain.py.)
     refused: list[tuple[int, Any]] = []
-    deadline = time.monotonic() + 10
-    while True:
+    deadline = time.monotonic() + 30
+    while len(results) < 4:
         try:
             refused.append(infer_json(guarded.http, "spin", SPIN, AUTH))
         except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
-            break  # not listening any more
-        assert time.monotonic() < deadline, f"still taking connections 10 s into the drain: {refused[-3:]}"
+            break  # not listening any more: only once the requests in flight have finished
+        assert time.monotonic() < deadline, f"the requests in flight did not finish: {refused[-3:]}"
+    assert refused, "no request was sent while the drain ran: the test proves nothing"
     assert all(status == 503 and "shutting down" in doc["error"] for status, doc in refused), refused
-    assert not results, "the listener closed only once the requests in flight had finished"
     for t in threads:
         t.join(60)
     assert [status for status, _ in results] == [200] * 4, results

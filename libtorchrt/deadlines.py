@@ -49,7 +49,10 @@ def check_timeout(value: object, *, allow_zero: bool = True) -> float | None:
     expected = "a number of seconds " + (">= 0" if allow_zero else "> 0") + " or None"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"expected {expected}, got {value!r} ({type(value).__name__})")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int (or Fraction) beyond any float: as huge as it gets
+        seconds = math.inf if value > 0 else -math.inf
     if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"expected {expected}, got {value!r}")
     return min(seconds, MAX_TIMEOUT_S)

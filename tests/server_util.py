@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from prometheus_client import parser as prometheus_parser
@@ -264,3 +267,26 @@ class ServerProcess:
         self._reader.join(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def asgi_call(
+    app: Callable[..., Awaitable[None]], method: str, path: str, body: bytes = b""
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to an ASGI ``app`` directly, without a server: status, headers
+    (lower-case names), body. For the application's behaviour in states a real server
+    passes through too quickly to probe (no pool yet, a broken pool, draining)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-length", str(len(body)).encode())], "server": ("127.0.0.1", 80),
+             "client": ("127.0.0.1", 1)}  # fmt: skip
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    headers = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
+    return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])

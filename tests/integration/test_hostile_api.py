@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,18 +33,11 @@ from libtorchrt.config.instances import MAX_INSTANCES
 from libtorchrt.config.tensor import MAX_DIMS
 from libtorchrt.deadlines import MAX_TIMEOUT_S
 from tests import models
-from tests.conftest import assert_no_leaks, snapshot
+from tests.conftest import assert_no_leaks, snapshot, wait_for
 
 X = torch.arange(64, dtype=torch.float32).reshape(1, 64)
 LONG = torch.tensor([3_000_000.0])  # a few seconds of spinning
 
-
-def _wait(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _serves(pool: Pool, model: str = "tiny") -> None:
@@ -150,7 +142,7 @@ def test_execution_timeout_parameter_replaces_a_hung_worker(make_pool: Callable[
         instance = pool.health()["spin"].instances[0]
         return instance.state == "ready" and instance.pid not in (None, before)
 
-    _wait(replaced, what="the replacement worker")
+    wait_for(replaced, what="the replacement worker")
     assert pool.health()["spin"].instances[0].restarts == 1
     assert float(pool.infer("spin", [torch.tensor([5.0])], timeout=30)["OUTPUT__0"]) == 5.0
     _serves(pool)

@@ -10,7 +10,6 @@ leaves no child. The server runs with small limits so that the attacks are cheap
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import gzip
 import http.client
@@ -30,7 +29,8 @@ import torch
 
 from libtorchrt.errors import PoolClosedError
 from libtorchrt.server.http import Limits, ServerState, build_app
-from tests.server_util import SPIN_CONFIG, ServerProcess, alive, build_repository
+from tests.server_util import SPIN_CONFIG, ServerProcess, alive, asgi_call, build_repository
+from tests.server_util import request as http_request
 
 LIMIT = 1 << 20  # --max-request-bytes
 MAX_INFLIGHT = 2
@@ -104,14 +104,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 def request(
     server: ServerProcess, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    host, port = server.http.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        conn.close()
+    return http_request(server.http, method, path, body, headers)
 
 
 def raw(server: ServerProcess, data: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -414,29 +407,18 @@ class _RouterBug(BaseException):
     that no ``except Exception`` on the way can swallow it)."""
 
 
-async def _get(app: Callable[..., Any], path: str) -> tuple[int, bytes]:
+def _get(app: Callable[..., Any], path: str) -> tuple[int, bytes]:
     """GET ``path`` from the ASGI ``app`` directly."""
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
-             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}  # fmt: skip
-    await asyncio.wait_for(app(scope, receive, send), 30)
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    status, _, data = asgi_call(app, "GET", path)
+    return status, data
 
 
 def test_live_answers_503_once_the_pool_has_failed(make_pool: Callable[..., Any]) -> None:
     before = {t.ident for t in threading.enumerate()}
     pool = make_pool("spin")
     app = build_app(ServerState(pool, Limits()))
-    assert asyncio.run(_get(app, "/v2/health/live"))[0] == 200
-    assert asyncio.run(_get(app, "/v2/health/ready"))[0] == 200
+    assert _get(app, "/v2/health/live")[0] == 200
+    assert _get(app, "/v2/health/ready")[0] == 200
     (router,) = [t for t in threading.enumerate() if t.name == "libtorchrt-router" and t.ident not in before]
     # A real failure of the real router thread: an exception raised in it, as a bug would.
     assert router.ident is not None
@@ -451,9 +433,9 @@ def test_live_answers_503_once_the_pool_has_failed(make_pool: Callable[..., Any]
             future.result(30)
     router.join(30)
     assert not router.is_alive() and isinstance(pool.failure, _RouterBug)
-    status, body = asyncio.run(_get(app, "/v2/health/live"))
+    status, body = _get(app, "/v2/health/live")
     assert status == 503 and "_RouterBug" in json.loads(body)["error"]
-    assert asyncio.run(_get(app, "/v2/health/ready"))[0] == 400
+    assert _get(app, "/v2/health/ready")[0] == 400
 
 
 def test_slow_headers_cost_a_descriptor_not_a_slot(server: ServerProcess) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from libtorchrt import ModelError, ModelUnavailableError, Pool, TimeoutError
 from libtorchrt.config.instances import MAX_INSTANCES
 from tests import models
-from tests.conftest import assert_no_leaks, snapshot
+from tests.conftest import assert_no_leaks, snapshot, wait_for
 
 HEAD = 'platform: "pytorch_libtorch"\nmax_batch_size: 0\n'
 F32_IN = 'input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
@@ -76,13 +75,6 @@ UNLOADABLE = {
     "a_checkpoint": "is a torch.save checkpoint (a state dict or a pickled module), not TorchScript",
 }
 
-
-def _wait(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +159,7 @@ def test_a_hung_model_is_replaced_by_its_execution_timeout(hostile: tuple[Pool, 
         health = pool.health()["hung"]
         return health.state == "ready" and health.instances[0].pid not in (None, before)
 
-    _wait(replaced, what="the hung worker's replacement")
+    wait_for(replaced, what="the hung worker's replacement")
     assert "execution_timeout" in (pool.health()["hung"].instances[0].last_error or "")
     assert float(pool.infer("hung", [torch.tensor([4.0])], timeout=30)["OUTPUT__0"]) == 4.0
     _serves(pool)

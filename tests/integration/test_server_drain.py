@@ -5,21 +5,19 @@ meaning of the draining flag itself on the HTTP application, without processes."
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from libtorchrt.info import ModelStatus
 from libtorchrt.server.http import Limits, ServerState, build_app
 from tests.conftest import wait_for
-from tests.server_util import ServerProcess, alive, build_repository, metrics, request, sample
+from tests.server_util import ServerProcess, alive, asgi_call, build_repository, metrics, request, sample
 
 
 @pytest.fixture(scope="module")
@@ -97,20 +95,8 @@ class _ServingPool:
 
 
 def _call(app: Callable[..., Awaitable[None]], method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-length", str(len(body)).encode())], "server": ("127.0.0.1", 80),
-             "client": ("127.0.0.1", 1)}  # fmt: skip
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    status, _, data = asgi_call(app, method, path, body)
+    return status, data
 
 
 def test_draining_reports_not_ready_and_refuses_inference() -> None:

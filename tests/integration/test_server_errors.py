@@ -9,7 +9,6 @@ record, as text or (``--log-format json``) as one JSON object per line."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from libtorchrt.info import ModelStatus
 from libtorchrt.server.http import _TORCHSCRIPT, Limits, ServerState, build_app, summary
 from tests.conftest import wait_for
 from tests.models import Raiser, Spin, SpinDouble
-from tests.server_util import ServerProcess, add_model, alive, metrics, model_workers, request, sample
+from tests.server_util import ServerProcess, add_model, alive, asgi_call, metrics, model_workers, request, sample
 
 MAX_INFLIGHT = 4  # --max-inflight of the server
 
@@ -305,20 +304,9 @@ class _BrokenPool:
 def test_an_internal_error_answers_one_line_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     """Starlette re-raises what its error handler answered; uvicorn would log it again."""
     app = build_app(ServerState(_BrokenPool(), Limits()))  # type: ignore[arg-type]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": "/v2/models/m", "raw_path": b"/v2/models/m", "query_string": b"", "root_path": "",
-             "headers": [], "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}  # fmt: skip
     with caplog.at_level(logging.INFO):
-        asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))  # it does not raise: uvicorn logs nothing
-    assert sent[0]["status"] == 500
-    assert json.loads(sent[1]["body"]) == {"error": "internal error: RuntimeError: a bug"}
+        status, _, body = asgi_call(app, "GET", "/v2/models/m")  # it does not raise: uvicorn logs nothing
+    assert status == 500
+    assert json.loads(body) == {"error": "internal error: RuntimeError: a bug"}
     (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert record.levelno == logging.ERROR and record.exc_info is not None

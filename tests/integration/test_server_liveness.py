@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.server_util import ServerProcess, alive, build_repository
 
 INJECT = """
@@ -57,13 +57,6 @@ def _get(base: str, path: str) -> int:
         return e.code
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -93,7 +86,7 @@ def test_a_dead_router_fails_liveness_and_exits_1(server_with_a_bug: ServerProce
     assert code == 1, server.output
     assert "stopped unexpectedly; exiting with status 1" in server.output
     assert "a bug injected into the router thread" in server.output
-    _wait(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +111,7 @@ def test_the_servers_execution_timeout_replaces_a_hung_worker(watched: ServerPro
         now = server.workers()
         return len(now) == len(before) and now != before and _get(server.http, "/v2/models/spin/ready") == 200
 
-    _wait(replaced, 60, "the hung worker's replacement")
+    wait_for(replaced, 60, "the hung worker's replacement")
     status, body = _post(server.http, "spin", 7.0)
     assert status == 200 and body["outputs"][0]["data"] == [7.0], body
     assert _get(server.http, "/v2/health/live") == 200

@@ -12,21 +12,20 @@ takes a shared ``flock`` on a gate file before it even imports libtorchrt (a
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, Any
+from typing import IO
 
 import pytest
 
 from libtorchrt.info import InstanceHealth, ModelHealth, ModelStatus
 from libtorchrt.server.http import Limits, ServerState, build_app
 from tests.conftest import wait_for
-from tests.server_util import ServerProcess, alive, build_repository, metrics, request, sample
+from tests.server_util import ServerProcess, alive, asgi_call, build_repository, metrics, request, sample
 
 #: runs at the start of every Python process with the test's PYTHONPATH; in a worker
 #: (``python -m libtorchrt.workers``) it waits for the gate before anything else
@@ -178,23 +177,7 @@ def test_sigterm_in_the_middle_of_the_load_exits_0_at_once(repo: Path, gate: Gat
 # ── the HTTP application before the pool exists, without processes ─────────────
 
 
-def call(app: Callable[..., Awaitable[None]], method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str],
-                                                                                                 bytes]:  # fmt: skip
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-length", str(len(body)).encode())], "server": ("127.0.0.1", 80),
-             "client": ("127.0.0.1", 1)}  # fmt: skip
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
-    headers = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
-    return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+call = asgi_call
 
 
 def test_without_a_pool_the_app_answers_probes_and_refuses_inference() -> None:

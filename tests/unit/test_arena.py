@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import itertools
 import mmap
@@ -413,3 +414,65 @@ def test_closing_while_a_view_is_alive_keeps_the_memory_readable(fds_unchanged: 
     del v
     gc.collect()
     assert not mapped(label)  # the last view takes the mapping with it
+
+
+# ---------------------------------- found by the mutation pass (docs/measurements/mutation.md)
+
+
+def test_default_memfd_name_is_the_label_the_leak_checks_look_for(fds_unchanged: None) -> None:
+    # tests/conftest.py finds leaked arenas in /proc/self/maps by this label
+    a = Arena(PAGE)
+    try:
+        assert a.fd is not None
+        assert os.readlink(f"/proc/self/fd/{a.fd}") == "/memfd:libtorchrt (deleted)"
+        assert mapped("libtorchrt")
+    finally:
+        a.close()
+
+
+def test_a_failed_resize_closes_the_new_memfd(monkeypatch: pytest.MonkeyPatch, fds_unchanged: None) -> None:
+    def no_space(fd: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "ftruncate", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        Arena(PAGE)
+
+
+def test_a_failed_mapping_closes_the_fd_it_was_given(fds_unchanged: None) -> None:
+    r, w = os.pipe()  # a pipe cannot be mapped
+    try:
+        with pytest.raises(OSError):
+            Arena(PAGE, fd=r)
+    finally:
+        os.close(w)
+    # the fixture checks that r was closed: the arena owned it from the call on
+
+
+def test_address_is_where_the_arena_is_mapped(fds_unchanged: None) -> None:
+    a = Arena(PAGE)
+    try:
+        assert a.address == a.flat.data_ptr() == a.bytes.ctypes.data
+        ctypes.memmove(a.address + 64, b"abcd", 4)
+        assert bytes(a.flat[64:68].tolist()) == b"abcd"
+    finally:
+        a.close()
+
+
+def test_view_refusals_say_where_and_why(fds_unchanged: None) -> None:
+    a = Arena(PAGE)
+    try:
+        with pytest.raises(ValueError, match=rf"^slot \[{PAGE - 4}, {PAGE + 4}\) lies outside the {PAGE}-byte arena$"):
+            a.view(PAGE - 4, 8, torch.uint8, (8,))
+        with pytest.raises(ValueError, match=r"^slot offset 2 is not aligned for torch.float32 \(4-byte elements\)$"):
+            a.view(2, 4, torch.float32, (1,))
+        assert a.view(4, 4, torch.float32, (1,)).shape == (1,)
+    finally:
+        a.close()
+
+
+def test_close_leaves_empty_uint8_views_behind(fds_unchanged: None) -> None:
+    a = Arena(PAGE)
+    a.close()
+    assert a.flat.dtype == torch.uint8 and a.flat.numel() == 0
+    assert a.bytes.dtype.name == "uint8" and a.bytes.size == 0

@@ -531,3 +531,202 @@ def test_a_reshaped_input_is_reshaped_every_time() -> None:
     x = torch.arange(4, dtype=torch.float32)
     for _ in range(3):
         assert b.bind(x)[0].shape == (2, 2)
+
+
+# ------------------------------- found by the mutation pass (docs/measurements/mutation.md)
+
+
+def test_a_binder_takes_positional_arguments_unless_told_otherwise() -> None:
+    b = Binder(ModelConfig(name="m", path="m.pt"), ["a", "b"])
+    assert not b.dict_input
+    assert b.bind([A, B]) == [A, B]
+
+
+def test_declared_inputs_that_claim_a_taken_or_missing_position_take_the_free_ones() -> None:
+    b = binder(args=("a", "b", "c"), inputs=[TensorSpec("x__0"), TensorSpec("y__0"), TensorSpec("z__3")])
+    assert b.positions == {"a": 0, "b": 1, "c": 2, "x__0": 0, "y__0": 1, "z__3": 2}
+    assert [b.display(i) for i in range(3)] == ["x__0", "y__0", "z__3"]
+    b = binder(args=("a", "b"), inputs=[TensorSpec("x__2"), TensorSpec("y")])
+    assert [b.display(i) for i in range(2)] == ["x__2", "y"]
+
+
+def test_an_undeclared_numpy_input_binds_to_strings_only_when_it_holds_strings() -> None:
+    b = binder(args=("a",))
+    (got,) = b.bind({"a": np.array(["x", "yz"], dtype=object)})
+    assert isinstance(got, Strings) and decode_strings(got.blob, got.count) == ["x", "yz"]
+    (got,) = b.bind({"a": np.zeros(0, dtype=np.float32)})
+    assert isinstance(got, torch.Tensor) and got.shape == (0,)
+
+
+def test_a_single_tensor_is_not_taken_for_all_the_inputs_of_a_two_input_model() -> None:
+    b = binder()
+    b.bind([A, B])  # A's dtype and shape are now known good at position 0
+    e = refused(b, A)
+    assert (e.expected, e.got) == ("2 inputs ['a', 'b']", "1 positional inputs")
+
+
+def test_a_tensor_seen_before_is_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = binder(args=("a",))
+    checked: list[int] = []
+    check_at = b._check_at
+
+    def spy(pos: int, value: Any) -> Any:
+        checked.append(pos)
+        return check_at(pos, value)
+
+    monkeypatch.setattr(b, "_check_at", spy)
+    assert b.bind(A)[0] is A and b.bind(A)[0] is A and b.bind({"a": A})[0] is A and b.bind([A])[0] is A
+    assert checked == [0]
+    two = binder()
+    monkeypatch.setattr(two, "_check_at", lambda pos, value: checked.append(pos) or value)
+    checked.clear()
+    two.bind([A, B])
+    assert checked == [0, 1]  # the spy does not remember them
+
+
+def test_strings_are_checked_every_time() -> None:
+    b = binder(args=("s",), inputs=[TensorSpec("s", "string", [2])])
+    assert b.bind([["a", "b"]])[0].count == 2
+    assert refused(b, [["a", "b", "c"]]).got == "3 strings"
+
+
+def test_what_a_request_that_is_neither_a_dict_nor_a_list_is_told() -> None:
+    e = refused(binder(), 5)
+    assert (e.input, e.expected, e.got) == (None, "a dict of name -> tensor, or a list of tensors", "int")
+
+
+def test_what_a_dict_model_is_told() -> None:
+    b = binder(args=("d",), inputs=[TensorSpec("x"), TensorSpec("s", "string")], dict_input=True)
+    e = refused(b, [A])
+    assert (e.input, e.expected, e.got) == (None, b.expected, "list")
+    e = refused(b, {"x": A, "s": ["a"]})
+    assert (e.input, e.expected, e.got) == (
+        "s",
+        "a tensor: the model takes one Dict[str, Tensor]",
+        "an input declared TYPE_STRING",
+    )
+    e = refused(b, {})
+    assert (e.input, e.expected, e.got) == ("x", b.expected, "no value for ['x', 's']")
+
+
+def test_a_dict_key_that_is_not_valid_unicode_is_refused() -> None:
+    b = binder(args=("d",), dict_input=True)
+    e = refused(b, {"\udc80": A})
+    assert (e.input, e.expected, e.got) == (None, "input names in valid Unicode", "('\\udc80',)")
+
+
+def test_an_undeclared_string_input_is_named_in_its_errors() -> None:
+    e = refused(binder(args=("a",)), {"a": ["ok", "\udc80"]})
+    assert e.input == "a" and e.got.startswith("element 1: ")
+
+
+def test_numpy_arrays_torch_cannot_hold_are_refused() -> None:
+    e = refused(binder(args=("a",)), {"a": np.array(["2024-01-01"], dtype="datetime64[D]")})
+    assert (e.input, e.expected, e.got) == ("a", "a tensor of a supported dtype", "numpy datetime64[D]")
+
+
+def test_what_a_sparse_tensor_is_told() -> None:
+    e = refused(binder(args=("a",)), {"a": torch.zeros(2).to_sparse()})
+    assert (e.input, e.expected, e.got) == ("a", "a dense tensor of a supported dtype", "tensor float32[2] on cpu")
+
+
+def test_32_dims_are_accepted_and_33_refused() -> None:
+    b = binder(args=("a",))
+    assert b.bind(torch.zeros([1] * 32))[0].dim() == 32
+    e = refused(b, torch.zeros([1] * 33))
+    assert (e.input, e.expected, e.got) == ("a", "at most 32 dims, each under 2**40", f"shape {[1] * 33}")
+
+
+@pytest.mark.parametrize("size", [2**40, 2**41])
+def test_an_empty_tensor_with_a_size_the_wire_cannot_carry_is_refused(size: int) -> None:
+    b = binder(args=("a",))
+    e = refused(b, torch.empty(0, size))
+    assert (e.input, e.expected, e.got) == ("a", "at most 32 dims, each under 2**40", f"shape [0, {size}]")
+    assert b.bind(torch.empty(0, 2**40 - 1))[0].shape == (0, 2**40 - 1)
+
+
+def test_max_batch_size_1_is_a_batching_model() -> None:
+    b = binder(args=("a",), inputs=[TensorSpec("a", "float32", [3])], max_batch_size=1)
+    assert b.bind(torch.zeros(1, 3))[0].shape == (1, 3)
+    e = refused(b, torch.zeros(2, 3))
+    assert (e.expected, e.got) == ("at most max_batch_size=1 rows", "2 rows")
+    r = binder(args=("a",), inputs=[TensorSpec("a", "float32", [2, 3], reshape=[6])], max_batch_size=1)
+    assert r.bind(torch.zeros(1, 2, 3))[0].shape == (1, 6)
+    s = binder(args=("s",), inputs=[TensorSpec("s", "string", [2])], max_batch_size=1)
+    assert s.bind([["a", "b"]])[0].shape == (1, 2)
+    e = refused(s, [["a", "b", "c", "d"]])
+    assert (e.expected, e.got) == ("at most max_batch_size=1 rows", "2 rows")
+
+
+def test_strings_of_a_zero_size_dimension() -> None:
+    b = binder(args=("s",), inputs=[TensorSpec("s", "string", [-1, 0])])
+    assert b.bind([[]])[0].count == 0
+    e = refused(b, [["a"]])
+    assert (e.input, e.expected, e.got) == ("s", "a multiple of 0 strings (dims [-1, 0])", "1 strings")
+    batched = binder(args=("s",), inputs=[TensorSpec("s", "string", [0])], max_batch_size=4)
+    assert batched.bind([[]])[0].shape == (0, 0)
+
+
+def test_batched_strings_with_a_free_dimension_stay_flat() -> None:
+    b = binder(args=("s",), inputs=[TensorSpec("s", "string", [-1])], max_batch_size=4)
+    got = b.bind([["a", "b", "c"]])[0]
+    assert got.shape == (3,) and got.count == 3
+
+
+def test_a_string_array_of_the_wrong_shape_names_its_input() -> None:
+    b = binder(args=("s",), inputs=[TensorSpec("s", "string", [2])])
+    e = refused(b, {"s": np.array([["a"], ["b"], ["c"]])})
+    assert (e.input, e.expected, e.got) == ("s", "shape [2] (-1: any size)", "shape [3, 1]")
+
+
+def test_strings_the_wire_cannot_carry_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (an element of 4 GiB: Strings refuses it; faked here rather than allocated)
+    def too_big(items: Any, shape: Any = None) -> Strings:
+        raise ValueError("a string of 4294967296 bytes; at most 4 GiB - 1 fit the wire format")
+
+    monkeypatch.setattr("libtorchrt._binding.Strings", too_big)
+    e = refused(binder(args=("s",), inputs=[TensorSpec("s", "string")]), [["a"]])
+    assert (e.input, e.expected, e.got) == (
+        "s",
+        "strings under 4 GiB each",
+        "a string of 4294967296 bytes; at most 4 GiB - 1 fit the wire format",
+    )
+
+
+# ------------------------------------------------------------------ shape_outputs
+
+
+def test_reshaped_outputs_get_their_declared_dims_back() -> None:
+    outputs = [TensorSpec("y", "float32", [2, 3], reshape=[6]), TensorSpec("z", "float32", [4])]
+    b = binder(outputs=outputs)
+    assert b.reshapes and not binder(outputs=[TensorSpec("z", "float32", [4])]).reshapes
+    z = torch.zeros(4)
+    got = b.shape_outputs({"y": torch.arange(6.0), "z": z})
+    assert got["y"].shape == (2, 3) and got["y"].flatten().tolist() == list(range(6)) and got["z"] is z
+
+
+def test_batched_reshaped_outputs_keep_their_batch_dimension() -> None:
+    b = binder(outputs=[TensorSpec("y", "float32", [2, 3], reshape=[6])], max_batch_size=4)
+    assert b.shape_outputs({"y": torch.zeros(5, 6)})["y"].shape == (5, 2, 3)
+    free = binder(outputs=[TensorSpec("y", "float32", [-1, 6], reshape=[-1, 2, 3])], max_batch_size=4)
+    assert free.shape_outputs({"y": torch.zeros(2, 4, 2, 3)})["y"].shape == (2, 4, 6)
+    one = binder(outputs=[TensorSpec("y", "float32", [2, 3], reshape=[6])], max_batch_size=1)
+    assert one.shape_outputs({"y": torch.zeros(1, 6)})["y"].shape == (1, 2, 3)
+    scalar = torch.tensor(1.0)
+    unbatched = binder(outputs=[TensorSpec("y", "float32", [1], reshape=[])])
+    assert unbatched.shape_outputs({"y": scalar})["y"].shape == (1,)
+
+
+def test_outputs_that_cannot_take_their_dims_are_left_as_the_model_made_them() -> None:
+    b = binder(
+        outputs=[
+            TensorSpec("wrong", "float32", [2, 3], reshape=[6]),
+            TensorSpec("two_free", "float32", [-1, -1], reshape=[-1, -1]),
+            TensorSpec("s", "string", [2], reshape=[2]),
+            TensorSpec("absent", "float32", [2], reshape=[2]),
+        ]
+    )
+    wrong, two_free, s = torch.zeros(5), torch.zeros(3, 2), ["a", "b"]
+    got = b.shape_outputs({"wrong": wrong, "two_free": two_free, "s": s})
+    assert got == {"wrong": wrong, "two_free": two_free, "s": s}
+    assert got["wrong"] is wrong and got["two_free"] is two_free and "absent" not in got

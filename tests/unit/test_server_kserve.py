@@ -298,3 +298,288 @@ def test_repository_index_and_statistics() -> None:
     assert doc["inference_stats"]["success"] == {"count": 3, "ns": 40}
     assert doc["inference_stats"]["fail"]["count"] == 1
     assert [b["batch_size"] for b in doc["batch_stats"]] == [2, 4]
+
+
+# ------------------------------- found by the mutation pass (docs/measurements/mutation.md)
+
+X = {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}
+
+
+def refusal(doc: dict[str, Any], *data: bytes, model: str = "m") -> str:
+    with pytest.raises(RequestError) as e:
+        decode_request(*body(doc, *data), model)
+    assert e.value.status == 400
+    return e.value.message
+
+
+def binary_input(name: str, datatype: str, shape: list[int], data: bytes) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": len(data)}}
+
+
+EXACT: list[tuple[dict[str, Any], bytes, str]] = [
+    ({"inputs": "x"}, b"", "the request has no 'inputs' (a non-empty list of tensors)"),
+    ({"inputs": []}, b"", "the request has no 'inputs' (a non-empty list of tensors)"),
+    ({"inputs": [7]}, b"", "inputs[0] must be a JSON object, got int"),
+    ({"inputs": [X, [1]]}, b"", "inputs[1] must be a JSON object, got list"),
+    ({"inputs": [{"name": 5, "shape": [1], "datatype": "FP32", "data": [1]}]}, b"", "inputs[0] has no 'name'"),
+    ({"inputs": [{"name": "", "shape": [1], "datatype": "FP32", "data": [1]}]}, b"", "inputs[0] has no 'name'"),
+    ({"id": 7, "inputs": [X]}, b"", "'id' must be a string, got 7"),
+    ({"parameters": [], "inputs": [X]}, b"", "the parameters of the request must be a JSON object, got list"),
+    ({"parameters": {"binary_data_output": 1}, "inputs": [X]}, b"",
+     "parameter 'binary_data_output' of the request must be true or false, got 1"),
+    ({"parameters": {"priority": -1}, "inputs": [X]}, b"", "parameter 'priority' must be an integer >= 0, got -1"),
+    ({"parameters": {"classification": 2}, "inputs": [X]}, b"",
+     "parameter 'classification': the classification extension is not supported"),
+    ({"inputs": [{**X, "parameters": 3}]}, b"", "the parameters of input 'x' must be a JSON object, got int"),
+    ({"inputs": [{**X, "datatype": 3}]}, b"", "input 'x' has no 'datatype'"),
+    ({"inputs": [{**X, "datatype": "UINT16"}]}, b"",
+     "input 'x': datatype UINT16 is not supported; use one of BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, "
+     "FP32, FP64, BYTES"),
+    ({"inputs": [{**X, "datatype": "FP8"}]}, b"",
+     "input 'x': unknown datatype 'FP8'; expected one of BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, "
+     "FP64, BYTES"),
+    ({"inputs": [{**X, "shape": "1"}]}, b"", "input 'x' has no 'shape' (a list of at most 32 sizes)"),
+    ({"inputs": [{**X, "shape": [1.5]}]}, b"", "the shape of input 'x' must be an integer >= 0, got 1.5"),
+    ({"inputs": [{**X, "shape": [2**40, 2**40]}]}, b"",
+     "input 'x': shape [1099511627776, 1099511627776] is too large (its sizes other than 0 multiply to more than "
+     "2**48 elements)"),
+    ({"inputs": [{**X, "shape": [2]}]}, b"", "input 'x': shape [2] holds 2 elements, 'data' has 1"),
+    ({"inputs": [{**X, "datatype": "BYTES", "shape": [2], "data": ["a"]}]}, b"",
+     "input 'x': shape [2] holds 2 elements, 'data' has 1"),
+    ({"inputs": [{**X, "datatype": "BYTES", "data": [1]}]}, b"", "input 'x': BYTES data must be strings"),
+    ({"inputs": [{**X, "datatype": "BYTES", "data": ["\udc80"]}]}, b"",
+     "input 'x': BYTES data must be valid Unicode (a string holds a lone surrogate)"),
+    ({"inputs": [{**X, "shape": [2], "data": [[1], [2, 3]]}]}, b"",
+     "input 'x': 'data' is a ragged list, or nested deeper than numpy's 64 dimensions"),
+    ({"inputs": [{**X, "datatype": "INT32", "shape": [2], "data": ["a", "b"]}]}, b"",
+     "input 'x': INT32 data must be integers, got strings"),
+    ({"inputs": [{**X, "datatype": "INT32", "data": [1.5]}]}, b"",
+     "input 'x': INT32 data must be integers, got floats"),
+    ({"inputs": [{**X, "datatype": "INT32", "data": [True]}]}, b"",
+     "input 'x': INT32 data must be integers, got booleans"),
+    ({"inputs": [{**X, "datatype": "FP32", "shape": [2], "data": [1, None]}]}, b"",
+     "input 'x': FP32 data must be numbers, got mixed values"),
+    ({"inputs": [{**X, "datatype": "FP64", "data": ["1"]}]}, b"", "input 'x': FP64 data must be numbers, got strings"),
+    ({"inputs": [{**X, "datatype": "BOOL", "shape": [2], "data": [1, 0]}]}, b"",
+     "input 'x': BOOL data must be true/false, got int64"),
+    ({"inputs": [{**X, "datatype": "INT8", "data": [128]}]}, b"",
+     "input 'x': a value is out of the range of INT8 (-128..127)"),
+    ({"inputs": [binary_input("x", "FP32", [2], b"\x00" * 4)]}, b"\x00" * 4,
+     "input 'x': shape [2] of FP32 is 8 bytes, binary_data_size is 4"),
+    ({"inputs": [binary_input("x", "INT16", [3], b"\x00" * 4)]}, b"\x00" * 4,
+     "input 'x': shape [3] of INT16 is 6 bytes, binary_data_size is 4"),
+    ({"inputs": [binary_input("x", "BOOL", [2], b"\x00\x02")]}, b"\x00\x02",
+     "input 'x': BOOL binary data must be bytes 0 or 1"),
+    ({"inputs": [binary_input("x", "BYTES", [1], b"\x01\x00\x00")]}, b"\x01\x00\x00",
+     "input 'x': BYTES binary data ends inside an element's 4-byte length"),
+    ({"inputs": [binary_input("x", "BYTES", [1], b"\x05\x00\x00\x00ab")]}, b"\x05\x00\x00\x00ab",
+     "input 'x': a BYTES element of 5 bytes runs past the end of its binary data"),
+    ({"inputs": [binary_input("x", "BYTES", [2], b"\x01\x00\x00\x00a")]}, b"\x01\x00\x00\x00a",
+     "input 'x': shape [2] holds 2 elements, the binary data has 1"),
+    ({"inputs": [{**binary_input("x", "FP32", [1], b""), "parameters": {"binary_data_size": "4"}}]}, b"\x00" * 4,
+     "binary_data_size of input 'x' must be an integer >= 0, got '4'"),
+    ({"inputs": [binary_input("x", "FP32", [1], b"\x00" * 4), binary_input("y", "FP32", [2], b"\x00" * 8)]},
+     b"\x00" * 8, "input 'y': binary_data_size is 8 but only 4 bytes of binary data are left in the body"),
+    ({"inputs": [binary_input("x", "FP32", [1], b"\x00" * 4)]}, b"\x00" * 7,
+     "the body has 3 bytes after the inputs' binary data; Inference-Header-Content-Length or a binary_data_size is "
+     "wrong"),
+    ({"inputs": [X], "outputs": {}}, b"", "'outputs' must be a list"),
+    ({"inputs": [X], "outputs": ["y"]}, b"", "outputs[0] must be a JSON object, got str"),
+    ({"inputs": [X], "outputs": [{"name": 5}]}, b"", "outputs[0] has no 'name'"),
+    ({"inputs": [X], "outputs": [{"name": "y"}, {"name": ""}]}, b"", "outputs[1] has no 'name'"),
+    ({"inputs": [X], "outputs": [{"name": "y", "parameters": 1}]}, b"",
+     "the parameters of output 'y' must be a JSON object, got int"),
+    ({"inputs": [X], "outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, b"",
+     "parameter 'binary_data' of output 'y' must be true or false, got 'yes'"),
+    ({"inputs": [X], "outputs": [{"name": "y", "parameters": {"classification": 3}}]}, b"",
+     "output 'y': the classification extension is not supported"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("doc", "data", "message"), EXACT)
+def test_refusals_say_exactly_what_is_wrong(doc: dict[str, Any], data: bytes, message: str) -> None:
+    assert refusal(doc, *([data] if data else [])) == message
+
+
+def test_refusals_of_the_body_itself() -> None:
+    with pytest.raises(RequestError) as e:
+        decode_request(bytearray(b"[1, 2]"), None, "m")
+    assert e.value.message == "the request must be a JSON object, got list"
+    with pytest.raises(RequestError) as e:
+        decode_request(bytearray(b"{"), None, "m")
+    assert e.value.message.startswith("the request is not valid JSON: Expecting property name")
+    with pytest.raises(RequestError) as e:
+        decode_request(bytearray(b"[" * 100_000), None, "m")
+    assert e.value.message == "the request's JSON is nested too deeply"
+    with pytest.raises(RequestError) as e:
+        decode_request(bytearray(b"{}"), 3, "m")
+    assert e.value.message == "Inference-Header-Content-Length is 3 but the body has only 2 bytes"
+
+
+def test_a_header_length_equal_to_the_body_is_all_json() -> None:
+    raw_body, _ = body({"inputs": [X]})
+    assert decode_request(raw_body, len(raw_body), "m").inputs["x"].tolist() == [1.0]
+
+
+def test_null_parameters_are_no_parameters() -> None:
+    doc = {"parameters": None, "inputs": [{**X, "parameters": None}], "outputs": [{"name": "y", "parameters": None}]}
+    req = decode_request(*body(doc), "m")
+    assert req.binary_output is False and req.outputs == [OutputRequest("y", None)]
+
+
+@pytest.mark.parametrize("key", ["sequence_id", "sequence_start", "sequence_end"])
+def test_sequence_parameters_are_refused_unless_empty(key: str) -> None:
+    for value in (1, True, "corr-7"):
+        assert refusal({"parameters": {key: value}, "inputs": [X]}) == (
+            f"parameter {key!r}: sequence batching is not supported (stateful models are not served)"
+        )
+    for empty in (None, 0, "", False):  # what clients send for "no sequence"
+        decode_request(*body({"parameters": {key: empty}, "inputs": [X]}), "m")
+
+
+@pytest.mark.parametrize("priority", [True, 2.5, "3", [1]])
+def test_a_priority_that_is_not_an_integer_is_refused(priority: Any) -> None:
+    message = refusal({"parameters": {"priority": priority}, "inputs": [X]})
+    assert message == f"parameter 'priority' must be an integer >= 0, got {priority!r}"
+
+
+def test_priority_zero_is_the_default_level() -> None:
+    assert decode_request(*body({"parameters": {"priority": 0}, "inputs": [X]}), "m").priority is None
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("x" * 78, repr("x" * 78)),  # an 80-character repr is shown whole
+        ("x" * 79, repr("x" * 79)[:60] + "... (81 characters)"),
+        ("y" * 1000, repr("y" * 1000)[:60] + "... (1002 characters)"),
+    ],
+)
+def test_long_values_are_cut_short_in_messages(value: str, shown: str) -> None:
+    message = refusal({"parameters": {"priority": value}, "inputs": [X]})
+    assert message == f"parameter 'priority' must be an integer >= 0, got {shown}"
+
+
+@pytest.mark.parametrize(
+    ("timeout", "message"),
+    [
+        ("true", "parameter 'timeout' must be a number of microseconds >= 0, got True (bool)"),
+        ('"5"', "parameter 'timeout' must be a number of microseconds >= 0, got '5' (str)"),
+        ("-1", "parameter 'timeout' must be a number of microseconds >= 0, got -1"),
+        ("NaN", "parameter 'timeout' must be a number of microseconds >= 0, got nan"),
+    ],
+)
+def test_a_bad_timeout_message_shows_the_value(timeout: str, message: str) -> None:
+    raw_doc = f'{{"parameters": {{"timeout": {timeout}}}, "inputs": [{json.dumps(X)}]}}'
+    with pytest.raises(RequestError) as e:
+        decode_request(bytearray(raw_doc.encode()), None, "m")
+    assert e.value.message == message
+
+
+def test_request_error_keeps_its_headers() -> None:
+    e = RequestError(413, "too large", {"Connection": "close"})
+    assert (e.status, e.message, e.headers, str(e)) == (413, "too large", {"Connection": "close"}, "too large")
+    assert RequestError(400, "bad").headers is None
+
+
+def test_32_dims_are_accepted_and_33_refused() -> None:
+    doc = {"inputs": [{**X, "shape": [1] * 32}]}
+    assert decode_request(*body(doc), "m").inputs["x"].shape == (1,) * 32
+    assert refusal({"inputs": [{**X, "shape": [1] * 33}]}) == "input 'x' has no 'shape' (a list of at most 32 sizes)"
+
+
+@pytest.mark.parametrize(
+    ("datatype", "low", "high"),
+    [("UINT8", 0, 255), ("INT8", -128, 127), ("INT16", -(2**15), 2**15 - 1), ("INT64", -(2**63), 2**63 - 1)],
+)
+def test_json_integers_at_the_ends_of_the_range_are_accepted(datatype: str, low: int, high: int) -> None:
+    doc = {"inputs": [{"name": "x", "shape": [2], "datatype": datatype, "data": [low, high]}]}
+    assert decode_request(*body(doc), "m").inputs["x"].tolist() == [low, high]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "want"),
+    [("FP32", 2.5, [2.5]), ("INT64", 7, [7]), ("BOOL", True, [True]), ("BYTES", "abc", [b"abc"])],
+)
+def test_json_data_may_be_a_single_value(datatype: str, data: Any, want: list[Any]) -> None:
+    doc = {"inputs": [{"name": "x", "shape": [1], "datatype": datatype, "data": data}]}
+    got = decode_request(*body(doc), "m").inputs["x"]
+    assert (got if isinstance(got, list) else got.tolist()) == want
+
+
+@pytest.mark.parametrize("items", [[""], ["a", ""], ["", "", ""]])
+def test_binary_bytes_may_end_with_an_empty_element(items: list[str]) -> None:
+    blob = b"".join(struct.pack("<I", len(s)) + s.encode() for s in items)
+    doc = {"inputs": [binary_input("s", "BYTES", [len(items)], blob)]}
+    assert decode_request(*body(doc, blob), "m").inputs["s"] == [s.encode() for s in items]
+
+
+def test_data_bytes_counts_utf8_bytes_and_length_prefixes() -> None:
+    assert kserve.data_bytes(["é", "ab"]) == (4 + 2) + (4 + 2)
+    assert kserve.data_bytes([b"\xff\x00", b""]) == (4 + 2) + 4
+    assert kserve.data_bytes(torch.zeros(3, dtype=torch.float64)) == 24
+    assert kserve.data_bytes(None) == 0 and kserve.data_bytes(7) == 0
+
+
+def test_response_header_is_compact_json() -> None:
+    enc = encode_response("m", 1, InferRequest(id="a b"), {"y": torch.tensor([1, 2])})
+    assert enc.header == (
+        b'{"model_name":"m","model_version":"1","id":"a b",'
+        b'"outputs":[{"name":"y","datatype":"INT64","shape":[2],"data":[1,2]}]}'
+    )
+
+
+def test_json_outputs_keep_integers_integers() -> None:
+    doc, _ = _decode_response(encode_response("m", 1, InferRequest(), {"y": torch.tensor([1, 2], dtype=torch.int32)}))
+    assert doc["outputs"] == [{"name": "y", "datatype": "INT32", "shape": [2], "data": [1, 2]}]
+    assert all(type(v) is int for v in doc["outputs"][0]["data"])
+
+
+def test_the_json_limit_message_says_how_to_ask_for_binary_data() -> None:
+    with pytest.raises(RequestError) as e:
+        encode_response("m", 1, InferRequest(), {"y": torch.zeros(4)}, max_json_bytes=8)
+    assert e.value.status == 400
+    assert e.value.message == (
+        "outputs ['y'] of model 'm' hold 16 bytes of tensor data, more than this server returns as JSON (8 bytes, "
+        "--max-json-response-bytes); ask for them as binary data (binary tensor data extension): parameters "
+        '{"binary_data": true} on each output, or {"binary_data_output": true} on the request (tritonclient: '
+        "InferRequestedOutput(name, binary_data=True))"
+    )
+
+
+def test_bytes_outputs_of_bytes_elements() -> None:
+    outputs = {"s": [b"ab", b"\xff", "é"]}
+    doc, data = _decode_response(encode_response("m", 1, InferRequest(), outputs))
+    assert doc["outputs"] == [{"name": "s", "datatype": "BYTES", "shape": [3], "data": ["ab", "\ufffd", "é"]}]
+    enc = encode_response("m", 1, InferRequest(binary_output=True), outputs)
+    doc, data = _decode_response(enc)
+    blob = b"\x02\x00\x00\x00ab" + b"\x01\x00\x00\x00\xff" + b"\x02\x00\x00\x00" + "é".encode()
+    assert doc["outputs"] == [
+        {"name": "s", "datatype": "BYTES", "shape": [3], "parameters": {"binary_data_size": len(blob)}}
+    ]
+    assert data == blob and enc.header_length == len(enc.header)
+
+
+@pytest.mark.parametrize(
+    ("value", "shape", "data"),
+    [
+        (torch.tensor(2.5), [], struct.pack("<f", 2.5)),
+        (torch.zeros(0, 3), [0, 3], b""),
+        (torch.arange(6, dtype=torch.int16).reshape(2, 3).t(), [3, 2], struct.pack("<6h", 0, 3, 1, 4, 2, 5)),
+    ],
+    ids=["scalar", "empty", "transposed"],
+)
+def test_binary_tensor_outputs_of_any_shape(value: torch.Tensor, shape: list[int], data: bytes) -> None:
+    doc, got = _decode_response(encode_response("m", 1, InferRequest(binary_output=True), {"y": value}))
+    assert doc["outputs"][0]["shape"] == shape
+    assert doc["outputs"][0]["parameters"] == {"binary_data_size": len(data)}
+    assert got == data
+
+
+def test_outputs_the_protocol_cannot_carry_are_server_errors() -> None:
+    with pytest.raises(RequestError) as e:
+        encode_response("m", 1, InferRequest(), {"y": 5})
+    assert (e.value.status, e.value.message) == (500, "output 'y' is a int, not a tensor")
+    with pytest.raises(RequestError) as e:
+        encode_response("m", 1, InferRequest(), {"c": torch.zeros(2, dtype=torch.complex64)})
+    assert (e.value.status, e.value.message) == (500, "output 'c' is complex64, which the KServe protocol cannot carry")

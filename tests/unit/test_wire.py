@@ -193,6 +193,11 @@ def test_cpu_request_stays_five_fields_on_the_wire() -> None:
         pytest.param([[], -1, -1, [], [], [2, 0]], id="batch-of-zero-rows"),
         pytest.param([[], -1, -1, [], [], [-1]], id="batch-negative-rows"),
         pytest.param([[], -1, -1, [], [], [1] * 4097], id="batch-too-long"),
+        pytest.param([[[1, 0, 64, "x" * 64, b""]], -1, -1, []], id="handle-str"),
+        pytest.param([[[1, 0, 64, b"x" * 64, "e" * 64]], -1, -1, []], id="event-str"),
+        pytest.param([{}], id="exports-map"),
+        pytest.param([5], id="exports-int"),
+        pytest.param([[[1, 0, 64, b"x" * 64, b""]] * 4097], id="exports-too-long"),
     ],
 )
 def test_malformed_gpu_request_fields_raise_protocol_error(tail: list[Any]) -> None:
@@ -689,3 +694,160 @@ def test_damaged_string_blobs_decode_or_raise_protocol_error(values: list[str], 
     except ProtocolError:
         return
     assert how == "flip" and len(out) == count  # a flipped byte may still spell valid strings
+
+
+# ------------------------------------------- boundaries and refusal messages
+# (added by the mutation pass, see docs/measurements/mutation.md)
+
+_EXPORT = Export(3, 1, 1 << 20, bytes(range(64)), b"\x01" * 64)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"device_in": 0}, id="device-in-0"),
+        pytest.param({"device_out": 0}, id="device-out-0"),
+        pytest.param({"exports": [_EXPORT]}, id="exports"),
+        pytest.param({"exports": [Export(0, 0, 0, b"\x00" * 64, b"")]}, id="export-of-zeros"),
+        pytest.param({"device_releases": [0]}, id="device-releases"),
+        pytest.param({"device_ids": [0]}, id="device-ids"),
+        pytest.param({"batch": [1]}, id="batch"),
+    ],
+)
+def test_each_gpu_or_batch_field_alone_survives_the_round_trip(fields: dict[str, Any]) -> None:
+    # Buffer id 0 and export 0 are real buffers: encode must not take them for "none".
+    msg = Request(8, [TensorDesc("float32", (2,), DEVICE, 0)], **fields)
+    assert decode(encode(msg)) == msg
+    assert len(msgpack.unpackb(encode(msg))) == 11
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ([Request.KIND, 1, [], [], [], []], Request(1, [])),
+        ([Request.KIND, 1, [], [], [], [], 2], Request(1, [], device_in=2)),
+        ([Request.KIND, 1, [], [], [], [], 2, 0], Request(1, [], device_in=2, device_out=0)),
+    ],
+    ids=["exports-only", "device-in-only", "device-in-and-out"],
+)
+def test_gpu_request_missing_device_fields_takes_the_defaults(header: list[Any], expected: Request) -> None:
+    assert decode(pack(header)) == expected
+
+
+def test_4096_exports_and_4096_batch_entries_are_accepted() -> None:
+    exports = [[i, 0, 64, b"x" * 64, b""] for i in range(4096)]
+    msg = decode(pack([Request.KIND, 1, [], [], [], exports, -1, -1, [], [], [1] * 4096]))
+    assert isinstance(msg, Request)
+    assert len(msg.exports) == 4096 and len(msg.batch) == 4096
+
+
+def test_a_map_with_integer_keys_is_refused_anywhere_in_a_header() -> None:
+    # strict_map_key: msgpack then refuses non-string keys (and the hash flooding they allow)
+    with pytest.raises(ProtocolError, match="strict_map_key"):
+        decode(pack([Ready.KIND, 1, 10, {1: True}]))
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"", r"^undecodable header \(ValueError: Unpack failed: incomplete input\)$"),
+        (pack([Shutdown.KIND]) + b"\x00", r"^undecodable header \(ExtraData: "),
+        (pack(7), r"^header must be an array starting with a kind, got 7$"),
+        (pack([99]), r"^unknown message kind 99$"),
+        (pack([Ready.KIND]), r"^malformed Ready message: .*missing 2 required positional arguments"),
+        (pack([Ready.KIND, "1", 10]), r"^malformed Ready message: field 'protocol' is str$"),
+        (pack([Failed.KIND, 1, 10, "E", None]), r"^malformed Failed message: field 'message' is NoneType$"),
+        (pack([Release.KIND, [-64]]), r"^malformed Release message: offsets must be non-negative integers$"),
+        (pack([Request.KIND]), r"^malformed Request message$"),
+        (pack([Response.KIND, 1]), r"^malformed Response message$"),
+        (pack([Response.KIND, 1, {}]), r"^tensor list must be an array of at most 4096$"),
+        (pack([Request.KIND, 1, [], 64]), r"^malformed Request message: releases must be offsets$"),
+        (pack([Request.KIND, 1, [], [], "ab"]), r"^malformed message: blobs must be an array of binary strings$"),
+        (pack([Request.KIND, 1, [], [], [], "x"]), r"^malformed Request message: exports must be an array$"),
+        (pack([Request.KIND, 1, [], [], [], [[1, 0, 64]]]), r"^malformed device buffer export \[1, 0, 64\]$"),
+        (
+            pack([Request.KIND, 1, [], [], [], [], -2]),
+            r"^malformed Request message: device_in must be a buffer id or -1$",
+        ),
+        (
+            pack([Request.KIND, 1, [], [], [], [], -1, -2]),
+            r"^malformed Request message: device_out must be a buffer id or -1$",
+        ),
+        (
+            pack([Request.KIND, 1, [], [], [], [], -1, -1, [-8]]),
+            r"^malformed Request message: device_releases must be offsets$",
+        ),
+        (
+            pack([Request.KIND, 1, [], [], [], [], -1, -1, [], [-1]]),
+            r"^malformed Request message: device_ids must be offsets$",
+        ),
+        (pack([Request.KIND, 1, [], [], [], [], -1, -1, [], [], [-1]]), r"^malformed Request message: batch must be"),
+        (
+            pack([Request.KIND, 1, [], [], [], [], -1, -1, [], [], [0]]),
+            r"^malformed Request message: batch must list at most 4096 positive row counts$",
+        ),
+        (pack([Request.KIND, 1, ["float32"]]), r"^tensor descriptor must be a 4-element array, got 'float32'$"),
+        (pack([Request.KIND, 1, [["float99", [2], FRAME, 0]]]), r"^unknown dtype 'float99' in tensor descriptor$"),
+        (pack([Request.KIND, 1, [["float32", [2, -1], FRAME, 0]]]), r"^bad shape \[2, -1\] in tensor descriptor$"),
+        (pack([Request.KIND, 1, [["float32", [2], 4, 0]]]), r"^bad location 4/0 in tensor descriptor$"),
+        (
+            pack([Request.KIND, 1, [["string", [2], ARENA, 0]]]),
+            r"^a string tensor must be a 1-D blob, got shape \[2\] of kind 2$",
+        ),
+    ],
+)
+def test_refusals_say_what_is_wrong(header: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode(header)
+
+
+@pytest.mark.parametrize(
+    "blob, count, message",
+    [
+        (b"", 1, r"^a blob of 0 bytes cannot hold 1 strings$"),
+        (OK_BLOB + b"\x01\x00\x00", 2, r"^string blob ends inside the length of element 1 of 2$"),
+        (b"\x0a\x00\x00\x00ab", 1, r"^element 0 of a string blob claims 10 bytes; 2 are left$"),
+        (b"\x01\x00\x00\x00\xff", 1, r"^element 0 of a string blob is not UTF-8: invalid start byte at byte 0$"),
+        (OK_BLOB + b"\x00", 1, r"^1 bytes left over after the 1 elements of a string blob$"),
+    ],
+)
+def test_string_blob_refusals_say_what_is_wrong(blob: bytes, count: int, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        wire.decode_strings(blob, count)
+
+
+def test_an_element_of_4_gib_minus_1_can_be_encoded() -> None:
+    class Largest(bytes):
+        def __len__(self) -> int:
+            return 0xFFFFFFFF
+
+    assert wire.encode_strings([Largest(b"")]) == b"\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        pytest.param(pack([Request.KIND, 7, "not tensors"]), 7, id="refused-request"),
+        pytest.param(pack([Request.KIND, 0]), 0, id="id-0"),
+        pytest.param(pack([Request.KIND, 2**63 - 1, [], 5]), 2**63 - 1, id="largest-id"),
+        pytest.param(pack([Request.KIND]), -1, id="no-id"),
+        pytest.param(pack([Request.KIND, -5, []]), -1, id="negative-id"),
+        pytest.param(pack([Request.KIND, "7", []]), -1, id="str-id"),
+        pytest.param(pack([Request.KIND, 7.5, []]), -1, id="float-id"),
+        pytest.param(pack([Request.KIND, True, []]), -1, id="bool-id"),
+        pytest.param(pack([Response.KIND, 7, []]), -1, id="response"),
+        pytest.param(pack([float(Request.KIND), 7, []]), -1, id="kind-float"),
+        pytest.param(pack([str(Request.KIND), 7, []]), -1, id="kind-str"),
+        pytest.param(pack(7), -1, id="not-an-array-int"),
+        pytest.param(pack("37"), -1, id="not-an-array-str"),
+        pytest.param(pack({"3": 7}), -1, id="not-an-array-map"),
+        pytest.param(b"\xc1", -1, id="undecodable"),
+        pytest.param(b"", -1, id="empty"),
+        # read exactly as strictly as decode() reads it
+        pytest.param(pack([Request.KIND, 7, {1: 2}]), -1, id="int-map-key"),
+        pytest.param(b"\x93\x03\x07\xa1\xff", -1, id="str-not-utf8"),
+    ],
+)
+def test_request_id_reads_the_id_of_a_refused_request(header: bytes, expected: int) -> None:
+    assert wire.request_id(header) == expected
+    assert wire.request_id(memoryview(header)) == expected

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 __all__ = ["MAX_POLL_MS", "MAX_TIMEOUT_S", "check_timeout", "poll_ms"]
 
@@ -52,7 +53,7 @@ def check_timeout(value: object, *, allow_zero: bool = True) -> float | None:
     try:
         seconds = float(value)
     except OverflowError:  # an int (or Fraction) beyond any float: as huge as it gets
-        seconds = math.inf if value > 0 else -math.inf
+        seconds = math.inf if operator.gt(value, 0) else -math.inf
     if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"expected {expected}, got {value!r}")
     return min(seconds, MAX_TIMEOUT_S)

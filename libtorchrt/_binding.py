@@ -29,6 +29,7 @@ import torch
 from .config.model import ModelConfig, TensorSpec
 from .errors import InvalidInputError
 from .transport.tensors import Strings
+from .transport.values import describe, is_stringlike
 from .transport.wire import DTYPES, MAX_DIMS, MAX_SIZE
 
 __all__ = ["Binder"]
@@ -54,24 +55,6 @@ def output_positions(outputs: Sequence[TensorSpec]) -> list[tuple[int, TensorSpe
     if indexed and all(i is not None for i in indexed):
         return [(i, s) for i, s in zip(indexed, outputs) if i is not None]
     return list(enumerate(outputs))
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor {str(value.dtype).removeprefix('torch.')}{list(value.shape)} on {value.device}"
-    if isinstance(value, np.ndarray):
-        return f"numpy {value.dtype}{list(value.shape)}"
-    return type(value).__name__
-
-
-def _stringlike(value: Any) -> bool:
-    """Whether an undeclared input was given as strings."""
-    if isinstance(value, (list, tuple)):
-        return all(isinstance(v, (str, bytes)) for v in value)
-    if isinstance(value, np.ndarray):
-        kind = value.dtype.kind
-        return kind in "US" or (kind == "O" and all(isinstance(v, (str, bytes)) for v in value.flat))
-    return False
 
 
 class Binder:
@@ -147,7 +130,7 @@ class Binder:
             return [inputs]  # the common case, seen before: nothing to check again
         if isinstance(inputs, (torch.Tensor, np.ndarray)):
             inputs = [inputs]
-        elif n == 1 and isinstance(inputs, (list, tuple)) and inputs and _stringlike(inputs):
+        elif n == 1 and isinstance(inputs, (list, tuple)) and inputs and is_stringlike(inputs):
             inputs = [inputs]  # the strings of a one-argument model
         if isinstance(inputs, Mapping):
             bound: list[Any] = [None] * n
@@ -230,7 +213,7 @@ class Binder:
     def _check(self, name: str, spec: TensorSpec | None, value: Any, strings: bool = True) -> Any:
         if spec is not None and spec.is_string:
             return self._strings(name, spec, value)
-        if spec is None and strings and _stringlike(value):
+        if spec is None and strings and is_stringlike(value):
             return self._strings(name, None, value)
         if isinstance(value, np.ndarray):
             try:
@@ -240,11 +223,11 @@ class Binder:
                     self.model, name, "a tensor of a supported dtype", f"numpy {value.dtype}"
                 ) from None
         if not isinstance(value, torch.Tensor):
-            raise InvalidInputError(self.model, name, "a torch.Tensor", _describe(value))
+            raise InvalidInputError(self.model, name, "a torch.Tensor", describe(value))
         if value.device.type not in ("cpu", "cuda"):
-            raise InvalidInputError(self.model, name, "a CPU or CUDA tensor", _describe(value))
+            raise InvalidInputError(self.model, name, "a CPU or CUDA tensor", describe(value))
         if value.dtype not in _WIRE_DTYPES or value.layout != torch.strided or value.is_quantized:
-            raise InvalidInputError(self.model, name, "a dense tensor of a supported dtype", _describe(value))
+            raise InvalidInputError(self.model, name, "a dense tensor of a supported dtype", describe(value))
         if value.dim() > MAX_DIMS or (not value.numel() and max(value.shape, default=0) >= MAX_SIZE):
             # (the worker would refuse its descriptor; an empty tensor's sizes are free)
             raise InvalidInputError(
@@ -268,7 +251,7 @@ class Binder:
         shape: tuple[int, ...] | None = None
         if isinstance(value, np.ndarray):
             if value.dtype.kind not in "USO":
-                raise InvalidInputError(self.model, name, _STRINGS, _describe(value))
+                raise InvalidInputError(self.model, name, _STRINGS, describe(value))
             if value.ndim != 1:
                 shape = tuple(value.shape)
                 if spec is not None and spec.dims is not None:
@@ -278,7 +261,7 @@ class Binder:
         elif isinstance(value, (list, tuple)):
             items = value
         else:
-            raise InvalidInputError(self.model, name, _STRINGS, _describe(value))
+            raise InvalidInputError(self.model, name, _STRINGS, describe(value))
         encoded = []
         for i, item in enumerate(items):
             if isinstance(item, str):
@@ -297,7 +280,7 @@ class Binder:
                     ) from None
                 encoded.append(bytes(item))
             else:
-                raise InvalidInputError(self.model, name, _STRINGS, f"element {i} is {_describe(item)}")
+                raise InvalidInputError(self.model, name, _STRINGS, f"element {i} is {describe(item)}")
         if spec is not None and spec.dims is not None:
             shape = self._check_count(name, spec, len(encoded))
         try:

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._binding import _describe, _stringlike
 from ._connection import MARGIN, Connection, Request
 from ._plain import health_from_plain, statuses_from_plain
 from .deadlines import check_timeout
 from .errors import ConfigError, InvalidInputError, PoolClosedError, TimeoutError
 from .info import ModelHealth, ModelStatus
 from .transport import tensors as tensor_io
+from .transport.values import describe, is_stringlike
 from .transport.wire import DTYPES
 
 __all__ = ["Client"]
@@ -53,7 +53,7 @@ def _strings(model: str, name: str | None, value: Any) -> tensor_io.Strings:
 
 def _value(model: str, name: str | None, value: Any) -> torch.Tensor | tensor_io.Strings:
     """One input as it crosses the wire: a CPU tensor, or encoded strings."""
-    if _stringlike(value):
+    if is_stringlike(value):
         return _strings(model, name, value)
     if isinstance(value, np.ndarray):
         try:
@@ -61,9 +61,9 @@ def _value(model: str, name: str | None, value: Any) -> torch.Tensor | tensor_io
         except TypeError:
             raise InvalidInputError(model, name, "a tensor of a supported dtype", f"numpy {value.dtype}") from None
     if not isinstance(value, torch.Tensor):
-        raise InvalidInputError(model, name, "a torch.Tensor", _describe(value))
+        raise InvalidInputError(model, name, "a torch.Tensor", describe(value))
     if value.dtype not in _WIRE_DTYPES or value.layout != torch.strided or value.is_quantized:
-        raise InvalidInputError(model, name, "a dense tensor of a supported dtype", _describe(value))
+        raise InvalidInputError(model, name, "a dense tensor of a supported dtype", describe(value))
     return value if value.device.type == "cpu" else value.cpu()
 
 
@@ -71,7 +71,7 @@ def _normalize(model: str, inputs: Any) -> tuple[list[str] | None, bool, list[An
     """``(names, single, values)`` of a request's inputs, in the shapes the pool takes
     (see ``remote.Infer``), each value checked and converted by :func:`_value`."""
     if isinstance(inputs, (torch.Tensor, np.ndarray)) or (
-        isinstance(inputs, (list, tuple)) and inputs and _stringlike(inputs)
+        isinstance(inputs, (list, tuple)) and inputs and is_stringlike(inputs)
     ):
         return None, True, [_value(model, None, inputs)]
     if isinstance(inputs, Mapping):

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..deadlines import check_timeout
 from ..errors import ConfigError
-from ..workers import flags as flag_mod
+from . import flags as flag_mod
 from .batching import DynamicBatching, QueuePolicy
 from .instances import KINDS, MAX_INSTANCES, InstanceGroup, cuda_device_count
 from .tensor import MAX_DIMS, STRING, TRITON_DTYPES, TensorSpec, normalize_dtype

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from libtorchrt import ConfigError, ModelConfig
+from libtorchrt.config import flags as config_flags
 from libtorchrt.workers import flags
 from libtorchrt.workers.flags import BOOL_KEYS, INT_KEYS, OWN_BOOL_KEYS, TRITON_BOOL_KEYS
 
@@ -149,7 +150,7 @@ def test_weight_sharing_is_accepted_with_a_note_saying_each_process_owns_its_wei
 
 def test_notes_name_nvfuser_and_unknown_keys() -> None:
     notes = flags.parse("m", {"ENABLE_NVFUSER": "false", "TYPO_KEY": "1"}).notes()
-    assert notes[0] == flags.NVFUSER_NOTE
+    assert notes[0] == config_flags.NVFUSER_NOTE
     assert "TYPO_KEY" in notes[1]
 
 

@@ -569,14 +569,8 @@ class Router:
             call.resolve_error(exc)
 
     def _execution_timed_out(self, w: _Worker, limit: float) -> None:
-        call = next(iter(w.inflight.values()))
-        del w.inflight[call.id]
-        call.fail(
-            TimeoutError(
-                f"model {w.model.name!r}: an execution took longer than execution_timeout={limit:g} s; "
-                f"worker {w.instance} (pid {w.proc.pid}) was killed and is being replaced"
-            )
-        )
+        # The instance's record says what happened before the caller hears of it: a
+        # caller that looks at health() when its request fails must see it.
         log.error("worker %s/%d (pid %d) exceeded execution_timeout; killing it", w.model.name, w.instance, w.proc.pid)
         w.model.slots[w.instance].last_error = (
             f"worker {w.instance} (pid {w.proc.pid}) was killed: an execution took longer than "
@@ -586,6 +580,14 @@ class Router:
         w.doomed = True
         w.busy_since = None
         w.proc.kill()
+        call = next(iter(w.inflight.values()))
+        del w.inflight[call.id]
+        call.fail(
+            TimeoutError(
+                f"model {w.model.name!r}: an execution took longer than execution_timeout={limit:g} s; "
+                f"worker {w.instance} (pid {w.proc.pid}) was killed and is being replaced"
+            )
+        )
 
     def _drained(self) -> bool:
         return not self.inbox and all(

@@ -3,6 +3,7 @@ data (``_plain``) and the shared-memory hand-off (``transport.fdpass``): no proc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 import os
@@ -356,3 +357,113 @@ def test_recv_message_refuses_extra_descriptors_and_closes_them() -> None:
         fdpass.recv_message(b)
     a.close()
     b.close()
+
+
+# ── every field check of decode(), one at a time (the mutation pass found them untested) ──
+
+_HELLO, _WELCOME, _INFER, _INFER_SINGLE, _RESULT, _FAILURE = MESSAGES[:6]
+_RELEASE, _CANCEL, _QUERY, _ANSWER = MESSAGES[7], MESSAGES[8], MESSAGES[9], MESSAGES[10]
+_ATTACH, _ATTACHED, _REFUSED = MESSAGES[12], MESSAGES[13], MESSAGES[14]
+_LONG = "n" * (remote._MAX_NAME + 1)
+
+
+def _with(msg: remote.Message, **fields: Any) -> bytes:
+    """``msg`` with some fields replaced, encoded as a peer would send it (unchecked)."""
+    return remote.encode(dataclasses.replace(msg, **fields))
+
+
+@pytest.mark.parametrize(
+    "header, field",
+    [
+        (_with(_HELLO, protocol="1"), "protocol"),
+        (_with(_HELLO, pid=True), "protocol"),
+        (_with(_HELLO, boot_id=7), "boot_id"),
+        (_with(_HELLO, boot_id="b" * 65), "boot_id"),
+        (_with(_HELLO, shared_memory=1), "shared_memory"),
+        (_with(_WELCOME, protocol=1.0), "protocol"),
+        (_with(_WELCOME, session="token"), "session"),
+        (_with(_WELCOME, shm_path=b"/x"), "shm_path"),
+        (_with(_WELCOME, max_request_bytes=None), "max_request_bytes"),
+        (_with(_WELCOME, server=1), "server"),
+        (_with(_INFER, id=-1), "id"),
+        (_with(_INFER, id=True), "id"),
+        (_with(_INFER, model=b"tiny"), "model"),
+        (_with(_INFER, model=_LONG), "model"),
+        (_with(_INFER, version=-1), "version"),
+        (_with(_INFER, version="2"), "version"),
+        (_with(_INFER, timeout="1"), "timeout"),
+        (_with(_INFER, names="ab"), "names"),
+        (_with(_INFER, names=["a", 1]), "names"),
+        (_with(_INFER, names=["a", _LONG]), "names"),
+        (_with(_INFER, blobs=[b"x", "y"]), "blobs"),
+        (_with(_INFER, blobs=b"x"), "blobs"),
+        (_with(_INFER, releases=[-64]), "releases"),
+        (_with(_INFER, releases=[1.0]), "releases"),
+        (_with(_INFER, releases=[0] * (remote._MAX_RELEASES + 1)), "releases"),
+        (_with(_INFER, single=1), "single"),
+        (_with(_INFER, single=True), "single"),  # a single tensor, but with names
+        (_with(_INFER_SINGLE, single=True, tensors=[]), "single"),
+        (_with(_INFER, priority=-1), "priority"),
+        (_with(_INFER, priority=2**31), "priority"),
+        (_with(_INFER, priority=True), "priority"),
+        (_with(_RESULT, id=-1), "id"),
+        (_with(_RESULT, names=None), "names"),
+        (_with(_RESULT, blobs=None), "blobs"),
+        (_with(_FAILURE, id=-2), "id"),
+        (_with(_FAILURE, id="7"), "id"),
+        (_with(_FAILURE, error_type=None), "error_type"),
+        (_with(_FAILURE, message=b"bad"), "message"),
+        (_with(_FAILURE, traceback=None), "traceback"),
+        (_with(_FAILURE, fields=[]), "fields"),
+        (_with(_FAILURE, fields={"k": b"x"}), "fields"),
+        (_with(_RELEASE, offsets=[-1]), "offsets"),
+        (_with(_CANCEL, id=-1), "id"),
+        (_with(_QUERY, id=None), "id"),
+        (_with(_QUERY, what="stats"), "what"),
+        (_with(_ANSWER, id=-5), "id"),
+        (_with(_ATTACH, protocol="1"), "size"),
+        (_with(_ATTACH, session="token"), "size"),
+        (_with(_ATTACH, size=0), "size"),
+        (_with(_ATTACH, size=True), "size"),
+        (_with(_ATTACHED, size=0), "size"),
+        (_with(_ATTACHED, size=1.0), "size"),
+        (_with(_REFUSED, message=None), "message"),
+    ],
+)
+def test_each_field_is_checked(header: bytes, field: str) -> None:
+    with pytest.raises(ProtocolError, match=f"bad '{field}'"):
+        remote.decode(header)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        dataclasses.replace(_HELLO, boot_id="b" * 64),
+        dataclasses.replace(_INFER, id=0, version=0, priority=0, model="m" * remote._MAX_NAME),
+        dataclasses.replace(_INFER, priority=2**31 - 1, releases=[0] * remote._MAX_RELEASES),
+        dataclasses.replace(_INFER_SINGLE, single=True),
+        dataclasses.replace(_FAILURE, id=-1),
+        dataclasses.replace(_ATTACH, size=1),
+        dataclasses.replace(_ATTACHED, size=1),
+        dataclasses.replace(_QUERY, what="models"),
+    ],
+    ids=[
+        "boot_id-64",
+        "zeros-and-longest-name",
+        "highest-priority",
+        "single",
+        "failure-id--1",
+        "attach-1",
+        "attached-1",
+        "query-models",
+    ],
+)
+def test_the_edges_of_each_field_are_accepted(msg: remote.Message) -> None:
+    assert remote.decode(remote.encode(msg)) == msg
+
+
+def test_names_and_tensors_must_pair_up() -> None:
+    with pytest.raises(ProtocolError, match="malformed Infer message: 1 names for 2 tensors"):
+        remote.decode(_with(_INFER, names=["a"]))
+    with pytest.raises(ProtocolError, match="malformed Result message: 2 names for 1 tensors"):
+        remote.decode(_with(_RESULT, names=["a", "b"]))

@@ -467,3 +467,112 @@ def test_names_and_tensors_must_pair_up() -> None:
         remote.decode(_with(_INFER, names=["a"]))
     with pytest.raises(ProtocolError, match="malformed Result message: 2 names for 1 tensors"):
         remote.decode(_with(_RESULT, names=["a", "b"]))
+
+
+# ── exact refusals and the edges of every bound (the mutation pass's survivors) ──
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"\xc1", r"^undecodable header \(\w+Error: "),  # (msgpack's exception, by name)
+        (msgpack.packb([1]) + b"\x00", r"^undecodable header \(ExtraData: "),
+        (msgpack.packb({"a": 1}), r"^header must be an array starting with a kind, got \{'a': 1\}$"),
+        (msgpack.packb([99]), r"^unknown message kind 99$"),
+        (msgpack.packb([remote.Cancel.KIND]), r"^malformed Cancel message: .+"),
+        (
+            msgpack.packb([remote.Infer.KIND, 1, "m", None, None, None, {"a": 1}]),
+            r"^tensor list must be an array of at most 4096$",
+        ),
+        (_with(_INFER, id=True), r"^malformed Infer message: bad 'id' \(bool\)$"),
+        (_with(_RESULT, names=None), r"^malformed Result message: bad 'names' \(NoneType\)$"),
+    ],
+)
+def test_a_refusal_says_what_was_wrong(header: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        remote.decode(header)
+
+
+def _infer_desc(desc: list[Any]) -> bytes:
+    return msgpack.packb([remote.Infer.KIND, 1, "m", None, None, None, [desc], [b"\x00" * 4]])
+
+
+@pytest.mark.parametrize(
+    "desc, message",
+    [
+        (["float32", [1]], r"^tensor descriptor must be a 4-element array, got \['float32', \[1\]\]$"),
+        (["float128", [1], BLOB, 0], r"^unknown dtype 'float128' in tensor descriptor$"),
+        (["float32", [1] * 33, BLOB, 0], r"^bad shape \[1, 1, 1, [1, ]+ in tensor descriptor$"),
+        (["float32", [2**40], BLOB, 0], r"^bad shape \[1099511627776\] in tensor descriptor$"),
+        (["float32", [-1], BLOB, 0], r"^bad shape \[-1\] in tensor descriptor$"),
+        (["float32", [1], 7, 0], r"^bad location 7/0 in tensor descriptor$"),
+        (["float32", [1], BLOB, -1], r"^bad location 0/-1 in tensor descriptor$"),
+        (["float32", [1], BLOB, "0"], r"^bad location 0/'0' in tensor descriptor$"),
+        (["string", [1, 1], BLOB, 0], r"^a string tensor must be a 1-D blob, got shape \[1, 1\] of kind 0$"),
+    ],
+)
+def test_a_bad_descriptor_says_what_was_wrong(desc: list[Any], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        remote.decode(_infer_desc(desc))
+
+
+@pytest.mark.parametrize(
+    "desc",
+    [
+        ["float32", [1] * 32, BLOB, 0],
+        ["float32", [0], BLOB, 0],
+        ["float32", [0, 2**40 - 1], BLOB, 0],
+        ["float32", [1], ARENA, 0],
+    ],
+    ids=["32-dims", "size-0", "largest-size", "where-0"],
+)
+def test_the_edges_of_a_descriptor_are_accepted(desc: list[Any]) -> None:
+    (got,) = remote.decode(_infer_desc(desc)).tensors  # type: ignore[union-attr]
+    assert got == TensorDesc(desc[0], tuple(desc[1]), desc[2], desc[3])
+
+
+def test_the_edges_of_the_lists_are_accepted() -> None:
+    n = remote._MAX_TENSORS
+    descs = [TensorDesc("float32", (1,), ARENA, 64 * i) for i in range(n)]
+    names = ["n" * remote._MAX_NAME] + [f"t{i}" for i in range(n - 1)]
+    msg = remote.Infer(1, "m", None, None, names, descs)
+    assert remote.decode(remote.encode(msg)) == msg
+    too_many = dataclasses.replace(msg, names=[*names, "x"], tensors=[*descs, descs[0]])
+    with pytest.raises(ProtocolError):
+        remote.decode(remote.encode(too_many))
+    with pytest.raises(ProtocolError, match="bad 'names'"):
+        remote.decode(remote.encode(dataclasses.replace(msg, names=["n" * (remote._MAX_NAME + 1), *names[1:]])))
+
+
+def test_failure_fields_take_lists_two_deep() -> None:
+    ok = dataclasses.replace(_FAILURE, fields={"known": [["a", 1], [None]]})
+    assert remote.decode(remote.encode(ok)) == ok
+    with pytest.raises(ProtocolError, match="bad 'fields'"):
+        remote.decode(remote.encode(dataclasses.replace(_FAILURE, fields={"known": [[["a"]]]})))
+
+
+def test_handshake_and_request_ids_are_read_at_their_edges() -> None:
+    assert remote.peek_protocol(msgpack.packb([remote.Hello.KIND, 3])) == (remote.Hello.KIND, 3)
+    with pytest.raises(ProtocolError, match=r"^handshake message without a protocol version$"):
+        remote.peek_protocol(msgpack.packb([remote.Hello.KIND]))
+    assert remote.request_id(msgpack.packb([remote.Infer.KIND, 0])) == 0
+    assert remote.request_id(msgpack.packb([remote.Cancel.KIND, 5])) == 5
+
+
+def test_payload_bytes_counts_each_tensor_once() -> None:
+    descs = [TensorDesc("float32", (2, 3), ARENA, 0), TensorDesc("int64", (4,), BLOB, 0)]
+    assert remote.payload_bytes(descs, []) == 24 + 32
+    strings = [TensorDesc("string", (2,), BLOB, 0), TensorDesc("string", (1,), BLOB, 5)]
+    assert remote.payload_bytes(strings, [b"\x00" * 9]) == 9  # a blob it does not have counts 0
+    assert remote.payload_bytes([TensorDesc("string", (1,), BLOB, 1)], [b"\x00" * 9]) == 0  # just past the end
+
+
+def test_a_map_with_a_non_string_key_is_refused_anywhere() -> None:
+    # msgpack's strict_map_key: an int key could collide with what a peer reads as a name
+    with pytest.raises(ProtocolError, match=r"^undecodable header \(ValueError: "):
+        remote.decode(msgpack.packb([remote.Answer.KIND, 4, {1: "x"}]))
+
+
+def test_boot_id_is_the_kernels() -> None:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert remote.boot_id() == f.read().strip() != ""

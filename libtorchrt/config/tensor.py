@@ -17,29 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..transport.wire import DTYPES, dtype_name
+from ..transport.dtypes import DTYPES, KSERVE_DATATYPES, STRING, TRITON_DTYPES, dtype_name
 
 __all__ = ["MAX_DIMS", "STRING", "TRITON_DTYPES", "TensorSpec", "dtype_of", "normalize_dtype", "triton_dtype"]
 
-#: The dtype name of Triton's ``TYPE_STRING`` (``BYTES`` on Triton's wire).
-STRING = "string"
+# STRING (the dtype name of Triton's TYPE_STRING) and TRITON_DTYPES (Triton's data types
+# and the dtype names they stand for) come from the one dtype table, transport/dtypes.py.
 
-#: Triton's data types and the dtype names they stand for.
-TRITON_DTYPES: dict[str, str] = {
-    "TYPE_BOOL": "bool",
-    "TYPE_UINT8": "uint8",
-    "TYPE_INT8": "int8",
-    "TYPE_INT16": "int16",
-    "TYPE_INT32": "int32",
-    "TYPE_INT64": "int64",
-    "TYPE_FP16": "float16",
-    "TYPE_BF16": "bfloat16",
-    "TYPE_FP32": "float32",
-    "TYPE_FP64": "float64",
-    "TYPE_STRING": STRING,
-}
-_SHORT = {k.removeprefix("TYPE_"): v for k, v in TRITON_DTYPES.items()}
-_SHORT["BYTES"] = STRING  # the name Triton's clients and HTTP/gRPC protocol use
+# Triton's names without TYPE_, and the KServe names Triton's clients and HTTP/gRPC
+# protocol use (the same but BYTES for STRING).
+_SHORT = {k.removeprefix("TYPE_"): v for k, v in TRITON_DTYPES.items()} | KSERVE_DATATYPES
 _TRITON_NAMES = {v: k for k, v in TRITON_DTYPES.items()}
 _EXPECTED = f"expected one of {', '.join(TRITON_DTYPES)} (or a torch dtype)"
 
@@ -126,6 +113,7 @@ def triton_dtype(name: str) -> str:
 #: The most dimensions a tensor may have on every wire (wire.py, remote.py, kserve.py
 #: refuse more): a declared shape with more can never be satisfied.
 MAX_DIMS = 32
+
 
 def _shape(value: Sequence[int], what: str, name: str) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

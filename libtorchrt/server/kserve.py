@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from ..config import TensorSpec
-from ..config.tensor import STRING
 from ..deadlines import check_timeout
+from ..transport.dtypes import DTYPES, ITEMSIZES, KSERVE_DATATYPES, STRING, TABLE
 
 __all__ = [
     "DATATYPES",
@@ -54,47 +54,15 @@ __all__ = [
 ]
 
 #: KServe data type -> the dtype name used by libtorchrt's configuration.
-DATATYPES: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "BF16": "bfloat16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BYTES": STRING,
-}
+DATATYPES: dict[str, str] = KSERVE_DATATYPES
 _NAMES = {v: k for k, v in DATATYPES.items()}
 _UNSUPPORTED = {"UINT16", "UINT32", "UINT64"}
-#: numpy types that carry each dtype's bytes (bfloat16 as its 16 raw bits)
+#: numpy types that carry each dtype's bytes (bfloat16, which numpy lacks, as its 16 raw bits)
 _NUMPY: dict[str, Any] = {
-    "bool": np.bool_,
-    "uint8": np.uint8,
-    "int8": np.int8,
-    "int16": np.int16,
-    "int32": np.int32,
-    "int64": np.int64,
-    "float16": np.float16,
-    "bfloat16": np.int16,
-    "float32": np.float32,
-    "float64": np.float64,
+    d.name: d.numpy if d.numpy is not None else np.dtype(np.int16) for d in TABLE if d.kserve and d.torch is not None
 }
-_TORCH: dict[str, torch.dtype] = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NUMPY.items()}
+_TORCH: dict[str, torch.dtype] = {name: DTYPES[name] for name in _NUMPY}
+_ITEMSIZE = {name: ITEMSIZES[name] for name in _NUMPY}
 #: numpy kinds accepted as JSON data of each family
 _JSON_KINDS = {"bool": "b", "int": "iu", "float": "iuf"}
 _LENGTH = struct.Struct("<I")

@@ -1,21 +1,27 @@
 """Shared-memory arenas and their allocator (used in both processes).
 
-An :class:`Arena` is an anonymous ``memfd`` mapped into the front and into one worker.
-The front creates every arena and hands the file descriptor to the worker at start
-(``pass_fds``), so nothing is ever named in ``/dev/shm``: when the last process holding
-the descriptor or a mapping exits, however it exits, the kernel frees the memory.
+An :class:`Arena` is an anonymous ``memfd`` mapped into the process that creates it and
+into the processes it hands the descriptor to. The front creates every arena of a pool
+and hands the descriptors to each worker at start (``pass_fds``), so nothing is ever
+named in ``/dev/shm``: when the last process holding the descriptor or a mapping exits,
+however it exits, the kernel frees the memory. (A remote client's arenas cross a Unix
+socket instead: see ``fdpass``.)
 
-Each worker has two arenas:
+A pool has two kinds of arena:
 
-- the *request* arena: the front allocates and writes inputs, the worker reads them
-  in place; a slot is freed by the front when the request's reply arrives;
-- the *response* arena: the worker allocates and writes outputs, the front hands them
-  to the caller as zero-copy tensors; a slot is freed when the caller drops the last
-  tensor that uses it, and the offset travels back piggybacked on the next request.
+- each model's *request* arena, shared by the workers of all its instances: the front
+  allocates and writes inputs, the worker that runs the request reads them in place;
+  the front frees a slot once no worker reads it (its reply arrived, or its worker is
+  gone);
+- each worker's *response* arena: the worker allocates and writes outputs, the front
+  hands them to the caller as zero-copy tensors; a slot is freed when the caller drops
+  the last tensor that uses it, and its offset travels back piggybacked on the next
+  request to that worker (``Request.releases``).
 
-Arenas are reused across requests: touching fresh shared pages costs a page fault
-each, which made a segment-per-request design ~15x slower here. When an arena is full
-the sender falls back to inline ZeroMQ frames; an arena never grows.
+Arenas are reused across requests, because touching fresh shared pages costs a page
+fault each (a segment per request was measured slower: see
+docs/measurements/transport-notes.md). When an arena is full the sender falls back to
+inline ZeroMQ frames; an arena never grows.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """Non-blocking ZeroMQ sends and receives that keep the GIL (the front's router thread).
 
 pyzmq lets go of the GIL around every send and receive, even a non-blocking one that
-takes a microsecond. In a process with dozens of busy caller threads that is costly for
-the thread that serves them all: each time it lets go, a caller takes the GIL, and the
+returns at once. In a process with dozens of busy caller threads that is costly for the
+thread that serves them all: each time it lets go, a caller takes the GIL, and the
 router waits for it back behind the others, often for CPython's whole switch interval
-(5 ms). Measured with 64 callers on a batching model: a router send took 600 µs of
-wall time and a receive 330 µs, nearly half the router's time, and the router's cycle
-was the pool's throughput limit (docs/batching.md).
+(5 ms by default). What that cost the router when measured is in
+docs/measurements/transport-notes.md.
 
 :class:`HeldSocket` makes the same calls straight into the libzmq pyzmq loaded, through
 ctypes prototypes that keep the GIL (``PYFUNCTYPE``), with ``ZMQ_DONTWAIT``: nothing here

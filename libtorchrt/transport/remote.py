@@ -4,7 +4,8 @@
 ZeroMQ DEALER → ROUTER connection. Like the front ↔ worker format (``wire``), every
 message is multipart: one msgpack *header* frame, then raw *data* frames for big tensors
 that do not travel through shared memory. A header is a msgpack array
-``[kind, field, field, ...]``; fields are only ever appended, with defaults, and a
+``[kind, field, field, ...]`` (the messages are declared with ``codec``, which writes
+their encoder and decoder); fields are only ever appended, with defaults, and a
 decoder ignores fields it does not know. Nothing is pickled: the decoder accepts only
 msgpack's plain types and checks every field's type and range, so a hostile peer gets a
 :class:`~libtorchrt.errors.ProtocolError`, never an object of its choosing.
@@ -26,16 +27,33 @@ where)`` as between front and workers, with three kinds of place:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
-
-import msgpack
 
 from ..deadlines import check_timeout
 from ..errors import ProtocolError
-from .wire import ARENA, BLOB, DTYPES, FRAME, STRING, TensorDesc
+from .codec import (
+    Anything,
+    Bool,
+    Bytes,
+    Codec,
+    Convert,
+    Int,
+    List,
+    Map,
+    Number,
+    OneOf,
+    Optional,
+    Plain,
+    Str,
+    message,
+    spec,
+    unpack,
+)
+from .dtypes import ITEMSIZES, STRING
+from .wire import ARENA, BLOB, FRAME, MAX_DIMS, TensorDesc, descriptors
 
 __all__ = [
+    "CODEC",
     "MAX_FRAMES",
     "PROTOCOL_VERSION",
     "Answer",
@@ -65,11 +83,10 @@ PROTOCOL_VERSION = 1
 
 # Bounds that keep a hostile header from making the receiver allocate absurd amounts
 # (the header's own size is bounded by the socket's maximum message size).
-_MAX_DIMS = 32
+_MAX_DIMS = MAX_DIMS  # (a descriptor's bound, wire's)
 _MAX_TENSORS = 4096
 _MAX_RELEASES = 1 << 16
 _MAX_NAME = 1024
-_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 #: The most frames a message may have: its header and one data frame per tensor. The
 #: frontend refuses a longer message before it decodes anything (see docs/client.md).
 MAX_FRAMES = 1 + _MAX_TENSORS
@@ -85,20 +102,48 @@ def boot_id() -> str:
         return ""
 
 
-@dataclass(slots=True)
+#: The refusal of a field: ``malformed Infer message: bad 'id' (bool)``.
+_BAD = "malformed {cls} message: bad {name!r} ({type})"
+
+_ID = Int(lo=0)
+_NAMES = List(Str(max_len=_MAX_NAME), max_len=_MAX_TENSORS)
+_OFFSETS = List(Int(lo=0), max_len=_MAX_RELEASES)
+_BLOBS = List(Bytes())
+# Tensors of a remote peer are never in a CUDA buffer of ours (no DEVICE).
+_TENSORS = Convert(descriptors((BLOB, FRAME, ARENA)))
+# A NaN, a negative number or a string is refused; a huge one (inf included) is capped at
+# deadlines.MAX_TIMEOUT_S, as a caller's would be: a deadline past what any wait can hold
+# must never reach a poll call.
+_TIMEOUT = Optional(Number(), Convert(check_timeout, error="malformed {cls} message: bad {name!r} ({value!r:.40})"))
+
+
+def _paired(msg: Infer | Result) -> None:
+    """Refuse a message whose names and tensors are not as many."""
+    if msg.names is not None and len(msg.names) != len(msg.tensors):
+        kind = type(msg).__name__
+        raise ProtocolError(f"malformed {kind} message: {len(msg.names)} names for {len(msg.tensors)} tensors")
+
+
+def _single(msg: Infer) -> None:
+    """Refuse a ``single`` request that has names or other than one tensor."""
+    if msg.single and (msg.names is not None or len(msg.tensors) != 1):
+        raise ProtocolError("malformed Infer message: bad 'single' (bool)")
+
+
+@message
 class Hello:
     """Client → server, first: its protocol version and where it runs."""
 
     KIND: ClassVar[int] = 1
-    protocol: int
-    pid: int = 0
+    protocol: int = spec(Int())
+    pid: int = spec(Int(), default=0, label="protocol")  # (refused as the version's, with it)
     #: the client's :func:`boot_id`; the server offers shared memory when it is its own
-    boot_id: str = ""
+    boot_id: str = spec(Str(max_len=64), default="")
     #: the client wants shared memory if the server is on the same host
-    shared_memory: bool = True
+    shared_memory: bool = spec(Bool(), default=True)
 
 
-@dataclass(slots=True)
+@message
 class Welcome:
     """Server → client, the answer to HELLO.
 
@@ -107,18 +152,18 @@ class Welcome:
     """
 
     KIND: ClassVar[int] = 2
-    protocol: int
+    protocol: int = spec(Int())
     #: a random token naming this session; it authenticates the shared-memory hand-off
-    session: bytes = b""
+    session: bytes = spec(Bytes(), default=b"")
     #: the server's Unix socket for the shared-memory hand-off ("" if not offered)
-    shm_path: str = ""
+    shm_path: str = spec(Str(), default="")
     #: the largest request the server accepts, in bytes of tensor data (0: no limit)
-    max_request_bytes: int = 0
+    max_request_bytes: int = spec(Int(), default=0)
     #: the server's libtorchrt version, for error messages
-    server: str = ""
+    server: str = spec(Str(), default="")
 
 
-@dataclass(slots=True)
+@message(rules=(_paired, _single))
 class Infer:
     """Client → server: run ``model`` on these tensors.
 
@@ -129,31 +174,31 @@ class Infer:
     """
 
     KIND: ClassVar[int] = 3
-    id: int
-    model: str
-    version: int | None
-    timeout: float | None
-    names: list[str] | None
-    tensors: list[TensorDesc]
-    blobs: list[bytes] = field(default_factory=list)
-    releases: list[int] = field(default_factory=list)
-    single: bool = False
+    id: int = spec(_ID)
+    model: str = spec(Str(max_len=_MAX_NAME))
+    version: int | None = spec(Optional(Int(lo=0)))
+    timeout: float | None = spec(_TIMEOUT)
+    names: list[str] | None = spec(Optional(_NAMES))
+    tensors: list[TensorDesc] = spec(_TENSORS)
+    blobs: list[bytes] = spec(_BLOBS, default_factory=list)
+    releases: list[int] = spec(_OFFSETS, default_factory=list)
+    single: bool = spec(Bool(), default=False)
     #: the request's priority level (``Pool.submit(priority=)``); None: the model's default
-    priority: int | None = None
+    priority: int | None = spec(Optional(Int(lo=0, hi=2**31 - 1)), default=None)
 
 
-@dataclass(slots=True)
+@message(rules=(_paired,))
 class Result:
     """Server → client: the outputs of request ``id``, by name."""
 
     KIND: ClassVar[int] = 4
-    id: int
-    names: list[str]
-    tensors: list[TensorDesc]
-    blobs: list[bytes] = field(default_factory=list)
+    id: int = spec(_ID)
+    names: list[str] = spec(_NAMES)
+    tensors: list[TensorDesc] = spec(_TENSORS)
+    blobs: list[bytes] = spec(_BLOBS, default_factory=list)
 
 
-@dataclass(slots=True)
+@message
 class Failure:
     """Server → client: request (or query) ``id`` failed with a libtorchrt error.
 
@@ -163,48 +208,48 @@ class Failure:
     """
 
     KIND: ClassVar[int] = 5
-    id: int
-    error_type: str
-    message: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    traceback: str = ""
+    id: int = spec(Int(lo=-1))
+    error_type: str = spec(Str())
+    message: str = spec(Str())
+    fields: dict[str, Any] = spec(Map(Plain(depth=2)), default_factory=dict)
+    traceback: str = spec(Str(), default="")
 
 
-@dataclass(slots=True)
+@message
 class Release:
     """Client → server: response-arena slots the client no longer uses."""
 
     KIND: ClassVar[int] = 6
-    offsets: list[int] = field(default_factory=list)
+    offsets: list[int] = spec(_OFFSETS, default_factory=list)
 
 
-@dataclass(slots=True)
+@message
 class Cancel:
     """Client → server: the caller gave up on request ``id`` (cancelled or timed out)."""
 
     KIND: ClassVar[int] = 7
-    id: int
+    id: int = spec(_ID)
 
 
-@dataclass(slots=True)
+@message
 class Query:
     """Client → server: ``what`` is ``"models"`` or ``"health"``; answered by ANSWER."""
 
     KIND: ClassVar[int] = 8
-    id: int
-    what: str
+    id: int = spec(_ID)
+    what: str = spec(OneOf("models", "health"))
 
 
-@dataclass(slots=True)
+@message
 class Answer:
     """Server → client: the plain-data answer to query ``id``."""
 
     KIND: ClassVar[int] = 9
-    id: int
-    data: Any = None
+    id: int = spec(_ID)
+    data: Any = spec(Anything(), default=None)
 
 
-@dataclass(slots=True)
+@message
 class Bye:
     """Client → server: the client is closing; the session's resources can go now."""
 
@@ -214,58 +259,47 @@ class Bye:
 # The shared-memory hand-off, over the server's Unix socket (see ``fdpass``), not ZeroMQ.
 
 
-@dataclass(slots=True)
+@message
 class Attach:
     """Client → server, with the client's request-arena memfd attached: map it for the
     session named by ``session`` (the token of its WELCOME)."""
 
     KIND: ClassVar[int] = 11
-    protocol: int
-    session: bytes
+    # (any of the three refused is refused as the size)
+    protocol: int = spec(Int(), label="size")
+    session: bytes = spec(Bytes(), label="size")
     #: the arena's size in bytes
-    size: int
+    size: int = spec(Int(lo=1))
 
 
-@dataclass(slots=True)
+@message
 class Attached:
     """Server → client, with the session's response-arena memfd attached."""
 
     KIND: ClassVar[int] = 12
-    size: int
+    size: int = spec(Int(lo=1))
 
 
-@dataclass(slots=True)
+@message
 class Refused:
     """Server → client: the hand-off failed (the client goes on without shared memory)."""
 
     KIND: ClassVar[int] = 13
-    message: str
+    message: str = spec(Str())
 
 
 Message = (
     Hello | Welcome | Infer | Result | Failure | Release | Cancel | Query | Answer | Bye | Attach | Attached | Refused
 )
-_KINDS: dict[int, type] = {
-    cls.KIND: cls
-    for cls in (Hello, Welcome, Infer, Result, Failure, Release, Cancel, Query, Answer, Bye, Attach, Attached, Refused)
-}
-_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
-_QUERIES = ("models", "health")
 
-
-def encode(msg: Message) -> bytes:
-    """Encode a message as its header frame (its data frames are sent separately)."""
-    return msgpack.packb([msg.KIND, *(getattr(msg, f) for f in _FIELDS[type(msg)])])
-
-
-def _unpack(header: bytes | memoryview) -> list[Any]:
-    try:
-        raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"undecodable header ({type(e).__name__}: {e})") from None
-    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
-        raise ProtocolError(f"header must be an array starting with a kind, got {raw!r:.80}")
-    return raw
+#: The codec of these messages (the ones sent per request first: encode tests them in order).
+CODEC: Codec[Message] = Codec(
+    "remote",
+    [Infer, Result, Release, Failure, Cancel, Query, Answer, Hello, Welcome, Bye, Attach, Attached, Refused],
+    error=_BAD,
+)
+encode = CODEC.encode
+decode = CODEC.decode
 
 
 def peek_protocol(header: bytes | memoryview) -> tuple[int, int | None]:
@@ -275,7 +309,7 @@ def peek_protocol(header: bytes | memoryview) -> tuple[int, int | None]:
     Raises:
         ProtocolError: the header is not a msgpack array starting with a kind.
     """
-    raw = _unpack(header)
+    raw = unpack(header)
     if raw[0] in (Hello.KIND, Welcome.KIND):
         if len(raw) < 2 or type(raw[1]) is not int:
             raise ProtocolError("handshake message without a protocol version")
@@ -292,7 +326,7 @@ def request_id(header: bytes | memoryview) -> int:
         The id, or -1 when the header names none (or cannot be read at all).
     """
     try:
-        raw = _unpack(header)
+        raw = unpack(header)
     except ProtocolError:
         return -1
     if raw[0] in (Infer.KIND, Query.KIND, Cancel.KIND) and len(raw) > 1:
@@ -300,176 +334,6 @@ def request_id(header: bytes | memoryview) -> int:
         if type(ident) is int and ident >= 0:
             return ident
     return -1
-
-
-def decode(header: bytes | memoryview) -> Message:
-    """Decode a header frame into its message.
-
-    Raises:
-        ProtocolError: the header is not a well-formed message of this protocol.
-    """
-    raw = _unpack(header)
-    cls = _KINDS.get(raw[0])
-    if cls is None:
-        raise ProtocolError(f"unknown message kind {raw[0]}")
-    names = _FIELDS[cls]
-    values = raw[1 : 1 + len(names)]  # a newer peer may append fields we do not know
-    try:
-        msg = cls(*values)
-    except TypeError as e:
-        raise ProtocolError(f"malformed {cls.__name__} message: {e}") from None
-    _check(msg)
-    return msg
-
-
-def _is(value: Any, *types: type) -> bool:
-    # type() rather than isinstance(): a bool is not an acceptable int here
-    return type(value) in types
-
-
-def _fail(msg: Message, name: str) -> ProtocolError:
-    value = getattr(msg, name)
-    return ProtocolError(f"malformed {type(msg).__name__} message: bad {name!r} ({type(value).__name__})")
-
-
-def _check(msg: Message) -> None:
-    """Check every field of a decoded message; turn descriptor arrays into TensorDescs."""
-    if isinstance(msg, Hello):
-        if not _is(msg.protocol, int) or not _is(msg.pid, int):
-            raise _fail(msg, "protocol")
-        if not _is(msg.boot_id, str) or len(msg.boot_id) > 64:
-            raise _fail(msg, "boot_id")
-        if not _is(msg.shared_memory, bool):
-            raise _fail(msg, "shared_memory")
-    elif isinstance(msg, Welcome):
-        for name, types in (
-            ("protocol", (int,)),
-            ("session", (bytes,)),
-            ("shm_path", (str,)),
-            ("max_request_bytes", (int,)),
-            ("server", (str,)),
-        ):
-            if not _is(getattr(msg, name), *types):
-                raise _fail(msg, name)
-    elif isinstance(msg, Infer):
-        _check_id(msg)
-        if not _is(msg.model, str) or len(msg.model) > _MAX_NAME:
-            raise _fail(msg, "model")
-        if msg.version is not None and not (_is(msg.version, int) and msg.version >= 0):
-            raise _fail(msg, "version")
-        if msg.timeout is not None:
-            # NaN, a negative number or a string is refused; a huge one (inf included)
-            # is capped at deadlines.MAX_TIMEOUT_S, as a caller's would be: a deadline
-            # past what any wait can hold must never reach a poll call.
-            if not _is(msg.timeout, int, float):
-                raise _fail(msg, "timeout")
-            try:
-                msg.timeout = check_timeout(msg.timeout)
-            except ValueError:
-                raise ProtocolError(f"malformed Infer message: bad 'timeout' ({msg.timeout!r:.40})") from None
-        if msg.names is not None and not _names(msg.names):
-            raise _fail(msg, "names")
-        msg.tensors = _tensors(msg.tensors)
-        if msg.names is not None and len(msg.names) != len(msg.tensors):
-            raise ProtocolError(f"malformed Infer message: {len(msg.names)} names for {len(msg.tensors)} tensors")
-        _check_blobs(msg)
-        if not _offsets(msg.releases):
-            raise _fail(msg, "releases")
-        if not _is(msg.single, bool) or (msg.single and (msg.names is not None or len(msg.tensors) != 1)):
-            raise _fail(msg, "single")
-        if msg.priority is not None and not (_is(msg.priority, int) and 0 <= msg.priority < 2**31):
-            raise _fail(msg, "priority")
-    elif isinstance(msg, Result):
-        _check_id(msg)
-        if not _names(msg.names):
-            raise _fail(msg, "names")
-        msg.tensors = _tensors(msg.tensors)
-        if len(msg.names) != len(msg.tensors):
-            raise ProtocolError(f"malformed Result message: {len(msg.names)} names for {len(msg.tensors)} tensors")
-        _check_blobs(msg)
-    elif isinstance(msg, Failure):
-        if not _is(msg.id, int) or msg.id < -1:
-            raise _fail(msg, "id")
-        for name in ("error_type", "message", "traceback"):
-            if not _is(getattr(msg, name), str):
-                raise _fail(msg, name)
-        if not _is(msg.fields, dict) or not all(type(k) is str and _plain(v) for k, v in msg.fields.items()):
-            raise _fail(msg, "fields")
-    elif isinstance(msg, Release):
-        if not _offsets(msg.offsets):
-            raise _fail(msg, "offsets")
-    elif isinstance(msg, Cancel):
-        _check_id(msg)
-    elif isinstance(msg, Query):
-        _check_id(msg)
-        if msg.what not in _QUERIES:
-            raise _fail(msg, "what")
-    elif isinstance(msg, Answer):
-        _check_id(msg)
-    elif isinstance(msg, Attach):
-        if not _is(msg.protocol, int) or not _is(msg.session, bytes) or not (_is(msg.size, int) and msg.size > 0):
-            raise _fail(msg, "size")
-    elif isinstance(msg, Attached):
-        if not (_is(msg.size, int) and msg.size > 0):
-            raise _fail(msg, "size")
-    elif isinstance(msg, Refused) and not _is(msg.message, str):
-        raise _fail(msg, "message")
-
-
-def _check_id(msg: Infer | Result | Cancel | Query | Answer) -> None:
-    if not _is(msg.id, int) or msg.id < 0:
-        raise _fail(msg, "id")
-
-
-def _names(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) <= _MAX_TENSORS
-        and all(type(n) is str and len(n) <= _MAX_NAME for n in value)
-    )
-
-
-def _offsets(value: Any) -> bool:
-    return isinstance(value, list) and len(value) <= _MAX_RELEASES and all(type(o) is int and o >= 0 for o in value)
-
-
-def _check_blobs(msg: Infer | Result) -> None:
-    if not isinstance(msg.blobs, list) or not all(type(b) is bytes for b in msg.blobs):
-        raise _fail(msg, "blobs")
-
-
-def _plain(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is plain data: None, bool, int, float, str or a list of them."""
-    if value is None or type(value) in (bool, int, float, str):
-        return True
-    if type(value) is list and depth < 2:
-        return all(_plain(v, depth + 1) for v in value)
-    return False
-
-
-def _tensors(raw: Any) -> list[TensorDesc]:
-    if not isinstance(raw, list) or len(raw) > _MAX_TENSORS:
-        raise ProtocolError(f"tensor list must be an array of at most {_MAX_TENSORS}")
-    return [_desc(t) for t in raw]
-
-
-def _desc(raw: Any) -> TensorDesc:
-    if not isinstance(raw, list) or len(raw) < 4:
-        raise ProtocolError(f"tensor descriptor must be a 4-element array, got {raw!r:.80}")
-    dtype, shape, kind, where = raw[0], raw[1], raw[2], raw[3]
-    if type(dtype) is not str or (dtype not in _ITEMSIZE and dtype != STRING):
-        raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_DIMS
-        or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
-    ):
-        raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
-    if type(kind) is not int or kind not in (BLOB, FRAME, ARENA) or type(where) is not int or where < 0:
-        raise ProtocolError(f"bad location {kind!r:.20}/{where!r:.20} in tensor descriptor")
-    if dtype == STRING and (kind != BLOB or len(shape) != 1):
-        raise ProtocolError(f"a string tensor must be a 1-D blob, got shape {shape!r:.40} of kind {kind}")
-    return TensorDesc(dtype, tuple(shape), kind, where)
 
 
 def payload_bytes(descs: list[TensorDesc], blobs: list[bytes]) -> int:
@@ -480,5 +344,5 @@ def payload_bytes(descs: list[TensorDesc], blobs: list[bytes]) -> int:
         if d.dtype == STRING:
             total += len(blobs[d.where]) if d.where < len(blobs) else 0
         else:
-            total += math.prod(d.shape) * _ITEMSIZE[d.dtype]
+            total += math.prod(d.shape) * ITEMSIZES[d.dtype]
     return total

@@ -2,10 +2,10 @@
 
 ``write`` places each tensor one of three ways, recorded in its descriptor's ``kind``:
 
-- ``BLOB``: up to the inline threshold (64 KiB), its bytes ride inside the msgpack
-  header itself, so a small request is a single ZeroMQ frame. Every extra frame costs a
-  send/recv call, and each such call releases and re-takes the GIL: with many caller
-  threads that hand-off, not the copy, is what limits a front's throughput;
+- ``BLOB``: up to the inline threshold (``DEFAULT_INLINE_THRESHOLD``, 64 KiB), its bytes
+  ride inside the msgpack header itself, so a small request is a single ZeroMQ frame:
+  every extra frame is one more send/recv call, and each such call lets go of the GIL
+  and takes it back, a wait of its own beside busy caller threads;
 - ``ARENA``: larger tensors are copied once, straight from the source whatever its
   strides, into a slot of the sender's shared-memory arena, which the receiver views in
   place;
@@ -13,7 +13,8 @@
   ZeroMQ frame, so nothing ever blocks on arena space.
 
 ``read`` turns descriptors back into tensors: blobs are copied out of the header (they
-are small), frames and arena slots are viewed without copying.
+are small), frames and arena slots are viewed without copying. (``DEVICE`` descriptors,
+CUDA buffers, are placed by the GPU path; ``read`` views them through ``device_slot``.)
 
 String tensors (``List[str]``) are the exception: ``write`` takes them as
 :class:`Strings`, already encoded, and always sends them as a ``BLOB``, however large
@@ -33,7 +34,8 @@ import zmq
 
 from ..errors import ProtocolError
 from .arena import Allocator, Arena
-from .wire import ARENA, BLOB, DTYPES, FRAME, STRING, TensorDesc, decode_strings, dtype_name, encode_strings
+from .dtypes import DTYPES, NUMPY_DTYPES, STRING, dtype_name
+from .wire import ARENA, BLOB, FRAME, TensorDesc, decode_strings, encode_strings
 
 __all__ = [
     "DEFAULT_INLINE_THRESHOLD",
@@ -118,7 +120,7 @@ class Strings:
         return f"<Strings {list(self.shape)}, {len(self.blob)} bytes>"
 
 
-#: builds a NamedTuple from a tuple in C (the class's own ``__new__`` is Python: 0.3 µs)
+#: builds a NamedTuple from a tuple in C (the class's own ``__new__`` is Python code)
 _new = tuple.__new__
 
 
@@ -146,26 +148,11 @@ def as_frame(t: torch.Tensor) -> Any:
 
 # The front runs in the caller's process, beside threads we do not know. Most torch
 # calls (view, reshape, empty, ...) release the GIL and take it back, and taking it
-# back waits for the switch interval (5 ms) whenever another thread is busy in Python:
-# measured, four such calls cost 32 ms instead of 4 us beside one busy thread. So the
-# per-request paths below move bytes with plain pointer copies and build tensors with
-# torch.from_numpy over numpy views, which keep the GIL.
-_NUMPY: dict[torch.dtype, np.dtype] = {
-    dtype: np.dtype(name)
-    for dtype, name in (
-        (torch.bool, "bool"),
-        (torch.uint8, "uint8"),
-        (torch.int8, "int8"),
-        (torch.int16, "int16"),
-        (torch.int32, "int32"),
-        (torch.int64, "int64"),
-        (torch.float16, "float16"),
-        (torch.float32, "float32"),
-        (torch.float64, "float64"),
-        (torch.complex64, "complex64"),
-        (torch.complex128, "complex128"),
-    )
-}
+# back waits for CPython's switch interval (5 ms by default) whenever another thread is
+# busy in Python (docs/measurements/transport-notes.md). So the per-request paths below
+# move bytes with plain pointer copies and build tensors with torch.from_numpy over
+# numpy views, which keep the GIL. (numpy has no bfloat16: those go through torch.)
+_NUMPY: dict[torch.dtype, np.dtype] = NUMPY_DTYPES
 
 
 def _flipped_mask() -> int | None:
@@ -263,7 +250,7 @@ def _copy_into(arena: Arena, offset: int, nbytes: int, t: torch.Tensor) -> None:
         # arena slot holds more than the inline threshold).
         # torch's copy_ would also split a big copy over its intra-op threads, and
         # with many caller threads doing so at once the OpenMP workers spin against
-        # each other (measured: payload at concurrency 8 ran at a third of the speed).
+        # each other (docs/measurements/transport-notes.md).
         ctypes.memmove(arena.address + offset, t.data_ptr(), nbytes)
         return
     arr = _numpy(t)  # strided: numpy copies it on one thread, without the GIL
@@ -280,8 +267,8 @@ _MAX_CHAR_ARRAYS = 64
 
 def _bytes_at(address: int, nbytes: int) -> bytes:
     """A copy of ``nbytes`` bytes at ``address``, keeping the GIL: a ctypes array's
-    ``raw`` (0.43 µs for 256 bytes), or ``ctypes.string_at`` (0.8 µs, its foreign-call
-    argument conversion) for a size not kept."""
+    ``raw``, or, for a size not kept, ``ctypes.string_at`` (slower: its foreign-call
+    argument conversion)."""
     array = _CHAR_ARRAYS.get(nbytes)
     if array is None:
         if len(_CHAR_ARRAYS) >= _MAX_CHAR_ARRAYS:
@@ -317,7 +304,7 @@ def write(
                 blobs.append(t.blob)
                 continue
             name = dtype_name(t.dtype)
-            shape = t.shape  # (a torch.Size: a tuple, packed as one; tuple() of it costs 0.2 µs)
+            shape = t.shape  # (a torch.Size is a tuple, packed as one: no tuple() copy)
             nbytes = t.nbytes
             if nbytes <= inline_threshold:
                 # (keeps the GIL; t.numpy() would let go of it)

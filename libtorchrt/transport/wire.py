@@ -1,16 +1,18 @@
 """The wire format between the front and its workers (used in both processes).
 
 Every ZeroMQ message is multipart: one msgpack *header* frame, then zero or more raw
-*data* frames holding small tensors' bytes. A header is a msgpack array whose first
-element is the message kind; the remaining elements are the fields of the message's
-dataclass, in order. Fields are only ever appended, with defaults, so an older peer's
-shorter header still decodes. The protocol version travels in the READY handshake and
-the front refuses a worker of another version.
+*data* frames, each the bytes of one ``FRAME`` tensor. A header is a msgpack array: the
+message's kind, then the fields of its class, in their declared order (messages are
+declared with ``codec``, which writes their encoder and decoder). Fields are only ever
+appended, with defaults, so an older peer's shorter header still decodes. The protocol
+version travels in the READY handshake and the front refuses a worker of another
+version.
 
-A tensor is described by :class:`TensorDesc` ``(dtype, shape, inline, where)``: its
-bytes are either data frame number ``where`` (``inline``) or ``nbytes`` bytes at offset
-``where`` of the sender's shared-memory arena. Nothing is pickled, ever: the decoder
-only accepts msgpack's plain types and checks every field's type and range.
+A tensor is described by :class:`TensorDesc` ``(dtype, shape, kind, where)``: its bytes
+are blob ``where`` of the header's ``blobs`` (``BLOB``), data frame ``where``
+(``FRAME``), or ``nbytes`` bytes at offset ``where`` of the sender's shared-memory arena
+(``ARENA``) or of a CUDA buffer (``DEVICE``). Nothing is pickled, ever: the decoder only
+accepts msgpack's plain types and checks every field's type and range.
 
 A *string tensor* (Triton's ``TYPE_STRING``, TorchScript's ``List[str]``) has dtype
 ``"string"`` and a 1-D shape ``[n]``, and always travels as a ``BLOB``, however large:
@@ -28,16 +30,15 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
-import msgpack
-import torch
-
 from ..errors import ProtocolError
+from .codec import Bool, Bytes, Codec, Convert, Int, List, Map, Str, Struct, message, spec, unpack
+from .dtypes import DTYPES, ITEMSIZES, STRING, dtype_name
 
 __all__ = [
+    "CODEC",
     "DTYPES",
     "PROTOCOL_VERSION",
     "STRING",
@@ -53,32 +54,14 @@ __all__ = [
     "TensorDesc",
     "decode",
     "decode_strings",
+    "descriptors",
     "dtype_name",
     "encode",
     "encode_strings",
+    "tensor_desc",
 ]
 
 PROTOCOL_VERSION = 1
-
-#: The dtypes that may cross the wire, by their wire name.
-DTYPES: dict[str, torch.dtype] = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-}
-_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-_ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
-#: The wire name of a string tensor (a ``List[str]``): not a torch dtype, so not in DTYPES.
-STRING = "string"
 
 # Bounds that keep a hostile header from making the receiver allocate absurd amounts.
 _MAX_DIMS = 32
@@ -87,16 +70,6 @@ _MAX_TENSORS = 4096
 #: a sender checks its tensors against them (what a receiver refuses is lost otherwise).
 MAX_DIMS = _MAX_DIMS
 MAX_SIZE = 2**40
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Return the wire name of ``dtype``.
-
-    Raises:
-        KeyError: the dtype cannot cross the wire (e.g. quantized types).
-    """
-    return _NAMES[dtype]
-
 
 #: Where a tensor's bytes travel (``TensorDesc.kind``): inside the header, as a
 #: separate frame, in the sender's shared-memory arena, or in a CUDA device buffer
@@ -107,7 +80,8 @@ _KINDS_OF_PLACE = (BLOB, FRAME, ARENA, DEVICE)
 
 class TensorDesc(NamedTuple):
     """Where one tensor's bytes are: blob ``where`` of the header (``BLOB``), data
-    frame ``where`` (``FRAME``), or offset ``where`` of the sender's arena (``ARENA``).
+    frame ``where`` (``FRAME``), offset ``where`` of the sender's arena (``ARENA``) or
+    of a CUDA buffer (``DEVICE``).
 
     A NamedTuple, so it packs as a msgpack array as it is and costs little to build.
     """
@@ -120,26 +94,55 @@ class TensorDesc(NamedTuple):
     @property
     def nbytes(self) -> int:
         """The tensor's size in bytes (not for a string tensor, whose size is its blob's)."""
-        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+        return math.prod(self.shape) * ITEMSIZES[self.dtype]
 
 
-def _desc(raw: Any) -> TensorDesc:
-    if not isinstance(raw, list) or len(raw) < 4:
-        raise ProtocolError(f"tensor descriptor must be a 4-element array, got {raw!r:.80}")
-    dtype, shape, kind, where = raw[0], raw[1], raw[2], raw[3]
-    if type(dtype) is not str or (dtype not in _ITEMSIZE and dtype != STRING):
-        raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_DIMS
-        or not all(type(d) is int and 0 <= d < MAX_SIZE for d in shape)
-    ):
-        raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
-    if type(kind) is not int or kind not in _KINDS_OF_PLACE or type(where) is not int or where < 0:
-        raise ProtocolError(f"bad location {kind!r:.20}/{where!r:.20} in tensor descriptor")
-    if dtype == STRING and (kind != BLOB or len(shape) != 1):
-        raise ProtocolError(f"a string tensor must be a 1-D blob, got shape {shape!r:.40} of kind {kind}")
-    return TensorDesc(dtype, tuple(shape), kind, where)
+def tensor_desc(dtype: str, shape: tuple[int, ...], kind: int, where: int) -> TensorDesc:
+    """A :class:`TensorDesc`, built in C (a NamedTuple's own ``__new__`` is Python code)."""
+    return tuple.__new__(TensorDesc, (dtype, shape, kind, where))
+
+
+_WIRE_NAMES = frozenset([*DTYPES, STRING])
+
+
+def descriptors(places: Sequence[int]) -> Callable[[Any], list[TensorDesc]]:
+    """The decoder of a list of tensor descriptors whose bytes may be at ``places``
+    (``BLOB``, ``FRAME``, ...): it checks each ``[dtype, shape, kind, where]`` array
+    (fields a newer peer appends are ignored) and returns them as TensorDescs.
+
+    The returned function raises ProtocolError for a list of more than 4096, or a
+    descriptor that is not such an array, of an unknown dtype, a shape of more than 32
+    dimensions or a size not in ``[0, 2**40)``, a place not in ``places`` or a negative
+    ``where``, or a string tensor that is not a 1-D ``BLOB``.
+    """
+    allowed = tuple(places)
+    names = _WIRE_NAMES
+    new = tuple.__new__
+
+    def read_descriptors(raw: Any) -> list[TensorDesc]:
+        if type(raw) is not list or len(raw) > _MAX_TENSORS:
+            raise ProtocolError(f"tensor list must be an array of at most {_MAX_TENSORS}")
+        out = []
+        for d in raw:
+            if type(d) is not list or len(d) < 4:
+                raise ProtocolError(f"tensor descriptor must be a 4-element array, got {d!r:.80}")
+            dtype, shape, kind, where = d[0], d[1], d[2], d[3]
+            if type(dtype) is not str or dtype not in names:
+                raise ProtocolError(f"unknown dtype {dtype!r:.40} in tensor descriptor")
+            if type(shape) is not list or len(shape) > _MAX_DIMS:
+                raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
+            for size in shape:
+                if type(size) is not int or not 0 <= size < MAX_SIZE:
+                    raise ProtocolError(f"bad shape {shape!r:.80} in tensor descriptor")
+            if type(kind) is not int or kind not in allowed or type(where) is not int or where < 0:
+                raise ProtocolError(f"bad location {kind!r:.20}/{where!r:.20} in tensor descriptor")
+            if dtype == STRING and (kind != BLOB or len(shape) != 1):
+                raise ProtocolError(f"a string tensor must be a 1-D blob, got shape {shape!r:.40} of kind {kind}")
+            # (tuple.__new__: a NamedTuple's own __new__ is Python code)
+            out.append(new(TensorDesc, (dtype, tuple(shape), kind, where)))
+        return out
+
+    return read_descriptors
 
 
 _LENGTH = struct.Struct("<I")
@@ -192,32 +195,44 @@ def decode_strings(blob: bytes, count: int) -> list[str]:
     return out
 
 
-@dataclass(slots=True)
+# The refusals' texts (templates for the codec; tests pin them).
+_TERSE = "malformed {cls} message"
+_OFFSETS = "malformed {cls} message: {name} must be offsets"
+_BLOBS = "malformed message: blobs must be an array of binary strings"
+_BUFFER = "malformed {cls} message: {name} must be a buffer id or -1"
+_EXPORTS = "malformed {cls} message: exports must be an array"
+
+_TENSORS = Convert(descriptors(_KINDS_OF_PLACE))
+_OFFSET_LIST = List(Int(lo=0))
+_BLOB_LIST = List(Bytes())
+
+
+@message
 class Ready:
     """Worker → front, once: the model is loaded and the flags are applied."""
 
     KIND: ClassVar[int] = 1
-    protocol: int
-    pid: int
-    flags: dict[str, Any] = field(default_factory=dict)
-    inputs: list[str] = field(default_factory=list)
-    device: str = "cpu"
-    warnings: list[str] = field(default_factory=list)
+    protocol: int = spec(Int())
+    pid: int = spec(Int())
+    flags: dict[str, Any] = spec(Map(), default_factory=dict)
+    inputs: list[str] = spec(List(Str()), default_factory=list)
+    device: str = spec(Str(), default="cpu")
+    warnings: list[str] = spec(List(Str()), default_factory=list)
     #: the method takes one ``Dict[str, Tensor]`` (``inputs`` is its one argument's
     #: name): requests carry the keys last (see the module docstring)
-    dict_input: bool = False
+    dict_input: bool = spec(Bool(), default=False)
 
 
-@dataclass(slots=True)
+@message
 class Failed:
     """Worker → front, once, instead of READY: start-up failed."""
 
     KIND: ClassVar[int] = 2
-    protocol: int
-    pid: int
-    error_type: str
-    message: str
-    traceback: str = ""
+    protocol: int = spec(Int())
+    pid: int = spec(Int())
+    error_type: str = spec(Str())
+    message: str = spec(Str())
+    traceback: str = spec(Str(), default="")
 
 
 class Export(NamedTuple):
@@ -234,21 +249,18 @@ class Export(NamedTuple):
     event: bytes
 
 
-def _export(raw: Any) -> Export:
-    if (
-        not isinstance(raw, list)
-        or len(raw) < 5
-        or not all(type(x) is int and x >= 0 for x in raw[:3])
-        or type(raw[3]) is not bytes
-        or len(raw[3]) != 64
-        or type(raw[4]) is not bytes
-        or len(raw[4]) not in (0, 64)
-    ):
-        raise ProtocolError(f"malformed device buffer export {raw!r:.80}")
-    return Export(raw[0], raw[1], raw[2], raw[3], raw[4])
+_EXPORT = Struct(
+    Export,
+    Int(lo=0),
+    Int(lo=0),
+    Int(lo=0),
+    Bytes(sizes=(64,)),
+    Bytes(sizes=(0, 64)),
+    error="malformed device buffer export {value!r:.80}",
+)
 
 
-@dataclass(slots=True)
+@message(missing=_TERSE, tail="exports")
 class Request:
     """Front → worker: run the model on these tensors.
 
@@ -259,61 +271,73 @@ class Request:
     worker maps the first time it sees them and keeps; ``device_ids`` names, for each
     ``DEVICE`` descriptor in order, the export holding it; ``device_in`` is an export
     whose event the worker waits for before reading (-1: none); ``device_out`` the
-    buffer to write outputs into (-1: outputs go to host memory).
+    buffer to write outputs into (-1: outputs go to host memory). A request with none
+    of these (nor ``batch``) goes as five fields.
     """
 
     KIND: ClassVar[int] = 3
-    id: int
-    tensors: list[TensorDesc]
-    releases: list[int] = field(default_factory=list)
+    id: int = spec(Int(), error=_TERSE)
+    tensors: list[TensorDesc] = spec(_TENSORS)
+    releases: list[int] = spec(_OFFSET_LIST, default_factory=list, error=_OFFSETS)
     #: the bytes of small tensors (``BLOB`` descriptors index into it)
-    blobs: list[bytes] = field(default_factory=list)
-    exports: list[Export] = field(default_factory=list)
-    device_in: int = -1
-    device_out: int = -1
+    blobs: list[bytes] = spec(_BLOB_LIST, default_factory=list, error=_BLOBS)
+    exports: list[Export] = spec(List(_EXPORT, max_len=_MAX_TENSORS), default_factory=list, error=_EXPORTS)
+    device_in: int = spec(Int(lo=-1), default=-1, error=_BUFFER)
+    device_out: int = spec(Int(lo=-1), default=-1, error=_BUFFER)
     #: offsets of ``device_out`` slots the front no longer uses
-    device_releases: list[int] = field(default_factory=list)
-    device_ids: Sequence[int] = field(default_factory=list)
+    device_releases: list[int] = spec(_OFFSET_LIST, default_factory=list, error=_OFFSETS)
+    device_ids: Sequence[int] = spec(_OFFSET_LIST, default_factory=list, error=_OFFSETS)
     #: a batch of requests run as one execution: the rows of each, in order (empty:
     #: one request); ``tensors`` then holds each request's inputs in turn, or, joined,
     #: one descriptor per input holding every request's rows (workers/batching.py)
-    batch: list[int] = field(default_factory=list)
+    batch: list[int] = spec(
+        _OFFSET_LIST,
+        List(
+            Int(lo=1),
+            max_len=_MAX_TENSORS,
+            error="malformed {cls} message: batch must list at most 4096 positive row counts",
+        ),
+        default_factory=list,
+        error=_OFFSETS,
+    )
 
 
-@dataclass(slots=True)
+@message(missing=_TERSE)
 class Response:
     """Worker → front: the outputs of request ``id``, in the model's order."""
 
     KIND: ClassVar[int] = 4
-    id: int
-    tensors: list[TensorDesc]
-    blobs: list[bytes] = field(default_factory=list)
+    id: int = spec(Int(), error=_TERSE)
+    tensors: list[TensorDesc] = spec(_TENSORS)
+    blobs: list[bytes] = spec(_BLOB_LIST, default_factory=list, error=_BLOBS)
 
 
-@dataclass(slots=True)
+@message
 class Error:
     """Worker → front: request ``id`` failed (``id`` is -1 if it was undecodable)."""
 
     KIND: ClassVar[int] = 5
-    id: int
-    error_type: str
-    message: str
-    traceback: str = ""
+    id: int = spec(Int())
+    error_type: str = spec(Str())
+    message: str = spec(Str())
+    traceback: str = spec(Str(), default="")
     #: the error came from the caller's input (bad binding), not from the model
-    input_error: bool = False
+    input_error: bool = spec(Bool(), default=False)
     #: the worker cannot go on (a sticky CUDA error) and exits after this message
-    fatal: bool = False
+    fatal: bool = spec(Bool(), default=False)
 
 
-@dataclass(slots=True)
+@message
 class Release:
     """Front → worker: response-arena slots the front no longer uses."""
 
     KIND: ClassVar[int] = 6
-    offsets: list[int] = field(default_factory=list)
+    offsets: list[int] = spec(
+        _OFFSET_LIST, default_factory=list, error="malformed {cls} message: offsets must be non-negative integers"
+    )
 
 
-@dataclass(slots=True)
+@message
 class Shutdown:
     """Front → worker: finish what you are doing and exit."""
 
@@ -321,66 +345,11 @@ class Shutdown:
 
 
 Message = Ready | Failed | Request | Response | Error | Release | Shutdown
-_KINDS: dict[int, type] = {cls.KIND: cls for cls in (Ready, Failed, Request, Response, Error, Release, Shutdown)}
-_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
 
-
-def encode(msg: Message) -> bytes:
-    """Encode a message as a header frame (its data frames are sent separately)."""
-    if isinstance(msg, Request):  # the hot path, without generic field walking
-        if (
-            msg.device_in < 0
-            and msg.device_out < 0
-            and not (msg.exports or msg.device_releases or msg.device_ids or msg.batch)
-        ):
-            return msgpack.packb([3, msg.id, msg.tensors, msg.releases, msg.blobs])
-        return msgpack.packb(
-            [
-                3,
-                msg.id,
-                msg.tensors,
-                msg.releases,
-                msg.blobs,
-                msg.exports,
-                msg.device_in,
-                msg.device_out,
-                msg.device_releases,
-                msg.device_ids,
-                msg.batch,
-            ]
-        )
-    if isinstance(msg, Response):
-        return msgpack.packb([4, msg.id, msg.tensors, msg.blobs])
-    return msgpack.packb([msg.KIND, *(getattr(msg, f) for f in _FIELDS[type(msg)])])
-
-
-def decode(header: bytes | memoryview) -> Message:
-    """Decode a header frame into its message.
-
-    Raises:
-        ProtocolError: the header is not a well-formed message of this protocol.
-    """
-    try:
-        raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"undecodable header ({type(e).__name__}: {e})") from None
-    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
-        raise ProtocolError(f"header must be an array starting with a kind, got {raw!r:.80}")
-    cls = _KINDS.get(raw[0])
-    if cls is None:
-        raise ProtocolError(f"unknown message kind {raw[0]}")
-    names = _FIELDS[cls]
-    values = raw[1 : 1 + len(names)]  # newer peers may append fields we do not know
-    if cls is Request:
-        return _request(values)
-    if cls is Response:
-        return _response(values)
-    try:
-        msg = cls(*values)
-    except TypeError as e:
-        raise ProtocolError(f"malformed {cls.__name__} message: {e}") from None
-    _check_types(msg)
-    return msg
+#: The codec of these messages (the ones sent per request first: encode tests them in order).
+CODEC: Codec[Message] = Codec("wire", [Request, Response, Release, Error, Ready, Failed, Shutdown])
+encode = CODEC.encode
+decode = CODEC.decode
 
 
 def request_id(header: bytes | memoryview) -> int:
@@ -388,96 +357,9 @@ def request_id(header: bytes | memoryview) -> int:
     -1): the worker answers the refusal to that request, so its caller is not left
     waiting for an answer that never comes."""
     try:
-        raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
-    except Exception:
+        raw = unpack(header)  # as strictly as decode() reads it
+    except ProtocolError:
         return -1
-    if (
-        isinstance(raw, list)
-        and len(raw) > 1
-        and type(raw[0]) is int
-        and raw[0] == Request.KIND
-        and type(raw[1]) is int
-        and raw[1] >= 0
-    ):
+    if raw[0] == Request.KIND and len(raw) > 1 and type(raw[1]) is int and raw[1] >= 0:
         return raw[1]
     return -1
-
-
-def _tensors(raw: Any) -> list[TensorDesc]:
-    if not isinstance(raw, list) or len(raw) > _MAX_TENSORS:
-        raise ProtocolError(f"tensor list must be an array of at most {_MAX_TENSORS}")
-    return [_desc(t) for t in raw]
-
-
-def _request(values: list[Any]) -> Request:
-    if len(values) < 2 or type(values[0]) is not int:
-        raise ProtocolError("malformed Request message")
-    releases = _offsets(values, 2, "releases")
-    request = Request(values[0], _tensors(values[1]), releases, _blobs(values, 3))
-    if len(values) > 4:
-        exports = values[4]
-        if not isinstance(exports, list) or len(exports) > _MAX_TENSORS:
-            raise ProtocolError("malformed Request message: exports must be an array")
-        request.exports = [_export(e) for e in exports]
-        for name, i in (("device_in", 5), ("device_out", 6)):
-            value = values[i] if len(values) > i else -1
-            if type(value) is not int or value < -1:
-                raise ProtocolError(f"malformed Request message: {name} must be a buffer id or -1")
-            setattr(request, name, value)
-        request.device_releases = _offsets(values, 7, "device_releases")
-        request.device_ids = _offsets(values, 8, "device_ids")
-        request.batch = _offsets(values, 9, "batch")
-        if len(request.batch) > _MAX_TENSORS or any(rows == 0 for rows in request.batch):
-            raise ProtocolError("malformed Request message: batch must list at most 4096 positive row counts")
-    return request
-
-
-def _offsets(values: list[Any], i: int, name: str) -> list[int]:
-    offsets = values[i] if len(values) > i else []
-    if not isinstance(offsets, list) or not all(type(o) is int and o >= 0 for o in offsets):
-        raise ProtocolError(f"malformed Request message: {name} must be offsets")
-    return offsets
-
-
-def _response(values: list[Any]) -> Response:
-    if len(values) < 2 or type(values[0]) is not int:
-        raise ProtocolError("malformed Response message")
-    return Response(values[0], _tensors(values[1]), _blobs(values, 2))
-
-
-def _blobs(values: list[Any], i: int) -> list[bytes]:
-    blobs = values[i] if len(values) > i else []
-    if not isinstance(blobs, list) or not all(type(b) is bytes for b in blobs):
-        raise ProtocolError("malformed message: blobs must be an array of binary strings")
-    return blobs
-
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "protocol": (int,),
-    "pid": (int,),
-    "id": (int,),
-    "flags": (dict,),
-    "inputs": (list,),
-    "device": (str,),
-    "warnings": (list,),
-    "error_type": (str,),
-    "message": (str,),
-    "traceback": (str,),
-    "input_error": (bool,),
-    "fatal": (bool,),
-    "dict_input": (bool,),
-    "offsets": (list,),
-}
-
-
-def _check_types(msg: Message) -> None:
-    for name in _FIELDS[type(msg)]:
-        value = getattr(msg, name)
-        # type() rather than isinstance(): a bool is not an acceptable int here
-        ok = type(value) in _TYPES[name]
-        if ok and name in ("inputs", "warnings"):
-            ok = all(type(x) is str for x in value)
-        if not ok:
-            raise ProtocolError(f"malformed {type(msg).__name__} message: field {name!r} is {type(value).__name__}")
-    if isinstance(msg, Release) and not all(type(o) is int and o >= 0 for o in msg.offsets):
-        raise ProtocolError("malformed Release message: offsets must be non-negative integers")

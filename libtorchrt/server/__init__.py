@@ -12,6 +12,7 @@ One module per concept: ``cli.py`` (options), ``service.py`` (listen, load, serv
 drain), ``http.py`` (the HTTP application), ``kserve.py`` (the tensor codec and data
 types), ``metadata.py`` (server/model metadata, config, statistics documents),
 ``metrics.py`` (Prometheus), ``progress.py`` (start-up display), ``security.py``
-(addresses, tokens, keys), ``zmq_frontend.py`` (ZeroMQ). Importing this package
-imports none of them.
+(addresses, tokens, keys), ``zmq_frontend.py`` (ZeroMQ: the frontend and its thread,
+over ``zmq_endpoint.py``, ``zmq_sessions.py``, ``zmq_handoff.py`` and
+``zmq_requests.py``). Importing this package imports none of them.
 """

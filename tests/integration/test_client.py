@@ -114,7 +114,7 @@ def pool(model_dir: Path, string_model: Path, tmp_path_factory: pytest.TempPathF
 def server(pool: Pool) -> Iterator[ZmqFrontend]:
     with ZmqFrontend(pool, "tcp://127.0.0.1:0") as frontend:
         yield frontend
-    assert not frontend._server._sessions
+    assert not frontend._server.sessions
 
 
 @pytest.fixture
@@ -123,14 +123,14 @@ def clean(server: ZmqFrontend) -> Iterator[None]:
     before = snapshot()
     yield
     deadline = time.monotonic() + 5
-    while server._server._sessions and time.monotonic() < deadline:
+    while server._server.sessions and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not server._server._sessions, "sessions left in the server"
+    assert not server._server.sessions, "sessions left in the server"
     assert_no_leaks(before)
 
 
 def _sessions(frontend: ZmqFrontend) -> list[Any]:
-    return list(frontend._server._sessions.values())
+    return list(frontend._server.sessions)
 
 
 # ── both tensor paths ─────────────────────────────────────────────────────────
@@ -439,7 +439,7 @@ def test_protocol_version_mismatch_refused_by_the_server(server: ZmqFrontend, cl
         welcome = remote.decode(sock.recv())
         assert isinstance(welcome, remote.Welcome)
         assert welcome.protocol == remote.PROTOCOL_VERSION and welcome.session == b""
-        assert not server._server._sessions
+        assert not server._server.sessions
         # without a session, a request is refused and nothing runs
         sock.send(remote.encode(remote.Infer(5, "tiny", None, None, None, [])))
         failure = remote.decode(sock.recv())
@@ -565,9 +565,9 @@ def test_hostile_shared_memory_hand_offs_are_refused(server: ZmqFrontend, clean:
                 assert "token" in remote.decode(fdpass.recv_message(again)[0]).message  # type: ignore[union-attr]
         # closing the Unix connection ends the session
         deadline = time.monotonic() + 5
-        while server._server._sessions and time.monotonic() < deadline:
+        while server._server.sessions and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not server._server._sessions
+        assert not server._server.sessions
         for fd in (unsealed, shrinkable):
             os.close(fd)
         sealed.close()
@@ -622,9 +622,9 @@ def test_a_killed_client_leaks_nothing_in_the_server(pool: Pool, server: ZmqFron
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
     deadline = time.monotonic() + 10
-    while server._server._sessions and time.monotonic() < deadline:
+    while server._server.sessions and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not server._server._sessions
+    assert not server._server.sessions
     # the spin request finishes in the pool; its output is dropped, nothing stays mapped
     assert_no_leaks(before, timeout=30)
     with Client(server.endpoint) as client:  # and the server goes on
@@ -644,7 +644,7 @@ def test_close_drains_requests_in_flight(pool: Pool, clean: None, tmp_path: Path
             time.sleep(0.01)
         frontend.close(grace=30)
         assert running.result(10)["OUTPUT__0"].shape == (1,)
-        assert not frontend._server._sessions
+        assert not frontend._server.sessions
         with pytest.raises(ServerConnectionError):
             client.infer("tiny", torch.zeros(1, 64))
         # a new server on the same endpoint: the client starts a new session

@@ -309,7 +309,7 @@ def test_a_client_with_far_deadlines_keeps_serving(server: Served) -> None:
         # the I/O thread lives, and answered requests leave no timer behind
         connection = client._connection
         assert connection.alive
-        _wait_until(lambda: not connection._timers, 10, "the answered requests' timers are dropped")
+        _wait_until(lambda: not connection.requests.timers, 10, "the answered requests' timers are dropped")
         assert torch.equal(client.infer("identity", x, timeout=5)["OUTPUT__0"], x)
         # a deadline that is not one is the caller's error, raised before anything is sent
         for bad in (math.nan, -1, "10", True, [1]):
@@ -342,7 +342,7 @@ def test_a_failed_client_io_thread_fails_every_caller_at_once(server: Served, ca
     with Client(server.endpoint, connect_timeout=20) as client:
         connection = client._connection
         running = client.submit("spin", torch.tensor([2_000_000.0]))  # ~3 s of work
-        _wait_until(lambda: bool(connection.pending), 10, "the request is sent")
+        _wait_until(lambda: bool(connection.requests.pending), 10, "the request is sent")
         with caplog.at_level(logging.CRITICAL, logger="libtorchrt.client"):
             connection.submit(_Unhandled())  # type: ignore[arg-type]
             # the request in flight fails now, naming why, not at its deadline
@@ -377,10 +377,11 @@ def test_a_failed_frontend_thread_is_visible_and_answers_what_it_held(
             assert frontend.alive and frontend.failure is None
             with Client(frontend.endpoint, connect_timeout=20) as client:
                 running = client.submit("spin", torch.tensor([1_000_000.0]))
-                _wait_until(lambda: any(s.pending for s in frontend._server._sessions.values()), 10, "in the pool")
+                _wait_until(lambda: any(s.pending for s in frontend._server.sessions), 10, "in the pool")
                 with caplog.at_level(logging.CRITICAL, logger="libtorchrt.server"):
-                    frontend._server._completions.append((_Unhandled(), 0, None))  # type: ignore[arg-type]
-                    frontend._server._wake()
+                    completions = frontend._server.completions
+                    assert completions is not None
+                    completions.put((_Unhandled(), 0, None))  # type: ignore[arg-type]
                     _wait_until(lambda: not frontend.alive, 10, "the frontend's thread ends")
                 assert "failed" in repr(frontend)
                 assert isinstance(frontend.failure, AttributeError)

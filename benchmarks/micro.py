@@ -65,7 +65,7 @@ import torch
 from benchmarks import workloads
 from benchmarks._report import loadavg, machine_info, provenance
 from libtorchrt import _batch
-from libtorchrt._stats import Stats
+from libtorchrt.front.stats import Stats
 from libtorchrt.transport import tensors as tensor_io
 from libtorchrt.transport import wire
 from libtorchrt.workers import batching as worker_batching

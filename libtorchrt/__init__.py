@@ -35,8 +35,8 @@ from .errors import (
     WorkerDiedError,
     WorkerStartError,
 )
+from .front.pool import Pool
 from .info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerInfo
-from .pool import Pool
 
 __version__ = "0.1.0"
 

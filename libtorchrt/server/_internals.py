@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..front.pool import Pool
 from ..info import ModelHealth
-from ..pool import Pool
 
 __all__ = ["ArenaUsage", "arena_usage", "router_thread", "start_pool"]
 

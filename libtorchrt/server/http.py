@@ -67,8 +67,8 @@ from ..errors import (
     UnknownModelError,
     WorkerDiedError,
 )
+from ..front.pool import Pool
 from ..info import ModelHealth, ModelStatus
-from ..pool import Pool
 from . import metadata
 from .kserve import EncodedResponse, InferRequest, RequestError, decode_request, encode_response
 from .security import BearerAuth

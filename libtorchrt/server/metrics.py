@@ -38,8 +38,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..front.pool import Pool
 from ..info import ModelHealth, ModelStats, ModelStatus
-from ..pool import Pool
 from ._internals import arena_usage
 
 __all__ = [

@@ -49,8 +49,8 @@ import uvicorn
 
 from .. import __version__
 from ..errors import TorchRTError
+from ..front.pool import Pool
 from ..info import ModelHealth
-from ..pool import Pool
 from ._internals import router_thread, start_pool
 from .http import Limits, ServerState, build_app
 from .metrics import build_metrics_app

@@ -40,7 +40,7 @@ from libtorchrt import (
     TimeoutError,
     WorkerDiedError,
 )
-from libtorchrt._state import BACKOFF_BASE, BACKOFF_MAX
+from libtorchrt.front.records import BACKOFF_BASE, BACKOFF_MAX
 from tests.conftest import assert_no_leaks, snapshot, wait_for
 from tests.models import Spin, SpinDouble
 
@@ -213,7 +213,7 @@ def test_an_idle_workers_death_wakes_the_router_as_an_event(spin_pool: Pool) -> 
     _ready(pool, "spin", _spin(2000))
     (worker,) = pool.workers()
     restarts = pool.health()["spin"].instances[0].restarts
-    wait_for(lambda: pool._router._idle, SOON, "the router to go to sleep")
+    wait_for(lambda: pool._router.inbox._idle, SOON, "the router to go to sleep")
     asleep = _router_switches(pool)
     time.sleep(1.0)  # (an observation window: nothing may happen in it)
     assert _router_switches(pool) - asleep <= 1, "the idle router woke up: it has a periodic timer"

@@ -815,7 +815,7 @@ def test_pool_drops_garbage_from_an_unknown_peer(make_pool: Any, caplog: pytest.
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.IDENTITY, b"hostile-peer")
         with caplog.at_level(logging.WARNING, logger="libtorchrt"):
-            sock.connect(pool._router._endpoint)
+            sock.connect(pool._router.endpoint)
             xs = [torch.randn(2) for _ in range(60)]
             futures = []
             for i, header in enumerate(forged):

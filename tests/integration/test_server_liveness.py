@@ -25,16 +25,16 @@ from tests.server_util import ServerProcess, alive, build_repository
 INJECT = """
 import os
 if os.environ.get("LIBTORCHRT_TEST_INJECT_ROUTER_BUG") == "spin":
-    import libtorchrt._router as _router
+    import libtorchrt.front.router as _router
 
-    _on_inbox = _router.Router._on_inbox
+    _on_inbox = _router.Router._take_inbox
 
     def _buggy(self):
-        if any(call.model.name == "spin" for call in self.inbox):
+        if any(call.model.name == "spin" for call in self.inbox.items):
             raise RuntimeError("a bug injected into the router thread")
         _on_inbox(self)
 
-    _router.Router._on_inbox = _buggy
+    _router.Router._take_inbox = _buggy
 """
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from libtorchrt._batch import _Outputs
+from libtorchrt.front.batch import _Outputs
 
 
 def _batch_outputs() -> _Outputs:

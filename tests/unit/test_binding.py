@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from libtorchrt import ConfigError, InvalidInputError, ModelConfig, TensorSpec
-from libtorchrt._binding import Binder
+from libtorchrt.front.binding import Binder
 from libtorchrt.transport.tensors import Strings
 from libtorchrt.transport.wire import decode_strings
 
@@ -684,7 +684,7 @@ def test_strings_the_wire_cannot_carry_are_refused(monkeypatch: pytest.MonkeyPat
     def too_big(items: Any, shape: Any = None) -> Strings:
         raise ValueError("a string of 4294967296 bytes; at most 4 GiB - 1 fit the wire format")
 
-    monkeypatch.setattr("libtorchrt._binding.Strings", too_big)
+    monkeypatch.setattr("libtorchrt.front.binding.Strings", too_big)
     e = refused(binder(args=("s",), inputs=[TensorSpec("s", "string")]), [["a"]])
     assert (e.input, e.expected, e.got) == (
         "s",

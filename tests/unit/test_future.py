@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from libtorchrt._future import LoopFuture, LoopWaker, RequestFuture
+from libtorchrt.front.future import LoopFuture, LoopWaker, RequestFuture
 
 T = TypeVar("T")
 WAIT = 5.0  # seconds anything that should happen at once may take

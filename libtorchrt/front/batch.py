@@ -18,17 +18,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._call import Call
-from .transport import tensors as tensor_io
-from .transport.wire import BLOB, FRAME, TensorDesc
+from ..transport import tensors as tensor_io
+from ..transport.wire import BLOB, FRAME, tensor_desc
+from .call import Call
 
 if TYPE_CHECKING:
-    from ._binding import Binder
-    from ._state import _Model
+    from .binding import Binder
+    from .records import _Model
 
 __all__ = ["Batch"]
 
-_desc = tuple.__new__
 
 
 class Batch(Call):
@@ -42,6 +41,7 @@ class Batch(Call):
             placed = _listed(members)
         super().__init__(model, placed)
         self.members = list(members)
+        self.dispatched = True
         self.rows = sum(c.rows for c in members)
         self.priority = members[0].priority
         for call in members:  # from now on a caller cannot cancel them
@@ -115,7 +115,7 @@ def _joined(members: Sequence[Call]) -> tensor_io.Placed | None:
                 return None
             part.append(blobs[d.where])
         rows += call.rows
-    descs = [_desc(TensorDesc, (d.dtype, (rows, *d.shape[1:]), BLOB, i)) for i, d in enumerate(first)]
+    descs = [tensor_desc(d.dtype, (rows, *d.shape[1:]), BLOB, i) for i, d in enumerate(first)]
     return tensor_io.Placed(descs, [b"".join(part) for part in parts], [], [])
 
 
@@ -129,10 +129,10 @@ def _listed(members: Sequence[Call]) -> tensor_io.Placed:
         nblobs, nframes = len(blobs), len(frames)
         for d in call.descs:
             kind = d.kind
-            if kind == BLOB and nblobs:  # (tuple.__new__: the NamedTuple's own is Python)
-                d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nblobs))
+            if kind == BLOB and nblobs:
+                d = tensor_desc(d.dtype, d.shape, kind, d.where + nblobs)
             elif kind == FRAME and nframes:
-                d = _desc(TensorDesc, (d.dtype, d.shape, kind, d.where + nframes))
+                d = tensor_desc(d.dtype, d.shape, kind, d.where + nframes)
             descs.append(d)
         if call.blobs:
             blobs += call.blobs

@@ -6,20 +6,22 @@ Owned and mutated by the router thread only; other threads read single fields of
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._batcher import Batcher, Orderer
-from ._binding import Binder
-from ._call import Call
-from ._stats import Stats
-from .config.model import ModelConfig
-from .transport import wire
-from .transport.arena import Allocator, Arena
-from .workers.process import WorkerProcess
+from ..config.model import ModelConfig
+from ..transport import wire
+from ..transport.arena import Allocator, Arena
+from ..workers.process import WorkerProcess
+from .binding import Binder
+from .call import Call
+from .queues import RequestQueue
+from .stats import Stats
+
+if TYPE_CHECKING:
+    from .batcher import Orderer
 
 __all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "CRASH_LOOP", "DEAD", "READY", "STARTING", "STOPPED", "WARMING", "gpu_index"]
 
@@ -86,7 +88,8 @@ class _Model:
     arena: Arena
     allocator: Allocator
     slots: list[_Slot] = field(default_factory=list)
-    queue: collections.deque[Call] = field(default_factory=collections.deque)
+    #: its waiting requests: a Fifo, or the Batcher of dynamic batching (set by the router)
+    queue: RequestQueue = field(init=False)
     binder: Binder | None = None
     next: int = 0  # where the next round-robin scan starts
     #: the last start-up error, while every instance is in a crash loop
@@ -100,9 +103,7 @@ class _Model:
     #: the bound inputs of its warm-up requests (built at its first READY)
     warmup: list[list[Any]] | None = None
     stats: Stats = field(init=False)
-    #: dynamic batching: its request queues and batch forming (None: one request
-    #: per execution), and the order keeper of preserve_ordering
-    batcher: Batcher | None = None
+    #: the order keeper of dynamic batching's preserve_ordering
     orderer: Orderer | None = None
     #: its declared outputs, as its workers check every result against them
     declared_outputs: list[list[Any]] = field(default_factory=list)
@@ -117,7 +118,7 @@ class _Model:
     @property
     def pending(self) -> int:
         """Requests waiting for an instance."""
-        return len(self.queue) + (len(self.batcher) if self.batcher is not None else 0)
+        return len(self.queue)
 
     @property
     def name(self) -> str:

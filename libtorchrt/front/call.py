@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._future import LoopFuture, RequestFuture
-from .transport import tensors as tensor_io
+from ..transport import tensors as tensor_io
+from .future import LoopFuture, RequestFuture
 
 if TYPE_CHECKING:
-    from ._gpu import InputBuffer
-    from ._state import _Model
+    from .gpu import InputBuffer
+    from .records import _Model
 
 __all__ = ["Call"]
 

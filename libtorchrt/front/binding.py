@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config.model import ModelConfig, TensorSpec
-from .errors import InvalidInputError
-from .transport.tensors import Strings
-from .transport.values import describe, is_stringlike
-from .transport.wire import DTYPES, MAX_DIMS, MAX_SIZE
+from ..config.model import ModelConfig, TensorSpec
+from ..errors import InvalidInputError
+from ..transport.dtypes import DTYPES
+from ..transport.tensors import Strings
+from ..transport.values import describe, is_stringlike
+from ..transport.wire import MAX_DIMS, MAX_SIZE
 
 __all__ = ["Binder"]
 

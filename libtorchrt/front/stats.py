@@ -13,10 +13,10 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .info import LATENCY_BUCKETS, ModelStats
+from ..info import LATENCY_BUCKETS, ModelStats
 
 if TYPE_CHECKING:
-    from ._call import Call
+    from .call import Call
 
 __all__ = ["Stats"]
 

@@ -34,29 +34,37 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._batch import Batch
-from .config.batching import DynamicBatching, QueuePolicy
-from .errors import InvalidInputError, QueueFullError
+from ..config.batching import DynamicBatching, QueuePolicy
+from ..errors import InvalidInputError, QueueFullError
+from .batch import Batch
 
 if TYPE_CHECKING:
-    from ._call import Call
-    from ._state import _Model
+    import torch
+
+    from .call import Call
+    from .records import _Model
 
 __all__ = ["Batch", "Batcher", "Orderer"]
 
+#: Batches sent ahead to one worker: the next one waits while one runs.
+BATCHES_PER_WORKER = 2
 #: distinct batch keys a batcher keeps (a model sent ever new shapes starts over)
 _MAX_KEYS = 256
 
 
 class Batcher:
-    """The request queues and batch forming of one model (see the module docstring)."""
+    """The request queues and batch forming of one model (see the module docstring);
+    a :class:`~.queues.RequestQueue`."""
+
+    per_worker = BATCHES_PER_WORKER
+    host_only = True
 
     def __init__(self, model: _Model) -> None:
         cfg = model.cfg
         db = cfg.dynamic_batching
         assert db is not None and cfg.max_batch_size > 0
         self.model = model
-        self.name = cfg.name
+        self.name = self.model_name = cfg.name
         self.max_rows = cfg.max_batch_size
         self.preferred = sorted({p for p in db.preferred_batch_size if p <= self.max_rows}, reverse=True)
         self.delay = db.max_queue_delay_microseconds / 1e6
@@ -86,17 +94,22 @@ class Batcher:
             raise InvalidInputError(self.name, None, f"a priority in 1..{self.levels}", str(priority))
         return priority
 
-    def admit(self, level: int) -> None:
-        """Refuse a request at once if its level's queue is full.
+    def admit(self, level: int, tensors: list[torch.Tensor]) -> None:
+        """Refuse a request at once if it has no rows or its level's queue is full.
 
         Raises:
+            InvalidInputError: a request of 0 rows (it would be a member of no batch).
             QueueFullError: ``max_queue_size`` requests of that level wait already.
         """
+        if tensors and tensors[0].shape and not tensors[0].shape[0]:
+            raise InvalidInputError(
+                self.name, None, "at least 1 row (dynamic batching: dim 0 is the batch)", "0 rows"
+            )
         limit = self.policies[level].max_queue_size
         if limit and len(self.queues[level]) >= limit:
             raise QueueFullError(self.name, limit, "max_queue_size")
 
-    def queue_deadline(self, call: Call, timeout: float | None) -> float | None:
+    def deadline(self, call: Call, timeout: float | None) -> float | None:
         """The deadline of a request: its own, or its level's queue timeout (REJECT)."""
         policy = self.policies[call.priority]
         if policy.timeout_action != "REJECT" or not policy.default_timeout_microseconds:
@@ -113,6 +126,9 @@ class Batcher:
         return sum(len(q) for q in self.queues.values())
 
     def add(self, call: Call, now: float) -> None:
+        orderer = self.model.orderer
+        if orderer is not None:
+            orderer.number(call)
         self.queues[call.priority].append(call)
         call.queued_at = now
         call.key = self._key(call)
@@ -135,7 +151,13 @@ class Batcher:
             found = keys[key] = key
         return found
 
-    def extendleft(self, calls: Iterable[Call], now: float) -> None:
+    def head_device(self) -> int | None:
+        return None  # (batches are gathered in host memory)
+
+    def take(self, now: float) -> Batch | None:
+        return self.next_batch(now)
+
+    def requeue(self, calls: Iterable[Call], now: float) -> None:
         """Put calls back at the head (re-sent after their worker died), in order,
         keeping the time they were first queued."""
         for call in reversed(list(calls)):

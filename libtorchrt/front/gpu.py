@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from .transport import tensors as tensor_io
-from .transport import wire
-from .transport.arena import Allocator, Arena
-from .transport.cuda import CudaError, DeviceBuffer, export_handle, segment_of, wrap
-from .transport.wire import DEVICE, TensorDesc, dtype_name
+from ..transport import tensors as tensor_io
+from ..transport import wire
+from ..transport.arena import Allocator, Arena
+from ..transport.cuda import CudaError, DeviceBuffer, export_handle, segment_of, wrap
+from ..transport.wire import DEVICE, TensorDesc, dtype_name
 
 __all__ = ["DeviceBuffers", "InputBuffer", "OutputBuffer", "Placement"]
 

@@ -1,0 +1,18 @@
+"""The front: everything of the pool that runs in the caller's process.
+
+Its file list is its architecture (imports go down this list, never up)::
+
+    pool.py        Pool, the facade: start, infer / submit / infer_async, snapshots, close
+    admission.py   a request's way in (caller threads): lookup, checks, binding, placement
+    binding.py     the callers' inputs bound to the model's arguments and checked
+    queues.py      a model's waiting requests: FIFO, or the batcher (batcher.py,
+                   batch.py), behind one interface
+    router.py      the router thread: its loop, dispatch to workers, and sends
+    replies.py     workers' answers turned into callers' outputs and errors
+    supervisor.py  worker processes: spawn, READY, warm-up, exit, re-send, backoff
+    snapshots.py   health(), workers(), models() read from the records (any thread)
+    records.py     the records the router keeps: models, instance slots, workers
+    call.py        one request on its way: placement, future, deadline, retries
+    future.py      the futures callers wait on
+    stats.py       per-model counters;  gpu.py  CUDA buffers for CUDA tensors
+"""

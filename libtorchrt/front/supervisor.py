@@ -1,0 +1,445 @@
+"""The worker processes' lives, seen from the front (router thread).
+
+Spawn (a fresh process per instance, never a fork of the caller's), READY (the
+protocol checked, the model's inputs learnt), warm-up (the model's warm-up requests
+run before it takes callers'), exit (what it held is re-sent or failed, see
+``resend_or_fail``), restart with a backoff that grows while an instance keeps dying
+before it is ready, a crash loop that makes the model unavailable, the execution
+watchdog, and the pool's start (every model loaded or failed, within
+``start_timeout``). Process mechanics live in ``workers/process.py``; this is policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zmq
+
+from ..config.model import ModelConfig
+from ..errors import ModelUnavailableError, TimeoutError, TorchRTError, WorkerDiedError, WorkerStartError
+from ..transport import tensors as tensor_io
+from ..transport import wire
+from ..transport.sockets import send
+from ..workers.outputs import DeclaredOutput
+from ..workers.process import WorkerProcess
+from ..workers.worker import WorkerSpec
+from .binding import Binder, output_positions
+from .call import Call
+from .queues import Fifo
+from .records import (
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    CRASH_LOOP,
+    DEAD,
+    READY,
+    STOPPED,
+    WARMING,
+    _Model,
+    _Slot,
+    _Worker,
+    gpu_index,
+)
+
+if TYPE_CHECKING:
+    from .router import Router
+
+__all__ = ["Supervisor", "declared_outputs"]
+
+log = logging.getLogger("libtorchrt")
+
+
+def declared_outputs(cfg: ModelConfig) -> list[list[Any]]:
+    """The outputs each worker checks its results against (see workers/outputs.py)."""
+    out = []
+    for position, spec in output_positions(cfg.outputs):
+        shape = spec.reshape if spec.reshape is not None else spec.dims
+        dims = None if shape is None else tuple(shape)
+        assert isinstance(spec.dtype, str)
+        out.append(DeclaredOutput(position, spec.name, spec.dtype, dims, cfg.max_batch_size > 0).to_json())
+    return out
+
+
+class Supervisor:
+    """Starts, watches, warms up and replaces the pool's workers (router thread)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        #: set once every model is loaded or failed (or the start failed: start_error)
+        self.started = threading.Event()
+        self.start_error: BaseException | None = None
+        self.start_deadline = 0.0
+        #: every live worker by its ZeroMQ identity
+        self.by_identity: dict[bytes, _Worker] = {}
+        self._identities = itertools.count()
+        # The watch pipe: workers exit when its write end (held only here) closes.
+        self._watch_r, self._watch_w = os.pipe()
+
+    # ── start ──────────────────────────────────────────────────────────────────
+
+    def start(self) -> None:
+        """Spawn every instance of every model (router thread, once)."""
+        self.start_deadline = time.monotonic() + self.router.options.start_timeout
+        for m in self.router.models.values():
+            for slot in m.slots:
+                self.spawn(m, slot)
+        self.check_started()  # (when no model has a worker to wait for)
+
+    def spawn(self, m: _Model, slot: _Slot) -> None:
+        router = self.router
+        options = router.options
+        identity = f"w{next(self._identities)}".encode()
+        spec = WorkerSpec(
+            model=m.name,
+            instance=slot.instance,
+            path=os.fspath(m.cfg.path),
+            endpoint=router.endpoint,
+            identity=identity.decode(),
+            parameters={k: str(v) for k, v in m.cfg.parameters.items()},
+            request_bytes=m.arena.size,
+            response_bytes=options.response_arena_bytes,
+            parent_pid=os.getpid(),
+            device=slot.device,
+            method=m.cfg.method,
+            inline_threshold=options.inline_threshold,
+            busy_poll_us=options.busy_poll_us,
+            outputs=m.declared_outputs,
+        )
+        assert m.arena.fd is not None
+        spec.request_fd = m.arena.fd
+        env = dict(m.cfg.env)
+        intra = m.cfg.flags.get("INTRA_OP_THREAD_COUNT") or 1
+        env.setdefault("OMP_NUM_THREADS", str(intra))
+        env.setdefault("MKL_NUM_THREADS", str(intra))
+        proc = WorkerProcess(spec, self._watch_r, env)
+        w = _Worker(m, slot.instance, identity, proc, gpu=gpu_index(slot.device))
+        w.outputs = np.frombuffer(proc.responses.flat.numpy(), dtype=np.uint8)
+        slot.worker = w
+        slot.restart_at = None
+        self.by_identity[identity] = w
+        assert proc.pidfd is not None
+        router.loop.watch(proc.pidfd, lambda: self.on_exit(w))
+        router.loop.watch(proc.stderr_fd, lambda: self._on_stderr(w))
+
+    def check_started(self) -> None:
+        """The pool has started once every model is loaded or failed."""
+        if self.started.is_set():
+            return
+        models = list(self.router.models.values())
+        if not all(m.failed is not None or all(w.state == READY for w in m.workers) for m in models):
+            return
+        if all(m.failed is not None for m in models):  # nothing to serve
+            self.start_error = models[0].start_error
+        self.started.set()
+
+    def start_timed_out(self) -> None:
+        """The start deadline passed: the models still loading fail to load."""
+        for m in list(self.router.models.values()):
+            slow = [w for w in m.workers if w.state != READY]
+            if m.failed is None and slow:
+                w = slow[0]
+                what = "warm up" if w.state == WARMING else "load"
+                self.model_failed(
+                    m,
+                    WorkerStartError(
+                        m.name,
+                        w.instance,
+                        f"did not {what} within start_timeout={self.router.options.start_timeout:.0f} s "
+                        "(raise it for slow-loading models)",
+                        w.proc.tail(),
+                    ),
+                )
+        self.check_started()
+
+    def model_failed(self, m: _Model, error: WorkerStartError) -> None:
+        """``m`` could not be loaded while the pool started: stop its workers, keep its
+        error, serve the others."""
+        if m.failed is not None:
+            return
+        m.failed = str(error).split("\n", 1)[0]
+        m.start_error = error
+        log.error("model %s (version %d) failed to load: %s", m.name, m.version, m.failed)
+        for w in m.workers:
+            if w.state != DEAD:
+                w.state = STOPPED
+                w.proc.kill()
+        for call in m.queue.drain():
+            call.fail(ModelUnavailableError(m.name, m.failed, loaded=False))
+        self.check_started()
+
+    # ── messages from a starting worker ────────────────────────────────────────
+
+    def on_ready(self, w: _Worker, msg: wire.Ready) -> None:
+        if msg.protocol != wire.PROTOCOL_VERSION:
+            self.start_error = WorkerStartError(
+                w.model.name, w.instance, f"speaks protocol {msg.protocol}; this front speaks {wire.PROTOCOL_VERSION}"
+            )
+            self.started.set()
+            return
+        w.ready = msg
+        m = w.model
+        if m.binder is None:
+            m.binder = Binder(m.cfg, msg.inputs, dict_input=msg.dict_input)
+            if msg.dict_input and not isinstance(m.queue, Fifo) and not len(m.queue):
+                # a Dict[str, Tensor] model is not batched yet
+                m.queue = Fifo(m.name, self.router.options.max_inflight)
+                m.orderer = None
+        if m.warmup is None:
+            try:
+                m.warmup = [m.binder.bind(sample) for sample in m.cfg.warmup_requests()]
+            except TorchRTError as e:  # a warm-up sample the model cannot take
+                self.warmup_failed(w, f"its warm-up requests do not fit the model: {e}", "")
+                return
+        if m.warmup:
+            self._send_warmup(w, m.warmup)
+        else:
+            self._became_ready(w)
+
+    def on_failed(self, w: _Worker, msg: wire.Failed) -> None:
+        text = f"{msg.error_type}: {msg.message}"
+        w.model.slots[w.instance].last_error = text
+        w.explained = True
+        if not self.started.is_set():
+            self.model_failed(w.model, WorkerStartError(w.model.name, w.instance, text, msg.traceback))
+        else:
+            log.error("worker %s/%d failed to start: %s", w.model.name, w.instance, text)
+
+    def _send_warmup(self, w: _Worker, samples: list[list[Any]]) -> None:
+        """Run the model's warm-up requests on ``w`` before it takes any request."""
+        m = w.model
+        router = self.router
+        w.state = WARMING
+        w.warmup_left = len(samples)
+        w.busy_since = time.monotonic()
+        for tensors in samples:
+            call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, router.options.inline_threshold))
+            call.id, call.warmup, call.dispatched = router.next_id(), True, True
+            w.inflight[call.id] = call
+            header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
+            try:
+                send(router.sock, header, call.frames, identity=w.identity)  # type: ignore[arg-type]
+            except zmq.ZMQError:
+                return  # it is gone: its exit follows
+
+    def warmed(self, w: _Worker, msg: wire.Response) -> None:
+        """A warm-up request came back: drop its outputs; the last one makes ``w`` READY."""
+        w.served -= 1  # not a caller's request
+        for d in msg.tensors:
+            if d.kind == wire.ARENA:
+                w.releases.append(d.where)
+            elif d.kind == wire.DEVICE:
+                w.device_releases.append(d.where)
+        w.warmup_left -= 1
+        if w.warmup_left == 0 and w.state == WARMING:
+            self._became_ready(w)
+
+    def warmup_failed(self, w: _Worker, text: str, tb: str) -> None:
+        """``w``'s warm-up failed: a start failure (the worker is stopped and replaced,
+        or the model fails to load while the pool starts)."""
+        w.served -= 1
+        text = f"warm-up failed: {text}"
+        w.model.slots[w.instance].last_error = text
+        w.explained = True
+        log.error("worker %s/%d %s", w.model.name, w.instance, text)
+        if not self.started.is_set():
+            self.model_failed(w.model, WorkerStartError(w.model.name, w.instance, text, tb))
+        elif w.state != DEAD:
+            w.doomed = True
+            w.proc.kill()  # its exit counts as a start failure, with backoff
+
+    def _became_ready(self, w: _Worker) -> None:
+        w.state = READY
+        w.busy_since = None
+        m = w.model
+        slot = m.slots[w.instance]
+        slot.start_failures = 0
+        m.unavailable = None
+        ready = w.ready
+        log.info("worker %s/%d ready (pid %d) with %s", m.name, w.instance, w.proc.pid, ready.flags if ready else {})
+        self.check_started()
+        self.router.dispatch(m)
+
+    # ── timers ─────────────────────────────────────────────────────────────────
+
+    def next_wake(self, due: list[float]) -> None:
+        """Add to ``due`` the moments this needs to act: the start deadline, restarts,
+        and the execution watchdog's limits."""
+        if not self.started.is_set():
+            due.append(self.start_deadline)
+        for m in self.router.models.values():
+            limit = m.cfg.execution_timeout
+            for s in m.slots:
+                if s.restart_at is not None:
+                    due.append(s.restart_at)
+                w = s.worker
+                if limit is not None and w is not None and w.busy_since is not None and not w.doomed:
+                    due.append(w.busy_since + limit)
+
+    def run_timers(self, now: float, stopping: bool) -> None:
+        """Restart the instances whose backoff ran out (unless ``stopping``), and kill
+        the workers whose execution took longer than their model's limit."""
+        for m in self.router.models.values():
+            limit = m.cfg.execution_timeout
+            for s in m.slots:
+                if s.restart_at is not None and s.restart_at <= now and not stopping:
+                    self.spawn(m, s)
+                w = s.worker
+                if (
+                    limit is not None
+                    and w is not None
+                    and w.busy_since is not None
+                    and not w.doomed
+                    and w.busy_since + limit <= now
+                ):
+                    self._execution_timed_out(w, limit)
+        if not self.started.is_set() and now >= self.start_deadline:
+            self.start_timed_out()
+
+    def _execution_timed_out(self, w: _Worker, limit: float) -> None:
+        # The instance's record says what happened before the caller hears of it: a
+        # caller that looks at health() when its request fails must see it.
+        log.error("worker %s/%d (pid %d) exceeded execution_timeout; killing it", w.model.name, w.instance, w.proc.pid)
+        w.model.slots[w.instance].last_error = (
+            f"worker {w.instance} (pid {w.proc.pid}) was killed: an execution took longer than "
+            f"execution_timeout={limit:g} s"
+        )
+        w.explained = True
+        w.doomed = True
+        w.busy_since = None
+        w.proc.kill()
+        call = next(iter(w.inflight.values()))
+        del w.inflight[call.id]
+        call.fail(
+            TimeoutError(
+                f"model {w.model.name!r}: an execution took longer than execution_timeout={limit:g} s; "
+                f"worker {w.instance} (pid {w.proc.pid}) was killed and is being replaced"
+            )
+        )
+
+    # ── exit ───────────────────────────────────────────────────────────────────
+
+    def _on_stderr(self, w: _Worker) -> None:
+        if not w.proc.read_stderr():
+            self.router.loop.unwatch(w.proc.stderr_fd)
+
+    def on_exit(self, w: _Worker) -> None:
+        """A worker exited: re-send or fail what it held, and schedule its restart."""
+        router = self.router
+        if w.proc.pidfd is not None:
+            router.loop.unwatch(w.proc.pidfd)
+        router.loop.unwatch(w.proc.stderr_fd)
+        code = w.proc.wait(1.0)
+        tail = w.proc.tail()
+        # Replies it sent before dying may still wait in the socket: take them first,
+        # so an answered request is not run a second time (or blamed for the death).
+        router.replies.read()
+        self.by_identity.pop(w.identity, None)
+        m = w.model
+        if (router.stopping or m.failed is not None) and w.state == STOPPED:
+            self._drop_worker(w)
+            return
+        slot = m.slots[w.instance]
+        was_ready = w.state == READY
+        w.state = DEAD
+        w.busy_since = None
+        log.error("worker %s/%d (pid %d) exited with %s", m.name, w.instance, w.proc.pid, code)
+        if not self.started.is_set() and self.start_error is None:
+            reason = slot.last_error or f"the process exited with code {code}"
+            self.model_failed(m, WorkerStartError(m.name, w.instance, reason, tail))
+            self._drop_worker(w)
+            return
+        self._resend_or_fail(w, code, tail)
+        # Replace it: a fresh process, after a backoff that grows while it keeps dying
+        # before it is ready.
+        if not w.explained:  # (a reason this worker gave, or the watchdog's, is kept)
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            slot.last_error = f"worker {w.instance} (pid {w.proc.pid}) {how}" + (
+                f": {tail.splitlines()[-1]}" if tail else ""
+            )
+        if not was_ready:
+            slot.start_failures += 1
+        slot.restarts += 1
+        delay = 0.0 if was_ready else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (slot.start_failures - 1))
+        slot.restart_at = time.monotonic() + delay
+        self._drop_worker(w)
+        if all(s.start_failures >= CRASH_LOOP for s in m.slots):
+            m.unavailable = slot.last_error or f"exited with code {code}"
+        router.dispatch(m)
+
+    def _drop_worker(self, w: _Worker) -> None:
+        """Release what the front holds for an exited worker."""
+        for call in w.inflight.values():
+            if call.warmup:
+                call.free()
+        w.inflight = {k: c for k, c in w.inflight.items() if not c.warmup}
+        w.outputs = None
+        w.proc.close()
+        if w.gpu is not None:
+            self.router.gpu.drop_worker(w.identity)
+
+    def _resend_or_fail(self, w: _Worker, code: int | None, tail: str) -> None:
+        """Decide the fate of what a dead worker held (see docs/reliability.md).
+
+        Only the request at the head of its queue was running; it is re-sent while it
+        has retries left and has not now been running in two workers that died
+        (a poison request). The others never ran, and are re-sent, in order, ahead
+        of newer requests.
+        """
+        m = w.model
+        calls = list(w.inflight.values())
+        w.inflight = {}
+        resend = []
+        for i, call in enumerate(calls):
+            if call.future.done() or call.warmup:  # its deadline passed; or the router's own
+                call.free()
+                continue
+            if i == 0 and not w.doomed:
+                call.attempts += 1
+                if call.attempts >= 2 or call.attempts > m.cfg.max_retries:
+                    call.fail(WorkerDiedError(m.name, w.instance, w.proc.pid, code, tail, poison=call.attempts >= 2))
+                    continue
+            resend.append(call)
+        m.queue.requeue(resend, time.monotonic())
+
+    # ── stop ───────────────────────────────────────────────────────────────────
+
+    def stop_workers(self) -> None:
+        """Ask every live worker to exit, close the watch pipe, and wait for them
+        (5 s in all; then they are killed)."""
+        router = self.router
+        models = router.models.values()
+        live = [w for m in models for w in m.workers if w.proc.reap() is None]
+        for w in live:
+            w.state = STOPPED
+            try:
+                send(router.sock, wire.encode(wire.Shutdown()), identity=w.identity)  # type: ignore[arg-type]
+            except (zmq.ZMQError, AttributeError, TypeError):
+                pass  # not connected yet (or no socket): the watch pipe stops it
+        # Closing the watch pipe's write end tells every worker, even one that never
+        # connected, that the front is gone.
+        if self._watch_w >= 0:
+            os.close(self._watch_w)
+            self._watch_w = -1
+        deadline = time.monotonic() + 5.0
+        for w in live:
+            w.proc.stop(max(0.0, deadline - time.monotonic()))
+        for m in models:
+            for w in m.workers:
+                if w.state != DEAD:
+                    w.state = STOPPED
+
+    def close(self) -> None:
+        """Release every worker's handle and the watch pipe (idempotent)."""
+        for m in self.router.models.values():
+            for w in m.workers:
+                w.outputs = None
+                w.proc.close()
+        for fd in (self._watch_r, self._watch_w):
+            if fd >= 0:
+                os.close(fd)
+        self._watch_r = self._watch_w = -1

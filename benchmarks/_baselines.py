@@ -122,6 +122,10 @@ class MpQueuePool:
             else:
                 fut.set_exception(RuntimeError(f"worker error: {payload}"))
 
+    def pids(self) -> list[int]:
+        """The worker processes' ids (for reading their CPU time)."""
+        return [p.pid for p in self._procs if p.pid is not None]
+
     def submit(self, array: np.ndarray) -> Future[np.ndarray]:
         """Queue one request; the future resolves to the output array."""
         if self._closed:

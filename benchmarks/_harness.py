@@ -1,33 +1,23 @@
-"""Closed-loop load generation and latency statistics.
+"""Closed-loop load for the scripts of ``benchmarks/``, on ``libtorchrt.bench``'s load generator.
 
-``measure`` runs ``concurrency`` caller threads, each issuing one request and
-waiting for its reply in a loop.  After a warm-up it records ``repeat``
-back-to-back windows of ``duration`` seconds; every completed request is
-attributed to the window in which it *completed*.  Per window we compute the
-throughput and p50/p99 latency; the reported figure is the median over windows.
+``measure`` runs ``concurrency`` caller threads, each issuing one request and waiting
+for its reply in a loop: :func:`libtorchrt.bench.loadgen.measure_windows`, the load
+generator of ``python -m libtorchrt.bench``, asked for exactly ``repeat`` windows of
+``duration`` seconds after the warm-up (every completed request is attributed to the
+window in which it *completed*). Per window we keep the throughput and p50/p99 latency
+(perf_analyzer's percentile rule, ``libtorchrt.bench.stats``); the reported figure is
+the median over windows, as the scripts' tables and JSON documents always gave it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import statistics
-import threading
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-_NS = 1_000_000_000
-
-
-def percentile(sorted_values: list[int], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 100]) of an already sorted list."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
-    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+from libtorchrt.bench import loadgen, stats
 
 
 @dataclass
@@ -71,15 +61,9 @@ class Measurement:
         }
 
 
-def _window_stats(latencies_ns: list[int], seconds: float) -> Window:
-    latencies_ns.sort()
-    return Window(
-        requests=len(latencies_ns),
-        seconds=seconds,
-        rps=len(latencies_ns) / seconds if seconds > 0 else math.nan,
-        p50_us=percentile(latencies_ns, 50) / 1e3,
-        p99_us=percentile(latencies_ns, 99) / 1e3,
-    )
+def _window(w: stats.Window) -> Window:
+    us = sorted(ns / 1e3 for ns in w.latencies_ns)
+    return Window(w.requests, w.seconds, w.rps, stats.percentile(us, 50), stats.percentile(us, 99))
 
 
 def measure(
@@ -96,77 +80,34 @@ def measure(
 ) -> Measurement:
     """Drive ``call`` from ``concurrency`` closed-loop threads and measure it.
 
-    Warm-up lasts at least ``warmup`` seconds and ``warmup_calls`` completed
-    calls (bounded by ``max_warmup`` seconds).  ``thread_context``, if given,
+    Warm-up lasts at least ``warmup`` seconds and ``warmup_calls`` successful calls
+    (bounded by ``max_warmup`` seconds). ``thread_context``, if given,
     is entered by each caller thread around its loop (e.g. ``torch.inference_mode``).
-    Caller threads still blocked ``join_timeout`` seconds after the end are
-    reported as an error (they are daemon threads, so they never block exit).
-    Any exception raised by ``call`` stops the run and is re-raised.
+
+    Raises:
+        libtorchrt.bench.loadgen.MeasurementError: every warm-up call failed (the first
+            error is chained), some measured call failed (the count by type is given),
+            or caller threads were still blocked ``join_timeout`` seconds after the end.
     """
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    records: list[list[tuple[int, int]]] = [[] for _ in range(concurrency)]
-    clock = time.perf_counter_ns
-
-    def worker(out: list[tuple[int, int]]) -> None:
-        append = out.append
-        try:
-            with thread_context() if thread_context is not None else contextlib.nullcontext():
-                while not stop.is_set():
-                    t0 = clock()
-                    call()
-                    append((t0, clock()))
-        except BaseException as exc:  # re-raised in the main thread
-            errors.append(exc)
-            stop.set()
-
-    threads = [
-        threading.Thread(target=worker, args=(records[i],), name=f"caller-{i}", daemon=True) for i in range(concurrency)
-    ]
-    started = clock()
-    for t in threads:
-        t.start()
-    try:
-        # Warm-up: time and call-count based.
-        deadline = started + int(max_warmup * _NS)
-        while not stop.is_set():
-            now = clock()
-            done = sum(len(r) for r in records)
-            if (now - started >= warmup * _NS and done >= warmup_calls) or now >= deadline:
-                break
-            time.sleep(0.01)
-        t_begin = clock()
-        window_ns = int(duration * _NS)
-        t_end = t_begin + repeat * window_ns
-        while not stop.is_set():
-            remaining = t_end - clock()
-            if remaining <= 0:
-                break
-            time.sleep(min(remaining / _NS, 0.05))
-    finally:
-        stop.set()
-        join_deadline = time.monotonic() + join_timeout
-        for t in threads:
-            t.join(timeout=max(0.0, join_deadline - time.monotonic()))
-    if errors:
-        raise errors[0]
-    stuck = [t.name for t in threads if t.is_alive()]
-    if stuck:
-        raise RuntimeError(f"caller threads still blocked after {join_timeout:g} s: {stuck}")
-
-    buckets: list[list[int]] = [[] for _ in range(repeat)]
-    warm = 0
-    for rec in records:
-        for t0, t1 in rec:
-            if t1 < t_begin:
-                warm += 1
-            elif t1 < t_end:
-                buckets[(t1 - t_begin) // window_ns].append(t1 - t0)
-    windows = [_window_stats(b, duration) for b in buckets]
+    m = loadgen.measure_windows(
+        call,
+        concurrency=concurrency,
+        window_s=duration,
+        max_windows=repeat,
+        stable_count=repeat,  # never stops before `repeat` windows
+        warmup_s=warmup,
+        warmup_requests=warmup_calls,
+        max_warmup_s=max_warmup,
+        join_timeout=join_timeout,
+        thread_context=thread_context,
+    )
+    if m.all_errors:
+        raise loadgen.MeasurementError(f"calls failed while measuring: {m.all_errors}")
+    windows = [_window(w) for w in m.windows]
     return Measurement(
         rps=statistics.median(w.rps for w in windows),
         p50_us=statistics.median(w.p50_us for w in windows),
         p99_us=statistics.median(w.p99_us for w in windows),
         windows=windows,
-        warmup_calls=warm,
+        warmup_calls=m.warmup_requests,
     )

@@ -3,9 +3,9 @@
 The tiny workload of ``benchmarks/batching.py`` (2 instances, 64 closed-loop callers, with
 and without dynamic batching), driven by the same callers; around each drive this script
 reads, from ``/proc``, the CPU time of every thread of this process (``schedstat``) and of
-every worker process, and the router thread's voluntary context switches; it counts the
-callers' wake-ups of the router (its eventfd writes). Everything is divided by the
-requests answered over the same span (``Pool.stats()``)::
+every worker process (with ``libtorchrt.bench.cpu``), and the router thread's voluntary
+context switches; it counts the callers' wake-ups of the router (its eventfd writes).
+Everything is divided by the requests answered over the same span (``Pool.stats()``)::
 
     python benchmarks/front_cpu.py [--seconds 2] [--callers asyncio,threads] [--json PATH]
 
@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,39 +38,10 @@ from benchmarks._report import loadavg, machine_info, provenance
 from benchmarks.batching import closed_loop, closed_loop_async, config
 from libtorchrt import Pool
 from libtorchrt.bench import workloads
+from libtorchrt.bench.cpu import CpuMeter, CpuSample
 
 CALLERS = 64
 DRIVERS: dict[str, Callable[..., dict[str, float]]] = {"asyncio": closed_loop_async, "threads": closed_loop}
-
-
-def _cpu_ns(task_dir: str) -> int:
-    """A thread's time on a CPU so far, in ns (the first field of its schedstat)."""
-    with open(f"{task_dir}/schedstat") as f:
-        return int(f.read().split()[0])
-
-
-def _threads() -> dict[int, tuple[str, int]]:
-    """This process's live threads: ``{tid: (comm, cpu_ns)}``."""
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                comm = f.read().strip()
-            out[int(tid)] = (comm, _cpu_ns(f"/proc/self/task/{tid}"))
-        except OSError:  # the thread exited meanwhile
-            continue
-    return out
-
-
-def _process_cpu_ns(pid: int) -> int:
-    """All threads of process ``pid`` (alive now), in ns."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            total += _cpu_ns(f"/proc/{pid}/task/{tid}")
-        except OSError:
-            continue
-    return total
 
 
 def _voluntary_switches(tid: int) -> int:
@@ -81,12 +50,6 @@ def _voluntary_switches(tid: int) -> int:
             if line.startswith("voluntary_ctxt_switches:"):
                 return int(line.split()[1])
     raise RuntimeError("no voluntary_ctxt_switches in /proc status")
-
-
-def _self_cpu_ns() -> int:
-    """This process's CPU time, threads that have exited included."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return round((r.ru_utime + r.ru_stime) * 1e9)
 
 
 class _EventfdCounter:
@@ -112,10 +75,7 @@ class _EventfdCounter:
 
 @dataclass
 class _Snapshot:
-    wall: float
-    process_ns: int
-    threads: dict[int, tuple[str, int]]
-    workers_ns: int
+    cpu: CpuSample
     router_switches: int
     wakeups: int
     success: int
@@ -124,13 +84,10 @@ class _Snapshot:
     compute_ns: int
 
     @classmethod
-    def take(cls, pool: Pool, router_tid: int, pids: Sequence[int], wakeups: int) -> _Snapshot:
+    def take(cls, pool: Pool, router_tid: int, meter: CpuMeter, wakeups: int) -> _Snapshot:
         s = pool.stats()[0]
         return cls(
-            time.perf_counter(),
-            _self_cpu_ns(),
-            _threads(),
-            sum(_process_cpu_ns(pid) for pid in pids),
+            meter.sample(),
             _voluntary_switches(router_tid),
             wakeups,
             s.success,
@@ -151,26 +108,20 @@ def measure(path: Path, kind: str, batching: bool, seconds: float) -> dict[str, 
     """One drive of the tiny workload, and its CPU and wake-ups per request."""
     counter = _EventfdCounter()
     with counter.installed(), Pool(models=[config("tiny", path, batching)]) as pool:
-        pids = [w.pid for w in pool.workers() if w.pid is not None]
+        meter = CpuMeter(CpuMeter.labels([w.pid for w in pool.workers() if w.pid is not None]))
         router = _router_tid()
-        main = threading.main_thread().native_id
-        before = _Snapshot.take(pool, router, pids, counter.count)
+        before = _Snapshot.take(pool, router, meter, counter.count)
         DRIVERS[kind](pool, "tiny", CALLERS, seconds)
-        after = _Snapshot.take(pool, router, pids, counter.count)
+        after = _Snapshot.take(pool, router, meter, counter.count)
     requests = after.success - before.success
     executions = after.executions - before.executions
-
-    def thread_delta(pick: Callable[[int, str], bool]) -> int:
-        return sum(
-            ns - before.threads.get(tid, ("", 0))[1] for tid, (comm, ns) in after.threads.items() if pick(tid, comm)
-        )
-
-    front = after.process_ns - before.process_ns
-    loop = thread_delta(lambda tid, comm: tid == main)
-    routed = thread_delta(lambda tid, comm: tid == router)
-    zmq_io = thread_delta(lambda tid, comm: comm.startswith("ZMQbg"))
-    wall = after.wall - before.wall
-    workers = after.workers_ns - before.workers_ns
+    cpu = CpuMeter.usage(before.cpu, after.cpu)
+    front = cpu.front_ns
+    loop = cpu.groups_ns["main"]
+    routed = cpu.groups_ns["router"]
+    zmq_io = cpu.groups_ns["zmq_io"]
+    wall = cpu.wall_s
+    workers = sum(cpu.processes_ns.values())
     per = 1e3 * requests  # ns -> µs per request
     return {
         "callers": kind,

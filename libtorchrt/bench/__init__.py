@@ -18,8 +18,10 @@ It is a consumer of the public ``libtorchrt`` API; see docs/bench.md.
 Modules: ``cli`` (command line), ``source`` (what to benchmark), ``endpoint`` (a running
 server and its models), ``inputs`` (request tensors), ``workloads`` (the standard
 models), ``sweep`` (the combinations), ``serving`` (what a group runs against, callers
-that behave like applications), ``remote`` (HTTP and ZeroMQ callers), ``loadgen``
-(closed-loop load, windows), ``stats`` (percentiles, stability), ``threads`` (the
+that behave like applications), ``callers`` (fresh inputs and used results around each
+request: ``--realistic``), ``remote`` (HTTP and ZeroMQ callers), ``loadgen``
+(closed-loop load from threads or asyncio tasks, windows), ``stats`` (percentiles,
+stability), ``cpu`` (CPU time per thread and process, from ``/proc``), ``threads`` (the
 one-process baseline), ``report`` (table, JSON, CSV), ``plot``, ``progress``.
 """
 

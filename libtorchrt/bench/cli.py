@@ -29,6 +29,7 @@ import libtorchrt
 from libtorchrt import ConfigError
 
 from . import workloads
+from .callers import Behaviour
 from .endpoint import Endpoint, parse_endpoint, resolve_remote
 from .inputs import InputError, make_input_sets, parse_shape
 from .plot import PlotError, plot
@@ -258,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument(
         "--input-data", choices=["random", "zero"], default="random", help="generated data (default: random)"
     )
+    inp.add_argument(
+        "--realistic",
+        action="store_true",
+        help="callers behave like an application: a fresh copy of the input for every request "
+        "(x.clone()), and every output reduced to a Python float (float(y.sum()))",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, metavar="PATH", help="write every row, the settings and the machine")
@@ -476,7 +483,8 @@ def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) ->
         target = _target(args, workdir)
         _check_batch(target, args.batch_size)
         batch_sizes: list[int | None] = list(args.batch_size) if args.batch_size else [None]
-        inputs = {b: InputFeed(make_input_sets(target.inputs, b, data=args.input_data)) for b in batch_sizes}
+        behaviour = Behaviour(fresh="clone", use="sum") if args.realistic else None
+        inputs = {b: InputFeed(make_input_sets(target.inputs, b, data=args.input_data), behaviour) for b in batch_sizes}
         alternatives = parameter_alternatives(args.parameters)
         if target.endpoint is not None:
             modes = [target.endpoint.protocol]
@@ -507,6 +515,8 @@ def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) ->
             f"from {spec.file}" if spec.file else f"{args.input_data} data" + (f", {sets} sets" if sets > 1 else "")
         )
         print(f"  input {spec.name}: {dtype} {', '.join(shapes)} ({origin})", file=out)
+    if behaviour is not None:
+        print(f"  callers: {behaviour.describe()} for every request (--realistic)", file=out)
     for note in target.notes:
         print(f"  note: {note}", file=out)
     print(
@@ -606,6 +616,7 @@ def _document(
             "batch_sizes": args.batch_size,
             "parameters": parameter_alternatives(args.parameters),
             "input_data": args.input_data,
+            "realistic": args.realistic,
             "input_sets": {str(b): len(f) for b, f in inputs.items()},
             "latency_budget_s": args.latency_budget,
             "percentile_rule": "sorted[floor(q/100*(n-1)+0.5)] (perf_analyzer)",

@@ -5,6 +5,9 @@ outstanding (issue, wait for the reply, issue the next) against a ``call`` that
 blocks until its request is answered -- ``Pool.infer`` for process-per-instance
 serving, the thread server of ``threads.py``, or a running server (``remote.py``).
 The main thread only watches the clock and files completed requests into windows.
+With ``callers="asyncio"`` the callers are instead ``concurrency`` tasks of one event
+loop, run by a thread of its own (``bench-event-loop``), each awaiting a coroutine
+function (``Pool.infer_async``) in the same closed loop.
 
 Two modes:
 
@@ -25,16 +28,19 @@ first error, instead of spinning on errors.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .stats import Summary, Window, is_stable, merge_errors, summarize
 
-__all__ = ["Measurement", "MeasurementError", "error_name", "measure_count", "measure_windows"]
+__all__ = ["CALLERS", "Measurement", "MeasurementError", "error_name", "measure_count", "measure_windows"]
 
 _NS = 1_000_000_000
 #: After a window ends, wait this long before filing it, so that a caller thread
@@ -87,11 +93,28 @@ class Measurement:
 WindowCallback = Callable[[int, Window], None]
 
 
-class _Callers:
-    """The closed-loop caller threads and what they recorded."""
+#: The kinds of callers: threads blocking in ``call()``, or tasks of one event loop
+#: awaiting ``call()``.
+CALLERS: tuple[str, ...] = ("threads", "asyncio")
 
-    def __init__(self, call: Callable[[], object], concurrency: int, *, count_limit: int | None = None) -> None:
+
+class _Callers:
+    """The closed-loop callers (threads, or tasks of one event loop) and what they recorded."""
+
+    def __init__(
+        self,
+        call: Callable[[], Any],
+        concurrency: int,
+        *,
+        count_limit: int | None = None,
+        callers: str = "threads",
+        thread_context: Callable[[], AbstractContextManager[object]] | None = None,
+    ) -> None:
+        if callers not in CALLERS:
+            raise ValueError(f"callers {callers!r}: expected one of {CALLERS}")
         self.call = call
+        self.concurrency = concurrency
+        self.thread_context = thread_context
         self.stop = threading.Event()
         self.records: list[list[Record]] = [[] for _ in range(concurrency)]
         self.first_error: list[BaseException] = []
@@ -101,42 +124,78 @@ class _Callers:
         self.begin_ns: int | None = None
         self.tickets = itertools.count()
         self.counted: list[list[Record]] = [[] for _ in range(concurrency)]
-        self.threads = [
-            threading.Thread(target=self._loop, args=(i,), name=f"bench-caller-{i}", daemon=True)
-            for i in range(concurrency)
-        ]
+        if callers == "threads":
+            self.threads = [
+                threading.Thread(target=self._thread_loop, args=(i,), name=f"bench-caller-{i}", daemon=True)
+                for i in range(concurrency)
+            ]
+        else:
+            self.threads = [threading.Thread(target=self._event_loop, name="bench-event-loop", daemon=True)]
 
     def start(self) -> None:
         for t in self.threads:
             t.start()
 
-    def _loop(self, i: int) -> None:
-        out = self.records[i]
-        counted = self.counted[i]
+    def _failed(self, exc: BaseException) -> str:
+        if not self.first_error:
+            self.first_error.append(exc)
+        return error_name(exc)
+
+    def _file(self, i: int, rec: Record) -> bool:
+        """Keep caller ``i``'s record; False once the count is reached (stop calling)."""
+        begin = self.begin_ns
+        if self.count_limit is not None and begin is not None and rec[1] >= begin:
+            if next(self.tickets) >= self.count_limit:
+                self.stop.set()
+                return False
+            self.counted[i].append(rec)
+        else:
+            self.records[i].append(rec)
+        return True
+
+    def _thread_loop(self, i: int) -> None:
         clock = time.perf_counter_ns
         call = self.call
-        limit = self.count_limit
-        while not self.stop.is_set():
+        stop = self.stop
+        with self.thread_context() if self.thread_context is not None else contextlib.nullcontext():
+            while not stop.is_set():
+                err: str | None = None
+                t0 = clock()
+                try:
+                    call()
+                except Exception as exc:  # counted by type; the loop goes on
+                    err = self._failed(exc)
+                else:
+                    self.ok[i] += 1
+                if not self._file(i, (t0, clock(), err)):
+                    return
+
+    async def _task_loop(self, i: int) -> None:
+        clock = time.perf_counter_ns
+        call = self.call
+        stop = self.stop
+        while not stop.is_set():
             err: str | None = None
             t0 = clock()
             try:
-                call()
+                await call()
             except Exception as exc:  # counted by type; the loop goes on
-                err = error_name(exc)
-                if not self.first_error:
-                    self.first_error.append(exc)
+                err = self._failed(exc)
             else:
                 self.ok[i] += 1
-            t1 = clock()
-            rec = (t0, t1, err)
-            begin = self.begin_ns
-            if limit is not None and begin is not None and t1 >= begin:
-                if next(self.tickets) >= limit:
-                    self.stop.set()
-                    return
-                counted.append(rec)
-            else:
-                out.append(rec)
+            if not self._file(i, (t0, clock(), err)):
+                return
+
+    def _event_loop(self) -> None:
+        async def run() -> None:
+            await asyncio.gather(*(self._task_loop(i) for i in range(self.concurrency)))
+
+        try:
+            with self.thread_context() if self.thread_context is not None else contextlib.nullcontext():
+                asyncio.run(run())
+        except BaseException as exc:  # the loop itself failed: warm-up reports it
+            self._failed(exc)
+            self.stop.set()
 
     def successes(self) -> int:
         return sum(self.ok)
@@ -154,7 +213,7 @@ class _Callers:
             ok = self.successes()
             if elapsed >= warmup_s and ok >= min_success:
                 return
-            if self.first_error and ok == 0 and elapsed >= warmup_s:
+            if self.first_error and ok == 0 and (elapsed >= warmup_s or self.stop.is_set()):
                 exc = self.first_error[0]
                 raise MeasurementError(f"every warm-up request failed: {type(exc).__name__}: {exc}") from exc
             if elapsed >= max_warmup_s:
@@ -194,7 +253,7 @@ def _sleep_until(deadline_ns: int) -> None:
 
 
 def measure_windows(
-    call: Callable[[], object],
+    call: Callable[[], Any],
     *,
     concurrency: int,
     window_s: float,
@@ -206,6 +265,10 @@ def measure_windows(
     max_warmup_s: float = 60.0,
     join_timeout: float = 60.0,
     on_window: WindowCallback | None = None,
+    on_start: Callable[[], None] | None = None,
+    callers: str = "threads",
+    thread_context: Callable[[], AbstractContextManager[object]] | None = None,
+    warmup_requests: int | None = None,
 ) -> Measurement:
     """Measure ``call`` under closed-loop ``concurrency`` in time windows until stable.
 
@@ -214,34 +277,44 @@ def measure_windows(
         concurrency: caller threads, each with one request outstanding.
         window_s: length of a measurement window in seconds.
         max_windows: give up on stability after this many windows.
-        warmup_s: warm-up before the first window (at least ``concurrency`` requests
-            must also have succeeded, within ``max_warmup_s``).
+        warmup_s: warm-up before the first window (at least ``warmup_requests``
+            requests, default ``concurrency``, must also have succeeded, within
+            ``max_warmup_s``).
         stable_count: consecutive windows that must agree (perf_analyzer: 3).
         threshold: allowed spread, as a fraction (perf_analyzer: 0.10).
         batch_size: inferences per request, for ``infer_per_s``.
         join_timeout: how long to wait for the callers' last requests at the end.
         on_window: called after each window with its index and figures.
+        on_start: called as the first window begins (after the warm-up), in this thread.
+        callers: ``"threads"``: ``call()`` blocks, one thread per caller;
+            ``"asyncio"``: ``call()`` returns an awaitable, one task per caller, all
+            in one event loop (:data:`CALLERS`).
+        thread_context: entered by each caller thread (by the event loop's thread)
+            around its loop, e.g. ``torch.inference_mode``.
 
     Raises:
         MeasurementError: the warm-up failed or a caller stayed blocked.
     """
     if window_s <= 0 or max_windows < 1 or concurrency < 1:
         raise ValueError("window_s must be > 0, max_windows >= 1 and concurrency >= 1")
-    callers = _Callers(call, concurrency)
-    callers.start()
+    group = _Callers(call, concurrency, callers=callers, thread_context=thread_context)
+    group.start()
     windows: list[Window] = []
     stable = False
     warm = 0
     try:
-        callers.warm_up(warmup_s, min_success=concurrency, max_warmup_s=max_warmup_s)
+        least = concurrency if warmup_requests is None else warmup_requests
+        group.warm_up(warmup_s, min_success=least, max_warmup_s=max_warmup_s)
         window_ns = int(window_s * _NS)
+        if on_start is not None:
+            on_start()
         begin = time.perf_counter_ns()
         buckets: list[Window] = []
 
         def file_records() -> int:
             """Move what the callers recorded into the windows; return the warm-up ones."""
             warmup_done = 0
-            for rec in callers.records:
+            for rec in group.records:
                 end = len(rec)
                 for j in range(end):
                     t0, t1, err = rec[j]
@@ -270,7 +343,7 @@ def measure_windows(
                 stable = True
                 break
     finally:
-        callers.finish(join_timeout)
+        group.finish(join_timeout)
     used = min(stable_count, len(windows))
     return Measurement(
         summary=summarize(windows[-used:], batch_size=batch_size),
@@ -283,7 +356,7 @@ def measure_windows(
 
 
 def measure_count(
-    call: Callable[[], object],
+    call: Callable[[], Any],
     *,
     concurrency: int,
     requests: int,
@@ -291,29 +364,32 @@ def measure_count(
     batch_size: int = 1,
     max_warmup_s: float = 60.0,
     join_timeout: float = 60.0,
+    callers: str = "threads",
+    thread_context: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> Measurement:
     """Measure ``call`` under closed-loop ``concurrency`` over exactly ``requests`` completions.
 
     After the warm-up, the first ``requests`` requests to complete (successful or not)
     are counted; throughput is the successful ones over the time from the end of the
-    warm-up to the last counted completion. The result is one window.
+    warm-up to the last counted completion. The result is one window. ``callers`` and
+    ``thread_context`` are as for :func:`measure_windows`.
 
     Raises:
         MeasurementError: the warm-up failed or a caller stayed blocked.
     """
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be >= 1")
-    callers = _Callers(call, concurrency, count_limit=requests)
-    callers.start()
+    group = _Callers(call, concurrency, count_limit=requests, callers=callers, thread_context=thread_context)
+    group.start()
     try:
-        callers.warm_up(warmup_s, min_success=concurrency, max_warmup_s=max_warmup_s)
+        group.warm_up(warmup_s, min_success=concurrency, max_warmup_s=max_warmup_s)
         begin = time.perf_counter_ns()
-        callers.begin_ns = begin
-        while not callers.stop.is_set():
-            callers.stop.wait(0.05)
+        group.begin_ns = begin
+        while not group.stop.is_set():
+            group.stop.wait(0.05)
     finally:
-        callers.finish(join_timeout)
-    counted = [r for rec in callers.counted for r in rec]
+        group.finish(join_timeout)
+    counted = [r for rec in group.counted for r in rec]
     last = max((t1 for _, t1, _ in counted), default=begin)
     window = Window(seconds=(last - begin) / _NS)
     for t0, t1, err in counted:
@@ -321,7 +397,7 @@ def measure_count(
             window.latencies_ns.append(t1 - t0)
         else:
             window.errors[err] += 1
-    warm = sum(1 for rec in callers.records for r in rec if r[1] < begin)
+    warm = sum(1 for rec in group.records for r in rec if r[1] < begin)
     return Measurement(
         summary=summarize([window], batch_size=batch_size),
         windows=[window],

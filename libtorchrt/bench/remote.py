@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from libtorchrt import Client
+from libtorchrt.transport.dtypes import TABLE
 
 from .endpoint import Endpoint, http_token
 from .serving import InputFeed, Server, consume
@@ -50,18 +51,7 @@ __all__ = ["HTTP_CLIENTS", "KSERVE_DTYPES", "HttpError", "HttpServer", "ZmqServe
 HTTP_CLIENTS: tuple[str, ...] = ("stdlib", "tritonclient")
 
 #: torch dtype -> KServe data type (binary: little-endian, as the protocol says).
-KSERVE_DTYPES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "UINT8",
-    torch.int8: "INT8",
-    torch.int16: "INT16",
-    torch.int32: "INT32",
-    torch.int64: "INT64",
-    torch.float16: "FP16",
-    torch.bfloat16: "BF16",
-    torch.float32: "FP32",
-    torch.float64: "FP64",
-}
+KSERVE_DTYPES: dict[torch.dtype, str] = {d.torch: d.kserve for d in TABLE if d.torch is not None and d.kserve}
 _TORCH_DTYPES = {v: k for k, v in KSERVE_DTYPES.items()}
 #: A reused connection the server closed while idle fails at once: such a request is
 #: sent again, once, on a new connection (the server never saw it).
@@ -244,7 +234,7 @@ class HttpServer(Server):
             raise http.client.HTTPException(f"the answer holds {len(body)} bytes; its header accounts for {offset}")
         return out
 
-    def _stdlib_call(self, inputs: Mapping[str, torch.Tensor]) -> None:
+    def _stdlib_call(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         conn, reused = self._take()
         try:
             try:
@@ -266,11 +256,11 @@ class HttpServer(Server):
             self._idle.append(conn)
         if outputs is None:
             raise HttpError(response.status, _error_message(body))
-        consume(outputs)
+        return outputs
 
     # ── tritonclient ───────────────────────────────────────────────────────────
 
-    def _tritonclient_call(self, inputs: Mapping[str, torch.Tensor]) -> None:
+    def _tritonclient_call(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
         th = self._th
         client, _ = self._take()
         try:
@@ -288,16 +278,18 @@ class HttpServer(Server):
                     raise HttpError(int(status), exc.message()) from None
                 raise
             response = result.get_response()
-            consume([result.as_numpy(o["name"]) for o in response.get("outputs", [])])
+            outputs = [result.as_numpy(o["name"]) for o in response.get("outputs", [])]
         except BaseException:
             self._discard(client)
             raise
         self._idle.append(client)
+        return outputs
 
     # ── Server ─────────────────────────────────────────────────────────────────
 
     def caller(self, feed: InputFeed) -> Callable[[], object]:
         sets, take = feed.sets, feed.take
+        send: Callable[[Mapping[str, torch.Tensor]], Any]
         if self.http_client == "tritonclient":
             bad = [t.dtype for s in sets for t in s.values() if t.dtype == torch.bfloat16]
             if bad:
@@ -305,9 +297,12 @@ class HttpServer(Server):
             send = self._tritonclient_call
         else:
             send = self._stdlib_call
+        realistic = feed.application(send)
+        if realistic is not None:
+            return realistic
 
         def call() -> None:
-            send(sets[take()])
+            consume(send(sets[take()]))
 
         return call
 
@@ -348,6 +343,9 @@ class ZmqServer(Server):
 
     def caller(self, feed: InputFeed) -> Callable[[], object]:
         client, model, timeout, sets, take = self.client, self.model, self.timeout, feed.sets, feed.take
+        realistic = feed.application(lambda inputs: client.infer(model, inputs, timeout=timeout))
+        if realistic is not None:
+            return realistic
 
         def call() -> None:
             consume(client.infer(model, sets[take()], timeout=timeout))

@@ -15,6 +15,10 @@ Every caller behaves like an application, whatever the server:
 * **the result is read** -- :func:`consume` reads every output once (a sum) before the
   next request. A caller that drops its result measures less than an application pays:
   outputs that are views of shared memory would never even be faulted in.
+
+With a :class:`~libtorchrt.bench.callers.Behaviour` (``--realistic``), the feed's callers
+go further, as ``callers.Application`` does: a fresh copy of the input set for every
+request, and every output reduced to a Python float (:meth:`InputFeed.application`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .callers import Application, Behaviour
+
 __all__ = ["InputFeed", "Server", "consume"]
 
 
@@ -35,12 +41,15 @@ class InputFeed:
 
     Args:
         sets: the request's tensors by input name, one dict per set (at least one).
+        behaviour: when given, callers behave as it says (:meth:`application`)
+            instead of sending the sets themselves and reading the outputs.
     """
 
-    def __init__(self, sets: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def __init__(self, sets: Sequence[Mapping[str, torch.Tensor]], behaviour: Behaviour | None = None) -> None:
         if not sets:
             raise ValueError("an InputFeed needs at least one input set")
         self.sets = [dict(s) for s in sets]
+        self.behaviour = behaviour
         # next() on itertools.count is one C call: atomic under the GIL, so the caller
         # threads share one counter without a lock.
         self._counter = itertools.count()
@@ -51,6 +60,13 @@ class InputFeed:
     def take(self) -> int:
         """The index of the set the next request sends."""
         return next(self._counter) % len(self.sets)
+
+    def application(self, send: Callable[[dict[str, torch.Tensor]], Any]) -> Callable[[], None] | None:
+        """With a behaviour: a ``call`` that makes each request's input, sends it with
+        ``send`` and uses the answer as the behaviour says (``callers.Application``); None without."""
+        if self.behaviour is None:
+            return None
+        return Application(self.sets, self.behaviour).call(send)
 
 
 def consume(result: Any) -> None:

@@ -293,6 +293,9 @@ class _PoolServer(Server):
 
     def caller(self, feed: InputFeed) -> Callable[[], object]:
         pool, name, timeout, sets, take = self.pool, self.name, self.timeout, feed.sets, feed.take
+        realistic = feed.application(lambda inputs: pool.infer(name, inputs, timeout=timeout))
+        if realistic is not None:
+            return realistic
 
         def call() -> None:
             consume(pool.infer(name, sets[take()], timeout=timeout))
@@ -322,6 +325,9 @@ class _ThreadsServer(Server):
 
     def caller(self, feed: InputFeed) -> Callable[[], object]:
         server, timeout, take = self.server, self.timeout, feed.take
+        realistic = feed.application(lambda inputs: server.call(server.bind(inputs), timeout))
+        if realistic is not None:
+            return realistic
         bound = [server.bind(inputs) for inputs in feed.sets]
 
         def call() -> None:

@@ -6,6 +6,9 @@
   (the same model, each request executed alone). Goal: >= 3x. The callers are 64
   threads calling ``Pool.infer``, and (``--callers``) 64 asyncio tasks of one event
   loop awaiting ``Pool.infer_async``: each pair of rows (alone, batching) uses one kind.
+  Both are ``libtorchrt.bench``'s load generator (``loadgen.py``): after a warm-up,
+  ``--seconds`` are measured in 3 windows, a request counting in the window in which
+  it completed; latency percentiles follow perf_analyzer's rule (``stats.py``).
 - **cnn** (``[1, 3, 224, 224]``), 2 instances, 16 callers, the same two ways.
 - **overload**: callers that do not wait (each submits every 0.2 ms, far above what
   the model serves), with ``max_queue_size: 64``: requests refused with QueueFullError
@@ -23,15 +26,15 @@ commit it ran on (``git rev-parse HEAD``, with a dirty flag).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import math
 import resource
-import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import loadavg, machine_info, provenance
-from libtorchrt import DynamicBatching, ModelConfig, Pool, QueueFullError, QueuePolicy, TensorSpec
+from libtorchrt import DynamicBatching, ModelConfig, ModelStats, Pool, QueueFullError, QueuePolicy, TensorSpec
 from libtorchrt.bench import workloads
+from libtorchrt.bench.loadgen import CALLERS, MeasurementError, measure_windows
+from libtorchrt.bench.stats import Window
 
 SHAPES = {"tiny": (64,), "cnn": (3, 224, 224)}
 
@@ -60,75 +65,72 @@ def config(name: str, path: Path, batching: bool, device: str = "cpu", **queue: 
     )
 
 
-def closed_loop(pool: Pool, name: str, callers: int, seconds: float) -> dict[str, float]:
-    stop = threading.Event()
-    counting = threading.Event()
-    latencies: list[list[float]] = [[] for _ in range(callers)]
-
-    def caller(i: int) -> None:
-        x = torch.randn(1, *SHAPES[name])
-        mine = latencies[i]
-        while not stop.is_set():
-            t = time.perf_counter()
-            pool.infer(name, x)
-            if counting.is_set():
-                mine.append(time.perf_counter() - t)
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
-    for t in threads:
-        t.start()
-    time.sleep(min(1.0, seconds / 2))
-    before = pool.stats()[0]
-    counting.set()
-    start = time.perf_counter()
-    time.sleep(seconds)
-    counting.clear()
-    elapsed = time.perf_counter() - start
-    after = pool.stats()[0]
-    stop.set()
-    for t in threads:
-        t.join()
-    return summary(sorted(v for per in latencies for v in per), elapsed, before, after)
+#: The measured seconds are split into this many windows of the load generator, all reported.
+WINDOWS = 3
 
 
-def closed_loop_async(pool: Pool, name: str, callers: int, seconds: float) -> dict[str, float]:
-    """As :func:`closed_loop`, with ``callers`` asyncio tasks of one event loop."""
+def closed_loop(
+    pool: Pool,
+    name: str,
+    callers: int,
+    seconds: float,
+    kind: str = "threads",
+    *,
+    on_start: Callable[[], None] | None = None,
+    on_end: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Drive model ``name`` of ``pool`` with ``callers`` closed-loop callers and measure it.
 
-    async def run() -> dict[str, float]:
-        x = torch.randn(1, *SHAPES[name])
-        stop = False
-        counting = False
-        latencies: list[float] = []
+    The callers are ``libtorchrt.bench``'s load generator (:func:`~libtorchrt.bench.loadgen.measure_windows`):
+    ``kind`` ``"threads"`` -- threads calling ``Pool.infer``; ``"asyncio"`` -- tasks of one
+    event loop awaiting ``Pool.infer_async``. After a warm-up of ``min(1, seconds / 2)`` s,
+    ``seconds`` are measured in :data:`WINDOWS` windows, merged (perf_analyzer's rule).
+    ``on_start`` and ``on_end`` are called as the first window begins and as the last
+    ends, while the callers run (to sample other counters over the same span).
 
-        async def caller() -> None:
-            while not stop:
-                t = time.perf_counter()
-                await pool.infer_async(name, x)
-                if counting:
-                    latencies.append(time.perf_counter() - t)
+    Returns:
+        ``rps``, ``p50_ms``, ``p99_ms`` and ``batch``: the mean batch size over the
+        measured windows (``Pool.stats()``; NaN when no execution was counted).
 
-        tasks = [asyncio.create_task(caller()) for _ in range(callers)]
-        await asyncio.sleep(min(1.0, seconds / 2))
-        before = pool.stats()[0]
-        counting = True
-        start = time.perf_counter()
-        await asyncio.sleep(seconds)
-        counting = False
-        elapsed = time.perf_counter() - start
-        after = pool.stats()[0]
-        stop = True
-        await asyncio.gather(*tasks)
-        return summary(sorted(latencies), elapsed, before, after)
+    Raises:
+        libtorchrt.bench.loadgen.MeasurementError: the warm-up failed, a measured request
+            failed (the count by type is given), or a caller stayed blocked.
+    """
+    x = torch.randn(1, *SHAPES[name])  # read, never written: the callers share it
+    call = functools.partial(pool.infer_async if kind == "asyncio" else pool.infer, name, x)
+    counters: list[ModelStats] = []  # at the start of the first window and the end of the last
 
-    return asyncio.run(run())
+    def at_start() -> None:
+        counters.append(pool.stats()[0])
+        if on_start is not None:
+            on_start()
 
+    def at_end(k: int, _: Window) -> None:
+        if k == WINDOWS - 1:
+            counters.append(pool.stats()[0])
+            if on_end is not None:
+                on_end()
 
-def summary(flat: list[float], elapsed: float, before: Any, after: Any) -> dict[str, float]:
+    m = measure_windows(
+        call,
+        concurrency=callers,
+        window_s=seconds / WINDOWS,
+        max_windows=WINDOWS,
+        stable_count=WINDOWS,  # never stops before the last window
+        warmup_s=min(1.0, seconds / 2),
+        callers=kind,
+        on_start=at_start,
+        on_window=at_end,
+    )
+    if m.all_errors:
+        raise MeasurementError(f"requests failed while measuring: {m.all_errors}")
+    before, after = counters
     executions = after.executions - before.executions
+    s = m.summary
     return {
-        "rps": len(flat) / elapsed,
-        "p50_ms": statistics.median(flat) * 1e3,
-        "p99_ms": flat[int(0.99 * (len(flat) - 1))] * 1e3,
+        "rps": s.req_per_s,
+        "p50_ms": s.p(50) / 1e3,
+        "p99_ms": s.p(99) / 1e3,
         "batch": (after.inferences - before.inferences) / executions if executions else float("nan"),
     }
 
@@ -228,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where the instances run: cpu, or cuda:N")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures, machine and commit to PATH")
     args = parser.parse_args(argv)
+    kinds = args.callers.split(",")
+    if any(k not in CALLERS for k in kinds):
+        parser.error(f"--callers: choose from {', '.join(CALLERS)}")
     source = provenance()  # before the run: the code that runs is the code recorded
     info = machine_info()
     info["loadavg_1min_start"] = loadavg()
     print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}, torch {info['torch']}", flush=True)
     chosen = args.workloads.split(",")
-    kinds = args.callers.split(",")
-    drivers = {"threads": closed_loop, "asyncio": closed_loop_async}
     runs = [("tiny", 64, kind) for kind in kinds if "tiny" in chosen]
     runs += [("cnn", 16, "threads")] if "cnn" in chosen else []
     rows: list[tuple[str, int, str, bool, dict[str, float]]] = []
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, callers, kind in runs:
             for batching in (False, True):
                 with Pool(models=[config(name, paths[name], batching, args.device)]) as pool:
-                    r = drivers[kind](pool, name, callers, args.seconds)
+                    r = closed_loop(pool, name, callers, args.seconds, kind)
                 rows.append((name, callers, kind, batching, r))
                 print(
                     f"{name} x{callers} {kind} {'batching' if batching else 'one per execution'}: "

@@ -1,17 +1,19 @@
 """Where a request's CPU goes: the front's threads, the workers, and the router's wake-ups.
 
 The tiny workload of ``benchmarks/batching.py`` (2 instances, 64 closed-loop callers, with
-and without dynamic batching), driven by the same callers; around each drive this script
-reads, from ``/proc``, the CPU time of every thread of this process (``schedstat``) and of
-every worker process (with ``libtorchrt.bench.cpu``), and the router thread's voluntary
-context switches; it counts the callers' wake-ups of the router (its eventfd writes).
-Everything is divided by the requests answered over the same span (``Pool.stats()``)::
+and without dynamic batching), driven by the same callers (``libtorchrt.bench``'s load
+generator); as its measured windows begin and end, this script reads, from ``/proc``, the
+CPU time of every thread of this process (``schedstat``) and of every worker process (with
+``libtorchrt.bench.cpu``), and the router thread's voluntary context switches; it counts
+the callers' wake-ups of the router (its eventfd writes). Everything is divided by the
+requests answered over the same span (``Pool.stats()``)::
 
     python benchmarks/front_cpu.py [--seconds 2] [--callers asyncio,threads] [--json PATH]
 
 Columns, per request: the front's CPU (all its threads) and its parts -- the event loop
-(asyncio callers: the main thread), the router thread, ZeroMQ's I/O threads, and the rest
-(the caller threads, with thread callers); the workers' CPU (both together), and their
+(asyncio callers: the load generator's ``bench-event-loop`` thread, with the main thread,
+which files the requests into windows), the router thread, ZeroMQ's I/O threads, and the
+rest (the caller threads, with thread callers); the workers' CPU (both together), and their
 busy cores (CPU over wall time); the router's voluntary context switches (it blocked and
 was woken: by a caller, a worker's reply or a deadline) and the callers' eventfd wake-ups;
 the mean round trip the router sees (sent to answered, ``compute_ns``). Linux only.
@@ -26,7 +28,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +37,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import loadavg, machine_info, provenance
-from benchmarks.batching import closed_loop, closed_loop_async, config
+from benchmarks.batching import closed_loop, config
 from libtorchrt import Pool
-from libtorchrt.bench import workloads
+from libtorchrt.bench import loadgen, workloads
 from libtorchrt.bench.cpu import CpuMeter, CpuSample
 
 CALLERS = 64
-DRIVERS: dict[str, Callable[..., dict[str, float]]] = {"asyncio": closed_loop_async, "threads": closed_loop}
 
 
 def _voluntary_switches(tid: int) -> int:
@@ -110,14 +111,21 @@ def measure(path: Path, kind: str, batching: bool, seconds: float) -> dict[str, 
     with counter.installed(), Pool(models=[config("tiny", path, batching)]) as pool:
         meter = CpuMeter(CpuMeter.labels([w.pid for w in pool.workers() if w.pid is not None]))
         router = _router_tid()
-        before = _Snapshot.take(pool, router, meter, counter.count)
-        DRIVERS[kind](pool, "tiny", CALLERS, seconds)
-        after = _Snapshot.take(pool, router, meter, counter.count)
+        taken: list[_Snapshot] = []
+
+        def take() -> None:
+            taken.append(_Snapshot.take(pool, router, meter, counter.count))
+
+        # Sampled while the callers run, so that their threads (the event loop's, with
+        # asyncio callers) are in both samples and counted in their groups: a thread that
+        # has exited by the second sample only shows in the front's total ("other").
+        closed_loop(pool, "tiny", CALLERS, seconds, kind, on_start=take, on_end=take)
+    before, after = taken
     requests = after.success - before.success
     executions = after.executions - before.executions
     cpu = CpuMeter.usage(before.cpu, after.cpu)
     front = cpu.front_ns
-    loop = cpu.groups_ns["main"]
+    loop = cpu.groups_ns["main"] + cpu.groups_ns["event_loop"]
     routed = cpu.groups_ns["router"]
     zmq_io = cpu.groups_ns["zmq_io"]
     wall = cpu.wall_s
@@ -174,13 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures, machine and commit to PATH")
     args = p.parse_args(argv)
     kinds = [k for k in args.callers.split(",") if k]
-    if not kinds or any(k not in DRIVERS for k in kinds):
-        p.error(f"--callers: choose from {', '.join(DRIVERS)}")
+    if not kinds or any(k not in loadgen.CALLERS for k in kinds):
+        p.error(f"--callers: choose from {', '.join(loadgen.CALLERS)}")
     source = provenance()
     info = machine_info()
     info["loadavg_1min_start"] = loadavg()
     print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}, torch {info['torch']}")
-    print("µs of CPU per request (front: all its threads); the span includes the callers' warm-up")
+    print("µs of CPU per request (front: all its threads), over the measured windows")
     print(f"{'':<18}" + "".join(f"{title:>10}" for _, title, _ in COLUMNS), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="torchrt-front-cpu-") as tmp:

@@ -343,7 +343,10 @@ def test_slow_bodies_hold_no_slot_and_time_out(server: ServerProcess) -> None:
         for s, (status, headers, data) in answers.items():
             assert status == 408, data
             assert "--body-timeout" in json.loads(data)["error"] and headers["connection"] == "close"
-            assert s.recv(1) == b"", "the connection was left open"
+            try:
+                assert s.recv(1) == b"", "the connection was left open"
+            except ConnectionResetError:
+                pass  # closed with body bytes it never read still queued: the kernel resets
     finally:
         for s in slow:
             s.close()

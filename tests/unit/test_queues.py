@@ -29,7 +29,9 @@ def model() -> Iterator[_Model]:
         name="m",
         path="m.pt",
         max_batch_size=8,
-        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=0, default_queue_policy=QueuePolicy(max_queue_size=2)),
+        dynamic_batching=DynamicBatching(
+            max_queue_delay_microseconds=0, default_queue_policy=QueuePolicy(max_queue_size=2)
+        ),
     )
     m = _Model(cfg, arena, Allocator(arena.size))
     yield m

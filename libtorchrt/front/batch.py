@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["Batch"]
 
 
-
 class Batch(Call):
     """Requests executed together; ``members`` in row order."""
 

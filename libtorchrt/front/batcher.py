@@ -102,9 +102,7 @@ class Batcher:
             QueueFullError: ``max_queue_size`` requests of that level wait already.
         """
         if tensors and tensors[0].shape and not tensors[0].shape[0]:
-            raise InvalidInputError(
-                self.name, None, "at least 1 row (dynamic batching: dim 0 is the batch)", "0 rows"
-            )
+            raise InvalidInputError(self.name, None, "at least 1 row (dynamic batching: dim 0 is the batch)", "0 rows")
         limit = self.policies[level].max_queue_size
         if limit and len(self.queues[level]) >= limit:
             raise QueueFullError(self.name, limit, "max_queue_size")

@@ -41,7 +41,6 @@ from .router import Router, RouterOptions
 __all__ = ["Pool"]
 
 
-
 def _finalize(router: Router) -> None:
     if router.alive:
         warnings.warn(

@@ -14,6 +14,7 @@ import numpy as np
 from ..config.model import ModelConfig
 from ..transport import wire
 from ..transport.arena import Allocator, Arena
+from ..transport.channel import Channel
 from ..workers.process import WorkerProcess
 from .binding import Binder
 from .call import Call
@@ -60,6 +61,11 @@ class _Worker:
     device_releases: list[int] = field(default_factory=list)
     #: warm-up requests it has still to answer before it is READY
     warmup_left: int = 0
+    #: its request channel (transport/channel.py; None once it exited)
+    channel: Channel | None = None
+    #: the id of a request sent over ZeroMQ instead (data frames, a big header): until
+    #: it is answered nothing else is sent, so the worker gets requests in order (0: none)
+    serial: int = 0
 
 
 def gpu_index(device: str) -> int | None:

@@ -29,6 +29,7 @@ from .records import READY, _Model, _Worker
 
 if TYPE_CHECKING:
     from .router import Router
+    from .supervisor import Supervisor
 
 __all__ = ["Replies", "one_line"]
 
@@ -73,21 +74,35 @@ class Replies:
             if w is None or not header:
                 self._unknown_peer(identity)
                 continue
-            try:
-                msg = wire.decode(header)
-            except ProtocolError as e:
-                log.warning("dropped a malformed message from worker %s/%d: %s", w.model.name, w.instance, e)
-                continue
-            if isinstance(msg, wire.Response):
-                self._on_response(w, msg, frames)
-            elif isinstance(msg, wire.Error):
-                self._on_error(w, msg)
-            elif isinstance(msg, wire.Ready):
-                supervisor.on_ready(w, msg)
-            elif isinstance(msg, wire.Failed):
-                supervisor.on_failed(w, msg)
+            self._handle(w, header, frames, supervisor)
             touched.add(w.model)
         return touched
+
+    def read_channel(self, w: _Worker) -> None:
+        """Handle every reply waiting on ``w``'s channel (see ``transport/channel.py``)."""
+        channel = w.channel
+        if channel is None:
+            return
+        supervisor = self.router.supervisor
+        while (header := channel.recv()) is not None:
+            self._handle(w, header, [], supervisor)
+        if channel.closed and self.router.loop.watching(channel.fd):
+            self.router.loop.unwatch(channel.fd)  # (its exit follows: the pidfd says so)
+
+    def _handle(self, w: _Worker, header: bytes, frames: list[zmq.Frame], supervisor: Supervisor) -> None:
+        try:
+            msg = wire.decode(header)
+        except ProtocolError as e:
+            log.warning("dropped a malformed message from worker %s/%d: %s", w.model.name, w.instance, e)
+            return
+        if isinstance(msg, wire.Response):
+            self._on_response(w, msg, frames)
+        elif isinstance(msg, wire.Error):
+            self._on_error(w, msg)
+        elif isinstance(msg, wire.Ready):
+            supervisor.on_ready(w, msg)
+        elif isinstance(msg, wire.Failed):
+            supervisor.on_failed(w, msg)
 
     def collect_releases(self) -> None:
         """Queue the freed response slots on their workers (they ride on the next request)."""
@@ -113,6 +128,8 @@ class Replies:
             log.warning("dropped a message from an unknown peer %r", identity[:32])
 
     def _answered(self, w: _Worker, req_id: int) -> Call | None:
+        if w.serial == req_id:
+            w.serial = 0  # the request sent over ZeroMQ is answered: the channel is free again
         call = w.inflight.pop(req_id, None)
         if call is None:
             log.warning("worker %s/%d answered unknown request %d", w.model.name, w.instance, req_id)

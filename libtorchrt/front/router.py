@@ -55,6 +55,7 @@ from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from ..transport import tensors as tensor_io
 from ..transport import wire
 from ..transport.arena import Allocator, Arena
+from ..transport.channel import MAX_DATAGRAM
 from ..transport.heldgil import HeldSocket, PyzmqSocket, held
 from ..transport.loop import Deadlines, Inbox, Loop
 from ..transport.sockets import PrivateDir
@@ -69,6 +70,12 @@ from .replies import Replies
 from .supervisor import Supervisor, declared_outputs
 
 __all__ = ["Router", "RouterOptions"]
+
+#: A request whose inline tensors are bigger than this goes over ZeroMQ, not by the
+#: worker's channel (whose datagrams hold at most MAX_DATAGRAM bytes).
+MAX_CHANNEL_BLOBS = 32 << 10
+#: Response slots released to a worker per request (more wait for the next one).
+MAX_RELEASES = 1024
 
 log = logging.getLogger("libtorchrt")
 
@@ -353,6 +360,11 @@ class Router:
         for m in touched:
             self.dispatch(m)
 
+    def on_channel(self, w: _Worker) -> None:
+        """Replies on ``w``'s channel."""
+        self.replies.read_channel(w)
+        self.dispatch(w.model)
+
     def _on_replies(self) -> None:
         for m in self.replies.read():
             self.dispatch(m)
@@ -388,7 +400,9 @@ class Router:
                     return
             if call.id == 0:  # a batch gets its id as it leaves
                 call.id = next(self._ids)
-            self._send(best, call)
+            if not self._send(best, call):
+                queue.requeue([call], now)
+                return  # it waits for that worker to be idle (its reply calls us again)
 
     def _fail_queued(self, m: _Model, exc: TorchRTError) -> None:
         for call in m.queue.drain():
@@ -409,6 +423,7 @@ class Router:
                 and w.state == READY
                 and not w.doomed
                 and len(w.inflight) < limit
+                and not w.serial
                 and (device is None or w.gpu == device)
                 and (best is None or len(w.inflight) < len(best.inflight))
             ):
@@ -417,30 +432,52 @@ class Router:
             m.next = (best.instance + 1) % n
         return best
 
-    def _send(self, w: _Worker, call: Call) -> None:
-        """Send ``call`` to worker ``w`` (which records it as in flight)."""
-        releases, w.releases = w.releases, []
+    def _send(self, w: _Worker, call: Call) -> bool:
+        """Send ``call`` to worker ``w`` (which records it as in flight); False if it
+        must wait until ``w`` has nothing in flight.
+
+        A request goes by ``w``'s channel (``transport/channel.py``) when it fits in
+        one datagram, else over ZeroMQ; a worker gets requests by one way at a time, so
+        it runs them in the order they were sent (the rule ``supervisor.py``'s re-send
+        and the execution watchdog rely on): a request that must go over ZeroMQ waits
+        for an idle worker, and nothing else is sent to that worker until it answers.
+        """
+        by_channel = w.channel is not None and not call.frames and sum(map(len, call.blobs)) <= MAX_CHANNEL_BLOBS
+        if not by_channel and w.inflight:
+            return False
+        releases, w.releases = w.releases[:MAX_RELEASES], w.releases[MAX_RELEASES:]
         batch = call.member_rows if isinstance(call, Batch) else []
         if w.gpu is None:
             header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs, batch=batch))
+            if by_channel and len(header) > MAX_DATAGRAM:
+                by_channel = False
+                if w.inflight:
+                    w.releases = releases + w.releases
+                    return False
         else:
             try:
                 header = self._gpu_request(w, call, releases, batch)
             except Exception as e:  # e.g. no device memory left for its response buffer
                 w.releases = releases + w.releases
                 call.fail(ModelError(w.model.name, type(e).__name__, f"cannot set up CUDA buffers: {e}", ""))
-                return
+                return True
         if not w.inflight:
             w.busy_since = time.monotonic()
         w.inflight[call.id] = call
         call.sent_ns = time.perf_counter_ns()
         try:
-            assert self.held is not None
-            self.held.send(w.identity, header, call.frames)
-        except zmq.ZMQError:
+            if by_channel:
+                assert w.channel is not None
+                w.channel.send(header)
+            else:
+                w.serial = call.id
+                assert self.held is not None
+                self.held.send(w.identity, header, call.frames)
+        except (zmq.ZMQError, OSError):
             # The worker went away between its exit and our noticing: the pidfd
             # event follows, and re-sends this call with the worker's others.
             pass
+        return True
 
     def _gpu_request(self, w: _Worker, call: Call, releases: list[int], batch: list[int]) -> bytes:
         """The header of ``call`` for GPU worker ``w``, with the CUDA allocations it
@@ -509,4 +546,3 @@ class Router:
         self._ctx.term()
         self.inbox.close()
         self._dir.close()
-

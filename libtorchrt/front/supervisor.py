@@ -23,8 +23,8 @@ import zmq
 
 from ..config.model import ModelConfig
 from ..errors import ModelUnavailableError, TimeoutError, TorchRTError, WorkerDiedError, WorkerStartError
+from ..transport import channel, wire
 from ..transport import tensors as tensor_io
-from ..transport import wire
 from ..transport.sockets import send
 from ..workers.outputs import DeclaredOutput
 from ..workers.process import WorkerProcess
@@ -116,7 +116,18 @@ class Supervisor:
         intra = m.cfg.flags.get("INTRA_OP_THREAD_COUNT") or 1
         env.setdefault("OMP_NUM_THREADS", str(intra))
         env.setdefault("MKL_NUM_THREADS", str(intra))
-        proc = WorkerProcess(spec, self._watch_r, env)
+        # A CPU worker gets a request channel; a GPU worker's requests go over ZeroMQ.
+        mine, theirs = channel.pair() if slot.device == "cpu" else (None, None)
+        spec.channel_fd = theirs.fileno() if theirs is not None else -1
+        try:
+            proc = WorkerProcess(spec, self._watch_r, env)
+        except BaseException:
+            if mine is not None:
+                mine.close()
+            raise
+        finally:
+            if theirs is not None:
+                theirs.close()  # (the worker has its own copy now)
         w = _Worker(m, slot.instance, identity, proc, gpu=gpu_index(slot.device))
         w.outputs = np.frombuffer(proc.responses.flat.numpy(), dtype=np.uint8)
         slot.worker = w
@@ -125,6 +136,9 @@ class Supervisor:
         assert proc.pidfd is not None
         router.loop.watch(proc.pidfd, lambda: self.on_exit(w))
         router.loop.watch(proc.stderr_fd, lambda: self._on_stderr(w))
+        if mine is not None:
+            w.channel = mine
+            router.loop.watch(mine.fd, lambda: router.on_channel(w))
 
     def check_started(self) -> None:
         """The pool has started once every model is loaded or failed."""
@@ -335,9 +349,10 @@ class Supervisor:
         router.loop.unwatch(w.proc.stderr_fd)
         code = w.proc.wait(1.0)
         tail = w.proc.tail()
-        # Replies it sent before dying may still wait in the socket: take them first,
+        # Replies it sent before dying may still wait in the sockets: take them first,
         # so an answered request is not run a second time (or blamed for the death).
         router.replies.read()
+        self._close_channel(w)
         self.by_identity.pop(w.identity, None)
         m = w.model
         if (router.stopping or m.failed is not None) and w.state == STOPPED:
@@ -370,6 +385,16 @@ class Supervisor:
         if all(s.start_failures >= CRASH_LOOP for s in m.slots):
             m.unavailable = slot.last_error or f"exited with code {code}"
         router.dispatch(m)
+
+    def _close_channel(self, w: _Worker) -> None:
+        """Read what is left in ``w``'s channel, then close it."""
+        if w.channel is None:
+            return
+        self.router.replies.read_channel(w)
+        self.router.loop.unwatch(w.channel.fd)
+        w.channel.close()
+        w.channel = None
+        w.serial = 0
 
     def _drop_worker(self, w: _Worker) -> None:
         """Release what the front holds for an exited worker."""
@@ -437,6 +462,9 @@ class Supervisor:
         """Release every worker's handle and the watch pipe (idempotent)."""
         for m in self.router.models.values():
             for w in m.workers:
+                if w.channel is not None:
+                    w.channel.close()
+                    w.channel = None
                 w.outputs = None
                 w.proc.close()
         for fd in (self._watch_r, self._watch_w):

@@ -2,7 +2,8 @@
 
 A :class:`WorkerProcess` starts ``python -m libtorchrt.workers`` as a fresh interpreter
 (never a fork: CUDA and torch's thread pools do not survive fork), with its own
-environment, the arenas' descriptors passed through ``pass_fds``, and its stderr on a
+environment, the arenas' and its request channel's descriptors passed through
+``pass_fds``, and its stderr on a
 pipe that the router thread reads (so that a dying worker's last words reach the error).
 Its death is observed through a ``pidfd``, which the router polls together with its
 sockets: a dead worker is an event, never a timeout.
@@ -64,7 +65,7 @@ class WorkerProcess:
                 [sys.executable, "-m", "libtorchrt.workers", spec.to_json()],
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(spec.request_fd, spec.response_fd, watch_fd),
+                pass_fds=tuple(fd for fd in (spec.request_fd, spec.response_fd, watch_fd, spec.channel_fd) if fd >= 0),
                 env=full_env,
                 # Own session: a Ctrl-C in the terminal reaches the front, which then
                 # shuts the workers down in order, instead of killing them mid-request.

@@ -6,9 +6,11 @@ leaves no orphan), then apply the execution-mode flags (TorchScript reads them w
 first compiles), then load the model and freeze / optimize it if its flags ask (a failure
 is a start failure), then say READY with the flags read back from torch.
 
-The loop is single-threaded and owns the one DEALER socket: receive a request, view its
-inputs in the request arena (no copy), run the model, write the outputs into the
-response arena (one copy), reply. A model exception fails that request only.
+The loop is single-threaded and owns the DEALER socket and the request channel (a CPU
+worker's socket pair with the front, ``transport/channel.py``): receive a request from
+either, view its inputs in the request arena (no copy), run the model, write the outputs
+into the response arena (one copy), reply the way the request came. A model exception
+fails that request only.
 
 String inputs arrive as ``list[str]`` and ``List[str]`` outputs go back as string
 tensors; a method that takes one ``Dict[str, Tensor]`` is called with the request's keys
@@ -24,6 +26,7 @@ import json
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,6 +43,7 @@ from ..errors import ProtocolError
 from ..transport import tensors as tensor_io
 from ..transport import wire
 from ..transport.arena import Allocator, Arena
+from ..transport.channel import MAX_DATAGRAM
 from ..transport.sockets import OWNER_LOCK, recv, send
 from . import batching, modelfile
 from . import flags as flag_mod
@@ -80,6 +84,8 @@ class WorkerSpec:
     request_fd: int = -1
     response_fd: int = -1
     watch_fd: int = -1
+    #: the worker's end of its request channel (transport/channel.py); -1: ZeroMQ only
+    channel_fd: int = -1
     device: str = "cpu"
     method: str = "forward"
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
@@ -95,13 +101,17 @@ class WorkerSpec:
         return cls(**json.loads(text))
 
 
-def _spin(sock: zmq.Socket, seconds: float) -> None:
-    """Poll without sleeping for up to ``seconds``: a process that sleeps between
-    requests wakes up slowly (see Pool's ``busy_poll_us``)."""
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        if sock.poll(0):
-            return
+def _wait(poller: zmq.Poller, spin: float) -> dict[Any, int]:
+    """Wait for a message on the ZeroMQ socket or the channel; with ``spin`` (seconds),
+    poll without sleeping that long first: a process that sleeps between requests wakes
+    up slowly (see Pool's ``busy_poll_us``)."""
+    if spin:
+        deadline = time.perf_counter() + spin
+        while time.perf_counter() < deadline:
+            events = poller.poll(0)
+            if events:
+                return dict(events)
+    return dict(poller.poll())
 
 
 def _at_eof(fd: int) -> bool:
@@ -237,6 +247,10 @@ class _Worker:
         self.method = getattr(module, spec.method)
         self.signature = _signature(module, spec.method)
         self.sock = sock
+        #: the request channel (None: requests come over ZeroMQ only), and whether the
+        #: request being run came by it (its reply goes back the same way)
+        self.channel = socket.socket(fileno=spec.channel_fd) if spec.channel_fd >= 0 else None
+        self._by_channel = False
         self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
         self.responses = Arena(spec.response_bytes, fd=spec.response_fd)
         self.requests.close_fd()
@@ -286,13 +300,34 @@ class _Worker:
         return inputs
 
     def serve(self) -> int:
-        """Serve requests until told to stop; return the process's exit status."""
-        sock = self.sock
+        """Serve requests until told to stop; return the process's exit status.
+
+        Requests come by the channel or over ZeroMQ, one message at a time from either:
+        the front never has requests on both at once (see the router's ``_send``)."""
+        sock, channel = self.sock, self.channel
         spin = self.spec.busy_poll_us / 1e6
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if channel is not None:
+            poller.register(channel.fileno(), zmq.POLLIN)
         while True:
-            if spin and not sock.poll(0):
-                _spin(sock, spin)
-            _, header, frames = recv(sock)
+            events = _wait(poller, spin)
+            frames: list[zmq.Frame] = []
+            if channel is not None and channel.fileno() in events:
+                try:
+                    header = channel.recv(MAX_DATAGRAM + 1, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                if not header:  # the front closed it: it is gone (the watch pipe says so too)
+                    poller.unregister(channel.fileno())
+                    channel = None
+                    continue
+                self._by_channel = True
+            elif sock in events:
+                _, header, frames = recv(sock)
+                self._by_channel = False
+            else:
+                continue
             try:
                 msg = wire.decode(header)
             except ProtocolError as e:
@@ -336,9 +371,16 @@ class _Worker:
             placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
             return self._failed(msg.id, e)
-        header = wire.encode(wire.Response(msg.id, placed.descs, placed.blobs))
-        send(self.sock, header, placed.frames, zero_copy=True)
+        self._reply(wire.encode(wire.Response(msg.id, placed.descs, placed.blobs)), placed.frames)
         return True
+
+    def _reply(self, header: bytes, frames: list[Any]) -> None:
+        """Answer by the way the request came: the channel, unless the reply has data
+        frames or is too big for it (then ZeroMQ, which the front reads as well)."""
+        if self._by_channel and self.channel is not None and not frames and len(header) <= MAX_DATAGRAM:
+            self.channel.send(header)
+        else:
+            send(self.sock, header, frames, zero_copy=True)
 
     def _run_gpu(self, msg: wire.Request, frames: list[zmq.Frame], gpu: GpuSide) -> bool:
         """Run one request on this worker's GPU, on its own stream (see ``gpu.py``)."""
@@ -376,8 +418,7 @@ class _Worker:
                 self._release(placed.offsets)
                 gpu.release(device_offsets)
             return self._failed(msg.id, e)
-        header = wire.encode(wire.Response(msg.id, placed.descs, placed.blobs))
-        send(self.sock, header, placed.frames, zero_copy=True)
+        self._reply(wire.encode(wire.Response(msg.id, placed.descs, placed.blobs)), placed.frames)
         return True
 
     def _failed(self, req_id: int, e: Exception) -> bool:
@@ -429,6 +470,8 @@ def main(argv: list[str]) -> int:
             with mode():
                 return worker.serve()
         finally:
+            if worker.channel is not None:
+                worker.channel.close()
             if worker.gpu is not None:
                 worker.gpu.close(worker.requests, worker.responses)
     finally:

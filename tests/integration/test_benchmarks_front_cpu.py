@@ -27,5 +27,6 @@ def test_asyncio_callers_cpu_is_the_event_loops(tmp_path: Path) -> None:
     # the event loop runs in the load generator's thread, sampled while it runs
     assert r["main_thread_us"] > 0
     assert r["main_thread_us"] > r["other_front_us"]
-    assert r["front_us"] >= r["main_thread_us"] + r["router_us"]
+    # (the process's total and its threads' times are read a moment apart: a few % of slack)
+    assert r["front_us"] >= 0.95 * (r["main_thread_us"] + r["router_us"])
     assert r["workers_us"] > 0

@@ -445,7 +445,10 @@ class Router:
         by_channel = w.channel is not None and not call.frames and sum(map(len, call.blobs)) <= MAX_CHANNEL_BLOBS
         if not by_channel and w.inflight:
             return False
-        releases, w.releases = w.releases[:MAX_RELEASES], w.releases[MAX_RELEASES:]
+        if len(w.releases) <= MAX_RELEASES:
+            releases, w.releases = w.releases, []
+        else:
+            releases, w.releases = w.releases[:MAX_RELEASES], w.releases[MAX_RELEASES:]
         batch = call.member_rows if isinstance(call, Batch) else []
         if w.gpu is None:
             header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs, batch=batch))

@@ -196,9 +196,6 @@ class Deadlines(Generic[K]):
                 out.append(key)
         return out
 
-    def clear(self) -> None:
-        self._heap.clear()
-
 
 class Loop:
     """Wait on sockets and descriptors together; call each one's handler.

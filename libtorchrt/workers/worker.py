@@ -251,6 +251,8 @@ class _Worker:
         #: request being run came by it (its reply goes back the same way)
         self.channel = socket.socket(fileno=spec.channel_fd) if spec.channel_fd >= 0 else None
         self._by_channel = False
+        #: one receive buffer for the channel's datagrams (a message is copied out of it)
+        self._datagram = memoryview(bytearray(MAX_DATAGRAM + 1))
         self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
         self.responses = Arena(spec.response_bytes, fd=spec.response_fd)
         self.requests.close_fd()
@@ -315,13 +317,14 @@ class _Worker:
             frames: list[zmq.Frame] = []
             if channel is not None and channel.fileno() in events:
                 try:
-                    header = channel.recv(MAX_DATAGRAM + 1, socket.MSG_DONTWAIT)
+                    n = channel.recv_into(self._datagram, 0, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     continue
-                if not header:  # the front closed it: it is gone (the watch pipe says so too)
+                if not n:  # the front closed it: it is gone (the watch pipe says so too)
                     poller.unregister(channel.fileno())
                     channel = None
                     continue
+                header = bytes(self._datagram[:n])
                 self._by_channel = True
             elif sock in events:
                 _, header, frames = recv(sock)

@@ -56,12 +56,17 @@ def test_the_old_names_are_the_tables() -> None:
     assert tensors._NUMPY is dtypes.NUMPY_DTYPES
 
 
-def test_the_tables_kept_elsewhere_still_agree() -> None:
-    # server/kserve.py and bench/remote.py keep their own copies until they import these.
+def test_kserve_and_bench_use_the_table() -> None:
     from libtorchrt.bench.remote import KSERVE_DTYPES
-    from libtorchrt.server.kserve import DATATYPES
+    from libtorchrt.server import kserve
 
-    assert dtypes.KSERVE_DATATYPES == DATATYPES
+    assert kserve.DATATYPES is dtypes.KSERVE_DATATYPES
+    # every KServe tensor type decodes to its torch dtype, and bfloat16 (no numpy dtype)
+    # travels as its 16 raw bits
+    assert {k: kserve._TORCH[v] for k, v in kserve.DATATYPES.items() if v != STRING} == {
+        d.kserve: d.torch for d in TENSOR_ROWS if d.kserve is not None
+    }
+    assert kserve._NUMPY["bfloat16"].itemsize == 2
     assert {d.torch: d.kserve for d in TENSOR_ROWS if d.kserve is not None} == KSERVE_DTYPES
 
 

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 __all__ = [
     "BOOL_KEYS",
     "CONFIG_KEYS",
+    "INT_ALIASES",
     "INT_KEYS",
     "OWN_BOOL_KEYS",
     "TRITON_BOOL_KEYS",
@@ -44,9 +45,11 @@ OWN_BOOL_KEYS = ("FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKIN
 BOOL_KEYS = TRITON_BOOL_KEYS + OWN_BOOL_KEYS
 #: Integer parameters (thread counts).
 INT_KEYS = ("INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT")
+#: The names Triton's Python-based PyTorch runtime gives the thread counts.
+INT_ALIASES = {"NUM_THREADS": "INTRA_OP_THREAD_COUNT", "NUM_INTEROP_THREADS": "INTER_OP_THREAD_COUNT"}
 #: Parameters that ModelConfig reads (the method to run, warm-up runs): known, so
 #: not reported as unused, but not execution-mode flags.
-CONFIG_KEYS = ("MODULE_METHOD_NAME", "WARMUP_RUNS", "EXECUTION_TIMEOUT")
+CONFIG_KEYS = ("MODULE_METHOD_NAME", "WARMUP_RUNS", "EXECUTION_TIMEOUT", "TORCH_COMPILE_OPTIONAL_PARAMETERS")
 
 # Triton's ParseBoolValue accepts these spellings, case-insensitively.
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -92,7 +95,7 @@ class Flags:
 
 def _with_suggestion(key: str) -> str:
     """``key``, and the known parameter it is probably a misspelling of."""
-    known = (*BOOL_KEYS, *INT_KEYS, *CONFIG_KEYS)
+    known = (*BOOL_KEYS, *INT_KEYS, *INT_ALIASES, *CONFIG_KEYS)
     close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.75)
     return f"{key} (did you mean {close[0]}?)" if close else key
 
@@ -112,8 +115,17 @@ def parse(model: str, parameters: Mapping[str, Any]) -> Flags:
     for key, raw in parameters.items():
         if key in BOOL_KEYS:
             values[key] = _parse_bool(model, key, raw)
-        elif key in INT_KEYS:
-            values[key] = _parse_int(model, key, raw)
+        elif key in INT_KEYS or key in INT_ALIASES:
+            value = _parse_int(model, key, raw)
+            canonical = INT_ALIASES.get(key, key)
+            if values.get(canonical, value) != value:
+                raise ConfigError(
+                    f"model {model!r}: parameters {canonical} and its alias "
+                    f"{next(a for a, c in INT_ALIASES.items() if c == canonical)} disagree; give one",
+                    model=model,
+                    key=key,
+                )
+            values[canonical] = value
         elif key not in CONFIG_KEYS:
             unknown.append(key)
     return Flags(values, tuple(unknown))

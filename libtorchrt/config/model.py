@@ -19,6 +19,7 @@ from typing import Any
 from ..deadlines import check_timeout
 from ..errors import ConfigError
 from . import flags as flag_mod
+from . import formats
 from .batching import DynamicBatching, QueuePolicy
 from .instances import KINDS, MAX_INSTANCES, InstanceGroup, cuda_device_count
 from .tensor import MAX_DIMS, STRING, TRITON_DTYPES, TensorSpec, normalize_dtype
@@ -59,11 +60,15 @@ EXECUTION_TIMEOUT_KEY = "EXECUTION_TIMEOUT"
 
 @dataclass
 class ModelConfig:
-    """How to serve one TorchScript model.
+    """How to serve one model.
 
     Args:
         name: the model's name, used in requests.
-        path: the TorchScript file (``torch.jit.save`` output).
+        path: the model file: a TorchScript archive (``torch.jit.save``), an
+            AOTInductor package or a ``torch.export`` program (``.pt2``), or a
+            ``model.py`` (see ``format``).
+        format: ``"torchscript"``, ``"aoti"``, ``"exported"`` or ``"python"``
+            (docs/formats.md); None: found from the file (its name and zip directory).
         instances: worker processes to start for this model (one process each), per
             device of ``devices``.
         devices: where the instances run: ``"cpu"``, ``"cuda"`` (every GPU),
@@ -134,6 +139,7 @@ class ModelConfig:
     warmup: Sequence[ModelWarmup] = ()  # or an int: see the docstring
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup_runs: int = 0
+    format: str | None = None
     notes: Sequence[str] = field(default=(), compare=False)
     #: the parsed execution-mode flags (derived from ``parameters``)
     flags: flag_mod.Flags = field(init=False, repr=False, compare=False)
@@ -196,6 +202,16 @@ class ModelConfig:
         self.env = {str(k): str(v) for k, v in dict(self.env).items()}
         self.notes = tuple(str(n) for n in self.notes)
         self._sync_parameters()
+        if self.format is None:
+            self.format = formats.detect(self.path)
+        elif self.format not in formats.FORMATS:
+            raise ConfigError(
+                f"model {self.name!r}: format {self.format!r}; expected one of {list(formats.FORMATS)} or None "
+                "(found from the file)",
+                model=self.name,
+                key="format",
+            )
+        formats.check_parameters(self.name, self.format, self.parameters, self.method)
         self.flags = flag_mod.parse(self.name, self.parameters)
         blocking = self.flags.get(LAUNCH_BLOCKING_KEY)
         if blocking is not None:

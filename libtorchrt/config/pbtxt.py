@@ -42,9 +42,12 @@ __all__ = ["DEFAULT_MODEL_FILENAME", "load", "load_versions", "parse", "parse_te
 
 #: The model file's name in a version directory unless ``default_model_filename`` says.
 DEFAULT_MODEL_FILENAME = "model.pt"
-_PLATFORMS = {"pytorch_libtorch"}
+_PLATFORMS = {"pytorch_libtorch": None, "torch_aoti": "aoti"}
 _BACKENDS = {"pytorch"}
-_RUNTIMES = {"", "libtriton_pytorch.so"}
+_RUNTIMES = {"": None, "libtriton_pytorch.so": None, "model.py": "python"}
+#: The model file's default name by format (Triton's: model.pt2 for torch_aoti, and
+#: model.py for the Python-based runtime).
+_DEFAULT_FILENAMES = {"aoti": "model.pt2", "python": "model.py"}
 
 #: Top-level fields that are refused, and why.
 _REFUSED = {
@@ -220,7 +223,17 @@ def load_versions(
     notes = list(cfg.notes)
     if empty:
         notes.append(f"version directories {empty} hold no {filename!r}: they are not versions of this model")
-    return [dataclasses.replace(cfg, version=v, path=dirs[v] / filename, notes=tuple(notes)) for v in chosen]
+    # The format the configuration names, else found from each version's file.
+    declared = reader.declared_format()
+    return [
+        reader.guard(
+            ("parameters",),
+            lambda v=v: dataclasses.replace(  # type: ignore[misc]
+                cfg, version=v, path=dirs[v] / filename, notes=tuple(notes), format=declared
+            ),
+        )
+        for v in chosen
+    ]
 
 
 def _read(file: Path) -> str:
@@ -342,6 +355,7 @@ class _Reader:
                 dynamic_batching=batching,
                 warmup=warmup,
                 version_policy=policy,
+                format=self.declared_format(),
                 notes=self.notes,
             )
         except ConfigError as e:
@@ -359,15 +373,21 @@ class _Reader:
         if directory is not None and msg.name and msg.name != directory.name:
             self.fail(f"name {msg.name!r} does not match the model directory {directory.name!r}", "name")
         if msg.platform and msg.platform not in _PLATFORMS:
-            self.fail(f"platform {msg.platform!r} is not served; expected 'pytorch_libtorch' (TorchScript)", "platform")
+            self.fail(
+                f"platform {msg.platform!r} is not served; expected 'pytorch_libtorch' (TorchScript, or a "
+                "torch.export .pt2 named by default_model_filename) or 'torch_aoti' (an AOTInductor package)",
+                "platform",
+            )
         if msg.backend and msg.backend not in _BACKENDS:
             self.fail(f"backend {msg.backend!r} is not served; expected 'pytorch'", "backend")
         if msg.runtime not in _RUNTIMES:
             self.fail(
-                f"runtime {msg.runtime!r} is not served: libtorchrt runs TorchScript models with LibTorch "
-                "(Triton's Python-based PyTorch runtime, model.py, is another thing)",
+                f"runtime {msg.runtime!r} is not served; expected 'model.py' (Triton's Python-based PyTorch "
+                "runtime) or none (TorchScript and PT2 files)",
                 "runtime",
             )
+        if _PLATFORMS.get(msg.platform) and _RUNTIMES.get(msg.runtime):
+            self.fail(f"platform {msg.platform!r} and runtime {msg.runtime!r} name two formats; give one", "runtime")
         if msg.model_transaction_policy.decoupled:
             self.fail(
                 "decoupled models (any number of responses per request) are not supported",
@@ -541,8 +561,13 @@ class _Reader:
                 f"metric_tags {dict(msg.metric_tags)} are ignored: they are not added to the server's metrics"
             )
 
+    def declared_format(self) -> str | None:
+        """The format the configuration names (None: found from the model file)."""
+        return _PLATFORMS.get(self.msg.platform) or _RUNTIMES.get(self.msg.runtime)
+
     def _filename(self) -> str:
-        name = self.msg.default_model_filename or DEFAULT_MODEL_FILENAME
+        fmt = self.declared_format()
+        name = self.msg.default_model_filename or _DEFAULT_FILENAMES.get(fmt or "", DEFAULT_MODEL_FILENAME)
         parts = PurePosixPath(name).parts
         if name.startswith(("/", "\\")) or ".." in parts or Path(name).is_absolute():
             self.fail(

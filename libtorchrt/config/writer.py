@@ -38,7 +38,11 @@ def to_message(cfg: ModelConfig) -> pb.ModelConfig:
     Raises:
         ConfigError: an input or output without dims, or with a dtype Triton lacks.
     """
-    msg = pb.ModelConfig(name=cfg.name, platform="pytorch_libtorch", max_batch_size=cfg.max_batch_size)
+    msg = pb.ModelConfig(name=cfg.name, max_batch_size=cfg.max_batch_size)
+    if cfg.format == "python":  # Triton's Python-based PyTorch runtime
+        msg.backend, msg.runtime = "pytorch", "model.py"
+    else:
+        msg.platform = "torch_aoti" if cfg.format == "aoti" else "pytorch_libtorch"
     policy = cfg.version_policy
     if policy.kind == "all":
         msg.version_policy.all.SetInParent()

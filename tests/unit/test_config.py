@@ -281,7 +281,7 @@ def test_syntax_error_is_a_config_error() -> None:
     "field, block, key",
     [
         ("sequence_batching", "sequence_batching { }", "sequence_batching"),
-        ("runtime", 'runtime: "model.py"', "runtime"),
+        ("runtime", 'runtime: "libtriton_tensorrt.so"', "runtime"),
         ("batch_input", 'batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "N" source_input: "x" } ]', None),
         ("cc_model_filenames", 'cc_model_filenames { key: "7.5" value: "model_t4.pt" }', None),
         ("model_repository_agents", 'model_repository_agents { agents [ { name: "checksum" } ] }', None),

@@ -40,7 +40,7 @@ EXPECTED: dict[str, tuple[int, str, str]] = {
     "onnx_platform.pbtxt": (2, "platform", "'onnxruntime_onnx' is not served"),
     "preferred_too_big.pbtxt": (8, "dynamic_batching.preferred_batch_size", "[64] exceeds max_batch_size 32"),
     "priority_out_of_range.pbtxt": (8, "dynamic_batching.default_priority_level", "expected 1..2"),
-    "python_runtime.pbtxt": (4, "runtime", "'model.py' is not served"),
+    "python_runtime.pbtxt": (9, "FREEZE_MODULE", "does not apply to format 'python'"),
     "ragged_batch.pbtxt": (9, "input.allow_ragged_batch", "allow_ragged_batch"),
     "reshape_mismatch.pbtxt": (9, "input.reshape", "reshape [8] does not hold the elements of dims [4, 4]"),
     "sequence_batching.pbtxt": (10, "sequence_batching", "sequence batching"),

@@ -221,6 +221,15 @@ class Ready:
     #: the method takes one ``Dict[str, Tensor]`` (``inputs`` is its one argument's
     #: name): requests carry the keys last (see the module docstring)
     dict_input: bool = spec(Bool(), default=False)
+    #: the model's format: torchscript, aoti, exported or python
+    format: str = spec(Str(), default="torchscript")
+    #: the outputs' names, in order, when the model names them (a PT2 call spec's
+    #: "RESULT[logits]"); empty: unnamed
+    outputs: list[str] = spec(List(Str()), default_factory=list)
+    #: the rows one call accepts, [min, max], when the model says (a PT2 artifact); empty: any
+    batch: list[int] = spec(List(Int()), default_factory=list)
+    #: what the loader reports of its format (package device, compile cache, ...)
+    info: dict[str, Any] = spec(Map(), default_factory=dict)
 
 
 @message

@@ -68,8 +68,30 @@ def apply(flags: Flags, *, cpu: bool = True) -> list[str]:
     return notes
 
 
-def effective(flags: Flags) -> dict[str, bool | int]:
-    """Read back from torch the values this process really runs with."""
+#: What only TorchScript's executor reads: not reported for the other formats (the
+#: configuration refuses them there, config/formats.py).
+_TORCHSCRIPT_ONLY = (
+    "DISABLE_OPTIMIZED_EXECUTION",
+    "ENABLE_NVFUSER",
+    "ENABLE_JIT_EXECUTOR",
+    "ENABLE_JIT_PROFILING",
+    "ENABLE_TENSOR_FUSER",
+    "FREEZE_MODULE",
+    "OPTIMIZE_FOR_INFERENCE",
+)
+
+
+def effective(flags: Flags, fmt: str = "torchscript") -> dict[str, bool | int | str]:
+    """Read back from torch the values this process really runs with, and its format
+    (``FORMAT``); the TorchScript executor's flags only for a TorchScript model."""
+    values: dict[str, bool | int | str] = {"FORMAT": fmt, **_effective(flags)}
+    if fmt != "torchscript":
+        for key in _TORCHSCRIPT_ONLY:
+            values.pop(key, None)
+    return values
+
+
+def _effective(flags: Flags) -> dict[str, bool | int]:
     import torch
 
     # The profiling setters return the previous value; set it back to read it.

@@ -45,8 +45,10 @@ from ..transport import wire
 from ..transport.arena import Allocator, Arena
 from ..transport.channel import MAX_DATAGRAM
 from ..transport.sockets import OWNER_LOCK, recv, send
-from . import batching, modelfile
+from . import batching
 from . import flags as flag_mod
+from .formats import LoadRequest, Runner
+from .formats import load as load_model
 from .gpu import GpuSide
 from .outputs import DeclaredOutput, check_outputs
 
@@ -92,6 +94,10 @@ class WorkerSpec:
     busy_poll_us: int = 0
     #: the declared outputs, checked on every result (DeclaredOutput.to_json items)
     outputs: list[list[Any]] = field(default_factory=list)
+    #: the model's format (config/formats.py) and what its loader checks
+    format: str = "torchscript"
+    max_batch_size: int = 0
+    input_names: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -173,79 +179,17 @@ def _die_with_parent(spec: WorkerSpec) -> None:
     threading.Thread(target=watch, name="libtorchrt-parent-watch", daemon=True).start()
 
 
-def _load(spec: WorkerSpec) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # torch.jit is deprecated in this torch; we call it on purpose (TorchScript models).
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
-        try:
-            module = torch.jit.load(spec.path, map_location=spec.device)
-        except RuntimeError as e:
-            what = modelfile.describe(spec.path)
-            if what is None:
-                raise
-            raise RuntimeError(f"{spec.path} is {what}") from e
-    module.eval()
-    return module
-
-
-@dataclass
-class _Signature:
-    """What the worker needs of the method's schema."""
-
-    names: list[str]
-    #: per argument: "tensor", "strings", or None (not checked here)
-    kinds: list[str | None]
-    #: the method takes one Dict[str, Tensor]
-    dict_input: bool
-    #: the method returns one List[str]
-    strings_out: bool
-
-
-_KINDS = {"Tensor": "tensor", "Optional[Tensor]": "tensor", "List[str]": "strings", "Optional[List[str]]": "strings"}
-
-
-def _signature(module: torch.jit.ScriptModule, method: str) -> _Signature:
-    schema = getattr(module, method).schema
-    types = [str(a.type) for a in schema.arguments[1:]]  # drop self
-    returns = [str(r.type) for r in schema.returns]
-    return _Signature(
-        names=[a.name for a in schema.arguments[1:]],
-        kinds=[_KINDS.get(t) for t in types],
-        dict_input=types == ["Dict[str, Tensor]"],
-        strings_out=returns == ["List[str]"],
-    )
-
-
 def _is_strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(s, str) for s in value)
 
 
-def _outputs(result: Any, strings_out: bool = False) -> list[torch.Tensor | tensor_io.Strings]:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if strings_out:  # one List[str]; the schema tells it from an empty list of tensors
-        return [tensor_io.Strings.of(result)]
-    if isinstance(result, (tuple, list)):
-        out: list[torch.Tensor | tensor_io.Strings] = []
-        for item in result:
-            if isinstance(item, torch.Tensor):
-                out.append(item)
-            elif _is_strings(item):
-                out.append(tensor_io.Strings.of(item))
-            else:
-                break
-        else:
-            return out
-    raise TypeError(
-        f"the model returned {type(result).__name__}; expected a Tensor, a List[str], or a tuple/list of them"
-    )
-
-
 class _Worker:
-    def __init__(self, spec: WorkerSpec, module: Any, sock: zmq.Socket, flags: flag_mod.Flags) -> None:
+    def __init__(self, spec: WorkerSpec, runner: Runner, sock: zmq.Socket, flags: flag_mod.Flags) -> None:
         self.spec = spec
-        self.method = getattr(module, spec.method)
-        self.signature = _signature(module, spec.method)
+        self.runner = runner
+        self.run_model = runner.run
+        #: rows a call must have at least (a PT2 artifact's batch range): fewer are padded
+        self.min_rows = runner.batch_range[0] if runner.batch_range and spec.max_batch_size > 0 else 1
         self.sock = sock
         #: the request channel (None: requests come over ZeroMQ only), and whether the
         #: request being run came by it (its reply goes back the same way)
@@ -282,7 +226,7 @@ class _Worker:
                 for a ``Dict[str, Tensor]`` method, inputs that are not one tensor per
                 key followed by the keys (distinct strings).
         """
-        sig = self.signature
+        sig = self.runner
         if sig.dict_input:
             keys: Any = inputs[-1] if inputs else None
             values = inputs[:-1]
@@ -294,7 +238,7 @@ class _Worker:
                 if not isinstance(value, torch.Tensor):
                     raise ProtocolError(f"input {key!r}: the method takes Dict[str, Tensor]; got strings")
             return [dict(zip(keys, values))]
-        for name, kind, value in zip(sig.names, sig.kinds, inputs):
+        for name, kind, value in zip(sig.inputs, sig.kinds, inputs):
             if kind is not None and isinstance(value, torch.Tensor) != (kind == "tensor"):
                 got = "a tensor" if isinstance(value, torch.Tensor) else f"{len(value)} strings"
                 want = "a Tensor" if kind == "tensor" else "a List[str]"
@@ -366,7 +310,7 @@ class _Worker:
             self._send_error(msg.id, e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}"))
             return True
         try:
-            outputs = _outputs(self.method(*inputs), self.signature.strings_out)
+            outputs = self._call(inputs)
             if self.declared:
                 check_outputs(outputs, self.declared)
             if msg.batch:
@@ -376,6 +320,20 @@ class _Worker:
             return self._failed(msg.id, e)
         self._reply(wire.encode(wire.Response(msg.id, placed.descs, placed.blobs)), placed.frames)
         return True
+
+    def _call(self, inputs: list[Any]) -> list[Any]:
+        """Run the model on one request's (or batch's) inputs.
+
+        A PT2 artifact compiled for at least ``min_rows`` rows gets a smaller batch
+        padded with copies of its last row, and the padding cut from the outputs."""
+        if self.min_rows > 1 and inputs and isinstance(inputs[0], torch.Tensor) and 0 < len(inputs[0]) < self.min_rows:
+            rows = len(inputs[0])
+            pad = self.min_rows - rows
+            padded = [
+                torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) if isinstance(t, torch.Tensor) else t for t in inputs
+            ]
+            return [o[:rows] if isinstance(o, torch.Tensor) and o.dim() else o for o in self.run_model(padded)]
+        return self.run_model(inputs)
 
     def _reply(self, header: bytes, frames: list[Any]) -> None:
         """Answer by the way the request came: the channel, unless the reply has data
@@ -402,7 +360,7 @@ class _Worker:
         device_offsets: list[int] = []
         try:
             with torch.cuda.stream(gpu.stream):
-                outputs = _outputs(self.method(*gpu.to_device(inputs)), self.signature.strings_out)
+                outputs = self._call(gpu.to_device(inputs))
                 if self.declared:
                     check_outputs(outputs, self.declared)
                 if msg.batch:
@@ -456,17 +414,43 @@ def main(argv: list[str]) -> int:
                 notes = flag_mod.apply(fl, cpu=spec.device == "cpu")
             for w in caught:
                 print(f"libtorchrt worker {spec.model}/{spec.instance}: {w.message}", file=sys.stderr)
-            module = flag_mod.prepare(_load(spec), fl, method=spec.method, model=spec.model)
-            worker = _Worker(spec, module, sock, fl)
-            effective = flag_mod.effective(fl)
+            runner = load_model(
+                spec.format,
+                LoadRequest(
+                    path=spec.path,
+                    model=spec.model,
+                    device=spec.device,
+                    method=spec.method,
+                    flags=fl,
+                    parameters=spec.parameters,
+                    max_batch_size=spec.max_batch_size,
+                    input_names=spec.input_names,
+                    output_names=[d.name for d in map(DeclaredOutput.from_json, spec.outputs)],
+                ),
+            )
+            worker = _Worker(spec, runner, sock, fl)
+            effective = flag_mod.effective(fl, runner.format)
         except Exception as e:
             failed = wire.Failed(wire.PROTOCOL_VERSION, os.getpid(), type(e).__name__, str(e), traceback.format_exc())
             sock.send(wire.encode(failed))
             return 1
         if worker.gpu is not None:
             notes += worker.gpu.notes
-        sig = worker.signature
-        ready = wire.Ready(wire.PROTOCOL_VERSION, os.getpid(), effective, sig.names, spec.device, notes, sig.dict_input)
+        notes += runner.notes
+        batch = list(runner.batch_range) if runner.batch_range else []
+        ready = wire.Ready(
+            wire.PROTOCOL_VERSION,
+            os.getpid(),
+            effective,
+            runner.inputs,
+            spec.device,
+            notes,
+            runner.dict_input,
+            runner.format,
+            runner.outputs,
+            batch,
+            runner.info,
+        )
         sock.send(wire.encode(ready))
         mode = torch.inference_mode if effective["INFERENCE_MODE"] else torch.no_grad
         try:

@@ -37,7 +37,22 @@ from libtorchrt.transport.wire import ARENA, BLOB, DEVICE, FRAME, Export, Tensor
 # Fields are only ever appended: add a name at the end of a list when a field is
 # appended to its message; any other change to these lists breaks older peers.
 WIRE_LAYOUT = {
-    1: ("Ready", ["protocol", "pid", "flags", "inputs", "device", "warnings", "dict_input"]),
+    1: (
+        "Ready",
+        [
+            "protocol",
+            "pid",
+            "flags",
+            "inputs",
+            "device",
+            "warnings",
+            "dict_input",
+            "format",
+            "outputs",
+            "batch",
+            "info",
+        ],
+    ),
     2: ("Failed", ["protocol", "pid", "error_type", "message", "traceback"]),
     3: (
         "Request",
@@ -87,11 +102,13 @@ def test_the_message_layouts_only_grow_at_the_end(module: Any, layout: dict[int,
 _T = TensorDesc
 _EXPORT = Export(3, 1, 1 << 20, bytes(range(64)), b"\x01" * 64)
 
-# Headers as the hand-written encoders of commit 59826ef wrote them (before the codec).
+# Headers as the hand-written encoders of commit 59826ef wrote them (before the codec);
+# Ready's four trailing fields (format, outputs, batch, info: PT2 models) came later.
 WIRE_BYTES = [
     (
         wire.Ready(1, 4242, {"INFERENCE_MODE": True}, ["x"], "cuda:0", ["note"], True),
-        "980101cd109281ae494e464552454e43455f4d4f4445c391a178a6637564613a3091a46e6f7465c3",
+        "9c0101cd109281ae494e464552454e43455f4d4f4445c391a178a6637564613a3091a46e6f7465c3"
+        "ab746f726368736372697074909080",
     ),
     (
         wire.Failed(1, 4242, "RuntimeError", "bad file", "Traceback"),

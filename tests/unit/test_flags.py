@@ -157,7 +157,8 @@ def test_notes_name_nvfuser_and_unknown_keys() -> None:
 def test_effective_reports_every_key_including_freezing_and_launch_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
     got = flags.effective(flags.parse("m", {"OPTIMIZE_FOR_INFERENCE": "true", "ENABLE_WEIGHT_SHARING": "true"}))
-    assert set(got) == set(BOOL_KEYS) | set(INT_KEYS)
+    assert set(got) == set(BOOL_KEYS) | set(INT_KEYS) | {"FORMAT"}
+    assert got["FORMAT"] == "torchscript"
     assert got["FREEZE_MODULE"] is True, "optimize_for_inference freezes first"
     assert got["OPTIMIZE_FOR_INFERENCE"] is True
     assert got["ENABLE_WEIGHT_SHARING"] is False
@@ -237,3 +238,18 @@ def test_prepare_failure_is_a_config_error_naming_model_and_flag() -> None:
     with pytest.raises(ConfigError, match=r"model 'm': FREEZE_MODULE failed") as e:
         flags.prepare(_scripted(), flags.parse("m", {"FREEZE_MODULE": "1"}), method="no_such_method", model="m")
     assert (e.value.model, e.value.key) == ("m", "FREEZE_MODULE")
+
+
+def test_effective_of_a_pt2_model_names_its_format_and_leaves_out_the_torchscript_executor() -> None:
+    got = flags.effective(flags.parse("m", {"NUM_THREADS": "1"}), "aoti")
+    assert got["FORMAT"] == "aoti"
+    assert "INTRA_OP_THREAD_COUNT" in got and "INFERENCE_MODE" in got
+    assert not {"ENABLE_JIT_EXECUTOR", "DISABLE_OPTIMIZED_EXECUTION", "FREEZE_MODULE", "ENABLE_NVFUSER"} & set(got)
+
+
+def test_num_threads_is_an_alias_of_the_thread_counts_and_may_not_disagree() -> None:
+    parsed = flags.parse("m", {"NUM_THREADS": "3", "NUM_INTEROP_THREADS": "2"})
+    assert parsed.values == {"INTRA_OP_THREAD_COUNT": 3, "INTER_OP_THREAD_COUNT": 2}
+    assert flags.parse("m", {"NUM_THREADS": "3", "INTRA_OP_THREAD_COUNT": "3"}).values == {"INTRA_OP_THREAD_COUNT": 3}
+    with pytest.raises(ConfigError, match="disagree"):
+        flags.parse("m", {"NUM_THREADS": "3", "INTRA_OP_THREAD_COUNT": "4"})

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from libtorchrt import Client, ConfigError, ModelConfig, TensorSpec
-from libtorchrt.workers import modelfile
+from libtorchrt.workers.formats import modelfile
 
 
 class _Double(torch.nn.Module):

@@ -229,7 +229,10 @@ def test_blobs_decode_as_bytes(cls: type) -> None:
 @pytest.mark.parametrize(
     "header, expected",
     [
-        ([Ready.KIND, 1, 10, {}, ["x"], "cpu", [], True, "new", 3], Ready(1, 10, {}, ["x"], "cpu", [], True)),
+        (
+            [Ready.KIND, 1, 10, {}, ["x"], "cpu", [], True, "aoti", ["RESULT"], [1, 8], {}, "new", 3],
+            Ready(1, 10, {}, ["x"], "cpu", [], True, "aoti", ["RESULT"], [1, 8]),
+        ),
         ([Failed.KIND, 1, 10, "E", "m", "tb", {"new": 1}], Failed(1, 10, "E", "m", "tb")),
         ([Request.KIND, 5, [], [64], [b"x"], [], -1, -1, [], [], [], "priority", 9], Request(5, [], [64], [b"x"])),
         ([Response.KIND, 6, [], [b"y"], ["future"]], Response(6, [], [b"y"])),

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Measure throughput and latency of a TorchScript model served by libtorchrt, "
+            "Measure throughput and latency of a PyTorch model (TorchScript, AOTInductor .pt2, exported "
+            "program or model.py) served by libtorchrt, "
             "perf_analyzer-style, over instance counts, concurrencies, batch sizes and flags; "
             "or of a model served by a running libtorchrt-pool (--endpoint)."
         ),
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model_or_repository",
         nargs="?",
         metavar="MODEL_OR_REPOSITORY",
-        help="a TorchScript .pt file, a Triton-style model repository, or one model's directory; "
+        help="a model file (.pt, .pt2, model.py), a Triton-style model repository, or one model's directory; "
         "with --endpoint, the served model's name",
     )
     src.add_argument("--model", metavar="NAME", help="the repository's model to benchmark")

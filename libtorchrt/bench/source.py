@@ -207,7 +207,10 @@ def resolve(
         ConfigError: the model's configuration is invalid.
     """
     if (model_or_repository is None) == (workload is None):
-        raise SourceError("name a model: MODEL_OR_REPOSITORY (a .pt file or a repository) or --workload NAME")
+        raise SourceError(
+            "name a model: MODEL_OR_REPOSITORY (a model file: .pt, .pt2 or model.py; or a repository) "
+            "or --workload NAME"
+        )
     if workload is not None:
         if workload not in workloads.WORKLOADS:
             raise SourceError(f"unknown workload {workload!r}; choose from {', '.join(workloads.names())}")
@@ -227,9 +230,9 @@ def resolve(
         if model is not None:
             raise SourceError("--model picks a model of a repository; MODEL_OR_REPOSITORY is a file")
         cfg = ModelConfig(name=_model_name(path), path=path)
-        return Target(cfg, _from_shapes(options, path, f"TorchScript file {str(path)!r}"), f"file {path}")
+        return Target(cfg, _from_shapes(options, path, f"model file {str(path)!r}"), f"file {path}")
     if not path.is_dir():
-        raise SourceError(f"{str(path)!r} is neither a TorchScript file nor a model repository")
+        raise SourceError(f"{str(path)!r} is neither a model file nor a model repository")
     if (path / "config.pbtxt").is_file():  # a single model's directory
         cfg = ModelConfig.from_pbtxt(path / "config.pbtxt", path)
         if model is not None and model != cfg.name:

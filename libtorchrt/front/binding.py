@@ -58,6 +58,13 @@ def output_positions(outputs: Sequence[TensorSpec]) -> list[tuple[int, TensorSpe
     return list(enumerate(outputs))
 
 
+def _named(paths: Sequence[str]) -> bool:
+    """Call-spec paths that name more than positions: not just ``RESULT`` (one tensor)
+    or ``RESULT[0]``, ``RESULT[1]``... (a tuple), which are called ``OUTPUT__<i>``."""
+    flat = {"RESULT"} | {f"RESULT[{i}]" for i in range(len(paths))}
+    return any(p not in flat for p in paths)
+
+
 class Binder:
     """Binds requests for one model; built once, when its first worker is READY.
 
@@ -67,7 +74,14 @@ class Binder:
         dict_input: the method takes one ``Dict[str, Tensor]`` (``wire.Ready.dict_input``).
     """
 
-    def __init__(self, cfg: ModelConfig, arg_names: Sequence[str], *, dict_input: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        arg_names: Sequence[str],
+        *,
+        dict_input: bool = False,
+        output_names: Sequence[str] = (),
+    ) -> None:
         self.model = cfg.name
         self.arg_names = list(arg_names)
         self.max_batch_size = cfg.max_batch_size
@@ -97,6 +111,9 @@ class Binder:
             self.positions[spec.name] = pos
             self.specs[pos] = spec
         self._outputs = list(cfg.outputs)
+        #: the outputs' names as the model gives them (a PT2 call spec's), used when
+        #: none are declared and they say more than positions ("RESULT[logits]")
+        self._model_outputs = list(output_names) if _named(output_names) else []
         #: outputs declared with a reshape (given their dims back: shape_outputs)
         self._reshaped = [s for s in self._outputs if s.reshape is not None]
         self._output_names: dict[int, list[str]] = {}
@@ -350,6 +367,8 @@ class Binder:
         names = self._output_names.get(count)
         if names is None:
             names = [f"OUTPUT__{i}" for i in range(count)]
+            if not self._outputs and len(self._model_outputs) == count:
+                names = list(self._model_outputs)
             for i, spec in output_positions(self._outputs):
                 if i < count:
                     names[i] = spec.name

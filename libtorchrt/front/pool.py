@@ -52,7 +52,8 @@ def _finalize(router: Router) -> None:
 
 
 class Pool:
-    """A pool of worker processes serving TorchScript models.
+    """A pool of worker processes serving PyTorch models (TorchScript, AOTInductor
+    packages, exported programs, ``model.py`` modules: docs/formats.md).
 
     Args:
         repository: a Triton-style model repository
@@ -87,6 +88,12 @@ class Pool:
             sets none itself (neither the field nor the ``EXECUTION_TIMEOUT``
             parameter): an execution that takes longer fails, and its worker is
             killed and replaced. None: no default limit.
+        compile_cache: where PT2 workers (``torch.compile``d ``model.py`` files and
+            exported programs) keep what Inductor compiles, so that N instances and
+            every replaced worker compile once between them: True (default), a
+            per-user directory shared by the machine's pools; a path; or False, a
+            private directory per worker (each compiles on its own). See
+            docs/formats.md.
 
     GPU instances (``devices=["cuda:0"]`` or ``instance_group { kind: KIND_GPU }``):
     ``request_arena_bytes`` is also the size of each model's request buffer on each
@@ -115,6 +122,7 @@ class Pool:
         strict: bool = False,
         max_pending: int | None = None,
         execution_timeout: float | None = None,
+        compile_cache: bool | str | os.PathLike[str] = True,
     ) -> None:
         errors: list[tuple[str, ConfigError]] = []
         configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
@@ -161,6 +169,7 @@ class Pool:
             max_inflight=max_inflight,
             start_timeout=start_timeout,
             busy_poll_us=busy_poll_us,
+            compile_cache=compile_cache,
         )
         if max_pending is not None and (isinstance(max_pending, bool) or max_pending < 1):
             raise ValueError(f"max_pending is {max_pending!r}; expected a positive integer or None")

@@ -63,6 +63,7 @@ from . import snapshots
 from .batch import Batch
 from .batcher import Batcher, Orderer
 from .call import Call
+from .compile_cache import CompileCache
 from .gpu import DeviceBuffers
 from .queues import Fifo
 from .records import READY, _Model, _Slot, _Worker, gpu_index
@@ -90,6 +91,8 @@ class RouterOptions:
     busy_poll_us: int = 0
     max_inflight: int = 4
     start_timeout: float = 120.0
+    #: Inductor's cache for PT2 workers: True (per user), a path, or False (per worker)
+    compile_cache: bool | str | os.PathLike[str] = True
 
 
 def _pending_call(ref: weakref.ref[Call]) -> bool:
@@ -119,6 +122,7 @@ class Router:
         self.loop = Loop()
         #: the private directory of the ipc:// endpoint, the context and the socket
         self._dir = PrivateDir()
+        self.compile_cache = CompileCache(options.compile_cache, self._dir.path)
         self._ctx = zmq.Context(1)
         self.sock: zmq.Socket | None = None
         #: the same socket's sends and receives without letting go of the GIL

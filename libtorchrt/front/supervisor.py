@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
+from ..config.formats import PT2_FORMATS
 from ..config.model import ModelConfig
 from ..errors import ModelUnavailableError, TimeoutError, TorchRTError, WorkerDiedError, WorkerStartError
 from ..transport import channel, wire
@@ -109,6 +110,9 @@ class Supervisor:
             inline_threshold=options.inline_threshold,
             busy_poll_us=options.busy_poll_us,
             outputs=m.declared_outputs,
+            format=m.cfg.format or "torchscript",
+            max_batch_size=m.cfg.max_batch_size,
+            input_names=[s.name for s in m.cfg.inputs],
         )
         assert m.arena.fd is not None
         spec.request_fd = m.arena.fd
@@ -116,6 +120,8 @@ class Supervisor:
         intra = m.cfg.flags.get("INTRA_OP_THREAD_COUNT") or 1
         env.setdefault("OMP_NUM_THREADS", str(intra))
         env.setdefault("MKL_NUM_THREADS", str(intra))
+        if m.cfg.format in PT2_FORMATS:
+            env.update(router.compile_cache.env(env, identity.decode()))
         # A CPU worker gets a request channel; a GPU worker's requests go over ZeroMQ.
         mine, theirs = channel.pair() if slot.device == "cpu" else (None, None)
         spec.channel_fd = theirs.fileno() if theirs is not None else -1
@@ -198,7 +204,7 @@ class Supervisor:
         w.ready = msg
         m = w.model
         if m.binder is None:
-            m.binder = Binder(m.cfg, msg.inputs, dict_input=msg.dict_input)
+            m.binder = Binder(m.cfg, msg.inputs, dict_input=msg.dict_input, output_names=msg.outputs)
             if msg.dict_input and not isinstance(m.queue, Fifo) and not len(m.queue):
                 # a Dict[str, Tensor] model is not batched yet
                 m.queue = Fifo(m.name, self.router.options.max_inflight)

@@ -47,7 +47,8 @@ METRICS_DEFAULT = "127.0.0.1:8002"
 _BOOLEANS = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
 
 DESCRIPTION = """\
-Serve the TorchScript models of a Triton-style model repository from one worker process
+Serve the PyTorch models (TorchScript, AOTInductor packages, exported programs, model.py)
+of a Triton-style model repository from one worker process
 per model instance, over HTTP (the KServe v2 / Open Inference Protocol, which
 tritonclient.http speaks), optionally over ZeroMQ (libtorchrt.Client), with Prometheus
 metrics. Start-up progress goes to stderr (live on a terminal, log lines otherwise); the

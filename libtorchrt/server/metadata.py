@@ -40,6 +40,11 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
 
+#: What a model's metadata calls its platform, by format (Triton's names; a model.py
+#: and an exported program are served by its "pytorch" backend).
+_PLATFORMS = {"torchscript": "pytorch_libtorch", "aoti": "torch_aoti", "exported": "pytorch", "python": "pytorch"}
+
+
 def _tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
     dims = list(spec.dims) if spec.dims is not None else [-1]
     return {
@@ -59,7 +64,7 @@ def model_metadata(cfg: ModelConfig, versions: Iterable[int]) -> dict[str, Any]:
     return {
         "name": cfg.name,
         "versions": [str(v) for v in sorted(versions)],
-        "platform": "pytorch_libtorch",
+        "platform": _PLATFORMS.get(cfg.format or "", "pytorch_libtorch"),
         "inputs": [_tensor(s, batched) for s in cfg.inputs],
         "outputs": [_tensor(s, batched) for s in cfg.outputs],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests import models
+from tests import models, pt2_models
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in models.MODELS:
         models.save(name, d)
     return d
+
+
+@pytest.fixture(scope="session")
+def pt2_artifacts(tmp_path_factory: pytest.TempPathFactory) -> pt2_models.Pt2Artifacts:
+    """The PyTorch 2 artifacts (tests/pt2_models.py), built once per session: the one
+    AOTInductor compilation of the test suite is here."""
+    return pt2_models.build(tmp_path_factory.mktemp("pt2"))
+
+
+@pytest.fixture(scope="session")
+def pt2_repository(pt2_artifacts: pt2_models.Pt2Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository of one PT2 model per format (``pt2_models.build_repository``)."""
+    return pt2_models.build_repository(pt2_artifacts, tmp_path_factory.mktemp("pt2-repository"))
 
 
 def children(pid: int | None = None) -> set[int]:
@@ -96,6 +110,33 @@ def _fd_target(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
+
+
+@contextlib.contextmanager
+def closing_pool(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    """A ``Pool(*args, **kwargs)``, closed on exit and checked for leaks: for pools
+    that several tests share (module-scoped fixtures), which ``make_pool`` cannot build."""
+    from libtorchrt import Pool
+
+    before = snapshot()
+    pool = Pool(*args, **kwargs)
+    try:
+        yield pool
+    finally:
+        # Every worker the pool ever had; a forked one is not a child of this process
+        # (but of the pool's template), which assert_no_leaks would not see.
+        workers = {w.pid for w in pool.workers()}
+        pool.close()
+        assert_no_leaks(before)
+        wait_for(lambda: not any(map(_alive, workers)), 5.0, f"the pool's workers {sorted(workers)} to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture

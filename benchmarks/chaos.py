@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/chaos.py                                   # 30 s, 2 instances, 16 threads
     python benchmarks/chaos.py --duration 10 --kill-every 0.5 --json chaos.json
+    python benchmarks/chaos.py --duration 10 --start-method spawn   # fresh interpreters
 
 It serves the ``tiny`` workload (``benchmarks/workloads.py``) from a ``libtorchrt.Pool``
 with ``--instances`` workers and ``max_retries=--max-retries``, and runs for
@@ -81,6 +82,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--request-timeout", type=float, default=30.0, help="each request's deadline, s (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the killer's choices")
+    p.add_argument(
+        "--start-method",
+        choices=["forkserver", "spawn"],
+        default="forkserver",
+        help="Pool start_method: replacements forked from the template, or fresh interpreters (default forkserver)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.instances < 1 or args.threads < 1 or args.kill_every <= 0:
@@ -151,23 +158,29 @@ class KillerStats:
     errors: list[str] = field(default_factory=list)
 
 
-def _is_child(pid: int) -> bool:
+def _parent(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+            return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
-        return False
+        return -1
+
+
+def _is_ours(pid: int) -> bool:
+    """A child of this process, or of its child (a worker forked by the pool's template)."""
+    parent = _parent(pid)
+    return parent == os.getpid() or (parent > 0 and _parent(parent) == os.getpid())
 
 
 def _sigkill(pid: int) -> bool:
-    """SIGKILL ``pid`` if it still is a child of this process (never a reused pid)."""
+    """SIGKILL ``pid`` if it still is a worker of this process (never a reused pid)."""
     try:
         fd = os.pidfd_open(pid)
     except OSError:
         return False
     try:
         # The pidfd pins this very process: check it is ours, then signal through it.
-        if not _is_child(pid):
+        if not _is_ours(pid):
             return False
         signal.pidfd_send_signal(fd, signal.SIGKILL)
         return True
@@ -316,7 +329,7 @@ def _run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     bank, refs = make_bank(path, args.seed)
     cfg = ModelConfig(MODEL, path, instances=args.instances, max_retries=args.max_retries)
     started = time.monotonic()
-    pool = Pool(models=[cfg], inline_threshold=args.inline_threshold)
+    pool = Pool(models=[cfg], inline_threshold=args.inline_threshold, start_method=args.start_method)
     start_s = time.monotonic() - started
     interrupted = False
     stop_calls = threading.Event()
@@ -326,7 +339,7 @@ def _run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     try:
         first_pids = sorted(w.pid for w in pool.workers())
         print(
-            f"pool of {args.instances} x {MODEL} ready in {start_s:.1f} s (pids {first_pids}); "
+            f"pool of {args.instances} x {MODEL} ({args.start_method}) ready in {start_s:.1f} s (pids {first_pids}); "
             f"{args.threads} callers, a kill every {args.kill_every:g} s for {args.duration:g} s",
             flush=True,
         )
@@ -422,6 +435,7 @@ def _run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
             "inline_threshold": args.inline_threshold,
             "request_timeout_s": args.request_timeout,
             "seed": args.seed,
+            "start_method": args.start_method,
         },
         "interrupted": interrupted,
         "pool_start_s": start_s,

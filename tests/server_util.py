@@ -35,6 +35,7 @@ __all__ = [
     "model_workers",
     "request",
     "sample",
+    "workers_of",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,19 +87,43 @@ def add_model(repo: Path, name: str, config: str, module: torch.nn.Module) -> No
     torch.jit.script(module).save(str(repo / name / "1" / "model.pt"))
 
 
-def model_workers(pid: int, model: str) -> set[int]:
-    """PIDs of the live workers of ``model`` among the children of the server ``pid``
-    (a worker's command line ends with its spec, which names its model)."""
+def _argv(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def workers_of(pid: int) -> set[int]:
+    """PIDs of the live workers of the pool in process ``pid``: its children, and the
+    children of its template process (``start_method="forkserver"``), not the template."""
     found = set()
     for child in children_of(pid):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) >= 4 and argv[1:3] == [b"-m", b"libtorchrt.workers"] and json.loads(argv[3])["model"] == model:
+        if _argv(child)[1:3] == [b"-m", b"libtorchrt.workers.template"]:
+            found |= children_of(child)
+        else:
             found.add(child)
     return found
+
+
+def _serves(pid: int, model: str) -> bool:
+    """Whether worker ``pid`` serves ``model``: a fresh one's command line ends with its
+    spec; a forked one has the template's, and maps its response arena, named for it."""
+    argv = _argv(pid)
+    if len(argv) >= 4 and argv[1:3] == [b"-m", b"libtorchrt.workers"]:
+        return bool(json.loads(argv[3])["model"] == model)
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+    except OSError:
+        return False
+    return re.search(rf"memfd:libtorchrt-{re.escape(model)}-\d+-resp\b", maps) is not None
+
+
+def model_workers(pid: int, model: str) -> set[int]:
+    """PIDs of the live workers of ``model`` in the pool of the server ``pid``."""
+    return {worker for worker in workers_of(pid) if _serves(worker, model)}
 
 
 def request(
@@ -237,7 +262,7 @@ class ServerProcess:
         return self
 
     def workers(self) -> set[int]:
-        return children_of(self.proc.pid)
+        return workers_of(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Send ``sig``; return the exit status."""

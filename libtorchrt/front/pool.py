@@ -37,6 +37,7 @@ from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
 from .future import LoopFuture, LoopWaker, RequestFuture
 from .router import Router, RouterOptions
+from .supervisor import START_METHODS
 
 __all__ = ["Pool"]
 
@@ -94,6 +95,14 @@ class Pool:
             per-user directory shared by the machine's pools; a path; or False, a
             private directory per worker (each compiles on its own). See
             docs/formats.md.
+        start_method: how worker processes start. ``"forkserver"`` (default): the
+            pool starts one template process that imports torch, and forks each
+            worker from it (tens of milliseconds instead of a second or more, and
+            the interpreter's and torch's pages shared between workers); a worker
+            whose environment sets what only a fresh process reads (``LD_*``,
+            ``PYTHON*``, OpenMP/MKL settings other than the thread counts, ...) is
+            started fresh. ``"spawn"``: every worker is a fresh interpreter.
+            docs/startup.md says what fork changes and how each is handled.
 
     GPU instances (``devices=["cuda:0"]`` or ``instance_group { kind: KIND_GPU }``):
     ``request_arena_bytes`` is also the size of each model's request buffer on each
@@ -123,7 +132,12 @@ class Pool:
         max_pending: int | None = None,
         execution_timeout: float | None = None,
         compile_cache: bool | str | os.PathLike[str] = True,
+        start_method: str = "forkserver",
     ) -> None:
+        if start_method not in START_METHODS:
+            raise ConfigError(
+                f"Pool: start_method is {start_method!r}; expected one of {list(START_METHODS)}", key="start_method"
+            )
         errors: list[tuple[str, ConfigError]] = []
         configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
         configs += list(models)
@@ -170,6 +184,7 @@ class Pool:
             start_timeout=start_timeout,
             busy_poll_us=busy_poll_us,
             compile_cache=compile_cache,
+            start_method=start_method,
         )
         if max_pending is not None and (isinstance(max_pending, bool) or max_pending < 1):
             raise ValueError(f"max_pending is {max_pending!r}; expected a positive integer or None")

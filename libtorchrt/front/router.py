@@ -93,6 +93,8 @@ class RouterOptions:
     start_timeout: float = 120.0
     #: Inductor's cache for PT2 workers: True (per user), a path, or False (per worker)
     compile_cache: bool | str | os.PathLike[str] = True
+    #: "forkserver" (workers forked from a template process) or "spawn" (fresh ones)
+    start_method: str = "forkserver"
 
 
 def _pending_call(ref: weakref.ref[Call]) -> bool:

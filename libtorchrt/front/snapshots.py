@@ -10,7 +10,7 @@ import collections
 from collections.abc import Iterable, Mapping
 
 from ..info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerInfo
-from .records import CRASH_LOOP, DEAD, READY, _Model
+from .records import CRASH_LOOP, DEAD, READY, STARTING, _Model
 
 __all__ = ["health", "model_state", "stats", "statuses", "workers"]
 
@@ -68,6 +68,8 @@ def model_health(m: _Model, stopped: bool) -> ModelHealth:
             state = "stopped"
         elif s.start_failures >= CRASH_LOOP:
             state = "failed"
+        elif w is None and not s.restarts:  # (its first worker is not forked yet)
+            state = STARTING
         elif w is None or w.state == DEAD or w.doomed:  # (doomed: killed, its exit not seen yet)
             state = "restarting"
         else:

@@ -1,12 +1,22 @@
 """The worker processes' lives, seen from the front (router thread).
 
-Spawn (a fresh process per instance, never a fork of the caller's), READY (the
-protocol checked, the model's inputs learnt), warm-up (the model's warm-up requests
+Spawn (a process per instance, forked from the pool's template process or a fresh
+interpreter, never a fork of the caller's), READY (the protocol checked, the model's
+inputs learnt), warm-up (the model's warm-up requests
 run before it takes callers'), exit (what it held is re-sent or failed, see
 ``resend_or_fail``), restart with a backoff that grows while an instance keeps dying
 before it is ready, a crash loop that makes the model unavailable, the execution
 watchdog, and the pool's start (every model loaded or failed, within
-``start_timeout``). Process mechanics live in ``workers/process.py``; this is policy.
+``start_timeout``). Process mechanics live in ``workers/process.py`` and
+``workers/launcher.py``; this is policy.
+
+The template (``start_method="forkserver"``, the default) is started with the pool and
+closed after its workers. Workers are forked from it once it is READY; the pool's start
+waits for that (up to ``TEMPLATE_START_TIMEOUT``). A template that dies after it was
+ready is restarted at once, without waiting for it: until the new one is READY,
+replacements are started as fresh interpreters (slower, never blocked). One that dies
+before it is ready is not restarted (it would fail again): the pool then starts every
+worker fresh, as ``start_method="spawn"`` does, and says so in a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,6 +38,7 @@ from ..errors import ModelUnavailableError, TimeoutError, TorchRTError, WorkerDi
 from ..transport import channel, wire
 from ..transport import tensors as tensor_io
 from ..transport.sockets import send
+from ..workers.launcher import Template, TemplateError
 from ..workers.outputs import DeclaredOutput
 from ..workers.process import WorkerProcess
 from ..workers.worker import WorkerSpec
@@ -50,9 +62,14 @@ from .records import (
 if TYPE_CHECKING:
     from .router import Router
 
-__all__ = ["Supervisor", "declared_outputs"]
+__all__ = ["START_METHODS", "TEMPLATE_START_TIMEOUT", "Supervisor", "declared_outputs"]
 
 log = logging.getLogger("libtorchrt")
+
+#: How workers are started: forked from a template process, or fresh interpreters.
+START_METHODS = ("forkserver", "spawn")
+#: The longest the pool's start waits for its template (then it spawns workers fresh).
+TEMPLATE_START_TIMEOUT = 60.0
 
 
 def declared_outputs(cfg: ModelConfig) -> list[list[Any]]:
@@ -80,12 +97,19 @@ class Supervisor:
         self._identities = itertools.count()
         # The watch pipe: workers exit when its write end (held only here) closes.
         self._watch_r, self._watch_w = os.pipe()
+        #: the template process workers are forked from (None: spawn them fresh)
+        self.template: Template | None = None
 
     # ── start ──────────────────────────────────────────────────────────────────
 
     def start(self) -> None:
         """Spawn every instance of every model (router thread, once)."""
         self.start_deadline = time.monotonic() + self.router.options.start_timeout
+        if self.router.options.start_method == "forkserver":
+            self._start_template()
+            self._await_template()
+            if self.router.stopping:
+                return  # (closed while the template started: nothing to spawn)
         for m in self.router.models.values():
             for slot in m.slots:
                 self.spawn(m, slot)
@@ -125,8 +149,18 @@ class Supervisor:
         # A CPU worker gets a request channel; a GPU worker's requests go over ZeroMQ.
         mine, theirs = channel.pair() if slot.device == "cpu" else (None, None)
         spec.channel_fd = theirs.fileno() if theirs is not None else -1
+        template = self.template if self.template is not None and self.template.usable else None
         try:
-            proc = WorkerProcess(spec, self._watch_r, env)
+            proc = WorkerProcess(spec, self._watch_r, env, template)
+        except TemplateError as e:
+            # The template broke after it got this request: whether it forked the worker
+            # is unknown, so its identity and channel are not reused (a worker that was
+            # forked after all is an unknown peer to the router, and exits with the pool).
+            if mine is not None:
+                mine.close()
+            log.warning("worker %s/%d: %s; starting it fresh", m.name, slot.instance, e)
+            self.spawn(m, slot)  # (the template is broken now: a fresh process)
+            return
         except BaseException:
             if mine is not None:
                 mine.close()
@@ -145,6 +179,71 @@ class Supervisor:
         if mine is not None:
             w.channel = mine
             router.loop.watch(mine.fd, lambda: router.on_channel(w))
+
+    # ── the template ───────────────────────────────────────────────────────────
+
+    def _start_template(self) -> None:
+        """Start a template process; READY (or its death) is an event on its socket."""
+        template = Template()
+        try:
+            template.start()
+        except OSError as e:
+            log.warning("could not start the template process (%s); workers are started fresh", e)
+            return
+        self.template = template
+        self.router.loop.watch(template.fd, self._on_template)
+
+    def _await_template(self) -> None:
+        """Wait for the template's READY (the pool's start), but not past the start's
+        limit, nor once the pool is being closed (the inbox's eventfd says so)."""
+        template = self.template
+        if template is None:
+            return
+        limit = min(TEMPLATE_START_TIMEOUT, self.router.options.start_timeout)
+        deadline = time.monotonic() + limit
+        waker = self.router.inbox.waker.fd
+        watched = [template.fd, waker]
+        while not template.ready:
+            left = deadline - time.monotonic()
+            if self.router.stopping:
+                return
+            if left <= 0:
+                self._template_gone(f"not ready within {limit:g} s")
+                return
+            readable, _, _ = select.select(watched, [], [], left)
+            if template.fd in readable:
+                if not template.read_ready():
+                    self._template_gone(template.broken or "gone")
+                    return
+            elif waker in readable and not self.router.stopping:
+                watched.remove(waker)  # (a call, not a stop: the loop takes it later)
+
+    def _on_template(self) -> None:
+        """The template's socket is readable: it says READY, or it is gone."""
+        template = self.template
+        if template is not None and not template.read_ready():
+            self._template_gone(template.broken or "gone")
+
+    def _template_gone(self, why: str) -> None:
+        """Close a dead template; start another unless it never became ready."""
+        template = self.template
+        if template is None:
+            return
+        was_ready = template.ready
+        self.router.loop.unwatch(template.fd)
+        template.close()
+        self.template = None
+        if self.router.stopping:
+            return
+        if was_ready:
+            log.warning("the template process (pid %d) died: %s; starting another", template.pid, why)
+            self._start_template()
+        else:
+            log.warning(
+                "the template process (pid %d) failed to start: %s; workers are started fresh (start_method='spawn')",
+                template.pid,
+                why,
+            )
 
     def check_started(self) -> None:
         """The pool has started once every model is loaded or failed."""
@@ -465,7 +564,8 @@ class Supervisor:
                     w.state = STOPPED
 
     def close(self) -> None:
-        """Release every worker's handle and the watch pipe (idempotent)."""
+        """Release every worker's handle, then the template (which knows how they
+        ended) and the watch pipe (idempotent)."""
         for m in self.router.models.values():
             for w in m.workers:
                 if w.channel is not None:
@@ -473,6 +573,10 @@ class Supervisor:
                     w.channel = None
                 w.outputs = None
                 w.proc.close()
+        if self.template is not None:
+            self.router.loop.unwatch(self.template.fd)
+            self.template.close()
+            self.template = None
         for fd in (self._watch_r, self._watch_w):
             if fd >= 0:
                 os.close(fd)

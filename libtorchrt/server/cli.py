@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         "one fails with 504 and its worker is killed and replaced (default: no limit)",
     )
     run.add_argument(
+        "--start-method",
+        default="forkserver",
+        choices=["forkserver", "spawn"],
+        help="how worker processes start: forked from a template process that imported torch once (fast), "
+        "or each a fresh interpreter (default: %(default)s; see docs/startup.md)",
+    )
+    run.add_argument(
         "--grace",
         type=float,
         default=20.0,
@@ -360,6 +367,7 @@ def options_from(args: argparse.Namespace) -> Options:
         strict=args.strict or bool(args.exit_on_error),
         start_timeout=args.start_timeout,
         execution_timeout=args.execution_timeout,
+        start_method=args.start_method,
         grace=args.grace,
         limits=Limits(
             max_request_bytes=args.max_request_bytes,

@@ -59,6 +59,8 @@ class Progress:
         self._drawn = 0  # lines of the display on screen
         self._since: dict[tuple[str, int, int], float] = {}
         self._states: dict[tuple[str, int, int], str] = {}
+        #: the instances whose "loading" line named a pid
+        self._pids: set[tuple[str, int, int]] = set()
         self._ready_at: dict[tuple[str, int, int], float] = {}
         self._model_errors: dict[tuple[str, int], str] = {}
 
@@ -110,6 +112,11 @@ class Progress:
                             self._ready_at[key] = now
                         if not self.tty:
                             self._log_change(key, label, inst.pid)
+                    elif label == "loading" and inst.pid is not None and key not in self._pids and not self.tty:
+                        # (a worker forked once the template is up: its pid comes after "loading")
+                        self._log_change(key, label, inst.pid)
+                    if label == "loading" and inst.pid is not None:
+                        self._pids.add(key)
                     if label == "ready":
                         clock = f"in {self._ready_at[key] - self._since[key]:.1f} s"
                     else:

@@ -84,6 +84,8 @@ class Options:
     strict: bool = False
     start_timeout: float = 120.0
     execution_timeout: float | None = None
+    #: how workers start (``Pool(start_method=)``)
+    start_method: str = "forkserver"
     grace: float = 20.0
     limits: Limits = field(default_factory=Limits)
     busy_poll_us: int = 0
@@ -260,6 +262,7 @@ class _Service:
                 start_timeout=opts.start_timeout,
                 busy_poll_us=opts.busy_poll_us,
                 execution_timeout=opts.execution_timeout,
+                start_method=opts.start_method,
             )
         finally:
             progress.close()

@@ -1,12 +1,15 @@
 """The front's handle on one worker process (runs in the front process).
 
-A :class:`WorkerProcess` starts ``python -m libtorchrt.workers`` as a fresh interpreter
-(never a fork: CUDA and torch's thread pools do not survive fork), with its own
-environment, the arenas' and its request channel's descriptors passed through
-``pass_fds``, and its stderr on a
-pipe that the router thread reads (so that a dying worker's last words reach the error).
-Its death is observed through a ``pidfd``, which the router polls together with its
-sockets: a dead worker is an event, never a timeout.
+A :class:`WorkerProcess` starts a worker either by forking it from the pool's template
+process (``launcher.Template``: milliseconds, torch's pages shared) or as a fresh
+interpreter (``python -m libtorchrt.workers``, a second or more: the ``"spawn"`` start
+method, and the fallback for a worker the template cannot fork). Never a fork of the
+front itself: CUDA and torch's thread pools do not survive fork. Either way the worker
+gets its own environment, the arenas' and its request channel's descriptors (by
+``pass_fds``, or ``SCM_RIGHTS`` to the template), and its stderr on a pipe that the
+router thread reads (so that a dying worker's last words reach the error). Its death is
+observed through a ``pidfd``, which the router polls together with its sockets: a dead
+worker is an event, never a timeout.
 """
 
 from __future__ import annotations
@@ -20,16 +23,12 @@ import time
 from collections.abc import Mapping
 
 from ..transport.arena import Arena
+from .launcher import MALLOC_ENV, ForkedProcess, Template, TemplateError, needs_exec, worker_env
 from .worker import WorkerSpec
 
-__all__ = ["WorkerProcess"]
+__all__ = ["MALLOC_ENV", "WorkerProcess"]
 
 log = logging.getLogger("libtorchrt.worker")
-
-#: glibc returns big freed blocks to the OS and page-faults them back on the next
-#: call; with a fixed mmap threshold (its maximum, 32 MiB) and a high trim threshold,
-#: a worker's per-call buffers stay mapped. Measured on the cnn workload (docs/benchmarks.md).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 _STDERR_LINES = 40
 
@@ -43,9 +42,13 @@ class WorkerProcess:
             are filled in here.
         watch_fd: read end of the front's watch pipe (see ``worker._die_with_parent``).
         env: extra environment variables for this worker only.
+        template: fork the worker from this template process if it can (else, and
+            when None, start a fresh interpreter).
     """
 
-    def __init__(self, spec: WorkerSpec, watch_fd: int, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, spec: WorkerSpec, watch_fd: int, env: Mapping[str, str], template: Template | None = None
+    ) -> None:
         self.spec = spec
         self.responses = Arena(spec.response_bytes, name=f"libtorchrt-{spec.model}-{spec.instance}-resp")
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
@@ -56,30 +59,49 @@ class WorkerProcess:
         assert self.responses.fd is not None
         spec.response_fd = self.responses.fd
         spec.watch_fd = watch_fd
-        full_env = dict(os.environ)
-        for key, value in MALLOC_ENV.items():
-            full_env.setdefault(key, value)
-        full_env.update(env)
+        read_end, write_end = os.pipe()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "libtorchrt.workers", spec.to_json()],
-                stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                pass_fds=tuple(fd for fd in (spec.request_fd, spec.response_fd, watch_fd, spec.channel_fd) if fd >= 0),
-                env=full_env,
-                # Own session: a Ctrl-C in the terminal reaches the front, which then
-                # shuts the workers down in order, instead of killing them mid-request.
-                start_new_session=True,
-            )
+            self.proc = self._start(spec, worker_env(env), write_end, template)
         except BaseException:
+            os.close(read_end)
             self.responses.close()
             raise
+        finally:
+            os.close(write_end)  # (the worker has its own copy now)
+        #: whether it was forked from the template (else: a fresh interpreter)
+        self.forked = isinstance(self.proc, ForkedProcess)
         # The worker holds its memfd now; the front keeps only the mapping.
         self.responses.close_fd()
         self.pidfd = os.pidfd_open(self.proc.pid)
-        assert self.proc.stderr is not None
-        self.stderr_fd = self.proc.stderr.fileno()
+        self.stderr_fd = read_end
         os.set_blocking(self.stderr_fd, False)
+
+    @staticmethod
+    def _start(
+        spec: WorkerSpec, env: dict[str, str], stderr: int, template: Template | None
+    ) -> subprocess.Popen[bytes] | ForkedProcess:
+        fds = spec.fds()
+        if template is not None:
+            var = needs_exec(env, template.env)
+            if var is not None:
+                log.info("worker %s/%d is started fresh: %s is not the template's", spec.model, spec.instance, var)
+            else:
+                try:
+                    return template.spawn(spec.to_json(), env, {"stderr": stderr, **fds})
+                except TemplateError as e:
+                    if e.sent:
+                        raise  # (it may have forked the worker: these fds are not reused)
+                    log.warning("worker %s/%d is started fresh: %s", spec.model, spec.instance, e)
+        return subprocess.Popen(
+            [sys.executable, "-m", "libtorchrt.workers", spec.to_json()],
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=tuple(fds.values()),
+            env=env,
+            # Own session: a Ctrl-C in the terminal reaches the front, which then
+            # shuts the workers down in order, instead of killing them mid-request.
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -152,7 +174,10 @@ class WorkerProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
-        if self.proc.stderr is not None and not self.proc.stderr.closed:
+        if self.stderr_fd >= 0:
             self.read_stderr()
-            self.proc.stderr.close()
+            os.close(self.stderr_fd)
+            self.stderr_fd = -1
+        if isinstance(self.proc, ForkedProcess):
+            self.proc.close()
         self.responses.close()

@@ -1,6 +1,7 @@
 """The worker process: one model instance, its flags, and its execution loop.
 
-Runs in a fresh interpreter started by the front (``python -m libtorchrt.workers``).
+Runs in a fresh interpreter started by the front (``python -m libtorchrt.workers``),
+or in a process forked from the pool's template process (``template.py``).
 Start-up order matters: die with the parent first (so a front killed at any moment
 leaves no orphan), then apply the execution-mode flags (TorchScript reads them when it
 first compiles), then load the model and freeze / optimize it if its flags ask (a failure
@@ -98,9 +99,16 @@ class WorkerSpec:
     format: str = "torchscript"
     max_batch_size: int = 0
     input_names: list[str] = field(default_factory=list)
+    #: the template process that forked this worker (set by the template); 0: the
+    #: front started it as a fresh interpreter, and is its parent
+    template_pid: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
+
+    def fds(self) -> dict[str, int]:
+        """The descriptors this spec names (every ``*_fd`` field that is set)."""
+        return {k: v for k, v in self.__dict__.items() if k.endswith("_fd") and isinstance(v, int) and v >= 0}
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
@@ -138,7 +146,7 @@ def _orphaned_exit(spec: WorkerSpec, front_gone: bool = False) -> None:
     kernel closes a dying process's descriptors before it signals PR_SET_PDEATHSIG,
     and before it reparents the children, so getppid() cannot tell yet).
     """
-    if front_gone or _at_eof(spec.watch_fd) or os.getppid() != spec.parent_pid:
+    if front_gone or _at_eof(spec.watch_fd) or (not spec.template_pid and os.getppid() != spec.parent_pid):
         path = spec.endpoint.removeprefix("ipc://")
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -156,15 +164,21 @@ def _die_with_parent(spec: WorkerSpec) -> None:
     closes the pool or dies; PR_SET_PDEATHSIG (SIGTERM, handled) covers a main
     thread stuck in a model; getppid covers the window before prctl ran. Each path
     cleans the dead front's endpoint directory before exiting.
+
+    A worker forked from the template (``template_pid``) is not the front's child: its
+    parent's death is the template's, which must not end the pool's workers (see
+    ``template.py``). It has the watch pipe, and the template, which dies with the
+    front, SIGTERMs its workers as it goes.
     """
     signal.signal(signal.SIGTERM, lambda *_: _orphaned_exit(spec))
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux; the watch pipe still works
-    if os.getppid() != spec.parent_pid:
-        _orphaned_exit(spec)
+    if not spec.template_pid:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # not Linux; the watch pipe still works
+        if os.getppid() != spec.parent_pid:
+            _orphaned_exit(spec)
 
     def watch() -> None:
         try:

@@ -28,18 +28,25 @@ from tests.conftest import wait_for
 from tests.server_util import ServerProcess, alive, asgi_call, build_repository, metrics, request, sample
 
 #: runs at the start of every Python process with the test's PYTHONPATH; in a worker
-#: (``python -m libtorchrt.workers``) it waits for the gate before anything else
+#: (``python -m libtorchrt.workers``) it waits for the gate before anything else, and so
+#: does a worker forked from the template (``-m libtorchrt.workers.template``), at its fork
 GATE = """
 import os
 
 if os.environ.get("LIBTORCHRT_TEST_LOAD_GATE"):
     with open("/proc/self/cmdline", "rb") as f:
         argv = f.read().split(b"\\0")
-    if argv[1:3] == [b"-m", b"libtorchrt.workers"]:
+
+    def wait_at_the_gate():
         import fcntl
 
         with open(os.environ["LIBTORCHRT_TEST_LOAD_GATE"]) as gate:
             fcntl.flock(gate, fcntl.LOCK_SH)  # blocks while the test holds the gate
+
+    if argv[1:3] == [b"-m", b"libtorchrt.workers"]:
+        wait_at_the_gate()
+    elif argv[1:3] == [b"-m", b"libtorchrt.workers.template"]:
+        os.register_at_fork(after_in_child=wait_at_the_gate)
 """
 
 pytestmark = pytest.mark.timeout(300)  # a server start imports torch: slow on a busy machine
@@ -162,8 +169,9 @@ def test_sigterm_in_the_middle_of_the_load_exits_0_at_once(repo: Path, gate: Gat
     proc, http, metrics_at, _ = start_held(repo, gate)
     try:
         wait_for(lambda: model_state(metrics_at, "loading") == 1, 30, "spin's state to be 'loading' in /metrics")
+        # (forked from the template once it has imported torch: they may come after "loading")
+        wait_for(lambda: len(proc.workers()) == 2, 60, "both workers to start, held at the gate")
         workers = proc.workers()
-        assert len(workers) == 2  # started, held at the gate
         assert probe(http, "/v2/health/live") == 200
         t0 = time.monotonic()
         assert proc.stop(timeout=30) == 0, proc.output

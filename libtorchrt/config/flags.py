@@ -58,10 +58,6 @@ _FALSE = frozenset({"false", "0", "no", "off"})
 NVFUSER_NOTE = (
     "ENABLE_NVFUSER is accepted but has no effect: NVFuser was removed from TorchScript in this torch version"
 )
-WEIGHT_SHARING_NOTE = (
-    "ENABLE_WEIGHT_SHARING is accepted but has no effect: every instance is its own worker process and "
-    "loads its own copy of the weights, so N instances on one device hold N copies"
-)
 
 
 @dataclass(frozen=True)
@@ -83,8 +79,6 @@ class Flags:
         notes = []
         if "ENABLE_NVFUSER" in self.values:
             notes.append(NVFUSER_NOTE)
-        if self.values.get("ENABLE_WEIGHT_SHARING"):
-            notes.append(WEIGHT_SHARING_NOTE)
         if self.unknown:
             notes.append(
                 "parameters that are not execution-mode flags were passed through unused: "

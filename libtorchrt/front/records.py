@@ -6,6 +6,7 @@ Owned and mutated by the router thread only; other threads read single fields of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +114,9 @@ class _Model:
     orderer: Orderer | None = None
     #: its declared outputs, as its workers check every result against them
     declared_outputs: list[list[Any]] = field(default_factory=list)
+    #: the memfd its CPU instances share their weights in (workers/weights.py; the
+    #: router owns and closes it); -1: each instance keeps its own copy
+    weights_fd: int = -1
 
     def __post_init__(self) -> None:
         self.stats = Stats(self.cfg.name, self.cfg.version)
@@ -143,3 +147,16 @@ class _Model:
 CRASH_LOOP = 3
 #: Restart backoff: 0.1 s, doubling per consecutive start failure, at most 5 s.
 BACKOFF_BASE, BACKOFF_MAX = 0.1, 5.0
+
+
+def shares_weights(cfg: ModelConfig, placements: Sequence[str]) -> bool:
+    """Whether ``cfg``'s CPU instances share one copy of its weights.
+
+    ``ENABLE_WEIGHT_SHARING`` says; unset, they do (docs/memory.md measures why), except
+    for an AOTInductor package, whose weights live in its compiled library (asked for
+    explicitly, its workers say so). GPU instances do not share (yet).
+    """
+    wanted = cfg.flags.get("ENABLE_WEIGHT_SHARING")
+    if wanted is False or not any(p == "cpu" for p in placements):
+        return False
+    return wanted is True or cfg.format != "aoti"

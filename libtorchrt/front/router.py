@@ -66,7 +66,7 @@ from .call import Call
 from .compile_cache import CompileCache
 from .gpu import DeviceBuffers
 from .queues import Fifo
-from .records import READY, _Model, _Slot, _Worker, gpu_index
+from .records import READY, _Model, _Slot, _Worker, gpu_index, shares_weights
 from .replies import Replies
 from .supervisor import Supervisor, declared_outputs
 
@@ -158,6 +158,10 @@ class Router:
         arena = Arena(self.options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-v{cfg.version}-req")
         m = _Model(cfg, arena, Allocator(arena.size))
         m.declared_outputs = declared_outputs(cfg)
+        if shares_weights(cfg, placements):
+            m.weights_fd = os.memfd_create(
+                f"libtorchrt-{cfg.name}-v{cfg.version}-weights", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            )
         if unplaceable is not None:
             m.failed, m.start_error = str(unplaceable), unplaceable
         m.slots = [_Slot(i, d) for i, d in enumerate(placements)]
@@ -547,6 +551,9 @@ class Router:
         self.supervisor.close()
         for m in self.models.values():
             m.arena.close()
+            if m.weights_fd >= 0:
+                os.close(m.weights_fd)
+                m.weights_fd = -1
         self.gpu.close()  # after the workers, which map its buffers, are gone
         if self.sock is not None:
             self.sock.close(linger=0)

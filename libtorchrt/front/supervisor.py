@@ -140,6 +140,8 @@ class Supervisor:
         )
         assert m.arena.fd is not None
         spec.request_fd = m.arena.fd
+        if slot.device == "cpu":
+            spec.weights_fd = m.weights_fd
         env = dict(m.cfg.env)
         intra = m.cfg.flags.get("INTRA_OP_THREAD_COUNT") or 1
         env.setdefault("OMP_NUM_THREADS", str(intra))

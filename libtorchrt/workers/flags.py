@@ -81,10 +81,12 @@ _TORCHSCRIPT_ONLY = (
 )
 
 
-def effective(flags: Flags, fmt: str = "torchscript") -> dict[str, bool | int | str]:
+def effective(flags: Flags, fmt: str = "torchscript", *, shared: bool = False) -> dict[str, bool | int | str]:
     """Read back from torch the values this process really runs with, and its format
-    (``FORMAT``); the TorchScript executor's flags only for a TorchScript model."""
-    values: dict[str, bool | int | str] = {"FORMAT": fmt, **_effective(flags)}
+    (``FORMAT``); the TorchScript executor's flags only for a TorchScript model.
+    ``ENABLE_WEIGHT_SHARING`` is whether this process maps its model's shared weights
+    (``shared``, from ``workers/weights.py``), whatever was asked."""
+    values: dict[str, bool | int | str] = {"FORMAT": fmt, **_effective(flags), "ENABLE_WEIGHT_SHARING": shared}
     if fmt != "torchscript":
         for key in _TORCHSCRIPT_ONLY:
             values.pop(key, None)
@@ -108,7 +110,6 @@ def _effective(flags: Flags) -> dict[str, bool | int]:
         "ENABLE_TENSOR_FUSER": bool(torch._C._jit_texpr_fuser_enabled()),
         "DISABLE_CUDNN": not torch.backends.cudnn.enabled,
         "ENABLE_CACHE_CLEANING": bool(flags.values.get("ENABLE_CACHE_CLEANING", False)),
-        "ENABLE_WEIGHT_SHARING": False,  # each process owns its weights, whatever was asked
         "FREEZE_MODULE": _freezes(flags),
         "OPTIMIZE_FOR_INFERENCE": bool(flags.values.get("OPTIMIZE_FOR_INFERENCE", False)),
         "CUDA_LAUNCH_BLOCKING": os.environ.get("CUDA_LAUNCH_BLOCKING", "0").strip() == "1",

@@ -46,7 +46,7 @@ from ..transport import wire
 from ..transport.arena import Allocator, Arena
 from ..transport.channel import MAX_DATAGRAM
 from ..transport.sockets import OWNER_LOCK, recv, send
-from . import batching
+from . import batching, weights
 from . import flags as flag_mod
 from .formats import LoadRequest, Runner
 from .formats import load as load_model
@@ -89,6 +89,8 @@ class WorkerSpec:
     watch_fd: int = -1
     #: the worker's end of its request channel (transport/channel.py); -1: ZeroMQ only
     channel_fd: int = -1
+    #: the model's shared-weights memfd (workers/weights.py); -1: weights not shared
+    weights_fd: int = -1
     device: str = "cpu"
     method: str = "forward"
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
@@ -220,6 +222,8 @@ class _Worker:
         #: the CUDA side of a GPU instance (None on the CPU)
         self.gpu = GpuSide(spec.device, self.requests, self.responses) if spec.device != "cpu" else None
         self.declared = [DeclaredOutput.from_json(item) for item in spec.outputs]
+        #: the model's shared weights (their read-only mapping lives as long as this)
+        self.shared: list[weights.Shared] = []
 
     def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
         return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
@@ -428,6 +432,11 @@ def main(argv: list[str]) -> int:
                 notes = flag_mod.apply(fl, cpu=spec.device == "cpu")
             for w in caught:
                 print(f"libtorchrt worker {spec.model}/{spec.instance}: {w.message}", file=sys.stderr)
+            shared: list[weights.Shared] = []
+
+            def share(module: Any) -> None:
+                shared.append(weights.share(module, spec.weights_fd, spec.model))
+
             runner = load_model(
                 spec.format,
                 LoadRequest(
@@ -440,10 +449,15 @@ def main(argv: list[str]) -> int:
                     max_batch_size=spec.max_batch_size,
                     input_names=spec.input_names,
                     output_names=[d.name for d in map(DeclaredOutput.from_json, spec.outputs)],
+                    on_weights=share if spec.weights_fd >= 0 else None,
                 ),
             )
+            if spec.weights_fd >= 0:  # the mapping, if any, stays; the descriptor is not needed
+                os.close(spec.weights_fd)
             worker = _Worker(spec, runner, sock, fl)
-            effective = flag_mod.effective(fl, runner.format)
+            worker.shared = shared
+            shared_bytes = sum(s.nbytes for s in shared)
+            effective = flag_mod.effective(fl, runner.format, shared=shared_bytes > 0)
         except Exception as e:
             failed = wire.Failed(wire.PROTOCOL_VERSION, os.getpid(), type(e).__name__, str(e), traceback.format_exc())
             sock.send(wire.encode(failed))
@@ -451,6 +465,10 @@ def main(argv: list[str]) -> int:
         if worker.gpu is not None:
             notes += worker.gpu.notes
         notes += runner.notes
+        for s in worker.shared:
+            notes += s.notes
+        if worker.shared:
+            runner.info["shared_weight_bytes"] = shared_bytes
         batch = list(runner.batch_range) if runner.batch_range else []
         ready = wire.Ready(
             wire.PROTOCOL_VERSION,

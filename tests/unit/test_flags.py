@@ -140,12 +140,11 @@ def test_model_config_keeps_parsed_flags() -> None:
 # ------------------------------------------------------------ notes and effective
 
 
-def test_weight_sharing_is_accepted_with_a_note_saying_each_process_owns_its_weights() -> None:
+def test_weight_sharing_is_a_flag_without_a_note() -> None:
     parsed = flags.parse("m", {"ENABLE_WEIGHT_SHARING": "true"})
     assert parsed.values == {"ENABLE_WEIGHT_SHARING": True}
-    (note,) = parsed.notes()
-    assert "ENABLE_WEIGHT_SHARING" in note and "no effect" in note and "own copy of the weights" in note
-    assert flags.parse("m", {"ENABLE_WEIGHT_SHARING": "false"}).notes() == []
+    assert parsed.notes() == []
+    assert flags.parse("m", {"ENABLE_WEIGHT_SHARING": "false"}).values == {"ENABLE_WEIGHT_SHARING": False}
 
 
 def test_notes_name_nvfuser_and_unknown_keys() -> None:
@@ -161,7 +160,8 @@ def test_effective_reports_every_key_including_freezing_and_launch_blocking(monk
     assert got["FORMAT"] == "torchscript"
     assert got["FREEZE_MODULE"] is True, "optimize_for_inference freezes first"
     assert got["OPTIMIZE_FOR_INFERENCE"] is True
-    assert got["ENABLE_WEIGHT_SHARING"] is False
+    assert got["ENABLE_WEIGHT_SHARING"] is False, "asked for, but this process maps nothing shared"
+    assert flags.effective(flags.parse("m", {}), shared=True)["ENABLE_WEIGHT_SHARING"] is True
     assert got["CUDA_LAUNCH_BLOCKING"] is True
     monkeypatch.delenv("CUDA_LAUNCH_BLOCKING")
     got = flags.effective(flags.parse("m", {}))

@@ -88,6 +88,12 @@ def load(req: LoadRequest) -> Runner:
     device, wrappers = _read_package(req)
     kind = req.device.split(":", 1)[0]
     notes: list[str] = []
+    if req.on_weights is not None:
+        notes.append(
+            "ENABLE_WEIGHT_SHARING: an AOTInductor package's weights live in its compiled library's own constant "
+            "buffers (sharing them across processes needs its user-managed constants, not used yet): each "
+            "instance holds its own copy"
+        )
     if device is None:
         notes.append("the package's metadata does not say which device it was compiled for (AOTI_DEVICE_KEY)")
     elif device != kind:

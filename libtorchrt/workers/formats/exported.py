@@ -60,6 +60,8 @@ def load(req: LoadRequest) -> Runner:
     pt2call.check_batch(req, batch_range, static=static, artifact="program")
 
     call: Any = ep.module()
+    if req.on_weights is not None:  # before torch.compile
+        req.on_weights(call)
     options = compile_options(req.model, req.parameters[COMPILE_KEY]) if COMPILE_KEY in req.parameters else None
     compiled = options is not None and not options.get("disable", False)
     if compiled:

@@ -92,6 +92,8 @@ def load(req: LoadRequest) -> Runner:
             "__init__ gives it; save model.state_dict() there to serve trained weights"
         )
     model.eval()
+    if req.on_weights is not None:  # before torch.compile
+        req.on_weights(model)
     method = _method(req, model, cls)
     # forward is called through the module so that its hooks run, as model(x) would.
     target: Callable[..., Any] = model if req.method == "forward" else method

@@ -56,6 +56,10 @@ class LoadRequest:
     #: the declared inputs' and outputs' names (checked against a PT2 call spec)
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    #: called with the loaded module (``nn.Module`` or ``ScriptModule``) once its weights
+    #: are loaded, before it is frozen or compiled: where the worker shares them
+    #: (``workers/weights.py``); a format without a module to share says so in a note
+    on_weights: Callable[[Any], None] | None = None
 
 
 @dataclass

@@ -44,6 +44,8 @@ def load(req: LoadRequest) -> Runner:
                 raise
             raise RuntimeError(f"{req.path} is {what}") from e
     module.eval()
+    if req.on_weights is not None:  # before freezing turns the weights into constants
+        req.on_weights(module)
     module = flag_mod.prepare(module, req.flags, method=req.method, model=req.model)
     method = getattr(module, req.method)
     schema = method.schema

@@ -45,6 +45,8 @@ class _Worker:
     inflight: dict[int, Call] = field(default_factory=dict)
     releases: list[int] = field(default_factory=list)
     served: int = 0
+    #: it was given its model's shared-weights memfd (workers/weights.py)
+    shares_weights: bool = False
     #: when the request at the head of ``inflight`` started running
     busy_since: float | None = None
     #: it will exit (sticky error, execution timeout): what it holds did not run

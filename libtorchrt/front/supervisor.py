@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -170,7 +171,7 @@ class Supervisor:
         finally:
             if theirs is not None:
                 theirs.close()  # (the worker has its own copy now)
-        w = _Worker(m, slot.instance, identity, proc, gpu=gpu_index(slot.device))
+        w = _Worker(m, slot.instance, identity, proc, gpu=gpu_index(slot.device), shares_weights=spec.weights_fd >= 0)
         w.outputs = np.frombuffer(proc.responses.flat.numpy(), dtype=np.uint8)
         slot.worker = w
         slot.restart_at = None
@@ -470,7 +471,10 @@ class Supervisor:
         w.state = DEAD
         w.busy_since = None
         log.error("worker %s/%d (pid %d) exited with %s", m.name, w.instance, w.proc.pid, code)
-        if not self.started.is_set() and self.start_error is None:
+        unshared = code == -signal.SIGSEGV and self._stop_sharing(w)
+        if unshared:  # not its request's fault: re-sent without counting a try (each
+            w.doomed = True  # sharing instance can fault once, its replacement does not)
+        if not self.started.is_set() and self.start_error is None and not unshared:
             reason = slot.last_error or f"the process exited with code {code}"
             self.model_failed(m, WorkerStartError(m.name, w.instance, reason, tail))
             self._drop_worker(w)
@@ -483,7 +487,7 @@ class Supervisor:
             slot.last_error = f"worker {w.instance} (pid {w.proc.pid}) {how}" + (
                 f": {tail.splitlines()[-1]}" if tail else ""
             )
-        if not was_ready:
+        if not was_ready and not unshared:
             slot.start_failures += 1
         slot.restarts += 1
         delay = 0.0 if was_ready else min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (slot.start_failures - 1))
@@ -492,6 +496,30 @@ class Supervisor:
         if all(s.start_failures >= CRASH_LOOP for s in m.slots):
             m.unavailable = slot.last_error or f"exited with code {code}"
         router.dispatch(m)
+
+    def _stop_sharing(self, w: _Worker) -> bool:
+        """``w`` died of SIGSEGV while mapping its model's read-only shared weights: the
+        model writes into its weights (a counter in a buffer, running statistics).
+        Unless sharing was asked for explicitly (then the fault is the protection it
+        promises), its instances keep their own copy from now on: the replacement, and
+        every sibling that faults the same way. Returns whether ``w`` died of that (its
+        replacement then runs unshared; not a start failure).
+        """
+        m = w.model
+        if not w.shares_weights or m.cfg.flags.get("ENABLE_WEIGHT_SHARING") is not None:
+            return False
+        if m.weights_fd < 0:  # a sibling faulted first
+            return True
+        os.close(m.weights_fd)  # (its workers keep their mappings; new ones get none)
+        m.weights_fd = -1
+        log.warning(
+            "model %r: worker %d died of SIGSEGV with its weights shared read-only; the model writes into its "
+            "weights, so its instances now keep their own copy (set ENABLE_WEIGHT_SHARING: false to start that "
+            "way, or true to keep sharing and let such a worker die)",
+            m.name,
+            w.instance,
+        )
+        return True
 
     def _close_channel(self, w: _Worker) -> None:
         """Read what is left in ``w``'s channel, then close it."""

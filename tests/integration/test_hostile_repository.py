@@ -70,7 +70,7 @@ HOSTILE: dict[str, tuple[str, str | bytes]] = {
 FAILED = ("bad_timeout", "many_instances", "many_dims", "huge_dims", "unknown_field", "garbage_text")
 #: models whose workers fail to load the file: failed at start, with the load error
 UNLOADABLE = {
-    "not_a_model": "not a TorchScript archive (not a zip file",
+    "not_a_model": "is a zip file that is neither TorchScript nor a PT2 archive (truncated or corrupt?)",
     "a_pickle": "is a pickle (torch.save with the legacy format, or pickle.dump), not TorchScript",
     "a_checkpoint": "is a torch.save checkpoint (a state dict or a pickled module), not TorchScript",
 }

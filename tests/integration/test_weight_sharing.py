@@ -4,7 +4,6 @@ dies alone and is replaced; its siblings' answers do not change."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -75,9 +74,11 @@ def test_instances_map_one_read_only_copy_and_answer_as_unshared_ones(
 def test_a_worker_that_writes_into_its_weights_dies_alone(
     make_pool: Callable[..., Any], poker: tuple[Path, torch.nn.Module]
 ) -> None:
+    """Sharing asked for explicitly: the fault is the protection, and the replacement
+    maps the same, unchanged weights."""
     path, model = poker
     x, zero, one = torch.randn(2, 256), torch.zeros(1), torch.ones(1)
-    pool = make_pool(ModelConfig("m", path, instances=2, max_retries=0))
+    pool = make_pool(ModelConfig("m", path, instances=2, max_retries=0, parameters={"ENABLE_WEIGHT_SHARING": "true"}))
     pids = {w.pid for w in pool.workers()}
     with pytest.raises(WorkerDiedError) as e:
         pool.infer("m", [x, one])
@@ -88,4 +89,34 @@ def test_a_worker_that_writes_into_its_weights_dies_alone(
     health = pool.health()
     assert sum(i.restarts for i in health["m"].instances) >= 1
     assert {w.pid for w in pool.workers()} != pids
-    assert os.path.exists(path)
+    assert all(w.flags["ENABLE_WEIGHT_SHARING"] for w in pool.workers() if w.state == "ready")
+
+
+class _Counter(torch.nn.Module):
+    """Counts its calls in a buffer: a model that writes into its weights on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1.0)
+        return x + self.calls
+
+
+def test_by_default_a_model_that_writes_into_its_weights_is_served_unshared(
+    make_pool: Callable[..., Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sharing is on by default; a model that turns out to write into its weights
+    costs one worker's death (its request is re-sent), then runs unshared."""
+    path = tmp_path / "counter.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_Counter()).save(str(path))
+    pool = make_pool(ModelConfig("counter", path, instances=2))
+    x = torch.zeros(1)
+    assert float(pool.infer("counter", [x], timeout=60)["OUTPUT__0"]) == 1.0
+    assert any("writes into its weights" in r.getMessage() for r in caplog.records)
+    for _ in range(3):
+        pool.infer("counter", [x], timeout=60)
+    assert not any(w.flags["ENABLE_WEIGHT_SHARING"] for w in pool.workers() if w.state == "ready")

@@ -121,7 +121,7 @@ _SHARER = textwrap.dedent(
 def test_instances_that_start_together_take_turns(memfd: int) -> None:
     """The one that fills seals the memfd while no sibling maps it (a lock that mmap's
     own descriptor could release would let one in, and sealing would fail)."""
-    at = str(time.time() + 8.0)
+    at = str(time.time() + 5.0)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _SHARER, str(memfd), at], pass_fds=(memfd,), stdout=subprocess.PIPE, text=True

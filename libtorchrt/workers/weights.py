@@ -92,7 +92,7 @@ def share(module: Any, fd: int, model: str) -> Shared:
     if skipped:
         notes.append(f"weights {skipped[:5]} are not dense and contiguous: they are not shared")
     if not named:
-        return Shared(None, 0, False, [*notes, f"model {model!r} has no CPU weights to share"])
+        return Shared(None, 0, False, notes)  # (no weights: nothing to share, nothing to say)
     with _locked(fd):
         filled = os.fstat(fd).st_size == 0
         if filled:

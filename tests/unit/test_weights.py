@@ -161,3 +161,9 @@ def test_the_fill_lock_survives_the_mapping_closing_its_descriptor(memfd: int) -
         [sys.executable, "-c", _TRY_LOCK, str(memfd)], pass_fds=(memfd,), capture_output=True, text=True
     )
     assert after.stdout.strip() == "got it"
+
+
+def test_a_model_without_weights_shares_nothing_and_says_nothing(memfd: int) -> None:
+    shared = weights.share(torch.nn.ReLU(), memfd, "m")
+    assert (shared.nbytes, shared.mapping, shared.notes) == (0, None, [])
+    assert os.fstat(memfd).st_size == 0, "nothing filled: a sibling with weights would fill it"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -167,3 +168,15 @@ def test_a_model_without_weights_shares_nothing_and_says_nothing(memfd: int) -> 
     shared = weights.share(torch.nn.ReLU(), memfd, "m")
     assert (shared.nbytes, shared.mapping, shared.notes) == (0, None, [])
     assert os.fstat(memfd).st_size == 0, "nothing filled: a sibling with weights would fill it"
+
+
+def test_freezing_keeps_unfolded_weights_in_the_shared_copy(memfd: int) -> None:
+    """Sharing happens before FREEZE_MODULE / OPTIMIZE_FOR_INFERENCE: the constants
+    freezing makes of unfolded weights still point into the shared mapping."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU()).eval())
+        shared = weights.share(scripted, memfd, "m")
+        frozen = torch.jit.freeze(scripted.eval())
+    assert shared.nbytes == (32 * 32 + 32) * 4
+    assert weights.shared_bytes(frozen, shared.mapping) == shared.nbytes

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...config.flags import Flags
-from ...transport import tensors as tensor_io
 
 __all__ = ["LoadError", "LoadRequest", "Output", "Runner"]
 
@@ -86,18 +85,3 @@ class Runner:
     notes: list[str] = field(default_factory=list)
     #: what the worker reports of its format (e.g. the compile cache it used)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def strings_or_tensor(value: Any, where: str) -> Output:
-    """A model's output as the wire takes it: a tensor, or a list of str as Strings.
-
-    Raises:
-        TypeError: neither (names ``where``, e.g. "RESULT[0]").
-    """
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tensor_io.Strings.of(value)
-    raise TypeError(f"{where} is a {type(value).__name__}; expected a Tensor or a list of str")

@@ -185,6 +185,11 @@ class Infer:
     single: bool = spec(Bool(), default=False)
     #: the request's priority level (``Pool.submit(priority=)``); None: the model's default
     priority: int | None = spec(Optional(Int(lo=0, hi=2**31 - 1)), default=None)
+    #: the request's sequence (``Pool.submit(sequence_id=, sequence_start=,
+    #: sequence_end=)``); None: none (the pool checks the id's type)
+    sequence_id: int | str | None = spec(Plain(depth=0), default=None)
+    sequence_start: bool = spec(Bool(), default=False)
+    sequence_end: bool = spec(Bool(), default=False)
 
 
 @message(rules=(_paired,))

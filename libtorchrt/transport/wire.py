@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 from ..errors import ProtocolError
-from .codec import Bool, Bytes, Codec, Convert, Int, List, Map, Str, Struct, message, spec, unpack
+from .codec import Bool, Bytes, Codec, Convert, Int, List, Map, Plain, Str, Struct, message, spec, unpack
 from .dtypes import DTYPES, ITEMSIZES, STRING, dtype_name
 
 __all__ = [
@@ -309,6 +309,21 @@ class Request:
         default_factory=list,
         error=_OFFSETS,
     )
+    #: sequence batching (workers/sequences.py): per row of the request or batch, its
+    #: sequence's handle and flags (1: start, 2: end), in pairs; empty: no sequences
+    sequence: list[int] = spec(
+        List(Int(lo=0), max_len=2 * _MAX_TENSORS),
+        default_factory=list,
+        error="malformed {cls} message: sequence must list (handle, flags) pairs of integers >= 0",
+    )
+    #: per row, its sequence's correlation ID (an integer or a string)
+    corrids: list[Any] = spec(
+        List(Plain(depth=0), max_len=_MAX_TENSORS),
+        default_factory=list,
+        error="malformed {cls} message: corrids must list integers or strings",
+    )
+    #: handles of sequences whose state the worker drops (ended elsewhere, or idle)
+    forget: list[int] = spec(_OFFSET_LIST, default_factory=list, error=_OFFSETS)
 
 
 @message(missing=_TERSE)

@@ -67,6 +67,9 @@ WIRE_LAYOUT = {
             "device_releases",
             "device_ids",
             "batch",
+            "sequence",
+            "corrids",
+            "forget",
         ],
     ),
     4: ("Response", ["id", "tensors", "blobs"]),
@@ -77,7 +80,24 @@ WIRE_LAYOUT = {
 REMOTE_LAYOUT = {
     1: ("Hello", ["protocol", "pid", "boot_id", "shared_memory"]),
     2: ("Welcome", ["protocol", "session", "shm_path", "max_request_bytes", "server"]),
-    3: ("Infer", ["id", "model", "version", "timeout", "names", "tensors", "blobs", "releases", "single", "priority"]),
+    3: (
+        "Infer",
+        [
+            "id",
+            "model",
+            "version",
+            "timeout",
+            "names",
+            "tensors",
+            "blobs",
+            "releases",
+            "single",
+            "priority",
+            "sequence_id",
+            "sequence_start",
+            "sequence_end",
+        ],
+    ),
     4: ("Result", ["id", "names", "tensors", "blobs"]),
     5: ("Failure", ["id", "error_type", "message", "fields", "traceback"]),
     6: ("Release", ["offsets"]),
@@ -103,7 +123,8 @@ _T = TensorDesc
 _EXPORT = Export(3, 1, 1 << 20, bytes(range(64)), b"\x01" * 64)
 
 # Headers as the hand-written encoders of commit 59826ef wrote them (before the codec);
-# Ready's four trailing fields (format, outputs, batch, info: PT2 models) came later.
+# Ready's four trailing fields (format, outputs, batch, info: PT2 models), Request's
+# three (sequence, corrids, forget) and Infer's three (the sequence's) came later.
 WIRE_BYTES = [
     (
         wire.Ready(1, 4242, {"INFERENCE_MODE": True}, ["x"], "cuda:0", ["note"], True),
@@ -121,14 +142,14 @@ WIRE_BYTES = [
     ),
     (
         wire.Request(8, [_T("float32", (2,), DEVICE, 256)], [], [], [_EXPORT], 3, -1, [0], [3], [2]),
-        "9b03089194a7666c6f61743332910203cd0100909091950301ce00100000c440000102030405060708090a0b0c0d0e0f10111213"
+        "9e03089194a7666c6f61743332910203cd0100909091950301ce00100000c440000102030405060708090a0b0c0d0e0f10111213"
         "1415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3fc440010101010101"
         "01010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101"
-        "01010101010103ff910091039102",
+        "01010101010103ff910091039102909090",
     ),
     (
         wire.Request(9, [_T("string", (2,), BLOB, 0)], [], [b"\x01\x00\x00\x00a\x00\x00\x00\x00"], batch=[1, 1]),
-        "9b03099194a6737472696e67910200009091c40901000000610000000090ffff9090920101",
+        "9e03099194a6737472696e67910200009091c40901000000610000000090ffff9090920101909090",
     ),
     (wire.Response(7, [_T("bfloat16", (1, 16), FRAME, 0)], []), "9404079194a862666c6f61743136920110010090"),
     (wire.Error(7, "ModelError", "boom", "tb", False, True), "970507aa4d6f64656c4572726f72a4626f6f6da27462c2c3"),
@@ -143,7 +164,7 @@ REMOTE_BYTES = [
     ),
     (
         remote.Infer(7, "tiny", 2, 1.5, ["a"], [_T("float32", (2,), BLOB, 0)], [b"\x00" * 8], [64], False, 3),
-        "9b0307a474696e7902cb3ff800000000000091a1619194a7666c6f617433329102000091c40800000000000000009140c203",
+        "9e0307a474696e7902cb3ff800000000000091a1619194a7666c6f617433329102000091c40800000000000000009140c203c0c2c2",
     ),
     (remote.Result(7, ["y"], [_T("int32", (1,), ARENA, 64)], []), "95040791a1799194a5696e7433329101024090"),
     (

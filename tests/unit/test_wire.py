@@ -234,7 +234,10 @@ def test_blobs_decode_as_bytes(cls: type) -> None:
             Ready(1, 10, {}, ["x"], "cpu", [], True, "aoti", ["RESULT"], [1, 8]),
         ),
         ([Failed.KIND, 1, 10, "E", "m", "tb", {"new": 1}], Failed(1, 10, "E", "m", "tb")),
-        ([Request.KIND, 5, [], [64], [b"x"], [], -1, -1, [], [], [], "priority", 9], Request(5, [], [64], [b"x"])),
+        (
+            [Request.KIND, 5, [], [64], [b"x"], [], -1, -1, [], [], [], [], [], [], "priority", 9],
+            Request(5, [], [64], [b"x"]),
+        ),
         ([Response.KIND, 6, [], [b"y"], ["future"]], Response(6, [], [b"y"])),
         ([Error.KIND, 7, "E", "m", "", True, False, 123], Error(7, "E", "m", "", True, False)),
         ([Release.KIND, [0], None], Release([0])),
@@ -715,13 +718,15 @@ _EXPORT = Export(3, 1, 1 << 20, bytes(range(64)), b"\x01" * 64)
         pytest.param({"device_releases": [0]}, id="device-releases"),
         pytest.param({"device_ids": [0]}, id="device-ids"),
         pytest.param({"batch": [1]}, id="batch"),
+        pytest.param({"sequence": [0, 3], "corrids": ["s"]}, id="sequence"),
+        pytest.param({"forget": [7]}, id="forget"),
     ],
 )
 def test_each_gpu_or_batch_field_alone_survives_the_round_trip(fields: dict[str, Any]) -> None:
     # Buffer id 0 and export 0 are real buffers: encode must not take them for "none".
     msg = Request(8, [TensorDesc("float32", (2,), DEVICE, 0)], **fields)
     assert decode(encode(msg)) == msg
-    assert len(msgpack.unpackb(encode(msg))) == 11
+    assert len(msgpack.unpackb(encode(msg))) == 14
 
 
 @pytest.mark.parametrize(

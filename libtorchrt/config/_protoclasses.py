@@ -33,7 +33,8 @@ def build_module(serialized: bytes, module: str, namespace: dict[str, Any]) -> F
     (Triton's own, in tritonclient, is ``model_config.proto`` in package ``inference``).
 
     Args:
-        serialized: a serialized ``FileDescriptorProto`` with no imports.
+        serialized: a serialized ``FileDescriptorProto``; the files it imports must be in
+            the default pool already (their modules imported first).
         module: the module the names are defined in (``__module__`` of the classes).
         namespace: that module's ``globals()``.
 

@@ -1,8 +1,9 @@
 """Where a model's instances run: :class:`InstanceGroup` (runs in the front).
 
 Triton's ``instance_group``: each instance is one worker process here, on the CPU or
-on one GPU. ``KIND_MODEL`` (the model places itself) is not served: a worker is given
-its device.
+on one GPU. A ``KIND_MODEL`` instance places itself: its worker is given no device
+(to the pool it is a CPU instance: inputs arrive on the CPU) and loads the model where
+the model file says, so a model that spreads itself over GPUs runs as it was saved.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from ..errors import ConfigError
 
 __all__ = ["KINDS", "MAX_INSTANCES", "InstanceGroup", "cuda_device_count"]
 
-#: Where an instance group runs (Triton's ``instance_group.kind``; KIND_MODEL is not served).
-KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
+#: Where an instance group runs (Triton's ``instance_group.kind``).
+KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU", "KIND_MODEL")
 
 #: The most worker processes one model may ask for (all groups and GPUs together): each
 #: is a process with its own interpreter and torch, so an unbounded count is a way to
@@ -32,11 +33,12 @@ class InstanceGroup:
     ``count`` instances are started on *each* GPU of ``gpus`` (all visible GPUs when
     empty) for ``KIND_GPU``; ``count`` CPU instances for ``KIND_CPU``; ``KIND_AUTO``
     is ``KIND_GPU`` when CUDA is available and every listed GPU exists, else
-    ``KIND_CPU`` (Triton's rule).
+    ``KIND_CPU`` (Triton's rule); ``count`` instances for ``KIND_MODEL``, each placing
+    itself (its worker is given no device: ``"cpu"`` to the pool).
 
     Raises:
         ConfigError: an unknown kind, a count below 1, negative GPU numbers, or GPUs
-            listed for ``KIND_CPU``.
+            listed for ``KIND_CPU`` or ``KIND_MODEL``.
     """
 
     count: int = 1
@@ -60,8 +62,8 @@ class InstanceGroup:
         self.gpus = tuple(int(g) for g in self.gpus)
         if any(g < 0 for g in self.gpus):
             raise ConfigError(f"instance_group gpus {list(self.gpus)} must be GPU numbers >= 0", key="gpus")
-        if self.gpus and kind == "KIND_CPU":
-            raise ConfigError("instance_group lists gpus but its kind is KIND_CPU", key="gpus")
+        if self.gpus and kind in ("KIND_CPU", "KIND_MODEL"):
+            raise ConfigError(f"instance_group lists gpus but its kind is {kind}", key="gpus")
         self.name = str(self.name)
 
     def devices(self, model: str, cuda_devices: int) -> list[str]:
@@ -74,7 +76,7 @@ class InstanceGroup:
         if kind == "KIND_AUTO":
             on_gpu = cuda_devices > 0 and all(g < cuda_devices for g in self.gpus)
             kind = "KIND_GPU" if on_gpu else "KIND_CPU"
-        if kind == "KIND_CPU":
+        if kind in ("KIND_CPU", "KIND_MODEL"):  # (a KIND_MODEL worker is given no device)
             return ["cpu"] * self.count
         gpus = self.gpus or tuple(range(cuda_devices))
         if not gpus:

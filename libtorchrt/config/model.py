@@ -22,6 +22,7 @@ from . import flags as flag_mod
 from . import formats
 from .batching import DynamicBatching, QueuePolicy
 from .instances import KINDS, MAX_INSTANCES, InstanceGroup, cuda_device_count
+from .sequences import ControlInput, SequenceBatching, SequenceState
 from .tensor import MAX_DIMS, STRING, TRITON_DTYPES, TensorSpec, normalize_dtype
 from .versions import VersionPolicy
 from .warmup import ModelWarmup, WarmupInput, WarmupValue, declared_warmup, warmup_tensors
@@ -34,11 +35,14 @@ __all__ = [
     "STRING",
     "TRITON_DTYPES",
     "WARMUP_RUNS_KEY",
+    "ControlInput",
     "DynamicBatching",
     "InstanceGroup",
     "ModelConfig",
     "ModelWarmup",
     "QueuePolicy",
+    "SequenceBatching",
+    "SequenceState",
     "TensorSpec",
     "VersionPolicy",
     "WarmupInput",
@@ -101,6 +105,9 @@ class ModelConfig:
             limit), before anything is allocated.
         dynamic_batching: Triton's ``dynamic_batching`` settings (None: the block
             is absent): requests are batched together (see docs/batching.md).
+        sequence_batching: Triton's ``sequence_batching`` settings (None: the block
+            is absent): every request names its sequence, which sticks to one
+            instance and may keep implicit state there (see docs/sequences.md).
         warmup: Triton's ``model_warmup`` samples, run by every instance before it
             is ready; or an integer N, short for ``warmup_runs=N``.
         version_policy: which versions of a repository's model are served.
@@ -136,6 +143,7 @@ class ModelConfig:
     execution_timeout: float | None = None
     max_request_bytes: int | None = None
     dynamic_batching: DynamicBatching | None = None
+    sequence_batching: SequenceBatching | None = None
     warmup: Sequence[ModelWarmup] = ()  # or an int: see the docstring
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup_runs: int = 0
@@ -233,6 +241,12 @@ class ModelConfig:
                 )
             for spec in specs:
                 self._check_satisfiable(spec, kind)
+                if kind == "input" and isinstance(spec, TensorSpec) and spec.label_filename is not None:
+                    raise ConfigError(
+                        f"model {self.name!r}: input {spec.name!r} has a label_filename; only outputs have labels",
+                        model=self.name,
+                        key="label_filename",
+                    )
         self._check_scheduling()
 
     def _check_satisfiable(self, spec: TensorSpec, kind: str) -> None:
@@ -347,6 +361,23 @@ class ModelConfig:
                     key="dynamic_batching",
                 )
             self.dynamic_batching.check(self.name, self.max_batch_size)
+        if self.sequence_batching is not None:
+            if not isinstance(self.sequence_batching, SequenceBatching):
+                raise ConfigError(
+                    f"model {self.name!r}: sequence_batching must be a SequenceBatching or None",
+                    model=self.name,
+                    key="sequence_batching",
+                )
+            if self.dynamic_batching is not None:
+                raise ConfigError(
+                    f"model {self.name!r}: dynamic_batching and sequence_batching are both given; a model has one "
+                    "scheduler (sequence_batching batches too: see docs/sequences.md)",
+                    model=self.name,
+                    key="sequence_batching",
+                )
+            self.sequence_batching.check(
+                self.name, self.max_batch_size, [s.name for s in self.inputs], [s.name for s in self.outputs]
+            )
         self.warmup = tuple(self.warmup)
         for sample in self.warmup:
             if not isinstance(sample, ModelWarmup):
@@ -434,6 +465,16 @@ class ModelConfig:
                 key="count",
             )
         return out
+
+    def placed_by_model(self, cuda_devices: int | None = None) -> list[bool]:
+        """Per instance, in :meth:`placements` order: whether it places itself
+        (``KIND_MODEL``: its worker loads the model without a device, where the file says).
+
+        Raises:
+            ConfigError: as :meth:`placements`.
+        """
+        n = cuda_device_count() if cuda_devices is None else cuda_devices
+        return [g.kind == "KIND_MODEL" for g in self.groups for _ in g.devices(self.name, n)]
 
     @property
     def model_dir(self) -> Path:

@@ -4,11 +4,13 @@ The text is parsed by protobuf's ``text_format`` against ``model_config.proto``,
 has the field names and numbers of Triton's own schema, so a file parses here exactly
 as Triton parses it. Then every field is either
 
-- **used** (name, platform/backend, max_batch_size, input, output, instance_group,
-  dynamic_batching, model_warmup, version_policy, parameters, default_model_filename),
+- **used** (name, platform/backend, max_batch_size, input, output (and its
+  label_filename), instance_group,
+  dynamic_batching, sequence_batching, model_warmup, version_policy, parameters,
+  default_model_filename),
 - **accepted and reported** in :attr:`ModelConfig.notes` because it means nothing
-  here (optimization, response_cache, metric_tags, label_filename, rate_limiter,
-  host_policy), or accepted silently because it changes nothing (an input's
+  here (optimization, response_cache, metric_tags, rate_limiter, host_policy), or
+  accepted silently because it changes nothing (an input's
   ``format``, ``model_transaction_policy { decoupled: false }``, ``runtime`` naming
   the LibTorch backend), or
 - **refused** with a :class:`ConfigError` naming the field and its ``file:line``.
@@ -24,7 +26,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from google.protobuf import text_format
 
@@ -34,6 +36,7 @@ from .batching import DynamicBatching, QueuePolicy
 from .instances import InstanceGroup
 from .locations import Locations
 from .model import ModelConfig
+from .sequences import ControlInput, SequenceBatching, SequenceState
 from .tensor import TensorSpec
 from .versions import VersionPolicy, version_dirs
 from .warmup import ModelWarmup, WarmupInput, check_input, sample_value
@@ -51,7 +54,6 @@ _DEFAULT_FILENAMES = {"aoti": "model.pt2", "python": "model.py"}
 
 #: Top-level fields that are refused, and why.
 _REFUSED = {
-    "sequence_batching": "sequence batching (stateful models, correlation IDs) is not supported",
     "batch_input": "batch inputs are not supported (libtorchrt does not build batches across requests)",
     "batch_output": "batch outputs are not supported (libtorchrt does not build batches across requests)",
     "cc_model_filenames": "per-compute-capability model files are not supported; name the file with "
@@ -79,6 +81,7 @@ _USED = {
     "parameters",
     "default_model_filename",
     "dynamic_batching",
+    "sequence_batching",
     "model_warmup",
     "optimization",
     "response_cache",
@@ -215,6 +218,14 @@ def load_versions(
     chosen = policy.select(available)
     if not chosen:
         reader.fail(f"no version directory of {str(directory)!r} holds {filename!r}", "default_model_filename")
+    for i, spec in enumerate(cfg.outputs):  # a missing label file breaks the model now, as in Triton
+        if spec.label_filename is not None and not (directory / spec.label_filename).is_file():
+            reader.fail(
+                f"output {spec.name!r}: label_filename {spec.label_filename!r} is not a file in {str(directory)!r}",
+                "output",
+                i,
+                "label_filename",
+            )
     for i, sample in enumerate(cfg.warmup):  # a broken warm-up file breaks the model now, not at start
         for name, feed in sample.inputs.items():
             if feed.input_data_file is not None:
@@ -288,6 +299,77 @@ def _declared(
     return lambda: check_input(model, sample, name, feed, inputs)
 
 
+def _control(name: str, control: Any) -> Callable[[], ControlInput]:
+    def build() -> ControlInput:
+        kind = pb.ModelSequenceBatching.Control.Kind.Name(control.kind)
+        pairs = {
+            "int32_false_true": list(control.int32_false_true),
+            "fp32_false_true": list(control.fp32_false_true),
+            "bool_false_true": list(control.bool_false_true),
+        }
+        given = {k: v for k, v in pairs.items() if v}
+        if kind == "CONTROL_SEQUENCE_CORRID":
+            if given:
+                raise ConfigError(
+                    f"control_input {name!r}: CONTROL_SEQUENCE_CORRID takes data_type, not {next(iter(given))}"
+                )
+            dtype = pb.DataType.Name(control.data_type)
+            if dtype == "TYPE_INVALID":
+                raise ConfigError(f"control_input {name!r}: CONTROL_SEQUENCE_CORRID needs a data_type", key="data_type")
+            return ControlInput(name, kind, dtype)
+        if len(given) != 1:
+            raise ConfigError(
+                f"control_input {name!r}: {kind} needs exactly one of int32_false_true, fp32_false_true, "
+                f"bool_false_true; got {sorted(given) or 'none'}",
+                key="control",
+            )
+        key, pair = next(iter(given.items()))
+        if key == "fp32_false_true":
+            pair = [float(v) for v in pair]
+        dtype = {"int32_false_true": "int32", "fp32_false_true": "float32", "bool_false_true": "bool"}[key]
+        return ControlInput(name, kind, dtype, tuple(pair))
+
+    return build
+
+
+def _state(st: Any, directory: Path | None) -> Callable[[], SequenceState]:
+    def build() -> SequenceState:
+        if st.data_type == pb.TYPE_INVALID:
+            raise ConfigError(f"state {st.input_name!r} has no data_type", key="data_type")
+        initial: str | None = None
+        initial_dims: list[int] | None = None
+        if len(st.initial_state) > 1:
+            raise ConfigError(f"state {st.input_name!r}: at most one initial_state", key="initial_state")
+        for init in st.initial_state:
+            if init.data_type not in (pb.TYPE_INVALID, st.data_type):
+                raise ConfigError(
+                    f"state {st.input_name!r}: initial_state data_type {pb.DataType.Name(init.data_type)} differs "
+                    f"from the state's {pb.DataType.Name(st.data_type)}",
+                    key="initial_state",
+                )
+            source = init.WhichOneof("state_data")
+            if source is None:
+                raise ConfigError(
+                    f"state {st.input_name!r}: initial_state needs zero_data or data_file", key="initial_state"
+                )
+            initial = "zero" if source == "zero_data" else init.data_file
+            if initial != "zero" and directory is not None and not os.path.isabs(initial):
+                initial = os.path.join(directory, "initial_state", initial)  # (where Triton looks)
+            initial_dims = list(init.dims)
+        return SequenceState(
+            st.input_name,
+            st.output_name,
+            pb.DataType.Name(st.data_type),
+            list(st.dims),
+            initial,
+            initial_dims,
+            st.use_same_buffer_for_input_output,
+            st.use_growable_memory,
+        )
+
+    return build
+
+
 class _Reader:
     """Turns one parsed configuration into a ModelConfig, failing with file:line."""
 
@@ -338,6 +420,7 @@ class _Reader:
         if not groups:  # Triton: one instance on each GPU, or one on the CPU
             groups.append(InstanceGroup(1, "KIND_AUTO"))
         batching = self._batching(mbs) if msg.HasField("dynamic_batching") else None
+        sequences = self._sequences() if msg.HasField("sequence_batching") else None
         warmup = [self._warmup(w, i, mbs, inputs) for i, w in enumerate(msg.model_warmup)]
         policy = self._policy()
         self._ignored()
@@ -353,6 +436,7 @@ class _Reader:
                 outputs=outputs,
                 max_batch_size=mbs,
                 dynamic_batching=batching,
+                sequence_batching=sequences,
                 warmup=warmup,
                 version_policy=policy,
                 format=self.declared_format(),
@@ -435,24 +519,14 @@ class _Reader:
                 )
             if any(d == 0 or d < -1 for d in reshape):
                 self.fail(f"{label}: reshape {reshape} must hold sizes >= 1, or -1", *path, "reshape")
-        if kind == "output" and t.label_filename:
-            self.notes.append(
-                f"{label}: label_filename {t.label_filename!r} is ignored (there is no classification extension)"
-            )
+        labels = (t.label_filename or None) if kind == "output" else None
         optional = bool(getattr(t, "optional", False))
-        spec: TensorSpec = self.guard(path, lambda: TensorSpec(t.name, dtype, dims, optional, reshape))
+        spec: TensorSpec = self.guard(path, lambda: TensorSpec(t.name, dtype, dims, optional, reshape, labels))
         return spec
 
     def _group(self, g: Any, i: int) -> InstanceGroup:
         path = ("instance_group", i)
         label = f"instance_group {g.name!r}" if g.name else f"instance_group #{i}"
-        if g.kind == pb.ModelInstanceGroup.KIND_MODEL:
-            self.fail(
-                f"{label}: kind KIND_MODEL is not supported; use KIND_CPU or KIND_GPU (each instance is a worker "
-                "process given one device)",
-                *path,
-                "kind",
-            )
         if g.count < 0:
             self.fail(f"{label}: count is {g.count}; expected an integer >= 1 (leave it out for 1)", *path, "count")
         if g.secondary_devices:
@@ -501,6 +575,47 @@ class _Reader:
         if mbs == 0:
             self.notes.append("dynamic_batching has no effect with max_batch_size 0: requests run one by one")
         return batching
+
+    def _sequences(self) -> SequenceBatching:
+        b = self.msg.sequence_batching
+        path = ("sequence_batching",)
+        if b.iterative_sequence:
+            self.fail("iterative_sequence is not supported (it serves decoupled models)", *path, "iterative_sequence")
+        controls = []
+        for i, entry in enumerate(b.control_input):
+            for j, control in enumerate(entry.control):
+                controls.append(self.guard((*path, "control_input", i, "control", j), _control(entry.name, control)))
+        states = []
+        for i, st in enumerate(b.state):
+            states.append(self.guard((*path, "state", i), _state(st, self.directory)))
+        strategy = b.WhichOneof("strategy_choice") or "direct"
+        options: dict[str, Any] = {}
+        if strategy == "direct":
+            options = {
+                "max_queue_delay_microseconds": b.direct.max_queue_delay_microseconds,
+                "minimum_slot_utilization": b.direct.minimum_slot_utilization,
+            }
+        else:
+            o = b.oldest
+            options = {
+                "max_queue_delay_microseconds": o.max_queue_delay_microseconds,
+                "max_candidate_sequences": o.max_candidate_sequences,
+                "preferred_batch_size": list(o.preferred_batch_size),
+                "preserve_ordering": o.preserve_ordering,
+            }
+        return cast(
+            SequenceBatching,
+            self.guard(
+                path,
+                lambda: SequenceBatching(
+                    strategy,
+                    b.max_sequence_idle_microseconds,
+                    controls,
+                    states,
+                    **options,
+                ),
+            ),
+        )
 
     def _warmup(self, w: Any, i: int, mbs: int, inputs: list[TensorSpec]) -> ModelWarmup:
         path = ("model_warmup", i)

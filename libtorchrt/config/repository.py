@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from .model import ModelConfig
 from .pbtxt import load_versions
 
-__all__ = ["load_repository"]
+__all__ = ["load_model", "load_repository", "model_names"]
 
 
 def load_repository(
@@ -53,3 +53,36 @@ def load_repository(
                 raise
             errors.append((d.name, e))
     return configs
+
+
+def model_names(path: str | os.PathLike[str]) -> list[str]:
+    """The models of a repository: its directories that hold a ``config.pbtxt``, sorted.
+
+    Raises:
+        ConfigError: ``path`` is not a directory.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"model repository {os.fspath(path)!r} is not a directory")
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "config.pbtxt").is_file())
+
+
+def load_model(path: str | os.PathLike[str], name: str, config: str | None = None) -> list[ModelConfig]:
+    """Read one model of a repository: one configuration per version served.
+
+    Args:
+        path: the repository directory.
+        name: the model (its directory's name).
+        config: its configuration as ``config.pbtxt`` text, instead of the file's.
+
+    Raises:
+        ConfigError: the repository has no such model, or its configuration is invalid.
+    """
+    directory = Path(path) / name
+    if "/" in name or name in ("", ".", "..") or not (config is not None or (directory / "config.pbtxt").is_file()):
+        raise ConfigError(
+            f"model repository {os.fspath(path)!r} has no model {name!r} (no {name}/config.pbtxt)", model=name
+        )
+    if config is None:
+        return load_versions(directory)
+    return load_versions(directory, config, f"the configuration given for {name!r}")

@@ -13,6 +13,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -143,6 +144,23 @@ def _chunks(shape: Sequence[int]) -> list[int]:
     return out
 
 
+def _label_file(value: object, name: str) -> str | None:
+    """A ``label_filename``: a file name inside the model's directory ('' is none, as
+    in ``config.pbtxt``, where an unset string is empty)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"tensor {name!r}: label_filename {value!r} must be a file name", key="label_filename")
+    if not value:
+        return None
+    parts = PurePosixPath(value).parts
+    if value.startswith(("/", "\\")) or ".." in parts or PureWindowsPath(value).drive:
+        raise ConfigError(
+            f"tensor {name!r}: label_filename {value!r} must name a file in the model's directory "
+            "(no '/' prefix, no '..')",
+            key="label_filename",
+        )
+    return value
+
+
 @dataclass
 class TensorSpec:
     """One declared input or output: name, dtype, dims (-1: any size), reshape, optional.
@@ -152,7 +170,9 @@ class TensorSpec:
     ``config.pbtxt`` must give dims). ``reshape`` is the shape the model takes
     (outputs: gives) instead of ``dims``, with the same number of elements (as in
     Triton; ``()`` is a scalar, for ``dims=[1]``). ``optional`` inputs may be left
-    out of a request.
+    out of a request. ``label_filename`` (outputs only, Triton's) names a file in the
+    model's directory holding one class label per line, which the classification
+    extension appends to each class it reports (docs/server.md).
 
     Raises:
         ConfigError: a bad dtype, dims or reshape (names the tensor).
@@ -163,6 +183,7 @@ class TensorSpec:
     dims: Sequence[int] | None = None
     optional: bool = False
     reshape: Sequence[int] | None = None
+    label_filename: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -176,6 +197,8 @@ class TensorSpec:
                 raise ConfigError(f"tensor {self.name!r}: reshape needs dims", key="reshape")
             self._check_reshape(self.dims, self.reshape)
         self.optional = bool(self.optional)
+        if self.label_filename is not None:
+            self.label_filename = _label_file(self.label_filename, self.name)
 
     def _check_reshape(self, dims: tuple[int, ...], reshape: tuple[int, ...]) -> None:
         # Triton's rule (model_config_utils.cc ValidateIOShape): the runs of fixed

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from . import model_config_pb2 as pb
 from .batching import DynamicBatching, QueuePolicy
 from .model import ModelConfig
+from .sequences import SequenceBatching
 from .tensor import TensorSpec, triton_dtype
 from .warmup import ModelWarmup
 
@@ -60,6 +61,8 @@ def to_message(cfg: ModelConfig) -> pb.ModelConfig:
         )
     if cfg.dynamic_batching is not None:
         _batching(cfg.dynamic_batching, msg.dynamic_batching)
+    if cfg.sequence_batching is not None:
+        _sequences(cfg.sequence_batching, msg.sequence_batching)
     for sample in cfg.warmup:
         _warmup(sample, msg.model_warmup.add())
     for key, value in cfg.parameters.items():
@@ -86,6 +89,8 @@ def _tensor(cfg: ModelConfig, spec: TensorSpec, out: pb.ModelInput | pb.ModelOut
         out.reshape.shape.extend(spec.reshape)
     if spec.optional and isinstance(out, pb.ModelInput):
         out.optional = True
+    if spec.label_filename is not None and isinstance(out, pb.ModelOutput):
+        out.label_filename = spec.label_filename
 
 
 def _policy(policy: QueuePolicy, out: pb.ModelQueuePolicy) -> None:
@@ -93,6 +98,48 @@ def _policy(policy: QueuePolicy, out: pb.ModelQueuePolicy) -> None:
     out.default_timeout_microseconds = policy.default_timeout_microseconds
     out.allow_timeout_override = policy.allow_timeout_override
     out.max_queue_size = policy.max_queue_size
+
+
+def _sequences(seq: SequenceBatching, out: pb.ModelSequenceBatching) -> None:
+    out.max_sequence_idle_microseconds = seq.max_sequence_idle_microseconds
+    for c in seq.control_inputs:
+        control = out.control_input.add(name=c.name).control.add()
+        control.kind = pb.ModelSequenceBatching.Control.Kind.Value(c.kind)
+        if c.is_corrid:
+            name = c.data_type.upper() if c.data_type.startswith("uint") else triton_dtype(c.data_type)
+            control.data_type = pb.DataType.Value(name if name.startswith("TYPE_") else f"TYPE_{name}")
+        elif c.data_type == "int32":
+            control.int32_false_true.extend(int(v) for v in c.false_true)
+        elif c.data_type == "float32":
+            control.fp32_false_true.extend(float(v) for v in c.false_true)
+        else:
+            control.bool_false_true.extend(bool(v) for v in c.false_true)
+    for st in seq.states:
+        state = out.state.add(
+            input_name=st.input_name,
+            output_name=st.output_name,
+            data_type=pb.DataType.Value(triton_dtype(st.data_type)),
+            dims=list(st.dims),
+            use_same_buffer_for_input_output=st.use_same_buffer_for_input_output,
+            use_growable_memory=st.use_growable_memory,
+        )
+        if st.initial is None:
+            continue  # (zeros of dims, as no initial_state means)
+        initial = state.initial_state.add(
+            data_type=state.data_type, dims=list(st.start_shape), name=f"{st.input_name}_initial"
+        )
+        if st.data_file is None:
+            initial.zero_data = True
+        else:
+            initial.data_file = st.data_file
+    if seq.strategy == "oldest":
+        out.oldest.max_candidate_sequences = seq.max_candidate_sequences
+        out.oldest.preferred_batch_size.extend(seq.preferred_batch_size)
+        out.oldest.max_queue_delay_microseconds = seq.max_queue_delay_microseconds
+        out.oldest.preserve_ordering = seq.preserve_ordering
+    else:
+        out.direct.max_queue_delay_microseconds = seq.max_queue_delay_microseconds
+        out.direct.minimum_slot_utilization = seq.minimum_slot_utilization
 
 
 def _batching(batching: DynamicBatching, out: pb.ModelDynamicBatching) -> None:

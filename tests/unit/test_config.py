@@ -233,9 +233,16 @@ def test_kind_gpu_without_cuda_is_a_config_error_naming_the_gpu() -> None:
         ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { kind: KIND_GPU } ]\n').placements(0)
 
 
-def test_kind_model_is_refused_with_its_line() -> None:
-    with pytest.raises(ConfigError, match=r":2: .*KIND_MODEL"):
-        ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { kind: KIND_MODEL } ]\n')
+def test_kind_model_instances_are_cpu_workers_that_place_the_model_themselves() -> None:
+    cfg = ModelConfig.from_pbtxt(
+        'name: "m"\ninstance_group [ { count: 2 kind: KIND_MODEL }, { kind: KIND_CPU } ]\n'
+    )
+    assert [g.kind for g in cfg.groups] == ["KIND_MODEL", "KIND_CPU"]
+    assert cfg.placements(0) == cfg.placements(2) == ["cpu", "cpu", "cpu"]
+    assert cfg.placed_by_model(2) == [True, True, False]
+    assert ModelConfig.from_pbtxt(cfg.to_pbtxt()).groups == cfg.groups
+    with pytest.raises(ConfigError, match=r":2: .*gpus but its kind is KIND_MODEL"):
+        ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { kind: KIND_MODEL gpus: [0] } ]\n')
 
 
 @pytest.mark.parametrize(
@@ -280,7 +287,11 @@ def test_syntax_error_is_a_config_error() -> None:
 @pytest.mark.parametrize(
     "field, block, key",
     [
-        ("sequence_batching", "sequence_batching { }", "sequence_batching"),
+        (
+            "iterative_sequence",
+            "sequence_batching { iterative_sequence: true }",
+            "sequence_batching.iterative_sequence",
+        ),
         ("runtime", 'runtime: "libtriton_tensorrt.so"', "runtime"),
         ("batch_input", 'batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "N" source_input: "x" } ]', None),
         ("cc_model_filenames", 'cc_model_filenames { key: "7.5" value: "model_t4.pt" }', None),
@@ -298,7 +309,7 @@ def test_refused_field_is_a_config_error_naming_field_and_line(field: str, block
 
 
 def test_line_number_of_a_refused_field_after_blank_lines() -> None:
-    text = 'name: "m"\n\n\nsequence_batching { }\n'
+    text = 'name: "m"\n\n\nbatch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "N" source_input: "x" } ]\n'
     with pytest.raises(ConfigError, match=r"<config\.pbtxt>:4:"):
         ModelConfig.from_pbtxt(text)
 

@@ -31,7 +31,6 @@ EXPECTED: dict[str, tuple[int, str, str]] = {
     "batch_input.pbtxt": (6, "batch_input", "not supported"),
     "decoupled.pbtxt": (7, "model_transaction_policy.decoupled", "decoupled models"),
     "ensemble.pbtxt": (6, "ensemble_scheduling", "ensembles are not served"),
-    "kind_model.pbtxt": (10, "instance_group.kind", "KIND_MODEL"),
     "latest_zero_versions.pbtxt": (5, "version_policy.latest.num_versions", "num_versions is 0"),
     "missing_dims.pbtxt": (6, "output", "must give dims"),
     "misspelt_dims.pbtxt": (8, "dim", "ModelInput has no field 'dim'"),
@@ -43,7 +42,7 @@ EXPECTED: dict[str, tuple[int, str, str]] = {
     "python_runtime.pbtxt": (9, "FREEZE_MODULE", "does not apply to format 'python'"),
     "ragged_batch.pbtxt": (9, "input.allow_ragged_batch", "allow_ragged_batch"),
     "reshape_mismatch.pbtxt": (9, "input.reshape", "reshape [8] does not hold the elements of dims [4, 4]"),
-    "sequence_batching.pbtxt": (10, "sequence_batching", "sequence batching"),
+    "sequence_control_declared.pbtxt": (10, "sequence_batching", "'START__1' is both a declared input"),
     "shape_tensor.pbtxt": (15, "input.is_shape_tensor", "input 'image_shape'"),
     "tensorrt_profile.pbtxt": (10, "instance_group.profile", "TensorRT"),
     "uint64_input.pbtxt": (7, "input.data_type", "'TYPE_UINT64' is not supported"),
@@ -101,7 +100,7 @@ def test_good_config_parses_and_round_trips(model: str) -> None:
 @pytest.mark.parametrize(
     ("model", "words"),
     [
-        ("resnet_classifier", ["label_filename 'labels.txt' is ignored"]),
+        ("resnet_classifier", []),  # label_filename is used (classification)
         ("yolo_detector", ["optimization { cuda, input_pinned_memory, output_pinned_memory } is ignored"]),
         ("gpu_segmenter", ["response_cache is ignored"]),
         ("masked_bf16", ["metric_tags {'team': 'search'} are ignored"]),

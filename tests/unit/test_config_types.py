@@ -19,11 +19,14 @@ from libtorchrt.config.model import normalize_dtype
 
 def test_config_package_exports() -> None:
     assert set(config.__all__) == {
+        "ControlInput",
         "DynamicBatching",
         "InstanceGroup",
         "ModelConfig",
         "ModelWarmup",
         "QueuePolicy",
+        "SequenceBatching",
+        "SequenceState",
         "TensorSpec",
         "VersionPolicy",
         "WarmupInput",

@@ -52,6 +52,7 @@ from .formats import LoadRequest, Runner
 from .formats import load as load_model
 from .gpu import GpuSide
 from .outputs import DeclaredOutput, check_outputs
+from .sequences import SequenceSide
 
 __all__ = ["WorkerSpec", "main"]
 
@@ -104,6 +105,11 @@ class WorkerSpec:
     #: the template process that forked this worker (set by the template); 0: the
     #: front started it as a fresh interpreter, and is its parent
     template_pid: int = 0
+    #: a KIND_MODEL instance: the model is loaded where its file says (no map_location),
+    #: its inputs come on the CPU (``device`` is "cpu") and its outputs go back from there
+    placed_by_model: bool = False
+    #: the model's sequence batching (``SequenceBatching.to_json()``); empty: none
+    sequence: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -224,6 +230,20 @@ class _Worker:
         self.declared = [DeclaredOutput.from_json(item) for item in spec.outputs]
         #: the model's shared weights (their read-only mapping lives as long as this)
         self.shared: list[weights.Shared] = []
+        #: control inputs and implicit state of a sequence-batching model (None: none)
+        self.sequences = (
+            SequenceSide(
+                spec.sequence,
+                runner.inputs,
+                spec.input_names,
+                runner.outputs,
+                [d.name for d in self.declared],
+                spec.max_batch_size > 0,
+                runner.dict_input,
+            )
+            if spec.sequence
+            else None
+        )
 
     def _slot(self, d: wire.TensorDesc) -> torch.Tensor:
         return self.requests.view(d.where, d.nbytes, wire.DTYPES[d.dtype], d.shape)
@@ -235,6 +255,29 @@ class _Worker:
         if msg.batch:
             return batching.gather(msg.tensors, msg.batch, msg.blobs, frames, self._slot, device_slot)
         return tensor_io.read(msg.tensors, msg.blobs, frames, self._slot, device_slot)
+
+    def _inputs(self, msg: wire.Request, inputs: list[Any]) -> list[Any]:
+        """A request's arguments: its inputs checked against the method's schema, with
+        a sequence model's control and state inputs filled in (``sequences.py``)."""
+        seq = self.sequences
+        if seq is None:
+            return self._arguments(inputs)
+        seq.forget(msg.forget)
+        if not msg.sequence:
+            raise ProtocolError("a request for a sequence-batching model without its sequences")
+        if seq.dict_input:
+            return seq.arguments(self._arguments(inputs), msg.sequence, msg.corrids)
+        return self._arguments(seq.arguments(inputs, msg.sequence, msg.corrids))
+
+    def _outputs(self, msg: wire.Request, outputs: list[Any]) -> list[Any]:
+        """What goes back: a sequence model's state outputs kept and taken out."""
+        if self.sequences is not None:
+            outputs = self.sequences.results(outputs, msg.sequence)
+        if self.declared:
+            check_outputs(outputs, self.declared)
+        if msg.batch or (msg.sequence and self.spec.max_batch_size > 0):
+            batching.check_rows(outputs, sum(msg.batch) if msg.batch else len(msg.sequence) // 2)
+        return outputs
 
     def _arguments(self, inputs: list[Any]) -> list[Any]:
         """The method's arguments for a request's inputs, checked against its schema.
@@ -323,16 +366,12 @@ class _Worker:
         if self.gpu is not None:
             return self._run_gpu(msg, frames, self.gpu)
         try:
-            inputs = self._arguments(self._read(msg, frames, None))
+            inputs = self._inputs(msg, self._read(msg, frames, None))
         except Exception as e:  # whatever a hostile descriptor provokes, answer it
             self._send_error(msg.id, e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}"))
             return True
         try:
-            outputs = self._call(inputs)
-            if self.declared:
-                check_outputs(outputs, self.declared)
-            if msg.batch:
-                batching.check_rows(outputs, sum(msg.batch))
+            outputs = self._outputs(msg, self._call(inputs))
             placed = tensor_io.write(outputs, self.responses, self.allocator, self.spec.inline_threshold)
         except Exception as e:
             return self._failed(msg.id, e)
@@ -370,7 +409,7 @@ class _Worker:
                 if msg.device_in >= 0:
                     gpu.wait_inputs(msg.device_in)
                 owners = iter(msg.device_ids)
-                inputs = self._arguments(self._read(msg, frames, lambda d: gpu.input_view(next(owners, -1), d)))
+                inputs = self._inputs(msg, self._read(msg, frames, lambda d: gpu.input_view(next(owners, -1), d)))
         except Exception as e:
             self._send_error(msg.id, e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}"))
             return True
@@ -378,11 +417,7 @@ class _Worker:
         device_offsets: list[int] = []
         try:
             with torch.cuda.stream(gpu.stream):
-                outputs = self._call(gpu.to_device(inputs))
-                if self.declared:
-                    check_outputs(outputs, self.declared)
-                if msg.batch:
-                    batching.check_rows(outputs, sum(msg.batch))
+                outputs = self._outputs(msg, self._call(gpu.to_device(inputs)))
                 placed, device_offsets = gpu.place(
                     outputs, msg.device_out, self.responses, self.allocator, self.spec.inline_threshold
                 )
@@ -450,6 +485,7 @@ def main(argv: list[str]) -> int:
                     input_names=spec.input_names,
                     output_names=[d.name for d in map(DeclaredOutput.from_json, spec.outputs)],
                     on_weights=share if spec.weights_fd >= 0 else None,
+                    placed_by_model=spec.placed_by_model,
                 ),
             )
             if spec.weights_fd >= 0:  # the mapping, if any, stays; the descriptor is not needed

@@ -7,8 +7,10 @@ One module per format (``torchscript``, ``aoti``, ``exported``, ``python``), eac
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import Any
 
-from .runner import LoadError, LoadRequest, Runner
+from .runner import LoadError, LoadRequest, Output, Runner
 
 __all__ = ["LoadError", "LoadRequest", "Runner", "load"]
 
@@ -26,4 +28,16 @@ def load(fmt: str, req: LoadRequest) -> Runner:
         raise LoadError(f"model {req.model!r}: unknown format {fmt!r}; expected one of {sorted(_MODULES)}")
     module = importlib.import_module(f"{__name__}.{name}")
     runner: Runner = module.load(req)
+    if req.placed_by_model:  # its outputs may be wherever the model put them
+        runner.run = _on_the_cpu(runner.run)
     return runner
+
+
+def _on_the_cpu(run: Callable[[list[Any]], list[Output]]) -> Callable[[list[Any]], list[Output]]:
+    """``run``, its CUDA outputs copied to the CPU: a KIND_MODEL instance's worker has
+    no device, so its outputs go back through the CPU's response arena."""
+
+    def on_the_cpu(inputs: list[Any]) -> list[Output]:
+        return [o.cpu() if getattr(o, "is_cuda", False) else o for o in run(inputs)]
+
+    return on_the_cpu

@@ -59,6 +59,9 @@ class LoadRequest:
     #: are loaded, before it is frozen or compiled: where the worker shares them
     #: (``workers/weights.py``); a format without a module to share says so in a note
     on_weights: Callable[[Any], None] | None = None
+    #: a KIND_MODEL instance: load the model where its file says (no ``map_location``);
+    #: ``device`` is "cpu" (where its inputs arrive), and its outputs are brought back there
+    placed_by_model: bool = False
 
 
 @dataclass

@@ -37,7 +37,8 @@ def load(req: LoadRequest) -> Runner:
         # torch.jit is deprecated in this torch; we call it on purpose (TorchScript models).
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
         try:
-            module = torch.jit.load(req.path, map_location=req.device)
+            # A KIND_MODEL instance places itself: its tensors stay where the file says.
+            module = torch.jit.load(req.path, map_location=None if req.placed_by_model else req.device)
         except RuntimeError as e:
             what = modelfile.describe(req.path)
             if what is None:

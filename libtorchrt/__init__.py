@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from .client import Client
 from .config import (
+    ControlInput,
     DynamicBatching,
     InstanceGroup,
     ModelConfig,
     ModelWarmup,
     QueuePolicy,
+    SequenceBatching,
+    SequenceState,
     TensorSpec,
     VersionPolicy,
     WarmupInput,
@@ -28,6 +31,8 @@ from .errors import (
     PoolClosedError,
     ProtocolError,
     QueueFullError,
+    SequenceError,
+    SequenceLostError,
     ServerConnectionError,
     TimeoutError,
     TorchRTError,
@@ -43,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Client",
     "ConfigError",
+    "ControlInput",
     "DynamicBatching",
     "InstanceGroup",
     "InstanceHealth",
@@ -59,6 +65,10 @@ __all__ = [
     "ProtocolError",
     "QueueFullError",
     "QueuePolicy",
+    "SequenceBatching",
+    "SequenceError",
+    "SequenceLostError",
+    "SequenceState",
     "ServerConnectionError",
     "TensorSpec",
     "TimeoutError",

@@ -3,11 +3,13 @@
 Every error the library raises derives from :class:`TorchRTError`. The subclasses say
 whose fault it was, so callers can react without parsing messages:
 
-- the caller's input: :class:`UnknownModelError`, :class:`InvalidInputError`;
+- the caller's input: :class:`UnknownModelError`, :class:`InvalidInputError` (and
+  :class:`SequenceError`, a request of a sequence that is not running);
 - the configuration: :class:`ConfigError`;
 - the model itself raised: :class:`ModelError` (remote traceback text attached);
 - something outside broke: :class:`WorkerDiedError`, :class:`WorkerStartError`,
-  :class:`ModelUnavailableError`, :class:`ProtocolError`;
+  :class:`ModelUnavailableError`, :class:`ProtocolError`, and
+  :class:`SequenceLostError` (the process holding a sequence's state died);
 - a remote client's server could not be reached, or went away:
   :class:`ServerConnectionError`;
 - the caller closed the pool: :class:`PoolClosedError`;
@@ -26,6 +28,8 @@ __all__ = [
     "PoolClosedError",
     "ProtocolError",
     "QueueFullError",
+    "SequenceError",
+    "SequenceLostError",
     "ServerConnectionError",
     "TimeoutError",
     "TorchRTError",
@@ -141,17 +145,50 @@ class WorkerDiedError(TorchRTError):
         super().__init__(text)
 
 
+class SequenceError(InvalidInputError):
+    """A request names a sequence that cannot take it: not started (or ended, or
+    freed after idling), or its sequence flags do not fit the model.
+
+    ``sequence_id`` names the sequence (None when the request named none).
+    """
+
+    def __init__(self, model: str, sequence_id: int | str | None, expected: str, got: str) -> None:
+        self.sequence_id = sequence_id
+        super().__init__(model, None, expected, got)
+        if sequence_id is not None:
+            self.args = (f"sequence {sequence_id!r} of model {model!r}: expected {expected}, got {got}",)
+
+
+class SequenceLostError(WorkerDiedError):
+    """The worker process holding a sequence died: its state is gone, so the sequence
+    cannot go on (a retry elsewhere would run on fresh state). Its waiting and later
+    requests fail with this until a request starts it again (``sequence_start``)."""
+
+    def __init__(
+        self, model: str, sequence_id: int | str, instance: int, pid: int, exitcode: int | None, reason: str = ""
+    ) -> None:
+        super().__init__(model, instance, pid, exitcode)
+        self.sequence_id = sequence_id
+        self.args = (
+            f"sequence {sequence_id!r} of model {model!r} is lost: {reason or str(self)}; its state is gone, so "
+            "its requests fail until one starts it again (sequence_start=True)",
+        )
+
+
 class ModelUnavailableError(TorchRTError):
     """The model cannot serve: every instance keeps failing to start (the pool keeps
     restarting them, with capped backoff, and serves the model again as soon as one is
     ready), or it failed to load when the pool started (``Pool.models()`` says why).
-    Requests fail fast. ``reason`` is the last start-up error.
+    Requests fail fast. ``reason`` is the last start-up error. Also the error of a
+    request that ``Pool.unload``'s ``grace`` did not let finish (``unloaded``).
     """
 
-    def __init__(self, model: str, reason: str, *, loaded: bool = True) -> None:
+    def __init__(self, model: str, reason: str, *, loaded: bool = True, unloaded: bool = False) -> None:
         self.model = model
         self.reason = reason
-        if loaded:
+        if unloaded:
+            text = f"model {model!r} is unavailable: {reason}"
+        elif loaded:
             text = f"model {model!r} is unavailable: its workers keep failing to start; last error: {reason}"
         else:
             text = f"model {model!r} is unavailable: it failed to load: {reason}"

@@ -99,7 +99,8 @@ class ModelStatus:
         version: its version (None when its configuration could not be read).
         state: ``"ready"``, ``"loading"`` (its instances are starting or warming
             up), ``"unavailable"`` (its instances keep failing; retried),
-            ``"failed"`` (it could not be loaded; not retried) or ``"stopped"``.
+            ``"failed"`` (it could not be loaded; not retried), ``"stopped"``, or
+            ``"unloading"`` (``Pool.unload`` is draining it).
         error: why it failed or is unavailable (None otherwise).
         ready: instances ready now.
         instances: instances configured.
@@ -138,6 +139,11 @@ class ModelStats:
             bound of :data:`LATENCY_BUCKETS`, as ``((bound_s, count), ...)``; the last
             count is ``success``.
         pending: requests waiting for an instance now.
+        sequences: a model with sequence batching: its sequences now (``active``:
+            holding a slot, ``backlog``: waiting for one) and so far (``started``,
+            ``ended`` by ``sequence_end``, ``idle_freed`` after
+            ``max_sequence_idle_microseconds``, ``lost`` with their process);
+            empty for other models.
     """
 
     model: str
@@ -152,3 +158,4 @@ class ModelStats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     latency: tuple[tuple[float, int], ...] = ()
     pending: int = 0
+    sequences: dict[str, int] = field(default_factory=dict)

@@ -76,7 +76,10 @@ def _check_endpoint(endpoint: object) -> None:
             "connect to that; for its HTTP endpoint use tritonclient.http (KServe v2) instead"
         )
     elif scheme in ("grpc", "grpcs"):
-        hint = "Client speaks libtorchrt's ZeroMQ protocol (tcp:// or ipc://); the server does not serve gRPC yet"
+        hint = (
+            "Client speaks libtorchrt's ZeroMQ protocol (tcp:// or ipc://): start the server with --zmq and connect "
+            "to that; for its gRPC endpoint (--grpc) use tritonclient.grpc (KServe v2) instead"
+        )
     elif not sep:
         hint = f"give a ZeroMQ endpoint with its transport: 'tcp://{endpoint}' or 'ipc:///path/to/socket'"
     else:
@@ -166,6 +169,9 @@ class Client:
         version: int | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
         """Send a request; return a future of its outputs (see ``Pool.submit``).
 
@@ -179,6 +185,8 @@ class Client:
                 beyond 30 days (``inf`` too) is capped there.
             priority: its priority level, for a model with ``dynamic_batching``
                 ``priority_levels`` (see ``Pool.submit``).
+            sequence_id, sequence_start, sequence_end: the request's sequence, for
+                a model with ``sequence_batching`` (see ``Pool.submit``).
 
         Returns:
             A ``concurrent.futures.Future`` resolving to ``{output name: tensor}``
@@ -224,7 +232,8 @@ class Client:
         request.frames = placed.frames
         # every field of INFER but releases (added when it is sent)
         request.header_fields = (
-            request.id, model, version, timeout, names, placed.descs, placed.blobs, single, priority
+            request.id, model, version, timeout, names, placed.descs, placed.blobs, single, priority,
+            sequence_id, bool(sequence_start), bool(sequence_end),
         )  # fmt: skip
         connection.submit(request)
         future.add_done_callback(_cancel_on_done(connection, request.id))
@@ -238,6 +247,9 @@ class Client:
         version: int | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs (see ``Pool.infer``).
 
@@ -248,7 +260,16 @@ class Client:
             PoolClosedError: the client is closed.
         """
         timeout = self.timeout if timeout is None else _request_timeout(model, timeout)
-        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
+        future = self.submit(
+            model,
+            inputs,
+            version=version,
+            timeout=timeout,
+            priority=priority,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
         try:
             return future.result(None if timeout is None else timeout + 2 * MARGIN)
         except concurrent.futures.TimeoutError:
@@ -265,9 +286,21 @@ class Client:
         version: int | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run one request from asyncio; see :meth:`infer`."""
-        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
+        future = self.submit(
+            model,
+            inputs,
+            version=version,
+            timeout=timeout,
+            priority=priority,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
         return await asyncio.wrap_future(future)
 
     # ── introspection ──────────────────────────────────────────────────────────

@@ -148,8 +148,8 @@ class Requests:
             header = remote.encode(remote.Query(request.id, request.what))
         else:
             releases = self._collect_releases(session)
-            request_id, model, version, timeout, names, descs, blobs, single, priority = request.header_fields
-            infer = remote.Infer(request_id, model, version, timeout, names, descs, blobs, releases, single, priority)
+            request_id, model, version, timeout, names, descs, blobs, single, *rest = request.header_fields
+            infer = remote.Infer(request_id, model, version, timeout, names, descs, blobs, releases, single, *rest)
             try:
                 header = remote.encode(infer)
             except Exception as e:  # checked in submit(); this request fails, not the client

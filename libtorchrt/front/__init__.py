@@ -5,9 +5,10 @@ Its file list is its architecture (imports go down this list, never up)::
     pool.py        Pool, the facade: start, infer / submit / infer_async, snapshots, close
     admission.py   a request's way in (caller threads): lookup, checks, binding, placement
     binding.py     the callers' inputs bound to the model's arguments and checked
-    queues.py      a model's waiting requests: FIFO, or the batcher (batcher.py,
-                   batch.py), behind one interface
+    queues.py      a model's waiting requests: FIFO, the batcher (batcher.py,
+                   batch.py), or the sequences (sequences.py), behind one interface
     router.py      the router thread: its loop, dispatch to workers, and sends
+    control.py     models loaded, loaded anew and unloaded while the pool serves
     replies.py     workers' answers turned into callers' outputs and errors
     supervisor.py  worker processes: spawn, READY, warm-up, exit, re-send, backoff
     snapshots.py   health(), workers(), models() read from the records (any thread)

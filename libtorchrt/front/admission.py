@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .future import LoopFuture, RequestFuture
     from .records import _Model
     from .router import Router
+    from .sequences import SequenceTag
 
 __all__ = ["Admission", "Inputs", "request_timeout"]
 
@@ -79,6 +80,7 @@ class Admission:
         timeout: float | None,
         priority: int | None,
         future: LoopFuture | None = None,
+        sequence: SequenceTag | None = None,
     ) -> RequestFuture[dict[str, torch.Tensor]] | LoopFuture:
         """Take one request; return its future (``future``, an asyncio caller's, if given).
 
@@ -99,6 +101,7 @@ class Admission:
                 if total > limit:
                     raise InvalidInputError(model, None, f"at most max_request_bytes={limit} bytes", f"{total} bytes")
             level = queue.level(priority)
+            sequence = queue.tag(sequence)
             queue.admit(level, tensors)
             if self.max_pending is not None and self.router.pending() >= self.max_pending:
                 raise QueueFullError(model, self.max_pending, "max_pending")
@@ -112,6 +115,7 @@ class Admission:
             if shape:
                 call.rows = shape[0]
         call.priority = level
+        call.sequence = sequence
         call.deadline = queue.deadline(call, timeout)
         self.router.submit(call)
         return call.future

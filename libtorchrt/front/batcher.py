@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ..config.batching import DynamicBatching, QueuePolicy
 from ..errors import InvalidInputError, QueueFullError
 from .batch import Batch
+from .queues import Unpinned
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +53,7 @@ BATCHES_PER_WORKER = 2
 _MAX_KEYS = 256
 
 
-class Batcher:
+class Batcher(Unpinned):
     """The request queues and batch forming of one model (see the module docstring);
     a :class:`~.queues.RequestQueue`."""
 

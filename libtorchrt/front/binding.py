@@ -32,6 +32,7 @@ from ..transport.dtypes import DTYPES
 from ..transport.tensors import Strings
 from ..transport.values import describe, is_stringlike
 from ..transport.wire import MAX_DIMS, MAX_SIZE
+from ..workers.sequences import place
 
 __all__ = ["Binder"]
 
@@ -83,6 +84,17 @@ class Binder:
         output_names: Sequence[str] = (),
     ) -> None:
         self.model = cfg.name
+        seq = cfg.sequence_batching
+        #: the inputs a sequence batcher fills in (control and state inputs): the
+        #: arguments they go to are not the caller's, and are left out here
+        self.hidden = set(seq.hidden_inputs) if seq is not None and not dict_input else set()
+        placed = place(arg_names, self._names(cfg, self.hidden))
+        hidden_at = {pos for name, pos in placed.items() if name in self.hidden}
+        #: argument positions the caller's inputs bind to (all of them but the hidden)
+        visible = [i for i in range(len(arg_names)) if i not in hidden_at]
+        #: an ``__<i>`` suffix names the i-th argument of the method, hidden ones counted
+        self._suffix: dict[int, int] = {full: i for i, full in enumerate(visible)}
+        arg_names = [arg_names[i] for i in visible]
         self.arg_names = list(arg_names)
         self.max_batch_size = cfg.max_batch_size
         self.dict_input = dict_input
@@ -100,7 +112,7 @@ class Binder:
         for spec in cfg.inputs if not dict_input else ():
             pos = self.positions.get(spec.name)
             if pos is None:
-                pos = _index(spec.name)
+                pos = self._at(_index(spec.name))
             if pos is None or pos >= n or self.specs[pos] is not None:
                 unplaced.append(spec)
                 continue
@@ -120,6 +132,16 @@ class Binder:
         #: (position, dtype, shape) of CPU/CUDA dense tensors that passed every check
         #: (see _accepted_tensor); a bounded memory of the shapes a model is sent
         self._accepted: set[tuple[int, torch.dtype, torch.Size]] = set()
+
+    @staticmethod
+    def _names(cfg: ModelConfig, hidden: set[str]) -> list[str]:
+        """The names placed among the arguments: the declared inputs, then the hidden."""
+        seq = cfg.sequence_batching
+        return [s.name for s in cfg.inputs] + ([n for n in seq.hidden_inputs if n in hidden] if seq else [])
+
+    def _at(self, index: int | None) -> int | None:
+        """The caller's position of the method's ``index``-th argument (None: hidden)."""
+        return None if index is None else self._suffix.get(index)
 
     @property
     def expected(self) -> str:
@@ -155,7 +177,11 @@ class Binder:
             for key, value in inputs.items():
                 pos = self.positions.get(key) if isinstance(key, str) else None
                 if pos is None and isinstance(key, str):
-                    pos = _index(key)
+                    if key in self.hidden:
+                        raise InvalidInputError(
+                            self.model, key, self.expected, f"{key!r}, which the sequence batcher fills in"
+                        )
+                    pos = self._at(_index(key))
                 if pos is None or pos >= n:
                     raise InvalidInputError(self.model, str(key), self.expected, f"unknown input {key!r}")
                 if bound[pos] is not None:

@@ -14,6 +14,7 @@ from .future import LoopFuture, RequestFuture
 if TYPE_CHECKING:
     from .gpu import InputBuffer
     from .records import _Model
+    from .sequences import SequenceTag
 
 __all__ = ["Call"]
 
@@ -43,6 +44,7 @@ class Call:
         "dispatched",
         "frames",
         "future",
+        "holder",
         "id",
         "keep",
         "key",
@@ -53,6 +55,8 @@ class Call:
         "rows",
         "sent_ns",
         "seq",
+        "sequence",
+        "sequences",
         "submitted_ns",
         "warmup",
     )
@@ -101,6 +105,12 @@ class Call:
         self.sent_ns = 0
         #: its place in the model's order of requests (preserve_ordering; -1: none)
         self.seq = -1
+        #: sequence batching: the caller's sequence id and flags; the running sequence
+        #: it belongs to (set when queued); and, for a unit about to be sent, the
+        #: worker's fields: (handle, flags) pairs, ids, handles to forget
+        self.sequence: SequenceTag | None = None
+        self.holder: Any = None
+        self.sequences: tuple[list[int], list[Any], list[int]] | None = None
 
     def free(self) -> None:
         """Give the request's arena slots and buffers back (once no worker reads them)."""

@@ -26,20 +26,48 @@ from typing import cast
 import torch
 
 from ..config import ModelConfig, load_repository
+from ..config.repository import load_model
 from ..deadlines import check_timeout
 from ..errors import (
     ConfigError,
     PoolClosedError,
     TimeoutError,
+    TorchRTError,
+    UnknownModelError,
 )
 from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
+from .control import Load, Unload
 from .future import LoopFuture, LoopWaker, RequestFuture
 from .router import Router, RouterOptions
+from .sequences import SequenceTag
 from .supervisor import START_METHODS
 
 __all__ = ["Pool"]
+
+
+def _tag(sequence_id: int | str | None, start: bool, end: bool) -> SequenceTag | None:
+    """A request's sequence arguments (None: it names no sequence)."""
+    if sequence_id is None and not start and not end:
+        return None
+    return SequenceTag(sequence_id, bool(start), bool(end))  # type: ignore[arg-type]
+
+
+def _some_models(
+    repository: str | os.PathLike[str], names: Iterable[str], errors: list[tuple[str, ConfigError]] | None
+) -> list[ModelConfig]:
+    """The configurations of the repository's models ``names`` (see ``load_repository``
+    for ``errors``)."""
+    configs: list[ModelConfig] = []
+    for name in dict.fromkeys(names):
+        try:
+            configs += load_model(repository, name)
+        except ConfigError as e:
+            if errors is None:
+                raise
+            errors.append((name, e))
+    return configs
 
 
 def _finalize(router: Router) -> None:
@@ -103,6 +131,10 @@ class Pool:
             ``PYTHON*``, OpenMP/MKL settings other than the thread counts, ...) is
             started fresh. ``"spawn"``: every worker is a fresh interpreter.
             docs/startup.md says what fork changes and how each is handled.
+        load_models: the names of the ``repository``'s models to load (None: all of
+            them). Others can be loaded later with :meth:`load`; so can these, again.
+            An empty list starts a pool with no model (as ``tritonserver
+            --model-control-mode=explicit`` without ``--load-model``).
 
     GPU instances (``devices=["cuda:0"]`` or ``instance_group { kind: KIND_GPU }``):
     ``request_arena_bytes`` is also the size of each model's request buffer on each
@@ -133,25 +165,35 @@ class Pool:
         execution_timeout: float | None = None,
         compile_cache: bool | str | os.PathLike[str] = True,
         start_method: str = "forkserver",
+        load_models: Iterable[str] | None = None,
     ) -> None:
         if start_method not in START_METHODS:
             raise ConfigError(
                 f"Pool: start_method is {start_method!r}; expected one of {list(START_METHODS)}", key="start_method"
             )
         errors: list[tuple[str, ConfigError]] = []
-        configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
+        if load_models is not None:  # (some of the repository's models, maybe none)
+            if repository is None:
+                raise ValueError("Pool: load_models names models of a repository; give the repository")
+            configs = _some_models(repository, load_models, None if strict else errors)
+        else:
+            configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
         configs += list(models)
+        #: what load(name) reads; and the execution_timeout of models that set none
+        self._repository = repository
+        self._execution_timeout: float | None = None
         if execution_timeout is not None:
             try:
                 limit = check_timeout(execution_timeout, allow_zero=False)
             except ValueError as e:
                 raise ConfigError(f"Pool: execution_timeout: {e}", key="execution_timeout") from None
+            self._execution_timeout = limit
             configs = [c if c.execution_timeout is not None else replace(c, execution_timeout=limit) for c in configs]
         keys = [(c.name, c.version) for c in configs]
         if len(set(keys)) != len(keys):
             repeated = sorted({f"{n} version {v}" for n, v in keys if keys.count((n, v)) > 1})
             raise ValueError(f"models repeat: {repeated}")
-        if not configs and not errors:
+        if not configs and not errors and load_models is None:
             raise ValueError("Pool needs a model repository or models=[ModelConfig(...)]")
         #: models that could not be loaded before any worker started: a repository's
         #: whose configuration could not be read (version None), and any whose file is
@@ -169,9 +211,12 @@ class Pool:
                 continue
             usable.append(cfg)
         configs = usable
-        if not configs:
+        if not configs and load_models is None:
             raise errors[0][1]
         self._closed = False
+        #: one load() or unload() at a time
+        self._control_lock = threading.Lock()
+        self._start_timeout = start_timeout
         #: per event loop, what wakes it for finished requests (infer_async)
         self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = weakref.WeakKeyDictionary()
         self._waker: LoopWaker | None = None
@@ -234,6 +279,9 @@ class Pool:
         version: int | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> concurrent.futures.Future[dict[str, torch.Tensor]]:
         """Send a request; return a future of its outputs.
 
@@ -248,6 +296,12 @@ class Pool:
             timeout: the request's deadline in seconds (default: the model's
                 ``timeout``, else none). Past it the future fails with
                 :class:`TimeoutError`; a request not yet sent to a worker is dropped.
+            sequence_id: for a model with ``sequence_batching``, the sequence the
+                request belongs to (an int from 1 to 2**64-1, or a str), which keeps
+                its instance and its state from request to request (see
+                docs/sequences.md); required by such a model, refused by others.
+            sequence_start: the request starts the sequence (its state starts anew).
+            sequence_end: the request ends the sequence (its state is dropped after).
 
         Returns:
             A ``concurrent.futures.Future`` resolving to ``{output name: tensor}``.
@@ -261,9 +315,19 @@ class Pool:
             ModelUnavailableError: every instance of the model keeps failing to start.
             QueueFullError: the model's queue (``max_queue_size``) or the pool's
                 (``max_pending``) is full: the request was not taken.
+            SequenceError: ``sequence_id`` missing for a model with sequence
+                batching, given for one without, or of the wrong type; the future
+                fails with it for a request of a sequence that is not running (not
+                started, ended, or freed after idling).
             PoolClosedError: the pool is closed.
+
+        The future fails with :class:`SequenceLostError` when the process holding the
+        request's sequence died (its state is gone).
         """
-        return cast(RequestFuture[dict[str, torch.Tensor]], self._submit(model, inputs, version, timeout, priority))
+        tag = _tag(sequence_id, sequence_start, sequence_end)
+        return cast(
+            RequestFuture[dict[str, torch.Tensor]], self._submit(model, inputs, version, timeout, priority, None, tag)
+        )
 
     def _submit(
         self,
@@ -273,10 +337,11 @@ class Pool:
         timeout: float | None,
         priority: int | None,
         future: LoopFuture | None = None,
+        sequence: SequenceTag | None = None,
     ) -> RequestFuture[dict[str, torch.Tensor]] | LoopFuture:
         if self._closed:
             raise PoolClosedError("the pool is closed")
-        return self._admission.submit(model, inputs, version, timeout, priority, future)
+        return self._admission.submit(model, inputs, version, timeout, priority, future, sequence)
 
     def infer(
         self,
@@ -286,6 +351,9 @@ class Pool:
         version: int | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.
 
@@ -293,6 +361,8 @@ class Pool:
             model: the model's name.
             inputs: as for :meth:`submit`.
             timeout: seconds to wait; None waits as long as it takes.
+            version, priority, sequence_id, sequence_start, sequence_end: as for
+                :meth:`submit`.
 
         Returns:
             ``{output name: tensor}``.
@@ -300,11 +370,22 @@ class Pool:
         Raises:
             UnknownModelError, InvalidInputError, PoolClosedError: as for :meth:`submit`.
             ModelError: the model raised (the worker's traceback is attached).
-            WorkerDiedError: the worker died while running the request.
+            WorkerDiedError: the worker died while running the request
+                (:class:`SequenceLostError` if it held the request's sequence).
+            SequenceError: as for :meth:`submit`.
             TimeoutError: no result within ``timeout``.
         """
         timeout = request_timeout(model, timeout)
-        future = self.submit(model, inputs, version=version, timeout=timeout, priority=priority)
+        future = self.submit(
+            model,
+            inputs,
+            version=version,
+            timeout=timeout,
+            priority=priority,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
         try:
             # The router fails the future at the deadline; the margin only guards
             # against a router that cannot (it never blocks for long).
@@ -323,6 +404,9 @@ class Pool:
         version: int | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run one request from asyncio; see :meth:`infer`.
 
@@ -338,7 +422,8 @@ class Pool:
                 waker = self._wakers.setdefault(loop, LoopWaker(loop))
             self._waker = waker  # the last loop's, found again without a weak reference
         waiter: asyncio.Future[dict[str, torch.Tensor]] = loop.create_future()
-        future = self._submit(model, inputs, version, timeout, priority, LoopFuture(waker, waiter))
+        tag = _tag(sequence_id, sequence_start, sequence_end)
+        future = self._submit(model, inputs, version, timeout, priority, LoopFuture(waker, waiter), tag)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -355,8 +440,11 @@ class Pool:
         """Every model version the pool was asked to serve, with its state and error:
         ``"ready"``, ``"loading"``, ``"unavailable"``, ``"failed"`` (with why) or
         ``"stopped"``; a repository model whose configuration could not be read is
-        listed as failed with version None. Sorted by name, then version."""
-        out = [*self._router.statuses(), *self._load_errors]
+        listed as failed with version None. A model that :meth:`load` starts is
+        ``"loading"`` until it serves (one it loads anew stays as it was meanwhile),
+        and one that :meth:`unload` stops is ``"unloading"`` until its workers are
+        gone. Sorted by name, then version."""
+        out = [*self._router.statuses(), *self._router.control.statuses(), *self._load_errors]
         return sorted(out, key=lambda s: (s.name, -1 if s.version is None else s.version))
 
     def stats(self) -> list[ModelStats]:
@@ -378,6 +466,107 @@ class Pool:
         """Each model's state and each instance's (ready, restarting, failed), with
         restart counts and the last error; see :class:`ModelHealth`."""
         return self._router.health()
+
+    # ── models, while the pool serves ──────────────────────────────────────────
+
+    def load(self, model: str | ModelConfig | Iterable[ModelConfig]) -> None:
+        """Load a model while the pool serves, or load it anew (a changed configuration,
+        a new model file, versions added or removed).
+
+        The versions given start (each instance's worker loads and warms up the model)
+        while what the pool served of that model goes on serving; once every new worker
+        is ready, requests go to the new versions, and the old ones finish what they
+        were given, then their workers exit. So loading a model anew drops no request.
+        A version served before and not given is unloaded.
+
+        Args:
+            model: the name of a model of the pool's repository (its directory is read
+                now: configuration, versions, files); or its configuration, one
+                ``ModelConfig`` per version served (e.g. ``ModelConfig.from_pbtxt``).
+
+        Raises:
+            ConfigError: the repository has no such model, or its configuration is
+                invalid (the model is served as before).
+            WorkerStartError: a worker failed to start or warm up, or the load took
+                longer than ``start_timeout`` (the model is served as before; one never
+                served is listed by :meth:`models` as failed).
+            ValueError: configurations of several models, or a version repeated.
+            PoolClosedError: the pool is closed, or was closed meanwhile.
+        """
+        name = model if isinstance(model, str) else None
+        with self._control_lock:
+            try:
+                configs = self._configs_of(model)
+                name = configs[0].name
+                change = Load(name, configs)
+                self._router.control.submit(change)
+                try:
+                    change.future.result(self._start_timeout + 30.0)
+                except concurrent.futures.TimeoutError:
+                    raise TimeoutError(f"model {name!r} did not load within {self._start_timeout + 30.0:g} s") from None
+            except (ConfigError, TorchRTError) as e:
+                if name is not None and name not in self._router.default and not isinstance(e, PoolClosedError):
+                    self._failed(name, e)
+                raise
+            self._failed(name, None)
+        for note in dict.fromkeys(n for cfg in configs for n in cfg.notes):
+            warnings.warn(f"model {name!r}: {note}", RuntimeWarning, stacklevel=2)
+
+    def unload(self, model: str, *, grace: float | None = None) -> None:
+        """Stop serving a model, every version of it, while the pool serves the others.
+
+        New requests to it fail at once with :class:`UnknownModelError`; those it took
+        finish (for up to ``grace`` seconds, None: as long as they take; then they fail
+        with :class:`ModelUnavailableError`); then its workers exit and its shared memory
+        is released. Returns once they have.
+
+        Raises:
+            UnknownModelError: the pool does not serve ``model``.
+            PoolClosedError: the pool is closed.
+        """
+        if grace is not None and not grace >= 0:
+            raise ValueError(f"Pool.unload: grace is {grace!r}; expected seconds >= 0, or None")
+        with self._control_lock:
+            failed = any(s.name == model for s in self._load_errors)
+            if model not in self._router.default and not failed:
+                raise UnknownModelError(model, sorted(self._router.default))
+            change = Unload(model, grace)
+            self._router.control.submit(change)
+            change.future.result()
+            self._failed(model, None)
+
+    def _configs_of(self, model: str | ModelConfig | Iterable[ModelConfig]) -> list[ModelConfig]:
+        """The configurations :meth:`load` is given, read and checked."""
+        if isinstance(model, str):
+            if self._repository is None:
+                raise ConfigError(
+                    f"Pool.load({model!r}) reads the model from the pool's repository, and this pool has none; "
+                    "give its ModelConfig instead",
+                    model=model,
+                )
+            configs = load_model(self._repository, model)
+        else:
+            configs = [model] if isinstance(model, ModelConfig) else list(model)
+        names = sorted({c.name for c in configs})
+        if len(names) != 1:
+            raise ValueError(f"Pool.load: the configurations of one model, every version of it; got models {names}")
+        versions = [c.version for c in configs]
+        if len(set(versions)) != len(versions):
+            raise ValueError(f"Pool.load: model {names[0]!r}: versions repeat: {sorted(versions)}")
+        if self._execution_timeout is not None:
+            limit = self._execution_timeout
+            configs = [c if c.execution_timeout is not None else replace(c, execution_timeout=limit) for c in configs]
+        for cfg in configs:
+            cfg.check_files()
+        return configs
+
+    def _failed(self, name: str, error: BaseException | None) -> None:
+        """Record why ``name`` could not be loaded (None: forget it), for :meth:`models`
+        and for its requests (the list is the admission's too: changed in place)."""
+        kept = [s for s in self._load_errors if s.name != name]
+        if error is not None:
+            kept.append(ModelStatus(name, None, "failed", str(error).split("\n", 1)[0]))
+        self._load_errors[:] = kept
 
     # ── lifetime ───────────────────────────────────────────────────────────────
 

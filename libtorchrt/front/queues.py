@@ -15,14 +15,16 @@ import collections
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, SequenceError
 
 if TYPE_CHECKING:
     import torch
 
     from .call import Call
+    from .records import _Worker
+    from .sequences import SequenceTag
 
-__all__ = ["Fifo", "RequestQueue"]
+__all__ = ["Fifo", "RequestQueue", "Unpinned", "live"]
 
 
 class RequestQueue(Protocol):
@@ -90,8 +92,75 @@ class RequestQueue(Protocol):
         """When the router must look again even if nothing happens (None: never)."""
         ...
 
+    # ── pinned queues (sequence batching: each unit belongs to one instance) ──
 
-class Fifo:
+    #: units are taken per instance (:meth:`take_for`), never by :meth:`take`
+    pinned: bool
+
+    def tag(self, sequence: SequenceTag | None) -> SequenceTag | None:
+        """Check a request's sequence (caller threads).
+
+        Raises:
+            SequenceError: a sequence for a model without sequence batching, or
+                none (or a bad one) for a model with it.
+        """
+        ...
+
+    def take_for(self, instance: int, now: float) -> Call | None:
+        """The next unit for ``instance``'s worker (pinned queues)."""
+        ...
+
+    def expire(self, now: float) -> None:
+        """Drop what timed out while nothing waited (pinned queues: idle sequences)."""
+        ...
+
+    def finished(self, unit: Call, now: float) -> None:
+        """``unit`` was answered."""
+        ...
+
+    def lost(self, w: _Worker) -> None:
+        """``w`` died: settle what it held that cannot be sent again (its sequences);
+        what is left in its ``inflight`` is re-sent or failed as usual."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Its own counters for ``ModelStats.sequences`` (any thread; empty: none)."""
+        ...
+
+
+class Unpinned:
+    """What a queue whose units any instance can take does for the pinned methods."""
+
+    pinned = False
+    model_name: str
+
+    def tag(self, sequence: SequenceTag | None) -> SequenceTag | None:
+        if sequence is not None:
+            raise SequenceError(
+                self.model_name,
+                sequence.id,
+                "no sequence_id (the model has no sequence_batching)",
+                f"sequence_id={sequence.id!r}",
+            )
+        return None
+
+    def take_for(self, instance: int, now: float) -> Call | None:
+        return None
+
+    def expire(self, now: float) -> None:
+        return None
+
+    def finished(self, unit: Call, now: float) -> None:
+        return None
+
+    def lost(self, w: _Worker) -> None:
+        return None
+
+    def counts(self) -> dict[str, int]:
+        return {}
+
+
+class Fifo(Unpinned):
     """One request per execution, in the order they came."""
 
     host_only = False
@@ -130,7 +199,7 @@ class Fifo:
         calls = self.calls
         while calls:
             call = calls.popleft()
-            if _live(call):
+            if live(call):
                 call.dispatched = True
                 return call
             call.free()
@@ -155,7 +224,7 @@ class Fifo:
         return None
 
 
-def _live(call: Call) -> bool:
+def live(call: Call) -> bool:
     """Whether a waiting call is still to be sent: marks a fresh one running (it can
     no longer be cancelled); one that was cancelled, or whose deadline passed while
     it waited to be re-sent, is not."""

@@ -84,6 +84,8 @@ class _Slot:
     #: where its workers run: "cpu" or "cuda:N"
     device: str = "cpu"
     worker: _Worker | None = None
+    #: a KIND_MODEL instance: its workers load the model where its file says
+    placed_by_model: bool = False
     restarts: int = 0
     #: deaths in a row before the worker became ready (a crash loop when >= CRASH_LOOP)
     start_failures: int = 0

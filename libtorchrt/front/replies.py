@@ -135,8 +135,10 @@ class Replies:
             log.warning("worker %s/%d answered unknown request %d", w.model.name, w.instance, req_id)
             return None
         w.served += 1
-        w.busy_since = time.monotonic() if w.inflight else None
+        now = time.monotonic()
+        w.busy_since = now if w.inflight else None
         call.free()
+        w.model.queue.finished(call, now)
         return call
 
     def _on_response(self, w: _Worker, msg: wire.Response, frames: list[zmq.Frame]) -> None:

@@ -6,9 +6,11 @@
     ──────────────                         ─────────────                     ───────
     admission: bind + check inputs,
     copy tensors → model's request arena
-    Call(future) ──► inbox ──(eventfd)──►  model's queue (FIFO | batcher)
-                                           dispatch to the least-loaded ──► DEALER (one per
-                                           ready worker (≤ per_worker)       worker process)
+    Call(future) ──► inbox ──(eventfd)──►  model's queue (FIFO | batcher |
+                                           sequences); dispatch to the ──► DEALER (one per
+                                           least-loaded ready worker         worker process)
+                                           (≤ per_worker), or, for
+                                           sequences, the one holding it
     future ◄── replies: outputs ◄───────── ROUTER ◄──────────────────────── reply: outputs in
     outputs alias the response arena;                                       its response arena
     dropping them frees the slot ──► released offsets ride on the next request to that worker
@@ -34,7 +36,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +66,12 @@ from .batch import Batch
 from .batcher import Batcher, Orderer
 from .call import Call
 from .compile_cache import CompileCache
+from .control import ModelControl
 from .gpu import DeviceBuffers
 from .queues import Fifo
 from .records import READY, _Model, _Slot, _Worker, gpu_index, shares_weights
 from .replies import Replies
+from .sequences import SequenceQueue
 from .supervisor import Supervisor, declared_outputs
 
 __all__ = ["Router", "RouterOptions"]
@@ -135,6 +139,8 @@ class Router:
         #: the workers' lives (and the watch pipe); the socket's reader
         self.supervisor = Supervisor(self)
         self.replies = Replies(self)
+        #: models loaded, replaced and unloaded while the pool serves (control.py)
+        self.control = ModelControl(self)
         self._ids = itertools.count(1)
         self._stop_at: float | None = None  # drain deadline, once stop() was called
         self.stopped = False
@@ -150,11 +156,20 @@ class Router:
         self._thread.start()
 
     def _add_model(self, cfg: ModelConfig) -> None:
+        m = self.make_model(cfg)
+        self.models[(cfg.name, cfg.version)] = m
+        if cfg.name not in self.default or cfg.version > self.default[cfg.name].version:
+            self.default[cfg.name] = m
+
+    def make_model(self, cfg: ModelConfig) -> _Model:
+        """A model version's record, its arena and queue made, served by nobody yet (the
+        pool's start serves it; while the pool runs, ``control.py`` does)."""
         try:
             placements = cfg.placements()
+            by_model = cfg.placed_by_model()
             unplaceable = None
         except ConfigError as e:  # (a GPU this machine lacks): this model only fails
-            placements, unplaceable = [], e
+            placements, by_model, unplaceable = [], [], e
         arena = Arena(self.options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-v{cfg.version}-req")
         m = _Model(cfg, arena, Allocator(arena.size))
         m.declared_outputs = declared_outputs(cfg)
@@ -164,19 +179,22 @@ class Router:
             )
         if unplaceable is not None:
             m.failed, m.start_error = str(unplaceable), unplaceable
-        m.slots = [_Slot(i, d) for i, d in enumerate(placements)]
+        m.slots = [_Slot(i, d, placed_by_model=p) for i, (d, p) in enumerate(zip(placements, by_model))]
         m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
         # (string inputs are not batched yet: see docs/batching.md)
         db = cfg.dynamic_batching
-        if db is not None and cfg.max_batch_size > 0 and not any(spec.is_string for spec in cfg.inputs):
+        seq = cfg.sequence_batching
+        if seq is not None:
+            m.queue = SequenceQueue(m)
+            if seq.preserve_ordering:
+                m.orderer = Orderer()
+        elif db is not None and cfg.max_batch_size > 0 and not any(spec.is_string for spec in cfg.inputs):
             m.queue = Batcher(m)
             if db.preserve_ordering:
                 m.orderer = Orderer()
         else:
             m.queue = Fifo(cfg.name, self.options.max_inflight)
-        self.models[(cfg.name, cfg.version)] = m
-        if cfg.name not in self.default or cfg.version > self.default[cfg.name].version:
-            self.default[cfg.name] = m
+        return m
 
     # ── called from caller threads ─────────────────────────────────────────────
 
@@ -204,7 +222,7 @@ class Router:
         """
         m = self.default.get(name) if version is None else self.models.get((name, version))
         if m is None:
-            versions = sorted(v for n, v in self.models if n == name)
+            versions = sorted(v for n, v in list(self.models) if n == name)  # (a copy: control.py changes it)
             raise UnknownModelError(name, sorted(self.default), version=version, versions=versions)
         return m
 
@@ -240,15 +258,21 @@ class Router:
     def next_id(self) -> int:
         return next(self._ids)
 
+    def records(self) -> Collection[_Model]:
+        """Every model record this router runs: those served, and those that a change of
+        models is loading or retiring (``control.py``)."""
+        extra = self.control.extra
+        return [*self.models.values(), *extra] if extra else self.models.values()
+
     def pending(self) -> int:
         """Requests taken and not finished, all models together (approximate, any thread)."""
         total = len(self.inbox)
-        for m in list(self.models.values()):
+        for m in list(self.records()):
             total += m.pending + sum(len(w.inflight) for w in m.workers)
         return total
 
     def workers(self) -> list[WorkerInfo]:
-        return snapshots.workers(self.models.values())
+        return snapshots.workers(self.records())
 
     def health(self) -> dict[str, ModelHealth]:
         return snapshots.health(self.models, self.default, self.stopped)
@@ -303,9 +327,7 @@ class Router:
         return self._stop_at is not None and (self._drained() or now >= self._stop_at)
 
     def _drained(self) -> bool:
-        return not self.inbox and all(
-            not m.pending and not any(w.inflight for w in m.workers) for m in self.models.values()
-        )
+        return not self.inbox and all(not m.pending and not any(w.inflight for w in m.workers) for m in self.records())
 
     def _wait_for_events(self, wake: float | None) -> list[Any]:
         """Block until something happens or ``wake`` (monotonic) comes; the ready
@@ -329,19 +351,21 @@ class Router:
         deadline = self.deadlines.next()
         if deadline is not None:
             due.append(deadline)
-        for m in self.models.values():
+        for m in self.records():
             wake = m.queue.wake_at()
             if wake is not None:
                 due.append(wake)
         self.supervisor.next_wake(due)
+        self.control.next_wake(due)
         return min(due) if due else None
 
     def _run_timers(self, now: float) -> None:
+        self.control.run(now)  # (first: a failed load's workers are not restarted)
         for ref in self.deadlines.due(now):
             call = ref()
             if call is not None:
                 self._expire(call)
-        for m in self.models.values():
+        for m in self.records():
             wake = m.queue.wake_at()
             if wake is not None and wake <= now:
                 self.dispatch(m)
@@ -386,6 +410,9 @@ class Router:
         if self.replies.released or self.gpu.released:
             self.replies.collect_releases()
         queue = m.queue
+        now = time.monotonic()
+        if queue.pinned:
+            queue.expire(now)
         if not len(queue):
             return
         if m.failed is not None:
@@ -395,7 +422,9 @@ class Router:
             self._fail_queued(m, ModelUnavailableError(m.name, m.unavailable))
             return
         limit = queue.per_worker
-        now = time.monotonic()
+        if queue.pinned:
+            self._dispatch_pinned(m, limit, now)
+            return
         while len(queue):
             best = self._least_loaded(m, limit, queue.head_device())
             if best is None:
@@ -413,6 +442,24 @@ class Router:
             if not self._send(best, call):
                 queue.requeue([call], now)
                 return  # it waits for that worker to be idle (its reply calls us again)
+
+    def _dispatch_pinned(self, m: _Model, limit: int, now: float) -> None:
+        """Send each ready worker of ``m`` the units its queue keeps for it (sequence
+        batching: a sequence's requests go to the instance that holds it)."""
+        queue = m.queue
+        for slot in m.slots:
+            w = slot.worker
+            while (
+                w is not None and w.state == READY and not w.doomed and len(w.inflight) < limit and not w.serial
+            ):
+                unit = queue.take_for(w.instance, now)
+                if unit is None:
+                    break
+                if unit.id == 0:
+                    unit.id = next(self._ids)
+                if not self._send(w, unit):
+                    queue.requeue([unit], now)
+                    break
 
     def _fail_queued(self, m: _Model, exc: TorchRTError) -> None:
         for call in m.queue.drain():
@@ -461,7 +508,14 @@ class Router:
             releases, w.releases = w.releases[:MAX_RELEASES], w.releases[MAX_RELEASES:]
         batch = call.member_rows if isinstance(call, Batch) else []
         if w.gpu is None:
-            header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs, batch=batch))
+            if call.sequences is None:
+                header = wire.encode(wire.Request(call.id, call.descs, releases, call.blobs, batch=batch))
+            else:
+                rows, ids, forget = call.sequences
+                msg = wire.Request(
+                    call.id, call.descs, releases, call.blobs, batch=batch, sequence=rows, corrids=ids, forget=forget
+                )
+                header = wire.encode(msg)
             if by_channel and len(header) > MAX_DATAGRAM:
                 by_channel = False
                 if w.inflight:
@@ -524,6 +578,8 @@ class Router:
             call.device_ids,
             batch=batch,
         )
+        if call.sequences is not None:
+            msg.sequence, msg.corrids, msg.forget = call.sequences
         return wire.encode(msg)
 
     # ── shutdown ───────────────────────────────────────────────────────────────
@@ -531,7 +587,7 @@ class Router:
     def _fail_all(self, exc: BaseException) -> None:
         for call in self.inbox.take():
             call.fail(exc)
-        for m in self.models.values():
+        for m in self.records():
             self._fail_queued(m, exc)  # type: ignore[arg-type]
             for w in m.workers:
                 inflight, w.inflight = w.inflight, {}
@@ -548,8 +604,9 @@ class Router:
         self._close_resources()
 
     def _close_resources(self) -> None:
+        self.control.close()  # (the changes not done fail; its records are closed below)
         self.supervisor.close()
-        for m in self.models.values():
+        for m in self.records():
             m.arena.close()
             if m.weights_fd >= 0:
                 os.close(m.weights_fd)

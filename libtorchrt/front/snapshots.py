@@ -48,7 +48,7 @@ def health(
     version, keyed ``"name/version"``, and its name keys its default version.
     """
     out = {}
-    counts = collections.Counter(name for name, _ in models)
+    counts = collections.Counter(name for name, _ in list(models))  # (a copy: models change while it runs)
     for (name, version), m in list(models.items()):
         found = model_health(m, stopped)
         if counts[name] == 1:
@@ -103,7 +103,7 @@ def model_state(m: _Model, ready: int, stopped: bool) -> tuple[str, str | None]:
 
 def stats(models: Iterable[_Model]) -> list[ModelStats]:
     """Each model version's counters."""
-    return [m.stats.snapshot(m.pending) for m in list(models)]
+    return [m.stats.snapshot(m.pending, m.queue.counts()) for m in list(models)]
 
 
 def statuses(models: Iterable[_Model], stopped: bool) -> list[ModelStatus]:

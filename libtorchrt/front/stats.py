@@ -69,7 +69,7 @@ class Stats:
         with self._lock:
             self.failure += 1
 
-    def snapshot(self, pending: int) -> ModelStats:
+    def snapshot(self, pending: int, sequences: dict[str, int] | None = None) -> ModelStats:
         counts = list(self._latency)
         cumulative, total = [], 0
         for bound, count in zip(LATENCY_BUCKETS, counts):
@@ -88,4 +88,5 @@ class Stats:
             batch_sizes=dict(self.batch_sizes),
             latency=(*cumulative, (float("inf"), total + counts[-1])),
             pending=pending,
+            sequences=sequences or {},
         )

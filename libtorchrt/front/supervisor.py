@@ -59,6 +59,7 @@ from .records import (
     _Worker,
     gpu_index,
 )
+from .sequences import warmup_fields
 
 if TYPE_CHECKING:
     from .router import Router
@@ -138,6 +139,8 @@ class Supervisor:
             format=m.cfg.format or "torchscript",
             max_batch_size=m.cfg.max_batch_size,
             input_names=[s.name for s in m.cfg.inputs],
+            sequence=m.cfg.sequence_batching.to_json() if m.cfg.sequence_batching is not None else {},
+            placed_by_model=slot.placed_by_model,
         )
         assert m.arena.fd is not None
         spec.request_fd = m.arena.fd
@@ -255,7 +258,7 @@ class Supervisor:
         models = list(self.router.models.values())
         if not all(m.failed is not None or all(w.state == READY for w in m.workers) for m in models):
             return
-        if all(m.failed is not None for m in models):  # nothing to serve
+        if models and all(m.failed is not None for m in models):  # nothing to serve
             self.start_error = models[0].start_error
         self.started.set()
 
@@ -342,7 +345,8 @@ class Supervisor:
             call = Call(m, tensor_io.write(tensors, m.arena, m.allocator, router.options.inline_threshold))
             call.id, call.warmup, call.dispatched = router.next_id(), True, True
             w.inflight[call.id] = call
-            header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
+            rows = len(tensors[0]) if m.cfg.max_batch_size > 0 and tensors and hasattr(tensors[0], "shape") else 1
+            header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs, **warmup_fields(m.cfg, rows)))
             try:
                 send(router.sock, header, call.frames, identity=w.identity)  # type: ignore[arg-type]
             except zmq.ZMQError:
@@ -393,7 +397,7 @@ class Supervisor:
         and the execution watchdog's limits."""
         if not self.started.is_set():
             due.append(self.start_deadline)
-        for m in self.router.models.values():
+        for m in self.router.records():
             limit = m.cfg.execution_timeout
             for s in m.slots:
                 if s.restart_at is not None:
@@ -405,7 +409,7 @@ class Supervisor:
     def run_timers(self, now: float, stopping: bool) -> None:
         """Restart the instances whose backoff ran out (unless ``stopping``), and kill
         the workers whose execution took longer than their model's limit."""
-        for m in self.router.models.values():
+        for m in self.router.records():
             limit = m.cfg.execution_timeout
             for s in m.slots:
                 if s.restart_at is not None and s.restart_at <= now and not stopping:
@@ -479,6 +483,7 @@ class Supervisor:
             self.model_failed(m, WorkerStartError(m.name, w.instance, reason, tail))
             self._drop_worker(w)
             return
+        m.queue.lost(w)  # (what cannot be re-sent elsewhere: its sequences)
         self._resend_or_fail(w, code, tail)
         # Replace it: a fresh process, after a backoff that grows while it keeps dying
         # before it is ready.
@@ -572,7 +577,7 @@ class Supervisor:
         """Ask every live worker to exit, close the watch pipe, and wait for them
         (5 s in all; then they are killed)."""
         router = self.router
-        models = router.models.values()
+        models = list(router.records())
         live = [w for m in models for w in m.workers if w.proc.reap() is None]
         for w in live:
             w.state = STOPPED
@@ -596,7 +601,7 @@ class Supervisor:
     def close(self) -> None:
         """Release every worker's handle, then the template (which knows how they
         ended) and the watch pipe (idempotent)."""
-        for m in self.router.models.values():
+        for m in self.router.records():
             for w in m.workers:
                 if w.channel is not None:
                     w.channel.close()

@@ -99,7 +99,7 @@ def test_a_misspelt_pbtxt_field_or_value_gets_a_suggestion(line: str, suggestion
     "endpoint, words",
     [
         ("http://127.0.0.1:8000", "tritonclient.http"),
-        ("grpc://127.0.0.1:8001", "does not serve gRPC"),
+        ("grpc://127.0.0.1:8001", "tritonclient.grpc"),
         ("127.0.0.1:8003", "'tcp://127.0.0.1:8003'"),
         ("udp://x", "tcp://HOST:PORT"),
     ],

@@ -181,12 +181,17 @@ def alive(pid: int) -> bool:
 class ServerProcess:
     """``python -m libtorchrt.pool`` as a subprocess, its output read line by line.
 
+    gRPC is off unless ``args`` name it (``--grpc 127.0.0.1:0``): its default address
+    (127.0.0.1:8001) would be taken by the first of the servers that run at once.
+
     Args:
         args: the command line after ``python -m libtorchrt.pool``.
         env: extra environment variables.
     """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        if not any(a.split("=")[0] in ("--grpc", "--grpc-port") for a in args):
+            args = (*args, "--grpc", "off")
         self.args = [sys.executable, "-m", "libtorchrt.pool", *args]
         self.proc = subprocess.Popen(
             self.args,
@@ -202,6 +207,7 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.http = ""
+        self.grpc = ""
         self.metrics = ""
         self.zmq = ""
 
@@ -238,8 +244,8 @@ class ServerProcess:
                 return m
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
-        """Wait for the banner; set :attr:`http` and :attr:`metrics` (host:port) and
-        :attr:`zmq` (the endpoint)."""
+        """Wait for the banner; set :attr:`http`, :attr:`grpc` and :attr:`metrics`
+        (host:port) and :attr:`zmq` (the endpoint)."""
         self.wait_for(r"libtorchrt-pool \S+ ready", timeout)
         while True:
             try:  # the banner is one write: its lines are queued together
@@ -247,12 +253,14 @@ class ServerProcess:
             except queue.Empty:
                 break
             assert line is not None, self.output
-            m = re.match(r"\s+(HTTP|metrics|ZeroMQ)\s+(\S+)", line)
+            m = re.match(r"\s+(HTTP|gRPC|metrics|ZeroMQ)\s+(\S+)", line)
             if not m:
                 self._queue.put(line)  # not the banner's: leave it for later waits
                 break
             if m.group(1) == "HTTP":
                 self.http = m.group(2).removeprefix("http://")
+            elif m.group(1) == "gRPC":
+                self.grpc = m.group(2)
             elif m.group(1) == "ZeroMQ":
                 self.zmq = m.group(2)
             elif m.group(1) == "metrics":

@@ -4,9 +4,10 @@ Parses and checks the options -- addresses, tokens, keys, and the rule that an
 endpoint reachable from other machines needs authentication or ``--insecure`` --
 before anything is loaded, sets up the log (text or JSON lines on stderr), then runs
 the server (``service.py``). tritonserver's spellings of the options that mean the same
-here (``--http-port``, ``--exit-on-error``, ...) are accepted as aliases; those that
-ask for what this server does not do (gRPC, model control) are refused, naming why.
-docs/server.md describes every option.
+here (``--http-port``, ``--grpc-port``, ``--exit-on-error``, ...) are accepted as
+aliases, and so are its model control options (``--model-control-mode``,
+``--load-model``, ``--repository-poll-secs``: ``control.py``); those that ask for what
+this server does not do are refused, naming why. docs/server.md describes every option.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from .. import __version__
+from .control import DEFAULT_POLL_SECS
 from .http import Limits
 from .security import (
     UsageError,
@@ -32,6 +34,7 @@ from .security import (
     parse_address,
     prepare_ipc,
     read_curve_secret_key,
+    read_tls_files,
     read_token,
 )
 from .service import Options, serve
@@ -40,17 +43,18 @@ __all__ = ["JsonFormatter", "build_parser", "log_level", "main", "options_from"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-#: the defaults of --http and --metrics (tritonserver's ports, on loopback)
+#: the defaults of --http, --grpc and --metrics (tritonserver's ports, on loopback)
 HTTP_DEFAULT = "127.0.0.1:8000"
+GRPC_DEFAULT = "127.0.0.1:8001"
 METRICS_DEFAULT = "127.0.0.1:8002"
 #: tritonserver's boolean option values (it reads them case-insensitively)
 _BOOLEANS = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
 
 DESCRIPTION = """\
 Serve the PyTorch models (TorchScript, AOTInductor packages, exported programs, model.py)
-of a Triton-style model repository from one worker process
-per model instance, over HTTP (the KServe v2 / Open Inference Protocol, which
-tritonclient.http speaks), optionally over ZeroMQ (libtorchrt.Client), with Prometheus
+of a Triton-style model repository from one worker process per model instance, over
+HTTP and gRPC (the KServe v2 / Open Inference Protocol, which tritonclient.http and
+tritonclient.grpc speak), optionally over ZeroMQ (libtorchrt.Client), with Prometheus
 metrics. Start-up progress goes to stderr (live on a terminal, log lines otherwise); the
 endpoints are printed on stdout once every model is loaded. SIGTERM or SIGINT drains
 requests in flight and exits with status 0.
@@ -60,18 +64,29 @@ EPILOG = """\
 addresses:
   ADDR is HOST:PORT, [IPv6]:PORT, or PORT alone (on 127.0.0.1); port 0 picks a free
   port (the banner shows it); 'off' turns the endpoint off. The defaults bind loopback
-  only. An HTTP address that other machines can reach needs a bearer token
-  (--http-token-file or LIBTORCHRT_HTTP_TOKEN), a ZeroMQ tcp:// endpoint that they can
-  reach needs CURVE keys (--zmq-curve-secret-key-file); --insecure waives both. The
+  only. An HTTP or gRPC address that other machines can reach needs a bearer token
+  (--http-token-file or LIBTORCHRT_HTTP_TOKEN; TLS does not replace it), a ZeroMQ
+  tcp:// endpoint that they can reach needs CURVE keys (--zmq-curve-secret-key-file);
+  --insecure waives both. The
   metrics endpoint is read-only and takes no token (Prometheus scrapes it as it is):
   bind it where only your monitoring can reach it.
 
 tritonserver's options:
-  --http-port, --metrics-port, --model-control-mode none, --exit-on-error and
-  --log-verbose are accepted with the same meaning, except that the ports are bound on
-  127.0.0.1 (tritonserver binds 0.0.0.0): write --http 0.0.0.0:PORT, with a token or
-  --insecure, to serve other machines. --grpc-port is refused (no gRPC here), and so
-  are the model control modes poll and explicit (the repository is read once).
+  --http-port, --grpc-port, --metrics-port, --exit-on-error and --log-verbose are
+  accepted with the same meaning, except that the ports are bound on 127.0.0.1
+  (tritonserver binds 0.0.0.0): write --http 0.0.0.0:PORT (--grpc 0.0.0.0:PORT), with
+  a token or --insecure, to serve other machines.
+
+model control (tritonserver's):
+  --model-control-mode none (the default): every model of the repository is loaded at
+  start, and the repository is read once. explicit: the models named by --load-model
+  (repeat it; '*': all) are loaded at start, and the others are loaded and unloaded by
+  request (POST /v2/repository/models/NAME/load, .../unload; tritonclient's
+  load_model and unload_model). poll: every model is loaded at start, then the
+  repository is looked at every --repository-poll-secs seconds (default 15): a model
+  added is loaded, one removed is unloaded, one whose files changed is loaded anew.
+  A model loaded anew serves as before until its new workers are ready: no request
+  is dropped.
 
 exit status:
   0 stopped by SIGTERM/SIGINT; 1 a port is taken, or no model could be loaded (or,
@@ -118,6 +133,16 @@ def _boolean(text: str) -> bool:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
+    return value
+
+
 def _count(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
@@ -146,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"serve the KServe v2 protocol over HTTP on ADDR (default: {HTTP_DEFAULT}; 'off': no HTTP)",
     )
     ep.add_argument(
+        "--grpc",
+        default=None,
+        metavar="ADDR",
+        help="serve the KServe v2 / Triton protocol over gRPC (tritonclient.grpc) on ADDR "
+        f"(default: {GRPC_DEFAULT}; 'off': no gRPC)",
+    )
+    ep.add_argument(
         "--zmq",
         default=None,
         metavar="ENDPOINT",
@@ -163,10 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument(
         "--http-token-file",
         metavar="FILE",
-        help="require 'Authorization: Bearer <token>' on HTTP requests (the health probes excepted), "
-        "the token being FILE's content (at least 16 characters); the environment variable "
+        help="require 'Authorization: Bearer <token>' on HTTP requests and gRPC calls (the health probes "
+        "excepted), the token being FILE's content (at least 16 characters); the environment variable "
         "LIBTORCHRT_HTTP_TOKEN may hold it instead. Tokens are never taken on the command line, which "
         "every local user can read",
+    )
+    sec.add_argument(
+        "--grpc-tls-cert",
+        metavar="FILE",
+        help="serve gRPC over TLS: FILE is the server's PEM certificate chain (with --grpc-tls-key)",
+    )
+    sec.add_argument(
+        "--grpc-tls-key",
+        metavar="FILE",
+        help="the PEM private key of --grpc-tls-cert",
     )
     sec.add_argument(
         "--zmq-curve-secret-key-file",
@@ -195,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=Limits().max_inflight,
         metavar="N",
-        help="HTTP inference requests handled at once, counted once their body has arrived; more get 503 with "
-        "Retry-After (default: %(default)s)",
+        help="inference requests handled at once, HTTP and gRPC together, counted once their body has arrived; "
+        "more get 503 with Retry-After (gRPC: RESOURCE_EXHAUSTED) (default: %(default)s)",
     )
     lim.add_argument(
         "--body-timeout",
@@ -275,13 +317,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-port", type=_port, metavar="PORT", help="--http 127.0.0.1:PORT (to serve other machines: --http)"
     )
     tr.add_argument("--metrics-port", type=_port, metavar="PORT", help="--metrics 127.0.0.1:PORT")
-    tr.add_argument("--grpc-port", metavar="PORT", help="refused: this server does not serve gRPC")
+    tr.add_argument(
+        "--grpc-port", type=_port, metavar="PORT", help="--grpc 127.0.0.1:PORT (to serve other machines: --grpc)"
+    )
     tr.add_argument(
         "--model-control-mode",
         type=str.lower,
         choices=["none", "poll", "explicit"],
         metavar="MODE",
-        help="'none' only: the repository is read once, at start (poll and explicit are refused)",
+        help="'none' (default): every model is loaded at start, once; 'explicit': those of --load-model, and "
+        "others by request; 'poll': every model, and the repository's changes are applied as they come "
+        "(see below)",
+    )
+    tr.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start (repeat it; '*': every model)",
+    )
+    tr.add_argument(
+        "--repository-poll-secs",
+        type=_seconds,
+        default=DEFAULT_POLL_SECS,
+        metavar="SECONDS",
+        help="with --model-control-mode poll: seconds between two looks at the repository (default: %(default)g; "
+        "0: never)",
     )
     tr.add_argument(
         "--exit-on-error",
@@ -295,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _address(args: argparse.Namespace, option: str, port_option: str, default: str) -> str:
-    """The address ``--http``/``--metrics`` names, or its tritonserver alias does."""
+    """The address ``--http``/``--grpc``/``--metrics`` names, or its tritonserver alias does."""
     given: str | None = getattr(args, option)
     port: int | None = getattr(args, port_option)
     if port is None:
@@ -324,31 +385,34 @@ def options_from(args: argparse.Namespace) -> Options:
         UsageError: a bad address, or an endpoint open to other machines without
             authentication or ``--insecure``.
     """
-    if args.grpc_port is not None:
+    mode = args.model_control_mode or "none"
+    if args.load_model and mode != "explicit":
         raise UsageError(
-            f"--grpc-port {args.grpc_port}: this server does not serve gRPC; tritonclient.grpc cannot reach it. "
-            "Use HTTP (--http-port, tritonclient.http; the same KServe v2 protocol) and remove --grpc-port"
+            f"--load-model {args.load_model[0]}: --model-control-mode {mode} loads every model at start; "
+            "--load-model chooses them with --model-control-mode explicit"
         )
-    if args.model_control_mode not in (None, "none"):
-        raise UsageError(
-            f"--model-control-mode {args.model_control_mode} is not supported: the repository is read once, at "
-            "start, and models are not loaded or unloaded while serving; use --model-control-mode none (the "
-            "default) and restart the server to change its models"
-        )
+    if "*" in args.load_model and len(args.load_model) > 1:
+        raise UsageError("--load-model '*' loads every model: give it alone, not with model names")
     if args.exit_on_error is False and args.strict:
         raise UsageError("--strict and --exit-on-error=false contradict each other; give one")
     http = parse_address(_address(args, "http", "http_port", HTTP_DEFAULT), "--http")
+    grpc = parse_address(_address(args, "grpc", "grpc_port", GRPC_DEFAULT), "--grpc")
     metrics = parse_address(_address(args, "metrics", "metrics_port", METRICS_DEFAULT), "--metrics")
-    if http is None and args.zmq is None:
-        raise UsageError("--http off leaves no way to reach the models; give --zmq, or an --http address")
+    if http is None and grpc is None and args.zmq is None:
+        raise UsageError("--http off and --grpc off leave no way to reach the models; give --zmq, or an address")
     token = read_token(args.http_token_file)
-    if token is not None and http is None:
-        raise UsageError("--http-token-file: there is no HTTP endpoint to protect")
+    if token is not None and http is None and grpc is None:
+        raise UsageError("--http-token-file: there is no HTTP or gRPC endpoint to protect")
+    grpc_tls = read_tls_files(args.grpc_tls_cert, args.grpc_tls_key)
+    if grpc_tls is not None and grpc is None:
+        raise UsageError("--grpc-tls-cert and --grpc-tls-key need a gRPC endpoint (--grpc is off)")
     curve = read_curve_secret_key(args.zmq_curve_secret_key_file)
     if curve is not None and args.zmq is None:
         raise UsageError("--zmq-curve-secret-key-file needs --zmq")
     if http is not None:
         check_http(http, "--http", token=token, insecure=args.insecure)
+    if grpc is not None:  # (TLS encrypts; it does not say who may call: the token does)
+        check_http(grpc, "--grpc", token=token, insecure=args.insecure)
     if args.zmq is not None:
         check_zmq(args.zmq, curve_secret_key=curve, insecure=args.insecure)
         prepare_ipc(args.zmq, insecure=args.insecure)
@@ -378,6 +442,11 @@ def options_from(args: argparse.Namespace) -> Options:
         busy_poll_us=args.busy_poll_us,
         access_log=log_level(args) == "debug",
         log_format=args.log_format,
+        model_control=mode,
+        load_models=tuple(args.load_model),
+        poll_secs=args.repository_poll_secs,
+        grpc=grpc,
+        grpc_tls=grpc_tls,
     )
 
 

@@ -31,7 +31,9 @@ cancelled, and the outputs of one that ran are freed when the response is droppe
 
 The application serves from the moment the server listens, before the pool exists
 (``ServerState.pool`` is None while the repository loads): the probes answer (live 200,
-ready 400), and inference and model metadata answer 503 until the pool is there.
+ready 400), and inference and model metadata answer 503 until the pool is there. The
+shared-memory extensions' endpoints are ``http_shm.py``'s; the regions they register
+(``ServerState.regions``) are read and written by inference here.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ import contextlib
 import logging
 import re
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -69,9 +71,22 @@ from ..errors import (
 )
 from ..front.pool import Pool
 from ..info import ModelHealth, ModelStatus
-from . import metadata
-from .kserve import EncodedResponse, InferRequest, RequestError, decode_request, encode_response
+from . import http_repository, http_shm, metadata
+from .classification import Labels
+from .control import RepositoryControl
+from .kserve import (
+    EncodedResponse,
+    InferRequest,
+    RequestError,
+    classify_outputs,
+    decode_request,
+    encode_response,
+    read_shared_inputs,
+    shared_input_bytes,
+)
 from .security import BearerAuth
+from .serving import LOADING, Models, inflight, log_failure, not_live, server_ready, submit
+from .sysshm import Regions, owner_for_token
 
 __all__ = ["HEALTH_PATHS", "STATUS", "Limits", "ServerState", "build_app", "summary"]
 
@@ -106,7 +121,7 @@ _TORCHSCRIPT = "The following operation failed in the TorchScript interpreter."
 #: the last line of a TorchScript message: the exception's (qualified) type and message
 _RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*): (.*)$")
 #: the answer to a request that needs the pool while the repository loads
-_LOADING = "the server is loading its models; retry when /v2/health/ready answers 200"
+_LOADING = LOADING
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,10 @@ class ServerState:
     starting: Callable[[], dict[str, ModelHealth]] | None = None
     #: set while draining: called (on the event loop) when the last in-flight request ends
     on_idle: Callable[[], None] | None = None
+    #: the system shared-memory regions clients registered (closed by the service on shutdown)
+    regions: Regions = field(default_factory=Regions)
+    #: the repository index, and models loaded and unloaded while serving (set with ``pool``)
+    control: RepositoryControl | None = None
 
     def loading_models(self) -> list[ModelStatus]:
         """While the pool loads: each model version known so far, as ``Pool.models()``
@@ -200,14 +219,7 @@ def _failure(e: BaseException) -> JSONResponse:
         return _error(e.status, e.message, e.headers)
     status = next((code for cls, code in STATUS.items() if isinstance(e, cls)), 500)
     message = summary(e)
-    # One log record per failed request. A model's error carries the worker's traceback
-    # as text: it goes to the log as the record's exception (not the front's own stack,
-    # which says nothing). A dead worker's stderr was logged line by line as it came, and
-    # its death once by the pool, so its request's record is one line.
-    if isinstance(e, ModelError):
-        log.error("inference failed (%d): %s", status, message, exc_info=(type(e), e, None))
-    elif status >= 500 and not isinstance(e, QueueFullError):  # (a full queue is flow control)
-        log.log(logging.ERROR if status == 500 else logging.WARNING, "inference failed (%d): %s", status, message)
+    log_failure(e, status, f"inference failed ({status}): {message}")  # one log record per failed request
     return _error(status, message, {"Retry-After": "1"} if isinstance(e, QueueFullError) else None)
 
 
@@ -218,49 +230,6 @@ def _version(request: Request) -> int | None:
     if not _NUMBER.fullmatch(text):
         raise RequestError(400, f"model version {text[:40]!r} is not a number (ASCII digits, at most 18)")
     return int(text)
-
-
-class _Models:
-    """Model lookups against the pool's public snapshots."""
-
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-
-    @property
-    def pool(self) -> Pool:
-        """The pool.
-
-        Raises:
-            RequestError: 503 while the repository loads.
-        """
-        pool = self.state.pool
-        if pool is None:
-            raise RequestError(503, _LOADING, {"Retry-After": "1"})
-        return pool
-
-    def statuses(self, name: str) -> list[ModelStatus]:
-        found = [s for s in self.pool.models() if s.name == name]
-        if not found:
-            known = sorted({s.name for s in self.pool.models()})
-            raise RequestError(404, f"unknown model {name!r}; this server serves {known}")
-        return found
-
-    def status(self, name: str, version: int | None) -> ModelStatus:
-        found = self.statuses(name)
-        served = [s for s in found if s.version is not None]
-        if not served:  # its configuration could not be read
-            raise RequestError(503, f"model {name!r} is unavailable: {found[0].error}")
-        if version is None:
-            return max(served, key=lambda s: s.version or 0)
-        for s in served:
-            if s.version == version:
-                return s
-        versions = sorted(s.version for s in served if s.version is not None)
-        raise RequestError(404, f"model {name!r} has no version {version}; it serves versions {versions}")
-
-    def config(self, name: str, version: int | None) -> ModelConfig:
-        status = self.status(name, version)
-        return self.pool.config(name, status.version)
 
 
 async def _in_thread(size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -417,28 +386,26 @@ class TensorResponse(Response):
 
 
 class _Endpoints:
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, owner: str = "anonymous") -> None:
         self.state = state
-        self.models = _Models(state)
+        self.models = Models(state)
+        #: whose shared-memory regions this application's requests use (sysshm.py)
+        self.owner = owner
+        #: the outputs' label files (classification)
+        self.labels = Labels()
 
     # ── health and metadata ────────────────────────────────────────────────
 
     async def live(self, request: Request) -> Response:
         # The pool's router thread died (a bug): every request would fail, so ask to be
         # restarted. A normal drain stays live: it ends by itself; so does a load.
-        pool = self.state.pool
-        if pool is not None and pool.failure is not None:
-            return _error(503, f"the pool failed: {pool.failure!r}")
-        if self.state.broken is not None:
-            return _error(503, f"{self.state.broken} stopped unexpectedly")
+        why = not_live(self.state)
+        if why is not None:
+            return _error(503, why)
         return Response(status_code=200)
 
     def server_ready(self) -> bool:
-        pool = self.state.pool
-        if pool is None or self.state.draining or pool.closed:
-            return False
-        loaded = [s for s in pool.models() if s.state != "failed"]
-        return bool(loaded) and all(s.state == "ready" for s in loaded)
+        return server_ready(self.state)
 
     async def ready(self, request: Request) -> Response:
         return Response(status_code=200 if self.server_ready() else 400)
@@ -472,11 +439,6 @@ class _Endpoints:
         except (RequestError, TorchRTError) as e:
             return _failure(e)
 
-    async def repository_index(self, request: Request) -> Response:
-        pool = self.state.pool
-        statuses = self.state.loading_models() if pool is None else pool.models()
-        return JSONResponse(metadata.repository_index(statuses))
-
     async def statistics(self, request: Request) -> Response:
         try:
             stats_of = getattr(self.models.pool, "stats", None)
@@ -507,23 +469,9 @@ class _Endpoints:
         except (RequestError, TorchRTError) as e:
             return _failure(e)
 
-    @contextlib.contextmanager
-    def _slot(self) -> Iterator[None]:
-        """One of the ``--max-inflight`` slots, or 503 at once."""
-        state = self.state
-        if state.inflight >= state.limits.max_inflight:
-            raise RequestError(
-                503,
-                f"the server is handling {state.limits.max_inflight} requests already (--max-inflight); retry",
-                {"Retry-After": "1"},
-            )
-        state.inflight += 1
-        try:
-            yield
-        finally:
-            state.inflight -= 1
-            if not state.inflight and state.on_idle is not None:
-                state.on_idle()
+    def _slot(self) -> contextlib.AbstractContextManager[None]:
+        """One of the ``--max-inflight`` slots, or 503 at once (shared with gRPC)."""
+        return inflight(self.state)
 
     async def _infer(self, request: Request) -> Response:
         # What the headers tell is checked before the body is read; the body is read
@@ -542,25 +490,38 @@ class _Endpoints:
             if encoding != "identity":
                 body = await _in_thread(len(body), _decompress, body, encoding, limits.max_request_bytes)
             declared = {s.name: s for s in cfg.inputs}
+            received = len(body)
             req: InferRequest = await _in_thread(len(body), decode_request, body, header_length, name, declared)
             del body  # the inputs hold what they need of it
-            if req.outputs is not None and cfg.outputs:
-                names = [s.name for s in cfg.outputs]
-                unknown = [o.name for o in req.outputs if o.name not in names]
-                if unknown:
-                    raise RequestError(400, f"model {name!r} has no output {unknown[0]!r}; it gives {names}")
+            if req.shared_inputs:  # copied out of their regions: they count as a body would
+                shared = shared_input_bytes(req)
+                if received + shared > limits.max_request_bytes:
+                    raise RequestError(
+                        413,
+                        f"{_too_big(limits.max_request_bytes)}: its inputs in shared memory are {shared} bytes",
+                    )
+                await _in_thread(shared, read_shared_inputs, req, self.state.regions, self.owner)
             size = sum(v.numel() * v.element_size() if hasattr(v, "numel") else len(v) for v in req.inputs.values())
-            options: dict[str, Any] = {"version": cfg.version, "timeout": req.timeout}
-            if req.priority is not None:
-                options["priority"] = req.priority
-            future = await _in_thread(size, self.models.pool.submit, name, req.inputs, **options)
-            req.inputs.clear()  # copied into shared memory by submit
+            future = await _in_thread(size, submit, self.models.pool, name, cfg, req)
             outputs = await _outputs(future, request.receive)
-            encoded = await _in_thread(
-                _output_bytes(outputs), encode_response, name, cfg.version, req, outputs, limits.max_json_response_bytes
-            )
+            encoded = await _in_thread(_output_bytes(outputs), self._encode, cfg, req, outputs)
             del outputs
             return TensorResponse(encoded)
+
+    def _encode(self, cfg: ModelConfig, req: InferRequest, outputs: dict[str, Any]) -> EncodedResponse:
+        if req.outputs is not None and any(o.class_count for o in req.outputs):
+            outputs = classify_outputs(
+                req, outputs, batched=cfg.max_batch_size > 0, labels=lambda output: self.labels.of(cfg, output)
+            )
+        return encode_response(
+            cfg.name,
+            cfg.version,
+            req,
+            outputs,
+            self.state.limits.max_json_response_bytes,
+            regions=self.state.regions,
+            owner=self.owner,
+        )
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -604,14 +565,14 @@ def build_app(state: ServerState, *, token: bytes | None = None) -> Callable[[Sc
         token: when given, every request except the health probes must carry
             ``Authorization: Bearer <token>``.
     """
-    ep = _Endpoints(state)
+    owner = owner_for_token(token)  # (one token at most: every HTTP client is one owner)
+    ep = _Endpoints(state, owner)
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     routes = [
         Route("/v2/health/live", ep.live, methods=["GET"]),
         Route("/v2/health/ready", ep.ready, methods=["GET"]),
         Route("/v2", ep.server_metadata, methods=["GET"]),
-        Route("/v2/repository/index", ep.repository_index, methods=["POST"]),
         Route("/v2/models/stats", ep.statistics, methods=["GET"]),
     ]
     for prefix in (model, versioned):
@@ -622,6 +583,8 @@ def build_app(state: ServerState, *, token: bytes | None = None) -> Callable[[Sc
             Route(prefix + "/stats", ep.statistics, methods=["GET"]),
             Route(prefix + "/infer", ep.infer, methods=["POST"]),
         ]
+    routes += http_shm.routes(state, owner)
+    routes += http_repository.routes(state)
     app = _Answered(
         Starlette(
             routes=routes,

@@ -6,7 +6,11 @@ extension, the raw tensor bytes that follow it (``Inference-Header-Content-Lengt
 ``data`` or as binary (``binary_data`` output parameters). Nothing here allocates
 from a size the client states: every byte count and element count is checked against
 the body already received before a tensor is made, and binary inputs are zero-copy
-views of the body.
+views of the body. Two extensions ride on the same documents: tensors whose parameters
+name a registered shared-memory region are read from it and written into it
+(:func:`read_shared_inputs`, :func:`write_shared_output`; the regions are
+``sysshm.py``'s), and outputs asked for with ``classification`` are replaced by their
+top classes (:func:`classify_outputs`; ``classification.py``).
 
 Data types travel by their KServe names:
 
@@ -40,6 +44,8 @@ import torch
 from ..config import TensorSpec
 from ..deadlines import check_timeout
 from ..transport.dtypes import DTYPES, ITEMSIZES, KSERVE_DATATYPES, STRING, TABLE
+from .classification import ClassificationError, top_classes
+from .sysshm import Regions, SharedMemoryError, ShmRef
 
 __all__ = [
     "DATATYPES",
@@ -47,10 +53,17 @@ __all__ = [
     "InferRequest",
     "OutputRequest",
     "RequestError",
+    "SharedInput",
+    "StringTensor",
+    "classify_outputs",
     "data_bytes",
     "datatype_of",
+    "decode_document",
     "decode_request",
     "encode_response",
+    "read_shared_inputs",
+    "shared_input_bytes",
+    "write_shared_output",
 ]
 
 #: KServe data type -> the dtype name used by libtorchrt's configuration.
@@ -115,10 +128,36 @@ def _family(dtype: str) -> str:
 
 @dataclass(frozen=True)
 class OutputRequest:
-    """One entry of a request's ``outputs``: which output, and whether as binary."""
+    """One entry of a request's ``outputs``: which output, and whether as binary.
+
+    ``class_count`` > 0 asks for its top classes instead of the tensor (the
+    classification extension, ``classification.py``); ``shm`` for it to be written
+    into a registered shared-memory region (the system shared-memory extension).
+    """
 
     name: str
     binary: bool | None = None
+    class_count: int = 0
+    shm: ShmRef | None = None
+
+
+@dataclass(frozen=True)
+class SharedInput:
+    """An input whose bytes are in a shared-memory region, to be read (with
+    :func:`read_shared_inputs`) once the request is decoded."""
+
+    ref: ShmRef
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StringTensor:
+    """A ``BYTES`` output of any shape (a model's ``List[str]`` is 1-D; classification
+    gives ``[batch, N]``): its elements in row-major order."""
+
+    items: list[bytes]
+    shape: list[int]
 
 
 @dataclass
@@ -132,14 +171,37 @@ class InferRequest:
         binary_output: the ``binary_data_output`` parameter (outputs' default).
         timeout: the ``timeout`` parameter, in seconds (it travels in microseconds).
         priority: the ``priority`` parameter (None for 0, the model's default level).
+        shared_inputs: the inputs given in shared memory (their ``inputs`` entry is None
+            until :func:`read_shared_inputs` reads them).
     """
 
     id: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
+    shared_inputs: dict[str, SharedInput] = field(default_factory=dict)
     outputs: list[OutputRequest] | None = None
     binary_output: bool = False
     timeout: float | None = None
     priority: int | None = None
+    #: the ``sequence_id``, ``sequence_start`` and ``sequence_end`` parameters
+    #: (sequence batching; an id of 0 or "" is none, as in Triton)
+    sequence_id: int | str | None = None
+    sequence_start: bool = False
+    sequence_end: bool = False
+
+
+def sequence_parameters(sequence_id: Any, start: bool | None, end: bool | None) -> tuple[int | str | None, bool, bool]:
+    """A request's sequence parameters, checked (0 or "" for the id is none).
+
+    Raises:
+        RequestError: 400 for an id that is not an unsigned 64-bit integer or a string.
+    """
+    if sequence_id in (None, 0, ""):
+        sequence_id = None
+    elif isinstance(sequence_id, bool) or not isinstance(sequence_id, (int, str)):
+        raise _bad(f"parameter 'sequence_id' must be an integer or a string, got {_show(sequence_id)}")
+    elif isinstance(sequence_id, int) and not 0 < sequence_id < 1 << 64:
+        raise _bad(f"parameter 'sequence_id' must be an unsigned 64-bit integer, got {sequence_id}")
+    return sequence_id, bool(start), bool(end)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -221,6 +283,30 @@ def decode_request(
         raise _bad(f"the request is not valid JSON: {e}") from None
     except RecursionError:  # json's C parser bounds its nesting by the recursion limit
         raise _bad("the request's JSON is nested too deeply") from None
+    return decode_document(doc, view[header_length:], model, declared)
+
+
+def decode_document(
+    doc: Any,
+    tensor_data: memoryview,
+    model: str,
+    declared: Mapping[str, TensorSpec] = {},
+) -> InferRequest:
+    """Decode an inference request whose JSON is parsed already: the part of
+    :func:`decode_request` that every protocol shares (the gRPC front builds ``doc``
+    and ``tensor_data`` from its message, see ``grpc_codec.py``).
+
+    Args:
+        doc: the request's JSON document.
+        tensor_data: the binary tensor data, which the inputs with a
+            ``binary_data_size`` parameter take in turn, all of it; they become views of it.
+        model: the model's name (for messages).
+        declared: the model's declared inputs by name (see :func:`decode_request`).
+
+    Raises:
+        RequestError: 400 with a message naming the input and what is wrong.
+    """
+    view, size = tensor_data, len(tensor_data)
     doc = _object(doc, "the request")
     request = InferRequest()
     rid = doc.get("id")
@@ -230,11 +316,16 @@ def decode_request(
         request.id = rid
     params = _parameters(doc, "the request")
     request.binary_output = bool(_flag(params, "binary_data_output", "the request"))
-    for key in ("sequence_id", "sequence_start", "sequence_end"):
-        if params.get(key) not in (None, 0, "", False):
-            raise _bad(f"parameter {key!r}: sequence batching is not supported (stateful models are not served)")
+    request.sequence_id, request.sequence_start, request.sequence_end = sequence_parameters(
+        params.get("sequence_id"),
+        _flag(params, "sequence_start", "the request"),
+        _flag(params, "sequence_end", "the request"),
+    )
     if "classification" in params:
-        raise _bad("parameter 'classification': the classification extension is not supported")
+        raise _bad(
+            "parameter 'classification' is an output's: give it in the parameters of each output to classify "
+            '("outputs": [{"name": ..., "parameters": {"classification": N}}])'
+        )
     timeout = params.get("timeout")
     if timeout is not None:
         request.timeout = _timeout(timeout)
@@ -244,7 +335,7 @@ def decode_request(
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad("the request has no 'inputs' (a non-empty list of tensors)")
-    offset = header_length
+    offset = 0
     for i, item in enumerate(inputs):
         entry = _object(item, f"inputs[{i}]")
         name = entry.get("name")
@@ -253,8 +344,21 @@ def decode_request(
         if name in request.inputs:
             raise _bad(f"input {name!r} is given twice")
         dtype, shape = _header(entry, name, model, declared.get(name))
-        binary = _parameters(entry, f"input {name!r}").get("binary_data_size")
-        if binary is not None:
+        in_params = _parameters(entry, f"input {name!r}")
+        binary = in_params.get("binary_data_size")
+        shared = _shm_ref(in_params, f"input {name!r}")
+        if shared is not None:
+            if binary is not None or "data" in entry:
+                other = "data" if binary is None else "binary data"
+                raise _bad(f"input {name!r} is in shared memory and also has {other}; give one")
+            if dtype != STRING and shared.byte_size != math.prod(shape) * _ITEMSIZE[dtype]:
+                raise _bad(
+                    f"input {name!r}: shape {list(shape)} of {_NAMES[dtype]} is {math.prod(shape) * _ITEMSIZE[dtype]} "
+                    f"bytes, shared_memory_byte_size is {shared.byte_size}"
+                )
+            request.shared_inputs[name] = SharedInput(shared, dtype, shape)
+            request.inputs[name] = None  # (read by read_shared_inputs; the place keeps the request's order)
+        elif binary is not None:
             nbytes = _count(binary, f"binary_data_size of input {name!r}")
             if offset + nbytes > size:
                 raise _bad(
@@ -266,7 +370,7 @@ def decode_request(
         elif "data" in entry:
             request.inputs[name] = _from_json(entry["data"], dtype, shape, name)
         else:
-            raise _bad(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
+            raise _bad(f"input {name!r} has neither 'data' nor a binary_data_size or shared_memory_region parameter")
     if offset != size:
         raise _bad(
             f"the body has {size - offset} bytes after the inputs' binary data; "
@@ -287,9 +391,14 @@ def decode_request(
                 raise _bad(f"output {name!r} is asked for twice")
             asked.add(name)
             out_params = _parameters(entry, f"output {name!r}")
-            if "classification" in out_params:
-                raise _bad(f"output {name!r}: the classification extension is not supported")
-            request.outputs.append(OutputRequest(name, _flag(out_params, "binary_data", f"output {name!r}")))
+            classes = _count(out_params.get("classification", 0), f"parameter 'classification' of output {name!r}")
+            shared = _shm_ref(out_params, f"output {name!r}")
+            if classes and shared is not None:
+                raise _bad(
+                    f"output {name!r}: a classification cannot be written to shared memory; ask for one or the other"
+                )
+            binary = _flag(out_params, "binary_data", f"output {name!r}")
+            request.outputs.append(OutputRequest(name, binary, classes, shared))
     return request
 
 
@@ -316,7 +425,16 @@ def _header(entry: dict[str, Any], name: str, model: str, spec: TensorSpec | Non
     return dtype, dims
 
 
-def _from_binary(data: memoryview, dtype: str, shape: tuple[int, ...], name: str) -> Any:
+def _shm_ref(params: dict[str, Any], what: str) -> ShmRef | None:
+    try:
+        return ShmRef.from_parameters(params, what)
+    except SharedMemoryError as e:
+        raise _bad(e.message) from None
+
+
+def _from_binary(
+    data: memoryview, dtype: str, shape: tuple[int, ...], name: str, size_name: str = "binary_data_size"
+) -> Any:
     numel = math.prod(shape)
     if dtype == STRING:
         items = _strings(data, name)
@@ -327,7 +445,7 @@ def _from_binary(data: memoryview, dtype: str, shape: tuple[int, ...], name: str
     if len(data) != numel * itemsize:
         raise _bad(
             f"input {name!r}: shape {list(shape)} of {_NAMES[dtype]} is {numel * itemsize} bytes, "
-            f"binary_data_size is {len(data)}"
+            f"{size_name} is {len(data)}"
         )
     arr = np.frombuffer(data, dtype=_NUMPY[dtype])
     if arr.ctypes.data % itemsize:  # torch kernels may assume aligned elements
@@ -431,9 +549,102 @@ def data_bytes(value: Any) -> int:
     strings), each element's length and its 4-byte length prefix."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if isinstance(value, StringTensor):
+        value = value.items
     if isinstance(value, list):
         return sum(4 + (len(v.encode()) if isinstance(v, str) else len(v)) for v in value)
     return 0
+
+
+# ── the classification and system shared-memory extensions ──────────────────
+
+
+def shared_input_bytes(request: InferRequest) -> int:
+    """The bytes :func:`read_shared_inputs` would read for ``request``."""
+    return sum(s.ref.byte_size for s in request.shared_inputs.values())
+
+
+def _shm_failure(e: SharedMemoryError) -> RequestError:
+    # In a request, a region that is not there is the request's fault (400), not a
+    # missing URL; a closed registry (the server is stopping) is 503.
+    return RequestError(503 if e.code == "UNAVAILABLE" else 400, e.message)
+
+
+def read_shared_inputs(request: InferRequest, regions: Regions, owner: str) -> None:
+    """Read ``request``'s shared-memory inputs from their regions into ``request.inputs``
+    (a copy each: see ``sysshm.py``), checked as binary data is.
+
+    Raises:
+        RequestError: 400 naming the input: no such region for ``owner``, a window past
+            its end, a region its client removed or shrank, BYTES elements that do not
+            fill the bytes; 503 once the server is stopping.
+    """
+    for name, shared in request.shared_inputs.items():
+        ref = shared.ref
+        try:
+            data = regions.read(ref.region, ref.offset, ref.byte_size, owner, f"input {name!r}")
+        except SharedMemoryError as e:
+            raise _shm_failure(e) from None
+        request.inputs[name] = _from_binary(
+            memoryview(data), shared.dtype, shared.shape, name, "shared_memory_byte_size"
+        )
+
+
+def write_shared_output(regions: Regions, owner: str, ref: ShmRef, name: str, value: Any) -> dict[str, Any]:
+    """Write output ``name`` into its region (its binary form: a tensor's bytes, BYTES
+    elements each with its 4-byte length); return its response entry, which carries no
+    data: ``name``, ``datatype``, ``shape`` and the ``shared_memory_*`` parameters, with
+    ``shared_memory_byte_size`` the bytes written.
+
+    Raises:
+        RequestError: 400 when the region is too small for the output (naming the
+            output, the bytes it needs and the bytes given), or gone; 500 for an output
+            the protocol cannot carry.
+    """
+    doc, chunk = _output(name, value, True)
+    try:
+        written = regions.write(ref.region, ref.offset, ref.byte_size, chunk, owner, f"output {name!r}")
+    except SharedMemoryError as e:
+        raise _shm_failure(e) from None
+    parameters: dict[str, Any] = {"shared_memory_region": ref.region, "shared_memory_byte_size": written}
+    if ref.offset:
+        parameters["shared_memory_offset"] = ref.offset
+    doc["parameters"] = parameters
+    return doc
+
+
+def classify_outputs(
+    request: InferRequest,
+    outputs: Mapping[str, Any],
+    *,
+    batched: bool,
+    labels: Any = None,
+) -> dict[str, Any]:
+    """``outputs`` with each output the request asks to classify replaced by its top
+    classes (a :class:`StringTensor`; see ``classification.py``).
+
+    Args:
+        batched: the model batches (``max_batch_size > 0``): each batch row is classified.
+        labels: ``labels(output name)``: the output's labels, or None.
+
+    Raises:
+        RequestError: 400 for an output that is not numbers (or that the model does not
+            give); 500 for a label file that cannot be read.
+    """
+    out = dict(outputs)
+    for want in request.outputs or ():
+        if not want.class_count or want.name not in out:
+            continue
+        try:
+            names = labels(want.name) if labels is not None else None
+        except ClassificationError as e:
+            raise RequestError(500, str(e)) from None
+        try:
+            items, shape = top_classes(out[want.name], want.class_count, batched=batched, labels=names, name=want.name)
+        except ClassificationError as e:
+            raise _bad(str(e)) from None
+        out[want.name] = StringTensor(items, shape)
+    return out
 
 
 def encode_response(
@@ -442,6 +653,9 @@ def encode_response(
     request: InferRequest,
     outputs: Mapping[str, Any],
     max_json_bytes: int | None = None,
+    *,
+    regions: Regions | None = None,
+    owner: str = "",
 ) -> EncodedResponse:
     """Encode the pool's outputs for ``request``.
 
@@ -451,11 +665,16 @@ def encode_response(
             about 25 times the tensor's size while it is built, and holds the
             interpreter (every other request) meanwhile, so large outputs are refused
             as JSON before any of it is built; binary outputs are not limited.
+        regions: where the outputs asked for in shared memory go (for ``owner``):
+            they are written there, and their entries carry no data
+            (:func:`write_shared_output`). Classified outputs are replaced before
+            (:func:`classify_outputs`).
 
     Raises:
         RequestError: 400 for an output the model does not give, or JSON outputs over
-            ``max_json_bytes`` (the message says how to ask for binary data); 500 for
-            an output the protocol cannot carry (a complex tensor).
+            ``max_json_bytes`` (the message says how to ask for binary data), or one
+            that does not fit its shared memory; 500 for an output the protocol
+            cannot carry (a complex tensor).
     """
     wanted: Sequence[OutputRequest] = request.outputs or [OutputRequest(name) for name in outputs]
     binary_of: dict[str, bool] = {}
@@ -463,6 +682,10 @@ def encode_response(
         if want.name not in outputs:
             raise _bad(f"model {model!r} has no output {want.name!r}; it gives {sorted(outputs)}")
         binary_of[want.name] = request.binary_output if want.binary is None else want.binary
+        if want.shm is not None:
+            if regions is None:
+                raise RequestError(400, f"output {want.name!r}: this server takes no shared memory here")
+            binary_of[want.name] = True  # (not JSON: nothing of it is in the response)
     if max_json_bytes is not None:
         as_json = [name for name, binary in binary_of.items() if not binary]
         size = sum(data_bytes(outputs[name]) for name in as_json)
@@ -477,6 +700,9 @@ def encode_response(
     docs: list[dict[str, Any]] = []
     chunks: list[Any] = []
     for want in wanted:
+        if want.shm is not None and regions is not None:
+            docs.append(write_shared_output(regions, owner, want.shm, want.name, outputs[want.name]))
+            continue
         binary = binary_of[want.name]
         doc, chunk = _output(want.name, outputs[want.name], binary)
         docs.append(doc)
@@ -491,8 +717,11 @@ def encode_response(
 
 
 def _output(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], Any]:
+    shape = [len(value)] if isinstance(value, list) else None
+    if isinstance(value, StringTensor):  # BYTES of any shape (classification)
+        value, shape = value.items, value.shape
     if isinstance(value, list):  # BYTES (a List[str] output)
-        doc: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": [len(value)]}
+        doc: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": shape}
         items = [v.encode() if isinstance(v, str) else bytes(v) for v in value]
         if not binary:
             doc["data"] = [v.decode(errors="replace") if isinstance(v, bytes) else v for v in value]

@@ -32,7 +32,7 @@ __all__ = [
 
 SERVER_NAME = "libtorchrt"
 #: the protocol extensions this server implements fully
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics", "system_shared_memory")
 
 
 def server_metadata() -> dict[str, Any]:
@@ -96,7 +96,8 @@ def _with_dims(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, inputs=fix(cfg.inputs), outputs=fix(cfg.outputs))
 
 
-_INDEX_STATES = {"ready": "READY", "loading": "LOADING", "unavailable": "UNAVAILABLE", "failed": "UNAVAILABLE"}
+_INDEX_STATES = {"ready": "READY", "loading": "LOADING", "unloading": "UNLOADING", "unavailable": "UNAVAILABLE",
+                 "failed": "UNAVAILABLE"}  # fmt: skip
 
 
 def repository_index(statuses: Iterable[ModelStatus]) -> list[dict[str, Any]]:

@@ -164,6 +164,7 @@ class PoolCollector(Collector):
             for s in stats:
                 pending.add_metric([s.model, str(s.version)], s.pending)
             yield pending
+            yield from _sequences(stats)
         yield from self._states(pool.models(), list(pool.health().values()))
         inflight = GaugeMetricFamily(
             "libtorchrt_inflight_requests", "Requests sent to the model's workers and not answered yet.", labels=_MV
@@ -211,6 +212,29 @@ class PoolCollector(Collector):
                 restarts.add_metric([*labels, str(i.instance)], i.restarts)
         yield instances
         yield restarts
+
+
+def _sequences(stats: list[ModelStats]) -> Iterator[Metric]:
+    """Sequence batching: sequences now, per state, and ended so far, per way."""
+    seq = [s for s in stats if s.sequences]
+    if not seq:
+        return
+    now = GaugeMetricFamily(
+        "libtorchrt_sequences", "Sequences of a sequence-batching model now: holding a slot, or in the backlog.",
+        labels=[*_MV, "state"],
+    )  # fmt: skip
+    done = TritonCounter(
+        "libtorchrt_sequences_ended", "Sequences ended so far: by sequence_end, freed idle, or lost with their worker.",
+        [*_MV, "how"],
+    )  # fmt: skip
+    for s in seq:
+        labels = [s.model, str(s.version)]
+        for state in ("active", "backlog"):
+            now.add_metric([*labels, state], s.sequences.get(state, 0))
+        for how in ("ended", "idle_freed", "lost"):
+            done.add_metric([*labels, how], s.sequences.get(how, 0))
+    yield now
+    yield done
 
 
 def registry_for(source: Source) -> CollectorRegistry:

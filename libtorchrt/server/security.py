@@ -1,9 +1,10 @@
 """Who may reach the server: addresses, loopback checks, tokens and keys (server process).
 
 The rule: an endpoint reachable from other machines must say who may use it. Binding
-HTTP to an address that is not loopback needs a bearer token
-(``--http-token-file``), binding a ZeroMQ ``tcp://`` endpoint to one needs CURVE keys
-(``--zmq-curve-secret-key-file``); ``--insecure`` waives both, explicitly. ``ipc://``
+HTTP or gRPC to an address that is not loopback needs a bearer token
+(``--http-token-file``; TLS encrypts, it does not say who connects), binding a ZeroMQ
+``tcp://`` endpoint to one needs CURVE keys (``--zmq-curve-secret-key-file``);
+``--insecure`` waives both, explicitly. ``ipc://``
 endpoints are files: their directory must be private (mode 0700; created so when
 missing) and the socket is made mode 0600. The checks run before anything is loaded, so
 a refused command line costs nothing.
@@ -26,13 +27,16 @@ __all__ = [
     "MIN_TOKEN_LENGTH",
     "Address",
     "BearerAuth",
+    "TlsFiles",
     "UsageError",
+    "bearer_matches",
     "check_http",
     "check_zmq",
     "is_loopback",
     "parse_address",
     "prepare_ipc",
     "read_curve_secret_key",
+    "read_tls_files",
     "read_token",
 ]
 
@@ -249,6 +253,45 @@ def read_curve_secret_key(path: str | None) -> bytes | None:
     return key.encode()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """What an endpoint serves TLS with: a PEM certificate chain and its private key."""
+
+    certificate: bytes
+    key: bytes
+
+
+def read_tls_files(certificate: str | None, key: str | None, option: str = "--grpc-tls") -> TlsFiles | None:
+    """The certificate chain and private key of ``--grpc-tls-cert`` and ``--grpc-tls-key``
+    (None when neither is given).
+
+    Raises:
+        UsageError: only one is given, a file cannot be read, or it is not PEM.
+    """
+    if certificate is None and key is None:
+        return None
+    if certificate is None or key is None:
+        raise UsageError(f"{option}-cert and {option}-key go together: give both, or neither")
+    out = []
+    for path, what, marker in ((certificate, "cert", b"BEGIN CERTIFICATE"), (key, "key", b"PRIVATE KEY")):
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise UsageError(f"{option}-{what} {path!r}: cannot read it: {e.strerror}") from None
+        if marker not in data:
+            raise UsageError(f"{option}-{what} {path!r}: expected a PEM file (-----{marker.decode()}-----)")
+        out.append(data)
+    return TlsFiles(out[0], out[1])
+
+
+def bearer_matches(authorization: bytes, token: bytes) -> bool:
+    """Whether an ``Authorization`` value (an HTTP header, gRPC metadata) is
+    ``Bearer <token>``. The comparison takes the same time whatever the guess
+    (``hmac.compare_digest``)."""
+    scheme, _, credentials = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
+
+
 class BearerAuth:
     """ASGI middleware: every HTTP request but those to ``exempt`` paths must carry
     ``Authorization: Bearer <token>``; others get 401 with ``{"error": ...}``.
@@ -282,6 +325,5 @@ class BearerAuth:
     def _allowed(self, scope: Scope) -> bool:
         for key, value in scope["headers"]:
             if key == b"authorization":
-                scheme, _, credentials = bytes(value).partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token)
+                return bearer_matches(bytes(value), self.token)
         return False

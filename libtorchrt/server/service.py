@@ -6,16 +6,18 @@ thread, and the serving thread that runs the event loop).
     main thread                                 serving thread (one event loop)
     ───────────                                 ───────────────────────────────
     bind HTTP/metrics sockets ── a port is taken? exit 1 before loading anything
-    start the serving thread ─────────────────► uvicorn for HTTP and metrics: live 200,
-                                                ready 400, metrics with each model's
-                                                state, inference 503 "loading"
+    start the serving thread ─────────────────► gRPC bound (a taken port: exit 1) and
+                                                served; uvicorn for HTTP and metrics:
+                                                live 200, ready 400, metrics with each
+                                                model's state, inference 503 "loading"
     Pool(repository)          ── progress per model and instance; nothing loaded? exit 1
     ZmqFrontend.start()       ── (with --zmq)
     ServerState.pool = pool   ─────────────────► inference served, ready 200
     print the endpoints; wait for the serving thread
-        ... SIGTERM / SIGINT ... ──────────────► drain: HTTP listeners closed, new
-                                                inference requests 503, in-flight ones
-                                                finish (up to --grace); ZeroMQ likewise
+        ... SIGTERM / SIGINT ... ──────────────► drain: new inference requests 503
+                                                (gRPC UNAVAILABLE), in-flight ones finish
+                                                (up to --grace); ZeroMQ likewise; then the
+                                                HTTP and gRPC listeners close
     Pool.close(grace)         ── workers stopped, shared memory and sockets released
     exit 0
 
@@ -52,10 +54,11 @@ from ..errors import TorchRTError
 from ..front.pool import Pool
 from ..info import ModelHealth
 from ._internals import router_thread, start_pool
+from .control import DEFAULT_POLL_SECS, RepositoryControl
 from .http import Limits, ServerState, build_app
 from .metrics import build_metrics_app
 from .progress import Progress
-from .security import Address
+from .security import Address, TlsFiles
 
 __all__ = ["Options", "Stopped", "serve"]
 
@@ -63,6 +66,9 @@ log = logging.getLogger("libtorchrt.server")
 
 #: seconds an idle HTTP connection is kept open
 KEEP_ALIVE_S = 75
+#: once drained, seconds the gRPC calls still open (idle streams, calls that came as the
+#: drain ended and were refused) get before they are cancelled
+GRPC_STOP_GRACE_S = 1.0
 
 
 class Stopped(BaseException):
@@ -92,6 +98,16 @@ class Options:
     access_log: bool = False
     #: ``text`` or ``json`` (``--log-format``): a JSON log gets no live display either
     log_format: str = "text"
+    #: ``--model-control-mode``: ``none``, ``explicit`` or ``poll`` (``control.py``)
+    model_control: str = "none"
+    #: ``--load-model``: with mode explicit, the models loaded at start (``*``: all)
+    load_models: tuple[str, ...] = ()
+    #: ``--repository-poll-secs``: with mode poll, seconds between two looks at the repository
+    poll_secs: float = DEFAULT_POLL_SECS
+    #: the gRPC endpoint (``--grpc``); None: no gRPC
+    grpc: Address | None = None
+    #: serve gRPC over TLS with these (``--grpc-tls-cert``, ``--grpc-tls-key``)
+    grpc_tls: TlsFiles | None = None
 
 
 class _Signals:
@@ -172,6 +188,9 @@ class _Service:
         self.zmq: Any = None
         #: what the HTTP and metrics applications read: the pool is set once it serves
         self.state = ServerState(None, options.limits)
+        #: the repository index, and models loaded and unloaded while serving
+        self.control = RepositoryControl(options.repository, options.model_control, options.poll_secs,
+                                         options.load_models)  # fmt: skip
         #: what stopped unexpectedly while serving (the exit status is then 1)
         self.broken: str | None = None
         self._stopping = False
@@ -181,6 +200,8 @@ class _Service:
         self._thread: threading.Thread | None = None
         self._stop = asyncio.Event()  # (bound to the loop that first waits on it)
         self._servers: list[_Uvicorn] = []
+        #: the gRPC endpoint's server (``grpc_server.GrpcServer``), on the serving thread
+        self._grpc: Any = None
         self._listening = threading.Event()
         self._serving_error: BaseException | None = None
         #: a second signal: stop draining now (set on the serving thread's loop)
@@ -230,6 +251,8 @@ class _Service:
             self.signals.raise_now = False
         if opts.zmq is not None and not self._start_zmq():
             return 1
+        self.control.start(self.pool)  # (mode poll: it looks at the repository from now on)
+        self.state.control = self.control
         self.state.pool = self.pool  # inference is served from now on, ready answers 200
         self._watch(router_thread(self.pool), "the pool's router thread")
         if self.zmq is not None:
@@ -263,6 +286,7 @@ class _Service:
                 busy_poll_us=opts.busy_poll_us,
                 execution_timeout=opts.execution_timeout,
                 start_method=opts.start_method,
+                load_models=self.control.startup_models(),
             )
         finally:
             progress.close()
@@ -306,9 +330,14 @@ class _Service:
         self._thread.start()
         self._listening.wait()  # (set also if the thread fails)
         if self._serving_error is not None:
-            log.error("cannot serve HTTP: %r", self._serving_error)
+            if isinstance(self._serving_error, OSError):  # (a taken gRPC port: the message says which)
+                log.error("%s", self._serving_error)
+            else:
+                log.error("cannot serve HTTP: %r", self._serving_error)
             return False
         urls = [f"{_url(self.sockets['http'])} (HTTP)"] if "http" in self.sockets else []
+        if self._grpc is not None:
+            urls.append(f"{self._grpc_address()} (gRPC)")
         if "metrics" in self.sockets:
             urls.append(f"{_url(self.sockets['metrics'], '/metrics')} (metrics)")
         if urls:
@@ -329,6 +358,8 @@ class _Service:
         finally:
             self._listening.set()  # (never leave the main thread waiting)
             try:
+                if self._grpc is not None:  # (stopped already, unless the start failed)
+                    loop.run_until_complete(self._grpc.stop(0.0))
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(loop.shutdown_default_executor())
             finally:
@@ -353,6 +384,11 @@ class _Service:
     async def _serve(self) -> None:
         opts = self.options
         loop = asyncio.get_running_loop()
+        if opts.grpc is not None:  # bound first: a taken port fails before anything else starts
+            from .grpc_server import GrpcServer  # grpcio, only when asked for
+
+            self._grpc = GrpcServer(self.state, token=opts.token, tls=opts.grpc_tls)
+            await self._grpc.start(opts.grpc)
         apps = {"http": build_app(self.state, token=opts.token)}
         if "metrics" in self.sockets:
             apps["metrics"] = build_metrics_app(self.state)
@@ -392,18 +428,22 @@ class _Service:
         else:
             log.info("stopping: draining requests in flight (up to %.0f s)", opts.grace)
         self.state.draining = True  # ready answers 400, new inference requests 503
+        self.control.stop()  # (no model is loaded or unloaded any more)
         zmq = self.zmq
         zmq_closed = loop.run_in_executor(None, zmq.close, opts.grace) if zmq is not None else None
         await self._drain(opts.grace)
         for server in self._servers:
             server.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        stopping = []
+        if self._grpc is not None:
+            stopping.append(self._grpc.stop(0.0 if self._forced.is_set() else GRPC_STOP_GRACE_S))
+        await asyncio.gather(*tasks, *stopping, return_exceptions=True)
         if zmq_closed is not None:
             await zmq_closed
         done.cancel()
 
     async def _drain(self, grace: float) -> None:
-        """Keep listening while the HTTP requests in flight finish, for up to ``grace``
+        """Keep listening while the HTTP and gRPC requests in flight finish, for up to ``grace``
         seconds: probes see not-ready (a load balancer takes the server out) and new
         requests get 503, on the connections clients hold and on new ones. A second
         signal ends the wait: the pool fails what still runs, and each request is
@@ -453,9 +493,12 @@ class _Service:
             f"libtorchrt-pool {__version__} ready: {len(ready)} model versions"
             + (f", {len(failed)} failed" if failed else "")
         ]
+        auth = "; bearer token required" if self.options.token else ""
         if "http" in self.sockets:
-            auth = "; bearer token required" if self.options.token else ""
             lines.append(f"  HTTP     {_url(self.sockets['http'])}  (KServe v2{auth})")
+        if self._grpc is not None:
+            tls = "TLS, " if self.options.grpc_tls is not None else ""
+            lines.append(f"  gRPC     {self._grpc_address()}  ({tls}KServe v2 / Triton{auth})")
         if self.zmq is not None:
             key = getattr(self.zmq, "curve_public_key", None)
             extra = f"  (CURVE server key {key.decode()})" if key else ""
@@ -464,8 +507,13 @@ class _Service:
             lines.append(f"  metrics  {_url(self.sockets['metrics'], '/metrics')}")
         print("\n".join(lines), flush=True)
 
+    def _grpc_address(self) -> Address:
+        assert self.options.grpc is not None and self._grpc is not None
+        return Address(self.options.grpc.host, self._grpc.port)
+
     def _close(self) -> None:
         self._stopping = True
+        self.control.stop()
         grace = self.options.grace
         if self._thread is not None and self._thread.is_alive():  # the start failed or was stopped
             self._stop_serving()
@@ -477,6 +525,8 @@ class _Service:
         if self.pool is not None:
             self.pool.close(grace)
             log.info("stopped")
+        self.control.join(10.0)  # (a load it made failed when the pool closed)
+        self.state.regions.close()  # (the clients' shared memory: descriptors closed, nothing unlinked)
         for watcher in self._watches:  # (their threads have ended: they end too)
             watcher.join(5.0)
         for sock in self.sockets.values():

@@ -227,12 +227,14 @@ class Requests:
             return
         inputs: Any = values[0] if msg.single else dict(zip(msg.names, values)) if msg.names is not None else values
         try:
-            if msg.priority is None:  # (a pool without priorities takes no such argument)
-                future = self.pool.submit(msg.model, inputs, version=msg.version, timeout=msg.timeout)
-            else:
-                future = self.pool.submit(
-                    msg.model, inputs, version=msg.version, timeout=msg.timeout, priority=msg.priority
+            options: dict[str, Any] = {}
+            if msg.priority is not None:  # (a pool without priorities takes no such argument)
+                options["priority"] = msg.priority
+            if msg.sequence_id is not None or msg.sequence_start or msg.sequence_end:
+                options.update(
+                    sequence_id=msg.sequence_id, sequence_start=msg.sequence_start, sequence_end=msg.sequence_end
                 )
+            future = self.pool.submit(msg.model, inputs, version=msg.version, timeout=msg.timeout, **options)
         except Exception as e:
             self.reply_error(session.identity, msg.id, e)
             return

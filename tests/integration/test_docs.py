@@ -4,8 +4,9 @@ A block fenced ```` ```python ```` is run as it is written, in a fresh namespace
 working directory holding what the examples name: a model repository ``models/``
 (``tiny``, ``resnet`` in versions 1 and 2) and the files ``tiny.pt`` and
 ``tokenize.pt``. Top-level ``await`` runs as the README says (as at the prompt of
-``python -m asyncio``). A block that talks to ``http://127.0.0.1:8000`` runs against a
-real ``libtorchrt-pool`` serving that repository (at the address it really got).
+``python -m asyncio``). A block that talks to ``http://127.0.0.1:8000`` (or to gRPC on
+``127.0.0.1:8001``) runs against a real ``libtorchrt-pool`` serving that repository (at
+the address it really got).
 Blocks fenced ```` ```python norun ```` are signatures or need a cluster; they are
 listed here so that a new block is run unless it says why not.
 """
@@ -101,7 +102,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workspace: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess("--model-repository", str(workspace / "models"), "--http", "127.0.0.1:0", "--grace", "1")
+    proc = ServerProcess("--model-repository", str(workspace / "models"), "--http", "127.0.0.1:0", "--grpc",
+                         "127.0.0.1:0", "--grace", "1")  # fmt: skip
     try:
         yield proc.wait_ready()
     finally:
@@ -119,9 +121,9 @@ def test_the_example_runs(
     block: tuple[str, int, str, str], workspace: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     where, line, _, code = block
-    if "127.0.0.1:8000" in code:
+    if "127.0.0.1:8000" in code or "127.0.0.1:8001" in code:
         server = request.getfixturevalue("server")
-        code = code.replace("127.0.0.1:8000", server.http)
+        code = code.replace("127.0.0.1:8000", server.http).replace("127.0.0.1:8001", server.grpc)
     monkeypatch.chdir(workspace)
     # The block's own lines, numbered as in the file, for tracebacks.
     compiled = compile(

@@ -227,7 +227,7 @@ ATTACKS: list[tuple[str, str, bytes, dict[str, str], int, str | None]] = [
      *_binary(json.dumps({"inputs": [{"name": "INPUT__0", "shape": [1], "datatype": "BYTES",
               "parameters": {"binary_data_size": 6}}]}).encode(), (1 << 31).to_bytes(4, "little") + b"ab"),
      400, "runs past the end"),
-    ("sequence", INFER, json.dumps(spin(sequence_id=3)).encode(), {}, 400, "sequence batching is not supported"),
+    ("sequence", INFER, json.dumps(spin(sequence_id=3)).encode(), {}, 400, "no sequence_batching"),
 ]  # fmt: skip
 
 

@@ -247,7 +247,7 @@ ERRORS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("failed-model", "broken", json.dumps(_x(data=[0])).encode(), {}, 503, "unavailable"),
     ("content-encoding", "resnet_classifier", b"{}", {"Content-Encoding": "br"}, 415, "not supported"),
     ("sequence", "resnet_classifier", json.dumps({**_x(data=[0] * 3072), "parameters": {"sequence_id": 3}}).encode(),
-     {}, 400, "sequence batching is not supported"),
+     {}, 400, "no sequence_batching"),
 ]  # fmt: skip
 
 

@@ -44,6 +44,7 @@ def test_defaults_bind_loopback_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("LIBTORCHRT_HTTP_TOKEN", raising=False)
     opts = parse(repo=tmp_path)
     assert opts.http == Address("127.0.0.1", 8000) and opts.metrics == Address("127.0.0.1", 8002)
+    assert opts.grpc == Address("127.0.0.1", 8001) and opts.grpc_tls is None
     assert opts.zmq is None and opts.token is None and not opts.insecure
     assert opts.limits.max_request_bytes == 64 << 20
     assert parse("--max-request-bytes", "512k", repo=tmp_path).limits.max_request_bytes == 512 << 10
@@ -58,7 +59,7 @@ def test_defaults_bind_loopback_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     [
         (("--http", "0.0.0.0:8000"), "reachable from other machines"),
         (("--zmq", "tcp://0.0.0.0:8003"), "CURVE keys"),
-        (("--http", "off"), "no way to reach the models"),
+        (("--http", "off", "--grpc", "off"), "no way to reach the models"),
         (("--zmq-curve-secret-key-file", "/dev/null"), "Z85"),
         (("--grace", "-1"), "--grace"),
     ],
@@ -75,8 +76,9 @@ def test_refused_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 
 def test_tritonserver_ports_bind_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LIBTORCHRT_HTTP_TOKEN", raising=False)
-    opts = parse("--http-port", "8080", "--metrics-port", "9090", repo=tmp_path)
+    opts = parse("--http-port", "8080", "--metrics-port", "9090", "--grpc-port", "9001", repo=tmp_path)
     assert opts.http == Address("127.0.0.1", 8080) and opts.metrics == Address("127.0.0.1", 9090)
+    assert opts.grpc == Address("127.0.0.1", 9001)
     assert parse("--http-port=0", repo=tmp_path).http == Address("127.0.0.1", 0)
 
 
@@ -85,9 +87,10 @@ def test_tritonserver_ports_bind_loopback(tmp_path: Path, monkeypatch: pytest.Mo
     [
         (("--http", "127.0.0.1:8000", "--http-port", "8000"), "--http and --http-port both"),
         (("--metrics", "off", "--metrics-port", "8002"), "--metrics and --metrics-port both"),
-        (("--grpc-port", "8001"), "does not serve gRPC"),
-        (("--model-control-mode", "explicit"), "--model-control-mode explicit is not supported"),
-        (("--model-control-mode", "POLL"), "--model-control-mode poll is not supported"),
+        (("--grpc", "127.0.0.1:8001", "--grpc-port", "8001"), "--grpc and --grpc-port both"),
+        (("--load-model", "m"), "--load-model chooses them with --model-control-mode explicit"),
+        (("--model-control-mode", "poll", "--load-model", "m"), "--model-control-mode poll loads every model"),
+        (("--model-control-mode", "explicit", "--load-model", "*", "--load-model", "m"), "give it alone"),
         (("--strict", "--exit-on-error=false"), "contradict"),
     ],
 )
@@ -96,6 +99,21 @@ def test_tritonserver_options_without_a_meaning_here_are_refused(
 ) -> None:
     with pytest.raises(UsageError, match=message):
         parse(*argv, repo=tmp_path)
+
+
+def test_model_control_options(tmp_path: Path) -> None:
+    opts = parse(repo=tmp_path)
+    assert (opts.model_control, opts.load_models, opts.poll_secs) == ("none", (), 15.0)  # tritonserver's defaults
+    opts = parse("--model-control-mode", "EXPLICIT", "--load-model", "a", "--load-model", "b", repo=tmp_path)
+    assert (opts.model_control, opts.load_models) == ("explicit", ("a", "b"))
+    assert parse("--model-control-mode=explicit", "--load-model=*", repo=tmp_path).load_models == ("*",)
+    opts = parse("--model-control-mode", "poll", "--repository-poll-secs", "2.5", repo=tmp_path)
+    assert (opts.model_control, opts.poll_secs) == ("poll", 2.5)
+    # (tritonserver's manifests give it with explicit mode too: accepted, and it means nothing then)
+    assert parse("--model-control-mode", "explicit", "--repository-poll-secs", "0", repo=tmp_path).poll_secs == 0
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--model-repository", ".", "--repository-poll-secs", bad])
 
 
 def test_tritonserver_options_with_a_meaning_here(tmp_path: Path) -> None:

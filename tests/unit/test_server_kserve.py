@@ -329,7 +329,8 @@ EXACT: list[tuple[dict[str, Any], bytes, str]] = [
      "parameter 'binary_data_output' of the request must be true or false, got 1"),
     ({"parameters": {"priority": -1}, "inputs": [X]}, b"", "parameter 'priority' must be an integer >= 0, got -1"),
     ({"parameters": {"classification": 2}, "inputs": [X]}, b"",
-     "parameter 'classification': the classification extension is not supported"),
+     "parameter 'classification' is an output's: give it in the parameters of each output to classify "
+     '("outputs": [{"name": ..., "parameters": {"classification": N}}])'),
     ({"inputs": [{**X, "parameters": 3}]}, b"", "the parameters of input 'x' must be a JSON object, got int"),
     ({"inputs": [{**X, "datatype": 3}]}, b"", "input 'x' has no 'datatype'"),
     ({"inputs": [{**X, "datatype": "UINT16"}]}, b"",
@@ -391,8 +392,24 @@ EXACT: list[tuple[dict[str, Any], bytes, str]] = [
      "the parameters of output 'y' must be a JSON object, got int"),
     ({"inputs": [X], "outputs": [{"name": "y", "parameters": {"binary_data": "yes"}}]}, b"",
      "parameter 'binary_data' of output 'y' must be true or false, got 'yes'"),
-    ({"inputs": [X], "outputs": [{"name": "y", "parameters": {"classification": 3}}]}, b"",
-     "output 'y': the classification extension is not supported"),
+    ({"inputs": [X], "outputs": [{"name": "y", "parameters": {"classification": -3}}]}, b"",
+     "parameter 'classification' of output 'y' must be an integer >= 0, got -3"),
+    ({"inputs": [X], "outputs": [{"name": "y", "parameters": {"classification": 2, "shared_memory_region": "r",
+                                                               "shared_memory_byte_size": 8}}]}, b"",
+     "output 'y': a classification cannot be written to shared memory; ask for one or the other"),
+    ({"inputs": [{**X, "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}]}, b"",
+     "input 'x' is in shared memory and also has data; give one"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                  "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}]}, b"",
+     "input 'x': shape [2] of FP32 is 8 bytes, shared_memory_byte_size is 4"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}, b"",
+     "input 'x': parameter 'shared_memory_byte_size' is missing"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"shared_memory_byte_size": 8}}]},
+     b"", "input 'x': parameter 'shared_memory_byte_size' needs 'shared_memory_region'"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                  "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 8,
+                                 "shared_memory_offset": -1}}]}, b"",
+     "input 'x': parameter 'shared_memory_offset' must be an integer >= 0, got -1"),
 ]  # fmt: skip
 
 
@@ -427,14 +444,22 @@ def test_null_parameters_are_no_parameters() -> None:
     assert req.binary_output is False and req.outputs == [OutputRequest("y", None)]
 
 
-@pytest.mark.parametrize("key", ["sequence_id", "sequence_start", "sequence_end"])
-def test_sequence_parameters_are_refused_unless_empty(key: str) -> None:
-    for value in (1, True, "corr-7"):
-        assert refusal({"parameters": {key: value}, "inputs": [X]}) == (
-            f"parameter {key!r}: sequence batching is not supported (stateful models are not served)"
+def test_sequence_parameters_are_read_and_checked() -> None:
+    req = decode_request(
+        *body({"parameters": {"sequence_id": 7, "sequence_start": True, "sequence_end": False}, "inputs": [X]}), "m"
+    )
+    assert (req.sequence_id, req.sequence_start, req.sequence_end) == (7, True, False)
+    req = decode_request(*body({"parameters": {"sequence_id": "corr-7", "sequence_end": True}, "inputs": [X]}), "m")
+    assert (req.sequence_id, req.sequence_start, req.sequence_end) == ("corr-7", False, True)
+    for empty in (None, 0, ""):  # what clients send for "no sequence"
+        req = decode_request(*body({"parameters": {"sequence_id": empty}, "inputs": [X]}), "m")
+        assert req.sequence_id is None
+    for bad in (True, 2.5, [1], -1, 2**64):
+        assert "parameter 'sequence_id' must be" in refusal({"parameters": {"sequence_id": bad}, "inputs": [X]})
+    for key in ("sequence_start", "sequence_end"):
+        assert refusal({"parameters": {key: 1}, "inputs": [X]}) == (
+            f"parameter {key!r} of the request must be true or false, got 1"
         )
-    for empty in (None, 0, "", False):  # what clients send for "no sequence"
-        decode_request(*body({"parameters": {key: empty}, "inputs": [X]}), "m")
 
 
 @pytest.mark.parametrize("priority", [True, 2.5, "3", [1]])

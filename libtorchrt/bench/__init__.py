@@ -11,15 +11,15 @@ It sweeps every combination of instance count, concurrency, batch size and param
 values against fresh pools, measures closed-loop throughput and latency percentiles in
 stable windows, and prints a table as it goes. ``--compare threads`` adds the same
 instance counts served as threads of one process, the way Triton runs a PyTorch model.
-``--endpoint URL`` measures a running ``libtorchrt-pool`` instead, over HTTP (KServe v2)
-or ZeroMQ (``libtorchrt.Client``), as perf_analyzer measures a running Triton.
+``--endpoint URL`` measures a running ``libtorchrt-pool`` instead, over HTTP or gRPC
+(KServe v2) or ZeroMQ (``libtorchrt.Client``), as perf_analyzer measures a running Triton.
 It is a consumer of the public ``libtorchrt`` API; see docs/bench.md.
 
 Modules: ``cli`` (command line), ``source`` (what to benchmark), ``endpoint`` (a running
 server and its models), ``inputs`` (request tensors), ``workloads`` (the standard
 models), ``sweep`` (the combinations), ``serving`` (what a group runs against, callers
 that behave like applications), ``callers`` (fresh inputs and used results around each
-request: ``--realistic``), ``remote`` (HTTP and ZeroMQ callers), ``loadgen``
+request: ``--realistic``), ``remote`` (HTTP, gRPC and ZeroMQ callers), ``loadgen``
 (closed-loop load from threads or asyncio tasks, windows), ``stats`` (percentiles,
 stability), ``cpu`` (CPU time per thread and process, from ``/proc``), ``threads`` (the
 one-process baseline), ``report`` (table, JSON, CSV), ``plot``, ``progress``.

@@ -47,6 +47,7 @@ PROG = "python -m libtorchrt.bench"
 _CLIENTS = {
     "stdlib": "the bench's own KServe v2 client (http.client, binary tensor data both ways)",
     "tritonclient": "tritonclient.http (binary tensor data both ways)",
+    "grpc": "tritonclient.grpc (one, shared by the caller threads; raw tensor contents both ways)",
     "zmq": "libtorchrt.Client (one, shared by the caller threads)",
 }
 #: Options that shape the pools the tool starts: a running server's are what they are.
@@ -282,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument(
         "--endpoint",
         metavar="URL",
-        help="benchmark the model served by a running libtorchrt-pool: http://HOST:PORT (KServe v2) "
+        help="benchmark the model served by a running libtorchrt-pool: http://HOST:PORT (KServe v2), "
+        "grpc://HOST:PORT or grpcs://HOST:PORT (KServe v2 / Triton over gRPC, tritonclient.grpc) "
         "or tcp://HOST:PORT, ipc:///PATH (ZeroMQ, libtorchrt.Client)",
     )
     remote.add_argument(
@@ -470,7 +472,9 @@ def _target(args: argparse.Namespace, workdir: Path) -> Target:
         raise UsageError("--http-client applies to an HTTP --endpoint")
     if args.metadata is not None:
         if endpoint.protocol != "zmq":
-            raise UsageError("--metadata applies to a ZeroMQ --endpoint; an HTTP endpoint describes its models itself")
+            raise UsageError(
+                "--metadata applies to a ZeroMQ --endpoint; an HTTP or gRPC endpoint describes its models itself"
+            )
         metadata = parse_endpoint(args.metadata)
         if metadata.protocol != "http":
             raise UsageError(f"--metadata {args.metadata!r}: expected the server's HTTP address, http://HOST:PORT")
@@ -507,7 +511,8 @@ def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) ->
     out = sys.stdout
     print(f"libtorchrt.bench {libtorchrt.__version__}: {target.source}", file=out)
     if target.endpoint is not None:
-        print(f"  client: {_CLIENTS[settings.http_client if target.endpoint.protocol == 'http' else 'zmq']}", file=out)
+        protocol = target.endpoint.protocol
+        print(f"  client: {_CLIENTS[settings.http_client if protocol == 'http' else protocol]}", file=out)
     for spec in target.inputs:
         shapes = sorted({str(list(f.sets[0][spec.name].shape)) for f in inputs.values()})
         dtype = str(spec.dtype).removeprefix("torch.")

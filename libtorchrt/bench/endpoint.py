@@ -13,7 +13,12 @@ model and returns the :class:`~libtorchrt.bench.source.Target` to benchmark:
   carries no input metadata: the inputs come from ``--metadata http://...`` (the same
   server's HTTP address) or from ``--input-shape`` / ``--input-dtype``, as for a
   TorchScript file;
-* ``grpc://`` -- not served by ``libtorchrt-pool`` yet: refused, saying so.
+* ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` (TLS) -- KServe v2 / Triton over gRPC
+  (``libtorchrt-pool --grpc``), through ``tritonclient.grpc`` (a dev dependency,
+  imported only then): the same metadata and configuration as over HTTP, from the
+  ``ModelMetadata`` and ``ModelConfig`` RPCs. ``grpcs://`` trusts grpc's default roots,
+  or the certificates in the file that grpc's own ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH``
+  names (a server's self-signed certificate).
 
 ``-1`` dims follow the rule of a repository model (``source.declared_inputs``): 1 unless
 ``--shape-override NAME=...`` gives them. A server that cannot be reached, an unknown
@@ -23,9 +28,11 @@ model or one that is not ready are usage errors (:class:`SourceError`, exit 2).
 from __future__ import annotations
 
 import http.client
+import importlib
 import json
 import os
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +40,17 @@ from libtorchrt import ConfigError, ModelConfig, TensorSpec
 
 from .source import InputOptions, SourceError, Target, declared_inputs, given_inputs, variable_dims
 
-__all__ = ["GRPC_MESSAGE", "TOKEN_ENV", "Endpoint", "parse_endpoint", "resolve_remote"]
+__all__ = ["TOKEN_ENV", "Endpoint", "parse_endpoint", "resolve_remote"]
 
-GRPC_MESSAGE = (
-    "gRPC is not served by libtorchrt-pool yet; use its HTTP address (http://HOST:PORT, KServe v2) "
-    "or its ZeroMQ endpoint (tcp://HOST:PORT or ipc:///PATH, libtorchrt-pool --zmq)"
-)
 #: The bearer token of a server started with ``--http-token-file`` (the variable the server reads too).
 TOKEN_ENV = "LIBTORCHRT_HTTP_TOKEN"
-_USAGE = "expected http://HOST:PORT (KServe v2 over HTTP) or tcp://HOST:PORT / ipc:///PATH (libtorchrt's ZeroMQ)"
+#: The port of ``grpc://HOST`` (libtorchrt-pool's and Triton's default).
+GRPC_PORT = 8001
+_NAME_IT = "name the model to benchmark (after the URL, or --model NAME)"
+_USAGE = (
+    "expected http://HOST:PORT (KServe v2 over HTTP), grpc://HOST:PORT (KServe v2 over gRPC) "
+    "or tcp://HOST:PORT / ipc:///PATH (libtorchrt's ZeroMQ)"
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +58,13 @@ class Endpoint:
     """A running server's address.
 
     Attributes:
-        url: the URL as the rows report it (``http://host:port[/prefix]``, ``tcp://...``).
-        protocol: ``"http"`` (KServe v2) or ``"zmq"`` (``libtorchrt.Client``).
-        host, port, prefix: the HTTP address and the path the ``/v2`` routes hang under.
+        url: the URL as the rows report it (``http://host:port[/prefix]``, ``grpc://...``,
+            ``tcp://...``).
+        protocol: ``"http"`` (KServe v2), ``"grpc"`` (KServe v2 / Triton over gRPC) or
+            ``"zmq"`` (``libtorchrt.Client``).
+        host, port, prefix: the HTTP or gRPC address, and the path the ``/v2`` routes
+            hang under (HTTP).
+        tls: gRPC over TLS (``grpcs://``).
     """
 
     url: str
@@ -59,22 +72,25 @@ class Endpoint:
     host: str = ""
     port: int = 0
     prefix: str = ""
+    tls: bool = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (an IPv6 host in brackets), as gRPC and tritonclient take it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def parse_endpoint(url: str) -> Endpoint:
     """Read ``--endpoint URL``.
 
     Raises:
-        SourceError: not a URL of a protocol libtorchrt-pool serves (``grpc://``
-            says that gRPC is not served yet).
+        SourceError: not a URL of a protocol libtorchrt-pool serves.
     """
     text = url.strip()
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep or not rest:
         raise SourceError(f"--endpoint {url!r}: {_USAGE}")
-    if scheme in ("grpc", "grpcs"):
-        raise SourceError(f"--endpoint {url!r}: {GRPC_MESSAGE}")
     if scheme in ("tcp", "ipc"):
         if scheme == "tcp" and (":" not in rest or not rest.rsplit(":", 1)[1].isdigit()):
             raise SourceError(f"--endpoint {url!r}: a ZeroMQ TCP endpoint is tcp://HOST:PORT")
@@ -84,23 +100,60 @@ def parse_endpoint(url: str) -> Endpoint:
             f"--endpoint {url!r}: libtorchrt-pool serves plain HTTP and the bench speaks plain HTTP only; "
             "measure the server's own address (http://HOST:PORT)"
         )
-    if scheme != "http":
+    if scheme not in ("http", "grpc", "grpcs"):
         raise SourceError(f"--endpoint {url!r}: unknown scheme {scheme!r}; {_USAGE}")
     parts = urllib.parse.urlsplit(text)
     try:
-        port = parts.port or 80
+        port = parts.port or (80 if scheme == "http" else GRPC_PORT)
     except ValueError:
         raise SourceError(f"--endpoint {url!r}: the port is not a number from 0 to 65535") from None
     if not parts.hostname or parts.query or parts.fragment:
         raise SourceError(f"--endpoint {url!r}: {_USAGE}")
-    prefix = parts.path.rstrip("/")
     netloc = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if scheme != "http":
+        if parts.path.strip("/"):  # gRPC names the service itself: there is no prefix
+            raise SourceError(f"--endpoint {url!r}: a gRPC endpoint is {scheme}://HOST:PORT, without a path")
+        return Endpoint(f"{scheme}://{netloc}:{port}", "grpc", parts.hostname, port, tls=scheme == "grpcs")
+    prefix = parts.path.rstrip("/")
     return Endpoint(f"http://{netloc}:{port}{prefix}", "http", parts.hostname, port, prefix)
 
 
 def http_token() -> str | None:
     """The bearer token from :data:`TOKEN_ENV`, if set."""
     return os.environ.get(TOKEN_ENV) or None
+
+
+def grpc_headers() -> dict[str, str] | None:
+    """The gRPC metadata that carries :func:`http_token` (``authorization: Bearer ...``), if set."""
+    token = http_token()
+    return {"authorization": f"Bearer {token}"} if token else None
+
+
+def tritonclient_grpc() -> tuple[Any, type[Exception]]:
+    """``tritonclient.grpc`` and its ``InferenceServerException``, imported when a gRPC
+    endpoint is measured (tritonclient is a dev dependency).
+
+    Raises:
+        SourceError: tritonclient's gRPC client is not installed.
+    """
+    try:
+        module = importlib.import_module("tritonclient.grpc")
+        error: type[Exception] = importlib.import_module("tritonclient.utils").InferenceServerException
+    except ImportError:
+        raise SourceError("a gRPC --endpoint needs tritonclient: pip install 'tritonclient[grpc]'") from None
+    return module, error
+
+
+def grpc_code(exc: Exception) -> str:
+    """The gRPC status of a tritonclient error (``UNAVAILABLE``; it says ``StatusCode.UNAVAILABLE``)."""
+    status = getattr(exc, "status", lambda: None)()
+    return str(status).removeprefix("StatusCode.") if status else "UNKNOWN"
+
+
+def grpc_message(exc: Exception) -> str:
+    """The message of a tritonclient error, without its status."""
+    message = getattr(exc, "message", None)
+    return str(message() if callable(message) else exc)
 
 
 def _get_json(ep: Endpoint, method: str, path: str, timeout: float) -> tuple[int, Any]:
@@ -149,8 +202,7 @@ def _pick_http_model(ep: Endpoint, model: str | None, timeout: float) -> str:
     if status == 200 and len(ready) == 1:
         return ready[0]
     raise SourceError(
-        f"name the model to benchmark (after the URL, or --model NAME); the server at {ep.url} "
-        f"serves {ready if status == 200 else 'models it did not list'}"
+        f"{_NAME_IT}; the server at {ep.url} serves {ready if status == 200 else 'models it did not list'}"
     )
 
 
@@ -179,6 +231,78 @@ def _http_config(ep: Endpoint, model: str | None, timeout: float) -> ModelConfig
     status, _ = _get_json(ep, "GET", f"/v2/models/{quoted}/ready", timeout)
     if status != 200:
         raise SourceError(f"model {name!r} is not ready on the server at {ep.url} (HTTP {status})")
+    return _described(ep, name, meta, config)
+
+
+def _grpc_config(ep: Endpoint, model: str | None, timeout: float) -> ModelConfig:
+    """The model's configuration as the gRPC server describes it: the same documents
+    as over HTTP, from the ``ModelMetadata`` and ``ModelConfig`` RPCs.
+
+    Raises:
+        SourceError: tritonclient missing, unreachable, unknown model, not ready, BYTES inputs.
+    """
+    module, error = tritonclient_grpc()
+    headers = grpc_headers()
+
+    def ask(call: Callable[[], Any], failure: str) -> Any:
+        try:
+            return call()
+        except error as exc:
+            if grpc_code(exc) == "UNAUTHENTICATED":
+                raise SourceError(f"the server at {ep.url} requires a token: put it in ${TOKEN_ENV}") from None
+            raise SourceError(f"{failure}: {grpc_message(exc)}") from None
+
+    client = module.InferenceServerClient(ep.address, ssl=ep.tls)
+    try:
+        try:  # ServerLive needs no token: its failure means that no gRPC server answered
+            client.is_server_live(client_timeout=timeout)
+        except error as exc:
+            hint = (
+                "? A self-signed certificate is trusted once GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names its PEM file"
+                if ep.tls
+                else " (grpcs:// for one with --grpc-tls-cert)?"
+            )
+            raise SourceError(
+                f"no server answered at {ep.url} ({grpc_code(exc)}: {grpc_message(exc)}); "
+                f"is libtorchrt-pool running with --grpc at that address{hint}"
+            ) from None
+        name = model
+        if name is None:
+            index = ask(
+                lambda: client.get_model_repository_index(headers=headers, as_json=True, client_timeout=timeout),
+                f"the server at {ep.url} did not list its models",
+            )
+            ready = sorted({m["name"] for m in index.get("models", []) if m.get("state") == "READY"})
+            if len(ready) != 1:
+                raise SourceError(f"{_NAME_IT}; the server at {ep.url} serves {ready}")
+            name = ready[0]
+        meta = ask(
+            lambda: client.get_model_metadata(name, headers=headers, as_json=True, client_timeout=timeout),
+            f"the server at {ep.url} cannot benchmark model {name!r}",
+        )
+        try:
+            config = client.get_model_config(name, headers=headers, as_json=True, client_timeout=timeout)["config"]
+        except (error, KeyError):
+            config = {}  # a KServe server without Triton's configuration RPC
+        ready_now = ask(
+            lambda: client.is_model_ready(name, headers=headers, client_timeout=timeout),
+            f"model {name!r} is not ready on the server at {ep.url}",
+        )
+        if not ready_now:
+            raise SourceError(f"model {name!r} is not ready on the server at {ep.url}")
+    finally:
+        client.close()
+    return _described(ep, name, meta, config)
+
+
+def _described(ep: Endpoint, name: str, meta: Any, config: dict[str, Any]) -> ModelConfig:
+    """The model's configuration from its KServe v2 metadata (inputs) and its Triton
+    configuration (``max_batch_size``, instances), as either protocol returns them
+    (over gRPC, as JSON, the dims are strings).
+
+    Raises:
+        SourceError: BYTES inputs, or documents that cannot be read.
+    """
     max_batch_size = int(config.get("max_batch_size") or 0)
     specs = []
     try:
@@ -219,7 +343,7 @@ def _zmq_status(ep: Endpoint, model: str | None, connect_timeout: float) -> tupl
     if model is None:
         ready = sorted({s.name for s in statuses if s.state == "ready"})
         if len(ready) != 1:
-            raise SourceError(f"name the model to benchmark (after the URL, or --model NAME); {ep.url} serves {served}")
+            raise SourceError(f"{_NAME_IT}; {ep.url} serves {served}")
         model = ready[0]
     versions = [s for s in statuses if s.name == model]
     if not versions:
@@ -253,13 +377,16 @@ def resolve_remote(
         SourceError: the server cannot be reached, does not serve the model, or the
             inputs cannot be made.
     """
-    if ep.protocol == "http":
-        cfg = _http_config(ep, model, timeout)
+    if ep.protocol in ("http", "grpc"):
+        if ep.protocol == "http":
+            cfg, over = _http_config(ep, model, timeout), "KServe v2 over HTTP"
+        else:
+            cfg, over = _grpc_config(ep, model, timeout), "KServe v2 over gRPC" + (", TLS" if ep.tls else "")
         specs = declared_inputs(cfg, options)
         return Target(
             cfg,
             specs,
-            f"libtorchrt-pool at {ep.url} (KServe v2 over HTTP), model {cfg.name}",
+            f"libtorchrt-pool at {ep.url} ({over}), model {cfg.name}",
             endpoint=ep,
             notes=variable_dims(cfg, options),
         )

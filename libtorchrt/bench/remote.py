@@ -1,4 +1,4 @@
-"""Callers of a running server: KServe v2 over HTTP, or ``libtorchrt.Client`` (bench process).
+"""Callers of a running server: KServe v2 over HTTP or gRPC, or ``libtorchrt.Client`` (bench process).
 
 The sweep measures these as it measures a pool it started (``serving.Server``); what
 changes is the way in:
@@ -11,6 +11,9 @@ changes is the way in:
   application does, close to what perf_analyzer's C++ client costs.
   ``http_client="tritonclient"`` uses ``tritonclient.http`` instead (one
   ``InferenceServerClient`` per connection), to see what that client adds;
+* :class:`GrpcServer` -- KServe v2 / Triton over gRPC through ``tritonclient.grpc``:
+  one ``InferenceServerClient`` (one channel) shared by the caller threads, as its
+  unary calls are thread-safe; tensors travel as raw contents both ways;
 * :class:`ZmqServer` -- one :class:`libtorchrt.Client` shared by the caller threads (it
   is thread-safe), with the defaults an application gets: shared memory on the same
   host, frames otherwise.
@@ -20,8 +23,9 @@ copying, decoding, reading the outputs): it runs in the caller threads, in this
 process, on the same CPUs as the server when both run on one machine.
 
 Failed requests are counted by kind, as the load generator counts exceptions:
-``HTTP 503``, ``TimeoutError``, ``ConnectionRefusedError``, or the libtorchrt error
-the server raised (``Client`` raises them again with their own types).
+``HTTP 503``, ``gRPC UNAVAILABLE``, ``TimeoutError``, ``ConnectionRefusedError``, or
+the libtorchrt error the server raised (``Client`` raises them again with their own
+types).
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ import torch
 from libtorchrt import Client
 from libtorchrt.transport.dtypes import TABLE
 
-from .endpoint import Endpoint, http_token
+from .endpoint import Endpoint, grpc_code, grpc_headers, grpc_message, http_token, tritonclient_grpc
 from .serving import InputFeed, Server, consume
 from .source import SourceError
 
-__all__ = ["HTTP_CLIENTS", "KSERVE_DTYPES", "HttpError", "HttpServer", "ZmqServer"]
+__all__ = ["HTTP_CLIENTS", "KSERVE_DTYPES", "GrpcError", "GrpcServer", "HttpError", "HttpServer", "ZmqServer"]
 
 #: ``--http-client`` values.
 HTTP_CLIENTS: tuple[str, ...] = ("stdlib", "tritonclient")
@@ -69,6 +73,20 @@ class HttpError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.error_name = f"HTTP {status}"
+
+
+class GrpcError(RuntimeError):
+    """The server answered an inference request with a gRPC error status.
+
+    Attributes:
+        code: the status (``UNAVAILABLE``); the load generator counts the request as
+            ``gRPC <code>``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"gRPC {code}: {message}")
+        self.code = code
+        self.error_name = f"gRPC {code}"
 
 
 def _error_message(body: bytes | bytearray) -> str:
@@ -314,6 +332,64 @@ class HttpServer(Server):
         for conn in conns:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+class GrpcServer(Server):
+    """A KServe v2 / Triton gRPC server, through one ``tritonclient.grpc`` client.
+
+    Args:
+        endpoint: the server's gRPC address (``grpc://`` or ``grpcs://``).
+        model: the model's name.
+        request_timeout: every request's deadline (sent as the ``timeout`` parameter,
+            and the call's gRPC deadline a second later).
+
+    Raises:
+        SourceError: tritonclient's gRPC client is not installed.
+    """
+
+    def __init__(self, endpoint: Endpoint, model: str, request_timeout: float) -> None:
+        self.model = model
+        self.timeout = request_timeout
+        self.notes = []
+        self.flags = {}
+        self._tc, self._error = tritonclient_grpc()
+        self._headers = grpc_headers()
+        self.client = self._tc.InferenceServerClient(endpoint.address, ssl=endpoint.tls)
+
+    def _call(self, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
+        tc = self._tc
+        infer_inputs = []
+        for name, t in inputs.items():
+            x = tc.InferInput(name, list(t.shape), KSERVE_DTYPES[t.dtype])
+            x.set_data_from_numpy(t.numpy())  # raw_input_contents
+            infer_inputs.append(x)
+        try:
+            result = self.client.infer(
+                self.model,
+                infer_inputs,
+                timeout=int(self.timeout * 1e6),
+                client_timeout=self.timeout + 1.0,
+                headers=self._headers,
+            )
+        except self._error as exc:
+            raise GrpcError(grpc_code(exc), grpc_message(exc)) from None
+        return [result.as_numpy(o.name) for o in result.get_response().outputs]
+
+    def caller(self, feed: InputFeed) -> Callable[[], object]:
+        sets, take, send = feed.sets, feed.take, self._call
+        if any(t.dtype == torch.bfloat16 for s in sets for t in s.values()):
+            raise ValueError("tritonclient takes BF16 data as float32 arrays; use the server's HTTP address")
+        realistic = feed.application(send)
+        if realistic is not None:
+            return realistic
+
+        def call() -> None:
+            consume(send(sets[take()]))
+
+        return call
+
+    def close(self) -> None:
+        self.client.close()  # (idempotent: tritonclient closes its channel)
 
 
 class ZmqServer(Server):

@@ -10,8 +10,8 @@ group starts; the concurrencies and batch sizes of a group are load levels again
 each with its own warm-up, as perf_analyzer sweeps a running server. With
 ``fresh_per_row`` every configuration gets its own server instead.
 
-Against a running server (``--endpoint``) there is one group, mode ``http`` or
-``zmq``: its instance count and parameters are the server's, and the group's
+Against a running server (``--endpoint``) there is one group, mode ``http``,
+``grpc`` or ``zmq``: its instance count and parameters are the server's, and the group's
 "server" is a set of connections to it (``remote.py``), closed at the end.
 """
 
@@ -30,7 +30,7 @@ from libtorchrt import ModelConfig, Pool
 
 from .loadgen import Measurement, MeasurementError, measure_count, measure_windows
 from .progress import Progress
-from .remote import HttpServer, ZmqServer
+from .remote import GrpcServer, HttpServer, ZmqServer
 from .report import Row, format_parameters
 from .serving import InputFeed, Server, consume
 from .source import Target, parameter_values
@@ -41,8 +41,8 @@ __all__ = ["MODES", "Point", "Settings", "Sweep", "parameter_grid", "plan"]
 
 #: ``processes``: a libtorchrt pool, one worker process per instance;
 #: ``threads``: the instances as threads of the bench process (Triton's way);
-#: ``http``, ``zmq``: a running server (``--endpoint``), over HTTP or ZeroMQ.
-MODES: tuple[str, ...] = ("processes", "threads", "http", "zmq")
+#: ``http``, ``grpc``, ``zmq``: a running server (``--endpoint``), over HTTP, gRPC or ZeroMQ.
+MODES: tuple[str, ...] = ("processes", "threads", "http", "grpc", "zmq")
 
 
 @dataclass(frozen=True)
@@ -232,11 +232,13 @@ class Sweep:
         if mode == "threads":
             return _ThreadsServer(cfg, s)
         endpoint = self.target.endpoint
-        if mode in ("http", "zmq") and endpoint is not None and endpoint.protocol == mode:
+        if mode in ("http", "grpc", "zmq") and endpoint is not None and endpoint.protocol == mode:
             if mode == "http":
                 return HttpServer(endpoint, cfg.name, s.request_timeout, s.http_client)
+            if mode == "grpc":
+                return GrpcServer(endpoint, cfg.name, s.request_timeout)
             return ZmqServer(endpoint, cfg.name, s.request_timeout)
-        raise ValueError(f"mode {mode!r} cannot run here; expected one of {MODES} (http and zmq need an endpoint)")
+        raise ValueError(f"mode {mode!r} cannot run here; expected one of {MODES} (http, grpc, zmq need an endpoint)")
 
     def _measure(self, point: Point, server: Server) -> Row:
         s = self.settings

@@ -1,12 +1,14 @@
 """libtorchrt.bench's own KServe v2 HTTP client (``remote.HttpServer``) against a stub
 server in a thread of this process: the binary request and answer, keep-alive
 connections reused, a connection the server closed while idle replaced without
-counting an error, and error statuses counted as ``HTTP <status>``. The real server is
-driven in tests/integration/test_bench_endpoint.py."""
+counting an error, and error statuses counted as ``HTTP <status>``; how gRPC endpoints
+are read, and their errors named. The real server is driven in
+tests/integration/test_bench_endpoint.py."""
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from libtorchrt.bench.endpoint import parse_endpoint
+from libtorchrt.bench.endpoint import Endpoint, parse_endpoint
 from libtorchrt.bench.loadgen import error_name
-from libtorchrt.bench.remote import HttpError, HttpServer
+from libtorchrt.bench.remote import GrpcError, GrpcServer, HttpError, HttpServer
 from libtorchrt.bench.serving import InputFeed
+from libtorchrt.bench.source import SourceError
 
 
 class Stub(ThreadingHTTPServer):
@@ -129,3 +132,41 @@ def test_an_error_status_is_counted_by_status(stub: Stub) -> None:
         stub.status = 200
         call()  # the connection was kept: the error answer was read whole
     assert stub.connections == 1
+
+
+@pytest.mark.parametrize(
+    "url, endpoint, address",
+    [
+        ("grpc://127.0.0.1:8001", Endpoint("grpc://127.0.0.1:8001", "grpc", "127.0.0.1", 8001), "127.0.0.1:8001"),
+        ("GRPC://host", Endpoint("grpc://host:8001", "grpc", "host", 8001), "host:8001"),  # Triton's port
+        ("grpcs://[::1]:9000/", Endpoint("grpcs://[::1]:9000", "grpc", "::1", 9000, tls=True), "[::1]:9000"),
+    ],
+)
+def test_grpc_endpoints(url: str, endpoint: Endpoint, address: str) -> None:
+    assert parse_endpoint(url) == endpoint
+    assert endpoint.address == address
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("grpc://127.0.0.1:8001/v2", "without a path"),
+        ("grpc://127.0.0.1:99999", "the port is not a number"),
+        ("grpc://:8001", "expected http://HOST:PORT (KServe v2 over HTTP), grpc://HOST:PORT"),
+    ],
+)
+def test_grpc_endpoint_mistakes(url: str, words: str) -> None:
+    with pytest.raises(SourceError, match="--endpoint") as info:
+        parse_endpoint(url)
+    assert words in str(info.value)
+
+
+def test_grpc_needs_tritonclient(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # import fails
+    with pytest.raises(SourceError, match=r"needs tritonclient: pip install 'tritonclient\[grpc\]'"):
+        GrpcServer(parse_endpoint("grpc://127.0.0.1:8001"), "m", request_timeout=1.0)
+
+
+def test_grpc_errors_are_counted_by_status() -> None:
+    exc = GrpcError("UNAVAILABLE", "the server is shutting down")
+    assert error_name(exc) == "gRPC UNAVAILABLE" and str(exc) == "gRPC UNAVAILABLE: the server is shutting down"

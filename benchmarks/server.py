@@ -16,7 +16,14 @@ One ``libtorchrt-pool`` server (a subprocess, one instance of the payload worklo
 * ``http-binary-raw`` -- the same requests from ``http.client`` with the body built once
   and the output viewed in place: what the server costs without tritonclient's own
   copies and parsing;
-* ``http-json``   -- ``tritonclient.http`` with tensors as JSON lists of numbers.
+* ``http-json``   -- ``tritonclient.http`` with tensors as JSON lists of numbers;
+* ``http-shm``    -- ``tritonclient.http`` with the system shared-memory extension: the
+  input and the output in POSIX shared memory registered once per caller thread, the
+  request and the response JSON only;
+* ``http-binary-tiny``, ``http-shm-tiny`` -- the same two on the tiny workload (an MLP
+  on 64 floats: what a request costs apart from its bytes);
+* ``grpc``, ``grpc-tiny`` -- ``tritonclient.grpc`` (the same protocol over gRPC: tensors
+  in ``raw_input_contents`` / ``raw_output_contents``), on each workload.
 
 Each row is closed-loop caller threads (``benchmarks/_harness.py``): requests/s and
 p50/p99 latency, medians over ``--repeat`` windows of ``--duration`` seconds. Every
@@ -50,8 +57,18 @@ from benchmarks._harness import Measurement, measure
 from benchmarks._report import loadavg, machine_info
 from libtorchrt.bench import workloads
 
-MODES = ("pool", "zmq-client", "http-binary", "http-binary-raw", "http-json")
+MODES = ("pool", "zmq-client", "http-binary", "http-binary-raw", "http-json", "http-shm", "http-binary-tiny",
+         "http-shm-tiny", "grpc", "grpc-tiny")  # fmt: skip
 SHAPE = (1, 1024, 1024)
+TINY_SHAPE = (1, 64)
+TINY_CONFIG = """
+name: "tiny"
+platform: "pytorch_libtorch"
+max_batch_size: 0
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ 1, 64 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ 1, 64 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
 CONFIG = """
 name: "payload"
 platform: "pytorch_libtorch"
@@ -63,11 +80,13 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
 
 
 def repository(directory: Path) -> Path:
-    """A repository holding the payload workload as ``payload`` version 1."""
+    """A repository holding the payload workload as ``payload`` version 1, and the tiny
+    one as ``tiny``."""
     repo = directory / "repo"
-    (repo / "payload" / "1").mkdir(parents=True)
-    (repo / "payload" / "config.pbtxt").write_text(CONFIG)
-    workloads.build("payload", repo / "payload" / "1").rename(repo / "payload" / "1" / "model.pt")
+    for name, config in (("payload", CONFIG), ("tiny", TINY_CONFIG)):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(config)
+        workloads.build(name, repo / name / "1").rename(repo / name / "1" / "model.pt")
     return repo
 
 
@@ -84,7 +103,8 @@ def has_client() -> bool:
 def pool_server(repo: Path, zmq: bool) -> Iterator[dict[str, str]]:
     """Run ``python -m libtorchrt.pool`` on free ports; yield its endpoints by name."""
     args = [sys.executable, "-m", "libtorchrt.pool", "--model-repository", str(repo), "--http", "127.0.0.1:0",
-            "--metrics", "off", "--max-request-bytes", "64MiB", "--log-level", "warning"]  # fmt: skip
+            "--grpc", "127.0.0.1:0", "--metrics", "off", "--max-request-bytes", "64MiB",
+            "--log-level", "warning"]  # fmt: skip
     if zmq:
         args += ["--zmq", "tcp://127.0.0.1:0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -92,10 +112,10 @@ def pool_server(repo: Path, zmq: bool) -> Iterator[dict[str, str]]:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            m = re.match(r"\s+(HTTP|ZeroMQ|metrics)\s+(\S+)", line)
+            m = re.match(r"\s+(HTTP|gRPC|ZeroMQ|metrics)\s+(\S+)", line)
             if m:
                 endpoints[m.group(1)] = m.group(2)
-            if endpoints.get("HTTP") and (not zmq or endpoints.get("ZeroMQ")):
+            if endpoints.get("HTTP") and endpoints.get("gRPC") and (not zmq or endpoints.get("ZeroMQ")):
                 break
         else:
             raise RuntimeError(f"the server exited with status {proc.wait()} before it was ready")
@@ -112,11 +132,13 @@ def pool_server(repo: Path, zmq: bool) -> Iterator[dict[str, str]]:
 
 def _check(out: Any, x: torch.Tensor) -> None:
     got = out if isinstance(out, torch.Tensor) else torch.from_numpy(np.array(out))
-    if got.shape != x.shape or not torch.equal(got, x):
+    if got.shape != x.shape or not torch.allclose(got, x, rtol=1e-5, atol=1e-6):
         raise AssertionError("the server answered with the wrong tensor")
 
 
-def http_caller(address: str, x: torch.Tensor, binary: bool) -> Callable[[], None]:
+def http_caller(
+    address: str, x: torch.Tensor, binary: bool, model: str = "payload", want: torch.Tensor | None = None
+) -> Callable[[], None]:
     """One call per invocation, a ``tritonclient.http`` client per caller thread."""
     import tritonclient.http as th
 
@@ -129,8 +151,79 @@ def http_caller(address: str, x: torch.Tensor, binary: bool) -> Callable[[], Non
             local.input = th.InferInput("INPUT__0", list(arr.shape), "FP32")
             local.input.set_data_from_numpy(arr, binary_data=binary)
             local.output = th.InferRequestedOutput("OUTPUT__0", binary_data=binary)
-            _check(local.client.infer("payload", [local.input], outputs=[local.output]).as_numpy("OUTPUT__0"), x)
-        local.client.infer("payload", [local.input], outputs=[local.output]).as_numpy("OUTPUT__0")
+            first = local.client.infer(model, [local.input], outputs=[local.output]).as_numpy("OUTPUT__0")
+            _check(first, x if want is None else want)
+        local.client.infer(model, [local.input], outputs=[local.output]).as_numpy("OUTPUT__0")
+
+    return call
+
+
+def shm_caller(
+    address: str, model: str, x: torch.Tensor, want: torch.Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``tritonclient.http`` with the input and the output in system shared memory: per
+    caller thread a client and two regions, registered once; each call reads its output
+    out of the region (as a caller would). The second callable unregisters and destroys
+    every region made."""
+    import uuid
+
+    import tritonclient.http as th
+    import tritonclient.utils.shared_memory as shm
+
+    arr = x.numpy().copy()
+    local = threading.local()
+    made: list[tuple[Any, str, list[Any]]] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        if not hasattr(local, "client"):
+            tag = uuid.uuid4().hex[:12]
+            local.client = th.InferenceServerClient(address.removeprefix("http://"), network_timeout=120.0)
+            handles = [shm.create_shared_memory_region(f"{kind}-{tag}", f"/bench-{kind}-{tag}", arr.nbytes)
+                       for kind in ("in", "out")]  # fmt: skip
+            with lock:
+                made.append((local.client, tag, handles))
+            for kind in ("in", "out"):
+                local.client.register_system_shared_memory(f"{kind}-{tag}", f"/bench-{kind}-{tag}", arr.nbytes)
+            shm.set_shared_memory_region(handles[0], [arr])
+            local.input = th.InferInput("INPUT__0", list(arr.shape), "FP32").set_shared_memory(f"in-{tag}", arr.nbytes)
+            local.output = th.InferRequestedOutput("OUTPUT__0")
+            local.output.set_shared_memory(f"out-{tag}", arr.nbytes)
+            local.out = handles[1]
+            local.client.infer(model, [local.input], outputs=[local.output])
+            _check(shm.get_contents_as_numpy(local.out, np.float32, list(arr.shape)).copy(), want)
+        local.client.infer(model, [local.input], outputs=[local.output])
+        shm.get_contents_as_numpy(local.out, np.float32, list(arr.shape)).sum()  # (the caller uses its result)
+
+    def close() -> None:
+        # (a tritonclient.http client belongs to the thread that made it: gevent)
+        client = th.InferenceServerClient(address.removeprefix("http://"))
+        try:
+            client.unregister_system_shared_memory()  # every region of ours: HTTP clients are one owner
+        finally:
+            client.close()
+            for _, _, handles in made:
+                for handle in handles:
+                    shm.destroy_shared_memory_region(handle)
+
+    return call, close
+
+
+def grpc_caller(address: str, model: str, x: torch.Tensor, want: torch.Tensor) -> Callable[[], None]:
+    """One call per invocation, a ``tritonclient.grpc`` client per caller thread."""
+    import tritonclient.grpc as tg
+
+    local = threading.local()
+    arr = x.numpy().copy()
+
+    def call() -> None:
+        if not hasattr(local, "client"):
+            local.client = tg.InferenceServerClient(address)
+            local.input = tg.InferInput("INPUT__0", list(arr.shape), "FP32")
+            local.input.set_data_from_numpy(arr)
+            local.output = tg.InferRequestedOutput("OUTPUT__0")
+            _check(local.client.infer(model, [local.input], outputs=[local.output]).as_numpy("OUTPUT__0"), want)
+        local.client.infer(model, [local.input], outputs=[local.output]).as_numpy("OUTPUT__0")
 
     return call
 
@@ -186,9 +279,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def row(mode: str, concurrency: int, m: Measurement) -> None:
         rows.append({"mode": mode, "concurrency": concurrency, **m.to_dict()})
-        print(f"{mode:<15} {concurrency:>4} {m.rps:>9.1f} {m.p50_us / 1e3:>9.2f} {m.p99_us / 1e3:>9.2f}", flush=True)
+        print(f"{mode:<17} {concurrency:>4} {m.rps:>9.1f} {m.p50_us / 1e3:>9.2f} {m.p99_us / 1e3:>9.2f}", flush=True)
 
-    print(f"{'mode':<15} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"{'mode':<17} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9}")
     with tempfile.TemporaryDirectory(prefix="libtorchrt-bench-server-") as tmp:
         repo = repository(Path(tmp))
         common = {"duration": args.duration, "repeat": args.repeat, "warmup": 1.0, "warmup_calls": 5}
@@ -217,6 +310,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     slow = {**common, "duration": max(args.duration, args.json_duration)} if not binary else common
                     for c in args.concurrency:
                         row(mode, c, measure(http_caller(endpoints["HTTP"], x, binary), concurrency=c, **slow))
+            tiny_x = torch.rand(TINY_SHAPE, generator=torch.Generator().manual_seed(0))
+            tiny_want = torch.jit.load(str(repo / "tiny" / "1" / "model.pt"))(tiny_x).detach()
+            for mode, model, xs, want in (("http-shm", "payload", x, x), ("http-shm-tiny", "tiny", tiny_x, tiny_want)):
+                if mode in args.modes:
+                    for c in args.concurrency:
+                        call, close = shm_caller(endpoints["HTTP"], model, xs, want)
+                        try:
+                            row(mode, c, measure(call, concurrency=c, **common))
+                        finally:
+                            close()
+            if "http-binary-tiny" in args.modes:
+                for c in args.concurrency:
+                    call = http_caller(endpoints["HTTP"], tiny_x, True, "tiny", tiny_want)
+                    row("http-binary-tiny", c, measure(call, concurrency=c, **common))
+            for mode, model, xs, want in (("grpc", "payload", x, x), ("grpc-tiny", "tiny", tiny_x, tiny_want)):
+                if mode in args.modes:
+                    for c in args.concurrency:
+                        row(mode, c, measure(grpc_caller(endpoints["gRPC"], model, xs, want), concurrency=c, **common))
     return rows
 
 

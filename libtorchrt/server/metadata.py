@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from .. import __version__
 from ..config import ModelConfig, TensorSpec
@@ -78,13 +79,68 @@ def model_config(cfg: ModelConfig) -> dict[str, Any]:
         msg = to_message(cfg)
     except ConfigError:  # a Python configuration without dims: what config.pbtxt can say
         msg = to_message(_with_dims(cfg))
-    doc: dict[str, Any] = json_format.MessageToDict(
-        msg,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True,
-        unquote_int64_if_possible=True,
+    return message_dict(msg)
+
+
+def message_dict(msg: Any) -> dict[str, Any]:
+    """``msg`` in protobuf's JSON form, field names as in the ``.proto``, fields at their
+    defaults included and 64-bit integers as numbers, on any protobuf runtime from 4.21:
+    the options that say so are newer than that (``unquote_int64_if_possible`` came
+    with protobuf 7), so an older runtime gets the same document by another way."""
+    try:
+        return dict(
+            json_format.MessageToDict(
+                msg,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+                unquote_int64_if_possible=True,
+            )
+        )
+    except TypeError:  # an older protobuf
+        pass
+    named = {"preserving_proto_field_name": True}
+    try:
+        doc = json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, **named)
+    except TypeError:  # (before protobuf 5.26 the option had its old name)
+        doc = json_format.MessageToDict(msg, including_default_value_fields=True, **named)
+    return unquote_int64(doc, msg.DESCRIPTOR)
+
+
+_INT64_TYPES = frozenset(
+    (
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
     )
+)
+
+
+def unquote_int64(doc: dict[str, Any], descriptor: Any) -> dict[str, Any]:
+    """``doc`` (a message's JSON form, proto field names) with its 64-bit integers,
+    which protobuf's JSON quotes, as numbers (in place; returned)."""
+    for f in descriptor.fields:
+        value = doc.get(f.name)
+        if value is None:
+            continue
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            item = f.message_type.fields_by_name["value"]
+            for key, v in value.items():
+                value[key] = _unquoted(v, item)
+        elif isinstance(value, list):  # (a repeated field: JSON has no other lists)
+            doc[f.name] = [_unquoted(v, f) for v in value]
+        else:
+            doc[f.name] = _unquoted(value, f)
     return doc
+
+
+def _unquoted(value: Any, f: Any) -> Any:
+    if f.message_type is not None and isinstance(value, dict):
+        return unquote_int64(value, f.message_type)
+    if f.type in _INT64_TYPES and isinstance(value, str):
+        return int(value)
+    return value
 
 
 def _with_dims(cfg: ModelConfig) -> ModelConfig:

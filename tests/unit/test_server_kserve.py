@@ -282,6 +282,42 @@ def test_model_metadata_and_config_documents() -> None:
     assert metadata.model_config(python_cfg)["input"][0]["dims"] == [-1]
 
 
+def test_the_config_document_is_the_same_on_a_protobuf_without_the_newest_json_options() -> None:
+    # Before protobuf 7 MessageToDict has no unquote_int64_if_possible: the fallback
+    # unquotes the 64-bit integers itself (a clean install resolved protobuf 6.33).
+    from google.protobuf import json_format
+
+    from libtorchrt.config import writer
+
+    cfg = ModelConfig.from_pbtxt(
+        """
+        name: "m"
+        max_batch_size: 8
+        input [ { name: "x" data_type: TYPE_FP32 dims: [ 3, -1 ] } ]
+        output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+        parameters { key: "INFERENCE_MODE" value: { string_value: "true" } }
+        sequence_batching {
+          max_sequence_idle_microseconds: 5000000
+          state [ { input_name: "s" output_name: "t" data_type: TYPE_FP32 dims: [ 4 ] } ]
+          oldest { max_queue_delay_microseconds: 300 }
+        }
+        model_warmup [ { name: "w" batch_size: 1 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [ 3, 5 ] zero_data: true } } } ]
+        """  # noqa: E501
+    )
+    msg = writer.to_message(cfg)
+    quoted = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    assert quoted["input"][0]["dims"] == ["3", "-1"]  # (what protobuf's JSON does to int64)
+    doc = metadata.unquote_int64(quoted, msg.DESCRIPTOR)
+    assert doc["input"][0]["dims"] == [3, -1]
+    assert doc["sequence_batching"]["max_sequence_idle_microseconds"] == 5_000_000
+    assert doc["sequence_batching"]["state"][0]["dims"] == [4]
+    assert doc["model_warmup"][0]["inputs"]["x"]["dims"] == [3, 5]
+    assert doc["parameters"] == {"INFERENCE_MODE": {"string_value": "true"}}
+    full = metadata.model_config(cfg)
+    assert full["input"][0]["dims"] == [3, -1]
+    assert full["sequence_batching"]["oldest"]["max_queue_delay_microseconds"] == 300
+
+
 def test_repository_index_and_statistics() -> None:
     index = metadata.repository_index(
         [ModelStatus("a", 1, "ready"), ModelStatus("b", None, "failed", "bad config"), ModelStatus("c", 2, "loading")]

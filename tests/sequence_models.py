@@ -40,9 +40,7 @@ class Accumulator(torch.nn.Module):
 class ResetAccumulator(torch.nn.Module):
     """A running total that the model itself restarts on CONTROL_SEQUENCE_START."""
 
-    def forward(
-        self, x: torch.Tensor, start: torch.Tensor, state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, start: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.where(start > 0, torch.zeros_like(state), state) + x
         return total, total
 

@@ -449,9 +449,7 @@ class Router:
         queue = m.queue
         for slot in m.slots:
             w = slot.worker
-            while (
-                w is not None and w.state == READY and not w.doomed and len(w.inflight) < limit and not w.serial
-            ):
+            while w is not None and w.state == READY and not w.doomed and len(w.inflight) < limit and not w.serial:
                 unit = queue.take_for(w.instance, now)
                 if unit is None:
                     break

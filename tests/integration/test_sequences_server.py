@@ -72,8 +72,7 @@ def test_sequences_over_http_from_many_threads(server: ServerProcess) -> None:
         try:
             sid = ids[t]
             got[sid] = [
-                _http_step(client, sid, v, start=i == 0, end=i == len(plans[sid]) - 1)
-                for i, v in enumerate(plans[sid])
+                _http_step(client, sid, v, start=i == 0, end=i == len(plans[sid]) - 1) for i, v in enumerate(plans[sid])
             ]
         finally:
             client.close()
@@ -126,8 +125,9 @@ def test_sequences_over_grpc_sync_and_asyncio(server: ServerProcess) -> None:
     try:
         outs = [
             float(
-                client.infer("acc", [inp(2.0)], sequence_id="g", sequence_start=i == 0, sequence_end=i == 2)
-                .as_numpy("OUTPUT__0")[0, 0]
+                client.infer("acc", [inp(2.0)], sequence_id="g", sequence_start=i == 0, sequence_end=i == 2).as_numpy(
+                    "OUTPUT__0"
+                )[0, 0]
             )
             for i in range(3)
         ]

@@ -234,9 +234,7 @@ def test_kind_gpu_without_cuda_is_a_config_error_naming_the_gpu() -> None:
 
 
 def test_kind_model_instances_are_cpu_workers_that_place_the_model_themselves() -> None:
-    cfg = ModelConfig.from_pbtxt(
-        'name: "m"\ninstance_group [ { count: 2 kind: KIND_MODEL }, { kind: KIND_CPU } ]\n'
-    )
+    cfg = ModelConfig.from_pbtxt('name: "m"\ninstance_group [ { count: 2 kind: KIND_MODEL }, { kind: KIND_CPU } ]\n')
     assert [g.kind for g in cfg.groups] == ["KIND_MODEL", "KIND_CPU"]
     assert cfg.placements(0) == cfg.placements(2) == ["cpu", "cpu", "cpu"]
     assert cfg.placed_by_model(2) == [True, True, False]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
@@ -221,8 +221,6 @@ class SequenceBatching:
     max_candidate_sequences: int = 0
     preferred_batch_size: Sequence[int] = ()
     preserve_ordering: bool = False
-    #: names that the model's inputs and outputs must not repeat (filled by check)
-    _names: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -276,12 +274,11 @@ class SequenceBatching:
                 "sequence_batching: preferred_batch_size and preserve_ordering belong to the oldest strategy",
                 key="strategy",
             )
-        object.__setattr__(self, "_names", tuple(names))
 
     @property
     def hidden_inputs(self) -> tuple[str, ...]:
         """The model inputs the batcher fills in: control inputs, then state inputs."""
-        return self._names
+        return tuple(c.name for c in self.control_inputs) + tuple(s.input_name for s in self.states)
 
     @property
     def state_outputs(self) -> tuple[str, ...]:

@@ -114,7 +114,7 @@ class RequestQueue(Protocol):
         """Drop what timed out while nothing waited (pinned queues: idle sequences)."""
         ...
 
-    def finished(self, unit: Call, now: float) -> None:
+    def finished(self, unit: Call) -> None:
         """``unit`` was answered."""
         ...
 
@@ -150,7 +150,7 @@ class Unpinned:
     def expire(self, now: float) -> None:
         return None
 
-    def finished(self, unit: Call, now: float) -> None:
+    def finished(self, unit: Call) -> None:
         return None
 
     def lost(self, w: _Worker) -> None:

@@ -135,10 +135,9 @@ class Replies:
             log.warning("worker %s/%d answered unknown request %d", w.model.name, w.instance, req_id)
             return None
         w.served += 1
-        now = time.monotonic()
-        w.busy_since = now if w.inflight else None
+        w.busy_since = time.monotonic() if w.inflight else None
         call.free()
-        w.model.queue.finished(call, now)
+        w.model.queue.finished(call)
         return call
 
     def _on_response(self, w: _Worker, msg: wire.Response, frames: list[zmq.Frame]) -> None:

@@ -410,9 +410,8 @@ class Router:
         if self.replies.released or self.gpu.released:
             self.replies.collect_releases()
         queue = m.queue
-        now = time.monotonic()
         if queue.pinned:
-            queue.expire(now)
+            queue.expire(time.monotonic())
         if not len(queue):
             return
         if m.failed is not None:
@@ -422,6 +421,7 @@ class Router:
             self._fail_queued(m, ModelUnavailableError(m.name, m.unavailable))
             return
         limit = queue.per_worker
+        now = time.monotonic()
         if queue.pinned:
             self._dispatch_pinned(m, limit, now)
             return

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -335,8 +336,9 @@ class SequenceQueue:
         call.free()
         self.model.ordered_skip(call)
 
-    def finished(self, unit: Call, now: float) -> None:
+    def finished(self, unit: Call) -> None:
         """``unit`` was answered: its sequences may send their next request."""
+        now = time.monotonic()
         for call in unit.members if isinstance(unit, Batch) else (unit,):
             seq: _Seq | None = call.holder
             if seq is None or seq.running is not call:

@@ -127,6 +127,7 @@ def measure(path: Path, kind: str, batching: bool, seconds: float) -> dict[str, 
     front = cpu.front_ns
     loop = cpu.groups_ns["main"] + cpu.groups_ns["event_loop"]
     routed = cpu.groups_ns["router"]
+    hub = cpu.groups_ns["hub"]
     zmq_io = cpu.groups_ns["zmq_io"]
     wall = cpu.wall_s
     workers = sum(cpu.processes_ns.values())
@@ -141,8 +142,9 @@ def measure(path: Path, kind: str, batching: bool, seconds: float) -> dict[str, 
         "front_us": front / per,
         "main_thread_us": loop / per,
         "router_us": routed / per,
+        "hub_us": hub / per,
         "zmq_io_us": zmq_io / per,
-        "other_front_us": (front - loop - routed - zmq_io) / per,
+        "other_front_us": (front - loop - routed - hub - zmq_io) / per,
         "workers_us": workers / per,
         "workers_cores": workers / 1e9 / wall,
         "front_cores": front / 1e9 / wall,
@@ -158,6 +160,7 @@ COLUMNS = (
     ("front_us", "front", "{:.1f}"),
     ("main_thread_us", "main/loop", "{:.1f}"),
     ("router_us", "router", "{:.1f}"),
+    ("hub_us", "hub", "{:.1f}"),
     ("zmq_io_us", "zmq io", "{:.1f}"),
     ("other_front_us", "other", "{:.1f}"),
     ("workers_us", "workers", "{:.1f}"),

@@ -11,6 +11,7 @@ turns into microseconds per request.
 The threads of this process are put in groups by name, so that a figure says who paid:
 
 * ``router`` -- libtorchrt's router thread (``libtorchrt-router``);
+* ``hub`` -- the native thread of libtorchrt's fast lane (``libtorchrt-hub``);
 * ``zmq_io`` -- ZeroMQ's I/O threads (``ZMQbg/...``);
 * ``callers`` -- the load generator's caller threads (``bench-caller-N``);
 * ``event_loop`` -- the thread that runs the asyncio callers (``bench-event-loop``);
@@ -19,8 +20,8 @@ The threads of this process are put in groups by name, so that a figure says who
   dispatcher and queue feeders, torch's own threads).
 
 Names are Python's thread names (``threading.enumerate()``), matched to the kernel's
-thread ids by ``native_id``; ZeroMQ's threads are not Python threads and are known by
-their kernel name (``/proc/self/task/TID/comm``).
+thread ids by ``native_id``; ZeroMQ's threads and the hub's are not Python threads and
+are known by their kernel name (``/proc/self/task/TID/comm``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 __all__ = ["THREAD_GROUPS", "CpuMeter", "CpuSample", "CpuUsage", "MeasuredSpan", "process_cpu_ns", "thread_cpu_ns"]
 
 #: The thread groups of this process, in the order they are reported.
-THREAD_GROUPS: tuple[str, ...] = ("main", "event_loop", "callers", "router", "zmq_io", "other")
+THREAD_GROUPS: tuple[str, ...] = ("main", "event_loop", "callers", "router", "hub", "zmq_io", "other")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -102,6 +103,8 @@ def _group(tid: int, comm: str, names: Mapping[int, str], main: int | None) -> s
         return "main"
     if comm.startswith("ZMQbg"):
         return "zmq_io"
+    if comm == "libtorchrt-hub":
+        return "hub"
     name = names.get(tid, "")
     if name == "libtorchrt-router":
         return "router"

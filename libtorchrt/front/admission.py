@@ -88,6 +88,25 @@ class Admission:
             UnknownModelError, ModelUnavailableError, InvalidInputError,
             QueueFullError, PoolClosedError: see ``Pool.submit``.
         """
+        call = self.take(model, inputs, version, timeout, priority, future, sequence)
+        self.router.submit(call)
+        return call.future
+
+    def take(
+        self,
+        model: str,
+        inputs: Inputs,
+        version: int | None,
+        timeout: float | None,
+        priority: int | None,
+        future: LoopFuture | None = None,
+        sequence: SequenceTag | None = None,
+    ) -> Call:
+        """Check and place one request: its call, not handed to anybody yet.
+
+        Raises:
+            see :meth:`submit`.
+        """
         m = self.lookup(model, version)
         queue = m.queue
         try:
@@ -117,8 +136,7 @@ class Admission:
         call.priority = level
         call.sequence = sequence
         call.deadline = queue.deadline(call, timeout)
-        self.router.submit(call)
-        return call.future
+        return call
 
     def lookup(self, model: str, version: int | None) -> _Model:
         """The model version a request names, if it can take requests.

@@ -325,6 +325,7 @@ class ModelControl:
         """``m`` left the served index (or never entered it): drain it, then stop it."""
         if m not in self.extra:
             self.extra.append(m)
+        self.router.fast.drop_model(m)  # (its later requests go by this thread, which drains them)
         r = _Retiring(
             m,
             late_until=now + LATE_CALLS_S if late else now,
@@ -337,7 +338,11 @@ class ModelControl:
     def _check_retiring(self, r: _Retiring, now: float) -> None:
         m = r.record
         if not r.stopping:
-            busy = bool(m.pending) or any(not c.warmup for w in m.workers for c in w.inflight.values())
+            busy = (
+                bool(m.pending)
+                or any(not c.warmup for w in m.workers for c in w.inflight.values())
+                or any(self.router.fast.inflight(w) for w in m.workers)
+            )
             if now < r.late_until or (busy and (r.drain_until is None or now < r.drain_until)):
                 return
             self._stop(r, now)

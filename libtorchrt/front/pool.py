@@ -376,16 +376,27 @@ class Pool:
             TimeoutError: no result within ``timeout``.
         """
         timeout = request_timeout(model, timeout)
-        future = self.submit(
-            model,
-            inputs,
-            version=version,
-            timeout=timeout,
-            priority=priority,
-            sequence_id=sequence_id,
-            sequence_start=sequence_start,
-            sequence_end=sequence_end,
-        )
+        future: RequestFuture[dict[str, torch.Tensor]]
+        if sequence_id is None and not sequence_start and not sequence_end:
+            if self._closed:
+                raise PoolClosedError("the pool is closed")
+            call = self._admission.take(model, inputs, version, timeout, priority)
+            fast = self._router.fast
+            if fast.takes(call):
+                return fast.infer(call)  # (no router thread: front/fastlane.py)
+            self._router.submit(call)
+            future = call.future  # type: ignore[assignment]
+        else:
+            future = self.submit(
+                model,
+                inputs,
+                version=version,
+                timeout=timeout,
+                priority=priority,
+                sequence_id=sequence_id,
+                sequence_start=sequence_start,
+                sequence_end=sequence_end,
+            )
         try:
             # The router fails the future at the deadline; the margin only guards
             # against a router that cannot (it never blocks for long).

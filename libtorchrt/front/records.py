@@ -6,6 +6,7 @@ Owned and mutated by the router thread only; other threads read single fields of
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,10 @@ class _Worker:
     warmup_left: int = 0
     #: its request channel (transport/channel.py; None once it exited)
     channel: Channel | None = None
+    #: the front's end of its fast lane until it is READY; then the lane's key in the
+    #: pool's hub (0: none; front/fastlane.py)
+    lane_sock: socket.socket | None = None
+    lane_key: int = 0
     #: the id of a request sent over ZeroMQ instead (data frames, a big header): until
     #: it is answered nothing else is sent, so the worker gets requests in order (0: none)
     serial: int = 0
@@ -107,6 +112,8 @@ class _Model:
     unavailable: str | None = None
     #: the GPUs its instances run on (empty: CPU only)
     gpus: tuple[int, ...] = ()
+    #: its queue in the pool's hub, whose requests may take the fast lane (-1: none)
+    lane: int = -1
     #: why it could not be loaded (its workers failed to start while the pool
     #: started); it then serves nothing and is not retried
     failed: str | None = None

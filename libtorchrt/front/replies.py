@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .router import Router
     from .supervisor import Supervisor
 
-__all__ = ["Replies", "one_line"]
+__all__ = ["Replies", "one_line", "worker_error"]
 
 log = logging.getLogger("libtorchrt")
 
@@ -46,6 +46,13 @@ def one_line(text: str) -> str:
     if len(lines) <= 1:
         return lines[0] if lines else ""
     return f"{lines[0]} ... {lines[-1]}"
+
+
+def worker_error(m: _Model, msg: wire.Error) -> TorchRTError:
+    """The caller's error for a worker's ERROR message."""
+    if msg.input_error:
+        return InvalidInputError(m.name, None, "a well-formed request", msg.message)
+    return ModelError(m.name, msg.error_type, msg.message, msg.traceback)
 
 
 class Replies:
@@ -95,6 +102,13 @@ class Replies:
         except ProtocolError as e:
             log.warning("dropped a malformed message from worker %s/%d: %s", w.model.name, w.instance, e)
             return
+        if (
+            isinstance(msg, (wire.Response, wire.Error))
+            and w.lane_key
+            and msg.id not in w.inflight
+            and self.router.fast.complete(w, msg.id, header, frames)
+        ):
+            return  # (a fast lane request's, sent back over ZeroMQ: see fastlane.py)
         if isinstance(msg, wire.Response):
             self._on_response(w, msg, frames)
         elif isinstance(msg, wire.Error):
@@ -180,12 +194,7 @@ class Replies:
             self.router.supervisor.warmup_failed(w, one_line(msg.message), f"{msg.message}\n{msg.traceback}")
             return
         w.model.stats.executed(call.rows)
-        exc: TorchRTError
-        if msg.input_error:
-            exc = InvalidInputError(w.model.name, None, "a well-formed request", msg.message)
-        else:
-            exc = ModelError(w.model.name, msg.error_type, msg.message, msg.traceback)
-        call.resolve_error(exc)
+        call.resolve_error(worker_error(w.model, msg))
 
     def _output_slot(self, w: _Worker, d: wire.TensorDesc) -> torch.Tensor:
         tensor, owner = tensor_io.as_tensor(_slot_bytes(w, d), DTYPES[d.dtype], d.shape)

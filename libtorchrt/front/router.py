@@ -67,6 +67,7 @@ from .batcher import Batcher, Orderer
 from .call import Call
 from .compile_cache import CompileCache
 from .control import ModelControl
+from .fastlane import FastLane
 from .gpu import DeviceBuffers
 from .queues import Fifo
 from .records import READY, _Model, _Slot, _Worker, gpu_index, shares_weights
@@ -139,6 +140,8 @@ class Router:
         #: the workers' lives (and the watch pipe); the socket's reader
         self.supervisor = Supervisor(self)
         self.replies = Replies(self)
+        #: Pool.infer's way to CPU workers without this thread (fastlane.py)
+        self.fast = FastLane(self, MAX_CHANNEL_BLOBS)
         #: models loaded, replaced and unloaded while the pool serves (control.py)
         self.control = ModelControl(self)
         self._ids = itertools.count(1)
@@ -194,6 +197,7 @@ class Router:
                 m.orderer = Orderer()
         else:
             m.queue = Fifo(cfg.name, self.options.max_inflight)
+        self.fast.add_model(m)
         return m
 
     # ── called from caller threads ─────────────────────────────────────────────
@@ -266,13 +270,13 @@ class Router:
 
     def pending(self) -> int:
         """Requests taken and not finished, all models together (approximate, any thread)."""
-        total = len(self.inbox)
+        total = len(self.inbox) + self.fast.pending()
         for m in list(self.records()):
             total += m.pending + sum(len(w.inflight) for w in m.workers)
         return total
 
     def workers(self) -> list[WorkerInfo]:
-        return snapshots.workers(self.records())
+        return snapshots.workers(self.records(), self.fast.counts)
 
     def health(self) -> dict[str, ModelHealth]:
         return snapshots.health(self.models, self.default, self.stopped)
@@ -327,7 +331,7 @@ class Router:
         return self._stop_at is not None and (self._drained() or now >= self._stop_at)
 
     def _drained(self) -> bool:
-        return not self.inbox and all(not m.pending and not any(w.inflight for w in m.workers) for m in self.records())
+        return not self.inbox and not self.fast.pending() and all(not m.pending and not any(w.inflight for w in m.workers) for m in self.records())
 
     def _wait_for_events(self, wake: float | None) -> list[Any]:
         """Block until something happens or ``wake`` (monotonic) comes; the ready
@@ -348,6 +352,8 @@ class Router:
         due: list[float] = []
         if self._stop_at is not None:
             due.append(self._stop_at)
+            if self.fast.pending():  # (the hub's replies do not wake this thread)
+                due.append(now + 0.002)
         deadline = self.deadlines.next()
         if deadline is not None:
             due.append(deadline)
@@ -595,6 +601,7 @@ class Router:
     def _shutdown(self) -> None:
         """Stop every worker in order and release every resource (router thread)."""
         self.stopped = True
+        self.fast.close()  # (its callers fail, as those of the calls below)
         for call in self.inbox.close():  # (later submits are refused)
             call.fail(PoolClosedError("the pool is closed"))
         self._fail_all(PoolClosedError("the pool was closed before this request completed"))
@@ -602,6 +609,7 @@ class Router:
         self._close_resources()
 
     def _close_resources(self) -> None:
+        self.fast.close()
         self.control.close()  # (the changes not done fail; its records are closed below)
         self.supervisor.close()
         for m in self.records():

@@ -7,16 +7,17 @@ and these functions read single fields and copy lists first, which is safe under
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ..info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerInfo
-from .records import CRASH_LOOP, DEAD, READY, STARTING, _Model
+from .records import CRASH_LOOP, DEAD, READY, STARTING, _Model, _Worker
 
 __all__ = ["health", "model_state", "stats", "statuses", "workers"]
 
 
-def workers(models: Iterable[_Model]) -> list[WorkerInfo]:
-    """Every current worker process."""
+def workers(models: Iterable[_Model], lane: Callable[[_Worker], tuple[int, int]]) -> list[WorkerInfo]:
+    """Every current worker process (``lane``: a worker's fast lane requests in flight
+    and served)."""
     out = []
     for m in list(models):
         for w in m.workers:
@@ -31,8 +32,8 @@ def workers(models: Iterable[_Model]) -> list[WorkerInfo]:
                     state=w.state,
                     flags=dict(ready.flags) if ready else {},
                     inputs=tuple(ready.inputs) if ready else (),
-                    inflight=len(w.inflight),
-                    served=w.served,
+                    inflight=len(w.inflight) + lane(w)[0],
+                    served=w.served + lane(w)[1],
                     exitcode=w.proc.returncode,
                 )
             )

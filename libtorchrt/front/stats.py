@@ -1,7 +1,8 @@
 """Per-model counters: requests, inferences, executions, durations (front).
 
-Updated by the router thread as requests finish (and by caller threads for requests
-refused before they reach it, under a lock); read as :class:`~libtorchrt.info.ModelStats`
+Updated as requests finish, under a lock: by the router thread, and by caller threads
+(requests refused before they reach it, and the fast lane's, which callers finish
+themselves: ``fastlane.py``); read as :class:`~libtorchrt.info.ModelStats`
 snapshots by ``Pool.stats()`` and the server's metrics. Counting costs a few integer
 additions per request; the clock is read where the request's life already passes.
 """
@@ -9,6 +10,7 @@ additions per request; the clock is read where the request's life already passes
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -39,30 +41,35 @@ class Stats:
         self.request_ns = 0
         self.batch_sizes: dict[int, int] = {}
         self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._lock = threading.Lock()  # for the rare updates from caller threads
+        self._lock = threading.Lock()
 
     def succeeded(self, calls: Sequence[Call], sent_ns: int, done_ns: int) -> None:
         """Requests answered by one execution, sent at ``sent_ns`` and answered at
         ``done_ns`` (perf_counter_ns, monotonic: each was submitted before it was sent):
-        one request, or a batch's members (router thread)."""
+        one request, or a batch's members (any thread)."""
         buckets, latency = _BUCKETS_NS, self._latency
         rows = submitted = 0
+        bins = []
         for call in calls:
             at = call.submitted_ns
             rows += call.rows
             submitted += at
-            latency[bisect.bisect_left(buckets, done_ns - at)] += 1
+            bins.append(bisect.bisect_left(buckets, done_ns - at))
         n = len(calls)
-        self.success += n
-        self.inferences += rows
-        self.queue_ns += max(0, n * sent_ns - submitted)
-        self.compute_ns += n * max(0, done_ns - sent_ns)
-        self.request_ns += max(0, n * done_ns - submitted)
+        with self._lock:
+            for i in bins:
+                latency[i] += 1
+            self.success += n
+            self.inferences += rows
+            self.queue_ns += max(0, n * sent_ns - submitted)
+            self.compute_ns += n * max(0, done_ns - sent_ns)
+            self.request_ns += max(0, n * done_ns - submitted)
 
     def executed(self, rows: int) -> None:
-        """One model execution of ``rows`` rows (router thread)."""
-        self.executions += 1
-        self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+        """One model execution of ``rows`` rows (any thread)."""
+        with self._lock:
+            self.executions += 1
+            self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
 
     def failed(self) -> None:
         """One request failed (any thread)."""
@@ -70,23 +77,25 @@ class Stats:
             self.failure += 1
 
     def snapshot(self, pending: int, sequences: dict[str, int] | None = None) -> ModelStats:
-        counts = list(self._latency)
+        with self._lock:  # (one consistent reading)
+            counts = list(self._latency)
+            stats = ModelStats(
+                model=self.model,
+                version=self.version,
+                success=self.success,
+                failure=self.failure,
+                inferences=self.inferences,
+                executions=self.executions,
+                queue_ns=self.queue_ns,
+                compute_ns=self.compute_ns,
+                request_ns=self.request_ns,
+                batch_sizes=dict(self.batch_sizes),
+                latency=(),
+                pending=pending,
+                sequences=sequences or {},
+            )
         cumulative, total = [], 0
         for bound, count in zip(LATENCY_BUCKETS, counts):
             total += count
             cumulative.append((bound, total))
-        return ModelStats(
-            model=self.model,
-            version=self.version,
-            success=self.success,
-            failure=self.failure,
-            inferences=self.inferences,
-            executions=self.executions,
-            queue_ns=self.queue_ns,
-            compute_ns=self.compute_ns,
-            request_ns=self.request_ns,
-            batch_sizes=dict(self.batch_sizes),
-            latency=(*cumulative, (float("inf"), total + counts[-1])),
-            pending=pending,
-            sequences=sequences or {},
-        )
+        return dataclasses.replace(stats, latency=(*cumulative, (float("inf"), total + counts[-1])))

@@ -155,6 +155,9 @@ class Supervisor:
         # A CPU worker gets a request channel; a GPU worker's requests go over ZeroMQ.
         mine, theirs = channel.pair() if slot.device == "cpu" else (None, None)
         spec.channel_fd = theirs.fileno() if theirs is not None else -1
+        # ... and a fast lane, if its model's requests can take one (fastlane.py).
+        lane = router.fast.lane_for(m) if slot.device == "cpu" else None
+        spec.lane_fd = lane[1].fileno() if lane is not None else -1
         template = self.template if self.template is not None and self.template.usable else None
         try:
             proc = WorkerProcess(spec, self._watch_r, env, template)
@@ -164,16 +167,22 @@ class Supervisor:
             # forked after all is an unknown peer to the router, and exits with the pool).
             if mine is not None:
                 mine.close()
+            if lane is not None:
+                lane[0].close()
             log.warning("worker %s/%d: %s; starting it fresh", m.name, slot.instance, e)
             self.spawn(m, slot)  # (the template is broken now: a fresh process)
             return
         except BaseException:
             if mine is not None:
                 mine.close()
+            if lane is not None:
+                lane[0].close()
             raise
         finally:
             if theirs is not None:
                 theirs.close()  # (the worker has its own copy now)
+            if lane is not None:
+                lane[1].close()
         w = _Worker(m, slot.instance, identity, proc, gpu=gpu_index(slot.device), shares_weights=spec.weights_fd >= 0)
         w.outputs = np.frombuffer(proc.responses.flat.numpy(), dtype=np.uint8)
         slot.worker = w
@@ -185,6 +194,8 @@ class Supervisor:
         if mine is not None:
             w.channel = mine
             router.loop.watch(mine.fd, lambda: router.on_channel(w))
+        if lane is not None:
+            w.lane_sock = lane[0]
 
     # ── the template ───────────────────────────────────────────────────────────
 
@@ -387,6 +398,7 @@ class Supervisor:
         m.unavailable = None
         ready = w.ready
         log.info("worker %s/%d ready (pid %d) with %s", m.name, w.instance, w.proc.pid, ready.flags if ready else {})
+        self.router.fast.ready(w)
         self.check_started()
         self.router.dispatch(m)
 
@@ -465,6 +477,7 @@ class Supervisor:
         # so an answered request is not run a second time (or blamed for the death).
         router.replies.read()
         self._close_channel(w)
+        router.fast.exited(w)  # (its lane's callers hear of it from the hub already)
         self.by_identity.pop(w.identity, None)
         m = w.model
         if (router.stopping or m.failed is not None) and w.state == STOPPED:
@@ -606,6 +619,9 @@ class Supervisor:
                 if w.channel is not None:
                     w.channel.close()
                     w.channel = None
+                if w.lane_sock is not None:
+                    w.lane_sock.close()
+                    w.lane_sock = None
                 w.outputs = None
                 w.proc.close()
         if self.template is not None:

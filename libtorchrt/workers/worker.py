@@ -7,9 +7,10 @@ leaves no orphan), then apply the execution-mode flags (TorchScript reads them w
 first compiles), then load the model and freeze / optimize it if its flags ask (a failure
 is a start failure), then say READY with the flags read back from torch.
 
-The loop is single-threaded and owns the DEALER socket and the request channel (a CPU
-worker's socket pair with the front, ``transport/channel.py``): receive a request from
-either, view its inputs in the request arena (no copy), run the model, write the outputs
+The loop is single-threaded and owns the DEALER socket, the request channel (a CPU
+worker's socket pair with the front's router, ``transport/channel.py``) and the fast lane
+(a second pair, with the front's native hub, ``transport/lanes.py``): receive a request
+from any of them, view its inputs in the request arena (no copy), run the model, write the outputs
 into the response arena (one copy), reply the way the request came. A model exception
 fails that request only.
 
@@ -90,6 +91,8 @@ class WorkerSpec:
     watch_fd: int = -1
     #: the worker's end of its request channel (transport/channel.py); -1: ZeroMQ only
     channel_fd: int = -1
+    #: the worker's end of its fast lane (transport/lanes.py); -1: none
+    lane_fd: int = -1
     #: the model's shared-weights memfd (workers/weights.py); -1: weights not shared
     weights_fd: int = -1
     device: str = "cpu"
@@ -216,7 +219,11 @@ class _Worker:
         #: the request channel (None: requests come over ZeroMQ only), and whether the
         #: request being run came by it (its reply goes back the same way)
         self.channel = socket.socket(fileno=spec.channel_fd) if spec.channel_fd >= 0 else None
-        self._by_channel = False
+        #: the fast lane: the same datagrams, sent and read by the front's native hub
+        self.lane = socket.socket(fileno=spec.lane_fd) if spec.lane_fd >= 0 else None
+        #: the socket pair the request being run came by (its reply goes back by it);
+        #: None: it came over ZeroMQ
+        self._answer: socket.socket | None = None
         #: one receive buffer for the channel's datagrams (a message is copied out of it)
         self._datagram = memoryview(bytearray(MAX_DATAGRAM + 1))
         self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
@@ -309,31 +316,35 @@ class _Worker:
     def serve(self) -> int:
         """Serve requests until told to stop; return the process's exit status.
 
-        Requests come by the channel or over ZeroMQ, one message at a time from either:
-        the front never has requests on both at once (see the router's ``_send``)."""
-        sock, channel = self.sock, self.channel
+        Requests come by the fast lane, the channel or over ZeroMQ, one message at a
+        time, each answered by the way it came. The router never has requests on its
+        channel and over ZeroMQ at once (see its ``_send``); the lane's are the native
+        hub's (``transport/lanes.py``), which the router does not count on the order of."""
+        sock = self.sock
         spin = self.spec.busy_poll_us / 1e6
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        if channel is not None:
-            poller.register(channel.fileno(), zmq.POLLIN)
+        pairs = {s.fileno(): s for s in (self.lane, self.channel) if s is not None}
+        for fd in pairs:
+            poller.register(fd, zmq.POLLIN)
         while True:
             events = _wait(poller, spin)
             frames: list[zmq.Frame] = []
-            if channel is not None and channel.fileno() in events:
+            pair = next((pairs[fd] for fd in pairs if fd in events), None)
+            if pair is not None:
                 try:
-                    n = channel.recv_into(self._datagram, 0, socket.MSG_DONTWAIT)
+                    n = pair.recv_into(self._datagram, 0, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     continue
                 if not n:  # the front closed it: it is gone (the watch pipe says so too)
-                    poller.unregister(channel.fileno())
-                    channel = None
+                    poller.unregister(pair.fileno())
+                    del pairs[pair.fileno()]
                     continue
                 header = bytes(self._datagram[:n])
-                self._by_channel = True
+                self._answer = pair
             elif sock in events:
                 _, header, frames = recv(sock)
-                self._by_channel = False
+                self._answer = None
             else:
                 continue
             try:
@@ -395,8 +406,8 @@ class _Worker:
     def _reply(self, header: bytes, frames: list[Any]) -> None:
         """Answer by the way the request came: the channel, unless the reply has data
         frames or is too big for it (then ZeroMQ, which the front reads as well)."""
-        if self._by_channel and self.channel is not None and not frames and len(header) <= MAX_DATAGRAM:
-            self.channel.send(header)
+        if self._answer is not None and not frames and len(header) <= MAX_DATAGRAM:
+            self._answer.send(header)
         else:
             send(self.sock, header, frames, zero_copy=True)
 
@@ -525,8 +536,9 @@ def main(argv: list[str]) -> int:
             with mode():
                 return worker.serve()
         finally:
-            if worker.channel is not None:
-                worker.channel.close()
+            for pair in (worker.channel, worker.lane):
+                if pair is not None:
+                    pair.close()
             if worker.gpu is not None:
                 worker.gpu.close(worker.requests, worker.responses)
     finally:

@@ -1,6 +1,7 @@
-"""Requests to a CPU worker go by its channel (transport/channel.py), except those that
-must go over ZeroMQ (data frames: a big tensor whose arena was full); a worker gets them
-one way at a time, so mixing both under concurrency keeps every answer right."""
+"""Requests the router sends to a CPU worker go by its channel (transport/channel.py),
+except those that must go over ZeroMQ (data frames: a big tensor whose arena was full); a
+worker gets them one way at a time, so mixing both under concurrency keeps every answer
+right. (``Pool.infer``'s small requests take the fast lane instead: test_fast_lane.py.)"""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_small_requests_go_by_the_channel_and_big_ones_over_zeromq_in_order(pool
         for i in range(40):
             big = (i + seed) % 5 == 0
             x = torch.randn(1, 256, 256 if big else 1, generator=g) if big else torch.randn(1, 64, generator=g)
-            y = next(iter(pool.infer("echo", x).values()))
+            y = next(iter(pool.submit("echo", x).result().values()))
             if not torch.equal(y, x):
                 errors.append(f"caller {seed} request {i}: a wrong answer")
             with lock:
@@ -65,6 +66,8 @@ def test_a_pool_with_channels_leaves_nothing_behind(tmp_path: Path) -> None:
     before = snapshot()
     with Pool(models=[ModelConfig("tiny", path, instances=2)]) as p:
         for _ in range(20):
+            p.submit("tiny", torch.randn(1, 64)).result()
             p.infer("tiny", torch.randn(1, 64))
         assert _channel_sends(p) == 20
+        assert sum(w.served for w in p.workers()) == 40
     assert_no_leaks(before)

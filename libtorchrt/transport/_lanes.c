@@ -1,0 +1,940 @@
+/* The front's native fast lane (Linux): requests to CPU workers that need no Python in
+ * any thread but the caller's.
+ *
+ * A *lane* is one worker's second SOCK_SEQPACKET socket pair (beside its channel and its
+ * ZeroMQ socket). A caller thread submits a request datagram for a model: under the hub's
+ * mutex it is sent at once to the model's lane with the fewest requests in flight (below
+ * the lane's limit), or queued in the model's FIFO. The hub's own thread (a pthread that
+ * never takes the GIL) waits on every lane with epoll, matches each reply to its ticket by
+ * the request id, stores the reply's bytes in it, wakes its caller (a futex), and sends the
+ * lane the next queued request. The caller decodes the reply itself.
+ *
+ * Response-arena slots the caller frees are queued on their lane (release()) and sent as
+ * one Release message ahead of the lane's next request.
+ *
+ * A lane that reaches end-of-file (its worker died) fails what it holds with LOST; a model
+ * left without a lane to send to fails what it queues with RETRY (the caller then goes by
+ * the router, which knows why); close() fails everything with CLOSED.
+ *
+ * Python API: see lanes.py, the only module that imports this one.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_DATAGRAM (48 * 1024)
+#define MAX_LANES 1024
+#define MAX_LIMIT 64
+#define RELEASE_KIND 6
+/* releases sent ahead of one request at most (more wait for the next) */
+#define MAX_RELEASES 1024
+
+enum { T_QUEUED = 1, T_SENT = 2, T_DONE = 3, T_LOST = 4, T_RETRY = 5, T_CLOSED = 6 };
+
+typedef struct Ticket {
+    int refs;        /* atomic: the Python object's, and the hub's while it holds it */
+    uint32_t state;  /* futex word */
+    int abandoned;   /* its caller stopped waiting (an exception): the reply is an orphan */
+    int mid;
+    uint64_t key;    /* the key of the lane that answered or lost it (0: none) */
+    uint64_t id;
+    char *data;      /* the request datagram while queued; then the reply's bytes */
+    size_t len;
+    struct Ticket *next;
+} Ticket;
+
+typedef struct {
+    uint64_t key; /* the caller's name for it (lane slots are reused; keys are not) */
+    int fd;
+    int mid;
+    int used;
+    int alive;   /* its worker may still answer */
+    int enabled; /* new requests may go to it */
+    int limit;
+    int count;   /* in flight; ids[] and tickets[] in the order they were sent */
+    uint64_t ids[MAX_LIMIT];
+    Ticket *tickets[MAX_LIMIT];
+    uint64_t *releases;
+    size_t nrel, caprel;
+    uint64_t served;
+} Lane;
+
+typedef struct {
+    int used;
+    int rr;
+    Ticket *head, *tail;
+    Py_ssize_t queued;
+} Model;
+
+typedef struct Orphan {
+    uint64_t key;
+    char *data;
+    size_t len;
+    struct Orphan *next;
+} Orphan;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    int ep;
+    int wake;
+    pthread_t thread;
+    int started;
+    int closing;
+    Lane lanes[MAX_LANES];
+    int nlanes;
+    Model *models;
+    int nmodels;
+    Orphan *orphans;
+    Py_ssize_t norphans;
+    Py_ssize_t inflight;
+    Py_ssize_t queued;
+} Hub;
+
+typedef struct {
+    PyObject_HEAD
+    Ticket *t;
+    PyObject *hub; /* (its mutex guards the ticket's place in a queue) */
+} TicketObject;
+
+static PyTypeObject TicketType;
+
+/* ── tickets ─────────────────────────────────────────────────────────────────── */
+
+static void ticket_unref(Ticket *t) {
+    if (__atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        free(t->data);
+        free(t);
+    }
+}
+
+static void ticket_finish(Ticket *t, uint32_t state) {
+    __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
+    syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+/* ── lanes (hub mutex held) ──────────────────────────────────────────────────── */
+
+static int put_uint(unsigned char *p, uint64_t v) {
+    if (v < 128) { p[0] = (unsigned char)v; return 1; }
+    if (v <= 0xffu) { p[0] = 0xcc; p[1] = (unsigned char)v; return 2; }
+    if (v <= 0xffffu) { p[0] = 0xcd; p[1] = (unsigned char)(v >> 8); p[2] = (unsigned char)v; return 3; }
+    if (v <= 0xffffffffu) {
+        p[0] = 0xce;
+        for (int i = 0; i < 4; i++) p[1 + i] = (unsigned char)(v >> (24 - 8 * i));
+        return 5;
+    }
+    p[0] = 0xcf;
+    for (int i = 0; i < 8; i++) p[1 + i] = (unsigned char)(v >> (56 - 8 * i));
+    return 9;
+}
+
+static int send_all(int fd, const void *data, size_t len) {
+    for (;;) {
+        ssize_t n = send(fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n >= 0) return 0;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) { /* its buffer is full (rare: a lane holds at most MAX_LIMIT) */
+            struct pollfd p = {fd, POLLOUT, 0};
+            if (poll(&p, 1, 1000) > 0) continue;
+        }
+        return -1; /* the worker is gone: end-of-file on the lane follows */
+    }
+}
+
+/* Send the lane's pending releases as one wire Release message: [6, [offsets]]. */
+static void flush_releases(Lane *l) {
+    if (!l->nrel) return;
+    size_t n = l->nrel < MAX_RELEASES ? l->nrel : MAX_RELEASES;
+    unsigned char *buf = malloc(8 + 9 * n);
+    if (!buf) return;
+    size_t k = 0;
+    buf[k++] = 0x92;
+    buf[k++] = RELEASE_KIND;
+    if (n < 16) buf[k++] = (unsigned char)(0x90 | n);
+    else { buf[k++] = 0xdc; buf[k++] = (unsigned char)(n >> 8); buf[k++] = (unsigned char)n; }
+    for (size_t i = 0; i < n; i++) k += put_uint(buf + k, l->releases[i]);
+    send_all(l->fd, buf, k);
+    free(buf);
+    memmove(l->releases, l->releases + n, (l->nrel - n) * sizeof(uint64_t));
+    l->nrel -= n;
+}
+
+/* Send ticket t (its request datagram in t->data) on lane index li. */
+static void lane_send(Hub *h, int li, Ticket *t) {
+    Lane *l = &h->lanes[li];
+    l->ids[l->count] = t->id;
+    l->tickets[l->count] = t;
+    l->count++;
+    h->inflight++;
+    __atomic_store_n(&t->state, T_SENT, __ATOMIC_RELEASE);
+    flush_releases(l);
+    send_all(l->fd, t->data, t->len);
+    free(t->data);
+    t->data = NULL;
+    t->len = 0;
+}
+
+static void refill(Hub *h, int li) {
+    Lane *l = &h->lanes[li];
+    Model *m = &h->models[l->mid];
+    while (l->alive && l->enabled && l->count < l->limit && m->head) {
+        Ticket *t = m->head;
+        m->head = t->next;
+        if (!m->head) m->tail = NULL;
+        t->next = NULL;
+        m->queued--;
+        h->queued--;
+        lane_send(h, li, t);
+    }
+}
+
+static int model_has_lane(Hub *h, int mid) {
+    for (int i = 0; i < h->nlanes; i++) {
+        Lane *l = &h->lanes[i];
+        if (l->used && l->mid == mid && l->alive && l->enabled) return 1;
+    }
+    return 0;
+}
+
+static void fail_queue(Hub *h, Model *m, uint32_t state) {
+    while (m->head) {
+        Ticket *t = m->head;
+        m->head = t->next;
+        t->next = NULL;
+        m->queued--;
+        h->queued--;
+        free(t->data);
+        t->data = NULL;
+        t->len = 0;
+        ticket_finish(t, state);
+        ticket_unref(t);
+    }
+    m->tail = NULL;
+}
+
+/* The lane will answer nothing more: fail what it holds; close it. */
+static void lane_lost(Hub *h, int li) {
+    Lane *l = &h->lanes[li];
+    if (l->fd >= 0) {
+        epoll_ctl(h->ep, EPOLL_CTL_DEL, l->fd, NULL);
+        close(l->fd);
+        l->fd = -1;
+    }
+    l->alive = 0;
+    l->enabled = 0;
+    for (int i = 0; i < l->count; i++) { /* only the oldest can have been running */
+        Ticket *t = l->tickets[i];
+        t->key = l->key;
+        ticket_finish(t, i == 0 ? T_LOST : T_RETRY);
+        ticket_unref(t);
+    }
+    h->inflight -= l->count;
+    l->count = 0;
+    l->nrel = 0;
+    if (l->mid < h->nmodels && h->models[l->mid].used && !model_has_lane(h, l->mid))
+        fail_queue(h, &h->models[l->mid], T_RETRY);
+}
+
+static int read_uint(const unsigned char *p, size_t len, size_t *pos, int64_t *out) {
+    if (*pos >= len) return -1;
+    unsigned char b = p[(*pos)++];
+    int n;
+    if (b < 0x80) { *out = b; return 0; }
+    if (b >= 0xe0) { *out = (int8_t)b; return 0; }
+    switch (b) {
+        case 0xcc: n = 1; break;
+        case 0xcd: n = 2; break;
+        case 0xce: n = 4; break;
+        case 0xcf: n = 8; break;
+        case 0xd0: n = -1; break;
+        case 0xd1: n = -2; break;
+        case 0xd2: n = -4; break;
+        case 0xd3: n = -8; break;
+        default: return -1;
+    }
+    int signed_ = n < 0;
+    if (signed_) n = -n;
+    if (*pos + (size_t)n > len) return -1;
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | p[(*pos)++];
+    if (signed_ && n < 8 && (v >> (8 * n - 1)) & 1) v |= ~(uint64_t)0 << (8 * n);
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* The request id of a reply: a msgpack array [kind, id, ...]; -1 if unreadable. */
+static int64_t reply_id(const unsigned char *p, size_t len) {
+    size_t pos = 0;
+    if (len < 3) return -1;
+    unsigned char b = p[pos++];
+    if ((b & 0xf0) == 0x90) {
+        if ((b & 0x0f) < 2) return -1;
+    } else if (b == 0xdc) pos += 2;
+    else if (b == 0xdd) pos += 4;
+    else return -1;
+    int64_t kind, id;
+    if (read_uint(p, len, &pos, &kind) || read_uint(p, len, &pos, &id)) return -1;
+    return id;
+}
+
+static void on_reply(Hub *h, int li, const unsigned char *buf, size_t n) {
+    Lane *l = &h->lanes[li];
+    int64_t id = reply_id(buf, n);
+    int k = -1;
+    for (int i = 0; i < l->count && id >= 0; i++)
+        if (l->ids[i] == (uint64_t)id) { k = i; break; }
+    if (k < 0) return; /* not ours (a hostile or confused peer): dropped */
+    Ticket *t = l->tickets[k];
+    l->count--;
+    memmove(l->ids + k, l->ids + k + 1, (size_t)(l->count - k) * sizeof l->ids[0]);
+    memmove(l->tickets + k, l->tickets + k + 1, (size_t)(l->count - k) * sizeof l->tickets[0]);
+    h->inflight--;
+    l->served++;
+    char *copy = malloc(n ? n : 1);
+    if (copy) memcpy(copy, buf, n);
+    if (__atomic_load_n(&t->abandoned, __ATOMIC_ACQUIRE)) {
+        Orphan *o = malloc(sizeof(Orphan));
+        if (o && copy) {
+            o->key = l->key; o->data = copy; o->len = n; o->next = h->orphans;
+            h->orphans = o;
+            h->norphans++;
+        } else { free(o); free(copy); }
+        ticket_finish(t, T_DONE);
+    } else if (!copy) {
+        t->key = l->key;
+        ticket_finish(t, T_LOST);
+    } else {
+        t->data = copy;
+        t->len = n;
+        t->key = l->key;
+        ticket_finish(t, T_DONE);
+    }
+    ticket_unref(t);
+}
+
+static void *hub_thread(void *arg) {
+    Hub *h = arg;
+    pthread_setname_np(pthread_self(), "libtorchrt-hub");
+    struct epoll_event events[64];
+    unsigned char *buf = malloc(MAX_DATAGRAM + 1);
+    if (!buf) return NULL;
+    for (;;) {
+        int n = epoll_wait(h->ep, events, 64, -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        int stop = 0;
+        pthread_mutex_lock(&h->mu);
+        for (int e = 0; e < n; e++) {
+            int li = (int)events[e].data.u32;
+            if (li == MAX_LANES) {
+                uint64_t v;
+                if (read(h->wake, &v, sizeof v) < 0) { /* (nothing to do) */ }
+                if (h->closing) stop = 1;
+                continue;
+            }
+            Lane *l = &h->lanes[li];
+            if (!l->used || l->fd < 0) continue;
+            for (;;) {
+                ssize_t got = recv(l->fd, buf, MAX_DATAGRAM + 1, MSG_DONTWAIT);
+                if (got > 0) { on_reply(h, li, buf, (size_t)got); continue; }
+                if (got < 0 && errno == EINTR) continue;
+                if (got < 0 && errno == EAGAIN) break;
+                lane_lost(h, li); /* end-of-file or ECONNRESET: the worker is gone */
+                break;
+            }
+            if (l->alive) refill(h, li);
+        }
+        pthread_mutex_unlock(&h->mu);
+        if (stop) break;
+    }
+    free(buf);
+    return NULL;
+}
+
+/* ── Hub (Python type) ───────────────────────────────────────────────────────── */
+
+static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
+    static char *names[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, ":Hub", names)) return -1;
+    if (h->started) {
+        PyErr_SetString(PyExc_RuntimeError, "Hub already started");
+        return -1;
+    }
+    pthread_mutex_init(&h->mu, NULL);
+    h->ep = epoll_create1(EPOLL_CLOEXEC);
+    h->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (h->ep < 0 || h->wake < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = MAX_LANES};
+    epoll_ctl(h->ep, EPOLL_CTL_ADD, h->wake, &ev);
+    for (int i = 0; i < MAX_LANES; i++) h->lanes[i].fd = -1;
+    int err = pthread_create(&h->thread, NULL, hub_thread, h);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    h->started = 1;
+    return 0;
+}
+
+static void hub_stop(Hub *h) {
+    if (!h->started) return;
+    pthread_mutex_lock(&h->mu);
+    h->closing = 1;
+    for (int i = 0; i < h->nlanes; i++)
+        if (h->lanes[i].used) {
+            Lane *l = &h->lanes[i];
+            for (int k = 0; k < l->count; k++) {
+                l->tickets[k]->key = l->key;
+                ticket_finish(l->tickets[k], T_CLOSED);
+                ticket_unref(l->tickets[k]);
+            }
+            h->inflight -= l->count;
+            l->count = 0;
+        }
+    for (int m = 0; m < h->nmodels; m++) fail_queue(h, &h->models[m], T_CLOSED);
+    pthread_mutex_unlock(&h->mu);
+    uint64_t one = 1;
+    if (write(h->wake, &one, sizeof one) < 0) { /* (the thread still wakes on close below) */ }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(h->thread, NULL);
+    Py_END_ALLOW_THREADS
+    h->started = 0;
+    for (int i = 0; i < h->nlanes; i++) {
+        Lane *l = &h->lanes[i];
+        if (l->fd >= 0) close(l->fd);
+        l->fd = -1;
+        free(l->releases);
+        l->releases = NULL;
+        l->used = 0;
+    }
+    while (h->orphans) {
+        Orphan *o = h->orphans;
+        h->orphans = o->next;
+        free(o->data);
+        free(o);
+    }
+    h->norphans = 0;
+    close(h->ep);
+    close(h->wake);
+    h->ep = h->wake = -1;
+}
+
+static void hub_dealloc(Hub *h) {
+    hub_stop(h);
+    free(h->models);
+    if (h->ep >= 0 || h->wake >= 0) { /* never started */ }
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+#define CHECK_OPEN(h)                                                         \
+    if (!(h)->started || (h)->closing) {                                      \
+        pthread_mutex_unlock(&(h)->mu);                                       \
+        PyErr_SetString(PyExc_RuntimeError, "the hub is closed");            \
+        return NULL;                                                          \
+    }
+
+static PyObject *hub_add_model(Hub *h, PyObject *noargs) {
+    pthread_mutex_lock(&h->mu);
+    CHECK_OPEN(h);
+    int mid = -1;
+    for (int i = 0; i < h->nmodels; i++)
+        if (!h->models[i].used) { mid = i; break; }
+    if (mid < 0) {
+        Model *grown = realloc(h->models, sizeof(Model) * (size_t)(h->nmodels + 1));
+        if (!grown) {
+            pthread_mutex_unlock(&h->mu);
+            return PyErr_NoMemory();
+        }
+        h->models = grown;
+        mid = h->nmodels++;
+    }
+    memset(&h->models[mid], 0, sizeof(Model));
+    h->models[mid].used = 1;
+    pthread_mutex_unlock(&h->mu);
+    return PyLong_FromLong(mid);
+}
+
+static int valid_model(Hub *h, int mid) {
+    if (mid < 0 || mid >= h->nmodels || !h->models[mid].used) {
+        PyErr_Format(PyExc_ValueError, "no model %d in this hub", mid);
+        return 0;
+    }
+    return 1;
+}
+
+static int find_lane(Hub *h, uint64_t key) {
+    for (int i = 0; i < h->nlanes; i++)
+        if (h->lanes[i].used && h->lanes[i].key == key) return i;
+    return -1;
+}
+
+/* The slot of lane ``key`` (mutex held), or -1 with ValueError set. */
+static int lane_of(Hub *h, uint64_t key) {
+    int li = find_lane(h, key);
+    if (li < 0) PyErr_Format(PyExc_ValueError, "no lane %llu in this hub", (unsigned long long)key);
+    return li;
+}
+
+static int key_arg(PyObject *arg, uint64_t *key) {
+    *key = PyLong_AsUnsignedLongLong(arg);
+    return !(*key == (uint64_t)-1 && PyErr_Occurred());
+}
+
+static PyObject *hub_drop_model(Hub *h, PyObject *arg) {
+    int mid = (int)PyLong_AsLong(arg);
+    if (mid == -1 && PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&h->mu);
+    CHECK_OPEN(h);
+    if (!valid_model(h, mid)) { pthread_mutex_unlock(&h->mu); return NULL; }
+    for (int i = 0; i < h->nlanes; i++)
+        if (h->lanes[i].used && h->lanes[i].mid == mid) h->lanes[i].enabled = 0;
+    fail_queue(h, &h->models[mid], T_RETRY);
+    h->models[mid].used = 0;
+    pthread_mutex_unlock(&h->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *hub_add_lane(Hub *h, PyObject *args) {
+    int mid, fd, limit;
+    unsigned long long key;
+    if (!PyArg_ParseTuple(args, "iiiK:add_lane", &mid, &fd, &limit, &key)) return NULL;
+    if (limit < 1 || limit > MAX_LIMIT) {
+        PyErr_Format(PyExc_ValueError, "a lane's limit must be in [1, %d], got %d", MAX_LIMIT, limit);
+        return NULL;
+    }
+    pthread_mutex_lock(&h->mu);
+    CHECK_OPEN(h);
+    if (!valid_model(h, mid)) { pthread_mutex_unlock(&h->mu); return NULL; }
+    if (key == 0 || find_lane(h, key) >= 0) {
+        pthread_mutex_unlock(&h->mu);
+        PyErr_Format(PyExc_ValueError, "lane key %llu is 0 or taken", key);
+        return NULL;
+    }
+    int li = -1;
+    for (int i = 0; i < h->nlanes; i++)
+        if (!h->lanes[i].used) { li = i; break; }
+    if (li < 0) {
+        if (h->nlanes == MAX_LANES) {
+            pthread_mutex_unlock(&h->mu);
+            PyErr_SetString(PyExc_RuntimeError, "too many lanes");
+            return NULL;
+        }
+        li = h->nlanes++;
+    }
+    Lane *l = &h->lanes[li];
+    memset(l, 0, sizeof *l);
+    l->fd = fd;
+    l->key = key;
+    l->mid = mid;
+    l->limit = limit;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)li};
+    if (epoll_ctl(h->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        l->fd = -1;
+        if (li == h->nlanes - 1) h->nlanes--;
+        pthread_mutex_unlock(&h->mu);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    l->used = l->alive = l->enabled = 1;
+    refill(h, li);
+    pthread_mutex_unlock(&h->mu);
+    Py_RETURN_NONE;
+}
+
+/* Stop sending new requests to the lane (those in flight still complete). */
+static PyObject *hub_pause_lane(Hub *h, PyObject *arg) {
+    uint64_t key;
+    if (!key_arg(arg, &key)) return NULL;
+    pthread_mutex_lock(&h->mu);
+    CHECK_OPEN(h);
+    int li = lane_of(h, key);
+    if (li < 0) { pthread_mutex_unlock(&h->mu); return NULL; }
+    Lane *l = &h->lanes[li];
+    l->enabled = 0;
+    if (h->models[l->mid].used && !model_has_lane(h, l->mid)) fail_queue(h, &h->models[l->mid], T_RETRY);
+    pthread_mutex_unlock(&h->mu);
+    Py_RETURN_NONE;
+}
+
+/* Forget the lane: close it; what it still holds fails with LOST. */
+static PyObject *hub_remove_lane(Hub *h, PyObject *arg) {
+    uint64_t key;
+    if (!key_arg(arg, &key)) return NULL;
+    pthread_mutex_lock(&h->mu);
+    CHECK_OPEN(h);
+    int li = lane_of(h, key);
+    if (li < 0) { pthread_mutex_unlock(&h->mu); return NULL; }
+    lane_lost(h, li);
+    Lane *l = &h->lanes[li];
+    free(l->releases);
+    l->releases = NULL;
+    l->caprel = 0;
+    l->used = 0;
+    pthread_mutex_unlock(&h->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *hub_release(Hub *h, PyObject *args) {
+    unsigned long long key, offset;
+    if (!PyArg_ParseTuple(args, "KK:release", &key, &offset)) return NULL;
+    pthread_mutex_lock(&h->mu);
+    int li = h->closing ? -1 : find_lane(h, key);
+    if (li < 0 || !h->lanes[li].alive) {
+        pthread_mutex_unlock(&h->mu); /* (its worker is gone: nothing to give back) */
+        Py_RETURN_NONE;
+    }
+    Lane *l = &h->lanes[li];
+    if (l->nrel == l->caprel) {
+        size_t cap = l->caprel ? 2 * l->caprel : 64;
+        uint64_t *grown = realloc(l->releases, cap * sizeof(uint64_t));
+        if (!grown) {
+            pthread_mutex_unlock(&h->mu);
+            return PyErr_NoMemory();
+        }
+        l->releases = grown;
+        l->caprel = cap;
+    }
+    l->releases[l->nrel++] = offset;
+    /* an idle lane gets them now: no request may come to carry them */
+    if (l->count == 0 && l->nrel >= 64) flush_releases(l);
+    pthread_mutex_unlock(&h->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *hub_submit(Hub *h, PyObject *args) {
+    int mid;
+    unsigned long long id;
+    Py_buffer header;
+    if (!PyArg_ParseTuple(args, "iKy*:submit", &mid, &id, &header)) return NULL;
+    if (header.len > MAX_DATAGRAM) {
+        PyBuffer_Release(&header);
+        PyErr_Format(PyExc_ValueError, "a request of %zd bytes does not fit a lane (at most %d)", header.len,
+                     MAX_DATAGRAM);
+        return NULL;
+    }
+    Ticket *t = calloc(1, sizeof(Ticket));
+    TicketObject *obj = t ? PyObject_New(TicketObject, &TicketType) : NULL;
+    char *data = obj ? malloc(header.len ? (size_t)header.len : 1) : NULL;
+    if (!data) {
+        PyBuffer_Release(&header);
+        free(t);
+        Py_XDECREF(obj);
+        return PyErr_NoMemory();
+    }
+    memcpy(data, header.buf, (size_t)header.len);
+    t->data = data;
+    t->len = (size_t)header.len;
+    PyBuffer_Release(&header);
+    t->refs = 1;
+    t->id = id;
+    t->mid = mid;
+    obj->t = t;
+    obj->hub = Py_NewRef((PyObject *)h);
+    pthread_mutex_lock(&h->mu);
+    if (h->closing || mid < 0 || mid >= h->nmodels || !h->models[mid].used) {
+        pthread_mutex_unlock(&h->mu);
+        Py_DECREF(obj);
+        Py_RETURN_NONE;
+    }
+    Model *m = &h->models[mid];
+    int best = -1, any = 0;
+    int n = h->nlanes;
+    for (int k = 0; k < n; k++) {
+        int i = (m->rr + k) % n;
+        Lane *l = &h->lanes[i];
+        if (!l->used || l->mid != mid || !l->alive || !l->enabled) continue;
+        any = 1;
+        if (l->count < l->limit && (best < 0 || l->count < h->lanes[best].count)) best = i;
+    }
+    if (!any) { /* no lane: the router serves it */
+        pthread_mutex_unlock(&h->mu);
+        Py_DECREF(obj);
+        Py_RETURN_NONE;
+    }
+    __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL); /* the hub's */
+    if (best >= 0) {
+        m->rr = (best + 1) % n;
+        lane_send(h, best, t);
+    } else {
+        t->state = T_QUEUED;
+        if (m->tail) m->tail->next = t;
+        else m->head = t;
+        m->tail = t;
+        m->queued++;
+        h->queued++;
+    }
+    pthread_mutex_unlock(&h->mu);
+    return (PyObject *)obj;
+}
+
+static PyObject *hub_pending(Hub *h, PyObject *noargs) {
+    pthread_mutex_lock(&h->mu);
+    Py_ssize_t n = h->inflight + h->queued;
+    pthread_mutex_unlock(&h->mu);
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *hub_inflight(Hub *h, PyObject *arg) {
+    uint64_t key;
+    if (!key_arg(arg, &key)) return NULL;
+    pthread_mutex_lock(&h->mu);
+    int li = find_lane(h, key);
+    long n = li >= 0 ? h->lanes[li].count : 0;
+    pthread_mutex_unlock(&h->mu);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *hub_served(Hub *h, PyObject *arg) {
+    uint64_t key;
+    if (!key_arg(arg, &key)) return NULL;
+    pthread_mutex_lock(&h->mu);
+    int li = find_lane(h, key);
+    unsigned long long n = li >= 0 ? h->lanes[li].served : 0;
+    pthread_mutex_unlock(&h->mu);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+/* Complete a ticket with a reply that came another way (over ZeroMQ: an error, or
+ * outputs with data frames); False if the lane holds no such request. */
+static PyObject *hub_complete(Hub *h, PyObject *args) {
+    unsigned long long key, id;
+    Py_buffer reply;
+    if (!PyArg_ParseTuple(args, "KKy*:complete", &key, &id, &reply)) return NULL;
+    int found = 0;
+    pthread_mutex_lock(&h->mu);
+    int li = h->closing ? -1 : find_lane(h, key);
+    if (li >= 0) {
+        Lane *l = &h->lanes[li];
+        for (int i = 0; i < l->count; i++)
+            if (l->ids[i] == id) { found = 1; break; }
+        if (found) {
+            on_reply(h, li, reply.buf, (size_t)reply.len);
+            refill(h, li);
+        }
+    }
+    pthread_mutex_unlock(&h->mu);
+    PyBuffer_Release(&reply);
+    return PyBool_FromLong(found);
+}
+
+static PyObject *hub_orphans(Hub *h, PyObject *noargs) {
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    pthread_mutex_lock(&h->mu);
+    Orphan *o = h->orphans;
+    h->orphans = NULL;
+    h->norphans = 0;
+    pthread_mutex_unlock(&h->mu);
+    while (o) {
+        Orphan *next = o->next;
+        PyObject *item = Py_BuildValue("(Ky#)", (unsigned long long)o->key, o->data, (Py_ssize_t)o->len);
+        if (item) {
+            PyList_Append(out, item);
+            Py_DECREF(item);
+        }
+        free(o->data);
+        free(o);
+        o = next;
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *hub_close(Hub *h, PyObject *noargs) {
+    hub_stop(h);
+    Py_RETURN_NONE;
+}
+
+static PyObject *hub_get_orphaned(Hub *h, void *closure) { return PyLong_FromSsize_t(h->norphans); }
+
+static PyMethodDef hub_methods[] = {
+    {"add_model", (PyCFunction)hub_add_model, METH_NOARGS, "add_model() -> model id"},
+    {"drop_model", (PyCFunction)hub_drop_model, METH_O, "drop_model(mid): its queued requests fail with RETRY"},
+    {"add_lane", (PyCFunction)hub_add_lane, METH_VARARGS, "add_lane(mid, fd, limit, key): serve model mid on socket fd (the hub owns it)"},
+    {"pause_lane", (PyCFunction)hub_pause_lane, METH_O, "pause_lane(lane): send it nothing new"},
+    {"remove_lane", (PyCFunction)hub_remove_lane, METH_O, "remove_lane(lane): close it; what it holds is LOST"},
+    {"release", (PyCFunction)hub_release, METH_VARARGS, "release(lane, offset): a response slot to give back"},
+    {"submit", (PyCFunction)hub_submit, METH_VARARGS, "submit(mid, id, header) -> Ticket, or None (no lane)"},
+    {"complete", (PyCFunction)hub_complete, METH_VARARGS, "complete(lane, id, reply) -> whether it was held"},
+    {"pending", (PyCFunction)hub_pending, METH_NOARGS, "requests queued or in flight"},
+    {"inflight", (PyCFunction)hub_inflight, METH_O, "inflight(lane) -> requests in flight there"},
+    {"served", (PyCFunction)hub_served, METH_O, "served(lane) -> replies read from it"},
+    {"orphans", (PyCFunction)hub_orphans, METH_NOARGS, "replies nobody waited for: [(lane key, bytes)]"},
+    {"close", (PyCFunction)hub_close, METH_NOARGS, "fail everything with CLOSED; stop the thread"},
+    {NULL},
+};
+
+static PyGetSetDef hub_getset[] = {
+    {"orphaned", (getter)hub_get_orphaned, NULL, "replies waiting in orphans()", NULL},
+    {NULL},
+};
+
+static PyTypeObject HubType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "libtorchrt.transport._lanes.Hub",
+    .tp_basicsize = sizeof(Hub),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)hub_init,
+    .tp_dealloc = (destructor)hub_dealloc,
+    .tp_methods = hub_methods,
+    .tp_getset = hub_getset,
+};
+
+/* ── Ticket (Python type) ────────────────────────────────────────────────────── */
+
+/* The caller stops waiting for ticket o (see ticketobj_abandon). */
+static int ticket_abandon(TicketObject *o) {
+    Ticket *t = o->t;
+    Hub *h = (Hub *)o->hub;
+    int how = 0;
+    pthread_mutex_lock(&h->mu);
+    uint32_t s = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE);
+    if (s == T_QUEUED) {
+        Model *m = &h->models[t->mid];
+        Ticket **p = &m->head, *prev = NULL;
+        while (*p && *p != t) { prev = *p; p = &(*p)->next; }
+        if (*p) {
+            *p = t->next;
+            if (m->tail == t) m->tail = prev;
+            t->next = NULL;
+            m->queued--;
+            h->queued--;
+            free(t->data);
+            t->data = NULL;
+            t->len = 0;
+            __atomic_store_n(&t->state, T_RETRY, __ATOMIC_RELEASE);
+            ticket_unref(t); /* the queue's */
+            how = 1;
+        }
+    } else if (s == T_SENT) {
+        __atomic_store_n(&t->abandoned, 1, __ATOMIC_RELEASE);
+        how = 2;
+    }
+    pthread_mutex_unlock(&h->mu);
+    return how;
+}
+
+static void ticketobj_dealloc(TicketObject *o) {
+    if (o->t) {
+        if (o->hub && __atomic_load_n(&o->t->state, __ATOMIC_ACQUIRE) < T_DONE) ticket_abandon(o);
+        ticket_unref(o->t);
+    }
+    Py_XDECREF(o->hub);
+    PyObject_Free(o);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* wait(timeout=None) -> (state, lane key, reply bytes or None); state 0: not finished
+ * within ``timeout`` seconds (then abandon() it, or wait again). Releases the GIL while
+ * it waits, and looks at signals every 100 ms (raising their exception: then abandon it). */
+static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
+    Ticket *t = o->t;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:wait", &timeout)) return NULL;
+    double until = -1;
+    if (timeout != Py_None) {
+        double seconds = PyFloat_AsDouble(timeout);
+        if (seconds == -1 && PyErr_Occurred()) return NULL;
+        until = now_s() + (seconds > 0 ? seconds : 0);
+    }
+    uint32_t s;
+    for (;;) {
+        int expired = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while ((s = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE)) < T_DONE) {
+            double left = 0.1;
+            if (until >= 0) {
+                left = until - now_s();
+                if (left <= 0) { expired = 1; break; }
+                if (left > 0.1) left = 0.1;
+            }
+            struct timespec tick = {(time_t)left, (long)((left - (time_t)left) * 1e9)};
+            long r = syscall(SYS_futex, &t->state, FUTEX_WAIT_PRIVATE, s, &tick, NULL, 0);
+            if (r < 0 && (errno == ETIMEDOUT || errno == EINTR) && !(until >= 0 && left < 0.1)) break;
+        }
+        Py_END_ALLOW_THREADS
+        if (s >= T_DONE) break;
+        if (expired) return Py_BuildValue("(iKO)", 0, 0ULL, Py_None);
+        if (PyErr_CheckSignals() < 0) return NULL; /* (KeyboardInterrupt: the caller abandons it) */
+    }
+    PyObject *data;
+    if (t->data) {
+        data = PyBytes_FromStringAndSize(t->data, (Py_ssize_t)t->len);
+        free(t->data);
+        t->data = NULL;
+        t->len = 0;
+        if (!data) return NULL;
+    } else {
+        data = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("(iKN)", (int)s, (unsigned long long)t->key, data);
+}
+
+static PyObject *ticketobj_abandon(TicketObject *o, PyObject *noargs) {
+    return PyLong_FromLong(ticket_abandon(o));
+}
+
+static PyMethodDef ticket_methods[] = {
+    {"wait", (PyCFunction)ticketobj_wait, METH_VARARGS, "wait(timeout=None) -> (state, lane key, reply or None)"},
+    {"abandon", (PyCFunction)ticketobj_abandon, METH_NOARGS,
+     "stop waiting: 1 if it was still queued (taken out: it never ran), 2 if it was sent (its reply will be an "
+     "orphan), 0 if it has finished (wait() returns at once)"},
+    {NULL},
+};
+
+static PyTypeObject TicketType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "libtorchrt.transport._lanes.Ticket",
+    .tp_basicsize = sizeof(TicketObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)ticketobj_dealloc,
+    .tp_methods = ticket_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "libtorchrt.transport._lanes", "The front's native fast lane (see lanes.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__lanes(void) {
+    if (PyType_Ready(&HubType) < 0 || PyType_Ready(&TicketType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&HubType);
+    PyModule_AddObject(m, "Hub", (PyObject *)&HubType);
+    Py_INCREF(&TicketType);
+    PyModule_AddObject(m, "Ticket", (PyObject *)&TicketType);
+    PyModule_AddIntConstant(m, "DONE", T_DONE);
+    PyModule_AddIntConstant(m, "LOST", T_LOST);
+    PyModule_AddIntConstant(m, "RETRY", T_RETRY);
+    PyModule_AddIntConstant(m, "CLOSED", T_CLOSED);
+    PyModule_AddIntConstant(m, "MAX_DATAGRAM", MAX_DATAGRAM);
+    PyModule_AddIntConstant(m, "MAX_LIMIT", MAX_LIMIT);
+    return m;
+}

@@ -1,0 +1,63 @@
+"""The fast lane's transport: a native hub over one socket pair per CPU worker (Linux).
+
+The hub (``_lanes.c``, built at install) owns the front's end of every lane and one
+thread that never takes the GIL. A caller thread hands it a request datagram; the hub
+sends it at once to the model's least-busy lane, or queues it; its thread reads each
+reply, wakes the one caller waiting for it (a futex) and sends that lane the next queued
+request. So a request crosses two thread hand-offs in the front (caller → worker, and
+the hub's thread → caller), and no Python runs for it outside the caller's thread.
+
+:class:`Hub` methods (thread-safe; lanes are named by the caller's ``key``, never reused)::
+
+    add_model() -> mid                      drop_model(mid)
+    add_lane(mid, fd, limit, key)           pause_lane(key)        remove_lane(key)
+    submit(mid, id, header) -> Ticket | None (None: the model has no lane to take it)
+    release(key, offset)                    complete(key, id, reply) -> bool
+    pending() -> int    inflight(key) -> int    served(key) -> int    orphans()    close()
+
+``Ticket.wait()`` returns ``(state, key, reply)``: :data:`DONE` with the reply's bytes;
+:data:`LOST`, the worker died while it may have been running it; :data:`RETRY`, it did
+not run (its worker died before it, or the model has no lane left); :data:`CLOSED`.
+
+The datagrams are ``wire``'s (the hub reads only a reply's request id, and writes only
+``Release`` messages), so a worker reads its lane as it reads its channel.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from .channel import _BUFFER
+
+try:
+    from ._lanes import CLOSED, DONE, LOST, MAX_DATAGRAM, MAX_LIMIT, RETRY, Hub, Ticket
+except ImportError:  # (not Linux, or built without it: every request goes by the router)
+    if sys.platform.startswith("linux"):
+        import warnings
+
+        warnings.warn(
+            "libtorchrt's native fast lane (libtorchrt/transport/_lanes.c) is not built: requests go by the "
+            "router thread; reinstall with a C compiler to build it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    Hub = Ticket = None  # type: ignore[assignment,misc]
+    CLOSED, DONE, LOST, RETRY = 6, 3, 4, 5
+    MAX_DATAGRAM, MAX_LIMIT = 48 << 10, 64
+
+__all__ = ["CLOSED", "DONE", "LOST", "MAX_DATAGRAM", "MAX_LIMIT", "RETRY", "Hub", "Ticket", "available", "pair"]
+
+#: whether the native hub is built here
+available = Hub is not None
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """A new lane: the front's end (for :meth:`Hub.add_lane`, by ``detach()``) and the
+    worker's (to pass to it, then close in the front)."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (mine, theirs):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            s.setsockopt(socket.SOL_SOCKET, option, _BUFFER)
+    mine.setblocking(False)
+    return mine, theirs

@@ -1,0 +1,205 @@
+"""``Pool.infer`` to CPU workers by the fast lane (front/fastlane.py): real pools, real
+worker processes, the native hub's socket pairs. The router thread sends none of these
+requests; what the hub cannot finish (a dead worker, a closed pool) still ends the way
+the router would end it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from libtorchrt import (
+    ModelConfig,
+    ModelError,
+    Pool,
+    PoolClosedError,
+    TimeoutError,
+    WorkerDiedError,
+)
+from libtorchrt.transport import lanes
+from tests.conftest import assert_no_leaks, snapshot
+from tests.models import reference, save
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not lanes.available, reason="the native hub is not built here"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("lane-models")
+    return {name: save(name, d) for name in ("tiny", "raiser", "spin")}
+
+
+@pytest.fixture(scope="module")
+def pool(files: dict[str, Path]) -> Iterator[Pool]:
+    with Pool(
+        models=[
+            ModelConfig("tiny", files["tiny"], instances=2),
+            ModelConfig("raiser", files["raiser"]),
+            ModelConfig("spin", files["spin"]),
+        ]
+    ) as p:
+        yield p
+
+
+def lane_served(pool: Pool, model: str) -> int:
+    fast = pool._router.fast
+    return sum(fast.served(w) for w in pool._router.supervisor.by_identity.values() if w.model.name == model)
+
+
+def channel_sends(pool: Pool) -> int:
+    return sum(w.channel.sent for w in pool._router.supervisor.by_identity.values() if w.channel is not None)
+
+
+def test_infer_goes_by_the_lane_and_every_caller_gets_its_own_answer(pool: Pool) -> None:
+    model = reference("tiny")
+    sends, served = channel_sends(pool), lane_served(pool, "tiny")
+    success = next(s.success for s in pool.stats() if s.model == "tiny")
+    errors: list[str] = []
+
+    def caller(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for i in range(50):
+            x = torch.randn(1, 64, generator=g)
+            y = pool.infer("tiny", x)["OUTPUT__0"]
+            with torch.no_grad():
+                if not torch.allclose(y, model(x), atol=1e-6):
+                    errors.append(f"caller {seed} request {i}")
+
+    threads = [threading.Thread(target=caller, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert lane_served(pool, "tiny") - served == 400
+    assert channel_sends(pool) == sends  # (the router thread sent none of them)
+    stats = next(s for s in pool.stats() if s.model == "tiny")
+    assert stats.success - success == 400 and stats.pending == 0
+    assert all(w.inflight == 0 for w in pool.workers())
+
+
+def test_submit_still_goes_by_the_router(pool: Pool) -> None:
+    sends, served = channel_sends(pool), lane_served(pool, "tiny")
+    pool.submit("tiny", torch.randn(1, 64)).result(10)
+    assert (channel_sends(pool) - sends, lane_served(pool, "tiny") - served) == (1, 0)
+
+
+def test_a_model_error_comes_back_to_its_caller_and_the_lane_goes_on(pool: Pool) -> None:
+    with pytest.raises(ModelError, match="negative input rejected"):
+        pool.infer("raiser", torch.tensor([-1.0, 2.0]))
+    assert torch.equal(pool.infer("raiser", torch.tensor([1.0, 2.0]))["OUTPUT__0"], torch.tensor([2.0, 4.0]))
+    assert next(s.failure for s in pool.stats() if s.model == "raiser") >= 1
+
+
+def test_a_passed_deadline_fails_that_request_and_frees_its_inputs_once_answered(pool: Pool) -> None:
+    m = pool._router.lookup("spin")
+    slow = torch.zeros(1, 32768)  # (128 KiB: placed in the request arena)
+    slow[0, 0] = 300_000.0
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="deadline"):
+        pool.infer("spin", slow, timeout=0.2)
+    assert time.monotonic() - started < 2.0
+    assert m.allocator.used > 0  # (the worker may still read them)
+    # The next request waits behind the slow one, then finds its reply an orphan and
+    # frees the slow request's inputs.
+    assert pool.infer("spin", torch.ones(1, 32768), timeout=60)["OUTPUT__0"].item() == 1.0
+    pool.infer("spin", torch.ones(1, 4))
+    assert m.allocator.used == 0
+
+
+def test_a_killed_worker_costs_no_caller_a_wrong_answer_and_is_replaced(files: dict[str, Path]) -> None:
+    model = reference("tiny")
+    with Pool(models=[ModelConfig("tiny", files["tiny"], instances=2)]) as pool:
+        victim = pool.workers()[0].pid
+        errors: list[str] = []
+        died: list[BaseException] = []
+        stop = threading.Event()
+
+        def caller(seed: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            while not stop.is_set():
+                x = torch.randn(1, 64, generator=g)
+                try:
+                    y = pool.infer("tiny", x)["OUTPUT__0"]
+                except WorkerDiedError as e:
+                    died.append(e)
+                    continue
+                with torch.no_grad():
+                    if not torch.allclose(y, model(x), atol=1e-6):
+                        errors.append(f"caller {seed}: a wrong answer")
+
+        threads = [threading.Thread(target=caller, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ws = pool.workers()
+            if len(ws) == 2 and victim not in {w.pid for w in ws} and all(w.state == "ready" for w in ws):
+                break
+            time.sleep(0.05)
+        served = lane_served(pool, "tiny")
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert not errors
+        assert len(died) <= 1  # (only a request the dead worker was running may fail)
+        assert victim not in {w.pid for w in pool.workers()}
+        assert lane_served(pool, "tiny") > served  # (the replacement's lane serves)
+        assert pool._router.fast.pending() == 0
+
+
+def test_close_ends_every_caller_and_leaves_nothing_behind(files: dict[str, Path]) -> None:
+    before = snapshot()
+    pool = Pool(models=[ModelConfig("spin", files["spin"], instances=2)])
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        x = torch.tensor([20_000.0])
+        for _ in range(20):
+            try:
+                pool.infer("spin", x)
+                outcome = "ok"
+            except PoolClosedError:
+                outcome = "closed"
+            with lock:
+                outcomes.append(outcome)
+            if outcome == "closed":
+                return
+
+    threads = [threading.Thread(target=caller) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    pool.close(grace=0.0)
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert outcomes.count("closed") == 6  # (each caller learnt of it, none hangs)
+    assert_no_leaks(before)
+
+
+def test_a_drained_close_finishes_what_the_lane_holds(files: dict[str, Path]) -> None:
+    pool = Pool(models=[ModelConfig("spin", files["spin"])])
+    results: list[float] = []
+    t = threading.Thread(target=lambda: results.append(pool.infer("spin", torch.tensor([50_000.0]))["OUTPUT__0"].item()))
+    t.start()
+    deadline = time.monotonic() + 5
+    while pool._router.fast.pending() == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    pool.close(grace=30.0)
+    t.join(30)
+    assert results == [50_000.0]

@@ -1,0 +1,210 @@
+"""The native hub of the fast lane (transport/lanes.py, _lanes.c) on real socket pairs:
+each test plays the worker on the other end with ``wire`` messages."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from libtorchrt.transport import lanes, wire
+
+pytestmark = [
+    pytest.mark.timeout(30),
+    pytest.mark.skipif(not lanes.available, reason="the native hub is not built here"),
+]
+
+
+def request(i: int) -> bytes:
+    return wire.encode(wire.Request(i, [], [], []))
+
+
+def answer(i: int, blob: bytes = b"") -> bytes:
+    return wire.encode(wire.Response(i, [], [blob]))
+
+
+@pytest.fixture
+def hub() -> Iterator[lanes.Hub]:
+    h = lanes.Hub()
+    yield h
+    h.close()
+
+
+def lane(hub: lanes.Hub, mid: int, key: int, limit: int = 2) -> socket.socket:
+    """A lane of model ``mid``: returns the worker's end."""
+    mine, theirs = lanes.pair()
+    hub.add_lane(mid, mine.detach(), limit, key)
+    theirs.settimeout(5)
+    return theirs
+
+
+def read(worker: socket.socket) -> wire.Message:
+    return wire.decode(worker.recv(lanes.MAX_DATAGRAM + 1))
+
+
+def test_a_request_is_sent_and_its_reply_wakes_its_ticket(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=7)
+    ticket = hub.submit(mid, 1, request(1))
+    msg = read(worker)
+    assert isinstance(msg, wire.Request) and msg.id == 1
+    assert hub.inflight(7) == 1 and hub.pending() == 1
+    worker.send(answer(1, b"out"))
+    state, key, reply = ticket.wait(5.0)
+    assert (state, key) == (lanes.DONE, 7)
+    assert wire.decode(reply).blobs == [b"out"]
+    assert hub.pending() == 0 and hub.served(7) == 1
+
+
+def test_requests_past_the_limit_wait_and_go_in_order_as_replies_free_the_lane(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=1, limit=2)
+    tickets = [hub.submit(mid, i, request(i)) for i in range(1, 6)]
+    assert hub.inflight(1) == 2 and hub.pending() == 5
+    seen = []
+    for _ in range(5):
+        msg = read(worker)
+        seen.append(msg.id)
+        worker.send(answer(msg.id, bytes([msg.id])))
+    assert seen == [1, 2, 3, 4, 5]
+    for i, t in enumerate(tickets, 1):
+        state, _, reply = t.wait(5.0)
+        assert state == lanes.DONE and wire.decode(reply).blobs == [bytes([i])]
+
+
+def test_the_least_busy_lane_gets_the_request(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    a, b = lane(hub, mid, key=1, limit=4), lane(hub, mid, key=2, limit=4)
+    hub.submit(mid, 1, request(1))
+    hub.submit(mid, 2, request(2))
+    hub.submit(mid, 3, request(3))
+    assert sorted([hub.inflight(1), hub.inflight(2)]) == [1, 2]
+    assert {read(a).id, read(b).id} <= {1, 2, 3}
+
+
+def test_a_model_without_a_lane_is_told_so(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    assert hub.submit(mid, 1, request(1)) is None
+    worker = lane(hub, mid, key=3)
+    hub.pause_lane(3)
+    assert hub.submit(mid, 2, request(2)) is None
+    worker.close()
+
+
+def test_releases_ride_ahead_of_the_next_request_as_a_release_message(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=1)
+    for offset in (0, 64, 2**40):
+        hub.release(1, offset)
+    hub.submit(mid, 9, request(9))
+    first, second = read(worker), read(worker)
+    assert isinstance(first, wire.Release) and first.offsets == [0, 64, 2**40]
+    assert isinstance(second, wire.Request) and second.id == 9
+
+
+def test_a_dead_worker_loses_the_running_request_and_returns_the_others(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=5, limit=3)
+    tickets = [hub.submit(mid, i, request(i)) for i in range(1, 5)]  # (the 4th waits)
+    worker.close()
+    states = [t.wait(5.0)[:2] for t in tickets]
+    # Only the oldest can have been running; the others never ran; the queued one
+    # has no lane left.
+    assert states == [(lanes.LOST, 5), (lanes.RETRY, 5), (lanes.RETRY, 5), (lanes.RETRY, 0)]
+    assert hub.pending() == 0
+    assert hub.submit(mid, 9, request(9)) is None
+
+
+def test_a_ticket_that_times_out_can_be_abandoned(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=1, limit=1)
+    sent, queued = hub.submit(mid, 1, request(1)), hub.submit(mid, 2, request(2))
+    started = time.monotonic()
+    assert sent.wait(0.05)[0] == 0
+    assert time.monotonic() - started >= 0.05
+    assert queued.abandon() == 1  # taken out: it never ran
+    assert sent.abandon() == 2  # sent: its reply becomes an orphan
+    assert read(worker).id == 1
+    worker.send(answer(1, b"late"))
+    deadline = time.monotonic() + 5
+    while not hub.orphaned and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert [(k, wire.decode(r).id) for k, r in hub.orphans()] == [(1, 1)]
+    assert hub.pending() == 0
+    worker.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        worker.recv(100)  # (the abandoned queued request was never sent)
+
+
+def test_a_reply_that_came_another_way_completes_its_ticket(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=4)
+    ticket = hub.submit(mid, 3, request(3))
+    read(worker)
+    error = wire.encode(wire.Error(3, "RuntimeError", "boom"))
+    assert hub.complete(4, 3, error)
+    assert not hub.complete(4, 3, error)  # (no longer held)
+    state, _, reply = ticket.wait(5.0)
+    assert state == lanes.DONE and wire.decode(reply).message == "boom"
+
+
+def test_close_fails_what_the_hub_holds_and_wakes_waiters(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=1, limit=1)  # (kept open: it never answers)
+    tickets = [hub.submit(mid, i, request(i)) for i in (1, 2)]
+    results: list[int] = []
+    waiter = threading.Thread(target=lambda: results.append(tickets[0].wait()[0]))
+    waiter.start()
+    time.sleep(0.05)
+    hub.close()
+    waiter.join(5)
+    assert results == [lanes.CLOSED]
+    assert tickets[1].wait(1.0)[0] == lanes.CLOSED
+    with pytest.raises(RuntimeError, match="closed"):
+        hub.add_model()
+    worker.close()
+
+
+def test_many_threads_get_their_own_replies(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    workers = [lane(hub, mid, key=k, limit=3) for k in (1, 2)]
+    stop = threading.Event()
+
+    def echo(w: socket.socket) -> None:
+        w.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                msg = read(w)
+            except (TimeoutError, OSError):
+                continue
+            if isinstance(msg, wire.Request):
+                w.send(answer(msg.id, msg.id.to_bytes(8, "little")))
+
+    echoes = [threading.Thread(target=echo, args=(w,)) for w in workers]
+    for t in echoes:
+        t.start()
+    errors: list[str] = []
+    ids = iter(range(1, 10**6))
+    lock = threading.Lock()
+
+    def caller() -> None:
+        for _ in range(200):
+            with lock:
+                i = next(ids)
+            state, _, reply = hub.submit(mid, i, request(i)).wait(5.0)
+            if state != lanes.DONE or wire.decode(reply).blobs != [i.to_bytes(8, "little")]:
+                errors.append(f"request {i}: {state}")
+
+    callers = [threading.Thread(target=caller) for _ in range(8)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(20)
+    stop.set()
+    for t in echoes:
+        t.join(5)
+    assert not errors
+    assert hub.served(1) + hub.served(2) == 1600 and hub.pending() == 0

@@ -45,6 +45,7 @@ class Call:
         "frames",
         "future",
         "holder",
+        "lost_on",
         "id",
         "keep",
         "key",
@@ -111,6 +112,9 @@ class Call:
         self.sequence: SequenceTag | None = None
         self.holder: Any = None
         self.sequences: tuple[list[int], list[Any], list[int]] | None = None
+        #: the worker whose death lost it on the fast lane (the supervisor decides its
+        #: fate with that worker's other requests: see Router.lost)
+        self.lost_on: Any = None
 
     def free(self) -> None:
         """Give the request's arena slots and buffers back (once no worker reads them)."""

@@ -29,13 +29,14 @@ by the router, which completes the ticket with them (:meth:`FastLane.complete`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import time
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import zmq
 
@@ -53,9 +54,23 @@ if TYPE_CHECKING:
 
 __all__ = ["FastLane"]
 
-#: how long a lane's record outlives its worker's exit: a caller woken by a reply read
-#: before the exit still finds the worker's response arena (seconds)
-_RETIRED_S = 30.0
+#: what settling a ticket returns when the router is to run its request after all
+_BY_ROUTER = object()
+
+
+class _Mailbox:
+    """One event loop's mailbox in the hub: its id, eventfd and waiting requests."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, box: int, fd: int) -> None:
+        self.loop = loop
+        self.id = box
+        self.fd = fd
+        #: request id → its call, ticket and the awaiting caller's future
+        self.waiting: dict[int, tuple[Call, Any, asyncio.Future[Any]]] = {}
+
+#: how long a lane's worker is remembered after its exit: a caller that its death woke
+#: hands its request to the supervisor with it (seconds)
+_RETIRED_S = 60.0
 
 
 class FastLane:
@@ -68,12 +83,14 @@ class FastLane:
         self.closed = False
         self._keys = itertools.count(1)
         #: lane key → its worker and response arena (kept a while after its exit)
-        self._lanes: dict[int, tuple[_Worker, np.ndarray]] = {}
+        self._lanes: dict[int, _Worker] = {}
         self._retired: deque[tuple[float, int]] = deque()
         #: data frames of lane replies that came over ZeroMQ, by request id
         self._frames: dict[int, list[zmq.Frame]] = {}
         #: requests sent whose callers stopped waiting (their inputs are freed with the reply)
         self._abandoned: dict[int, Call] = {}
+        #: each event loop's mailbox (asyncio callers)
+        self._boxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
 
     # ── the router thread: models and workers ─────────────────────────────────
 
@@ -110,7 +127,7 @@ class FastLane:
                 sock.close()
             return
         key = next(self._keys)
-        self._lanes[key] = (w, w.outputs)
+        self._lanes[key] = w
         limit = max(1, min(m.queue.per_worker, lanes.MAX_LIMIT))
         self.hub.add_lane(m.lane, sock.detach(), limit, key)
         w.lane_key = key
@@ -164,12 +181,19 @@ class FastLane:
         if self.hub is not None and not self.closed:
             self.closed = True
             self.hub.close()
-            for key, (w, _) in list(self._lanes.items()):
+            self._close_boxes()
+            for key, w in list(self._lanes.items()):
                 self._lanes.pop(key, None)
                 w.lane_key = 0
             self._frames.clear()
 
     # ── caller threads ─────────────────────────────────────────────────────────
+
+    def serves(self, model: str, version: int | None) -> bool:
+        """Whether requests to ``model`` may take the lane (any thread)."""
+        router = self.router
+        m = router.default.get(model) if version is None else router.models.get((model, version))
+        return m is not None and m.lane >= 0
 
     def takes(self, call: Call) -> bool:
         """Whether ``call`` can go by the lane."""
@@ -190,9 +214,11 @@ class FastLane:
             self._read_orphans()
         call.id = self.router.next_id()
         header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
-        ticket = hub.submit(call.model.lane, call.id, header) if len(header) <= lanes.MAX_DATAGRAM else None
-        if ticket is None:
+        if len(header) > lanes.MAX_DATAGRAM:
             return self._by_router(call)
+        # (placed by its wait, which lets go of the GIL first: the send and the hub's
+        # mutex are not paid holding it)
+        ticket = hub.request(call.model.lane, call.id, header)
         call.dispatched = True
         call.sent_ns = time.perf_counter_ns()
         try:
@@ -208,26 +234,152 @@ class FastLane:
                 return call.future.result()  # type: ignore[no-any-return]
             state, key, reply = ticket.wait()  # (it finished meanwhile)
         if state == lanes.DONE:
-            return self._answer(call, key, reply)
-        m = call.model
-        if state == lanes.CLOSED:
-            call.fail(PoolClosedError("the pool was closed before this request completed"))
-        elif state == lanes.LOST:
-            call.attempts += 1
-            if call.attempts >= 2 or call.attempts > m.cfg.max_retries:
-                entry = self._lanes.get(key)
-                pid, instance = (entry[0].proc.pid, entry[0].instance) if entry else (-1, -1)
-                code = entry[0].proc.returncode if entry else None
-                call.fail(WorkerDiedError(m.name, instance, pid, code, "", poison=call.attempts >= 2))
-        if call.future.done():
-            return call.future.result()  # (raises its error)
+            result = self._answer(call, key, reply)
+            if result is not _BY_ROUTER:
+                return result  # type: ignore[no-any-return]
+            state = lanes.RETRY
+        self._hand_over(call, state, key)
+        return call.future.result()  # type: ignore[no-any-return]
+
+    def _hand_over(self, call: Call, state: int, key: int) -> None:
+        """``call``'s ticket ended without an answer it can use (``state``): it goes to
+        the router (it did not run), to the supervisor (its worker died while it may
+        have been running it: decided with that worker's other requests), or fails (the
+        pool closed). Its future tells the rest."""
         call.dispatched = False
-        return self._by_router(call)
+        w = self._lanes.get(key) if state == lanes.LOST else None
+        try:
+            if state == lanes.CLOSED:
+                call.fail(PoolClosedError("the pool was closed before this request completed"))
+            elif w is not None:
+                self.router.lost(call, w)
+            else:
+                self.router.submit(call)
+        except PoolClosedError as e:
+            call.fail(e)
 
     def _by_router(self, call: Call) -> dict[str, torch.Tensor]:
         """Hand ``call`` to the router, and wait for it (the router fails it at its deadline)."""
         self.router.submit(call)
         return call.future.result()  # type: ignore[no-any-return]
+
+    # ── asyncio callers ────────────────────────────────────────────────────────
+
+    async def infer_async(self, call: Call) -> dict[str, torch.Tensor]:
+        """As :meth:`infer`, for a caller in an event loop: the hub lists the finished
+        request in the loop's mailbox, whose eventfd the loop watches; the loop's thread
+        decodes the reply (the router thread runs nothing for it)."""
+        hub = self.hub
+        assert hub is not None
+        loop = asyncio.get_running_loop()
+        if self.closed:
+            return await self._by_router_async(call, loop)
+        box = self._boxes.get(loop)
+        if box is None:
+            box = self._open_box(loop)
+        if hub.orphaned:
+            self._read_orphans()
+        call.id = self.router.next_id()
+        header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
+        ticket = hub.submit(call.model.lane, call.id, header, box.id) if len(header) <= lanes.MAX_DATAGRAM else None
+        if ticket is None:
+            return await self._by_router_async(call, loop)
+        call.dispatched = True
+        call.sent_ns = time.perf_counter_ns()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        box.waiting[call.id] = (call, ticket, waiter)
+        timer = None if call.deadline is None else loop.call_later(call.deadline - time.monotonic(), self._expire, box, call.id)
+        try:
+            result = await waiter
+        except asyncio.CancelledError:
+            if box.waiting.pop(call.id, None) is not None and not self._abandon(call, ticket):
+                # (it finished meanwhile: its outputs' slots go back at once)
+                with contextlib.suppress(Exception):
+                    if self._settle(call, ticket) is _BY_ROUTER:
+                        call.future.cancel()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if result is _BY_ROUTER:  # (handed over: its future tells the rest)
+            return await asyncio.wrap_future(call.future, loop=loop)  # type: ignore[arg-type, no-any-return]
+        return result  # type: ignore[no-any-return]
+
+    def _open_box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        assert self.hub is not None
+        box = _Mailbox(loop, *self.hub.add_mailbox())
+        loop.add_reader(box.fd, self._drain, box)
+        self._boxes[loop] = box
+        return box
+
+    def _drain(self, box: _Mailbox) -> None:
+        """The loop's reader: settle the requests the hub finished."""
+        assert self.hub is not None
+        for req_id in self.hub.drain(box.id):
+            entry = box.waiting.pop(req_id, None)
+            if entry is None:  # (its caller stopped waiting)
+                continue
+            call, ticket, waiter = entry
+            try:
+                result = self._settle(call, ticket)
+            except BaseException as e:
+                if not waiter.done():
+                    waiter.set_exception(e)
+                continue
+            if not waiter.done():
+                waiter.set_result(result)
+
+    def _settle(self, call: Call, ticket: Any) -> Any:
+        """A finished ticket's outputs; raises its error; _BY_ROUTER: it was handed over."""
+        state, key, reply = ticket.wait(0.0)
+        if state == lanes.DONE:
+            result = self._answer(call, key, reply)
+            if result is not _BY_ROUTER:
+                return result
+            state = lanes.RETRY
+        self._hand_over(call, state, key)
+        return _BY_ROUTER
+
+    def _expire(self, box: _Mailbox, req_id: int) -> None:
+        entry = box.waiting.get(req_id)
+        if entry is None:
+            return
+        call, ticket, waiter = entry
+        if not self._abandon(call, ticket):
+            return  # (it finished: the mailbox lists it)
+        del box.waiting[req_id]
+        call.resolve_error(TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed"))
+        if not waiter.done():
+            waiter.set_exception(call.future.exception())  # type: ignore[arg-type]
+
+    async def _by_router_async(self, call: Call, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
+        self.router.submit(call)
+        return await asyncio.wrap_future(call.future, loop=loop)  # type: ignore[arg-type, no-any-return]
+
+    def _close_boxes(self) -> None:
+        """Stop watching every loop's mailbox (in its loop's thread), then close it."""
+        for loop, box in list(self._boxes.items()):
+            del self._boxes[loop]
+            try:
+                loop.call_soon_threadsafe(self._shut_box, box)
+            except RuntimeError:  # its loop is closed, and its selector with it
+                self._remove_box(box)
+
+    def _shut_box(self, box: _Mailbox) -> None:
+        self._drain(box)  # (what the hub's close finished: PoolClosedError)
+        for call, _, waiter in box.waiting.values():
+            if not waiter.done():
+                waiter.set_exception(PoolClosedError("the pool was closed before this request completed"))
+            call.free()
+        box.waiting.clear()
+        box.loop.remove_reader(box.fd)
+        self._remove_box(box)
+
+    def _remove_box(self, box: _Mailbox) -> None:
+        assert self.hub is not None
+        if box.fd >= 0:
+            self.hub.remove_mailbox(box.id)
+            box.fd = -1
 
     def _abandon(self, call: Call, ticket: Any) -> bool:
         """Stop waiting for ``call``; False if it finished meanwhile (its ticket has the
@@ -241,29 +393,33 @@ class FastLane:
             call.free()
         return True
 
-    def _answer(self, call: Call, key: int, reply: bytes) -> dict[str, torch.Tensor]:
+    def _answer(self, call: Call, key: int, reply: bytes) -> Any:
+        """``call``'s outputs from its reply (raises its error); _BY_ROUTER if its worker
+        was dropped before the reply could be read (its response arena is gone)."""
         m = call.model
-        entry = self._lanes.get(key)
         frames = self._frames.pop(call.id, []) if self._frames else []
-        call.free()
         try:
             msg = wire.decode(reply)
-            if entry is None:
-                raise ProtocolError("a reply from a worker the pool no longer knows")
         except ProtocolError as e:
-            call.resolve_error(e)
-            return call.future.result()  # type: ignore[no-any-return]
-        arena = entry[1]
-        m.stats.executed(1)
+            call.fail(e)
+            return call.future.result()
+        w = self._lanes.get(key)
+        arena = w.outputs if w is not None else None
+        if arena is None and isinstance(msg, wire.Response):
+            return _BY_ROUTER
+        call.free()
         if isinstance(msg, wire.Error):
+            m.stats.executed(1)
             call.resolve_error(worker_error(m, msg))
             return call.future.result()  # type: ignore[no-any-return]
         if not isinstance(msg, wire.Response):
+            m.stats.executed(1)
             call.resolve_error(ProtocolError(f"a {type(msg).__name__} message for a request"))
             return call.future.result()  # type: ignore[no-any-return]
         release = self.hub.release  # type: ignore[union-attr]
 
         def slot(d: wire.TensorDesc) -> torch.Tensor:
+            assert arena is not None
             end = d.where + d.nbytes
             if end > arena.size:
                 raise ProtocolError(f"output slot [{d.where}, {end}) lies outside the response arena")
@@ -274,6 +430,7 @@ class FastLane:
         try:
             outputs = tensor_io.read(msg.tensors, msg.blobs, frames, slot)
         except Exception as e:  # a reply we cannot rebuild fails its request
+            m.stats.executed(1)
             call.resolve_error(e if isinstance(e, ProtocolError) else ProtocolError(f"unreadable reply: {e!r}"))
             return call.future.result()  # type: ignore[no-any-return]
         binder = m.binder
@@ -281,7 +438,7 @@ class FastLane:
         result = dict(zip(binder.output_names(len(outputs)), outputs))
         if binder.reshapes:
             result = binder.shape_outputs(result)
-        m.stats.succeeded((call,), call.sent_ns, time.perf_counter_ns())
+        m.stats.succeeded((call,), call.sent_ns, time.perf_counter_ns(), execution=True)
         return result
 
     def _read_orphans(self) -> None:

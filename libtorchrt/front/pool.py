@@ -425,6 +425,15 @@ class Pool:
         batch's, say), not once per request. Cancelling the awaiting task cancels the
         request if it has not been sent to a worker yet.
         """
+        fast = self._router.fast
+        if sequence_id is None and not sequence_start and not sequence_end and fast.serves(model, version):
+            if self._closed:
+                raise PoolClosedError("the pool is closed")
+            call = self._admission.take(model, inputs, version, timeout, priority)
+            if fast.takes(call):
+                return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
+            self._router.submit(call)
+            return await asyncio.wrap_future(call.future)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         waker = self._waker
         if waker is None or waker.loop is not loop:

@@ -71,6 +71,8 @@ class _Worker:
     #: pool's hub (0: none; front/fastlane.py)
     lane_sock: socket.socket | None = None
     lane_key: int = 0
+    #: its exit code and the tail of its stderr, once its exit was seen
+    death: tuple[int | None, str] | None = None
     #: the id of a request sent over ZeroMQ instead (data frames, a big header): until
     #: it is answered nothing else is sent, so the worker gets requests in order (0: none)
     serial: int = 0

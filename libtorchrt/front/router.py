@@ -241,6 +241,18 @@ class Router:
             call.free()
             raise PoolClosedError("the pool is closed")
 
+    def lost(self, call: Call, w: _Worker) -> None:
+        """Hand over a fast lane request that ``w`` may have been running when it died
+        (thread-safe): it is re-sent or failed as the router's own would be.
+
+        Raises:
+            PoolClosedError: the router has stopped.
+        """
+        call.lost_on = w
+        if not self.inbox.put(call):
+            call.free()
+            raise PoolClosedError("the pool is closed")
+
     def stop(self, grace: float, timeout: float) -> None:
         """Drain for up to ``grace`` seconds, stop the workers, release everything.
 
@@ -393,6 +405,10 @@ class Router:
         now = time.monotonic()  # (the calls taken together are queued at one moment)
         for call in self.inbox.take():
             m = call.model
+            if call.lost_on is not None:
+                self.supervisor.lost(call, now)
+                touched.add(m)
+                continue
             m.queue.add(call, now)
             if call.deadline is not None:
                 self.deadlines.add(call.deadline, weakref.ref(call))

@@ -486,6 +486,7 @@ class Supervisor:
         slot = m.slots[w.instance]
         was_ready = w.state == READY
         w.state = DEAD
+        w.death = (code, tail)
         w.busy_since = None
         log.error("worker %s/%d (pid %d) exited with %s", m.name, w.instance, w.proc.pid, code)
         unshared = code == -signal.SIGSEGV and self._stop_sharing(w)
@@ -560,6 +561,34 @@ class Supervisor:
         if w.gpu is not None:
             self.router.gpu.drop_worker(w.identity)
 
+    def lost(self, call: Call, now: float) -> None:
+        """A fast lane request that ``call.lost_on`` may have been running when it died
+        (fastlane.py): it is decided with that worker's requests when its exit is seen,
+        as the one it was running; or now, if its exit was seen already."""
+        w, call.lost_on = call.lost_on, None
+        m = w.model
+        if w.death is None and w.state != STOPPED:  # (its exit is still to come)
+            w.inflight = {call.id: call, **w.inflight}
+            return
+        code, tail = w.death or (None, "")
+        if call.future.done():
+            call.free()
+        elif self._retry(w, call, code, tail):
+            m.queue.requeue([call], now)
+
+    def _retry(self, w: _Worker, call: Call, code: int | None, tail: str) -> bool:
+        """Whether the request ``w`` was running when it died is sent again (else it
+        fails): while it has retries left, and unless it has now been running in two
+        workers that died (a poison request). A doomed worker's request did not run."""
+        if w.doomed:
+            return True
+        m = w.model
+        call.attempts += 1
+        if call.attempts >= 2 or call.attempts > m.cfg.max_retries:
+            call.fail(WorkerDiedError(m.name, w.instance, w.proc.pid, code, tail, poison=call.attempts >= 2))
+            return False
+        return True
+
     def _resend_or_fail(self, w: _Worker, code: int | None, tail: str) -> None:
         """Decide the fate of what a dead worker held (see docs/reliability.md).
 
@@ -576,11 +605,8 @@ class Supervisor:
             if call.future.done() or call.warmup:  # its deadline passed; or the router's own
                 call.free()
                 continue
-            if i == 0 and not w.doomed:
-                call.attempts += 1
-                if call.attempts >= 2 or call.attempts > m.cfg.max_retries:
-                    call.fail(WorkerDiedError(m.name, w.instance, w.proc.pid, code, tail, poison=call.attempts >= 2))
-                    continue
+            if i == 0 and not self._retry(w, call, code, tail):
+                continue
             resend.append(call)
         m.queue.requeue(resend, time.monotonic())
 

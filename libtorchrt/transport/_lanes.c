@@ -50,6 +50,7 @@ typedef struct Ticket {
     uint32_t state;  /* futex word */
     int abandoned;   /* its caller stopped waiting (an exception): the reply is an orphan */
     int mid;
+    int box;         /* the mailbox told when it finishes (-1: none; its caller waits) */
     uint64_t key;    /* the key of the lane that answered or lost it (0: none) */
     uint64_t id;
     char *data;      /* the request datagram while queued; then the reply's bytes */
@@ -80,6 +81,14 @@ typedef struct {
     Py_ssize_t queued;
 } Model;
 
+/* Where finished tickets of one asyncio event loop are listed, and its eventfd. */
+typedef struct {
+    int used;
+    int fd;
+    uint64_t *ids;
+    size_t n, cap;
+} Mailbox;
+
 typedef struct Orphan {
     uint64_t key;
     char *data;
@@ -101,6 +110,8 @@ typedef struct {
     int nmodels;
     Orphan *orphans;
     Py_ssize_t norphans;
+    Mailbox *boxes;
+    int nboxes;
     Py_ssize_t inflight;
     Py_ssize_t queued;
 } Hub;
@@ -122,9 +133,27 @@ static void ticket_unref(Ticket *t) {
     }
 }
 
-static void ticket_finish(Ticket *t, uint32_t state) {
+/* (hub mutex held) */
+static void ticket_finish(Hub *h, Ticket *t, uint32_t state) {
     __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
-    syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    if (t->box < 0) {
+        syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+        return;
+    }
+    Mailbox *b = &h->boxes[t->box];
+    if (!b->used) return;
+    if (b->n == b->cap) {
+        size_t cap = b->cap ? 2 * b->cap : 64;
+        uint64_t *grown = realloc(b->ids, cap * sizeof(uint64_t));
+        if (!grown) return; /* (its caller waits until its deadline, or the pool closes) */
+        b->ids = grown;
+        b->cap = cap;
+    }
+    b->ids[b->n++] = t->id;
+    if (b->n == 1) {
+        uint64_t one = 1;
+        if (write(b->fd, &one, sizeof one) < 0) { /* (it is readable already) */ }
+    }
 }
 
 /* ── lanes (hub mutex held) ──────────────────────────────────────────────────── */
@@ -221,7 +250,7 @@ static void fail_queue(Hub *h, Model *m, uint32_t state) {
         free(t->data);
         t->data = NULL;
         t->len = 0;
-        ticket_finish(t, state);
+        ticket_finish(h, t, state);
         ticket_unref(t);
     }
     m->tail = NULL;
@@ -240,7 +269,7 @@ static void lane_lost(Hub *h, int li) {
     for (int i = 0; i < l->count; i++) { /* only the oldest can have been running */
         Ticket *t = l->tickets[i];
         t->key = l->key;
-        ticket_finish(t, i == 0 ? T_LOST : T_RETRY);
+        ticket_finish(h, t, i == 0 ? T_LOST : T_RETRY);
         ticket_unref(t);
     }
     h->inflight -= l->count;
@@ -314,15 +343,15 @@ static void on_reply(Hub *h, int li, const unsigned char *buf, size_t n) {
             h->orphans = o;
             h->norphans++;
         } else { free(o); free(copy); }
-        ticket_finish(t, T_DONE);
+        ticket_finish(h, t, T_DONE);
     } else if (!copy) {
         t->key = l->key;
-        ticket_finish(t, T_LOST);
+        ticket_finish(h, t, T_LOST);
     } else {
         t->data = copy;
         t->len = n;
         t->key = l->key;
-        ticket_finish(t, T_DONE);
+        ticket_finish(h, t, T_DONE);
     }
     ticket_unref(t);
 }
@@ -406,7 +435,7 @@ static void hub_stop(Hub *h) {
             Lane *l = &h->lanes[i];
             for (int k = 0; k < l->count; k++) {
                 l->tickets[k]->key = l->key;
-                ticket_finish(l->tickets[k], T_CLOSED);
+                ticket_finish(h, l->tickets[k], T_CLOSED);
                 ticket_unref(l->tickets[k]);
             }
             h->inflight -= l->count;
@@ -442,6 +471,12 @@ static void hub_stop(Hub *h) {
 
 static void hub_dealloc(Hub *h) {
     hub_stop(h);
+    for (int i = 0; i < h->nboxes; i++)
+        if (h->boxes[i].used) {
+            close(h->boxes[i].fd);
+            free(h->boxes[i].ids);
+        }
+    free(h->boxes);
     free(h->models);
     if (h->ep >= 0 || h->wake >= 0) { /* never started */ }
     Py_TYPE(h)->tp_free((PyObject *)h);
@@ -621,11 +656,48 @@ static PyObject *hub_release(Hub *h, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *hub_submit(Hub *h, PyObject *args) {
-    int mid;
+/* Send ticket t to its model's least-busy lane, or queue it (mutex held). Returns 1, or
+ * 0 when the model has no lane to take it (the router serves it: t is untouched). */
+static int place(Hub *h, Ticket *t) {
+    int mid = t->mid;
+    if (h->closing || mid < 0 || mid >= h->nmodels || !h->models[mid].used) return 0;
+    Model *m = &h->models[mid];
+    int best = -1, any = 0;
+    int n = h->nlanes;
+    for (int k = 0; k < n; k++) {
+        int i = (m->rr + k) % n;
+        Lane *l = &h->lanes[i];
+        if (!l->used || l->mid != mid || !l->alive || !l->enabled) continue;
+        any = 1;
+        if (l->count < l->limit && (best < 0 || l->count < h->lanes[best].count)) best = i;
+    }
+    if (!any) return 0;
+    __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL); /* the hub's */
+    if (best >= 0) {
+        m->rr = (best + 1) % n;
+        lane_send(h, best, t);
+    } else {
+        __atomic_store_n(&t->state, T_QUEUED, __ATOMIC_RELEASE);
+        if (m->tail) m->tail->next = t;
+        else m->head = t;
+        m->tail = t;
+        m->queued++;
+        h->queued++;
+    }
+    return 1;
+}
+
+/* A ticket for request ``id`` of model ``mid`` (its datagram copied), not placed yet. */
+static TicketObject *new_ticket(Hub *h, PyObject *args, const char *format) {
+    int mid, box = -1;
     unsigned long long id;
     Py_buffer header;
-    if (!PyArg_ParseTuple(args, "iKy*:submit", &mid, &id, &header)) return NULL;
+    if (!PyArg_ParseTuple(args, format, &mid, &id, &header, &box)) return NULL;
+    if (box >= 0 && (box >= h->nboxes || !h->boxes[box].used)) {
+        PyBuffer_Release(&header);
+        PyErr_Format(PyExc_ValueError, "no mailbox %d in this hub", box);
+        return NULL;
+    }
     if (header.len > MAX_DATAGRAM) {
         PyBuffer_Release(&header);
         PyErr_Format(PyExc_ValueError, "a request of %zd bytes does not fit a lane (at most %d)", header.len,
@@ -638,8 +710,13 @@ static PyObject *hub_submit(Hub *h, PyObject *args) {
     if (!data) {
         PyBuffer_Release(&header);
         free(t);
-        Py_XDECREF(obj);
-        return PyErr_NoMemory();
+        if (obj) {
+            obj->t = NULL;
+            obj->hub = NULL;
+            Py_DECREF(obj);
+        }
+        PyErr_NoMemory();
+        return NULL;
     }
     memcpy(data, header.buf, (size_t)header.len);
     t->data = data;
@@ -648,42 +725,28 @@ static PyObject *hub_submit(Hub *h, PyObject *args) {
     t->refs = 1;
     t->id = id;
     t->mid = mid;
+    t->box = box;
     obj->t = t;
     obj->hub = Py_NewRef((PyObject *)h);
+    return obj;
+}
+
+/* request(mid, id, header) -> Ticket: placed by its first wait(), without the GIL. */
+static PyObject *hub_request(Hub *h, PyObject *args) {
+    return (PyObject *)new_ticket(h, args, "iKy*|i:request");
+}
+
+/* submit(mid, id, header) -> Ticket placed now, or None if the model has no lane. */
+static PyObject *hub_submit(Hub *h, PyObject *args) {
+    TicketObject *obj = new_ticket(h, args, "iKy*|i:submit");
+    if (!obj) return NULL;
     pthread_mutex_lock(&h->mu);
-    if (h->closing || mid < 0 || mid >= h->nmodels || !h->models[mid].used) {
-        pthread_mutex_unlock(&h->mu);
-        Py_DECREF(obj);
-        Py_RETURN_NONE;
-    }
-    Model *m = &h->models[mid];
-    int best = -1, any = 0;
-    int n = h->nlanes;
-    for (int k = 0; k < n; k++) {
-        int i = (m->rr + k) % n;
-        Lane *l = &h->lanes[i];
-        if (!l->used || l->mid != mid || !l->alive || !l->enabled) continue;
-        any = 1;
-        if (l->count < l->limit && (best < 0 || l->count < h->lanes[best].count)) best = i;
-    }
-    if (!any) { /* no lane: the router serves it */
-        pthread_mutex_unlock(&h->mu);
-        Py_DECREF(obj);
-        Py_RETURN_NONE;
-    }
-    __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL); /* the hub's */
-    if (best >= 0) {
-        m->rr = (best + 1) % n;
-        lane_send(h, best, t);
-    } else {
-        t->state = T_QUEUED;
-        if (m->tail) m->tail->next = t;
-        else m->head = t;
-        m->tail = t;
-        m->queued++;
-        h->queued++;
-    }
+    int placed = place(h, obj->t);
     pthread_mutex_unlock(&h->mu);
+    if (!placed) {
+        Py_DECREF(obj);
+        Py_RETURN_NONE;
+    }
     return (PyObject *)obj;
 }
 
@@ -763,6 +826,85 @@ static PyObject *hub_orphans(Hub *h, PyObject *noargs) {
     return out;
 }
 
+static PyObject *hub_add_mailbox(Hub *h, PyObject *noargs) {
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    pthread_mutex_lock(&h->mu);
+    int b = -1;
+    for (int i = 0; i < h->nboxes; i++)
+        if (!h->boxes[i].used) { b = i; break; }
+    if (b < 0) {
+        Mailbox *grown = realloc(h->boxes, sizeof(Mailbox) * (size_t)(h->nboxes + 1));
+        if (!grown) {
+            pthread_mutex_unlock(&h->mu);
+            close(fd);
+            return PyErr_NoMemory();
+        }
+        h->boxes = grown;
+        b = h->nboxes++;
+    }
+    memset(&h->boxes[b], 0, sizeof(Mailbox));
+    h->boxes[b].used = 1;
+    h->boxes[b].fd = fd;
+    pthread_mutex_unlock(&h->mu);
+    return Py_BuildValue("(ii)", b, fd);
+}
+
+static int box_arg(Hub *h, PyObject *arg) {
+    int b = (int)PyLong_AsLong(arg);
+    if (b == -1 && PyErr_Occurred()) return -1;
+    if (b < 0 || b >= h->nboxes || !h->boxes[b].used) {
+        PyErr_Format(PyExc_ValueError, "no mailbox %d in this hub", b);
+        return -1;
+    }
+    return b;
+}
+
+/* drain(box) -> the ids of its tickets finished since the last drain. */
+static PyObject *hub_drain(Hub *h, PyObject *arg) {
+    pthread_mutex_lock(&h->mu);
+    int b = box_arg(h, arg);
+    if (b < 0) {
+        pthread_mutex_unlock(&h->mu);
+        return NULL;
+    }
+    Mailbox *box = &h->boxes[b];
+    uint64_t v;
+    if (read(box->fd, &v, sizeof v) < 0) { /* (not readable: nothing was posted) */ }
+    size_t n = box->n;
+    uint64_t *ids = box->ids;
+    box->ids = NULL;
+    box->n = box->cap = 0;
+    pthread_mutex_unlock(&h->mu);
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; out && i < n; i++) {
+        PyObject *item = PyLong_FromUnsignedLongLong(ids[i]);
+        if (!item) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, item);
+    }
+    free(ids);
+    return out;
+}
+
+/* remove_mailbox(box): close its eventfd (works after close() too). */
+static PyObject *hub_remove_mailbox(Hub *h, PyObject *arg) {
+    pthread_mutex_lock(&h->mu);
+    int b = box_arg(h, arg);
+    if (b < 0) {
+        pthread_mutex_unlock(&h->mu);
+        return NULL;
+    }
+    Mailbox *box = &h->boxes[b];
+    close(box->fd);
+    free(box->ids);
+    memset(box, 0, sizeof *box);
+    pthread_mutex_unlock(&h->mu);
+    Py_RETURN_NONE;
+}
+
 static PyObject *hub_close(Hub *h, PyObject *noargs) {
     hub_stop(h);
     Py_RETURN_NONE;
@@ -777,13 +919,21 @@ static PyMethodDef hub_methods[] = {
     {"pause_lane", (PyCFunction)hub_pause_lane, METH_O, "pause_lane(lane): send it nothing new"},
     {"remove_lane", (PyCFunction)hub_remove_lane, METH_O, "remove_lane(lane): close it; what it holds is LOST"},
     {"release", (PyCFunction)hub_release, METH_VARARGS, "release(lane, offset): a response slot to give back"},
-    {"submit", (PyCFunction)hub_submit, METH_VARARGS, "submit(mid, id, header) -> Ticket, or None (no lane)"},
+    {"submit", (PyCFunction)hub_submit, METH_VARARGS,
+     "submit(mid, id, header, box=-1) -> Ticket, or None (no lane); with a mailbox, its id is listed there when "
+     "it finishes (instead of waking a waiter)"},
+    {"request", (PyCFunction)hub_request, METH_VARARGS,
+     "request(mid, id, header) -> Ticket, placed by its first wait() (RETRY: no lane)"},
     {"complete", (PyCFunction)hub_complete, METH_VARARGS, "complete(lane, id, reply) -> whether it was held"},
     {"pending", (PyCFunction)hub_pending, METH_NOARGS, "requests queued or in flight"},
     {"inflight", (PyCFunction)hub_inflight, METH_O, "inflight(lane) -> requests in flight there"},
     {"served", (PyCFunction)hub_served, METH_O, "served(lane) -> replies read from it"},
     {"orphans", (PyCFunction)hub_orphans, METH_NOARGS, "replies nobody waited for: [(lane key, bytes)]"},
     {"close", (PyCFunction)hub_close, METH_NOARGS, "fail everything with CLOSED; stop the thread"},
+    {"add_mailbox", (PyCFunction)hub_add_mailbox, METH_NOARGS,
+     "add_mailbox() -> (box, eventfd): tickets submitted with it are listed there when they finish"},
+    {"drain", (PyCFunction)hub_drain, METH_O, "drain(box) -> ids of its tickets finished since the last drain"},
+    {"remove_mailbox", (PyCFunction)hub_remove_mailbox, METH_O, "remove_mailbox(box): close its eventfd"},
     {NULL},
 };
 
@@ -812,7 +962,13 @@ static int ticket_abandon(TicketObject *o) {
     int how = 0;
     pthread_mutex_lock(&h->mu);
     uint32_t s = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE);
-    if (s == T_QUEUED) {
+    if (s == 0) { /* never placed */
+        free(t->data);
+        t->data = NULL;
+        t->len = 0;
+        __atomic_store_n(&t->state, T_RETRY, __ATOMIC_RELEASE);
+        how = 1;
+    } else if (s == T_QUEUED) {
         Model *m = &h->models[t->mid];
         Ticket **p = &m->head, *prev = NULL;
         while (*p && *p != t) { prev = *p; p = &(*p)->next; }
@@ -869,6 +1025,17 @@ static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
     for (;;) {
         int expired = 0;
         Py_BEGIN_ALLOW_THREADS
+        if (__atomic_load_n(&t->state, __ATOMIC_ACQUIRE) == 0) { /* (from request(): not placed yet) */
+            Hub *h = (Hub *)o->hub;
+            pthread_mutex_lock(&h->mu);
+            if (!place(h, t)) {
+                free(t->data);
+                t->data = NULL;
+                t->len = 0;
+                __atomic_store_n(&t->state, T_RETRY, __ATOMIC_RELEASE);
+            }
+            pthread_mutex_unlock(&h->mu);
+        }
         while ((s = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE)) < T_DONE) {
             double left = 0.1;
             if (until >= 0) {

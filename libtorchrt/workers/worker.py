@@ -126,6 +126,10 @@ class WorkerSpec:
         return cls(**json.loads(text))
 
 
+#: requests read from a socket pair in a row without polling the other sources
+_GREEDY = 16
+
+
 def _wait(poller: zmq.Poller, spin: float) -> dict[Any, int]:
     """Wait for a message on the ZeroMQ socket or the channel; with ``spin`` (seconds),
     poll without sleeping that long first: a process that sleeps between requests wakes
@@ -319,7 +323,11 @@ class _Worker:
         Requests come by the fast lane, the channel or over ZeroMQ, one message at a
         time, each answered by the way it came. The router never has requests on its
         channel and over ZeroMQ at once (see its ``_send``); the lane's are the native
-        hub's (``transport/lanes.py``), which the router does not count on the order of."""
+        hub's (``transport/lanes.py``), which the router does not count on the order of.
+
+        After a request that came by a socket pair, the next one is looked for there
+        first, without polling (a busy front keeps several in flight); every
+        ``_GREEDY`` of them, the poll looks at every source, ZeroMQ first."""
         sock = self.sock
         spin = self.spec.busy_poll_us / 1e6
         poller = zmq.Poller()
@@ -327,18 +335,29 @@ class _Worker:
         pairs = {s.fileno(): s for s in (self.lane, self.channel) if s is not None}
         for fd in pairs:
             poller.register(fd, zmq.POLLIN)
+        greedy = 0
         while True:
-            events = _wait(poller, spin)
             frames: list[zmq.Frame] = []
-            pair = next((pairs[fd] for fd in pairs if fd in events), None)
+            pair = self._answer
+            if pair is not None and greedy < _GREEDY:
+                greedy += 1
+                events = {}
+            else:
+                greedy = 0
+                events = _wait(poller, spin)
+                # (ZeroMQ first: its control messages are not starved by busy pairs)
+                pair = None if sock in events else next((pairs[fd] for fd in pairs if fd in events), None)
             if pair is not None:
                 try:
                     n = pair.recv_into(self._datagram, 0, socket.MSG_DONTWAIT)
                 except BlockingIOError:
+                    greedy = _GREEDY  # (nothing waits there: poll)
                     continue
                 if not n:  # the front closed it: it is gone (the watch pipe says so too)
-                    poller.unregister(pair.fileno())
-                    del pairs[pair.fileno()]
+                    if pair.fileno() in pairs:
+                        poller.unregister(pair.fileno())
+                        del pairs[pair.fileno()]
+                    self._answer = None
                     continue
                 header = bytes(self._datagram[:n])
                 self._answer = pair

@@ -5,6 +5,7 @@ the router would end it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -45,7 +46,8 @@ def pool(files: dict[str, Path]) -> Iterator[Pool]:
         models=[
             ModelConfig("tiny", files["tiny"], instances=2),
             ModelConfig("raiser", files["raiser"]),
-            ModelConfig("spin", files["spin"]),
+            # (unoptimized: a spin of N iterations takes as long on every call)
+            ModelConfig("spin", files["spin"], parameters={"DISABLE_OPTIMIZED_EXECUTION": "true"}),
         ]
     ) as p:
         yield p
@@ -203,3 +205,62 @@ def test_a_drained_close_finishes_what_the_lane_holds(files: dict[str, Path]) ->
     pool.close(grace=30.0)
     t.join(30)
     assert results == [50_000.0]
+
+
+# ── asyncio callers: the loop's mailbox ─────────────────────────────────────────
+
+
+def test_asyncio_callers_go_by_the_lane_and_get_their_own_answers(pool: Pool) -> None:
+    model = reference("tiny")
+    sends, served = channel_sends(pool), lane_served(pool, "tiny")
+
+    async def caller(seed: int) -> list[str]:
+        g = torch.Generator().manual_seed(seed)
+        wrong = []
+        for i in range(20):
+            x = torch.randn(1, 64, generator=g)
+            y = (await pool.infer_async("tiny", x, timeout=30))["OUTPUT__0"]
+            with torch.no_grad():
+                if not torch.allclose(y, model(x), atol=1e-6):
+                    wrong.append(f"task {seed} request {i}")
+        return wrong
+
+    async def main() -> list[str]:
+        return [w for ws in await asyncio.gather(*(caller(s) for s in range(32))) for w in ws]
+
+    assert asyncio.run(main()) == []
+    assert lane_served(pool, "tiny") - served == 640
+    assert channel_sends(pool) == sends
+
+
+def test_an_asyncio_deadline_or_cancel_ends_that_request_only(pool: Pool) -> None:
+    m = pool._router.lookup("spin")
+    slow = torch.zeros(1, 32768)
+    slow[0, 0] = 300_000.0
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError, match="deadline"):
+            await pool.infer_async("spin", slow, timeout=0.2)
+        task = asyncio.ensure_future(pool.infer_async("spin", slow.clone()))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        out = await pool.infer_async("spin", torch.ones(1, 32768), timeout=60)
+        assert out["OUTPUT__0"].item() == 1.0
+
+    asyncio.run(main())
+    pool.infer("spin", torch.ones(1, 4))  # (reads the orphans: the slow inputs are freed)
+    assert m.allocator.used == 0
+
+
+def test_an_asyncio_pool_closes_its_mailboxes(files: dict[str, Path]) -> None:
+    before = snapshot()
+    pool = Pool(models=[ModelConfig("tiny", files["tiny"])])
+
+    async def main() -> None:
+        await asyncio.gather(*(pool.infer_async("tiny", torch.randn(1, 64)) for _ in range(50)))
+
+    asyncio.run(main())
+    pool.close()
+    assert_no_leaks(before)

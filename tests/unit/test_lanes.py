@@ -85,6 +85,22 @@ def test_the_least_busy_lane_gets_the_request(hub: lanes.Hub) -> None:
     assert {read(a).id, read(b).id} <= {1, 2, 3}
 
 
+def test_a_requested_ticket_is_placed_by_its_wait(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    worker = lane(hub, mid, key=2)
+    ticket = hub.request(mid, 4, request(4))
+    assert hub.pending() == 0  # (not placed yet)
+    replier = threading.Thread(target=lambda: worker.send(answer(read(worker).id, b"ok")))
+    replier.start()
+    state, key, reply = ticket.wait(5.0)
+    replier.join(5)
+    assert (state, key, wire.decode(reply).blobs) == (lanes.DONE, 2, [b"ok"])
+    # Without a lane to take it, its wait says so at once.
+    hub.pause_lane(2)
+    assert hub.request(mid, 5, request(5)).wait(5.0)[:2] == (lanes.RETRY, 0)
+    assert hub.request(mid, 6, request(6)).abandon() == 1  # (never placed: nothing to undo)
+
+
 def test_a_model_without_a_lane_is_told_so(hub: lanes.Hub) -> None:
     mid = hub.add_model()
     assert hub.submit(mid, 1, request(1)) is None

@@ -35,16 +35,17 @@ import itertools
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import zmq
 
-from ..errors import PoolClosedError, ProtocolError, TimeoutError, WorkerDiedError
+from ..errors import PoolClosedError, ProtocolError, TimeoutError
 from ..transport import lanes, wire
 from ..transport import tensors as tensor_io
 from ..transport.dtypes import DTYPES
 from .call import Call
+from .future import RequestFuture
 from .queues import Fifo
 from .records import _Model, _Worker
 from .replies import worker_error
@@ -58,6 +59,11 @@ __all__ = ["FastLane"]
 _BY_ROUTER = object()
 
 
+def _outcome(call: Call) -> Any:
+    """``call``'s outputs once its (concurrent) future is done; raises its error."""
+    return cast("RequestFuture[Any]", call.future).result()
+
+
 class _Mailbox:
     """One event loop's mailbox in the hub: its id, eventfd and waiting requests."""
 
@@ -67,6 +73,7 @@ class _Mailbox:
         self.fd = fd
         #: request id → its call, ticket and the awaiting caller's future
         self.waiting: dict[int, tuple[Call, Any, asyncio.Future[Any]]] = {}
+
 
 #: how long a lane's worker is remembered after its exit: a caller that its death woke
 #: hands its request to the supervisor with it (seconds)
@@ -163,14 +170,15 @@ class FastLane:
         return False
 
     def counts(self, w: _Worker) -> tuple[int, int]:
-        """``w``'s lane requests in flight, and served."""
-        return (self.inflight(w), self.served(w)) if w.lane_key else (0, 0)
+        """``w``'s lane requests in flight, and served (any thread)."""
+        key = w.lane_key
+        return self.hub.counts(key) if key and self.hub is not None else (0, 0)
 
     def inflight(self, w: _Worker) -> int:
-        return self.hub.inflight(w.lane_key) if w.lane_key and self.hub is not None else 0
+        return self.counts(w)[0]
 
     def served(self, w: _Worker) -> int:
-        return self.hub.served(w.lane_key) if w.lane_key and self.hub is not None else 0
+        return self.counts(w)[1]
 
     def pending(self) -> int:
         """Requests the hub holds (queued or in flight), any thread."""
@@ -231,15 +239,15 @@ class FastLane:
             exc = TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
             if self._abandon(call, ticket):
                 call.resolve_error(exc)
-                return call.future.result()  # type: ignore[no-any-return]
+                return _outcome(call)
             state, key, reply = ticket.wait()  # (it finished meanwhile)
         if state == lanes.DONE:
             result = self._answer(call, key, reply)
             if result is not _BY_ROUTER:
-                return result  # type: ignore[no-any-return]
+                return result
             state = lanes.RETRY
         self._hand_over(call, state, key)
-        return call.future.result()  # type: ignore[no-any-return]
+        return _outcome(call)
 
     def _hand_over(self, call: Call, state: int, key: int) -> None:
         """``call``'s ticket ended without an answer it can use (``state``): it goes to
@@ -261,7 +269,7 @@ class FastLane:
     def _by_router(self, call: Call) -> dict[str, torch.Tensor]:
         """Hand ``call`` to the router, and wait for it (the router fails it at its deadline)."""
         self.router.submit(call)
-        return call.future.result()  # type: ignore[no-any-return]
+        return _outcome(call)
 
     # ── asyncio callers ────────────────────────────────────────────────────────
 
@@ -288,7 +296,11 @@ class FastLane:
         call.sent_ns = time.perf_counter_ns()
         waiter: asyncio.Future[Any] = loop.create_future()
         box.waiting[call.id] = (call, ticket, waiter)
-        timer = None if call.deadline is None else loop.call_later(call.deadline - time.monotonic(), self._expire, box, call.id)
+        timer = (
+            None
+            if call.deadline is None
+            else loop.call_later(call.deadline - time.monotonic(), self._expire, box, call.id)
+        )
         try:
             result = await waiter
         except asyncio.CancelledError:
@@ -302,8 +314,8 @@ class FastLane:
             if timer is not None:
                 timer.cancel()
         if result is _BY_ROUTER:  # (handed over: its future tells the rest)
-            return await asyncio.wrap_future(call.future, loop=loop)  # type: ignore[arg-type, no-any-return]
-        return result  # type: ignore[no-any-return]
+            return await asyncio.wrap_future(cast("RequestFuture[Any]", call.future), loop=loop)
+        return result
 
     def _open_box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         assert self.hub is not None
@@ -348,13 +360,14 @@ class FastLane:
         if not self._abandon(call, ticket):
             return  # (it finished: the mailbox lists it)
         del box.waiting[req_id]
-        call.resolve_error(TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed"))
+        exc = TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
+        call.resolve_error(exc)
         if not waiter.done():
-            waiter.set_exception(call.future.exception())  # type: ignore[arg-type]
+            waiter.set_exception(exc)
 
     async def _by_router_async(self, call: Call, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
         self.router.submit(call)
-        return await asyncio.wrap_future(call.future, loop=loop)  # type: ignore[arg-type, no-any-return]
+        return await asyncio.wrap_future(cast("RequestFuture[Any]", call.future), loop=loop)
 
     def _close_boxes(self) -> None:
         """Stop watching every loop's mailbox (in its loop's thread), then close it."""
@@ -393,16 +406,16 @@ class FastLane:
             call.free()
         return True
 
-    def _answer(self, call: Call, key: int, reply: bytes) -> Any:
+    def _answer(self, call: Call, key: int, reply: bytes | None) -> Any:
         """``call``'s outputs from its reply (raises its error); _BY_ROUTER if its worker
         was dropped before the reply could be read (its response arena is gone)."""
         m = call.model
         frames = self._frames.pop(call.id, []) if self._frames else []
         try:
-            msg = wire.decode(reply)
+            msg = wire.decode(reply or b"")  # (a DONE ticket always holds its reply)
         except ProtocolError as e:
             call.fail(e)
-            return call.future.result()
+            return _outcome(call)
         w = self._lanes.get(key)
         arena = w.outputs if w is not None else None
         if arena is None and isinstance(msg, wire.Response):
@@ -411,11 +424,11 @@ class FastLane:
         if isinstance(msg, wire.Error):
             m.stats.executed(1)
             call.resolve_error(worker_error(m, msg))
-            return call.future.result()  # type: ignore[no-any-return]
+            return _outcome(call)
         if not isinstance(msg, wire.Response):
             m.stats.executed(1)
             call.resolve_error(ProtocolError(f"a {type(msg).__name__} message for a request"))
-            return call.future.result()  # type: ignore[no-any-return]
+            return _outcome(call)
         release = self.hub.release  # type: ignore[union-attr]
 
         def slot(d: wire.TensorDesc) -> torch.Tensor:
@@ -432,7 +445,7 @@ class FastLane:
         except Exception as e:  # a reply we cannot rebuild fails its request
             m.stats.executed(1)
             call.resolve_error(e if isinstance(e, ProtocolError) else ProtocolError(f"unreadable reply: {e!r}"))
-            return call.future.result()  # type: ignore[no-any-return]
+            return _outcome(call)
         binder = m.binder
         assert binder is not None
         result = dict(zip(binder.output_names(len(outputs)), outputs))

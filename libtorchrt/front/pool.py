@@ -357,6 +357,10 @@ class Pool:
     ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.
 
+        A request to a CPU model without dynamic or sequence batching takes the fast
+        lane: this thread sends it and the pool's native hub wakes it with the reply,
+        with no other Python thread in between (docs/architecture.md).
+
         Args:
             model: the model's name.
             inputs: as for :meth:`submit`.
@@ -376,7 +380,7 @@ class Pool:
             TimeoutError: no result within ``timeout``.
         """
         timeout = request_timeout(model, timeout)
-        future: RequestFuture[dict[str, torch.Tensor]]
+        future: concurrent.futures.Future[dict[str, torch.Tensor]]
         if sequence_id is None and not sequence_start and not sequence_end:
             if self._closed:
                 raise PoolClosedError("the pool is closed")
@@ -385,7 +389,7 @@ class Pool:
             if fast.takes(call):
                 return fast.infer(call)  # (no router thread: front/fastlane.py)
             self._router.submit(call)
-            future = call.future  # type: ignore[assignment]
+            future = cast(RequestFuture[dict[str, torch.Tensor]], call.future)
         else:
             future = self.submit(
                 model,

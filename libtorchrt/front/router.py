@@ -343,7 +343,11 @@ class Router:
         return self._stop_at is not None and (self._drained() or now >= self._stop_at)
 
     def _drained(self) -> bool:
-        return not self.inbox and not self.fast.pending() and all(not m.pending and not any(w.inflight for w in m.workers) for m in self.records())
+        return (
+            not self.inbox
+            and not self.fast.pending()
+            and all(not m.pending and not any(w.inflight for w in m.workers) for m in self.records())
+        )
 
     def _wait_for_events(self, wake: float | None) -> list[Any]:
         """Block until something happens or ``wake`` (monotonic) comes; the ready

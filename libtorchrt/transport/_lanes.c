@@ -2,19 +2,23 @@
  * any thread but the caller's.
  *
  * A *lane* is one worker's second SOCK_SEQPACKET socket pair (beside its channel and its
- * ZeroMQ socket). A caller thread submits a request datagram for a model: under the hub's
- * mutex it is sent at once to the model's lane with the fewest requests in flight (below
- * the lane's limit), or queued in the model's FIFO. The hub's own thread (a pthread that
+ * ZeroMQ socket). A caller thread makes a ticket for a request datagram of a model; its
+ * wait() lets go of the GIL and, under the hub's mutex, sends it to the model's lane with
+ * the fewest requests in flight (below the lane's limit) or queues it in the model's FIFO
+ * (submit() does that at once, keeping the GIL). The hub's own thread (a pthread that
  * never takes the GIL) waits on every lane with epoll, matches each reply to its ticket by
- * the request id, stores the reply's bytes in it, wakes its caller (a futex), and sends the
- * lane the next queued request. The caller decodes the reply itself.
+ * the request id, stores the reply's bytes in it, wakes its caller (a futex) or lists it
+ * in its mailbox (an eventfd an asyncio loop watches), and sends the lane the next queued
+ * request. The caller decodes the reply itself.
  *
  * Response-arena slots the caller frees are queued on their lane (release()) and sent as
- * one Release message ahead of the lane's next request.
+ * one Release message ahead of the lane's next request (or at once, 64 of them, while the
+ * lane is idle).
  *
- * A lane that reaches end-of-file (its worker died) fails what it holds with LOST; a model
- * left without a lane to send to fails what it queues with RETRY (the caller then goes by
- * the router, which knows why); close() fails everything with CLOSED.
+ * A lane that reaches end-of-file (its worker died) fails the oldest request it holds
+ * (the one that may have been running) with LOST and the others with RETRY; a model left
+ * without a lane to send to fails what it queues with RETRY (the caller then goes by the
+ * router, which knows why); close() fails everything with CLOSED.
  *
  * Python API: see lanes.py, the only module that imports this one.
  */
@@ -596,14 +600,26 @@ static PyObject *hub_add_lane(Hub *h, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Lock the hub and find the lane whose key is ``arg``; -1 (unlocked, with an exception
+ * set) if it is closed or has no such lane. */
+static int locked_lane(Hub *h, PyObject *arg) {
+    uint64_t key;
+    if (!key_arg(arg, &key)) return -1;
+    pthread_mutex_lock(&h->mu);
+    if (!h->started || h->closing) {
+        pthread_mutex_unlock(&h->mu);
+        PyErr_SetString(PyExc_RuntimeError, "the hub is closed");
+        return -1;
+    }
+    int li = lane_of(h, key);
+    if (li < 0) pthread_mutex_unlock(&h->mu);
+    return li;
+}
+
 /* Stop sending new requests to the lane (those in flight still complete). */
 static PyObject *hub_pause_lane(Hub *h, PyObject *arg) {
-    uint64_t key;
-    if (!key_arg(arg, &key)) return NULL;
-    pthread_mutex_lock(&h->mu);
-    CHECK_OPEN(h);
-    int li = lane_of(h, key);
-    if (li < 0) { pthread_mutex_unlock(&h->mu); return NULL; }
+    int li = locked_lane(h, arg);
+    if (li < 0) return NULL;
     Lane *l = &h->lanes[li];
     l->enabled = 0;
     if (h->models[l->mid].used && !model_has_lane(h, l->mid)) fail_queue(h, &h->models[l->mid], T_RETRY);
@@ -613,12 +629,8 @@ static PyObject *hub_pause_lane(Hub *h, PyObject *arg) {
 
 /* Forget the lane: close it; what it still holds fails with LOST. */
 static PyObject *hub_remove_lane(Hub *h, PyObject *arg) {
-    uint64_t key;
-    if (!key_arg(arg, &key)) return NULL;
-    pthread_mutex_lock(&h->mu);
-    CHECK_OPEN(h);
-    int li = lane_of(h, key);
-    if (li < 0) { pthread_mutex_unlock(&h->mu); return NULL; }
+    int li = locked_lane(h, arg);
+    if (li < 0) return NULL;
     lane_lost(h, li);
     Lane *l = &h->lanes[li];
     free(l->releases);
@@ -757,24 +769,16 @@ static PyObject *hub_pending(Hub *h, PyObject *noargs) {
     return PyLong_FromSsize_t(n);
 }
 
-static PyObject *hub_inflight(Hub *h, PyObject *arg) {
+/* counts(key) -> (requests in flight on the lane, replies read from it); (0, 0): no lane. */
+static PyObject *hub_counts(Hub *h, PyObject *arg) {
     uint64_t key;
     if (!key_arg(arg, &key)) return NULL;
     pthread_mutex_lock(&h->mu);
     int li = find_lane(h, key);
-    long n = li >= 0 ? h->lanes[li].count : 0;
+    long inflight = li >= 0 ? h->lanes[li].count : 0;
+    unsigned long long served = li >= 0 ? h->lanes[li].served : 0;
     pthread_mutex_unlock(&h->mu);
-    return PyLong_FromLong(n);
-}
-
-static PyObject *hub_served(Hub *h, PyObject *arg) {
-    uint64_t key;
-    if (!key_arg(arg, &key)) return NULL;
-    pthread_mutex_lock(&h->mu);
-    int li = find_lane(h, key);
-    unsigned long long n = li >= 0 ? h->lanes[li].served : 0;
-    pthread_mutex_unlock(&h->mu);
-    return PyLong_FromUnsignedLongLong(n);
+    return Py_BuildValue("(lK)", inflight, served);
 }
 
 /* Complete a ticket with a reply that came another way (over ZeroMQ: an error, or
@@ -850,25 +854,23 @@ static PyObject *hub_add_mailbox(Hub *h, PyObject *noargs) {
     return Py_BuildValue("(ii)", b, fd);
 }
 
-static int box_arg(Hub *h, PyObject *arg) {
+/* Lock the hub and find mailbox ``arg``; NULL (unlocked, with an exception set) if none. */
+static Mailbox *locked_box(Hub *h, PyObject *arg) {
     int b = (int)PyLong_AsLong(arg);
-    if (b == -1 && PyErr_Occurred()) return -1;
+    if (b == -1 && PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&h->mu);
     if (b < 0 || b >= h->nboxes || !h->boxes[b].used) {
+        pthread_mutex_unlock(&h->mu);
         PyErr_Format(PyExc_ValueError, "no mailbox %d in this hub", b);
-        return -1;
+        return NULL;
     }
-    return b;
+    return &h->boxes[b];
 }
 
 /* drain(box) -> the ids of its tickets finished since the last drain. */
 static PyObject *hub_drain(Hub *h, PyObject *arg) {
-    pthread_mutex_lock(&h->mu);
-    int b = box_arg(h, arg);
-    if (b < 0) {
-        pthread_mutex_unlock(&h->mu);
-        return NULL;
-    }
-    Mailbox *box = &h->boxes[b];
+    Mailbox *box = locked_box(h, arg);
+    if (!box) return NULL;
     uint64_t v;
     if (read(box->fd, &v, sizeof v) < 0) { /* (not readable: nothing was posted) */ }
     size_t n = box->n;
@@ -891,13 +893,8 @@ static PyObject *hub_drain(Hub *h, PyObject *arg) {
 
 /* remove_mailbox(box): close its eventfd (works after close() too). */
 static PyObject *hub_remove_mailbox(Hub *h, PyObject *arg) {
-    pthread_mutex_lock(&h->mu);
-    int b = box_arg(h, arg);
-    if (b < 0) {
-        pthread_mutex_unlock(&h->mu);
-        return NULL;
-    }
-    Mailbox *box = &h->boxes[b];
+    Mailbox *box = locked_box(h, arg);
+    if (!box) return NULL;
     close(box->fd);
     free(box->ids);
     memset(box, 0, sizeof *box);
@@ -926,8 +923,7 @@ static PyMethodDef hub_methods[] = {
      "request(mid, id, header) -> Ticket, placed by its first wait() (RETRY: no lane)"},
     {"complete", (PyCFunction)hub_complete, METH_VARARGS, "complete(lane, id, reply) -> whether it was held"},
     {"pending", (PyCFunction)hub_pending, METH_NOARGS, "requests queued or in flight"},
-    {"inflight", (PyCFunction)hub_inflight, METH_O, "inflight(lane) -> requests in flight there"},
-    {"served", (PyCFunction)hub_served, METH_O, "served(lane) -> replies read from it"},
+    {"counts", (PyCFunction)hub_counts, METH_O, "counts(key) -> (requests in flight on the lane, replies read)"},
     {"orphans", (PyCFunction)hub_orphans, METH_NOARGS, "replies nobody waited for: [(lane key, bytes)]"},
     {"close", (PyCFunction)hub_close, METH_NOARGS, "fail everything with CLOSED; stop the thread"},
     {"add_mailbox", (PyCFunction)hub_add_mailbox, METH_NOARGS,

@@ -11,13 +11,19 @@ the hub's thread → caller), and no Python runs for it outside the caller's thr
 
     add_model() -> mid                      drop_model(mid)
     add_lane(mid, fd, limit, key)           pause_lane(key)        remove_lane(key)
-    submit(mid, id, header) -> Ticket | None (None: the model has no lane to take it)
+    request(mid, id, header) -> Ticket   (placed by its first wait(), without the GIL)
+    submit(mid, id, header, box=-1) -> Ticket | None   (placed now; None: no lane takes it)
     release(key, offset)                    complete(key, id, reply) -> bool
-    pending() -> int    inflight(key) -> int    served(key) -> int    orphans()    close()
+    pending() -> int    counts(key) -> (in flight, served)    orphans()    orphaned    close()
+    add_mailbox() -> (box, eventfd)    drain(box) -> [request ids]    remove_mailbox(box)
 
-``Ticket.wait()`` returns ``(state, key, reply)``: :data:`DONE` with the reply's bytes;
-:data:`LOST`, the worker died while it may have been running it; :data:`RETRY`, it did
-not run (its worker died before it, or the model has no lane left); :data:`CLOSED`.
+``Ticket.wait(timeout=None)`` returns ``(state, key, reply)``: :data:`DONE` with the
+reply's bytes; :data:`LOST`, the worker died while it may have been running it;
+:data:`RETRY`, it did not run (its worker died before it, or the model has no lane left);
+:data:`CLOSED`; 0, the timeout passed (then ``Ticket.abandon()``: 1, taken back before it
+was sent; 2, sent: its reply will be one of ``orphans()``; 0, it finished meanwhile). A
+ticket submitted with a mailbox wakes nobody: its id is listed by ``drain(box)``, and the
+mailbox's eventfd becomes readable.
 
 The datagrams are ``wire``'s (the hub reads only a reply's request id, and writes only
 ``Release`` messages), so a worker reads its lane as it reads its channel.

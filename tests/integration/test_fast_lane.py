@@ -197,7 +197,9 @@ def test_close_ends_every_caller_and_leaves_nothing_behind(files: dict[str, Path
 def test_a_drained_close_finishes_what_the_lane_holds(files: dict[str, Path]) -> None:
     pool = Pool(models=[ModelConfig("spin", files["spin"])])
     results: list[float] = []
-    t = threading.Thread(target=lambda: results.append(pool.infer("spin", torch.tensor([50_000.0]))["OUTPUT__0"].item()))
+    t = threading.Thread(
+        target=lambda: results.append(pool.infer("spin", torch.tensor([50_000.0]))["OUTPUT__0"].item())
+    )
     t.start()
     deadline = time.monotonic() + 5
     while pool._router.fast.pending() == 0 and time.monotonic() < deadline:

@@ -51,19 +51,19 @@ def test_a_request_is_sent_and_its_reply_wakes_its_ticket(hub: lanes.Hub) -> Non
     ticket = hub.submit(mid, 1, request(1))
     msg = read(worker)
     assert isinstance(msg, wire.Request) and msg.id == 1
-    assert hub.inflight(7) == 1 and hub.pending() == 1
+    assert hub.counts(7)[0] == 1 and hub.pending() == 1
     worker.send(answer(1, b"out"))
     state, key, reply = ticket.wait(5.0)
     assert (state, key) == (lanes.DONE, 7)
     assert wire.decode(reply).blobs == [b"out"]
-    assert hub.pending() == 0 and hub.served(7) == 1
+    assert hub.pending() == 0 and hub.counts(7)[1] == 1
 
 
 def test_requests_past_the_limit_wait_and_go_in_order_as_replies_free_the_lane(hub: lanes.Hub) -> None:
     mid = hub.add_model()
     worker = lane(hub, mid, key=1, limit=2)
     tickets = [hub.submit(mid, i, request(i)) for i in range(1, 6)]
-    assert hub.inflight(1) == 2 and hub.pending() == 5
+    assert hub.counts(1)[0] == 2 and hub.pending() == 5
     seen = []
     for _ in range(5):
         msg = read(worker)
@@ -81,7 +81,7 @@ def test_the_least_busy_lane_gets_the_request(hub: lanes.Hub) -> None:
     hub.submit(mid, 1, request(1))
     hub.submit(mid, 2, request(2))
     hub.submit(mid, 3, request(3))
-    assert sorted([hub.inflight(1), hub.inflight(2)]) == [1, 2]
+    assert sorted([hub.counts(1)[0], hub.counts(2)[0]]) == [1, 2]
     assert {read(a).id, read(b).id} <= {1, 2, 3}
 
 
@@ -223,4 +223,4 @@ def test_many_threads_get_their_own_replies(hub: lanes.Hub) -> None:
     for t in echoes:
         t.join(5)
     assert not errors
-    assert hub.served(1) + hub.served(2) == 1600 and hub.pending() == 0
+    assert hub.counts(1)[1] + hub.counts(2)[1] == 1600 and hub.pending() == 0

@@ -1,27 +1,35 @@
-"""The fast lane: ``Pool.infer`` to a CPU worker without the router thread (front).
+"""The fast lane: ``Pool.infer`` and ``infer_async`` to CPU workers without the router
+thread (front).
 
 ::
 
     caller thread                           hub thread (native, no GIL)      worker
     ─────────────                           ───────────────────────────      ──────
     admission (as for any request)
-    encode the request ──► hub.submit ──── send(2) on the least-busy lane ──► runs it
-    (no lane free: queued in the hub)
-    ticket.wait() (futex, GIL let go) ◄──── reads the reply, wakes its   ◄──── reply on
+    encode; ticket.wait() lets go of the
+    GIL, sends on the least-busy lane ─────────────────────────────────────► runs it
+    (none free: queued in the hub)
+    sleeps on a futex              ◄──────  reads the reply, wakes its   ◄──── reply on
     decode; outputs view the response        caller; sends the lane the          the lane
     arena; stats                             next queued request
 
+An asyncio caller's request is placed at once, and the hub lists it in its loop's
+mailbox when it finishes (an eventfd the loop watches); the loop's thread settles it.
+
 A request takes the lane when its model has a plain FIFO queue (no dynamic or sequence
 batching), every instance on the CPU and no ``execution_timeout`` (the router's watchdog
-times executions), and the request has no deadline, data frames or inline bytes past
-``MAX_CHANNEL_BLOBS``. Everything else, and ``submit``/``infer_async`` (whose futures
-need a thread to run their callbacks), goes by the router as before.
+times executions), and the request has no data frames and at most ``MAX_CHANNEL_BLOBS``
+of inline bytes. Everything else, and ``submit`` (whose future runs callbacks), goes by
+the router as before. A deadline is the caller's: a request still queued in the hub is
+taken out; one already sent leaves an *orphan* reply, whose slots the next caller gives
+back.
 
 The router still owns the workers' lives: it adds a worker's lane once the worker is
-READY, pauses it when the worker is stopped, and removes it when the worker exits. A
-request the hub cannot finish comes back to the caller, who hands it to the router: one
-that did not run (``RETRY``) as it is; one whose worker died while running it (``LOST``)
-after counting the try, as the router counts a re-sent request's.
+READY, stops sending to it when its model retires, and removes it when the worker exits.
+A request the hub cannot finish is handed over by its caller: one that did not run
+(``RETRY``) to the router as it is; one whose worker died while it may have been running
+it (``LOST``) to the supervisor, which decides it with that worker's other requests
+(retries, the poison rule, the exit code in the error); on close, it fails.
 
 Replies that come over ZeroMQ instead (an error, or outputs with data frames) are read
 by the router, which completes the ticket with them (:meth:`FastLane.complete`).
@@ -89,15 +97,16 @@ class FastLane:
         self.hub = lanes.Hub() if lanes.available else None
         self.closed = False
         self._keys = itertools.count(1)
-        #: lane key → its worker and response arena (kept a while after its exit)
+        #: lane key → its worker (remembered for _RETIRED_S after its exit)
         self._lanes: dict[int, _Worker] = {}
         self._retired: deque[tuple[float, int]] = deque()
         #: data frames of lane replies that came over ZeroMQ, by request id
         self._frames: dict[int, list[zmq.Frame]] = {}
         #: requests sent whose callers stopped waiting (their inputs are freed with the reply)
         self._abandoned: dict[int, Call] = {}
-        #: each event loop's mailbox (asyncio callers)
-        self._boxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        #: each event loop's mailbox (asyncio callers); a closed loop's is closed when
+        #: the next loop opens one, or with the pool
+        self._boxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
 
     # ── the router thread: models and workers ─────────────────────────────────
 
@@ -138,11 +147,6 @@ class FastLane:
         limit = max(1, min(m.queue.per_worker, lanes.MAX_LIMIT))
         self.hub.add_lane(m.lane, sock.detach(), limit, key)
         w.lane_key = key
-
-    def pause(self, w: _Worker) -> None:
-        """``w`` is being stopped: send it nothing new."""
-        if w.lane_key and self.hub is not None:
-            self.hub.pause_lane(w.lane_key)
 
     def exited(self, w: _Worker) -> None:
         """``w`` exited: its lane is closed; what it held comes back to its callers."""
@@ -319,6 +323,9 @@ class FastLane:
 
     def _open_box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         assert self.hub is not None
+        for old in [b for b in self._boxes.values() if b.loop.is_closed()]:  # (asyncio.run() after asyncio.run())
+            del self._boxes[old.loop]
+            self._remove_box(old)
         box = _Mailbox(loop, *self.hub.add_mailbox())
         loop.add_reader(box.fd, self._drain, box)
         self._boxes[loop] = box

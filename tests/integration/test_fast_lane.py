@@ -25,7 +25,7 @@ from libtorchrt import (
     WorkerDiedError,
 )
 from libtorchrt.transport import lanes
-from tests.conftest import assert_no_leaks, snapshot
+from tests.conftest import assert_no_leaks, open_fds, snapshot
 from tests.models import reference, save
 
 pytestmark = [
@@ -266,3 +266,11 @@ def test_an_asyncio_pool_closes_its_mailboxes(files: dict[str, Path]) -> None:
     asyncio.run(main())
     pool.close()
     assert_no_leaks(before)
+
+
+def test_one_loop_after_another_keeps_one_mailbox(pool: Pool) -> None:
+    fds = len(open_fds())
+    for _ in range(5):  # (each asyncio.run() is a new event loop)
+        asyncio.run(pool.infer_async("tiny", torch.randn(1, 64)))
+    assert len(pool._router.fast._boxes) == 1
+    assert len(open_fds()) <= fds + 1  # (the last loop's eventfd)

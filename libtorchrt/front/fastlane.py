@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 import weakref
 from collections import deque
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from .router import Router
 
 __all__ = ["FastLane"]
+
+log = logging.getLogger("libtorchrt")
 
 #: what settling a ticket returns when the router is to run its request after all
 _BY_ROUTER = object()
@@ -143,9 +146,13 @@ class FastLane:
                 sock.close()
             return
         key = next(self._keys)
-        self._lanes[key] = w
         limit = max(1, min(m.queue.per_worker, lanes.MAX_LIMIT))
-        self.hub.add_lane(m.lane, sock.detach(), limit, key)
+        try:
+            self.hub.add_lane(m.lane, sock.detach(), limit, key)  # (the hub owns the descriptor now)
+        except (OSError, RuntimeError, ValueError) as e:  # (its requests go by the router)
+            log.warning("worker %s/%d: no fast lane: %s", m.name, w.instance, e)
+            return
+        self._lanes[key] = w
         w.lane_key = key
 
     def exited(self, w: _Worker) -> None:

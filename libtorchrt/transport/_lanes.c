@@ -554,20 +554,22 @@ static PyObject *hub_drop_model(Hub *h, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* add_lane(mid, fd, limit, key): the hub owns fd from now on (closed on any error too). */
 static PyObject *hub_add_lane(Hub *h, PyObject *args) {
     int mid, fd, limit;
     unsigned long long key;
     if (!PyArg_ParseTuple(args, "iiiK:add_lane", &mid, &fd, &limit, &key)) return NULL;
     if (limit < 1 || limit > MAX_LIMIT) {
+        close(fd);
         PyErr_Format(PyExc_ValueError, "a lane's limit must be in [1, %d], got %d", MAX_LIMIT, limit);
         return NULL;
     }
     pthread_mutex_lock(&h->mu);
-    CHECK_OPEN(h);
-    if (!valid_model(h, mid)) { pthread_mutex_unlock(&h->mu); return NULL; }
-    if (key == 0 || find_lane(h, key) >= 0) {
+    if (!h->started || h->closing || !valid_model(h, mid) || key == 0 || find_lane(h, key) >= 0) {
         pthread_mutex_unlock(&h->mu);
-        PyErr_Format(PyExc_ValueError, "lane key %llu is 0 or taken", key);
+        close(fd);
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "the hub is closed, or lane key %llu is 0 or taken", key);
         return NULL;
     }
     int li = -1;
@@ -576,6 +578,7 @@ static PyObject *hub_add_lane(Hub *h, PyObject *args) {
     if (li < 0) {
         if (h->nlanes == MAX_LANES) {
             pthread_mutex_unlock(&h->mu);
+            close(fd);
             PyErr_SetString(PyExc_RuntimeError, "too many lanes");
             return NULL;
         }
@@ -589,9 +592,12 @@ static PyObject *hub_add_lane(Hub *h, PyObject *args) {
     l->limit = limit;
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)li};
     if (epoll_ctl(h->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        int err = errno;
+        close(fd); /* (it was handed over: nobody else closes it) */
         l->fd = -1;
         if (li == h->nlanes - 1) h->nlanes--;
         pthread_mutex_unlock(&h->mu);
+        errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     l->used = l->alive = l->enabled = 1;

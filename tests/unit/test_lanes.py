@@ -3,6 +3,7 @@ each test plays the worker on the other end with ``wire`` messages."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -224,3 +225,16 @@ def test_many_threads_get_their_own_replies(hub: lanes.Hub) -> None:
         t.join(5)
     assert not errors
     assert hub.counts(1)[1] + hub.counts(2)[1] == 1600 and hub.pending() == 0
+
+
+def test_a_refused_lane_closes_the_descriptor_it_was_given(hub: lanes.Hub) -> None:
+    mid = hub.add_model()
+    # (mid, limit, key): key 0; a limit past MAX_LIMIT; no such model
+    for model, limit, key in ((mid, 1, 0), (mid, lanes.MAX_LIMIT + 1, 5), (mid + 1, 1, 6)):
+        mine, theirs = lanes.pair()
+        fd = mine.detach()
+        with pytest.raises(ValueError):
+            hub.add_lane(model, fd, limit, key)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # (closed by the hub)
+        theirs.close()

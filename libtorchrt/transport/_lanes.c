@@ -493,21 +493,18 @@ static void hub_dealloc(Hub *h) {
         return NULL;                                                          \
     }
 
+/* A model's id is never reused: a caller that read a dropped model's id just before it
+ * was dropped must find it dropped (RETRY), not another model's lanes. */
 static PyObject *hub_add_model(Hub *h, PyObject *noargs) {
     pthread_mutex_lock(&h->mu);
     CHECK_OPEN(h);
-    int mid = -1;
-    for (int i = 0; i < h->nmodels; i++)
-        if (!h->models[i].used) { mid = i; break; }
-    if (mid < 0) {
-        Model *grown = realloc(h->models, sizeof(Model) * (size_t)(h->nmodels + 1));
-        if (!grown) {
-            pthread_mutex_unlock(&h->mu);
-            return PyErr_NoMemory();
-        }
-        h->models = grown;
-        mid = h->nmodels++;
+    Model *grown = realloc(h->models, sizeof(Model) * (size_t)(h->nmodels + 1));
+    if (!grown) {
+        pthread_mutex_unlock(&h->mu);
+        return PyErr_NoMemory();
     }
+    h->models = grown;
+    int mid = h->nmodels++;
     memset(&h->models[mid], 0, sizeof(Model));
     h->models[mid].used = 1;
     pthread_mutex_unlock(&h->mu);

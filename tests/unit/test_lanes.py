@@ -238,3 +238,15 @@ def test_a_refused_lane_closes_the_descriptor_it_was_given(hub: lanes.Hub) -> No
         with pytest.raises(OSError):
             os.fstat(fd)  # (closed by the hub)
         theirs.close()
+
+
+def test_a_dropped_models_id_is_never_another_models(hub: lanes.Hub) -> None:
+    old = hub.add_model()
+    hub.drop_model(old)
+    new = hub.add_model()
+    worker = lane(hub, new, key=1)
+    assert new != old
+    # A caller that read the old id before the drop is told to go by the router.
+    assert hub.request(old, 1, request(1)).wait(5.0)[0] == lanes.RETRY
+    assert hub.counts(1) == (0, 0)
+    worker.close()

@@ -16,14 +16,13 @@ thread (front).
 An asyncio caller's request is placed at once, and the hub lists it in its loop's
 mailbox when it finishes (an eventfd the loop watches); the loop's thread settles it.
 
-A request takes the lane when its model has a plain FIFO queue, or dynamic batching the
-worker can do from its lane (:func:`lane_batching`), every instance on the CPU and no
-``execution_timeout`` (the router's watchdog times executions), and the request has no
-data frames and at most ``MAX_CHANNEL_BLOBS`` of inline bytes. Everything else, and
-``submit`` (whose future runs callbacks), goes by the router as before. A deadline is
-the caller's: a request whose deadline has passed is not sent; one still queued in the
-hub is taken out; one already sent leaves an *orphan* reply, whose slots the next caller
-gives back.
+A request takes the lane when its model has a plain FIFO queue (no dynamic or sequence
+batching), every instance on the CPU and no ``execution_timeout`` (the router's watchdog
+times executions), and the request has no data frames and at most ``MAX_CHANNEL_BLOBS``
+of inline bytes. Everything else, and ``submit`` (whose future runs callbacks), goes by
+the router as before. A deadline is the caller's: a request whose deadline has passed
+is not sent; one still queued in the hub is taken out; one already sent leaves an
+*orphan* reply, whose slots the next caller gives back.
 
 The router still owns the workers' lives: it adds a worker's lane once the worker is
 READY, stops sending to it when its model retires, and removes it when the worker exits.
@@ -54,7 +53,6 @@ from ..errors import PoolClosedError, ProtocolError, TimeoutError
 from ..transport import lanes, wire
 from ..transport import tensors as tensor_io
 from ..transport.dtypes import DTYPES
-from .batcher import Batcher
 from .call import Call
 from .future import RequestFuture
 from .queues import Fifo
@@ -64,33 +62,12 @@ from .replies import worker_error
 if TYPE_CHECKING:
     from .router import Router
 
-__all__ = ["FastLane", "lane_batching"]
+__all__ = ["FastLane"]
 
 log = logging.getLogger("libtorchrt")
 
 #: what settling a ticket returns when the router is to run its request after all
 _BY_ROUTER = object()
-
-
-def lane_batching(m: _Model) -> dict[str, Any] | None:
-    """How ``m``'s workers batch the requests waiting on their lanes (dynamic batching
-    done in the worker: ``WorkerSpec.lane_batch``), or None when its batching needs the
-    router's batcher: priority levels, queue policies (timeouts, a bounded queue),
-    ordered responses, or string inputs."""
-    db = m.cfg.dynamic_batching
-    if not isinstance(m.queue, Batcher) or db is None:
-        return None
-    policies = [db.default_queue_policy, *db.priority_queue_policy.values()]
-    if (
-        db.priority_levels
-        or db.preserve_ordering
-        or any(p.default_timeout_microseconds or p.max_queue_size for p in policies)
-        or any(spec.is_string for spec in m.cfg.inputs)
-    ):
-        return None
-    limit = m.cfg.max_batch_size
-    preferred = [b for b in db.preferred_batch_size if b <= limit]
-    return {"max_rows": limit, "preferred": preferred, "delay_us": db.max_queue_delay_microseconds}
 
 
 def _expired(call: Call) -> bool:
@@ -149,7 +126,7 @@ class FastLane:
         if (
             self.hub is not None
             and not self.closed
-            and (isinstance(m.queue, Fifo) or lane_batching(m) is not None)
+            and isinstance(m.queue, Fifo)
             and m.slots
             and all(s.device == "cpu" for s in m.slots)
             and m.cfg.execution_timeout is None
@@ -177,8 +154,7 @@ class FastLane:
                 sock.close()
             return
         key = next(self._keys)
-        # (a batching model's worker batches what waits on its lane: let it see a batch)
-        limit = max(1, min(max(m.queue.per_worker, m.cfg.max_batch_size if lane_batching(m) else 0), lanes.MAX_LIMIT))
+        limit = max(1, min(m.queue.per_worker, lanes.MAX_LIMIT))
         try:
             self.hub.add_lane(m.lane, sock.detach(), limit, key)  # (the hub owns the descriptor now)
         except (OSError, RuntimeError, ValueError) as e:  # (its requests go by the router)
@@ -501,9 +477,7 @@ class FastLane:
         result = dict(zip(binder.output_names(len(outputs)), outputs))
         if binder.reshapes:
             result = binder.shape_outputs(result)
-        # (a request the worker batched with others: the first one's reply counts their execution)
-        rows = call.rows if msg.execution == 0 else max(0, msg.execution)
-        m.stats.succeeded((call,), call.sent_ns, time.perf_counter_ns(), execution=rows)
+        m.stats.succeeded((call,), call.sent_ns, time.perf_counter_ns(), execution=True)
         return result
 
     def _read_orphans(self) -> None:

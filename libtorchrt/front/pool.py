@@ -357,10 +357,9 @@ class Pool:
     ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.
 
-        A request to a CPU model without sequence batching (and whose dynamic batching
-        its workers can do: docs/batching.md) takes the fast lane: this thread sends it
-        and the pool's native hub wakes it with the reply, with no other Python thread
-        in between (docs/architecture.md).
+        A request to a CPU model without dynamic or sequence batching takes the fast
+        lane: this thread sends it and the pool's native hub wakes it with the reply,
+        with no other Python thread in between (docs/architecture.md).
 
         Args:
             model: the model's name.

@@ -45,7 +45,6 @@ from ..workers.process import WorkerProcess
 from ..workers.worker import WorkerSpec
 from .binding import Binder, output_positions
 from .call import Call
-from .fastlane import lane_batching
 from .queues import Fifo
 from .records import (
     BACKOFF_BASE,
@@ -159,7 +158,6 @@ class Supervisor:
         # ... and a fast lane, if its model's requests can take one (fastlane.py).
         lane = router.fast.lane_for(m) if slot.device == "cpu" else None
         spec.lane_fd = lane[1].fileno() if lane is not None else -1
-        spec.lane_batch = (lane_batching(m) or {}) if lane is not None else {}
         template = self.template if self.template is not None and self.template.usable else None
         try:
             proc = WorkerProcess(spec, self._watch_r, env, template)

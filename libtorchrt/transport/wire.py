@@ -334,11 +334,6 @@ class Response:
     id: int = spec(Int(), error=_TERSE)
     tensors: list[TensorDesc] = spec(_TENSORS)
     blobs: list[bytes] = spec(_BLOB_LIST, default_factory=list, error=_BLOBS)
-    #: a request the worker batched with others from its lane: the rows of that
-    #: execution on the first request's reply, -1 on the others (0: it ran alone)
-    execution: int = spec(
-        Int(lo=-1), default=0, error="malformed {cls} message: execution must be a row count, 0 or -1"
-    )
 
 
 @message

@@ -93,9 +93,6 @@ class WorkerSpec:
     channel_fd: int = -1
     #: the worker's end of its fast lane (transport/lanes.py); -1: none
     lane_fd: int = -1
-    #: dynamic batching of what waits on the lane (``max_rows``, ``preferred``,
-    #: ``delay_us``: see ``_run_lane_batch``); empty: each lane request runs alone
-    lane_batch: dict[str, Any] = field(default_factory=dict)
     #: the model's shared-weights memfd (workers/weights.py); -1: weights not shared
     weights_fd: int = -1
     device: str = "cpu"
@@ -131,12 +128,6 @@ class WorkerSpec:
 
 #: requests read from a socket pair in a row without polling the other sources
 _GREEDY = 16
-
-
-def _rows(msg: wire.Request) -> int:
-    """The rows a request carries (its first input's first dimension)."""
-    d = msg.tensors[0] if msg.tensors else None
-    return d.shape[0] if d is not None and d.shape else 1
 
 
 def _wait(poller: zmq.Poller, spin: float) -> dict[Any, int]:
@@ -237,8 +228,6 @@ class _Worker:
         #: the socket pair the request being run came by (its reply goes back by it);
         #: None: it came over ZeroMQ
         self._answer: socket.socket | None = None
-        #: a message a lane batch read but could not take: handled next
-        self._held: wire.Message | None = None
         #: one receive buffer for the channel's datagrams (a message is copied out of it)
         self._datagram = memoryview(bytearray(MAX_DATAGRAM + 1))
         self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
@@ -299,8 +288,6 @@ class _Worker:
             check_outputs(outputs, self.declared)
         if msg.batch or (msg.sequence and self.spec.max_batch_size > 0):
             batching.check_rows(outputs, sum(msg.batch) if msg.batch else len(msg.sequence) // 2)
-        elif self.spec.lane_batch and self._answer is not None and self._answer is self.lane:
-            batching.check_rows(outputs, _rows(msg))  # (a batch of one, by the lane)
         return outputs
 
     def _arguments(self, inputs: list[Any]) -> list[Any]:
@@ -384,122 +371,16 @@ class _Worker:
             except ProtocolError as e:
                 self._send_error(wire.request_id(header), e)
                 continue
-            code = self._handle(msg, frames)
-            while code is None and self._held is not None:  # (what a lane batch could not take)
-                held, self._held = self._held, None
-                self._answer = self.lane
-                code = self._handle(held, [])
-            if code is not None:
-                return code
-
-    def _handle(self, msg: wire.Message, frames: list[zmq.Frame]) -> int | None:
-        """Act on one message; the process's exit status if it must stop (else None)."""
-        if isinstance(msg, wire.Request):
-            self._release(msg.releases)
-            if self.spec.lane_batch and self._answer is not None and self._answer is self.lane:
-                ok = self._run_lane_batch(msg)
-            else:
-                ok = self._run(msg, frames)
-            return None if ok else EXIT_STICKY
-        if isinstance(msg, wire.Release):
-            self._release(msg.offsets)
-        elif isinstance(msg, wire.Shutdown):
-            return 0
-        else:
-            self._send_error(-1, ProtocolError(f"unexpected {type(msg).__name__} message"))
-        return None
-
-    def _run_lane_batch(self, first: wire.Request) -> bool:
-        """Dynamic batching in the worker, for a model whose requests come by the fast
-        lane (``WorkerSpec.lane_batch``): every request waiting on the lane joins
-        ``first``, up to ``max_rows`` rows; then, while the rows are fewer than the
-        largest preferred size (``max_rows`` without one) and are not one of them, it
-        waits for more, at most ``delay_us`` after ``first`` was read. They run as one
-        execution, and each gets its own rows back; requests whose inputs cannot be
-        stacked (other non-batch dimensions) run one by one. A request that does not fit
-        waits for the next batch (``_held``). Returns False if this process must not go
-        on."""
-        lane = self.lane
-        if first.batch or first.sequence or lane is None:
-            return self._run(first, [])
-        cfg = self.spec.lane_batch
-        limit = cfg["max_rows"]
-        preferred = cfg["preferred"]
-        target = min(max(preferred or [limit]), limit)
-        members, rows = [first], [_rows(first)]
-        total = rows[0]
-        until = time.monotonic() + cfg["delay_us"] / 1e6
-        slice_s = max(cfg["delay_us"] / 4, 50) / 1e6
-        while total < limit:
-            try:
-                n = lane.recv_into(self._datagram, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:  # (all that waited is taken: wait for more?)
-                if total >= target or total in preferred:
-                    break
-                left = until - time.monotonic()
-                if left <= 0:
-                    break
-                # In a few slices of the delay, not a wake-up per request that comes.
-                time.sleep(min(left, slice_s))
-                continue
-            if not n:  # (the front is gone: run what is here)
-                break
-            header = bytes(self._datagram[:n])
-            try:
-                msg = wire.decode(header)
-            except ProtocolError as e:
-                self._send_error(wire.request_id(header), e)
-                continue
-            if isinstance(msg, wire.Release):
+            if isinstance(msg, wire.Request):
+                self._release(msg.releases)
+                if not self._run(msg, frames):
+                    return EXIT_STICKY
+            elif isinstance(msg, wire.Release):
                 self._release(msg.offsets)
-                continue
-            if not isinstance(msg, wire.Request) or msg.batch or msg.sequence or total + _rows(msg) > limit:
-                self._held = msg
-                break
-            self._release(msg.releases)
-            members.append(msg)
-            rows.append(_rows(msg))
-            total += rows[-1]
-        if len(members) == 1:
-            return self._run(first, [])
-        return self._run_batch(members, rows)
-
-    def _run_batch(self, members: list[wire.Request], rows: list[int]) -> bool:
-        """Run lane requests as one execution (see :meth:`_run_lane_batch`)."""
-        descs: list[wire.TensorDesc] = []
-        blobs: list[bytes] = []
-        for m in members:
-            base = len(blobs)
-            descs.extend(
-                d if d.kind != wire.BLOB else wire.tensor_desc(d.dtype, d.shape, d.kind, d.where + base)
-                for d in m.tensors
-            )
-            blobs.extend(m.blobs)
-        try:
-            inputs = self._arguments(batching.gather(descs, rows, blobs, [], self._slot))
-        except Exception:  # (they do not batch together: each runs alone, and answers for itself)
-            return all([self._run(m, []) for m in members])
-        total = sum(rows)
-        try:
-            outputs = self._call(inputs)
-            if self.declared:
-                check_outputs(outputs, self.declared)
-            batching.check_rows(outputs, total)
-        except Exception as e:
-            return all([self._failed(m.id, e) for m in members])
-        start = 0
-        for i, (m, r) in enumerate(zip(members, rows)):
-            part = [o[start : start + r] for o in outputs]
-            start += r
-            try:
-                placed = tensor_io.write(part, self.responses, self.allocator, self.spec.inline_threshold)
-            except Exception as e:
-                self._failed(m.id, e)
-                continue
-            # (the first reply counts the execution in the front's stats)
-            reply = wire.Response(m.id, placed.descs, placed.blobs, execution=total if i == 0 else -1)
-            self._reply(wire.encode(reply), placed.frames)
-        return True
+            elif isinstance(msg, wire.Shutdown):
+                return 0
+            else:
+                self._send_error(-1, ProtocolError(f"unexpected {type(msg).__name__} message"))
 
     def _release(self, offsets: list[int], unknown: int = 0) -> None:
         for offset in offsets:

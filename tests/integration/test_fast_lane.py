@@ -11,14 +11,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 from libtorchrt import (
-    DynamicBatching,
     ModelConfig,
     ModelError,
     Pool,
@@ -276,76 +274,6 @@ def test_one_loop_after_another_keeps_one_mailbox(pool: Pool) -> None:
         asyncio.run(pool.infer_async("tiny", torch.randn(1, 64)))
     assert len(pool._router.fast._boxes) == 1
     assert len(open_fds()) <= fds + 1  # (the last loop's eventfd)
-
-
-# ── dynamic batching in the worker, for requests by the lane ────────────────────
-
-
-def test_a_batching_models_requests_are_batched_by_the_worker_from_its_lane(files: dict[str, Path]) -> None:
-    model = reference("tiny")
-    cfg = ModelConfig(
-        "tiny",
-        files["tiny"],
-        instances=2,
-        max_batch_size=16,
-        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=2000),
-    )
-    with Pool(models=[cfg]) as pool:
-        assert pool._router.lookup("tiny").lane >= 0
-        sends = channel_sends(pool)
-        errors: list[str] = []
-
-        def caller(seed: int) -> None:
-            g = torch.Generator().manual_seed(seed)
-            for i in range(40):
-                x = torch.randn(1 + i % 3, 64, generator=g)  # (1 to 3 rows each)
-                y = pool.infer("tiny", x)["OUTPUT__0"]
-                with torch.no_grad():
-                    if y.shape != (x.shape[0], 64) or not torch.allclose(y, model(x), atol=1e-5):
-                        errors.append(f"caller {seed} request {i}")
-
-        threads = [threading.Thread(target=caller, args=(s,)) for s in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
-        stats = pool.stats()[0]
-        assert stats.success == 640
-        assert max(stats.batch_sizes) > 3  # (several requests in one execution)
-        assert sum(stats.batch_sizes.values()) == stats.executions < 640
-        assert stats.inferences == sum(size * n for size, n in stats.batch_sizes.items())
-        assert channel_sends(pool) == sends  # (the router thread sent none)
-
-
-def test_requests_that_do_not_batch_together_each_run_alone(files: dict[str, Path], tmp_path: Path) -> None:
-    cfg = ModelConfig(
-        "identity",
-        save("identity", tmp_path),
-        max_batch_size=8,
-        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=20_000),
-    )
-    with Pool(models=[cfg]) as pool:
-        # Same rows, other widths: the worker cannot stack them, and answers each alone.
-        pids = {w.pid for w in pool.workers()}
-        xs = [torch.full((1, width), float(width)) for width in (2, 3, 2, 5, 3)]
-        with ThreadPoolExecutor(len(xs)) as ex:
-            outs = list(ex.map(lambda x: pool.infer("identity", x)["OUTPUT__0"], xs))
-        assert all(torch.equal(o, x) for o, x in zip(outs, xs))
-        assert {w.pid for w in pool.workers()} == pids  # (no worker died of it)
-        assert lane_served(pool, "identity") == len(xs)
-
-
-def test_a_model_with_priorities_keeps_the_routers_batcher(files: dict[str, Path]) -> None:
-    cfg = ModelConfig(
-        "tiny",
-        files["tiny"],
-        max_batch_size=8,
-        dynamic_batching=DynamicBatching(priority_levels=2, default_priority_level=1),
-    )
-    with Pool(models=[cfg]) as pool:
-        assert pool._router.lookup("tiny").lane == -1
-        assert pool.infer("tiny", torch.randn(2, 64), priority=2)["OUTPUT__0"].shape == (2, 64)
 
 
 def test_a_request_whose_deadline_has_passed_is_not_sent(pool: Pool) -> None:

@@ -237,12 +237,9 @@ class FastLane:
         its outputs."""
         hub = self.hub
         assert hub is not None
-        if hub.orphaned:
-            self._read_orphans()
-        if _expired(call):
+        header = self._header(call)
+        if header is None:
             return _outcome(call)
-        call.id = self.router.next_id()
-        header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
         if len(header) > lanes.MAX_DATAGRAM:
             return self._by_router(call)
         # (placed by its wait, which lets go of the GIL first: the send and the hub's
@@ -253,8 +250,10 @@ class FastLane:
         try:
             state, key, reply = ticket.wait(None if call.deadline is None else call.deadline - time.monotonic())
         except BaseException:  # (KeyboardInterrupt)
-            if not self._abandon(call, ticket) and ticket.wait()[0] == lanes.DONE:
-                self._answer(call, *ticket.wait()[1:])  # (its outputs' slots go back at once)
+            if not self._abandon(call, ticket):
+                state, key, reply = ticket.wait()  # (it finished meanwhile: its outputs' slots go back at once)
+                if state == lanes.DONE:
+                    self._answer(call, key, reply)
             raise
         if state == 0:  # its deadline passed
             exc = TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
@@ -287,6 +286,17 @@ class FastLane:
         except PoolClosedError as e:
             call.fail(e)
 
+    def _header(self, call: Call) -> bytes | None:
+        """Give ``call`` its id and encode it (None: its deadline has passed, and it failed);
+        first give back the slots of replies nobody waited for."""
+        assert self.hub is not None
+        if self.hub.orphaned:
+            self._read_orphans()
+        if _expired(call):
+            return None
+        call.id = self.router.next_id()
+        return wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
+
     def _by_router(self, call: Call) -> dict[str, torch.Tensor]:
         """Hand ``call`` to the router, and wait for it (the router fails it at its deadline)."""
         self.router.submit(call)
@@ -306,12 +316,9 @@ class FastLane:
         box = self._boxes.get(loop)
         if box is None:
             box = self._open_box(loop)
-        if hub.orphaned:
-            self._read_orphans()
-        if _expired(call):
+        header = self._header(call)
+        if header is None:
             return _outcome(call)
-        call.id = self.router.next_id()
-        header = wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
         ticket = hub.submit(call.model.lane, call.id, header, box.id) if len(header) <= lanes.MAX_DATAGRAM else None
         if ticket is None:
             return await self._by_router_async(call, loop)

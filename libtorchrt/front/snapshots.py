@@ -22,6 +22,7 @@ def workers(models: Iterable[_Model], lane: Callable[[_Worker], tuple[int, int]]
     for m in list(models):
         for w in m.workers:
             ready = w.ready
+            lane_inflight, lane_served = lane(w)
             out.append(
                 WorkerInfo(
                     version=m.version,
@@ -32,8 +33,8 @@ def workers(models: Iterable[_Model], lane: Callable[[_Worker], tuple[int, int]]
                     state=w.state,
                     flags=dict(ready.flags) if ready else {},
                     inputs=tuple(ready.inputs) if ready else (),
-                    inflight=len(w.inflight) + lane(w)[0],
-                    served=w.served + lane(w)[1],
+                    inflight=len(w.inflight) + lane_inflight,
+                    served=w.served + lane_served,
                     exitcode=w.proc.returncode,
                 )
             )

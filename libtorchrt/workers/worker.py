@@ -131,7 +131,7 @@ _GREEDY = 16
 
 
 def _wait(poller: zmq.Poller, spin: float) -> dict[Any, int]:
-    """Wait for a message on the ZeroMQ socket or the channel; with ``spin`` (seconds),
+    """Wait for a message on the ZeroMQ socket or a socket pair; with ``spin`` (seconds),
     poll without sleeping that long first: a process that sleeps between requests wakes
     up slowly (see Pool's ``busy_poll_us``)."""
     if spin:
@@ -228,7 +228,7 @@ class _Worker:
         #: the socket pair the request being run came by (its reply goes back by it);
         #: None: it came over ZeroMQ
         self._answer: socket.socket | None = None
-        #: one receive buffer for the channel's datagrams (a message is copied out of it)
+        #: one receive buffer for the socket pairs' datagrams (a message is copied out of it)
         self._datagram = memoryview(bytearray(MAX_DATAGRAM + 1))
         self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
         self.responses = Arena(spec.response_bytes, fd=spec.response_fd)

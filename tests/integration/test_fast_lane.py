@@ -288,3 +288,15 @@ def test_a_request_whose_deadline_has_passed_is_not_sent(pool: Pool) -> None:
     asyncio.run(main())
     assert lane_served(pool, "tiny") == served
     assert pool.infer("tiny", torch.randn(1, 64))["OUTPUT__0"].shape == (1, 64)
+
+
+def test_outputs_too_big_for_the_response_arena_come_back_over_zeromq(tmp_path: Path) -> None:
+    # A 64 KiB response arena cannot hold a 256 KiB output: the worker sends it as a
+    # ZeroMQ data frame, the router reads it and completes the lane request's ticket.
+    with Pool(models=[ModelConfig("identity", save("identity", tmp_path))], response_arena_bytes=64 << 10) as pool:
+        served = lane_served(pool, "identity")
+        for _ in range(3):
+            x = torch.randn(1, 65536)
+            assert torch.equal(pool.infer("identity", x)["OUTPUT__0"], x)
+        assert lane_served(pool, "identity") == served + 3  # (completed by the router: counted as served)
+        assert pool._router.fast.pending() == 0 and not pool._router.fast._frames

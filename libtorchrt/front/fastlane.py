@@ -16,10 +16,13 @@ thread (front).
 An asyncio caller's request is placed at once, and the hub lists it in its loop's
 mailbox when it finishes (an eventfd the loop watches); the loop's thread settles it.
 
-A request takes the lane when its model has a plain FIFO queue (no dynamic or sequence
-batching), every instance on the CPU and no ``execution_timeout`` (the router's watchdog
-times executions), and the request has no data frames and at most ``MAX_CHANNEL_BLOBS``
-of inline bytes. Everything else, and ``submit`` (whose future runs callbacks), goes by
+A request takes the lane when its model has a plain FIFO queue or a dynamic batcher of
+one queue (no priority levels, ordering or queue policy: the hub forms its batches by the
+same rules, ``transport/lanes.py``), every instance on the CPU and no
+``execution_timeout`` (the router's watchdog times executions), and the request has no
+data frames and at most ``MAX_CHANNEL_BLOBS`` of inline bytes. A batch's execution is
+counted in the stats with the reply that carries its rows (``wire.Response.batch``), or
+with its orphan. Everything else, and ``submit`` (whose future runs callbacks), goes by
 the router as before. A deadline is the caller's: a request whose deadline has passed
 is not sent; one still queued in the hub is taken out; one already sent leaves an
 *orphan* reply, whose slots the next caller gives back.
@@ -53,6 +56,7 @@ from ..errors import PoolClosedError, ProtocolError, TimeoutError
 from ..transport import lanes, wire
 from ..transport import tensors as tensor_io
 from ..transport.dtypes import DTYPES
+from .batcher import Batcher
 from .call import Call
 from .future import RequestFuture
 from .queues import Fifo
@@ -94,6 +98,28 @@ class _Mailbox:
         self.waiting: dict[int, tuple[Call, Any, asyncio.Future[Any]]] = {}
 
 
+def _hub_batching(batcher: Batcher) -> bool:
+    """Whether the hub forms ``batcher``'s batches as it would: one queue without a
+    size limit or queue timeout, results in any order (priority levels, queue policies
+    and preserve_ordering stay the router's)."""
+    db = batcher.model.cfg.dynamic_batching
+    assert db is not None
+    policy = db.default_queue_policy
+    return (
+        not db.priority_levels
+        and not db.preserve_ordering
+        and not db.priority_queue_policy
+        and not policy.max_queue_size
+        and not policy.default_timeout_microseconds
+        and batcher.max_rows <= lanes.MAX_BATCH
+    )
+
+
+#: distinct batch keys (input dtypes and non-batch dimensions) the lane tells apart;
+#: requests of more go by the router
+_MAX_BATCH_KEYS = 4096
+
+
 #: how long a lane's worker is remembered after its exit: a caller that its death woke
 #: hands its request to the supervisor with it (seconds)
 _RETIRED_S = 60.0
@@ -118,20 +144,30 @@ class FastLane:
         #: each event loop's mailbox (asyncio callers); a closed loop's is closed when
         #: the next loop opens one, or with the pool
         self._boxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+        #: batch keys (what must match for requests to share a batch) → the hub's number
+        self._batch_keys: dict[Any, int] = {}
+        self._next_batch_key = itertools.count(1)
 
     # ── the router thread: models and workers ─────────────────────────────────
 
     def add_model(self, m: _Model) -> None:
-        """Give ``m`` a queue in the hub if its requests can take the lane."""
+        """Give ``m`` a queue in the hub if its requests can take the lane: a FIFO, or
+        a dynamic batcher that the hub's batching matches (see :func:`_hub_batching`)."""
         if (
-            self.hub is not None
-            and not self.closed
-            and isinstance(m.queue, Fifo)
-            and m.slots
-            and all(s.device == "cpu" for s in m.slots)
-            and m.cfg.execution_timeout is None
+            self.hub is None
+            or self.closed
+            or not m.slots
+            or any(s.device != "cpu" for s in m.slots)
+            or m.cfg.execution_timeout is not None
         ):
+            return
+        if isinstance(m.queue, Fifo):
             m.lane = self.hub.add_model()
+        elif isinstance(m.queue, Batcher) and _hub_batching(m.queue):
+            db = m.cfg.dynamic_batching
+            assert db is not None
+            m.lane = self.hub.add_model(m.cfg.max_batch_size, db.max_queue_delay_microseconds, m.queue.preferred)
+            m.lane_batches = True
 
     def drop_model(self, m: _Model) -> None:
         """``m`` is retiring: no more of its requests take the lane (queued ones go to
@@ -230,7 +266,28 @@ class FastLane:
             and call.device is None
             and call.sequence is None
             and (not call.blobs or sum(map(len, call.blobs)) <= self.max_blobs)
+            and (not call.model.lane_batches or self._batch_key(call) > 0)
         )
+
+    def _batch_key(self, call: Call) -> int:
+        """The hub's number for what must match for ``call`` to share a batch (its
+        inputs' dtypes and non-batch dimensions, as ``Batcher._key``); 0: too many
+        distinct ones already. Sets ``call.key``."""
+        key = tuple((d.dtype, d.shape[1:]) for d in call.descs)
+        number = self._batch_keys.get(key)
+        if number is None:
+            if len(self._batch_keys) >= _MAX_BATCH_KEYS:
+                return 0
+            number = self._batch_keys.setdefault(key, next(self._next_batch_key))
+        call.key = number  # (until _hub_key: the router's batcher keys its own calls)
+        return number
+
+    @staticmethod
+    def _hub_key(call: Call) -> int:
+        """``call``'s batch key for the hub (0: it does not batch); the router's batcher
+        never sees it (a call handed over is keyed afresh)."""
+        key, call.key = call.key, None
+        return key or 0
 
     def infer(self, call: Call) -> dict[str, torch.Tensor]:
         """Run ``call`` by the lane (or, if the hub cannot, by the router) and return
@@ -240,11 +297,11 @@ class FastLane:
         header = self._header(call)
         if header is None:
             return _outcome(call)
-        if len(header) > lanes.MAX_DATAGRAM:
+        if len(header) > lanes.MAX_REQUEST:
             return self._by_router(call)
         # (placed by its wait, which lets go of the GIL first: the send and the hub's
         # mutex are not paid holding it)
-        ticket = hub.request(call.model.lane, call.id, header)
+        ticket = hub.request(call.model.lane, call.id, header, -1, call.rows, self._hub_key(call))
         call.dispatched = True
         call.sent_ns = time.perf_counter_ns()
         try:
@@ -319,7 +376,11 @@ class FastLane:
         header = self._header(call)
         if header is None:
             return _outcome(call)
-        ticket = hub.submit(call.model.lane, call.id, header, box.id) if len(header) <= lanes.MAX_DATAGRAM else None
+        ticket = (
+            hub.submit(call.model.lane, call.id, header, box.id, call.rows, self._hub_key(call))
+            if len(header) <= lanes.MAX_REQUEST
+            else None
+        )
         if ticket is None:
             return await self._by_router_async(call, loop)
         call.dispatched = True
@@ -454,12 +515,15 @@ class FastLane:
         if arena is None and isinstance(msg, wire.Response):
             return _BY_ROUTER
         call.free()
+        # (a lane batch's execution is counted once, with the reply that says its rows)
+        rows = getattr(msg, "batch", 0) if m.lane_batches else call.rows
         if isinstance(msg, wire.Error):
-            m.stats.executed(1)
+            if rows:
+                m.stats.executed(rows)
             call.resolve_error(worker_error(m, msg))
             return _outcome(call)
         if not isinstance(msg, wire.Response):
-            m.stats.executed(1)
+            m.stats.executed(call.rows)
             call.resolve_error(ProtocolError(f"a {type(msg).__name__} message for a request"))
             return _outcome(call)
         release = self.hub.release  # type: ignore[union-attr]
@@ -476,7 +540,8 @@ class FastLane:
         try:
             outputs = tensor_io.read(msg.tensors, msg.blobs, frames, slot)
         except Exception as e:  # a reply we cannot rebuild fails its request
-            m.stats.executed(1)
+            if rows:
+                m.stats.executed(rows)
             call.resolve_error(e if isinstance(e, ProtocolError) else ProtocolError(f"unreadable reply: {e!r}"))
             return _outcome(call)
         binder = m.binder
@@ -484,7 +549,7 @@ class FastLane:
         result = dict(zip(binder.output_names(len(outputs)), outputs))
         if binder.reshapes:
             result = binder.shape_outputs(result)
-        m.stats.succeeded((call,), call.sent_ns, time.perf_counter_ns(), execution=True)
+        m.stats.succeeded((call,), call.sent_ns, time.perf_counter_ns(), execution=rows)
         return result
 
     def _read_orphans(self) -> None:
@@ -499,6 +564,10 @@ class FastLane:
             if call is not None:
                 call.free()
                 self._frames.pop(call.id, None)
+            rows = getattr(msg, "batch", 0)
+            w = self._lanes.get(key)
+            if rows and w is not None:  # (its batch's execution: counted with this reply)
+                w.model.stats.executed(rows)
             if isinstance(msg, wire.Response):
                 for d in msg.tensors:
                     if d.kind == wire.ARENA:

@@ -357,8 +357,9 @@ class Pool:
     ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.
 
-        A request to a CPU model without dynamic or sequence batching takes the fast
-        lane: this thread sends it and the pool's native hub wakes it with the reply,
+        A request to a CPU model without sequence batching (with dynamic batching: one
+        queue, see docs/batching.md) takes the fast lane: this thread sends it, or the
+        pool's native hub queues it for its batch, and the hub wakes it with the reply,
         with no other Python thread in between (docs/architecture.md).
 
         Args:

@@ -116,6 +116,8 @@ class _Model:
     gpus: tuple[int, ...] = ()
     #: its queue in the pool's hub, whose requests may take the fast lane (-1: none)
     lane: int = -1
+    #: the hub forms its batches (dynamic batching on the fast lane)
+    lane_batches: bool = False
     #: why it could not be loaded (its workers failed to start while the pool
     #: started); it then serves nothing and is not retried
     failed: str | None = None

@@ -43,11 +43,11 @@ class Stats:
         self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self._lock = threading.Lock()
 
-    def succeeded(self, calls: Sequence[Call], sent_ns: int, done_ns: int, execution: bool = False) -> None:
+    def succeeded(self, calls: Sequence[Call], sent_ns: int, done_ns: int, execution: int = 0) -> None:
         """Requests answered by one execution, sent at ``sent_ns`` and answered at
         ``done_ns`` (perf_counter_ns, monotonic: each was submitted before it was sent):
-        one request, or a batch's members (any thread); with ``execution``, that
-        execution is counted too (as :meth:`executed` would)."""
+        one request, or a batch's members (any thread); with ``execution`` (its rows),
+        that execution is counted too (as :meth:`executed` would)."""
         buckets, latency = _BUCKETS_NS, self._latency
         rows = submitted = 0
         bins = []
@@ -67,7 +67,7 @@ class Stats:
             self.request_ns += max(0, n * done_ns - submitted)
             if execution:
                 self.executions += 1
-                self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+                self.batch_sizes[execution] = self.batch_sizes.get(execution, 0) + 1
 
     def executed(self, rows: int) -> None:
         """One model execution of ``rows`` rows (any thread)."""

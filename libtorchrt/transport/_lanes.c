@@ -15,8 +15,14 @@
  * one Release message ahead of the lane's next request (or at once, 64 of them, while the
  * lane is idle).
  *
- * A lane that reaches end-of-file (its worker died) fails the oldest request it holds
- * (the one that may have been running) with LOST and the others with RETRY; a model left
+ * A model added with max_rows batches dynamically: its requests always wait in its queue,
+ * and leave as one wire Batch message (the request datagrams joined, unread) by the rules
+ * of the router's Batcher (front/batcher.py; see dispatch()), at once or when the timerfd
+ * says the oldest has waited the delay. The worker answers with a wire Replies message
+ * holding each request's own reply. A lane's limit counts sends (a batch is one).
+ *
+ * A lane that reaches end-of-file (its worker died) fails the oldest send it holds
+ * (the request or batch that may have been running) with LOST and the others with RETRY; a model left
  * without a lane to send to fails what it queues with RETRY (the caller then goes by the
  * router, which knows why); close() fails everything with CLOSED.
  *
@@ -37,6 +43,7 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,7 +51,18 @@
 #define MAX_LANES 1024
 #define MAX_LIMIT 64
 #define RELEASE_KIND 6
-/* releases sent ahead of one request at most (more wait for the next) */
+#define BATCH_KIND 8
+#define REPLIES_KIND 9
+/* the most requests in one batch (wire.Request's bound on a batch) */
+#define MAX_BATCH 4096
+/* what a Batch datagram adds to its requests: its head, and each request's bin header */
+#define BATCH_HEAD 5
+#define BIN_HEAD 5
+/* the largest request a lane takes (it fits a Batch message alone) */
+#define MAX_REQUEST (MAX_DATAGRAM - BATCH_HEAD - BIN_HEAD)
+/* epoll data of the wake-up eventfd and of the batch timer */
+#define EV_WAKE MAX_LANES
+#define EV_TIMER (MAX_LANES + 1)/* releases sent ahead of one request at most (more wait for the next) */
 #define MAX_RELEASES 1024
 
 enum { T_QUEUED = 1, T_SENT = 2, T_DONE = 3, T_LOST = 4, T_RETRY = 5, T_CLOSED = 6 };
@@ -55,6 +73,10 @@ typedef struct Ticket {
     int abandoned;   /* its caller stopped waiting (an exception): the reply is an orphan */
     int mid;
     int box;         /* the mailbox told when it finishes (-1: none; its caller waits) */
+    int picked;      /* (chosen for the batch being formed) */
+    uint32_t rows;   /* its rows (a batching model's requests) */
+    uint64_t bkey;   /* requests of equal keys may share a batch */
+    int64_t enq_ns;  /* when it was queued (a batching model's) */
     uint64_t key;    /* the key of the lane that answered or lost it (0: none) */
     uint64_t id;
     char *data;      /* the request datagram while queued; then the reply's bytes */
@@ -69,10 +91,13 @@ typedef struct {
     int used;
     int alive;   /* its worker may still answer */
     int enabled; /* new requests may go to it */
-    int limit;
-    int count;   /* in flight; ids[] and tickets[] in the order they were sent */
-    uint64_t ids[MAX_LIMIT];
-    Ticket *tickets[MAX_LIMIT];
+    int limit;   /* sends in flight at most (a batch is one send) */
+    int nsent;   /* sends in flight */
+    int count;   /* requests in flight; ids[], tickets[] and sends[] in the order they were sent */
+    int cap;
+    uint64_t *ids;
+    Ticket **tickets;
+    uint64_t *sends; /* the send each request went by (a batch's requests share one) */
     uint64_t *releases;
     size_t nrel, caprel;
     uint64_t served;
@@ -83,6 +108,13 @@ typedef struct {
     int rr;
     Ticket *head, *tail;
     Py_ssize_t queued;
+    /* dynamic batching (max_rows > 0): requests wait here, and leave in batches */
+    int max_rows;
+    int64_t delay_ns;
+    int npref;
+    int pref[16];    /* preferred batch sizes, largest first */
+    int64_t wake_ns; /* when its head's delay runs out (0: nothing waits for it) */
+    Ticket **picked; /* (max_rows of them: the batch being formed) */
 } Model;
 
 /* Where finished tickets of one asyncio event loop are listed, and its eventfd. */
@@ -105,6 +137,9 @@ typedef struct {
     pthread_mutex_t mu;
     int ep;
     int wake;
+    int timer;        /* a timerfd: the earliest batch delay to run out */
+    int64_t timer_ns; /* when it is set to fire (0: not set) */
+    uint64_t sends;   /* sends made (a lane's requests are grouped by send) */
     pthread_t thread;
     int started;
     int closing;
@@ -207,25 +242,184 @@ static void flush_releases(Lane *l) {
     l->nrel -= n;
 }
 
-/* Send ticket t (its request datagram in t->data) on lane index li. */
-static void lane_send(Hub *h, int li, Ticket *t) {
-    Lane *l = &h->lanes[li];
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Record ticket t in flight on lane l as part of send ``send``. */
+static void lane_hold(Hub *h, Lane *l, Ticket *t, uint64_t send) {
     l->ids[l->count] = t->id;
     l->tickets[l->count] = t;
+    l->sends[l->count] = send;
     l->count++;
     h->inflight++;
     __atomic_store_n(&t->state, T_SENT, __ATOMIC_RELEASE);
-    flush_releases(l);
-    send_all(l->fd, t->data, t->len);
+}
+
+static void drop_data(Ticket *t) {
     free(t->data);
     t->data = NULL;
     t->len = 0;
 }
 
+/* Send ticket t (its request datagram in t->data) on lane index li. */
+static void lane_send(Hub *h, int li, Ticket *t) {
+    Lane *l = &h->lanes[li];
+    lane_hold(h, l, t, ++h->sends);
+    l->nsent++;
+    flush_releases(l);
+    send_all(l->fd, t->data, t->len);
+    drop_data(t);
+}
+
+static size_t put_bin_head(unsigned char *p, size_t len) {
+    if (len <= 0xff) { p[0] = 0xc4; p[1] = (unsigned char)len; return 2; }
+    if (len <= 0xffff) { p[0] = 0xc5; p[1] = (unsigned char)(len >> 8); p[2] = (unsigned char)len; return 3; }
+    p[0] = 0xc6;
+    for (int i = 0; i < 4; i++) p[1 + i] = (unsigned char)(len >> (24 - 8 * i));
+    return 5;
+}
+
+/* Send tickets ts[0..n) on lane index li as one wire Batch message: [8, [request, ...]]
+ * (each request datagram a bin), which the worker runs as one execution. */
+static void lane_send_batch(Hub *h, int li, Ticket **ts, int n) {
+    Lane *l = &h->lanes[li];
+    size_t total = BATCH_HEAD;
+    for (int i = 0; i < n; i++) total += BIN_HEAD + ts[i]->len;
+    unsigned char *buf = malloc(total);
+    uint64_t send = ++h->sends;
+    for (int i = 0; i < n; i++) lane_hold(h, l, ts[i], send);
+    l->nsent++;
+    flush_releases(l);
+    if (buf) {
+        size_t k = 0;
+        buf[k++] = 0x92;
+        buf[k++] = BATCH_KIND;
+        if (n < 16) buf[k++] = (unsigned char)(0x90 | n);
+        else { buf[k++] = 0xdc; buf[k++] = (unsigned char)(n >> 8); buf[k++] = (unsigned char)n; }
+        for (int i = 0; i < n; i++) {
+            k += put_bin_head(buf + k, ts[i]->len);
+            memcpy(buf + k, ts[i]->data, ts[i]->len);
+            k += ts[i]->len;
+        }
+        send_all(l->fd, buf, k);
+        free(buf);
+    } /* (out of memory: never answered; its callers' deadlines or the worker's exit end them) */
+    for (int i = 0; i < n; i++) drop_data(ts[i]);
+}
+
+/* Let the batch timer fire at ``at`` (ns, CLOCK_MONOTONIC) if it is not set earlier. */
+static void arm(Hub *h, int64_t at) {
+    if (h->timer_ns && h->timer_ns <= at) return;
+    h->timer_ns = at;
+    struct itimerspec its = {{0, 0}, {(time_t)(at / 1000000000), (long)(at % 1000000000)}};
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1;
+    timerfd_settime(h->timer, TFD_TIMER_ABSTIME, &its, NULL);
+}
+
+/* The lane of model mid with the fewest sends in flight, below its limit and at most
+ * ``busy`` (-1: none). */
+static int free_lane(Hub *h, int mid, int busy) {
+    Model *m = &h->models[mid];
+    int best = -1, n = h->nlanes;
+    for (int k = 0; k < n; k++) {
+        int i = (m->rr + k) % n;
+        Lane *l = &h->lanes[i];
+        if (!l->used || l->mid != mid || !l->alive || !l->enabled || l->nsent >= l->limit || l->nsent > busy) continue;
+        if (best < 0 || l->nsent < h->lanes[best].nsent) best = i;
+    }
+    if (best >= 0) m->rr = (best + 1) % n;
+    return best;
+}
+
+/* How many of a batch's candidates ts[0..n) (``full``: waiting cannot grow it) leave
+ * now, as Batcher.next_batch decides (front/batcher.py): all of them when it is full;
+ * else the largest preferred size they make up exactly; else all of them once the
+ * oldest has waited the delay; else 0 (they wait). */
+static int batch_size(Model *m, Ticket **ts, int n, int full) {
+    if (full) return n;
+    for (int p = 0; p < m->npref; p++) {
+        int rows = 0;
+        for (int i = 0; i < n && rows < m->pref[p]; i++) {
+            rows += (int)ts[i]->rows;
+            if (rows == m->pref[p]) return i + 1;
+        }
+    }
+    return mono_ns() >= ts[0]->enq_ns + m->delay_ns ? n : 0;
+}
+
+/* Send the batches a batching model's queue makes up, on its lanes with room; if its
+ * head must wait longer, set the timer for it.
+ *
+ * A batch goes to an idle lane; only a full one also goes to a lane that still runs one
+ * (it waits there, ready, as the router's batcher sends ahead): a worker that is busy
+ * lets the queue grow into a larger batch rather than take a small one. */
+static void dispatch(Hub *h, int mid) {
+    Model *m = &h->models[mid];
+    m->wake_ns = 0;
+    while (m->head) {
+        if (free_lane(h, mid, MAX_LIMIT) < 0) return; /* (the next reply calls again) */
+        Ticket *head = m->head, **ts = m->picked;
+        int n = 0, rows = 0, full = 0;
+        size_t bytes = BATCH_HEAD;
+        for (Ticket *t = head; t; t = t->next) {
+            if (t->bkey != head->bkey) continue; /* never merged: a batch of its own later */
+            if (rows + (int)t->rows > m->max_rows || bytes + BIN_HEAD + t->len > MAX_DATAGRAM || n == MAX_BATCH) {
+                full = 1;
+                break;
+            }
+            ts[n++] = t;
+            rows += (int)t->rows;
+            bytes += BIN_HEAD + t->len;
+            if (rows >= m->max_rows) { full = 1; break; }
+        }
+        if (n == 0) ts[n++] = head; /* (too big for any batch: alone, and the worker says so) */
+        int take = batch_size(m, ts, n, full);
+        if (!take) {
+            m->wake_ns = head->enq_ns + m->delay_ns;
+            arm(h, m->wake_ns);
+            return;
+        }
+        int li = free_lane(h, mid, 0);
+        if (li < 0 && full && take == n) li = free_lane(h, mid, MAX_LIMIT);
+        if (li < 0) return; /* (every lane runs a batch: the next reply calls again, and the queue grows) */
+        for (int i = 0; i < take; i++) ts[i]->picked = 1;
+        Ticket **p = &m->head, *prev = NULL;
+        for (int left = take; *p && left;) {
+            Ticket *t = *p;
+            if (t->picked) {
+                *p = t->next;
+                t->next = NULL;
+                t->picked = 0;
+                left--;
+            } else {
+                prev = t;
+                p = &t->next;
+            }
+        }
+        m->tail = prev;
+        if (*p) { /* (the rest of the queue: find its tail) */
+            Ticket *t = *p;
+            while (t->next) t = t->next;
+            m->tail = t;
+        }
+        if (!m->head) m->tail = NULL;
+        m->queued -= take;
+        h->queued -= take;
+        lane_send_batch(h, li, ts, take);
+    }
+}
+
 static void refill(Hub *h, int li) {
     Lane *l = &h->lanes[li];
     Model *m = &h->models[l->mid];
-    while (l->alive && l->enabled && l->count < l->limit && m->head) {
+    if (m->max_rows) {
+        if (l->alive && l->enabled) dispatch(h, l->mid);
+        return;
+    }
+    while (l->alive && l->enabled && l->nsent < l->limit && m->head) {
         Ticket *t = m->head;
         m->head = t->next;
         if (!m->head) m->tail = NULL;
@@ -270,14 +464,15 @@ static void lane_lost(Hub *h, int li) {
     }
     l->alive = 0;
     l->enabled = 0;
-    for (int i = 0; i < l->count; i++) { /* only the oldest can have been running */
+    for (int i = 0; i < l->count; i++) { /* only the oldest send (a request or a batch) can have been running */
         Ticket *t = l->tickets[i];
         t->key = l->key;
-        ticket_finish(h, t, i == 0 ? T_LOST : T_RETRY);
+        ticket_finish(h, t, l->sends[i] == l->sends[0] ? T_LOST : T_RETRY);
         ticket_unref(t);
     }
     h->inflight -= l->count;
     l->count = 0;
+    l->nsent = 0;
     l->nrel = 0;
     if (l->mid < h->nmodels && h->models[l->mid].used && !model_has_lane(h, l->mid))
         fail_queue(h, &h->models[l->mid], T_RETRY);
@@ -333,9 +528,15 @@ static void on_reply(Hub *h, int li, const unsigned char *buf, size_t n) {
         if (l->ids[i] == (uint64_t)id) { k = i; break; }
     if (k < 0) return; /* not ours (a hostile or confused peer): dropped */
     Ticket *t = l->tickets[k];
+    uint64_t send = l->sends[k];
     l->count--;
     memmove(l->ids + k, l->ids + k + 1, (size_t)(l->count - k) * sizeof l->ids[0]);
     memmove(l->tickets + k, l->tickets + k + 1, (size_t)(l->count - k) * sizeof l->tickets[0]);
+    memmove(l->sends + k, l->sends + k + 1, (size_t)(l->count - k) * sizeof l->sends[0]);
+    int rest = 0; /* (the send's other requests are next to it) */
+    if (k > 0 && l->sends[k - 1] == send) rest = 1;
+    if (k < l->count && l->sends[k] == send) rest = 1;
+    if (!rest) l->nsent--;
     h->inflight--;
     l->served++;
     char *copy = malloc(n ? n : 1);
@@ -360,6 +561,47 @@ static void on_reply(Hub *h, int li, const unsigned char *buf, size_t n) {
     ticket_unref(t);
 }
 
+static int read_len(const unsigned char *p, size_t len, size_t *pos, int bytes, size_t *out) {
+    if (*pos + (size_t)bytes > len) return -1;
+    size_t v = 0;
+    for (int i = 0; i < bytes; i++) v = (v << 8) | p[(*pos)++];
+    *out = v;
+    return 0;
+}
+
+/* One datagram from lane li: a reply, or a wire Replies message ([9, [reply, ...]], each
+ * reply a bin: a batch's) whose replies are taken in turn. */
+static void on_datagram(Hub *h, int li, const unsigned char *buf, size_t n) {
+    if (n < 3 || buf[0] != 0x92 || buf[1] != REPLIES_KIND) {
+        on_reply(h, li, buf, n);
+        return;
+    }
+    size_t pos = 2, count;
+    if ((buf[pos] & 0xf0) == 0x90) count = buf[pos++] & 0x0f;
+    else if (buf[pos] == 0xdc) { pos++; if (read_len(buf, n, &pos, 2, &count)) return; }
+    else return;
+    for (size_t i = 0; i < count; i++) {
+        if (pos >= n) return;
+        unsigned char b = buf[pos++];
+        size_t len;
+        int bytes = b == 0xc4 ? 1 : b == 0xc5 ? 2 : b == 0xc6 ? 4 : 0;
+        if (!bytes || read_len(buf, n, &pos, bytes, &len) || pos + len > n) return; /* (a confused peer) */
+        on_reply(h, li, buf + pos, len);
+        pos += len;
+    }
+}
+
+/* The batch timer fired: each batching model's head whose delay ran out leaves. */
+static void on_timer(Hub *h) {
+    uint64_t v;
+    if (read(h->timer, &v, sizeof v) < 0) { /* (a stale wake-up) */ }
+    h->timer_ns = 0;
+    for (int mid = 0; mid < h->nmodels; mid++) {
+        Model *m = &h->models[mid];
+        if (m->used && m->max_rows && m->head) dispatch(h, mid);
+    }
+}
+
 static void *hub_thread(void *arg) {
     Hub *h = arg;
     pthread_setname_np(pthread_self(), "libtorchrt-hub");
@@ -376,7 +618,11 @@ static void *hub_thread(void *arg) {
         pthread_mutex_lock(&h->mu);
         for (int e = 0; e < n; e++) {
             int li = (int)events[e].data.u32;
-            if (li == MAX_LANES) {
+            if (li == EV_TIMER) {
+                on_timer(h);
+                continue;
+            }
+            if (li == EV_WAKE) {
                 uint64_t v;
                 if (read(h->wake, &v, sizeof v) < 0) { /* (nothing to do) */ }
                 if (h->closing) stop = 1;
@@ -386,7 +632,7 @@ static void *hub_thread(void *arg) {
             if (!l->used || l->fd < 0) continue;
             for (;;) {
                 ssize_t got = recv(l->fd, buf, MAX_DATAGRAM + 1, MSG_DONTWAIT);
-                if (got > 0) { on_reply(h, li, buf, (size_t)got); continue; }
+                if (got > 0) { on_datagram(h, li, buf, (size_t)got); continue; }
                 if (got < 0 && errno == EINTR) continue;
                 if (got < 0 && errno == EAGAIN) break;
                 lane_lost(h, li); /* end-of-file or ECONNRESET: the worker is gone */
@@ -413,12 +659,15 @@ static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
     pthread_mutex_init(&h->mu, NULL);
     h->ep = epoll_create1(EPOLL_CLOEXEC);
     h->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (h->ep < 0 || h->wake < 0) {
+    h->timer = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+    if (h->ep < 0 || h->wake < 0 || h->timer < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = MAX_LANES};
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = EV_WAKE};
     epoll_ctl(h->ep, EPOLL_CTL_ADD, h->wake, &ev);
+    struct epoll_event tev = {.events = EPOLLIN, .data.u32 = EV_TIMER};
+    epoll_ctl(h->ep, EPOLL_CTL_ADD, h->timer, &tev);
     for (int i = 0; i < MAX_LANES; i++) h->lanes[i].fd = -1;
     int err = pthread_create(&h->thread, NULL, hub_thread, h);
     if (err) {
@@ -428,6 +677,19 @@ static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
     }
     h->started = 1;
     return 0;
+}
+
+static void lane_free(Lane *l) {
+    free(l->releases);
+    free(l->ids);
+    free(l->tickets);
+    free(l->sends);
+    l->releases = NULL;
+    l->ids = NULL;
+    l->tickets = NULL;
+    l->sends = NULL;
+    l->nrel = l->caprel = 0;
+    l->cap = 0;
 }
 
 static void hub_stop(Hub *h) {
@@ -444,6 +706,7 @@ static void hub_stop(Hub *h) {
             }
             h->inflight -= l->count;
             l->count = 0;
+            l->nsent = 0;
         }
     for (int m = 0; m < h->nmodels; m++) fail_queue(h, &h->models[m], T_CLOSED);
     pthread_mutex_unlock(&h->mu);
@@ -457,8 +720,7 @@ static void hub_stop(Hub *h) {
         Lane *l = &h->lanes[i];
         if (l->fd >= 0) close(l->fd);
         l->fd = -1;
-        free(l->releases);
-        l->releases = NULL;
+        lane_free(l);
         l->used = 0;
     }
     while (h->orphans) {
@@ -470,7 +732,8 @@ static void hub_stop(Hub *h) {
     h->norphans = 0;
     close(h->ep);
     close(h->wake);
-    h->ep = h->wake = -1;
+    close(h->timer);
+    h->ep = h->wake = h->timer = -1;
 }
 
 static void hub_dealloc(Hub *h) {
@@ -481,6 +744,7 @@ static void hub_dealloc(Hub *h) {
             free(h->boxes[i].ids);
         }
     free(h->boxes);
+    for (int m = 0; m < h->nmodels; m++) free(h->models[m].picked);
     free(h->models);
     if (h->ep >= 0 || h->wake >= 0) { /* never started */ }
     Py_TYPE(h)->tp_free((PyObject *)h);
@@ -495,18 +759,54 @@ static void hub_dealloc(Hub *h) {
 
 /* A model's id is never reused: a caller that read a dropped model's id just before it
  * was dropped must find it dropped (RETRY), not another model's lanes. */
-static PyObject *hub_add_model(Hub *h, PyObject *noargs) {
+static PyObject *hub_add_model(Hub *h, PyObject *args, PyObject *kw) {
+    static char *names[] = {"max_rows", "delay_us", "preferred", NULL};
+    int max_rows = 0;
+    long long delay_us = 0;
+    PyObject *preferred = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iLO:add_model", names, &max_rows, &delay_us, &preferred)) return NULL;
+    int pref[16], npref = 0;
+    if (preferred && preferred != Py_None) {
+        PyObject *seq = PySequence_Fast(preferred, "preferred must be a sequence of sizes");
+        if (!seq) return NULL;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && npref < 16; i++) {
+            long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (v == -1 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
+            if (v > 0 && v <= max_rows) pref[npref++] = (int)v;
+        }
+        Py_DECREF(seq);
+    }
+    for (int i = 1; i < npref; i++) /* (largest first) */
+        for (int j = i; j > 0 && pref[j] > pref[j - 1]; j--) { int x = pref[j]; pref[j] = pref[j - 1]; pref[j - 1] = x; }
+    if (max_rows < 0 || max_rows > MAX_BATCH || delay_us < 0) {
+        PyErr_Format(PyExc_ValueError, "add_model: max_rows must be in [0, %d] and delay_us >= 0", MAX_BATCH);
+        return NULL;
+    }
+    Ticket **picked = NULL;
+    if (max_rows && !(picked = malloc(sizeof(Ticket *) * (size_t)max_rows))) return PyErr_NoMemory();
     pthread_mutex_lock(&h->mu);
-    CHECK_OPEN(h);
+    if (!h->started || h->closing) {
+        pthread_mutex_unlock(&h->mu);
+        free(picked);
+        PyErr_SetString(PyExc_RuntimeError, "the hub is closed");
+        return NULL;
+    }
     Model *grown = realloc(h->models, sizeof(Model) * (size_t)(h->nmodels + 1));
     if (!grown) {
         pthread_mutex_unlock(&h->mu);
+        free(picked);
         return PyErr_NoMemory();
     }
     h->models = grown;
     int mid = h->nmodels++;
-    memset(&h->models[mid], 0, sizeof(Model));
-    h->models[mid].used = 1;
+    Model *m = &h->models[mid];
+    memset(m, 0, sizeof(Model));
+    m->used = 1;
+    m->max_rows = max_rows;
+    m->delay_ns = (int64_t)delay_us * 1000;
+    m->npref = npref;
+    memcpy(m->pref, pref, sizeof pref);
+    m->picked = picked;
     pthread_mutex_unlock(&h->mu);
     return PyLong_FromLong(mid);
 }
@@ -583,6 +883,18 @@ static PyObject *hub_add_lane(Hub *h, PyObject *args) {
     }
     Lane *l = &h->lanes[li];
     memset(l, 0, sizeof *l);
+    int per_send = h->models[mid].max_rows ? h->models[mid].max_rows : 1; /* (a request has a row at least) */
+    l->cap = limit * per_send;
+    l->ids = malloc(sizeof(uint64_t) * (size_t)l->cap);
+    l->tickets = malloc(sizeof(Ticket *) * (size_t)l->cap);
+    l->sends = malloc(sizeof(uint64_t) * (size_t)l->cap);
+    if (!l->ids || !l->tickets || !l->sends) {
+        lane_free(l);
+        if (li == h->nlanes - 1) h->nlanes--;
+        pthread_mutex_unlock(&h->mu);
+        close(fd);
+        return PyErr_NoMemory();
+    }
     l->fd = fd;
     l->key = key;
     l->mid = mid;
@@ -592,6 +904,7 @@ static PyObject *hub_add_lane(Hub *h, PyObject *args) {
         int err = errno;
         close(fd); /* (it was handed over: nobody else closes it) */
         l->fd = -1;
+        lane_free(l);
         if (li == h->nlanes - 1) h->nlanes--;
         pthread_mutex_unlock(&h->mu);
         errno = err;
@@ -636,9 +949,7 @@ static PyObject *hub_remove_lane(Hub *h, PyObject *arg) {
     if (li < 0) return NULL;
     lane_lost(h, li);
     Lane *l = &h->lanes[li];
-    free(l->releases);
-    l->releases = NULL;
-    l->caprel = 0;
+    lane_free(l);
     l->used = 0;
     pthread_mutex_unlock(&h->mu);
     Py_RETURN_NONE;
@@ -684,10 +995,21 @@ static int place(Hub *h, Ticket *t) {
         Lane *l = &h->lanes[i];
         if (!l->used || l->mid != mid || !l->alive || !l->enabled) continue;
         any = 1;
-        if (l->count < l->limit && (best < 0 || l->count < h->lanes[best].count)) best = i;
+        if (l->nsent < l->limit && (best < 0 || l->nsent < h->lanes[best].nsent)) best = i;
     }
     if (!any) return 0;
     __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL); /* the hub's */
+    if (m->max_rows) { /* (dynamic batching: every request joins the queue, which leaves in batches) */
+        t->enq_ns = mono_ns();
+        __atomic_store_n(&t->state, T_QUEUED, __ATOMIC_RELEASE);
+        if (m->tail) m->tail->next = t;
+        else m->head = t;
+        m->tail = t;
+        m->queued++;
+        h->queued++;
+        dispatch(h, mid);
+        return 1;
+    }
     if (best >= 0) {
         m->rr = (best + 1) % n;
         lane_send(h, best, t);
@@ -705,18 +1027,19 @@ static int place(Hub *h, Ticket *t) {
 /* A ticket for request ``id`` of model ``mid`` (its datagram copied), not placed yet. */
 static TicketObject *new_ticket(Hub *h, PyObject *args, const char *format) {
     int mid, box = -1;
-    unsigned long long id;
+    unsigned int rows = 1;
+    unsigned long long id, bkey = 0;
     Py_buffer header;
-    if (!PyArg_ParseTuple(args, format, &mid, &id, &header, &box)) return NULL;
+    if (!PyArg_ParseTuple(args, format, &mid, &id, &header, &box, &rows, &bkey)) return NULL;
     if (box >= 0 && (box >= h->nboxes || !h->boxes[box].used)) {
         PyBuffer_Release(&header);
         PyErr_Format(PyExc_ValueError, "no mailbox %d in this hub", box);
         return NULL;
     }
-    if (header.len > MAX_DATAGRAM) {
+    if (header.len > MAX_REQUEST) {
         PyBuffer_Release(&header);
         PyErr_Format(PyExc_ValueError, "a request of %zd bytes does not fit a lane (at most %d)", header.len,
-                     MAX_DATAGRAM);
+                     MAX_REQUEST);
         return NULL;
     }
     Ticket *t = calloc(1, sizeof(Ticket));
@@ -741,6 +1064,8 @@ static TicketObject *new_ticket(Hub *h, PyObject *args, const char *format) {
     t->id = id;
     t->mid = mid;
     t->box = box;
+    t->rows = rows ? rows : 1;
+    t->bkey = bkey;
     obj->t = t;
     obj->hub = Py_NewRef((PyObject *)h);
     return obj;
@@ -748,12 +1073,12 @@ static TicketObject *new_ticket(Hub *h, PyObject *args, const char *format) {
 
 /* request(mid, id, header) -> Ticket: placed by its first wait(), without the GIL. */
 static PyObject *hub_request(Hub *h, PyObject *args) {
-    return (PyObject *)new_ticket(h, args, "iKy*|i:request");
+    return (PyObject *)new_ticket(h, args, "iKy*|iIK:request");
 }
 
 /* submit(mid, id, header) -> Ticket placed now, or None if the model has no lane. */
 static PyObject *hub_submit(Hub *h, PyObject *args) {
-    TicketObject *obj = new_ticket(h, args, "iKy*|i:submit");
+    TicketObject *obj = new_ticket(h, args, "iKy*|iIK:submit");
     if (!obj) return NULL;
     pthread_mutex_lock(&h->mu);
     int placed = place(h, obj->t);
@@ -913,7 +1238,8 @@ static PyObject *hub_close(Hub *h, PyObject *noargs) {
 static PyObject *hub_get_orphaned(Hub *h, void *closure) { return PyLong_FromSsize_t(h->norphans); }
 
 static PyMethodDef hub_methods[] = {
-    {"add_model", (PyCFunction)hub_add_model, METH_NOARGS, "add_model() -> model id"},
+    {"add_model", (PyCFunction)(void (*)(void))hub_add_model, METH_VARARGS | METH_KEYWORDS,
+     "add_model(max_rows=0, delay_us=0, preferred=()) -> model id; with max_rows, dynamic batching"},
     {"drop_model", (PyCFunction)hub_drop_model, METH_O, "drop_model(mid): its queued requests fail with RETRY"},
     {"add_lane", (PyCFunction)hub_add_lane, METH_VARARGS, "add_lane(mid, fd, limit, key): serve model mid on socket fd (the hub owns it)"},
     {"pause_lane", (PyCFunction)hub_pause_lane, METH_O, "pause_lane(lane): send it nothing new"},
@@ -1101,6 +1427,8 @@ PyMODINIT_FUNC PyInit__lanes(void) {
     PyModule_AddIntConstant(m, "RETRY", T_RETRY);
     PyModule_AddIntConstant(m, "CLOSED", T_CLOSED);
     PyModule_AddIntConstant(m, "MAX_DATAGRAM", MAX_DATAGRAM);
+    PyModule_AddIntConstant(m, "MAX_REQUEST", MAX_REQUEST);
+    PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH);
     PyModule_AddIntConstant(m, "MAX_LIMIT", MAX_LIMIT);
     return m;
 }

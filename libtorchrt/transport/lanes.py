@@ -9,10 +9,10 @@ the hub's thread → caller), and no Python runs for it outside the caller's thr
 
 :class:`Hub` methods (thread-safe; lanes are named by the caller's ``key``, never reused)::
 
-    add_model() -> mid                      drop_model(mid)
+    add_model(max_rows=0, delay_us=0, preferred=()) -> mid        drop_model(mid)
     add_lane(mid, fd, limit, key)           pause_lane(key)        remove_lane(key)
-    request(mid, id, header) -> Ticket   (placed by its first wait(), without the GIL)
-    submit(mid, id, header, box=-1) -> Ticket | None   (placed now; None: no lane takes it)
+    request(mid, id, header, box=-1, rows=1, batch_key=0) -> Ticket   (placed by its first wait(), without the GIL)
+    submit(mid, id, header, box=-1, rows=1, batch_key=0) -> Ticket | None   (placed now; None: no lane takes it)
     release(key, offset)                    complete(key, id, reply) -> bool
     pending() -> int    counts(key) -> (in flight, served)    orphans()    orphaned    close()
     add_mailbox() -> (box, eventfd)    drain(box) -> [request ids]    remove_mailbox(box)
@@ -25,8 +25,17 @@ was sent; 2, sent: its reply will be one of ``orphans()``; 0, it finished meanwh
 ticket submitted with a mailbox wakes nobody: its id is listed by ``drain(box)``, and the
 mailbox's eventfd becomes readable.
 
+A model added with ``max_rows`` batches dynamically, as ``front/batcher.py``'s Batcher
+does with one queue: its requests (``rows`` each; only equal ``batch_key``\ s are merged)
+wait in the hub, and leave as one ``wire.Batch`` message when they fill ``max_rows``
+(or the next does not fit), make up a ``preferred`` size exactly, or the oldest has waited
+``delay_us`` (the hub's timerfd). A batch goes to an idle lane; a full one also to a lane
+that runs one (``limit`` counts sends, a batch being one). The worker answers with
+``wire.Replies``, one reply per request; if the worker dies, the whole oldest send is LOST.
+
 The datagrams are ``wire``'s (the hub reads only a reply's request id, and writes only
-``Release`` messages), so a worker reads its lane as it reads its channel.
+``Release`` and ``Batch`` messages, the latter joining request datagrams unread), so a
+worker reads its lane as it reads its channel.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import sys
 from .channel import _BUFFER
 
 try:
-    from ._lanes import CLOSED, DONE, LOST, MAX_DATAGRAM, MAX_LIMIT, RETRY, Hub, Ticket
+    from ._lanes import CLOSED, DONE, LOST, MAX_BATCH, MAX_DATAGRAM, MAX_LIMIT, MAX_REQUEST, RETRY, Hub, Ticket
 except ImportError:  # (not Linux, or built without it: every request goes by the router)
     if sys.platform.startswith("linux"):
         import warnings
@@ -50,9 +59,24 @@ except ImportError:  # (not Linux, or built without it: every request goes by th
         )
     Hub = Ticket = None  # type: ignore[assignment,misc]
     CLOSED, DONE, LOST, RETRY = 6, 3, 4, 5
-    MAX_DATAGRAM, MAX_LIMIT = 48 << 10, 64
+    MAX_DATAGRAM, MAX_LIMIT, MAX_BATCH = 48 << 10, 64, 4096
+    MAX_REQUEST = MAX_DATAGRAM - 10
 
-__all__ = ["CLOSED", "DONE", "LOST", "MAX_DATAGRAM", "MAX_LIMIT", "RETRY", "Hub", "Ticket", "available", "pair"]
+__all__ = [
+    "CLOSED",
+    "DONE",
+    "LOST",
+    "MAX_BATCH",
+    "MAX_DATAGRAM",
+    "MAX_LIMIT",
+    "MAX_REQUEST",
+    "RETRY",
+    "Hub",
+    "Ticket",
+    "available",
+    "pair",
+]
+
 
 #: whether the native hub is built here
 available = Hub is not None

@@ -42,12 +42,14 @@ __all__ = [
     "DTYPES",
     "PROTOCOL_VERSION",
     "STRING",
+    "Batch",
     "Error",
     "Export",
     "Failed",
     "Message",
     "Ready",
     "Release",
+    "Replies",
     "Request",
     "Response",
     "Shutdown",
@@ -326,7 +328,7 @@ class Request:
     forget: list[int] = spec(_OFFSET_LIST, default_factory=list, error=_OFFSETS)
 
 
-@message(missing=_TERSE)
+@message(missing=_TERSE, tail="batch")
 class Response:
     """Worker → front: the outputs of request ``id``, in the model's order."""
 
@@ -334,9 +336,12 @@ class Response:
     id: int = spec(Int(), error=_TERSE)
     tensors: list[TensorDesc] = spec(_TENSORS)
     blobs: list[bytes] = spec(_BLOB_LIST, default_factory=list, error=_BLOBS)
+    #: on the reply to a lane :class:`Batch`'s first request, the rows of the batch's
+    #: execution (the front counts that execution once); 0 otherwise
+    batch: int = spec(Int(lo=0), default=0)
 
 
-@message
+@message(tail="batch")
 class Error:
     """Worker → front: request ``id`` failed (``id`` is -1 if it was undecodable)."""
 
@@ -349,6 +354,8 @@ class Error:
     input_error: bool = spec(Bool(), default=False)
     #: the worker cannot go on (a sticky CUDA error) and exits after this message
     fatal: bool = spec(Bool(), default=False)
+    #: as :attr:`Response.batch`
+    batch: int = spec(Int(lo=0), default=0)
 
 
 @message
@@ -368,10 +375,38 @@ class Shutdown:
     KIND: ClassVar[int] = 7
 
 
-Message = Ready | Failed | Request | Response | Error | Release | Shutdown
+@message
+class Batch:
+    """Front's hub → worker, on the fast lane: requests of a dynamic-batching model to
+    run as one execution, each an encoded :class:`Request` (the hub joins them without
+    reading them: ``transport/_lanes.c``). Answered by :class:`Replies`."""
+
+    KIND: ClassVar[int] = 8
+    requests: list[bytes] = spec(
+        List(Bytes(), max_len=_MAX_TENSORS),
+        default_factory=list,
+        error="malformed {cls} message: requests must be an array of at most 4096 binary strings",
+    )
+
+
+@message
+class Replies:
+    """Worker → front's hub, on the fast lane: a batch's replies, each an encoded
+    :class:`Response` or :class:`Error` (as many as fit one datagram; the hub hands
+    each to its caller)."""
+
+    KIND: ClassVar[int] = 9
+    replies: list[bytes] = spec(
+        List(Bytes(), max_len=_MAX_TENSORS),
+        default_factory=list,
+        error="malformed {cls} message: replies must be an array of at most 4096 binary strings",
+    )
+
+
+Message = Ready | Failed | Request | Response | Error | Release | Shutdown | Batch | Replies
 
 #: The codec of these messages (the ones sent per request first: encode tests them in order).
-CODEC: Codec[Message] = Codec("wire", [Request, Response, Release, Error, Ready, Failed, Shutdown])
+CODEC: Codec[Message] = Codec("wire", [Request, Response, Release, Error, Batch, Replies, Ready, Failed, Shutdown])
 encode = CODEC.encode
 decode = CODEC.decode
 

@@ -31,9 +31,10 @@ import zmq
 
 from ..errors import ProtocolError
 from ..transport import tensors as tensor_io
+from ..transport import wire
 from ..transport.wire import ARENA, BLOB, DTYPES, TensorDesc
 
-__all__ = ["check_rows", "gather"]
+__all__ = ["check_rows", "gather", "join", "member_rows", "rows_of"]
 
 
 def gather(
@@ -104,3 +105,39 @@ def check_rows(outputs: Sequence[Any], total: int) -> None:
                 f"{list(t.shape) if isinstance(t, torch.Tensor) else [len(t)]}; a batching model "
                 "(max_batch_size > 0) must return one row per input row"
             )
+
+
+def member_rows(msg: wire.Request) -> int:
+    """The rows of one request of a lane batch (its first input's first dimension).
+
+    Raises:
+        ProtocolError: a request without inputs, or with a 0-dimensional first one.
+    """
+    if not msg.tensors or not msg.tensors[0].shape:
+        raise ProtocolError("a request of a batch must have inputs with a batch dimension")
+    return msg.tensors[0].shape[0]
+
+
+def join(members: Sequence[wire.Request]) -> wire.Request:
+    """The requests of a batch the front's hub formed (``wire.Batch``) as one batch
+    request: their descriptors in turn (each ``BLOB`` renumbered into the joined blobs),
+    ``batch`` their rows, which :func:`gather` reads as any batch's."""
+    descs: list[TensorDesc] = []
+    blobs: list[bytes] = []
+    for m in members:
+        base = len(blobs)
+        if base:
+            descs += [
+                wire.tensor_desc(d.dtype, d.shape, BLOB, d.where + base) if d.kind == BLOB else d for d in m.tensors
+            ]
+        else:
+            descs += m.tensors
+        blobs += m.blobs
+    return wire.Request(-1, descs, [], blobs, batch=[member_rows(m) for m in members])
+
+
+def rows_of(output: Any, start: int, end: int) -> Any:
+    """Rows ``[start, end)`` of one output of a batch (a view of a tensor)."""
+    if isinstance(output, tensor_io.Strings):
+        return tensor_io.Strings.of(wire.decode_strings(output.blob, output.count)[start:end])
+    return output[start:end]

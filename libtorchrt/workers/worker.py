@@ -375,6 +375,9 @@ class _Worker:
                 self._release(msg.releases)
                 if not self._run(msg, frames):
                     return EXIT_STICKY
+            elif isinstance(msg, wire.Batch) and self._answer is self.lane and self.lane is not None:
+                if not self._run_lane_batch(msg.requests, self.lane):
+                    return EXIT_STICKY
             elif isinstance(msg, wire.Release):
                 self._release(msg.offsets)
             elif isinstance(msg, wire.Shutdown):
@@ -407,6 +410,96 @@ class _Worker:
             return self._failed(msg.id, e)
         self._reply(wire.encode(wire.Response(msg.id, placed.descs, placed.blobs)), placed.frames)
         return True
+
+    def _run_lane_batch(self, requests: list[bytes], lane: socket.socket) -> bool:
+        """Run a batch the front's hub formed (``wire.Batch``) as one execution, and
+        answer each of its requests with its own rows (``wire.Replies``; see
+        :func:`batching.join`). Return False if this process must not go on."""
+        members: list[wire.Request] = []
+        replies: list[bytes] = []
+        for raw in requests:
+            try:
+                msg = wire.decode(raw)
+                if not isinstance(msg, wire.Request):
+                    raise ProtocolError(f"a {type(msg).__name__} message in a batch")
+                self._release(msg.releases)
+                batching.member_rows(msg)
+            except ProtocolError as e:
+                replies.append(wire.encode(wire.Error(wire.request_id(raw), type(e).__name__, str(e), "", True)))
+                continue
+            members.append(msg)
+        ok = True
+        if members:
+            joined = batching.join(members)
+            total = sum(joined.batch)
+            try:
+                inputs = self._inputs(joined, self._read(joined, [], None))
+            except Exception as e:
+                err = e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}")
+                replies += self._errors(members, err, total)
+            else:
+                try:
+                    outputs = self._outputs(joined, self._call(inputs))
+                except Exception as e:
+                    sticky = any(marker in str(e) for marker in STICKY_ERRORS)
+                    replies += self._errors(members, e, total, traceback.format_exc(), sticky)
+                    ok = not sticky
+                else:
+                    replies += self._member_replies(members, joined.batch, outputs, total)
+        self._send_replies(replies, lane)
+        if not ok:
+            print("libtorchrt worker: exiting after a sticky CUDA error", file=sys.stderr)
+        return ok
+
+    def _errors(
+        self, members: list[wire.Request], e: BaseException, total: int, tb: str = "", fatal: bool = False
+    ) -> list[bytes]:
+        """The same error for each member of a batch (the first says the batch's rows)."""
+        input_error = isinstance(e, ProtocolError)
+        name, text = type(e).__name__, str(e)
+        return [
+            wire.encode(wire.Error(m.id, name, text, tb, input_error, fatal, total if i == 0 else 0))
+            for i, m in enumerate(members)
+        ]
+
+    def _member_replies(
+        self, members: list[wire.Request], rows: list[int], outputs: list[Any], total: int
+    ) -> list[bytes]:
+        """Each member's reply: its rows of every output, written as its own (copied
+        into its own response slots, or inline), so each caller frees its own."""
+        replies = []
+        start = 0
+        for i, (m, n) in enumerate(zip(members, rows)):
+            mine = [batching.rows_of(o, start, start + n) for o in outputs]
+            start += n
+            try:
+                placed = tensor_io.write(mine, self.responses, self.allocator, self.spec.inline_threshold)
+            except Exception as e:
+                replies.append(wire.encode(wire.Error(m.id, type(e).__name__, str(e), traceback.format_exc())))
+                continue
+            header = wire.encode(wire.Response(m.id, placed.descs, placed.blobs, total if i == 0 else 0))
+            if placed.frames:  # (the arena is full: this one goes over ZeroMQ, with its frames)
+                send(self.sock, header, placed.frames, zero_copy=True)
+            else:
+                replies.append(header)
+        return replies
+
+    def _send_replies(self, replies: list[bytes], lane: socket.socket) -> None:
+        """Send a batch's replies in as few lane datagrams as they fit (one too big for
+        any goes over ZeroMQ)."""
+        group: list[bytes] = []
+        size = 8
+        for reply in replies:
+            if len(reply) + 16 > MAX_DATAGRAM:
+                send(self.sock, reply, [], zero_copy=False)
+                continue
+            if size + len(reply) + 5 > MAX_DATAGRAM:
+                lane.send(wire.encode(wire.Replies(group)))
+                group, size = [], 8
+            group.append(reply)
+            size += len(reply) + 5
+        if group:
+            lane.send(wire.encode(wire.Replies(group)))
 
     def _call(self, inputs: list[Any]) -> list[Any]:
         """Run the model on one request's (or batch's) inputs.

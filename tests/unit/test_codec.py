@@ -72,10 +72,12 @@ WIRE_LAYOUT = {
             "forget",
         ],
     ),
-    4: ("Response", ["id", "tensors", "blobs"]),
-    5: ("Error", ["id", "error_type", "message", "traceback", "input_error", "fatal"]),
+    4: ("Response", ["id", "tensors", "blobs", "batch"]),
+    5: ("Error", ["id", "error_type", "message", "traceback", "input_error", "fatal", "batch"]),
     6: ("Release", ["offsets"]),
     7: ("Shutdown", []),
+    8: ("Batch", ["requests"]),
+    9: ("Replies", ["replies"]),
 }
 REMOTE_LAYOUT = {
     1: ("Hello", ["protocol", "pid", "boot_id", "shared_memory"]),
@@ -155,6 +157,11 @@ WIRE_BYTES = [
     (wire.Error(7, "ModelError", "boom", "tb", False, True), "970507aa4d6f64656c4572726f72a4626f6f6da27462c2c3"),
     (wire.Release([0, 4096]), "92069200cd1000"),
     (wire.Shutdown(), "9107"),
+    # (later: the fast lane's batches; the hub in _lanes.c writes and reads these bytes)
+    (wire.Response(7, [], [b"y"], 3), "9504079091c4017903"),
+    (wire.Error(7, "ModelError", "boom", "", False, False, 2), "980507aa4d6f64656c4572726f72a4626f6f6da0c2c202"),
+    (wire.Batch([b"ab", b"c"]), "920892c4026162c40163"),
+    (wire.Replies([b"xyz"]), "920991c40378797a"),
 ]
 REMOTE_BYTES = [
     (remote.Hello(1, 99, "boot", False), "95010163a4626f6f74c2"),

@@ -21,11 +21,13 @@ from libtorchrt.transport.wire import (
     DTYPES,
     FRAME,
     PROTOCOL_VERSION,
+    Batch,
     Error,
     Export,
     Failed,
     Ready,
     Release,
+    Replies,
     Request,
     Response,
     Shutdown,
@@ -52,7 +54,7 @@ def decodes_or_refuses(header: bytes | memoryview) -> None:
         msg = decode(header)
     except ProtocolError:
         return
-    assert isinstance(msg, (Ready, Failed, Request, Response, Error, Release, Shutdown))
+    assert isinstance(msg, (Ready, Failed, Request, Response, Error, Release, Shutdown, Batch, Replies))
 
 
 # --------------------------------------------------------------------------- round trips
@@ -238,8 +240,8 @@ def test_blobs_decode_as_bytes(cls: type) -> None:
             [Request.KIND, 5, [], [64], [b"x"], [], -1, -1, [], [], [], [], [], [], "priority", 9],
             Request(5, [], [64], [b"x"]),
         ),
-        ([Response.KIND, 6, [], [b"y"], ["future"]], Response(6, [], [b"y"])),
-        ([Error.KIND, 7, "E", "m", "", True, False, 123], Error(7, "E", "m", "", True, False)),
+        ([Response.KIND, 6, [], [b"y"], 2, ["future"]], Response(6, [], [b"y"], 2)),
+        ([Error.KIND, 7, "E", "m", "", True, False, 2, 123], Error(7, "E", "m", "", True, False, 2)),
         ([Release.KIND, [0], None], Release([0])),
         ([Shutdown.KIND, "grace", 5.0], Shutdown()),
     ],
@@ -309,7 +311,7 @@ GOOD_DESC = ["float32", [2, 2], FRAME, 0]
         pytest.param(pack(None), id="nil"),
         pytest.param(pack([]), id="empty-array"),
         pytest.param(pack([0]), id="kind-0"),
-        pytest.param(pack([8]), id="kind-8"),
+        pytest.param(pack([10]), id="kind-10"),
         pytest.param(pack([-1]), id="kind-negative"),
         pytest.param(pack(["3", 1, []]), id="kind-str"),
         pytest.param(pack([True]), id="kind-bool"),

@@ -182,14 +182,14 @@ def test_an_abandoned_queued_request_is_taken_out_of_its_batch(hub: lanes.Hub) -
 
 
 def test_a_dead_worker_loses_the_running_batch_and_returns_the_next(hub: lanes.Hub) -> None:
-    mid = hub.add_model(2, FOREVER_US)
+    mid = hub.add_model(3, FOREVER_US)
     worker = lane(hub, mid, key=1, limit=2)
-    tickets = [submit(hub, mid, i) for i in range(1, 5)]
-    assert batch(worker) == [1, 2] and batch(worker) == [3, 4]
-    reply(worker, [1])  # one of the running batch answered before the worker died
+    tickets = [submit(hub, mid, i) for i in range(1, 7)]
+    assert batch(worker) == [1, 2, 3] and batch(worker) == [4, 5, 6]
+    reply(worker, [2])  # one of the running batch answered before the worker died
     worker.close()
     states = [t.wait(5.0)[0] for t in tickets]
-    assert states == [lanes.DONE, lanes.LOST, lanes.RETRY, lanes.RETRY]
+    assert states == [lanes.LOST, lanes.DONE, lanes.LOST, lanes.RETRY, lanes.RETRY, lanes.RETRY]
 
 
 def test_replies_may_hold_errors_and_come_in_several_messages(hub: lanes.Hub) -> None:

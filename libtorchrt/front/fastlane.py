@@ -512,11 +512,14 @@ class FastLane:
             return _outcome(call)
         w = self._lanes.get(key)
         arena = w.outputs if w is not None else None
+        del w  # (an error raised from here must not keep the worker in its traceback)
         if arena is None and isinstance(msg, wire.Response):
             return _BY_ROUTER
         call.free()
         # (a lane batch's execution is counted once, with the reply that says its rows)
         rows = getattr(msg, "batch", 0) if m.lane_batches else call.rows
+        if not isinstance(msg, wire.Response):
+            arena = None  # (a kept error's traceback holds this frame: not the worker's arena)
         if isinstance(msg, wire.Error):
             if rows:
                 m.stats.executed(rows)
@@ -540,6 +543,7 @@ class FastLane:
         try:
             outputs = tensor_io.read(msg.tensors, msg.blobs, frames, slot)
         except Exception as e:  # a reply we cannot rebuild fails its request
+            arena = None  # (as above; ``slot`` reads the same variable)
             if rows:
                 m.stats.executed(rows)
             call.resolve_error(e if isinstance(e, ProtocolError) else ProtocolError(f"unreadable reply: {e!r}"))

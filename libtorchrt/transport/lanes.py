@@ -26,7 +26,7 @@ ticket submitted with a mailbox wakes nobody: its id is listed by ``drain(box)``
 mailbox's eventfd becomes readable.
 
 A model added with ``max_rows`` batches dynamically, as ``front/batcher.py``'s Batcher
-does with one queue: its requests (``rows`` each; only equal ``batch_key``\ s are merged)
+does with one queue: its requests (``rows`` each; only those of equal ``batch_key`` are merged)
 wait in the hub, and leave as one ``wire.Batch`` message when they fill ``max_rows``
 (or the next does not fit), make up a ``preferred`` size exactly, or the oldest has waited
 ``delay_us`` (the hub's timerfd). A batch goes to an idle lane; a full one also to a lane

@@ -300,3 +300,17 @@ def test_outputs_too_big_for_the_response_arena_come_back_over_zeromq(tmp_path: 
             assert torch.equal(pool.infer("identity", x)["OUTPUT__0"], x)
         assert lane_served(pool, "identity") == served + 3  # (completed by the router: counted as served)
         assert pool._router.fast.pending() == 0 and not pool._router.fast._frames
+
+
+def test_an_error_the_caller_keeps_does_not_keep_the_workers_memory_after_close(files: dict[str, Path]) -> None:
+    """A ModelError from the lane, kept by its caller (traceback and all) past close():
+    the pool still leaves nothing behind (the frame that read the reply held the
+    worker's response arena in its locals)."""
+    before = snapshot()
+    with Pool(models=[ModelConfig("raiser", files["raiser"])]) as pool:
+        assert pool._router.default["raiser"].lane >= 0
+        with pytest.raises(ModelError) as caught:
+            pool.infer("raiser", torch.tensor([-1.0, 2.0]))
+    kept = caught.value
+    assert kept.__traceback__ is not None
+    assert_no_leaks(before)

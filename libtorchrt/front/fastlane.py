@@ -258,15 +258,21 @@ class FastLane:
         m = router.default.get(model) if version is None else router.models.get((model, version))
         return m is not None and m.lane >= 0
 
-    def takes(self, call: Call) -> bool:
-        """Whether ``call`` can go by the lane."""
+    def takes(self, call: Call, in_loop: bool = False) -> bool:
+        """Whether ``call`` can go by the lane; ``in_loop``: its caller is an event loop.
+
+        A batching model's requests take it from event loops only: caller threads woken
+        together by a batch's replies all wait for the GIL at once, and passed it around
+        at every torch call, so much that 64 threads were served 0.7x what the router's
+        batcher served them (docs/measurements/lane-batching.md)."""
+        m = call.model
         return (
-            call.model.lane >= 0
+            m.lane >= 0
             and not call.frames
             and call.device is None
             and call.sequence is None
             and (not call.blobs or sum(map(len, call.blobs)) <= self.max_blobs)
-            and (not call.model.lane_batches or self._batch_key(call) > 0)
+            and (not m.lane_batches or (in_loop and self._batch_key(call) > 0))
         )
 
     def _batch_key(self, call: Call) -> int:

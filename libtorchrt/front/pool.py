@@ -357,10 +357,10 @@ class Pool:
     ) -> dict[str, torch.Tensor]:
         """Run one request and wait for its outputs.
 
-        A request to a CPU model without sequence batching (with dynamic batching: one
-        queue, see docs/batching.md) takes the fast lane: this thread sends it, or the
-        pool's native hub queues it for its batch, and the hub wakes it with the reply,
-        with no other Python thread in between (docs/architecture.md).
+        A request to a CPU model without dynamic or sequence batching takes the fast
+        lane: this thread sends it and the pool's native hub wakes it with the reply,
+        with no other Python thread in between (docs/architecture.md). (From asyncio,
+        :meth:`infer_async` takes it with dynamic batching too: docs/batching.md.)
 
         Args:
             model: the model's name.
@@ -435,7 +435,7 @@ class Pool:
             if self._closed:
                 raise PoolClosedError("the pool is closed")
             call = self._admission.take(model, inputs, version, timeout, priority)
-            if fast.takes(call):
+            if fast.takes(call, in_loop=True):
                 return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
             self._router.submit(call)
             return await asyncio.wrap_future(call.future)  # type: ignore[arg-type]

@@ -16,9 +16,10 @@ thread (front).
 An asyncio caller's request is placed at once, and the hub lists it in its loop's
 mailbox when it finishes (an eventfd the loop watches); the loop's thread settles it.
 
-A request takes the lane when its model has a plain FIFO queue or a dynamic batcher of
-one queue (no priority levels, ordering or queue policy: the hub forms its batches by the
-same rules, ``transport/lanes.py``), every instance on the CPU and no
+A request takes the lane when its model has a plain FIFO queue or, from an event loop, a
+dynamic batcher of one queue (no priority levels, ordering or queue policy: the hub forms
+its batches by the same rules, ``transport/lanes.py``; see :meth:`FastLane.takes`),
+every instance on the CPU and no
 ``execution_timeout`` (the router's watchdog times executions), and the request has no
 data frames and at most ``MAX_CHANNEL_BLOBS`` of inline bytes. A batch's execution is
 counted in the stats with the reply that carries its rows (``wire.Response.batch``), or

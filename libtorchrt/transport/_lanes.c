@@ -982,45 +982,27 @@ static PyObject *hub_release(Hub *h, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Send ticket t to its model's least-busy lane, or queue it (mutex held). Returns 1, or
- * 0 when the model has no lane to take it (the router serves it: t is untouched). */
+/* Send ticket t to its model's least-busy lane, or queue it (a batching model's always
+ * joins its queue) (mutex held). Returns 1, or 0 when the model has no lane to take it
+ * (the router serves it: t is untouched). */
 static int place(Hub *h, Ticket *t) {
     int mid = t->mid;
-    if (h->closing || mid < 0 || mid >= h->nmodels || !h->models[mid].used) return 0;
+    if (h->closing || mid < 0 || mid >= h->nmodels || !h->models[mid].used || !model_has_lane(h, mid)) return 0;
     Model *m = &h->models[mid];
-    int best = -1, any = 0;
-    int n = h->nlanes;
-    for (int k = 0; k < n; k++) {
-        int i = (m->rr + k) % n;
-        Lane *l = &h->lanes[i];
-        if (!l->used || l->mid != mid || !l->alive || !l->enabled) continue;
-        any = 1;
-        if (l->nsent < l->limit && (best < 0 || l->nsent < h->lanes[best].nsent)) best = i;
-    }
-    if (!any) return 0;
     __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL); /* the hub's */
-    if (m->max_rows) { /* (dynamic batching: every request joins the queue, which leaves in batches) */
-        t->enq_ns = mono_ns();
-        __atomic_store_n(&t->state, T_QUEUED, __ATOMIC_RELEASE);
-        if (m->tail) m->tail->next = t;
-        else m->head = t;
-        m->tail = t;
-        m->queued++;
-        h->queued++;
-        dispatch(h, mid);
+    int li = m->max_rows ? -1 : free_lane(h, mid, MAX_LIMIT);
+    if (li >= 0) {
+        lane_send(h, li, t);
         return 1;
     }
-    if (best >= 0) {
-        m->rr = (best + 1) % n;
-        lane_send(h, best, t);
-    } else {
-        __atomic_store_n(&t->state, T_QUEUED, __ATOMIC_RELEASE);
-        if (m->tail) m->tail->next = t;
-        else m->head = t;
-        m->tail = t;
-        m->queued++;
-        h->queued++;
-    }
+    t->enq_ns = mono_ns();
+    __atomic_store_n(&t->state, T_QUEUED, __ATOMIC_RELEASE);
+    if (m->tail) m->tail->next = t;
+    else m->head = t;
+    m->tail = t;
+    m->queued++;
+    h->queued++;
+    if (m->max_rows) dispatch(h, mid); /* (dynamic batching: every request joins the queue, which leaves in batches) */
     return 1;
 }
 

@@ -21,6 +21,10 @@ the worker views the rows where they lie when they are adjacent in shared memory
 gathers them with one copy (see ``workers/worker.py``). The worker's outputs come back
 as one tensor per output; the router hands each request a view of its own rows.
 
+The fast lane's native hub forms the batches of ``infer_async`` requests to a model of
+one queue (no priority levels, ordering or queue policy) by these same rules, in C
+(``transport/_lanes.c``, ``dispatch``): a change to the rules here belongs there too.
+
 Everything here runs in the router thread, except :meth:`Batcher.admit` and
 :meth:`Batcher.level`, which caller threads use to refuse a request before it is
 placed (a full queue); they only read lengths.

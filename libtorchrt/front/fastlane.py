@@ -19,9 +19,9 @@ mailbox when it finishes (an eventfd the loop watches); the loop's thread settle
 A request takes the lane when its model has a plain FIFO queue or, from an event loop, a
 dynamic batcher of one queue (no priority levels, ordering or queue policy: the hub forms
 its batches by the same rules, ``transport/lanes.py``; see :meth:`FastLane.takes`),
-every instance on the CPU and no
-``execution_timeout`` (the router's watchdog times executions), and the request has no
-data frames and at most ``MAX_CHANNEL_BLOBS`` of inline bytes. A batch's execution is
+every instance on the CPU and no ``execution_timeout`` (the router's watchdog times
+executions), and the request has no data frames and at most ``MAX_CHANNEL_BLOBS`` of
+inline bytes. A batch's execution is
 counted in the stats with the reply that carries its rows (``wire.Response.batch``), or
 with its orphan. Everything else, and ``submit`` (whose future runs callbacks), goes by
 the router as before. A deadline is the caller's: a request whose deadline has passed
@@ -75,11 +75,15 @@ log = logging.getLogger("libtorchrt")
 _BY_ROUTER = object()
 
 
+def _deadline_passed(call: Call) -> TimeoutError:
+    return TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
+
+
 def _expired(call: Call) -> bool:
     """Fail ``call`` if its deadline has passed already (a timeout of 0): it is not sent."""
     if call.deadline is None or call.deadline > time.monotonic():
         return False
-    call.fail(TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed"))
+    call.fail(_deadline_passed(call))
     return True
 
 
@@ -263,9 +267,8 @@ class FastLane:
         """Whether ``call`` can go by the lane; ``in_loop``: its caller is an event loop.
 
         A batching model's requests take it from event loops only: caller threads woken
-        together by a batch's replies all wait for the GIL at once, and passed it around
-        at every torch call, so much that 64 threads were served 0.7x what the router's
-        batcher served them (docs/measurements/lane-batching.md)."""
+        together by a batch's replies all wait for the GIL at once, and hand it around at
+        every torch call (measured in docs/measurements/lane-batching.md)."""
         m = call.model
         return (
             m.lane >= 0
@@ -320,18 +323,12 @@ class FastLane:
                     self._answer(call, key, reply)
             raise
         if state == 0:  # its deadline passed
-            exc = TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
             if self._abandon(call, ticket):
-                call.resolve_error(exc)
+                call.resolve_error(_deadline_passed(call))
                 return _outcome(call)
             state, key, reply = ticket.wait()  # (it finished meanwhile)
-        if state == lanes.DONE:
-            result = self._answer(call, key, reply)
-            if result is not _BY_ROUTER:
-                return result
-            state = lanes.RETRY
-        self._hand_over(call, state, key)
-        return _outcome(call)
+        result = self._conclude(call, state, key, reply)
+        return _outcome(call) if result is _BY_ROUTER else result
 
     def _hand_over(self, call: Call, state: int, key: int) -> None:
         """``call``'s ticket ended without an answer it can use (``state``): it goes to
@@ -444,7 +441,11 @@ class FastLane:
 
     def _settle(self, call: Call, ticket: Any) -> Any:
         """A finished ticket's outputs; raises its error; _BY_ROUTER: it was handed over."""
-        state, key, reply = ticket.wait(0.0)
+        return self._conclude(call, *ticket.wait(0.0))
+
+    def _conclude(self, call: Call, state: int, key: int, reply: bytes | None) -> Any:
+        """The outputs of ``call``, whose ticket ended in ``state``; raises its error;
+        _BY_ROUTER: it was handed over (its future tells the rest)."""
         if state == lanes.DONE:
             result = self._answer(call, key, reply)
             if result is not _BY_ROUTER:
@@ -461,7 +462,7 @@ class FastLane:
         if not self._abandon(call, ticket):
             return  # (it finished: the mailbox lists it)
         del box.waiting[req_id]
-        exc = TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
+        exc = _deadline_passed(call)
         call.resolve_error(exc)
         if not waiter.done():
             waiter.set_exception(exc)

@@ -113,7 +113,6 @@ typedef struct {
     int64_t delay_ns;
     int npref;
     int pref[16];    /* preferred batch sizes, largest first */
-    int64_t wake_ns; /* when its head's delay runs out (0: nothing waits for it) */
     Ticket **picked; /* (max_rows of them: the batch being formed) */
 } Model;
 
@@ -358,7 +357,6 @@ static int batch_size(Model *m, Ticket **ts, int n, int full) {
  * lets the queue grow into a larger batch rather than take a small one. */
 static void dispatch(Hub *h, int mid) {
     Model *m = &h->models[mid];
-    m->wake_ns = 0;
     while (m->head) {
         if (free_lane(h, mid, MAX_LIMIT) < 0) return; /* (the next reply calls again) */
         Ticket *head = m->head, **ts = m->picked;
@@ -378,8 +376,7 @@ static void dispatch(Hub *h, int mid) {
         if (n == 0) ts[n++] = head; /* (too big for any batch: alone, and the worker says so) */
         int take = batch_size(m, ts, n, full);
         if (!take) {
-            m->wake_ns = head->enq_ns + m->delay_ns;
-            arm(h, m->wake_ns);
+            arm(h, head->enq_ns + m->delay_ns);
             return;
         }
         int li = free_lane(h, mid, 0);

@@ -118,10 +118,10 @@ def member_rows(msg: wire.Request) -> int:
     return msg.tensors[0].shape[0]
 
 
-def join(members: Sequence[wire.Request]) -> wire.Request:
-    """The requests of a batch the front's hub formed (``wire.Batch``) as one batch
-    request: their descriptors in turn (each ``BLOB`` renumbered into the joined blobs),
-    ``batch`` their rows, which :func:`gather` reads as any batch's."""
+def join(members: Sequence[wire.Request], rows: Sequence[int]) -> wire.Request:
+    """The requests of a batch the front's hub formed (``wire.Batch``), of ``rows`` rows
+    each (:func:`member_rows`), as one batch request: their descriptors in turn (each
+    ``BLOB`` renumbered into the joined blobs), which :func:`gather` reads as any batch's."""
     descs: list[TensorDesc] = []
     blobs: list[bytes] = []
     for m in members:
@@ -133,7 +133,7 @@ def join(members: Sequence[wire.Request]) -> wire.Request:
         else:
             descs += m.tensors
         blobs += m.blobs
-    return wire.Request(-1, descs, [], blobs, batch=[member_rows(m) for m in members])
+    return wire.Request(-1, descs, [], blobs, batch=list(rows))
 
 
 def rows_of(output: Any, start: int, end: int) -> Any:

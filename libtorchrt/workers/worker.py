@@ -73,6 +73,11 @@ STICKY_ERRORS = (
 EXIT_STICKY = 3
 
 
+def _sticky(e: BaseException) -> bool:
+    """Whether ``e`` leaves the CUDA context untrustworthy (see STICKY_ERRORS)."""
+    return any(marker in str(e) for marker in STICKY_ERRORS)
+
+
 @dataclass
 class WorkerSpec:
     """Everything a worker needs, passed on its command line as JSON."""
@@ -416,6 +421,7 @@ class _Worker:
         answer each of its requests with its own rows (``wire.Replies``; see
         :func:`batching.join`). Return False if this process must not go on."""
         members: list[wire.Request] = []
+        rows: list[int] = []
         replies: list[bytes] = []
         for raw in requests:
             try:
@@ -423,33 +429,37 @@ class _Worker:
                 if not isinstance(msg, wire.Request):
                     raise ProtocolError(f"a {type(msg).__name__} message in a batch")
                 self._release(msg.releases)
-                batching.member_rows(msg)
+                n = batching.member_rows(msg)
             except ProtocolError as e:
                 replies.append(wire.encode(wire.Error(wire.request_id(raw), type(e).__name__, str(e), "", True)))
                 continue
             members.append(msg)
+            rows.append(n)
         ok = True
         if members:
-            joined = batching.join(members)
-            total = sum(joined.batch)
-            try:
-                inputs = self._inputs(joined, self._read(joined, [], None))
-            except Exception as e:
-                err = e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}")
-                replies += self._errors(members, err, total)
-            else:
-                try:
-                    outputs = self._outputs(joined, self._call(inputs))
-                except Exception as e:
-                    sticky = any(marker in str(e) for marker in STICKY_ERRORS)
-                    replies += self._errors(members, e, total, traceback.format_exc(), sticky)
-                    ok = not sticky
-                else:
-                    replies += self._member_replies(members, joined.batch, outputs, total)
+            answers, ok = self._execute_batch(members, rows)
+            replies += answers
         self._send_replies(replies, lane)
         if not ok:
             print("libtorchrt worker: exiting after a sticky CUDA error", file=sys.stderr)
         return ok
+
+    def _execute_batch(self, members: list[wire.Request], rows: list[int]) -> tuple[list[bytes], bool]:
+        """Each member's reply to one execution of their joined inputs, and whether this
+        process may go on (not after a sticky error)."""
+        joined = batching.join(members, rows)
+        total = sum(rows)
+        try:
+            inputs = self._inputs(joined, self._read(joined, [], None))
+        except Exception as e:
+            err = e if isinstance(e, ProtocolError) else ProtocolError(f"bad request: {e!r}")
+            return self._errors(members, err, total), True
+        try:
+            outputs = self._outputs(joined, self._call(inputs))
+        except Exception as e:
+            sticky = _sticky(e)
+            return self._errors(members, e, total, traceback.format_exc(), sticky), not sticky
+        return self._member_replies(members, rows, outputs, total), True
 
     def _errors(
         self, members: list[wire.Request], e: BaseException, total: int, tb: str = "", fatal: bool = False
@@ -560,7 +570,7 @@ class _Worker:
 
     def _failed(self, req_id: int, e: Exception) -> bool:
         """Report a failed execution; return False if this process must not go on."""
-        sticky = any(marker in str(e) for marker in STICKY_ERRORS)
+        sticky = _sticky(e)
         self._send_error(req_id, e, traceback.format_exc(), fatal=sticky)
         if sticky:
             print(f"libtorchrt worker: exiting after a sticky CUDA error: {e}", file=sys.stderr)

@@ -60,6 +60,7 @@ from ..transport.dtypes import DTYPES
 from .batcher import Batcher
 from .call import Call
 from .future import RequestFuture
+from .groups import Group, groupable, joined_request, split_outputs
 from .queues import Fifo
 from .records import _Model, _Worker
 from .replies import worker_error
@@ -101,6 +102,11 @@ class _Mailbox:
         self.fd = fd
         #: request id → its call, ticket and the awaiting caller's future
         self.waiting: dict[int, tuple[Call, Any, asyncio.Future[Any]]] = {}
+        #: the groups of this turn of the loop, by model and batch key (sent when it ends)
+        self.open: dict[tuple[_Model, int], Group] = {}
+        self.flush_scheduled = False
+        #: groups sent, by their request id
+        self.sent: dict[int, Group] = {}
 
 
 def _hub_batching(batcher: Batcher) -> bool:
@@ -377,6 +383,8 @@ class FastLane:
         box = self._boxes.get(loop)
         if box is None:
             box = self._open_box(loop)
+        if call.model.lane_batches and groupable(call):
+            return await self._grouped(call, box, loop)
         header = self._header(call)
         if header is None:
             return _outcome(call)
@@ -412,6 +420,149 @@ class FastLane:
             return await asyncio.wrap_future(cast("RequestFuture[Any]", call.future), loop=loop)
         return result
 
+    # ── groups: an event loop's turn of requests to a batching model, sent as one ──
+
+    async def _grouped(self, call: Call, box: _Mailbox, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
+        """Run ``call`` as a member of its loop's open group for its model and batch key
+        (``front/groups.py``): the group goes to the hub when the loop's turn ends, or
+        at once when ``call`` would overfill it."""
+        if _expired(call):
+            return _outcome(call)
+        m = call.model
+        key = self._hub_key(call)
+        size = sum(map(len, call.blobs))
+        g = box.open.get((m, key))
+        if g is not None and (g.rows + call.rows > m.cfg.max_batch_size or g.nbytes + size > self.max_blobs):
+            del box.open[(m, key)]
+            self._send_group(box, g)
+            g = None
+        if g is None:
+            g = box.open[(m, key)] = Group(m, key)
+            if not box.flush_scheduled:
+                box.flush_scheduled = True
+                loop.call_soon(self._flush, box)
+        waiter: asyncio.Future[Any] = loop.create_future()
+        g.add(call, waiter, size)
+        try:
+            result = await waiter
+        except asyncio.CancelledError:
+            self._leave(box, g, call)
+            raise
+        if result is _BY_ROUTER:  # (handed over: its future tells the rest)
+            return await asyncio.wrap_future(call.future, loop=loop)  # type: ignore[arg-type]
+        return result
+
+    def _flush(self, box: _Mailbox) -> None:
+        """The loop's turn ended: send its open groups."""
+        box.flush_scheduled = False
+        groups = list(box.open.values())
+        box.open.clear()
+        for g in groups:
+            self._send_group(box, g)
+
+    def _send_group(self, box: _Mailbox, g: Group) -> None:
+        """Send ``g`` to the hub as one request of its members' rows (its members go by
+        the router if the hub does not take it)."""
+        assert self.hub is not None
+        g.drop_done()  # (cancelled, or past their deadline, in the turn they were made)
+        if not g.members:
+            return
+        if self.hub.orphaned:
+            self._read_orphans()
+        m = g.model
+        gid = self.router.next_id()
+        for c in g.calls():
+            c.id = self.router.next_id()
+        header = wire.encode(joined_request(gid, g))
+        ticket = (
+            self.hub.submit(m.lane, gid, header, box.id, g.rows, g.key)
+            if m.lane >= 0 and len(header) <= lanes.MAX_REQUEST and not self.closed
+            else None
+        )
+        if ticket is None:
+            self._hand_over_members(g, lanes.RETRY, 0)
+            return
+        now = time.perf_counter_ns()
+        g.carrier = Call(m, tensor_io.Placed([], [], [], []))
+        g.carrier.id, g.carrier.rows, g.carrier.sent_ns = gid, g.rows, now
+        g.carrier.warmup = True  # (no caller of its own: its members are counted, not it)
+        g.ticket = ticket
+        for c in g.calls():
+            c.dispatched = True
+            c.sent_ns = now
+        box.sent[gid] = g
+        self._arm(box, g)
+
+    def _arm(self, box: _Mailbox, g: Group) -> None:
+        """Time out ``g``'s members at the earliest deadline of those still waiting
+        (one timer a group, not one a member)."""
+        earliest = g.earliest()
+        g.timer = None if earliest is None else box.loop.call_later(earliest - time.monotonic(), self._expire_group, box, g)
+
+    def _expire_group(self, box: _Mailbox, g: Group) -> None:
+        """Fail the members of ``g`` whose deadline passed (they leave it), then wait
+        for the next deadline."""
+        now = time.monotonic()
+        for c, w in g.members:
+            if not w.done() and c.deadline is not None and c.deadline <= now:
+                exc = _deadline_passed(c)
+                c.resolve_error(exc)
+                w.set_exception(exc)
+                self._leave(box, g, c)
+        self._arm(box, g)
+
+    def _settle_group(self, g: Group) -> None:
+        """``g``'s ticket finished: each member still waiting gets its rows of the
+        outputs, or the error, or goes to the router or the supervisor."""
+        if g.timer is not None:
+            g.timer.cancel()
+        state, key, reply = g.ticket.wait(0.0)
+        carrier = g.carrier
+        assert carrier is not None
+        if state == lanes.DONE:
+            live = [c for c, w in g.members if not w.done()]
+            try:
+                outputs = self._answer(carrier, key, reply, live)
+            except BaseException as e:
+                for c, w in g.members:
+                    c.free()
+                    if not w.done():
+                        c.resolve_error(e)
+                        w.set_exception(e)
+                return
+            if outputs is not _BY_ROUTER:
+                for (c, w), result in zip(g.members, split_outputs(outputs, [c.rows for c, _ in g.members])):
+                    c.free()
+                    if not w.done():
+                        c.future.set_result(result)
+                        w.set_result(result)
+                return
+            state = lanes.RETRY
+        self._hand_over_members(g, state, key)
+
+    def _hand_over_members(self, g: Group, state: int, key: int) -> None:
+        for c, w in g.members:
+            if w.done():
+                c.free()
+                continue
+            self._hand_over(c, state, key)
+            w.set_result(_BY_ROUTER)
+
+    def _leave(self, box: _Mailbox, g: Group, call: Call) -> None:
+        """``call``'s caller stopped waiting: it leaves a group not sent yet; a group
+        sent is abandoned once none of its members waits (it still runs if one does)."""
+        carrier = g.carrier
+        if carrier is None:
+            g.remove(call)
+            call.free()
+            return
+        if all(w.done() for _, w in g.members) and box.sent.pop(carrier.id, None) is not None:
+            if self._abandon(carrier, g.ticket):
+                for c, _ in g.members:
+                    c.free()
+            else:
+                box.sent[carrier.id] = g  # (it finished meanwhile: the mailbox lists it)
+
     def _open_box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         assert self.hub is not None
         for old in [b for b in self._boxes.values() if b.loop.is_closed()]:  # (asyncio.run() after asyncio.run())
@@ -427,8 +578,11 @@ class FastLane:
         assert self.hub is not None
         for req_id in self.hub.drain(box.id):
             entry = box.waiting.pop(req_id, None)
-            if entry is None:  # (its caller stopped waiting)
-                continue
+            if entry is None:
+                g = box.sent.pop(req_id, None)
+                if g is not None:
+                    self._settle_group(g)
+                continue  # (or its caller stopped waiting)
             call, ticket, waiter = entry
             try:
                 result = self._settle(call, ticket)
@@ -481,7 +635,16 @@ class FastLane:
                 self._remove_box(box)
 
     def _shut_box(self, box: _Mailbox) -> None:
+        self._flush(box)
         self._drain(box)  # (what the hub's close finished: PoolClosedError)
+        for g in box.sent.values():
+            if g.timer is not None:
+                g.timer.cancel()
+            for c, w in g.members:
+                if not w.done():
+                    w.set_exception(PoolClosedError("the pool was closed before this request completed"))
+                c.free()
+        box.sent.clear()
         for call, _, waiter in box.waiting.values():
             if not waiter.done():
                 waiter.set_exception(PoolClosedError("the pool was closed before this request completed"))
@@ -508,7 +671,7 @@ class FastLane:
             call.free()
         return True
 
-    def _answer(self, call: Call, key: int, reply: bytes | None) -> Any:
+    def _answer(self, call: Call, key: int, reply: bytes | None, counted: list[Call] | None = None) -> Any:
         """``call``'s outputs from its reply (raises its error); _BY_ROUTER if its worker
         was dropped before the reply could be read (its response arena is gone)."""
         m = call.model
@@ -561,7 +724,7 @@ class FastLane:
         result = dict(zip(binder.output_names(len(outputs)), outputs))
         if binder.reshapes:
             result = binder.shape_outputs(result)
-        m.stats.succeeded((call,), call.sent_ns, time.perf_counter_ns(), execution=rows)
+        m.stats.succeeded((call,) if counted is None else counted, call.sent_ns, time.perf_counter_ns(), execution=rows)
         return result
 
     def _read_orphans(self) -> None:

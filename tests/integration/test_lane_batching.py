@@ -141,6 +141,21 @@ async def gather_on(pool: Pool, model: str, xs: Sequence[Tensor], **kwargs: Any)
     return [o if isinstance(o, BaseException) else o["OUTPUT__0"] for o in outs]
 
 
+async def one_per_turn(pool: Pool, model: str, xs: Sequence[Tensor], **kwargs: Any) -> list[Any]:
+    """As :func:`gather_on`, but request k is made k turns of the event loop after the
+    first, so that each reaches the hub as a request of its own (the requests of one
+    turn go as one: front/groups.py)."""
+
+    async def after(k: int, x: Tensor) -> dict[str, Tensor]:
+        for _ in range(k):
+            await asyncio.sleep(0)
+        return await pool.infer_async(model, x, **kwargs)
+
+    tasks = (after(k, x) for k, x in enumerate(xs))
+    outs = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), SOON)
+    return [o if isinstance(o, BaseException) else o["OUTPUT__0"] for o in outs]
+
+
 def check_answers(xs: Sequence[Tensor], outs: Sequence[Any]) -> None:
     """Each request of ``xs`` got its own rows of SpinDouble's answer (none failed)."""
     failed = [f"request {k}: {o!r}" for k, o in enumerate(outs) if isinstance(o, BaseException)]
@@ -182,7 +197,8 @@ def test_threads_and_tasks_each_get_their_own_rows_of_batches_the_hub_formed(poo
     assert sum(n * k for n, k in sizes.items()) == rows  # every execution counted once, with its rows
     assert sum(sizes.values()) == after.executions - before.executions < requests  # batches were formed
     assert max(sizes) <= 8 and max(sizes) > 3  # (more than one request's rows went together)
-    assert lane_served(pool, "m") - served == 3 * 64  # the hub answered every task
+    # (the requests of a turn of the loop reach the hub as few: front/groups.py)
+    assert 0 < lane_served(pool, "m") - served < 3 * 64
     assert channel_sends(pool) > sends  # the router thread sent the threads' batches
     assert pool._router.fast.pending() == 0 and len(m.queue) == 0
 
@@ -265,7 +281,7 @@ def test_a_busy_worker_gets_a_second_batch_only_if_it_is_full(pool: Pool) -> Non
         slow = torch.full((1, 4), 300_000.0)  # (a second or less of spinning)
         busy = asyncio.ensure_future(pool.infer_async("one", slow, timeout=SOON))
         await until(lambda: fast.inflight(worker) == 1, "the slow request to reach the worker")
-        waiting = asyncio.ensure_future(gather_on(pool, "one", xs, timeout=SOON))
+        waiting = asyncio.ensure_future(one_per_turn(pool, "one", xs, timeout=SOON))
         await until(lambda: fast.pending() == 1 + len(xs), "the hub to take them")
         await asyncio.sleep(0.05)
         assert fast.inflight(worker) == 1 + sent and not busy.done()
@@ -321,7 +337,12 @@ def test_replies_that_outgrow_a_datagram_still_reach_every_member(pool: Pool) ->
     xs = [torch.randn(5, INLINE, generator=g), *(torch.randn(1, INLINE, generator=g) for _ in range(8))]
 
     async def main() -> list[dict[str, Tensor]]:
-        return await asyncio.wait_for(asyncio.gather(*(pool.infer_async("two", x, timeout=SOON) for x in xs)), SOON)
+        async def after(k: int, x: Tensor) -> dict[str, Tensor]:
+            for _ in range(k):  # (a turn of the loop each: nine requests, not one joined)
+                await asyncio.sleep(0)
+            return await pool.infer_async("two", x, timeout=SOON)
+
+        return await asyncio.wait_for(asyncio.gather(*(after(k, x) for k, x in enumerate(xs))), SOON)
 
     model = reference("two")
     for k, (x, out) in enumerate(zip(xs, asyncio.run(main()), strict=True)):
@@ -445,7 +466,7 @@ def test_close_after_lane_batches_ends_a_waiting_caller_and_leaves_nothing_behin
         assert not wrong, wrong[:5]
         xs = [request(k, rows=1 + k % 2) for k in range(32)]
         check_own_rows(xs, asyncio.run(infer_all(pool, xs)))
-        assert lane_served(pool, "m") == 32 and stats_of(pool, "m").executions < 72
+        assert 0 < lane_served(pool, "m") < 32 and stats_of(pool, "m").executions < 72
 
         outcome: list[BaseException] = []
 

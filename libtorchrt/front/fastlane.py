@@ -14,7 +14,9 @@ thread (front).
     arena; stats                             next queued request
 
 An asyncio caller's request is placed at once, and the hub lists it in its loop's
-mailbox when it finishes (an eventfd the loop watches); the loop's thread settles it.
+mailbox when it finishes (an eventfd the loop watches); the loop's thread settles it. To
+a batching model, the requests of one turn of the loop go as one request of all their
+rows, each caller getting a view of its own (``front/groups.py``).
 
 A request takes the lane when its model has a plain FIFO queue or, from an event loop, a
 dynamic batcher of one queue (no priority levels, ordering or queue policy: the hub forms
@@ -497,7 +499,10 @@ class FastLane:
         """Time out ``g``'s members at the earliest deadline of those still waiting
         (one timer a group, not one a member)."""
         earliest = g.earliest()
-        g.timer = None if earliest is None else box.loop.call_later(earliest - time.monotonic(), self._expire_group, box, g)
+        if earliest is None:
+            g.timer = None
+        else:
+            g.timer = box.loop.call_later(earliest - time.monotonic(), self._expire_group, box, g)
 
     def _expire_group(self, box: _Mailbox, g: Group) -> None:
         """Fail the members of ``g`` whose deadline passed (they leave it), then wait

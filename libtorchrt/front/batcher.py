@@ -38,14 +38,14 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..config.batching import DynamicBatching, QueuePolicy
 from ..errors import InvalidInputError, QueueFullError
 from .batch import Batch
 from .queues import Unpinned
 
 if TYPE_CHECKING:
-    import torch
-
     from .call import Call
     from .records import _Model
 
@@ -100,14 +100,24 @@ class Batcher(Unpinned):
         return priority
 
     def admit(self, level: int, tensors: list[torch.Tensor]) -> None:
-        """Refuse a request at once if it has no rows or its level's queue is full.
+        """Refuse a request at once if it has no rows, its inputs disagree on their rows,
+        or its level's queue is full.
 
         Raises:
-            InvalidInputError: a request of 0 rows (it would be a member of no batch).
+            InvalidInputError: a request of 0 rows (it would be a member of no batch), or
+                whose input tensors differ in their first dimension (joined with others
+                row by row, it would fail its whole batch).
             QueueFullError: ``max_queue_size`` requests of that level wait already.
         """
-        if tensors and tensors[0].shape and not tensors[0].shape[0]:
-            raise InvalidInputError(self.name, None, "at least 1 row (dynamic batching: dim 0 is the batch)", "0 rows")
+        if tensors and tensors[0].shape:
+            rows = tensors[0].shape[0]
+            batch = "dynamic batching: dim 0 is the batch"
+            if not rows:
+                raise InvalidInputError(self.name, None, f"at least 1 row ({batch})", "0 rows")
+            for i, t in enumerate(tensors):
+                if isinstance(t, torch.Tensor) and (not t.shape or t.shape[0] != rows):
+                    expected = f"every input with the same rows ({batch}): {rows}"
+                    raise InvalidInputError(self.name, None, expected, f"input {i} of shape {list(t.shape)}")
         limit = self.policies[level].max_queue_size
         if limit and len(self.queues[level]) >= limit:
             raise QueueFullError(self.name, limit, "max_queue_size")

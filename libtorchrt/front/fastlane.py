@@ -539,7 +539,6 @@ class FastLane:
                 for (c, w), result in zip(g.members, split_outputs(outputs, [c.rows for c, _ in g.members])):
                     c.free()
                     if not w.done():
-                        c.future.set_result(result)
                         w.set_result(result)
                 return
             state = lanes.RETRY

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from libtorchrt import DynamicBatching, Pool
-from libtorchrt.errors import TimeoutError
+from libtorchrt import DynamicBatching, ModelConfig, Pool, TensorSpec
+from libtorchrt.errors import InvalidInputError, TimeoutError
 from libtorchrt.transport import lanes
 from tests.conftest import closing_pool
 from tests.integration.test_fast_lane import lane_served
@@ -30,6 +30,7 @@ from tests.integration.test_lane_batching import (
     request,
     stats_of,
 )
+from tests.models import save
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -43,13 +44,21 @@ __all__ = ["files"]  # (the module-scoped fixture, shared)
 def pool(files: dict[str, Path]) -> Iterator[Pool]:
     """``m``: SpinDouble, up to 8 rows, a 50 ms delay; ``wide``: the same on rows of
     ``WIDE`` floats (its inputs travel in the request arena); ``one``: one instance, no
-    delay (a batch waits only for its worker)."""
+    delay (a batch waits only for its worker); ``add``: Add (a + b), a 50 ms delay."""
     spin = files["spin_double"]
+    add = ModelConfig(
+        "add",
+        save("add", files["spin_double"].parent),
+        max_batch_size=8,
+        inputs=[TensorSpec("INPUT__0", "float32", [4]), TensorSpec("INPUT__1", "float32", [4])],
+        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=50_000),
+    )
     with closing_pool(
         models=[
             batching("m", spin, DynamicBatching(max_queue_delay_microseconds=50_000)),
             batching("wide", spin, DynamicBatching(max_queue_delay_microseconds=50_000), [WIDE]),
             batching("one", spin, DynamicBatching()),
+            add,
         ]
     ) as p:
         yield p
@@ -149,3 +158,28 @@ def test_a_group_whose_callers_all_stop_waiting_never_runs_and_the_others_still_
     x = request(600)
     assert torch.equal(asyncio.run(pool.infer_async("one", x, timeout=SOON))["OUTPUT__0"], x * 2 + 1)
 
+
+
+def test_a_request_whose_inputs_disagree_on_their_rows_is_refused_alone(pool: Pool) -> None:
+    """Add would broadcast ``a`` of 2 rows with ``b`` of 1, but a batching model's
+    inputs share their first dimension: that request is refused with a typed error
+    naming it, before it can join (and fail) a batch; the others of its turn get their
+    sums."""
+    g = torch.Generator().manual_seed(7)
+    good = [(torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g)) for _ in range(3)]
+    odd = (torch.randn(2, 4, generator=g), torch.randn(1, 4, generator=g))
+
+    async def main() -> list[Any]:
+        pairs = [good[0], odd, good[1], good[2]]
+        return await asyncio.gather(
+            *(pool.infer_async("add", {"INPUT__0": a, "INPUT__1": b}, timeout=SOON) for a, b in pairs),
+            return_exceptions=True,
+        )
+
+    outs = asyncio.run(main())
+    assert isinstance(outs[1], InvalidInputError) and "input 1 of shape [1, 4]" in str(outs[1]), outs[1]
+    for k, (a, b) in zip((0, 2, 3), good):
+        assert not isinstance(outs[k], BaseException), outs[k]
+        assert torch.equal(outs[k]["OUTPUT__0"], a + b), k
+    with pytest.raises(InvalidInputError, match="same rows"):
+        pool.infer("add", {"INPUT__0": odd[0], "INPUT__1": odd[1]}, timeout=SOON)  # (threads: the router's batcher)

@@ -55,17 +55,18 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import zmq
 
-from ..errors import PoolClosedError, ProtocolError, TimeoutError
+from ..errors import PoolClosedError, ProtocolError
 from ..transport import lanes, wire
 from ..transport import tensors as tensor_io
 from ..transport.dtypes import DTYPES
 from .batcher import Batcher
 from .call import Call
 from .future import RequestFuture
-from .groups import Group, groupable, joined_request, split_outputs
+from .groups import Group, LoopGroups, groupable
 from .queues import Fifo
 from .records import _Model, _Worker
 from .replies import worker_error
+from .settling import BY_ROUTER, deadline_passed, expired, outcome
 
 if TYPE_CHECKING:
     from .router import Router
@@ -73,27 +74,6 @@ if TYPE_CHECKING:
 __all__ = ["FastLane"]
 
 log = logging.getLogger("libtorchrt")
-
-#: what settling a ticket returns when the router is to run its request after all
-_BY_ROUTER = object()
-
-
-def _deadline_passed(call: Call) -> TimeoutError:
-    return TimeoutError(f"model {call.model.name!r}: the request's deadline passed before it completed")
-
-
-def _expired(call: Call) -> bool:
-    """Fail ``call`` if its deadline has passed already (a timeout of 0): it is not sent."""
-    if call.deadline is None or call.deadline > time.monotonic():
-        return False
-    call.fail(_deadline_passed(call))
-    return True
-
-
-def _outcome(call: Call) -> Any:
-    """``call``'s outputs once its (concurrent) future is done; raises its error."""
-    return cast("RequestFuture[Any]", call.future).result()
-
 
 class _Mailbox:
     """One event loop's mailbox in the hub: its id, eventfd and waiting requests."""
@@ -160,6 +140,8 @@ class FastLane:
         #: batch keys (what must match for requests to share a batch) → the hub's number
         self._batch_keys: dict[Any, int] = {}
         self._next_batch_key = itertools.count(1)
+        #: event loops' turns of requests to batching models, each sent as one
+        self.groups = LoopGroups(self)
 
     # ── the router thread: models and workers ─────────────────────────────────
 
@@ -301,7 +283,7 @@ class FastLane:
         return number
 
     @staticmethod
-    def _hub_key(call: Call) -> int:
+    def hub_key(call: Call) -> int:
         """``call``'s batch key for the hub (0: it does not batch); the router's batcher
         never sees it (a call handed over is keyed afresh)."""
         key, call.key = call.key, None
@@ -314,31 +296,31 @@ class FastLane:
         assert hub is not None
         header = self._header(call)
         if header is None:
-            return _outcome(call)
+            return outcome(call)
         if len(header) > lanes.MAX_REQUEST:
             return self._by_router(call)
         # (placed by its wait, which lets go of the GIL first: the send and the hub's
         # mutex are not paid holding it)
-        ticket = hub.request(call.model.lane, call.id, header, -1, call.rows, self._hub_key(call))
+        ticket = hub.request(call.model.lane, call.id, header, -1, call.rows, self.hub_key(call))
         call.dispatched = True
         call.sent_ns = time.perf_counter_ns()
         try:
             state, key, reply = ticket.wait(None if call.deadline is None else call.deadline - time.monotonic())
         except BaseException:  # (KeyboardInterrupt)
-            if not self._abandon(call, ticket):
+            if not self.abandon(call, ticket):
                 state, key, reply = ticket.wait()  # (it finished meanwhile: its outputs' slots go back at once)
                 if state == lanes.DONE:
-                    self._answer(call, key, reply)
+                    self.answer(call, key, reply)
             raise
         if state == 0:  # its deadline passed
-            if self._abandon(call, ticket):
-                call.resolve_error(_deadline_passed(call))
-                return _outcome(call)
+            if self.abandon(call, ticket):
+                call.resolve_error(deadline_passed(call))
+                return outcome(call)
             state, key, reply = ticket.wait()  # (it finished meanwhile)
         result = self._conclude(call, state, key, reply)
-        return _outcome(call) if result is _BY_ROUTER else result
+        return outcome(call) if result is BY_ROUTER else result
 
-    def _hand_over(self, call: Call, state: int, key: int) -> None:
+    def hand_over(self, call: Call, state: int, key: int) -> None:
         """``call``'s ticket ended without an answer it can use (``state``): it goes to
         the router (it did not run), to the supervisor (its worker died while it may
         have been running it: decided with that worker's other requests), or fails (the
@@ -360,8 +342,8 @@ class FastLane:
         first give back the slots of replies nobody waited for."""
         assert self.hub is not None
         if self.hub.orphaned:
-            self._read_orphans()
-        if _expired(call):
+            self.read_orphans()
+        if expired(call):
             return None
         call.id = self.router.next_id()
         return wire.encode(wire.Request(call.id, call.descs, [], call.blobs))
@@ -369,7 +351,7 @@ class FastLane:
     def _by_router(self, call: Call) -> dict[str, torch.Tensor]:
         """Hand ``call`` to the router, and wait for it (the router fails it at its deadline)."""
         self.router.submit(call)
-        return _outcome(call)
+        return outcome(call)
 
     # ── asyncio callers ────────────────────────────────────────────────────────
 
@@ -386,12 +368,12 @@ class FastLane:
         if box is None:
             box = self._open_box(loop)
         if call.model.lane_batches and groupable(call):
-            return await self._grouped(call, box, loop)
+            return await self.groups.join(call, box, loop)
         header = self._header(call)
         if header is None:
-            return _outcome(call)
+            return outcome(call)
         ticket = (
-            hub.submit(call.model.lane, call.id, header, box.id, call.rows, self._hub_key(call))
+            hub.submit(call.model.lane, call.id, header, box.id, call.rows, self.hub_key(call))
             if len(header) <= lanes.MAX_REQUEST
             else None
         )
@@ -409,163 +391,18 @@ class FastLane:
         try:
             result = await waiter
         except asyncio.CancelledError:
-            if box.waiting.pop(call.id, None) is not None and not self._abandon(call, ticket):
+            if box.waiting.pop(call.id, None) is not None and not self.abandon(call, ticket):
                 # (it finished meanwhile: its outputs' slots go back at once)
                 with contextlib.suppress(Exception):
-                    if self._settle(call, ticket) is _BY_ROUTER:
+                    if self._settle(call, ticket) is BY_ROUTER:
                         call.future.cancel()
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-        if result is _BY_ROUTER:  # (handed over: its future tells the rest)
+        if result is BY_ROUTER:  # (handed over: its future tells the rest)
             return await asyncio.wrap_future(cast("RequestFuture[Any]", call.future), loop=loop)
         return result
-
-    # ── groups: an event loop's turn of requests to a batching model, sent as one ──
-
-    async def _grouped(self, call: Call, box: _Mailbox, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
-        """Run ``call`` as a member of its loop's open group for its model and batch key
-        (``front/groups.py``): the group goes to the hub when the loop's turn ends, or
-        at once when ``call`` would overfill it."""
-        if _expired(call):
-            return _outcome(call)
-        m = call.model
-        key = self._hub_key(call)
-        size = sum(map(len, call.blobs))
-        g = box.open.get((m, key))
-        if g is not None and (g.rows + call.rows > m.cfg.max_batch_size or g.nbytes + size > self.max_blobs):
-            del box.open[(m, key)]
-            self._send_group(box, g)
-            g = None
-        if g is None:
-            g = box.open[(m, key)] = Group(m, key)
-            if not box.flush_scheduled:
-                box.flush_scheduled = True
-                loop.call_soon(self._flush, box)
-        waiter: asyncio.Future[Any] = loop.create_future()
-        g.add(call, waiter, size)
-        try:
-            result = await waiter
-        except asyncio.CancelledError:
-            self._leave(box, g, call)
-            raise
-        if result is _BY_ROUTER:  # (handed over: its future tells the rest)
-            return await asyncio.wrap_future(call.future, loop=loop)  # type: ignore[arg-type]
-        return result
-
-    def _flush(self, box: _Mailbox) -> None:
-        """The loop's turn ended: send its open groups."""
-        box.flush_scheduled = False
-        groups = list(box.open.values())
-        box.open.clear()
-        for g in groups:
-            self._send_group(box, g)
-
-    def _send_group(self, box: _Mailbox, g: Group) -> None:
-        """Send ``g`` to the hub as one request of its members' rows (its members go by
-        the router if the hub does not take it)."""
-        assert self.hub is not None
-        g.drop_done()  # (cancelled, or past their deadline, in the turn they were made)
-        if not g.members:
-            return
-        if self.hub.orphaned:
-            self._read_orphans()
-        m = g.model
-        gid = self.router.next_id()
-        for c in g.calls():
-            c.id = self.router.next_id()
-        header = wire.encode(joined_request(gid, g))
-        ticket = (
-            self.hub.submit(m.lane, gid, header, box.id, g.rows, g.key)
-            if m.lane >= 0 and len(header) <= lanes.MAX_REQUEST and not self.closed
-            else None
-        )
-        if ticket is None:
-            self._hand_over_members(g, lanes.RETRY, 0)
-            return
-        now = time.perf_counter_ns()
-        g.carrier = Call(m, tensor_io.Placed([], [], [], []))
-        g.carrier.id, g.carrier.rows, g.carrier.sent_ns = gid, g.rows, now
-        g.carrier.warmup = True  # (no caller of its own: its members are counted, not it)
-        g.ticket = ticket
-        for c in g.calls():
-            c.dispatched = True
-            c.sent_ns = now
-        box.sent[gid] = g
-        self._arm(box, g)
-
-    def _arm(self, box: _Mailbox, g: Group) -> None:
-        """Time out ``g``'s members at the earliest deadline of those still waiting
-        (one timer a group, not one a member)."""
-        earliest = g.earliest()
-        if earliest is None:
-            g.timer = None
-        else:
-            g.timer = box.loop.call_later(earliest - time.monotonic(), self._expire_group, box, g)
-
-    def _expire_group(self, box: _Mailbox, g: Group) -> None:
-        """Fail the members of ``g`` whose deadline passed (they leave it), then wait
-        for the next deadline."""
-        now = time.monotonic()
-        for c, w in g.members:
-            if not w.done() and c.deadline is not None and c.deadline <= now:
-                exc = _deadline_passed(c)
-                c.resolve_error(exc)
-                w.set_exception(exc)
-                self._leave(box, g, c)
-        self._arm(box, g)
-
-    def _settle_group(self, g: Group) -> None:
-        """``g``'s ticket finished: each member still waiting gets its rows of the
-        outputs, or the error, or goes to the router or the supervisor."""
-        if g.timer is not None:
-            g.timer.cancel()
-        state, key, reply = g.ticket.wait(0.0)
-        carrier = g.carrier
-        assert carrier is not None
-        if state == lanes.DONE:
-            live = [c for c, w in g.members if not w.done()]
-            try:
-                outputs = self._answer(carrier, key, reply, live)
-            except BaseException as e:
-                for c, w in g.members:
-                    c.free()
-                    if not w.done():
-                        c.resolve_error(e)
-                        w.set_exception(e)
-                return
-            if outputs is not _BY_ROUTER:
-                for (c, w), result in zip(g.members, split_outputs(outputs, [c.rows for c, _ in g.members])):
-                    c.free()
-                    if not w.done():
-                        w.set_result(result)
-                return
-            state = lanes.RETRY
-        self._hand_over_members(g, state, key)
-
-    def _hand_over_members(self, g: Group, state: int, key: int) -> None:
-        for c, w in g.members:
-            if w.done():
-                c.free()
-                continue
-            self._hand_over(c, state, key)
-            w.set_result(_BY_ROUTER)
-
-    def _leave(self, box: _Mailbox, g: Group, call: Call) -> None:
-        """``call``'s caller stopped waiting: it leaves a group not sent yet; a group
-        sent is abandoned once none of its members waits (it still runs if one does)."""
-        carrier = g.carrier
-        if carrier is None:
-            g.remove(call)
-            call.free()
-            return
-        if all(w.done() for _, w in g.members) and box.sent.pop(carrier.id, None) is not None:
-            if self._abandon(carrier, g.ticket):
-                for c, _ in g.members:
-                    c.free()
-            else:
-                box.sent[carrier.id] = g  # (it finished meanwhile: the mailbox lists it)
 
     def _open_box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         assert self.hub is not None
@@ -585,7 +422,7 @@ class FastLane:
             if entry is None:
                 g = box.sent.pop(req_id, None)
                 if g is not None:
-                    self._settle_group(g)
+                    self.groups.settle(g)
                 continue  # (or its caller stopped waiting)
             call, ticket, waiter = entry
             try:
@@ -598,29 +435,29 @@ class FastLane:
                 waiter.set_result(result)
 
     def _settle(self, call: Call, ticket: Any) -> Any:
-        """A finished ticket's outputs; raises its error; _BY_ROUTER: it was handed over."""
+        """A finished ticket's outputs; raises its error; BY_ROUTER: it was handed over."""
         return self._conclude(call, *ticket.wait(0.0))
 
     def _conclude(self, call: Call, state: int, key: int, reply: bytes | None) -> Any:
         """The outputs of ``call``, whose ticket ended in ``state``; raises its error;
-        _BY_ROUTER: it was handed over (its future tells the rest)."""
+        BY_ROUTER: it was handed over (its future tells the rest)."""
         if state == lanes.DONE:
-            result = self._answer(call, key, reply)
-            if result is not _BY_ROUTER:
+            result = self.answer(call, key, reply)
+            if result is not BY_ROUTER:
                 return result
             state = lanes.RETRY
-        self._hand_over(call, state, key)
-        return _BY_ROUTER
+        self.hand_over(call, state, key)
+        return BY_ROUTER
 
     def _expire(self, box: _Mailbox, req_id: int) -> None:
         entry = box.waiting.get(req_id)
         if entry is None:
             return
         call, ticket, waiter = entry
-        if not self._abandon(call, ticket):
+        if not self.abandon(call, ticket):
             return  # (it finished: the mailbox lists it)
         del box.waiting[req_id]
-        exc = _deadline_passed(call)
+        exc = deadline_passed(call)
         call.resolve_error(exc)
         if not waiter.done():
             waiter.set_exception(exc)
@@ -639,16 +476,9 @@ class FastLane:
                 self._remove_box(box)
 
     def _shut_box(self, box: _Mailbox) -> None:
-        self._flush(box)
+        self.groups.flush(box)
         self._drain(box)  # (what the hub's close finished: PoolClosedError)
-        for g in box.sent.values():
-            if g.timer is not None:
-                g.timer.cancel()
-            for c, w in g.members:
-                if not w.done():
-                    w.set_exception(PoolClosedError("the pool was closed before this request completed"))
-                c.free()
-        box.sent.clear()
+        self.groups.close(box)
         for call, _, waiter in box.waiting.values():
             if not waiter.done():
                 waiter.set_exception(PoolClosedError("the pool was closed before this request completed"))
@@ -663,7 +493,7 @@ class FastLane:
             self.hub.remove_mailbox(box.id)
             box.fd = -1
 
-    def _abandon(self, call: Call, ticket: Any) -> bool:
+    def abandon(self, call: Call, ticket: Any) -> bool:
         """Stop waiting for ``call``; False if it finished meanwhile (its ticket has the
         answer). One sent keeps its inputs until its reply comes (an orphan)."""
         how = ticket.abandon()
@@ -675,8 +505,8 @@ class FastLane:
             call.free()
         return True
 
-    def _answer(self, call: Call, key: int, reply: bytes | None, counted: list[Call] | None = None) -> Any:
-        """``call``'s outputs from its reply (raises its error); _BY_ROUTER if its worker
+    def answer(self, call: Call, key: int, reply: bytes | None, counted: list[Call] | None = None) -> Any:
+        """``call``'s outputs from its reply (raises its error); BY_ROUTER if its worker
         was dropped before the reply could be read (its response arena is gone)."""
         m = call.model
         frames = self._frames.pop(call.id, []) if self._frames else []
@@ -684,12 +514,12 @@ class FastLane:
             msg = wire.decode(reply or b"")  # (a DONE ticket always holds its reply)
         except ProtocolError as e:
             call.fail(e)
-            return _outcome(call)
+            return outcome(call)
         w = self._lanes.get(key)
         arena = w.outputs if w is not None else None
         del w  # (an error raised from here must not keep the worker in its traceback)
         if arena is None and isinstance(msg, wire.Response):
-            return _BY_ROUTER
+            return BY_ROUTER
         call.free()
         # (a lane batch's execution is counted once, with the reply that says its rows)
         rows = getattr(msg, "batch", 0) if m.lane_batches else call.rows
@@ -699,11 +529,11 @@ class FastLane:
             if rows:
                 m.stats.executed(rows)
             call.resolve_error(worker_error(m, msg))
-            return _outcome(call)
+            return outcome(call)
         if not isinstance(msg, wire.Response):
             m.stats.executed(call.rows)
             call.resolve_error(ProtocolError(f"a {type(msg).__name__} message for a request"))
-            return _outcome(call)
+            return outcome(call)
         release = self.hub.release  # type: ignore[union-attr]
 
         def slot(d: wire.TensorDesc) -> torch.Tensor:
@@ -722,7 +552,7 @@ class FastLane:
             if rows:
                 m.stats.executed(rows)
             call.resolve_error(e if isinstance(e, ProtocolError) else ProtocolError(f"unreadable reply: {e!r}"))
-            return _outcome(call)
+            return outcome(call)
         binder = m.binder
         assert binder is not None
         result = dict(zip(binder.output_names(len(outputs)), outputs))
@@ -731,7 +561,7 @@ class FastLane:
         m.stats.succeeded((call,) if counted is None else counted, call.sent_ns, time.perf_counter_ns(), execution=rows)
         return result
 
-    def _read_orphans(self) -> None:
+    def read_orphans(self) -> None:
         """Give back the response slots of replies whose caller stopped waiting."""
         assert self.hub is not None
         for key, reply in self.hub.orphans():

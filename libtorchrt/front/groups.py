@@ -22,19 +22,24 @@ abandoned only when none of its members still waits, and its rows run for those 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..transport import wire
+from ..errors import PoolClosedError
+from ..transport import lanes, wire
+from ..transport import tensors as tensor_io
 from ..transport.dtypes import STRING
+from .call import Call
+from .settling import BY_ROUTER, deadline_passed, expired, outcome
 
 if TYPE_CHECKING:
-    from .call import Call
+    from .fastlane import FastLane, _Mailbox
     from .records import _Model
 
-__all__ = ["Group", "groupable", "joined_request", "split_outputs"]
+__all__ = ["Group", "LoopGroups", "groupable", "joined_request", "split_outputs"]
 
 
 def groupable(call: Call) -> bool:
@@ -120,3 +125,166 @@ def split_outputs(outputs: dict[str, torch.Tensor], rows: Sequence[int]) -> list
         return [outputs]
     parts = {name: t.split(list(rows)) for name, t in outputs.items()}
     return [{name: p[k] for name, p in parts.items()} for k in range(len(rows))]
+
+
+class LoopGroups:
+    """The groups of every event loop that uses ``lane`` (the loop's thread runs all
+    of it): a request joins its loop's open group, the group goes to the hub when the
+    turn ends, and its reply is split among its members."""
+
+    def __init__(self, lane: FastLane) -> None:
+        self.lane = lane
+
+    async def join(self, call: Call, box: _Mailbox, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
+        """Run ``call`` as a member of its loop's open group for its model and batch key
+        (``front/groups.py``): the group goes to the hub when the loop's turn ends, or
+        at once when ``call`` would overfill it."""
+        if expired(call):
+            return outcome(call)
+        m = call.model
+        key = self.lane.hub_key(call)
+        size = sum(map(len, call.blobs))
+        g = box.open.get((m, key))
+        if g is not None and (g.rows + call.rows > m.cfg.max_batch_size or g.nbytes + size > self.lane.max_blobs):
+            del box.open[(m, key)]
+            self._send(box, g)
+            g = None
+        if g is None:
+            g = box.open[(m, key)] = Group(m, key)
+            if not box.flush_scheduled:
+                box.flush_scheduled = True
+                loop.call_soon(self.flush, box)
+        waiter: asyncio.Future[Any] = loop.create_future()
+        g.add(call, waiter, size)
+        try:
+            result = await waiter
+        except asyncio.CancelledError:
+            self._leave(box, g, call)
+            raise
+        if result is BY_ROUTER:  # (handed over: its future tells the rest)
+            return await asyncio.wrap_future(call.future, loop=loop)  # type: ignore[arg-type]
+        return result
+
+    def flush(self, box: _Mailbox) -> None:
+        """The loop's turn ended: send its open groups."""
+        box.flush_scheduled = False
+        groups = list(box.open.values())
+        box.open.clear()
+        for g in groups:
+            self._send(box, g)
+
+    def _send(self, box: _Mailbox, g: Group) -> None:
+        """Send ``g`` to the hub as one request of its members' rows (its members go by
+        the router if the hub does not take it)."""
+        assert self.lane.hub is not None
+        g.drop_done()  # (cancelled, or past their deadline, in the turn they were made)
+        if not g.members:
+            return
+        if self.lane.hub.orphaned:
+            self.lane.read_orphans()
+        m = g.model
+        gid = self.lane.router.next_id()
+        for c in g.calls():
+            c.id = self.lane.router.next_id()
+        header = wire.encode(joined_request(gid, g))
+        ticket = (
+            self.lane.hub.submit(m.lane, gid, header, box.id, g.rows, g.key)
+            if m.lane >= 0 and len(header) <= lanes.MAX_REQUEST and not self.lane.closed
+            else None
+        )
+        if ticket is None:
+            self._hand_over(g, lanes.RETRY, 0)
+            return
+        now = time.perf_counter_ns()
+        g.carrier = Call(m, tensor_io.Placed([], [], [], []))
+        g.carrier.id, g.carrier.rows, g.carrier.sent_ns = gid, g.rows, now
+        g.carrier.warmup = True  # (no caller of its own: its members are counted, not it)
+        g.ticket = ticket
+        for c in g.calls():
+            c.dispatched = True
+            c.sent_ns = now
+        box.sent[gid] = g
+        self._arm(box, g)
+
+    def _arm(self, box: _Mailbox, g: Group) -> None:
+        """Time out ``g``'s members at the earliest deadline of those still waiting
+        (one timer a group, not one a member)."""
+        earliest = g.earliest()
+        if earliest is None:
+            g.timer = None
+        else:
+            g.timer = box.loop.call_later(earliest - time.monotonic(), self._expire, box, g)
+
+    def _expire(self, box: _Mailbox, g: Group) -> None:
+        """Fail the members of ``g`` whose deadline passed (they leave it), then wait
+        for the next deadline."""
+        now = time.monotonic()
+        for c, w in g.members:
+            if not w.done() and c.deadline is not None and c.deadline <= now:
+                exc = deadline_passed(c)
+                c.resolve_error(exc)
+                w.set_exception(exc)
+                self._leave(box, g, c)
+        self._arm(box, g)
+
+    def settle(self, g: Group) -> None:
+        """``g``'s ticket finished: each member still waiting gets its rows of the
+        outputs, or the error, or goes to the router or the supervisor."""
+        if g.timer is not None:
+            g.timer.cancel()
+        state, key, reply = g.ticket.wait(0.0)
+        carrier = g.carrier
+        assert carrier is not None
+        if state == lanes.DONE:
+            live = [c for c, w in g.members if not w.done()]
+            try:
+                outputs = self.lane.answer(carrier, key, reply, live)
+            except BaseException as e:
+                for c, w in g.members:
+                    c.free()
+                    if not w.done():
+                        c.resolve_error(e)
+                        w.set_exception(e)
+                return
+            if outputs is not BY_ROUTER:
+                for (c, w), result in zip(g.members, split_outputs(outputs, [c.rows for c, _ in g.members])):
+                    c.free()
+                    if not w.done():
+                        w.set_result(result)
+                return
+            state = lanes.RETRY
+        self._hand_over(g, state, key)
+
+    def _hand_over(self, g: Group, state: int, key: int) -> None:
+        for c, w in g.members:
+            if w.done():
+                c.free()
+                continue
+            self.lane.hand_over(c, state, key)
+            w.set_result(BY_ROUTER)
+
+    def _leave(self, box: _Mailbox, g: Group, call: Call) -> None:
+        """``call``'s caller stopped waiting: it leaves a group not sent yet; a group
+        sent is abandoned once none of its members waits (it still runs if one does)."""
+        carrier = g.carrier
+        if carrier is None:
+            g.remove(call)
+            call.free()
+            return
+        if all(w.done() for _, w in g.members) and box.sent.pop(carrier.id, None) is not None:
+            if self.lane.abandon(carrier, g.ticket):
+                for c, _ in g.members:
+                    c.free()
+            else:
+                box.sent[carrier.id] = g  # (it finished meanwhile: the mailbox lists it)
+
+    def close(self, box: _Mailbox) -> None:
+        """The pool closed: the members of ``box``'s groups still waiting fail."""
+        for g in box.sent.values():
+            if g.timer is not None:
+                g.timer.cancel()
+            for c, w in g.members:
+                if not w.done():
+                    w.set_exception(PoolClosedError("the pool was closed before this request completed"))
+                c.free()
+        box.sent.clear()

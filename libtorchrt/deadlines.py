@@ -47,6 +47,8 @@ def check_timeout(value: object, *, allow_zero: bool = True) -> float | None:
     """
     if value is None:
         return None
+    if type(value) is float and 0.0 < value <= MAX_TIMEOUT_S:  # (the common case, at once)
+        return value
     expected = "a number of seconds " + (">= 0" if allow_zero else "> 0") + " or None"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"expected {expected}, got {value!r} ({type(value).__name__})")

@@ -114,7 +114,7 @@ class Batcher(Unpinned):
             batch = "dynamic batching: dim 0 is the batch"
             if not rows:
                 raise InvalidInputError(self.name, None, f"at least 1 row ({batch})", "0 rows")
-            for i, t in enumerate(tensors):
+            for i, t in enumerate(tensors[1:], 1):
                 if isinstance(t, torch.Tensor) and (not t.shape or t.shape[0] != rows):
                     expected = f"every input with the same rows ({batch}): {rows}"
                     raise InvalidInputError(self.name, None, expected, f"input {i} of shape {list(t.shape)}")

@@ -50,6 +50,7 @@ import logging
 import time
 import weakref
 from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -273,7 +274,7 @@ class FastLane:
         """The hub's number for what must match for ``call`` to share a batch (its
         inputs' dtypes and non-batch dimensions, as ``Batcher._key``); 0: too many
         distinct ones already. Sets ``call.key``."""
-        key = tuple((d.dtype, d.shape[1:]) for d in call.descs)
+        key = tuple([(d.dtype, d.shape[1:]) for d in call.descs])
         number = self._batch_keys.get(key)
         if number is None:
             if len(self._batch_keys) >= _MAX_BATCH_KEYS:
@@ -355,20 +356,25 @@ class FastLane:
 
     # ── asyncio callers ────────────────────────────────────────────────────────
 
-    async def infer_async(self, call: Call) -> dict[str, torch.Tensor]:
-        """As :meth:`infer`, for a caller in an event loop: the hub lists the finished
-        request in the loop's mailbox, whose eventfd the loop watches; the loop's thread
-        decodes the reply (the router thread runs nothing for it)."""
-        hub = self.hub
-        assert hub is not None
+    def infer_async(self, call: Call) -> Coroutine[Any, Any, dict[str, torch.Tensor]]:
+        """As :meth:`infer`, for a caller in an event loop (in its thread): what to
+        await. The hub lists the finished request in the loop's mailbox, whose eventfd
+        the loop watches; the loop's thread decodes the reply (the router thread runs
+        nothing for it). (Not a coroutine itself: one frame fewer for every await.)"""
         loop = asyncio.get_running_loop()
         if self.closed:
-            return await self._by_router_async(call, loop)
+            return self._by_router_async(call, loop)
         box = self._boxes.get(loop)
         if box is None:
             box = self._open_box(loop)
         if call.model.lane_batches and groupable(call):
-            return await self.groups.join(call, box, loop)
+            return self.groups.join(call, box, loop)
+        return self._alone_async(call, box, loop)
+
+    async def _alone_async(self, call: Call, box: _Mailbox, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
+        """One request of its own to the hub, listed in ``box`` when it finishes."""
+        hub = self.hub
+        assert hub is not None
         header = self._header(call)
         if header is None:
             return outcome(call)

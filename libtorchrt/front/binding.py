@@ -168,6 +168,10 @@ class Binder:
         n = len(self.arg_names)
         if n == 1 and type(inputs) is torch.Tensor and self._accepted_tensor(0, inputs):
             return [inputs]  # the common case, seen before: nothing to check again
+        if type(inputs) is dict and len(inputs) == n:
+            named = self._by_name(inputs)
+            if named is not None:
+                return named  # (the other common case)
         if isinstance(inputs, (torch.Tensor, np.ndarray)):
             inputs = [inputs]
         elif n == 1 and isinstance(inputs, (list, tuple)) and inputs and is_stringlike(inputs):
@@ -204,6 +208,21 @@ class Binder:
             v if type(v) is torch.Tensor and self._accepted_tensor(i, v) else self._check_at(i, v)
             for i, v in enumerate(bound)
         ]
+
+    def _by_name(self, inputs: dict[Any, Any]) -> list[Any] | None:
+        """``inputs`` in argument order if each names an argument once and is a tensor
+        of a dtype and shape accepted there before; None: anything else, which the
+        general path checks (and refuses with the reason)."""
+        bound: list[Any] = [None] * len(self.arg_names)
+        positions = self.positions
+        for key, value in inputs.items():
+            pos = positions.get(key)
+            if pos is None or bound[pos] is not None or type(value) is not torch.Tensor:
+                return None
+            if not self._accepted_tensor(pos, value):
+                return None
+            bound[pos] = value
+        return bound
 
     def _accepted_tensor(self, pos: int, value: torch.Tensor) -> bool:
         """Whether a tensor of this dtype and shape passed every check at ``pos``

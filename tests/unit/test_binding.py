@@ -116,6 +116,21 @@ def test_duplicate_binding() -> None:
     assert "already given" in e.got
 
 
+def test_a_dict_seen_before_is_still_checked_in_full() -> None:
+    # A dict of names whose tensors were accepted before is bound at once (no second
+    # check); what that shortcut does not cover must still be refused as before.
+    # (each argument has two names: its own, and the INPUT__<i> spec placed on it)
+    specs = [TensorSpec("INPUT__0", "float32", [2, 3]), TensorSpec("INPUT__1", "int64", [4])]
+    b = binder(args=("a", "b"), inputs=specs)
+    assert b.bind({"a": A, "b": B}) == [A, B]
+    assert b.bind({"INPUT__1": B, "a": A}) == [A, B]  # (the shortcut: other names, other order)
+    assert refused(b, {"a": A, "INPUT__0": A}).expected == "each input once"
+    assert refused(b, {"INPUT__0": A, "a": A}).expected == "each input once"
+    assert "unknown input 'c'" in refused(b, {"a": A, "c": B}).got
+    assert refused(b, {"a": A, "b": B.float()}).input == "INPUT__1"  # (a dtype not accepted there)
+    assert refused(b, {"a": B, "b": A}).input == "INPUT__0"  # (each accepted, at the other name)
+
+
 @pytest.mark.parametrize("inputs", [[A], [A, B, B], []], ids=["1", "3", "0"])
 def test_wrong_positional_count(inputs: list[torch.Tensor]) -> None:
     e = refused(binder(), inputs)

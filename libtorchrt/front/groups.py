@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import PoolClosedError
+from ..errors import PoolClosedError, ProtocolError
 from ..transport import lanes, wire
 from ..transport import tensors as tensor_io
 from ..transport.dtypes import STRING
@@ -118,13 +118,40 @@ def joined_request(request_id: int, g: Group) -> wire.Request:
     return wire.Request(request_id, descs, [], blobs)
 
 
-def split_outputs(outputs: dict[str, torch.Tensor], rows: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-    """Each member's outputs: views of its ``rows`` of the group's ``outputs``, in
-    member order."""
+def split_outputs(outputs: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+    """Each member's outputs, in member order: its ``rows`` of each of the group's
+    ``outputs`` (views of a tensor, slices of a list of strings).
+
+    Raises:
+        ProtocolError: an output without one row per row of the group.
+    """
     if len(rows) == 1:
         return [outputs]
-    parts = {name: t.split(list(rows)) for name, t in outputs.items()}
+    parts = {name: _parts(name, value, rows) for name, value in outputs.items()}
+    if len(parts) == 1:
+        [(name, each)] = parts.items()
+        return [{name: part} for part in each]
     return [{name: p[k] for name, p in parts.items()} for k in range(len(rows))]
+
+
+def _parts(name: str, value: Any, rows: list[int]) -> Sequence[Any]:
+    """One output of a group cut into its members' ``rows``."""
+    total = sum(rows)
+    if isinstance(value, torch.Tensor):
+        if value.dim() and value.shape[0] == total:
+            return value.split_with_sizes(rows)  # (Tensor.split is a Python wrapper around it)
+        got = f"shape {list(value.shape)}"
+    elif isinstance(value, list):  # (strings)
+        if len(value) == total:
+            out, at = [], 0
+            for n in rows:
+                out.append(value[at : at + n])
+                at += n
+            return out
+        got = f"{len(value)} strings"
+    else:
+        got = type(value).__name__
+    raise ProtocolError(f"output {name!r} of a request of {total} rows: {got}, not one row per row")
 
 
 class LoopGroups:
@@ -183,9 +210,10 @@ class LoopGroups:
         if self.lane.hub.orphaned:
             self.lane.read_orphans()
         m = g.model
-        gid = self.lane.router.next_id()
-        for c in g.calls():
-            c.id = self.lane.router.next_id()
+        next_id = self.lane.router.next_id
+        gid = next_id()
+        for c, _ in g.members:
+            c.id = next_id()
         header = wire.encode(joined_request(gid, g))
         ticket = (
             self.lane.hub.submit(m.lane, gid, header, box.id, g.rows, g.key)
@@ -200,7 +228,7 @@ class LoopGroups:
         g.carrier.id, g.carrier.rows, g.carrier.sent_ns = gid, g.rows, now
         g.carrier.warmup = True  # (no caller of its own: its members are counted, not it)
         g.ticket = ticket
-        for c in g.calls():
+        for c, _ in g.members:
             c.dispatched = True
             c.sent_ns = now
         box.sent[gid] = g
@@ -240,20 +268,31 @@ class LoopGroups:
             try:
                 outputs = self.lane.answer(carrier, key, reply, live)
             except BaseException as e:
-                for c, w in g.members:
-                    c.free()
-                    if not w.done():
-                        c.resolve_error(e)
-                        w.set_exception(e)
+                self._fail(g, e)
                 return
             if outputs is not BY_ROUTER:
-                for (c, w), result in zip(g.members, split_outputs(outputs, [c.rows for c, _ in g.members])):
+                members = g.members
+                try:
+                    results = split_outputs(outputs, [c.rows for c, _ in members])
+                except ProtocolError as e:  # (each member fails: none waits forever)
+                    self._fail(g, e)
+                    return
+                for (c, w), result in zip(members, results):
                     c.free()
                     if not w.done():
                         w.set_result(result)
                 return
             state = lanes.RETRY
         self._hand_over(g, state, key)
+
+    @staticmethod
+    def _fail(g: Group, exc: BaseException) -> None:
+        """Every member of ``g`` still waiting fails with ``exc``."""
+        for c, w in g.members:
+            c.free()
+            if not w.done():
+                c.resolve_error(exc)
+                w.set_exception(exc)
 
     def _hand_over(self, g: Group, state: int, key: int) -> None:
         for c, w in g.members:

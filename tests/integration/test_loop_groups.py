@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,27 @@ pytestmark = [
 __all__ = ["files"]  # (the module-scoped fixture, shared)
 
 
+class Labels(torch.nn.Module):
+    """One string a row: ``"row<k>"`` for a row whose first value is k."""
+
+    def forward(self, x: torch.Tensor) -> list[str]:
+        out: list[str] = []
+        for i in range(x.size(0)):
+            out.append("row" + str(int(x[i, 0])))
+        return out
+
+
 @pytest.fixture(scope="module")
 def pool(files: dict[str, Path]) -> Iterator[Pool]:
     """``m``: SpinDouble, up to 8 rows, a 50 ms delay; ``wide``: the same on rows of
     ``WIDE`` floats (its inputs travel in the request arena); ``one``: one instance, no
-    delay (a batch waits only for its worker); ``add``: Add (a + b), a 50 ms delay."""
+    delay (a batch waits only for its worker); ``add``: Add (a + b), a 50 ms delay;
+    ``labels``: Labels (strings out), a 50 ms delay."""
     spin = files["spin_double"]
+    labels = spin.parent / "labels.pt"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # (TorchScript's)
+        torch.jit.script(Labels()).save(str(labels))
     add = ModelConfig(
         "add",
         save("add", files["spin_double"].parent),
@@ -59,6 +75,7 @@ def pool(files: dict[str, Path]) -> Iterator[Pool]:
             batching("wide", spin, DynamicBatching(max_queue_delay_microseconds=50_000), [WIDE]),
             batching("one", spin, DynamicBatching()),
             add,
+            batching("labels", labels, DynamicBatching(max_queue_delay_microseconds=50_000), [2]),
         ]
     ) as p:
         yield p
@@ -72,6 +89,17 @@ def test_a_turns_requests_reach_the_hub_as_one_and_each_gets_its_own_rows(pool: 
     assert lane_served(pool, "m") - served == 1  # one request of 7 rows, not five
     assert (after.success - before.success, after.inferences - before.inferences) == (5, 7)
     assert batches_since(before, after) == {7: 1}
+
+
+def test_a_turns_string_outputs_are_split_among_its_callers_too(pool: Pool) -> None:
+    # (the group's reply holds a list of strings, one per row, not a tensor to split:
+    # its members' callers once waited forever, the loop's reader having raised)
+    before, served = stats_of(pool, "labels"), lane_served(pool, "labels")
+    xs = [torch.tensor([[float(k), 0.0]] * (1 + k % 2)) for k in range(4)]  # 1+2+1+2 rows
+    outs = asyncio.run(gather_on(pool, "labels", xs))
+    assert outs == [[f"row{k}"] * (1 + k % 2) for k in range(4)]
+    assert lane_served(pool, "labels") - served == 1
+    assert stats_of(pool, "labels").success - before.success == 4
 
 
 def test_a_turn_that_overfills_a_batch_is_split(pool: Pool) -> None:

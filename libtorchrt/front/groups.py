@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,9 +98,6 @@ class Group:
         """The earliest deadline of the members still waiting (None: none has one)."""
         deadlines = [c.deadline for c, w in self.members if c.deadline is not None and not w.done()]
         return min(deadlines) if deadlines else None
-
-    def calls(self) -> Iterator[Call]:
-        return (c for c, _ in self.members)
 
 
 def joined_request(request_id: int, g: Group) -> wire.Request:

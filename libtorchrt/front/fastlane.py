@@ -232,7 +232,9 @@ class FastLane:
         return self.counts(w)[1]
 
     def pending(self) -> int:
-        """Requests the hub holds (queued or in flight), any thread."""
+        """Requests the hub holds: queued, in flight, or finished and not read yet by
+        their callers (a drain waits for those too: the lanes' arenas hold their
+        outputs), any thread."""
         return self.hub.pending() if self.hub is not None else 0
 
     def close(self) -> None:

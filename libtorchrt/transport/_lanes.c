@@ -71,6 +71,7 @@ typedef struct Ticket {
     int refs;        /* atomic: the Python object's, and the hub's while it holds it */
     uint32_t state;  /* futex word */
     int abandoned;   /* its caller stopped waiting (an exception): the reply is an orphan */
+    int unread;      /* finished, and its caller not told yet (counted in Hub.unread) */
     int mid;
     int box;         /* the mailbox told when it finishes (-1: none; its caller waits) */
     int picked;      /* (chosen for the batch being formed) */
@@ -152,6 +153,7 @@ typedef struct {
     int nboxes;
     Py_ssize_t inflight;
     Py_ssize_t queued;
+    Py_ssize_t unread; /* tickets finished whose callers have not read them yet */
 } Hub;
 
 typedef struct {
@@ -173,6 +175,10 @@ static void ticket_unref(Ticket *t) {
 
 /* (hub mutex held) */
 static void ticket_finish(Hub *h, Ticket *t, uint32_t state) {
+    if (!__atomic_load_n(&t->abandoned, __ATOMIC_ACQUIRE) && !t->unread) {
+        t->unread = 1; /* (pending until its caller reads it: a drain waits for that) */
+        h->unread++;
+    }
     __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
     if (t->box < 0) {
         syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
@@ -1071,7 +1077,7 @@ static PyObject *hub_submit(Hub *h, PyObject *args) {
 
 static PyObject *hub_pending(Hub *h, PyObject *noargs) {
     pthread_mutex_lock(&h->mu);
-    Py_ssize_t n = h->inflight + h->queued;
+    Py_ssize_t n = h->inflight + h->queued + h->unread;
     pthread_mutex_unlock(&h->mu);
     return PyLong_FromSsize_t(n);
 }
@@ -1230,7 +1236,7 @@ static PyMethodDef hub_methods[] = {
     {"request", (PyCFunction)hub_request, METH_VARARGS,
      "request(mid, id, header) -> Ticket, placed by its first wait() (RETRY: no lane)"},
     {"complete", (PyCFunction)hub_complete, METH_VARARGS, "complete(lane, id, reply) -> whether it was held"},
-    {"pending", (PyCFunction)hub_pending, METH_NOARGS, "requests queued or in flight"},
+    {"pending", (PyCFunction)hub_pending, METH_NOARGS, "requests queued, in flight, or finished and not read by their callers yet"},
     {"counts", (PyCFunction)hub_counts, METH_O, "counts(key) -> (requests in flight on the lane, replies read)"},
     {"orphans", (PyCFunction)hub_orphans, METH_NOARGS, "replies nobody waited for: [(lane key, bytes)]"},
     {"close", (PyCFunction)hub_close, METH_NOARGS, "fail everything with CLOSED; stop the thread"},
@@ -1297,9 +1303,21 @@ static int ticket_abandon(TicketObject *o) {
     return how;
 }
 
+/* Ticket o's caller has read how it ended: it is no longer pending. */
+static void ticket_read(TicketObject *o) {
+    Hub *h = (Hub *)o->hub;
+    pthread_mutex_lock(&h->mu);
+    if (o->t->unread) {
+        o->t->unread = 0;
+        h->unread--;
+    }
+    pthread_mutex_unlock(&h->mu);
+}
+
 static void ticketobj_dealloc(TicketObject *o) {
     if (o->t) {
         if (o->hub && __atomic_load_n(&o->t->state, __ATOMIC_ACQUIRE) < T_DONE) ticket_abandon(o);
+        else if (o->hub) ticket_read(o); /* (finished, never read: nobody will) */
         ticket_unref(o->t);
     }
     Py_XDECREF(o->hub);
@@ -1356,6 +1374,7 @@ static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
         if (expired) return Py_BuildValue("(iKO)", 0, 0ULL, Py_None);
         if (PyErr_CheckSignals() < 0) return NULL; /* (KeyboardInterrupt: the caller abandons it) */
     }
+    ticket_read(o);
     PyObject *data;
     if (t->data) {
         data = PyBytes_FromStringAndSize(t->data, (Py_ssize_t)t->len);

@@ -209,6 +209,34 @@ def test_a_drained_close_finishes_what_the_lane_holds(files: dict[str, Path]) ->
     assert results == [50_000.0]
 
 
+def test_a_drained_close_waits_for_a_reply_its_caller_has_not_read_yet(files: dict[str, Path]) -> None:
+    # The hub stopped counting a request once its reply came in: a close then found the
+    # pool drained and took the lanes (and their response arenas) away before the caller
+    # had read its reply, which failed with PoolClosedError (seen once in CI: a caller
+    # thread slow to wake). Here the caller is an event loop that reads nothing for a
+    # while, on purpose, after the reply came in and the close began.
+    pool = Pool(models=[ModelConfig("spin", files["spin"])])
+    fast = pool._router.fast
+    (worker,) = pool._router.default["spin"].workers
+    closer = threading.Thread(target=pool.close, kwargs={"grace": 30.0})
+
+    async def main() -> float:
+        task = asyncio.ensure_future(pool.infer_async("spin", torch.tensor([50_000.0])))
+        await asyncio.sleep(0)  # (its first step: the request is in the hub)
+        deadline = time.monotonic() + 30
+        while fast.served(worker) == 0:  # (this thread sleeps: the loop reads nothing)
+            assert time.monotonic() < deadline, "the reply never came"
+            time.sleep(0.005)
+        closer.start()
+        time.sleep(0.5)  # (long enough for a close that thinks the pool drained)
+        assert closer.is_alive(), "the close did not wait for the reply to be read"
+        return float((await task)["OUTPUT__0"])
+
+    assert asyncio.run(main()) == 50_000.0
+    closer.join(30)
+    assert not closer.is_alive() and pool.closed
+
+
 # ── asyncio callers: the loop's mailbox ─────────────────────────────────────────
 
 

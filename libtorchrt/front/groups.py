@@ -311,8 +311,9 @@ class LoopGroups:
             if self.lane.abandon(carrier, g.ticket):
                 for c, _ in g.members:
                     c.free()
-            else:
-                box.sent[carrier.id] = g  # (it finished meanwhile: the mailbox lists it)
+            else:  # (it finished meanwhile: read now, not when the loop drains its mailbox,
+                # which a loop about to close may never do, and a pool's close waits for it)
+                self.settle(g)
 
     def close(self, box: _Mailbox) -> None:
         """The pool closed: the members of ``box``'s groups still waiting fail."""

@@ -71,7 +71,7 @@ typedef struct Ticket {
     int refs;        /* atomic: the Python object's, and the hub's while it holds it */
     uint32_t state;  /* futex word */
     int abandoned;   /* its caller stopped waiting (an exception): the reply is an orphan */
-    int unread;      /* finished, and its caller not told yet (counted in Hub.unread) */
+    int unread;      /* atomic: finished, and its caller not told yet (counted in Hub.unread) */
     int mid;
     int box;         /* the mailbox told when it finishes (-1: none; its caller waits) */
     int picked;      /* (chosen for the batch being formed) */
@@ -153,7 +153,7 @@ typedef struct {
     int nboxes;
     Py_ssize_t inflight;
     Py_ssize_t queued;
-    Py_ssize_t unread; /* tickets finished whose callers have not read them yet */
+    Py_ssize_t unread; /* atomic: tickets finished whose callers have not read them yet */
 } Hub;
 
 typedef struct {
@@ -175,10 +175,9 @@ static void ticket_unref(Ticket *t) {
 
 /* (hub mutex held) */
 static void ticket_finish(Hub *h, Ticket *t, uint32_t state) {
-    if (!__atomic_load_n(&t->abandoned, __ATOMIC_ACQUIRE) && !t->unread) {
-        t->unread = 1; /* (pending until its caller reads it: a drain waits for that) */
-        h->unread++;
-    }
+    /* (pending until its caller reads it: a drain waits for that) */
+    if (!__atomic_load_n(&t->abandoned, __ATOMIC_ACQUIRE) && !__atomic_exchange_n(&t->unread, 1, __ATOMIC_ACQ_REL))
+        __atomic_add_fetch(&h->unread, 1, __ATOMIC_ACQ_REL);
     __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
     if (t->box < 0) {
         syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
@@ -1077,7 +1076,7 @@ static PyObject *hub_submit(Hub *h, PyObject *args) {
 
 static PyObject *hub_pending(Hub *h, PyObject *noargs) {
     pthread_mutex_lock(&h->mu);
-    Py_ssize_t n = h->inflight + h->queued + h->unread;
+    Py_ssize_t n = h->inflight + h->queued + __atomic_load_n(&h->unread, __ATOMIC_ACQUIRE);
     pthread_mutex_unlock(&h->mu);
     return PyLong_FromSsize_t(n);
 }
@@ -1303,15 +1302,11 @@ static int ticket_abandon(TicketObject *o) {
     return how;
 }
 
-/* Ticket o's caller has read how it ended: it is no longer pending. */
+/* Ticket o's caller has read how it ended: it is no longer pending (no mutex: this is
+ * every request's path, and the flag is set before the state its caller saw). */
 static void ticket_read(TicketObject *o) {
-    Hub *h = (Hub *)o->hub;
-    pthread_mutex_lock(&h->mu);
-    if (o->t->unread) {
-        o->t->unread = 0;
-        h->unread--;
-    }
-    pthread_mutex_unlock(&h->mu);
+    if (__atomic_exchange_n(&o->t->unread, 0, __ATOMIC_ACQ_REL))
+        __atomic_sub_fetch(&((Hub *)o->hub)->unread, 1, __ATOMIC_ACQ_REL);
 }
 
 static void ticketobj_dealloc(TicketObject *o) {

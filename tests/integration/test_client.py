@@ -637,7 +637,7 @@ def test_close_drains_requests_in_flight(pool: Pool, clean: None, tmp_path: Path
     client = Client(frontend.endpoint, connect_timeout=2)
     try:
         assert client.shared_memory
-        running = client.submit("spin", torch.tensor([20_000.0]))
+        running = client.submit("spin", torch.tensor([2_000_000.0]))  # a second or more of work
         deadline = time.monotonic() + 10
         while not any(s.pending for s in _sessions(frontend)):  # it reached the pool
             assert time.monotonic() < deadline

@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# test processes (pytest-xdist), each running whole files: the suite is mostly waiting
+# (pool starts, workers, servers), and a file's module-scoped pools stay in one process
+TEST_JOBS ?= 2
 
 .PHONY: demo test lint bench clean
 
@@ -17,7 +20,7 @@ demo: $(VENV)/.installed          ## a pool of 2 workers on a bundled example mo
 	$(PY) examples/demo.py
 
 test: $(VENV)/.installed          ## unit + integration tests (GPU tests skip without CUDA)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check libtorchrt tests benchmarks examples

@@ -26,15 +26,31 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pt2_artifacts(tmp_path_factory: pytest.TempPathFactory) -> pt2_models.Pt2Artifacts:
-    """The PyTorch 2 artifacts (tests/pt2_models.py), built once per session: the one
-    AOTInductor compilation of the test suite is here."""
-    return pt2_models.build(tmp_path_factory.mktemp("pt2"))
+    """The PyTorch 2 artifacts (tests/pt2_models.py), built once per test run: the one
+    AOTInductor compilation of the test suite is here. Under pytest-xdist, the workers'
+    base directories share a parent, where the first worker to ask builds them."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return pt2_models.build(tmp_path_factory.mktemp("pt2"))
+    return pt2_models.build_once(tmp_path_factory.getbasetemp().parent / "pt2")
 
 
 @pytest.fixture(scope="session")
 def pt2_repository(pt2_artifacts: pt2_models.Pt2Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository of one PT2 model per format (``pt2_models.build_repository``)."""
     return pt2_models.build_repository(pt2_artifacts, tmp_path_factory.mktemp("pt2-repository"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_resource_tracker_left() -> Iterator[None]:
+    """multiprocessing.shared_memory (tritonclient's shared-memory helpers, some docs
+    examples) starts a resource tracker process on first use, which lives as long as this
+    one: stop it after each module, so that the tests that count this process's children
+    find none, whatever ran before them (pytest-xdist runs the modules in no set order)."""
+    yield
+    from multiprocessing import resource_tracker
+
+    tracker: Any = resource_tracker._resource_tracker
+    tracker._stop()  # (private; the only way to stop it before the interpreter exits; a no-op if none runs)
 
 
 def children(pid: int | None = None) -> set[int]:

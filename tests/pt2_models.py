@@ -3,13 +3,15 @@ AOTInductor package, ``torch.export`` programs and ``model.py`` directories of s
 models, and broken variants of each.
 
 AOTInductor compiles C++ for about 10-40 s on a small machine, so :func:`build` compiles
-ONE package per test session (the ``pt2_artifacts`` fixture in ``tests/conftest.py``);
-the broken packages are derived from it by rewriting its zip, which costs nothing.
+ONE package per test session (the ``pt2_artifacts`` fixture in ``tests/conftest.py``,
+through :func:`build_once`, which pytest-xdist's workers share); the broken packages are
+derived from it by rewriting its zip, which costs nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch import Tensor, nn
 
 __all__ = [
@@ -311,6 +314,21 @@ def build(root: Path) -> Pt2Artifacts:
         aoti_seconds=aoti_seconds,
         build_seconds=time.monotonic() - start,
     )
+
+
+def build_once(root: Path) -> Pt2Artifacts:
+    """What :func:`build` made in ``root``, built by the first caller of any process (the
+    test session's xdist workers share one ``root``) while the others wait on a lock."""
+    record = root / "artifacts.json"
+    with FileLock(f"{root}.lock"):
+        if not record.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            built = build(root)
+            fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(built).items()}
+            record.write_text(json.dumps(fields))
+    fields = json.loads(record.read_text())
+    return Pt2Artifacts(**{f.name: Path(fields[f.name]) if f.type == "Path" else fields[f.name]
+                           for f in dataclasses.fields(Pt2Artifacts)})
 
 
 def load_python_model(directory: Path) -> nn.Module:

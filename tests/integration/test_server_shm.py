@@ -38,18 +38,6 @@ class Adder(torch.nn.Module):
         return x + y, x - y
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_resource_tracker_left() -> Iterator[None]:
-    """tritonclient's shared_memory module uses multiprocessing.shared_memory, whose first
-    use starts a resource tracker process that lives as long as this one: stop it after
-    this module, so that the tests that count this process's children find none."""
-    yield
-    from multiprocessing import resource_tracker
-
-    tracker: Any = resource_tracker._resource_tracker
-    tracker._stop()  # (private; the only way to stop it before the interpreter exits)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """resnet_classifier (batching, labels), text_normalizer (BYTES), adder (KIND_MODEL)."""

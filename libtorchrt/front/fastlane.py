@@ -414,13 +414,37 @@ class FastLane:
 
     def _open_box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         assert self.hub is not None
-        for old in [b for b in self._boxes.values() if b.loop.is_closed()]:  # (asyncio.run() after asyncio.run())
-            del self._boxes[old.loop]
-            self._remove_box(old)
+        self.drop_closed_loops()  # (asyncio.run() after asyncio.run())
         box = _Mailbox(loop, *self.hub.add_mailbox())
         loop.add_reader(box.fd, self._drain, box)
         self._boxes[loop] = box
         return box
+
+    def drop_closed_loops(self) -> None:
+        """Forget the mailboxes of the event loops closed since they used the lane (any
+        thread: a closed loop runs nothing more). Their callers can never read a reply:
+        each of their requests is abandoned, or, if it finished, its reply is read and
+        dropped (its outputs' slots given back), so that a drained close does not wait
+        for it."""
+        for loop in [lp for lp in list(self._boxes) if lp.is_closed()]:  # (a copy: loops add theirs meanwhile)
+            box = self._boxes.pop(loop, None)
+            if box is None:
+                continue  # (another thread dropped it)
+            self.groups.drop(box)
+            for call, ticket, _ in box.waiting.values():
+                self.drop(call, ticket)
+            box.waiting.clear()
+            self._remove_box(box)
+
+    def drop(self, call: Call, ticket: Any) -> None:
+        """Nobody will read ``call``'s reply: abandon it, or read a finished one and
+        drop its outputs (not counted as a success: no caller got them)."""
+        if not self.abandon(call, ticket):
+            state, key, reply = ticket.wait(0.0)
+            if state == lanes.DONE:
+                with contextlib.suppress(Exception):  # (its error, too, has nobody to reach)
+                    self.answer(call, key, reply, [])
+            call.free()
 
     def _drain(self, box: _Mailbox) -> None:
         """The loop's reader: settle the requests the hub finished."""

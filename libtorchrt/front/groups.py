@@ -315,6 +315,20 @@ class LoopGroups:
                 # which a loop about to close may never do, and a pool's close waits for it)
                 self.settle(g)
 
+    def drop(self, box: _Mailbox) -> None:
+        """``box``'s loop was closed: nobody will read its groups' replies (see
+        ``FastLane.drop_closed_loops``)."""
+        for g in box.open.values():
+            for c, _ in g.members:
+                c.free()
+        box.open.clear()
+        for g in box.sent.values():
+            assert g.carrier is not None
+            self.lane.drop(g.carrier, g.ticket)
+            for c, _ in g.members:
+                c.free()
+        box.sent.clear()
+
     def close(self, box: _Mailbox) -> None:
         """The pool closed: the members of ``box``'s groups still waiting fail."""
         for g in box.sent.values():

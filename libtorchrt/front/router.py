@@ -343,6 +343,7 @@ class Router:
         return self._stop_at is not None and (self._drained() or now >= self._stop_at)
 
     def _drained(self) -> bool:
+        self.fast.drop_closed_loops()  # (their replies are read by nobody)
         return (
             not self.inbox
             and not self.fast.pending()

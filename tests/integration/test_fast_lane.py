@@ -25,7 +25,7 @@ from libtorchrt import (
     WorkerDiedError,
 )
 from libtorchrt.transport import lanes
-from tests.conftest import assert_no_leaks, open_fds, snapshot
+from tests.conftest import assert_no_leaks, open_fds, snapshot, wait_for
 from tests.models import reference, save
 
 pytestmark = [
@@ -235,6 +235,39 @@ def test_a_drained_close_waits_for_a_reply_its_caller_has_not_read_yet(files: di
     assert asyncio.run(main()) == 50_000.0
     closer.join(30)
     assert not closer.is_alive() and pool.closed
+
+
+@pytest.mark.parametrize("then", ["close", "another loop"])
+def test_a_loop_closed_with_its_reply_unread_does_not_hold_up_a_drained_close(
+    files: dict[str, Path], then: str
+) -> None:
+    # A loop closed with a request in it (loop.close(); asyncio.run() cancels its tasks
+    # first): its reply came in, and nobody can ever read it. A drained close waited out
+    # its whole grace for that reply. Now the close, or the next loop to use the lane,
+    # reads it and drops it.
+    before = snapshot()
+    pool = Pool(models=[ModelConfig("spin", files["spin"])])
+    fast = pool._router.fast
+    (worker,) = pool._router.default["spin"].workers
+
+    async def infer(value: float) -> float:
+        return float((await pool.infer_async("spin", torch.tensor([value])))["OUTPUT__0"])
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(infer(50_000.0))
+    loop.run_until_complete(asyncio.sleep(0))  # (the task's first step: the request is in the hub)
+    wait_for(lambda: fast.served(worker) == 1, what="the reply")
+    assert fast.pending() == 1  # (read by nobody yet)
+    task._log_destroy_pending = False  # type: ignore[attr-defined]  # (its loop is closed under it on purpose)
+    loop.close()
+    if then == "another loop":
+        assert asyncio.run(infer(3.0)) == 3.0
+        assert fast.pending() == 0
+    start = time.monotonic()
+    pool.close(grace=30.0)
+    assert time.monotonic() - start < 10, "the close waited for a reply nobody could read"
+    del task
+    assert_no_leaks(before)
 
 
 # ── asyncio callers: the loop's mailbox ─────────────────────────────────────────

@@ -18,7 +18,7 @@ import torch
 from libtorchrt import DynamicBatching, ModelConfig, Pool, TensorSpec
 from libtorchrt.errors import InvalidInputError, TimeoutError
 from libtorchrt.transport import lanes
-from tests.conftest import closing_pool
+from tests.conftest import assert_no_leaks, closing_pool, snapshot, wait_for
 from tests.integration.test_fast_lane import lane_served
 from tests.integration.test_lane_batching import (
     SOON,
@@ -211,3 +211,25 @@ def test_a_request_whose_inputs_disagree_on_their_rows_is_refused_alone(pool: Po
         assert torch.equal(outs[k]["OUTPUT__0"], a + b), k
     with pytest.raises(InvalidInputError, match="same rows"):
         pool.infer("add", {"INPUT__0": odd[0], "INPUT__1": odd[1]}, timeout=SOON)  # (threads: the router's batcher)
+
+
+def test_a_loop_closed_with_its_groups_reply_unread_does_not_hold_up_a_drained_close(files: dict[str, Path]) -> None:
+    """As for a request alone (test_fast_lane.py): a group's reply that came in after its
+    loop's last turn is read by nobody, and the pool's drained close drops it at once."""
+    before = snapshot()
+    pool = Pool(models=[batching("m", files["spin_double"], DynamicBatching())])
+    fast = pool._router.fast
+    (worker,) = pool._router.default["m"].workers
+    loop = asyncio.new_event_loop()
+    tasks = [loop.create_task(gather_on(pool, "m", [request(5_000 + k)])) for k in range(3)]
+    loop.run_until_complete(asyncio.sleep(0.01))  # (the turn ended: its group went to the hub)
+    wait_for(lambda: fast.served(worker) == 1, what="the group's reply")
+    assert fast.pending() == 1
+    for t in tasks:
+        t._log_destroy_pending = False  # type: ignore[attr-defined]  # (its loop is closed under it on purpose)
+    loop.close()
+    start = time.monotonic()
+    pool.close(grace=30.0)
+    assert time.monotonic() - start < 10, "the close waited for a reply nobody could read"
+    del tasks
+    assert_no_leaks(before)

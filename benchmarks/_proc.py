@@ -19,10 +19,12 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
+
+from libtorchrt.workers.template import MALLOPT
 
 _PR_SET_PDEATHSIG = 1
 _PARENT_ENV = "TORCHRT_BENCH_PARENT_PID"
@@ -67,6 +69,20 @@ def child_env() -> dict[str, str]:
     env[_PARENT_ENV] = str(os.getpid())
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def use_malloc(settings: Mapping[str, str]) -> None:
+    """Apply glibc malloc settings (``MALLOC_MMAP_THRESHOLD_``...) to this running
+    process with ``mallopt``, as a forked worker applies its own (glibc reads the
+    environment variables only when a process starts).
+
+    Raises:
+        OSError: glibc refused one of them.
+    """
+    libc = ctypes.CDLL(None)
+    for key, value in settings.items():
+        if not libc.mallopt(MALLOPT[key], int(value)):
+            raise OSError(f"mallopt refused {key}={value}")
 
 
 def stop_resource_tracker() -> None:

@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from libtorchrt.workers.process import MALLOC_ENV
 from libtorchrt.workers.template import MALLOPT
 
 _PR_SET_PDEATHSIG = 1
@@ -83,6 +84,29 @@ def use_malloc(settings: Mapping[str, str]) -> None:
     for key, value in settings.items():
         if not libc.mallopt(MALLOPT[key], int(value)):
             raise OSError(f"mallopt refused {key}={value}")
+
+
+MALLOC_CHOICES = ("workers", "glibc")
+MALLOC_HELP = (
+    "glibc's malloc settings of this process and of the baselines' processes: the workers' "
+    "(MALLOC_ENV: blocks up to 32 MiB stay on the heap), or glibc's defaults, under which a process "
+    "may mmap a tensor of hundreds of KB afresh on every call, or not, from one process to the next "
+    "(default: workers)"
+)
+
+
+def choose_malloc(choice: str) -> str:
+    """With ``"workers"``, give this process (``mallopt``) and every process it starts
+    from now on (the environment, read by glibc at start) the malloc settings that
+    libtorchrt's workers run with, so that a baseline differs from a pool by its design,
+    not by glibc's mmap threshold; ``"glibc"`` changes nothing. Returns a line for the
+    report."""
+    if choice == "glibc":
+        return "malloc: glibc's defaults in this process and the baselines' (--malloc glibc)"
+    os.environ.update(MALLOC_ENV)
+    use_malloc(MALLOC_ENV)
+    settings = ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+    return f"malloc: the workers' settings in this process and the baselines' ({settings})"
 
 
 def stop_resource_tracker() -> None:

@@ -48,7 +48,7 @@ from benchmarks._baselines import MpQueuePool, direct_call
 from benchmarks._floor import FLOOR_MODES, run_floor
 from benchmarks._harness import Measurement, measure
 from benchmarks._libtorchrt import first_output, import_libtorchrt, libtorchrt_caller
-from benchmarks._proc import stop_resource_tracker
+from benchmarks._proc import MALLOC_CHOICES, MALLOC_HELP, choose_malloc, stop_resource_tracker
 from benchmarks._report import Row, Table, evaluate_targets, loadavg, machine_info, print_targets, provenance
 
 MODES = ("direct", "mp-queue", "libtorchrt", "floor")
@@ -233,6 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="shorthand for --duration 1 --repeat 1 --warmup 0.3",
     )
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="workers", help=MALLOC_HELP)
     p.add_argument(
         "--json",
         type=Path,
@@ -258,12 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     torch.set_num_threads(1)
+    malloc = choose_malloc(args.malloc)
     info = machine_info()
     load = loadavg()
     info["loadavg_1min_start"] = load
+    info["malloc"] = args.malloc
     source = provenance()  # before the run: the code that runs is the code recorded
     print(f"libtorchrt core benchmark -- {info['cpu_count']} CPUs, torch {info['torch']}, {info['platform']}")
     print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}")
+    print(malloc)
     if load is not None and info["cpu_count"] and load > 0.25 * info["cpu_count"]:
         print(f"note: the machine is busy (1-min load average {load:.2f}); expect noisy figures")
     started = time.perf_counter()

@@ -64,7 +64,7 @@ import torch
 from benchmarks import workloads
 from benchmarks._baselines import MpQueuePool
 from benchmarks._floor import floor_premapped
-from benchmarks._proc import stop_resource_tracker, use_malloc
+from benchmarks._proc import MALLOC_CHOICES, MALLOC_HELP, choose_malloc, stop_resource_tracker
 from benchmarks._report import fmt_rps, fmt_us, loadavg, machine_info, print_targets, provenance
 from benchmarks.batching import config as batching_config
 from libtorchrt import ModelConfig, Pool
@@ -72,7 +72,6 @@ from libtorchrt.bench.callers import Application, Behaviour, Counts
 from libtorchrt.bench.cpu import THREAD_GROUPS, CpuMeter, MeasuredSpan
 from libtorchrt.bench.loadgen import MeasurementError, measure_windows
 from libtorchrt.bench.stats import Window
-from libtorchrt.workers.process import MALLOC_ENV
 
 SCENARIOS = ("tiny", "batching", "cnn", "payload", "latency")
 #: prepared inputs per workload (requests take them in turn, each cloned)
@@ -537,14 +536,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="clone",
         help="each request's input: a clone of one of 8 prepared inputs, or a new random tensor (default: clone)",
     )
-    p.add_argument(
-        "--malloc",
-        choices=("workers", "glibc"),
-        default="workers",
-        help="this process's glibc malloc settings (its callers and the direct rows): the workers' "
-        "(MALLOC_ENV: big blocks stay on the heap), or glibc's defaults, with which a 600 KB tensor made "
-        "per call may be mmapped afresh every time in some processes and not in others (default: workers)",
-    )
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="workers", help=MALLOC_HELP)
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the rows, targets, machine and commit to PATH")
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0:
@@ -575,8 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     torch.set_num_threads(1)  # the direct rows: one intra-op thread, as each worker has
-    if args.malloc == "workers":
-        use_malloc(MALLOC_ENV)  # (the direct rows: the workers' malloc, as their thread count)
+    malloc = choose_malloc(args.malloc)  # (the direct rows: the workers' malloc, as their thread count)
     source = provenance()  # before the run: the code that runs is the code recorded
     info = machine_info()
     info["loadavg_1min_start"] = loadavg()
@@ -587,9 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}")
     print(f"1-min load average at the start: {info['loadavg_1min_start']}")
-    info["malloc"] = dict(MALLOC_ENV) if args.malloc == "workers" else "glibc defaults"
-    malloc = ", ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
-    print(f"this process's malloc: {f'the workers ({malloc})' if args.malloc == 'workers' else 'glibc defaults'}")
+    info["malloc"] = args.malloc
+    print(malloc)
     print(
         f"callers: {behaviour.describe()} for every request; {args.seconds:g} s per row in {WINDOWS} windows "
         f"after {args.warmup:g} s of warm-up; CPU read over the windows"

@@ -59,10 +59,12 @@ def test_core_main_writes_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(core, "stop_resource_tracker", lambda: None)
     out = tmp_path / "core.json"
     argv = ["--workloads", "tiny", "--modes", "direct", "--duration", "0.05", "--repeat", "1", "--warmup", "0"]
+    argv += ["--malloc", "glibc"]  # (the workers' settings change this process's malloc and environment)
     assert core.main([*argv, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     check_provenance(doc)
     assert [(r["workload"], r["mode"]) for r in doc["rows"]] == [("tiny", "direct")]
+    assert doc["machine"]["malloc"] == "glibc"
 
 
 def test_batching_json_document_records_the_commit() -> None:

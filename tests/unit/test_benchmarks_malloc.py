@@ -1,14 +1,17 @@
-"""``benchmarks/_proc.use_malloc``: realistic.py's own process (its callers and the
-direct rows) takes the workers' glibc malloc settings, so that the direct baseline keeps
-a big block on the heap as a worker does, instead of mmapping it afresh on every call in
-some processes (docs/benchmarks.md). Checked in a fresh interpreter, by glibc's own count
-of mmapped blocks (``mallinfo2``)."""
+"""``benchmarks/_proc.choose_malloc``: the benchmarks' own process (callers, direct rows)
+and the baselines' processes take the workers' glibc malloc settings, so that a baseline
+keeps a big block on the heap as a worker does, instead of mmapping it afresh on every
+call in some processes (docs/benchmarks.md). Checked in a fresh interpreter, by glibc's
+own count of mmapped blocks (``mallinfo2``), and in the environment its children get."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,17 +39,34 @@ def mmapped(nbytes):
 # threshold to its size (4 MiB here), up to 32 MiB
 first = mmapped(4 << 20)
 
-from benchmarks._proc import use_malloc
+import os
+import subprocess
+import sys
+
+from benchmarks._proc import choose_malloc
 from libtorchrt.workers.process import MALLOC_ENV
 
-use_malloc(MALLOC_ENV)
-print(first, mmapped(16 << 20), mmapped(64 << 20))
+choose_malloc(sys.argv[1])
+child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('MALLOC_MMAP_THRESHOLD_'))"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+print(first, mmapped(16 << 20), mmapped(64 << 20), child == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"])
 """
 
 
-def test_the_benchmark_process_takes_the_workers_malloc_settings() -> None:
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        # glibc's default: a 4 MiB block mmapped; the workers' settings: a 16 MiB one on the
+        # heap (their threshold is 32 MiB, glibc's had risen to 4); a 64 MiB one mmapped;
+        # a child started afterwards has them in its environment
+        ("workers", ["1", "0", "1", "True"]),
+        ("glibc", ["1", "1", "1", "False"]),
+    ],
+)
+def test_the_benchmark_processes_take_the_workers_malloc_settings(choice: str, expected: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, choice], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    # glibc's default: a 4 MiB block mmapped; the workers' settings: a 16 MiB one on the
-    # heap (their threshold is 32 MiB, glibc's had risen to 4); a 64 MiB one mmapped
-    assert done.stdout.split() == ["1", "0", "1"], done.stdout
+    assert done.stdout.split() == expected, done.stdout

@@ -326,9 +326,8 @@ def build_once(root: Path) -> Pt2Artifacts:
             built = build(root)
             fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(built).items()}
             record.write_text(json.dumps(fields))
-    fields = json.loads(record.read_text())
-    return Pt2Artifacts(**{f.name: Path(fields[f.name]) if f.type == "Path" else fields[f.name]
-                           for f in dataclasses.fields(Pt2Artifacts)})
+    fields = json.loads(record.read_text())  # (paths as strings, timings as numbers)
+    return Pt2Artifacts(**{k: Path(v) if isinstance(v, str) else v for k, v in fields.items()})
 
 
 def load_python_model(directory: Path) -> nn.Module:

@@ -426,10 +426,10 @@ class FastLane:
         each of their requests is abandoned, or, if it finished, its reply is read and
         dropped (its outputs' slots given back), so that a drained close does not wait
         for it."""
-        for loop in [lp for lp in list(self._boxes) if lp.is_closed()]:  # (a copy: loops add theirs meanwhile)
-            box = self._boxes.pop(loop, None)
+        for loop in list(self._boxes):  # (a copy: loops add theirs meanwhile)
+            box = self._boxes.pop(loop, None) if loop.is_closed() else None
             if box is None:
-                continue  # (another thread dropped it)
+                continue  # (open, or another thread dropped it)
             self.groups.drop(box)
             for call, ticket, _ in box.waiting.values():
                 self.drop(call, ticket)

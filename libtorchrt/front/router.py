@@ -343,7 +343,6 @@ class Router:
         return self._stop_at is not None and (self._drained() or now >= self._stop_at)
 
     def _drained(self) -> bool:
-        self.fast.drop_closed_loops()  # (their replies are read by nobody)
         return (
             not self.inbox
             and not self.fast.pending()
@@ -393,6 +392,8 @@ class Router:
             if wake is not None and wake <= now:
                 self.dispatch(m)
         self.supervisor.run_timers(now, self._stop_at is not None)
+        if self._stop_at is not None:  # (draining: closed loops' replies are read by nobody)
+            self.fast.drop_closed_loops()
 
     def _expire(self, call: Call) -> None:
         """A request's deadline passed: fail it (and drop it, if it was not sent yet)."""

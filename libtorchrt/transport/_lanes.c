@@ -15,6 +15,9 @@
  * one Release message ahead of the lane's next request (or at once, 64 of them, while the
  * lane is idle).
  *
+ * The caller threads a batch's replies wake come out a few at a time, through the wake-up
+ * gate (see below): woken together they would all queue for the GIL.
+ *
  * A model added with max_rows batches dynamically: its requests always wait in its queue,
  * and leave as one wire Batch message (the request datagrams joined, unread) by the rules
  * of the router's Batcher (front/batcher.py; see dispatch()), at once or when the timerfd
@@ -62,10 +65,23 @@
 #define MAX_REQUEST (MAX_DATAGRAM - BATCH_HEAD - BIN_HEAD)
 /* epoll data of the wake-up eventfd and of the batch timer */
 #define EV_WAKE MAX_LANES
-#define EV_TIMER (MAX_LANES + 1)/* releases sent ahead of one request at most (more wait for the next) */
+#define EV_TIMER (MAX_LANES + 1)
+/* epoll data of the wake-up gate's timer */
+#define EV_GATE (MAX_LANES + 2)
+/* the most callers the gate lets be awake at once */
+#define MAX_AWAKE 16
+/* the gate judges its grants over windows this long, and when most of a window's (at
+ * least GATE_MIN_GRANTS) lapsed, stays off this long before it holds wakes again */
+#define GATE_WINDOW_NS 20000000LL
+#define GATE_OFF_NS 500000000LL
+#define GATE_MIN_GRANTS 8
+/* releases sent ahead of one request at most (more wait for the next) */
 #define MAX_RELEASES 1024
 
-enum { T_QUEUED = 1, T_SENT = 2, T_DONE = 3, T_LOST = 4, T_RETRY = 5, T_CLOSED = 6 };
+/* T_HELD: finished with its reply, its caller's wake held by the gate (T_DONE once woken) */
+enum { T_QUEUED = 1, T_SENT = 2, T_DONE = 3, T_LOST = 4, T_RETRY = 5, T_CLOSED = 6, T_HELD = 7 };
+/* whether a finished ticket's caller holds a grant: none, woken with one, read by its caller */
+enum { G_NONE = 0, G_WOKEN = 1, G_TAKEN = 2 };
 
 typedef struct Ticket {
     int refs;        /* atomic: the Python object's, and the hub's while it holds it */
@@ -80,6 +96,9 @@ typedef struct Ticket {
     int64_t enq_ns;  /* when it was queued (a batching model's) */
     uint64_t key;    /* the key of the lane that answered or lost it (0: none) */
     uint64_t id;
+    int gate;        /* atomic: G_NONE, G_WOKEN (its caller woken with a grant) or G_TAKEN */
+    uint64_t grant;  /* its grant's number (G_WOKEN) */
+    struct Ticket *gnext; /* (the gate's list of held wakes) */
     char *data;      /* the request datagram while queued; then the reply's bytes */
     size_t len;
     struct Ticket *next;
@@ -154,7 +173,26 @@ typedef struct {
     Py_ssize_t inflight;
     Py_ssize_t queued;
     Py_ssize_t unread; /* atomic: tickets finished whose callers have not read them yet */
+    /* the wake-up gate (see gate_finish): at most awake_max callers woken and not back */
+    int awake_max;        /* 0: no gate */
+    int64_t grace_ns;     /* a grant not given back in this long lapses */
+    int gate_timer;       /* a timerfd: the oldest grant lapses */
+    int64_t gate_ns;      /* when it is set to fire (0: not set) */
+    int nawake;
+    uint64_t awake_grant[MAX_AWAKE]; /* the grants out, oldest first */
+    int64_t awake_ns[MAX_AWAKE];
+    Ticket *held_head, *held_tail;   /* finished tickets whose wake waits (T_HELD), oldest first */
+    int gate_on;          /* 0: off for a while, callers slower than the grace */
+    int64_t gate_until;   /* the end of the window being judged, or of the time off */
+    long win_granted, win_lapsed;    /* grants of the window, and those that lapsed */
+    long granted, given_back, lapsed, offs; /* totals (the gate property) */
 } Hub;
+
+/* grant numbers, unique across hubs (a thread's grant names its hub's) */
+static uint64_t gate_grants;
+/* the grant the calling thread holds, and its hub (0: none) */
+static __thread uint64_t held_grant;
+static __thread Hub *held_hub;
 
 typedef struct {
     PyObject_HEAD
@@ -173,11 +211,176 @@ static void ticket_unref(Ticket *t) {
     }
 }
 
+/* ── the wake-up gate ────────────────────────────────────────────────────────────
+ *
+ * Caller threads share one GIL. When a batch's replies wake all its callers at once,
+ * they all wait for the GIL, and every torch call of theirs that lets go of it hands it to
+ * another: the process spends its time switching threads (a convoy that persists while
+ * callers queue for the GIL). So the hub wakes at most ``awake_max`` callers of batch
+ * replies at a time (a *grant* each) and holds the other wakes, oldest first. A caller
+ * gives its grant back when it comes back with its next request (the next held wake goes
+ * then), and a grant not given back within ``grace_ns`` lapses (the gate's timerfd), its
+ * place going to the next.
+ *
+ * Lapses mean callers do something else between requests (a server thread writes its
+ * answer and waits for its next client): holding their wakes would serve one per grace.
+ * So the gate judges each window of GATE_WINDOW_NS: when most of its grants lapsed, it
+ * wakes everyone it holds and stays off for GATE_OFF_NS, then tries again.
+ *
+ * A caller that finds its reply finished before it sleeps takes it at once, grant or not,
+ * and so does one whose wait's timeout runs out.
+ * Replies to mailboxes (asyncio), single requests, failures and a closing hub are never
+ * held. */
+
+static int64_t mono_ns(void);
+
+static void gate_arm(Hub *h) {
+    if (h->gate_ns || !h->held_head || !h->nawake) return;
+    int64_t at = h->awake_ns[0] + h->grace_ns;
+    h->gate_ns = at;
+    struct itimerspec its = {{0, 0}, {(time_t)(at / 1000000000), (long)(at % 1000000000)}};
+    timerfd_settime(h->gate_timer, TFD_TIMER_ABSTIME, &its, NULL);
+}
+
+/* Count grant g, given at ``now``, as out. (mutex held) */
+static void gate_out(Hub *h, uint64_t grant, int64_t now) {
+    h->awake_grant[h->nawake] = grant;
+    h->awake_ns[h->nawake] = now;
+    h->nawake++;
+    h->granted++;
+    h->win_granted++;
+}
+
+/* Forget grant g (given back, or lapsed); whether it was out. (mutex held) */
+static int gate_forget(Hub *h, uint64_t grant) {
+    for (int i = 0; i < h->nawake; i++)
+        if (h->awake_grant[i] == grant) {
+            h->nawake--;
+            memmove(h->awake_grant + i, h->awake_grant + i + 1, (size_t)(h->nawake - i) * sizeof h->awake_grant[0]);
+            memmove(h->awake_ns + i, h->awake_ns + i + 1, (size_t)(h->nawake - i) * sizeof h->awake_ns[0]);
+            return 1;
+        }
+    return 0;
+}
+
+/* Wake held callers while grants are free. (mutex held) */
+static void gate_fill(Hub *h) {
+    int64_t now = 0;
+    while (h->held_head && h->nawake < h->awake_max) {
+        Ticket *t = h->held_head;
+        h->held_head = t->gnext;
+        if (!h->held_head) h->held_tail = NULL;
+        t->gnext = NULL;
+        uint64_t grant = __atomic_add_fetch(&gate_grants, 1, __ATOMIC_RELAXED);
+        t->grant = grant;
+        __atomic_store_n(&t->gate, G_WOKEN, __ATOMIC_RELEASE);
+        uint32_t held = T_HELD;
+        /* (its caller may have taken it meanwhile, awake when it looked: then no grant) */
+        if (__atomic_compare_exchange_n(&t->state, &held, T_DONE, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            if (!now) now = mono_ns();
+            gate_out(h, grant, now);
+            syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+        }
+        ticket_unref(t); /* the gate's */
+    }
+    gate_arm(h);
+}
+
+/* Wake every held caller, without grants, and forget the grants out (the gate turns
+ * off, or the hub closes). (mutex held) */
+static void gate_open(Hub *h) {
+    while (h->held_head) {
+        Ticket *t = h->held_head;
+        h->held_head = t->gnext;
+        t->gnext = NULL;
+        uint32_t held = T_HELD;
+        if (__atomic_compare_exchange_n(&t->state, &held, T_DONE, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+        ticket_unref(t);
+    }
+    h->held_tail = NULL;
+    h->nawake = 0;
+}
+
+/* At the end of a window: off for a while if most of its grants lapsed; else on, and a
+ * new window. (mutex held) */
+static void gate_judge(Hub *h, int64_t now) {
+    if (now < h->gate_until) return;
+    if (h->gate_on && h->win_granted >= GATE_MIN_GRANTS && 2 * h->win_lapsed > h->win_granted) {
+        h->gate_on = 0;
+        h->gate_until = now + GATE_OFF_NS;
+        h->offs++;
+        gate_open(h);
+    } else {
+        h->gate_on = 1;
+        h->gate_until = now + GATE_WINDOW_NS;
+    }
+    h->win_granted = h->win_lapsed = 0;
+}
+
+/* The calling thread is back with a request: it gives back the grant it holds. (mutex held) */
+static void gate_back(Hub *h) {
+    if (!held_grant) return;
+    uint64_t grant = held_grant;
+    Hub *of = held_hub;
+    held_grant = 0;
+    held_hub = NULL;
+    if (of == h && gate_forget(h, grant)) {
+        h->given_back++;
+        gate_fill(h);
+    }
+}
+
+/* The gate's timer: grants out longer than the grace lapse, and held wakes go. */
+static void gate_lapse(Hub *h) {
+    uint64_t v;
+    if (read(h->gate_timer, &v, sizeof v) < 0) { /* (a stale wake-up) */ }
+    h->gate_ns = 0;
+    int64_t now = mono_ns();
+    while (h->nawake && h->awake_ns[0] + h->grace_ns <= now) {
+        gate_forget(h, h->awake_grant[0]);
+        h->lapsed++;
+        h->win_lapsed++;
+    }
+    gate_judge(h, now);
+    gate_fill(h);
+}
+
+/* Wake t's caller (t finished with state T_DONE, its caller waits on the futex) through
+ * the gate: with a grant (its gate is set before its state, so that a caller that sees it
+ * finished knows it holds one), or later (T_HELD until then). Returns 0 if the gate does
+ * not apply (wake it as usual). (mutex held) */
+static int gate_finish(Hub *h, Ticket *t, uint32_t state) {
+    if (!h->awake_max || state != T_DONE || h->closing || !h->models[t->mid].max_rows ||
+        __atomic_load_n(&t->abandoned, __ATOMIC_ACQUIRE))
+        return 0;
+    int64_t now = mono_ns();
+    gate_judge(h, now);
+    if (!h->gate_on) return 0;
+    if (h->nawake < h->awake_max) {
+        uint64_t grant = __atomic_add_fetch(&gate_grants, 1, __ATOMIC_RELAXED);
+        t->grant = grant;
+        __atomic_store_n(&t->gate, G_WOKEN, __ATOMIC_RELEASE);
+        gate_out(h, grant, now);
+        __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
+        syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+        return 1;
+    }
+    __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL); /* the gate's */
+    if (h->held_tail) h->held_tail->gnext = t;
+    else h->held_head = t;
+    h->held_tail = t;
+    __atomic_store_n(&t->state, T_HELD, __ATOMIC_RELEASE);
+    gate_arm(h);
+    return 1;
+}
+
 /* (hub mutex held) */
 static void ticket_finish(Hub *h, Ticket *t, uint32_t state) {
     /* (pending until its caller reads it: a drain waits for that) */
     if (!__atomic_load_n(&t->abandoned, __ATOMIC_ACQUIRE) && !__atomic_exchange_n(&t->unread, 1, __ATOMIC_ACQ_REL))
         __atomic_add_fetch(&h->unread, 1, __ATOMIC_ACQ_REL);
+    if (t->box < 0 && gate_finish(h, t, state)) return;
     __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
     if (t->box < 0) {
         syscall(SYS_futex, &t->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
@@ -624,6 +827,10 @@ static void *hub_thread(void *arg) {
                 on_timer(h);
                 continue;
             }
+            if (li == EV_GATE) {
+                gate_lapse(h);
+                continue;
+            }
             if (li == EV_WAKE) {
                 uint64_t v;
                 if (read(h->wake, &v, sizeof v) < 0) { /* (nothing to do) */ }
@@ -652,17 +859,28 @@ static void *hub_thread(void *arg) {
 /* ── Hub (Python type) ───────────────────────────────────────────────────────── */
 
 static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
-    static char *names[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, ":Hub", names)) return -1;
+    static char *names[] = {"awake", "grace_us", NULL};
+    int awake = 2;
+    long long grace_us = 1000;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iL:Hub", names, &awake, &grace_us)) return -1;
     if (h->started) {
         PyErr_SetString(PyExc_RuntimeError, "Hub already started");
         return -1;
     }
+    if (awake < 0 || awake > MAX_AWAKE || grace_us <= 0 || grace_us > 60000000) {
+        PyErr_Format(PyExc_ValueError, "awake must be 0 (no gate) to %d and grace_us 1 to 60000000; got %d and %lld",
+                     MAX_AWAKE, awake, grace_us);
+        return -1;
+    }
+    h->awake_max = awake;
+    h->grace_ns = grace_us * 1000;
+    h->gate_on = 1;
     pthread_mutex_init(&h->mu, NULL);
     h->ep = epoll_create1(EPOLL_CLOEXEC);
     h->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     h->timer = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
-    if (h->ep < 0 || h->wake < 0 || h->timer < 0) {
+    h->gate_timer = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+    if (h->ep < 0 || h->wake < 0 || h->timer < 0 || h->gate_timer < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -670,6 +888,8 @@ static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
     epoll_ctl(h->ep, EPOLL_CTL_ADD, h->wake, &ev);
     struct epoll_event tev = {.events = EPOLLIN, .data.u32 = EV_TIMER};
     epoll_ctl(h->ep, EPOLL_CTL_ADD, h->timer, &tev);
+    struct epoll_event gev = {.events = EPOLLIN, .data.u32 = EV_GATE};
+    epoll_ctl(h->ep, EPOLL_CTL_ADD, h->gate_timer, &gev);
     for (int i = 0; i < MAX_LANES; i++) h->lanes[i].fd = -1;
     int err = pthread_create(&h->thread, NULL, hub_thread, h);
     if (err) {
@@ -711,6 +931,7 @@ static void hub_stop(Hub *h) {
             l->nsent = 0;
         }
     for (int m = 0; m < h->nmodels; m++) fail_queue(h, &h->models[m], T_CLOSED);
+    gate_open(h);
     pthread_mutex_unlock(&h->mu);
     uint64_t one = 1;
     if (write(h->wake, &one, sizeof one) < 0) { /* (the thread still wakes on close below) */ }
@@ -735,7 +956,8 @@ static void hub_stop(Hub *h) {
     close(h->ep);
     close(h->wake);
     close(h->timer);
-    h->ep = h->wake = h->timer = -1;
+    close(h->gate_timer);
+    h->ep = h->wake = h->timer = h->gate_timer = -1;
 }
 
 static void hub_dealloc(Hub *h) {
@@ -1065,6 +1287,7 @@ static PyObject *hub_submit(Hub *h, PyObject *args) {
     TicketObject *obj = new_ticket(h, args, "iKy*|iIK:submit");
     if (!obj) return NULL;
     pthread_mutex_lock(&h->mu);
+    gate_back(h);
     int placed = place(h, obj->t);
     pthread_mutex_unlock(&h->mu);
     if (!placed) {
@@ -1221,6 +1444,17 @@ static PyObject *hub_close(Hub *h, PyObject *noargs) {
 
 static PyObject *hub_get_orphaned(Hub *h, void *closure) { return PyLong_FromSsize_t(h->norphans); }
 
+static PyObject *hub_get_gate(Hub *h, void *closure) {
+    pthread_mutex_lock(&h->mu);
+    Py_ssize_t held = 0; /* (callers that took their replies themselves stay listed until the gate comes to them) */
+    for (Ticket *t = h->held_head; t; t = t->gnext) held += __atomic_load_n(&t->state, __ATOMIC_ACQUIRE) == T_HELD;
+    PyObject *r = Py_BuildValue("{s:n,s:l,s:l,s:l,s:l,s:O}", "held", held, "granted", h->granted, "given_back",
+                                h->given_back, "lapsed", h->lapsed, "offs", h->offs, "on",
+                                h->awake_max && h->gate_on ? Py_True : Py_False);
+    pthread_mutex_unlock(&h->mu);
+    return r;
+}
+
 static PyMethodDef hub_methods[] = {
     {"add_model", (PyCFunction)(void (*)(void))hub_add_model, METH_VARARGS | METH_KEYWORDS,
      "add_model(max_rows=0, delay_us=0, preferred=()) -> model id; with max_rows, dynamic batching"},
@@ -1248,6 +1482,8 @@ static PyMethodDef hub_methods[] = {
 
 static PyGetSetDef hub_getset[] = {
     {"orphaned", (getter)hub_get_orphaned, NULL, "replies waiting in orphans()", NULL},
+    {"gate", (getter)hub_get_gate, NULL,
+     "the wake-up gate: {held: wakes it holds, granted, given_back, lapsed, offs: times it turned off, on}", NULL},
     {NULL},
 };
 
@@ -1311,6 +1547,8 @@ static void ticket_read(TicketObject *o) {
 
 static void ticketobj_dealloc(TicketObject *o) {
     if (o->t) {
+        uint32_t held = T_HELD; /* (nobody to wake: the gate skips it) */
+        __atomic_compare_exchange_n(&o->t->state, &held, T_DONE, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
         if (o->hub && __atomic_load_n(&o->t->state, __ATOMIC_ACQUIRE) < T_DONE) ticket_abandon(o);
         else if (o->hub) ticket_read(o); /* (finished, never read: nobody will) */
         ticket_unref(o->t);
@@ -1339,12 +1577,14 @@ static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
         until = now_s() + (seconds > 0 ? seconds : 0);
     }
     uint32_t s;
+    int slept = 0, own = 0; /* (own: it took its reply from the gate, awake: no grant) */
     for (;;) {
         int expired = 0;
         Py_BEGIN_ALLOW_THREADS
         if (__atomic_load_n(&t->state, __ATOMIC_ACQUIRE) == 0) { /* (from request(): not placed yet) */
             Hub *h = (Hub *)o->hub;
             pthread_mutex_lock(&h->mu);
+            gate_back(h);
             if (!place(h, t)) {
                 free(t->data);
                 t->data = NULL;
@@ -1353,7 +1593,15 @@ static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
             }
             pthread_mutex_unlock(&h->mu);
         }
-        while ((s = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE)) < T_DONE) {
+        for (;;) {
+            s = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE);
+            if (s == T_HELD && !slept) { /* (awake already: waiting for a grant would not spare the GIL) */
+                if (__atomic_compare_exchange_n(&t->state, &s, T_DONE, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                    s = T_DONE;
+                    own = 1;
+                }
+            }
+            if (s >= T_DONE && s != T_HELD) break;
             double left = 0.1;
             if (until >= 0) {
                 left = until - now_s();
@@ -1362,12 +1610,22 @@ static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
             }
             struct timespec tick = {(time_t)left, (long)((left - (time_t)left) * 1e9)};
             long r = syscall(SYS_futex, &t->state, FUTEX_WAIT_PRIVATE, s, &tick, NULL, 0);
+            slept = 1;
             if (r < 0 && (errno == ETIMEDOUT || errno == EINTR) && !(until >= 0 && left < 0.1)) break;
         }
+        if (expired && s == T_HELD &&
+            __atomic_compare_exchange_n(&t->state, &s, T_DONE, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            s = T_DONE; /* (its timeout ran out while the gate held it: it takes its reply) */
+            own = 1;
+        }
         Py_END_ALLOW_THREADS
-        if (s >= T_DONE) break;
+        if (s >= T_DONE && s != T_HELD) break;
         if (expired) return Py_BuildValue("(iKO)", 0, 0ULL, Py_None);
         if (PyErr_CheckSignals() < 0) return NULL; /* (KeyboardInterrupt: the caller abandons it) */
+    }
+    if (__atomic_exchange_n(&t->gate, G_TAKEN, __ATOMIC_ACQ_REL) == G_WOKEN && !own) {
+        held_grant = t->grant; /* (given back with this thread's next request) */
+        held_hub = (Hub *)o->hub;
     }
     ticket_read(o);
     PyObject *data;

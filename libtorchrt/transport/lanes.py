@@ -9,6 +9,7 @@ the hub's thread → caller), and no Python runs for it outside the caller's thr
 
 :class:`Hub` methods (thread-safe; lanes are named by the caller's ``key``, never reused)::
 
+    Hub(awake=2, grace_us=1000)             gate -> {held, granted, given_back, lapsed, offs, on}
     add_model(max_rows=0, delay_us=0, preferred=()) -> mid        drop_model(mid)
     add_lane(mid, fd, limit, key)           pause_lane(key)        remove_lane(key)
     request(mid, id, header, box=-1, rows=1, batch_key=0) -> Ticket   (placed by its first wait(), without the GIL)
@@ -24,6 +25,20 @@ reply's bytes; :data:`LOST`, the worker died while it may have been running it;
 was sent; 2, sent: its reply will be one of ``orphans()``; 0, it finished meanwhile). A
 ticket submitted with a mailbox wakes nobody: its id is listed by ``drain(box)``, and the
 mailbox's eventfd becomes readable.
+
+**The wake-up gate.** A batch's replies come together; waking all their caller threads
+at once would have them all wait for the GIL, handing it around at every torch call of
+theirs (a convoy: 64 threads were served less than one request per execution serves
+them). So the hub wakes at most ``awake`` of the callers of batch replies at a time, and
+holds the other wakes in order; a caller gives its *grant* back when it comes back with
+its next request (the next held caller wakes then), and a grant not given back within
+``grace_us`` lapses, its place going to the next. Callers that do not come back soon (a
+server thread that answers its client and waits for the next) would then be woken one a
+grace: when most of a 20 ms window's grants lapse, the gate wakes everyone it holds and
+stays off for 200 ms before it tries again. A caller that finds its reply finished
+before it sleeps takes it at once, and so does one whose wait's timeout runs out.
+Replies to single requests, to mailboxes, failures and a closing hub are never held.
+``awake=0``: no gate. Measured in docs/measurements/wake-gate.md.
 
 A model added with ``max_rows`` batches dynamically, as ``front/batcher.py``'s Batcher
 does with one queue: its requests (``rows`` each; only those of equal ``batch_key`` are merged)

@@ -18,9 +18,10 @@ mailbox when it finishes (an eventfd the loop watches); the loop's thread settle
 a batching model, the requests of one turn of the loop go as one request of all their
 rows, each caller getting a view of its own (``front/groups.py``).
 
-A request takes the lane when its model has a plain FIFO queue or, from an event loop, a
-dynamic batcher of one queue (no priority levels, ordering or queue policy: the hub forms
-its batches by the same rules, ``transport/lanes.py``; see :meth:`FastLane.takes`),
+A request takes the lane when its model has a plain FIFO queue or a dynamic batcher of
+one queue (no priority levels, ordering or queue policy: the hub forms its batches by the
+same rules, and wakes the caller threads of a batch's replies a few at a time through its
+wake-up gate, ``transport/lanes.py``; see :meth:`FastLane.takes`),
 every instance on the CPU and no ``execution_timeout`` (the router's watchdog times
 executions), and the request has no data frames and at most ``MAX_CHANNEL_BLOBS`` of
 inline bytes. A batch's execution is
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
 __all__ = ["FastLane"]
 
 log = logging.getLogger("libtorchrt")
+
 
 class _Mailbox:
     """One event loop's mailbox in the hub: its id, eventfd and waiting requests."""
@@ -256,12 +258,9 @@ class FastLane:
         m = router.default.get(model) if version is None else router.models.get((model, version))
         return m is not None and m.lane >= 0
 
-    def takes(self, call: Call, in_loop: bool = False) -> bool:
-        """Whether ``call`` can go by the lane; ``in_loop``: its caller is an event loop.
-
-        A batching model's requests take it from event loops only: caller threads woken
-        together by a batch's replies all wait for the GIL at once, and hand it around at
-        every torch call (measured in docs/measurements/lane-batching.md)."""
+    def takes(self, call: Call) -> bool:
+        """Whether ``call`` can go by the lane. (A batch's replies to caller threads are
+        woken a few at a time by the hub's wake-up gate: ``transport/lanes.py``.)"""
         m = call.model
         return (
             m.lane >= 0
@@ -269,7 +268,7 @@ class FastLane:
             and call.device is None
             and call.sequence is None
             and (not call.blobs or sum(map(len, call.blobs)) <= self.max_blobs)
-            and (not m.lane_batches or (in_loop and self._batch_key(call) > 0))
+            and (not m.lane_batches or self._batch_key(call) > 0)
         )
 
     def _batch_key(self, call: Call) -> int:

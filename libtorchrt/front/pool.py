@@ -435,7 +435,7 @@ class Pool:
             if self._closed:
                 raise PoolClosedError("the pool is closed")
             call = self._admission.take(model, inputs, version, timeout, priority)
-            if fast.takes(call, in_loop=True):
+            if fast.takes(call):
                 return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
             self._router.submit(call)
             return await asyncio.wrap_future(call.future)  # type: ignore[arg-type]

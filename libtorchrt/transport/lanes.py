@@ -35,7 +35,7 @@ its next request (the next held caller wakes then), and a grant not given back w
 ``grace_us`` lapses, its place going to the next. Callers that do not come back soon (a
 server thread that answers its client and waits for the next) would then be woken one a
 grace: when most of a 20 ms window's grants lapse, the gate wakes everyone it holds and
-stays off for 200 ms before it tries again. A caller that finds its reply finished
+stays off for 500 ms before it tries again. A caller that finds its reply finished
 before it sleeps takes it at once, and so does one whose wait's timeout runs out.
 Replies to single requests, to mailboxes, failures and a closing hub are never held.
 ``awake=0``: no gate. Measured in docs/measurements/wake-gate.md.

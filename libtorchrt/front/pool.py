@@ -36,6 +36,7 @@ from ..errors import (
     UnknownModelError,
 )
 from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
+from ..transport import lanes
 from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
 from .control import Load, Unload
@@ -102,6 +103,12 @@ class Pool:
             and takes CPU from models that compute (docs/benchmarks.md, "Busy polling").
             Off (0) by default; turn it on for short models on machines with spare
             cores.
+        wake_limit: the most caller threads that the replies of one batch wake at once
+            (CPU models batched by the fast lane's hub; 0: all of them). The others
+            wake one by one as those come back with their next request, so that they
+            do not all wait for the GIL at once. A caller that does not come back within
+            1 ms gives its turn to the next one. Raise it when callers do a lot of work
+            between requests without the GIL (docs/batching.md).
         max_pending: requests the pool holds at most (waiting or running, all
             models together); one more fails at once with ``QueueFullError``, so an
             overload cannot grow memory without bound (None: no limit). Per model,
@@ -159,6 +166,7 @@ class Pool:
         inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
         max_inflight: int = 4,
         busy_poll_us: int = 0,
+        wake_limit: int = 2,
         cuda_outputs: bool = True,
         strict: bool = False,
         max_pending: int | None = None,
@@ -228,9 +236,14 @@ class Pool:
             max_inflight=max_inflight,
             start_timeout=start_timeout,
             busy_poll_us=busy_poll_us,
+            wake_limit=wake_limit,
             compile_cache=compile_cache,
             start_method=start_method,
         )
+        if isinstance(wake_limit, bool) or not isinstance(wake_limit, int) or not 0 <= wake_limit <= lanes.MAX_AWAKE:
+            raise ValueError(
+                f"Pool: wake_limit is {wake_limit!r}; expected an integer from 0 (wake them all) to {lanes.MAX_AWAKE}"
+            )
         if max_pending is not None and (isinstance(max_pending, bool) or max_pending < 1):
             raise ValueError(f"max_pending is {max_pending!r}; expected a positive integer or None")
         self._router = Router(configs, options)

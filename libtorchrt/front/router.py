@@ -95,6 +95,8 @@ class RouterOptions:
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
     busy_poll_us: int = 0
     max_inflight: int = 4
+    #: caller threads a batch's replies wake at once at most (the hub's wake-up gate)
+    wake_limit: int = 2
     start_timeout: float = 120.0
     #: Inductor's cache for PT2 workers: True (per user), a path, or False (per worker)
     compile_cache: bool | str | os.PathLike[str] = True

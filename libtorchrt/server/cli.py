@@ -300,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="workers poll this long before they sleep: lower latency for short models, more CPU (default: 0)",
     )
     run.add_argument(
+        "--wake-limit",
+        type=int,
+        default=2,
+        metavar="N",
+        help="caller threads one batch's replies wake at once at most; 0: all (default: %(default)s)",
+    )
+    run.add_argument(
         "--log-level",
         default=None,
         choices=["debug", "info", "warning", "error"],
@@ -440,6 +447,7 @@ def options_from(args: argparse.Namespace) -> Options:
             max_json_response_bytes=args.max_json_response_bytes,
         ),
         busy_poll_us=args.busy_poll_us,
+        wake_limit=args.wake_limit,
         access_log=log_level(args) == "debug",
         log_format=args.log_format,
         model_control=mode,

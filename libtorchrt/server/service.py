@@ -95,6 +95,8 @@ class Options:
     grace: float = 20.0
     limits: Limits = field(default_factory=Limits)
     busy_poll_us: int = 0
+    #: ``Pool(wake_limit=)``
+    wake_limit: int = 2
     access_log: bool = False
     #: ``text`` or ``json`` (``--log-format``): a JSON log gets no live display either
     log_format: str = "text"
@@ -284,6 +286,7 @@ class _Service:
                 strict=opts.strict,
                 start_timeout=opts.start_timeout,
                 busy_poll_us=opts.busy_poll_us,
+                wake_limit=opts.wake_limit,
                 execution_timeout=opts.execution_timeout,
                 start_method=opts.start_method,
                 load_models=self.control.startup_models(),

@@ -1681,5 +1681,6 @@ PyMODINIT_FUNC PyInit__lanes(void) {
     PyModule_AddIntConstant(m, "MAX_REQUEST", MAX_REQUEST);
     PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH);
     PyModule_AddIntConstant(m, "MAX_LIMIT", MAX_LIMIT);
+    PyModule_AddIntConstant(m, "MAX_AWAKE", MAX_AWAKE);
     return m;
 }

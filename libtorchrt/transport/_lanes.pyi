@@ -10,6 +10,7 @@ MAX_DATAGRAM: int
 MAX_LIMIT: int
 MAX_REQUEST: int
 MAX_BATCH: int
+MAX_AWAKE: int
 
 class Ticket:
     def wait(self, timeout: float | None = None, /) -> tuple[int, int, bytes | None]: ...

@@ -61,7 +61,19 @@ import sys
 from .channel import _BUFFER
 
 try:
-    from ._lanes import CLOSED, DONE, LOST, MAX_BATCH, MAX_DATAGRAM, MAX_LIMIT, MAX_REQUEST, RETRY, Hub, Ticket
+    from ._lanes import (
+        CLOSED,
+        DONE,
+        LOST,
+        MAX_AWAKE,
+        MAX_BATCH,
+        MAX_DATAGRAM,
+        MAX_LIMIT,
+        MAX_REQUEST,
+        RETRY,
+        Hub,
+        Ticket,
+    )
 except ImportError:  # (not Linux, or built without it: every request goes by the router)
     if sys.platform.startswith("linux"):
         import warnings
@@ -74,13 +86,14 @@ except ImportError:  # (not Linux, or built without it: every request goes by th
         )
     Hub = Ticket = None  # type: ignore[assignment,misc]
     CLOSED, DONE, LOST, RETRY = 6, 3, 4, 5
-    MAX_DATAGRAM, MAX_LIMIT, MAX_BATCH = 48 << 10, 64, 4096
+    MAX_DATAGRAM, MAX_LIMIT, MAX_BATCH, MAX_AWAKE = 48 << 10, 64, 4096, 16
     MAX_REQUEST = MAX_DATAGRAM - 10
 
 __all__ = [
     "CLOSED",
     "DONE",
     "LOST",
+    "MAX_AWAKE",
     "MAX_BATCH",
     "MAX_DATAGRAM",
     "MAX_LIMIT",

@@ -490,3 +490,33 @@ def test_close_after_lane_batches_ends_a_waiting_caller_and_leaves_nothing_behin
     assert not t.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], PoolClosedError), outcome
     assert_no_leaks(before)
+
+
+def test_wake_limit_zero_wakes_every_caller_of_a_batch_and_threads_still_get_their_rows(
+    files: dict[str, Path],
+) -> None:
+    """``Pool(wake_limit=0)``: no wake-up gate; threads' requests still batch in the hub,
+    each caller getting its own rows. (The default gate is checked with the shared pool.)"""
+    db = DynamicBatching(max_queue_delay_microseconds=2_000)
+    with closing_pool(models=[batching("m", files["spin_double"], db, instances=2)], wake_limit=0) as pool:
+        wrong: list[str] = []
+
+        def caller(k: int) -> None:
+            for i in range(10):
+                x = request(k * 100 + i, rows=1 + i % 2)
+                if not torch.equal(pool.infer("m", x, timeout=SOON)["OUTPUT__0"], x * 2 + 1):
+                    wrong.append(f"thread {k} request {i}")
+
+        run_threads(caller, 8)
+        assert not wrong, wrong[:5]
+        gate = pool._router.fast.hub.gate
+        assert gate["on"] is False and gate["granted"] == 0
+        assert stats_of(pool, "m").executions < 80  # (batched, by the hub)
+
+
+@pytest.mark.parametrize("limit", [-1, 17, 1.5, True, "2"])
+def test_a_wake_limit_out_of_range_is_refused_before_any_worker_starts(files: dict[str, Path], limit: object) -> None:
+    before = snapshot()
+    with pytest.raises(ValueError, match=r"wake_limit is .* expected an integer from 0"):
+        Pool(models=[batching("m", files["spin_double"], DynamicBatching())], wake_limit=limit)  # type: ignore[arg-type]
+    assert_no_leaks(before)

@@ -52,6 +52,7 @@ def test_defaults_bind_loopback_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert opts.limits.body_timeout == 30.0 and opts.limits.max_json_response_bytes == 4 << 20
     limits = parse("--body-timeout", "2.5", "--max-json-response-bytes", "64k", repo=tmp_path).limits
     assert limits.body_timeout == 2.5 and limits.max_json_response_bytes == 64 << 10
+    assert opts.wake_limit == 2 and parse("--wake-limit", "0", repo=tmp_path).wake_limit == 0
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ round:
 
 * ``gate``: the library as it is: the hub forms the batches and wakes their callers a
   few at a time (``Hub()``'s defaults);
-* ``no gate``: the same hub with ``awake=0``: every caller of a batch woken at once;
+* ``no gate``: ``Pool(wake_limit=0)``: every caller of a batch woken at once;
 * ``router``: threads' requests to the batching model go by the router thread's Python
   batcher (what ``Pool.infer`` did before the gate), event loops' still by the hub.
 
@@ -20,9 +20,8 @@ and two kinds of caller (``libtorchrt.bench``'s load generator, closed loop):
   must not slow down (it turns itself off when most of its grants lapse).
 
 Printed per row: requests/s, CPU per request of this process (callers, hub, router) and
-of the workers, and the gate's counts over the measurement. The rows ``no gate`` and
-``router`` swap a private seam of the library (``lanes.Hub``, ``FastLane.takes``) for
-the time of their pool.
+of the workers, and the gate's counts over the measurement. The ``router`` row swaps a
+private seam of the library (``FastLane.takes``) for the time of its pool.
 
     python benchmarks/wake_gate.py [--rounds 2] [--seconds 3]
 """
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import itertools
 import sys
 import time
@@ -50,7 +48,6 @@ from libtorchrt import Pool
 from libtorchrt.bench.cpu import process_cpu_ns
 from libtorchrt.bench.loadgen import measure_windows
 from libtorchrt.front import fastlane
-from libtorchrt.transport import lanes
 
 SETTINGS = ("gate", "no gate", "router")
 #: kind of caller -> (threads, seconds slept after each result)
@@ -59,21 +56,18 @@ WINDOWS = 3
 
 
 @contextlib.contextmanager
-def setting(name: str) -> Iterator[None]:
-    """Swap the seam that makes ``name`` for the time of the block."""
-    hub, takes = lanes.Hub, fastlane.FastLane.takes
-    if name == "no gate":
-        lanes.Hub = functools.partial(hub, awake=0)  # type: ignore[misc]
-    elif name == "router":
+def setting(name: str) -> Iterator[dict[str, Any]]:
+    """The ``Pool`` options that make ``name``, with its seam swapped for the time of the block."""
+    takes = fastlane.FastLane.takes
+    if name == "router":
 
         def by_router(self: fastlane.FastLane, call: Any) -> bool:
             return takes(self, call) and not call.model.lane_batches
 
         fastlane.FastLane.takes = by_router  # type: ignore[method-assign]
     try:
-        yield
+        yield {"wake_limit": 0} if name == "no gate" else {}
     finally:
-        lanes.Hub = hub  # type: ignore[misc]
         fastlane.FastLane.takes = takes  # type: ignore[method-assign]
 
 
@@ -92,7 +86,7 @@ def caller(pool: Pool, x: torch.Tensor, pause: float, done: Iterator[int]) -> Ca
 
 def row(name: str, kind: str, path: Path, x: torch.Tensor, seconds: float) -> str:
     threads, pause = CALLERS[kind]
-    with setting(name), Pool(models=[config("tiny", path, True)]) as pool:
+    with setting(name) as options, Pool(models=[config("tiny", path, True)], **options) as pool:
         pids = [w.pid for w in pool.workers() if w.pid is not None]
         hub = pool._router.fast.hub
         done = itertools.count()

@@ -156,6 +156,21 @@ async def one_per_turn(pool: Pool, model: str, xs: Sequence[Tensor], **kwargs: A
     return [o if isinstance(o, BaseException) else o["OUTPUT__0"] for o in outs]
 
 
+def thread_callers(pool: Pool, model: str, threads: int, requests: int, rows: Callable[[int, int], int]) -> list[str]:
+    """``threads`` caller threads each send ``requests`` requests (of ``rows(k, i)`` rows)
+    by ``Pool.infer``; returns the answers that were not SpinDouble's of their input."""
+    wrong: list[str] = []
+
+    def caller(k: int) -> None:
+        for i in range(requests):
+            x = request(k * 100 + i, rows=rows(k, i))
+            if not torch.equal(pool.infer(model, x, timeout=SOON)["OUTPUT__0"], x * 2 + 1):
+                wrong.append(f"thread {k} request {i}")
+
+    run_threads(caller, threads)
+    return wrong
+
+
 def check_answers(xs: Sequence[Tensor], outs: Sequence[Any]) -> None:
     """Each request of ``xs`` got its own rows of SpinDouble's answer (none failed)."""
     failed = [f"request {k}: {o!r}" for k, o in enumerate(outs) if isinstance(o, BaseException)]
@@ -456,16 +471,8 @@ def test_close_after_lane_batches_ends_a_waiting_caller_and_leaves_nothing_behin
             batching("slow", spin, preferred(4)),
         ]
     )
-    wrong: list[str] = []
     try:
-
-        def caller(k: int) -> None:
-            for i in range(10):
-                x = request(k * 100 + i, rows=1 + i % 3)
-                if not torch.equal(pool.infer("m", x, timeout=SOON)["OUTPUT__0"], x * 2 + 1):
-                    wrong.append(f"thread {k} request {i}")
-
-        run_threads(caller, 4)
+        wrong = thread_callers(pool, "m", 4, 10, lambda k, i: 1 + i % 3)
         assert not wrong, wrong[:5]
         xs = [request(k, rows=1 + k % 2) for k in range(32)]
         check_own_rows(xs, asyncio.run(infer_all(pool, xs)))
@@ -499,15 +506,7 @@ def test_wake_limit_zero_wakes_every_caller_of_a_batch_and_threads_still_get_the
     each caller getting its own rows. (The default gate is checked with the shared pool.)"""
     db = DynamicBatching(max_queue_delay_microseconds=2_000)
     with closing_pool(models=[batching("m", files["spin_double"], db, instances=2)], wake_limit=0) as pool:
-        wrong: list[str] = []
-
-        def caller(k: int) -> None:
-            for i in range(10):
-                x = request(k * 100 + i, rows=1 + i % 2)
-                if not torch.equal(pool.infer("m", x, timeout=SOON)["OUTPUT__0"], x * 2 + 1):
-                    wrong.append(f"thread {k} request {i}")
-
-        run_threads(caller, 8)
+        wrong = thread_callers(pool, "m", 8, 10, lambda k, i: 1 + i % 2)
         assert not wrong, wrong[:5]
         gate = pool._router.fast.hub.gate
         assert gate["on"] is False and gate["granted"] == 0

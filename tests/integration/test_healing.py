@@ -175,10 +175,17 @@ def test_chaos_every_request_resolves_and_the_pool_recovers(make_pool, model_dir
     results: list[tuple[torch.Tensor, object]] = []
     lock = threading.Lock()
     stop = threading.Event()
+    kills = [0]
+    issued = [0] * 16
 
     def caller(seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        for i in range(125):  # 16 threads x 125 = 2000 requests
+        # 16 threads x 125 = 2000 requests at least, and on until the killer has killed
+        # 3 workers: a fast machine serves 2000 before the killer's first 0.2 s are up
+        i = 0
+        while i < 125 or (kills[0] < 3 and i < 20_000):
+            i += 1
+            issued[seed] = i
             x = torch.randn(256 if i % 4 == 0 else 1, 64, generator=g)  # 64 KiB, or 256 bytes
             try:
                 out: object = pool.infer("tiny", [x], timeout=60)["OUTPUT__0"]
@@ -194,6 +201,7 @@ def test_chaos_every_request_resolves_and_the_pool_recovers(make_pool, model_dir
             if pids:
                 try:
                     os.kill(rng.choice(pids), signal.SIGKILL)
+                    kills[0] += 1
                 except ProcessLookupError:
                     pass
 
@@ -207,10 +215,13 @@ def test_chaos_every_request_resolves_and_the_pool_recovers(make_pool, model_dir
     stop.set()
     k.join(10)
     assert not any(t.is_alive() for t in [*threads, k]), "a caller (or the killer) is still waiting"
-    assert len(results) == 2000, "every future resolves"
+    assert kills[0] >= 3 and sum(issued) >= 2000
+    assert len(results) == sum(issued), "every future resolves"
     failures = [out for _, out in results if isinstance(out, BaseException)]
     assert all(isinstance(f, WorkerDiedError) for f in failures), failures[:3]
-    assert len(failures) <= 20, f"{len(failures)} of 2000 failed (max_retries=1 should keep it under 1%)"
+    assert len(failures) <= max(20, len(results) // 100), (
+        f"{len(failures)} of {len(results)} failed (max_retries=1 should keep it under 1%)"
+    )
     with torch.no_grad():
         for x, out in results:
             if isinstance(out, torch.Tensor):

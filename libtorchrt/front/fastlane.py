@@ -243,8 +243,11 @@ class FastLane:
         """Fail what the hub holds (its callers raise PoolClosedError); stop its thread."""
         if self.hub is not None and not self.closed:
             self.closed = True
-            self.hub.close()
+            # (the loops' mailboxes first: a loop running in another thread then shuts
+            # its mailbox before anything the hub's close finishes can end its run, and
+            # its thread close it with that callback still unrun)
             self._close_boxes()
+            self.hub.close()
             for key, w in list(self._lanes.items()):
                 self._lanes.pop(key, None)
                 w.lane_key = 0
@@ -508,7 +511,7 @@ class FastLane:
 
     def _shut_box(self, box: _Mailbox) -> None:
         self.groups.flush(box)
-        self._drain(box)  # (what the hub's close finished: PoolClosedError)
+        self._drain(box)  # (what the hub finished; its close, if that came first: PoolClosedError)
         self.groups.close(box)
         for call, _, waiter in box.waiting.values():
             if not waiter.done():

@@ -519,3 +519,42 @@ def test_a_wake_limit_out_of_range_is_refused_before_any_worker_starts(files: di
     with pytest.raises(ValueError, match=r"wake_limit is .* expected an integer from 0"):
         Pool(models=[batching("m", files["spin_double"], DynamicBatching())], wake_limit=limit)  # type: ignore[arg-type]
     assert_no_leaks(before)
+
+
+def test_a_loop_that_closes_as_the_pool_closes_leaves_no_mailbox_behind(files: dict[str, Path]) -> None:
+    """An event loop in another thread waits for a request the hub holds; the pool
+    closes; the loop's run ends with PoolClosedError and the thread closes the loop at
+    once. Its mailbox's eventfd must be closed all the same: it was left open when the
+    loop stopped before it ran the close's callback for it (a flaky leak in CI; 5 rounds
+    here failed every time before the fix)."""
+    for _ in range(5):
+        before = snapshot()
+        pool = Pool(models=[batching("slow", files["spin_double"], preferred(4))])
+        outcome: list[BaseException] = []
+        ready = threading.Event()
+        t = threading.Thread(target=wait_in_own_loop, args=(pool, ready, outcome))
+        t.start()
+        assert ready.wait(SOON)
+        wait_for(lambda p=pool: p._router.fast.pending() == 1, SOON, "the lone request to wait in the hub")
+        pool.close(grace=0)
+        t.join(SOON)
+        assert not t.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], PoolClosedError), outcome
+        assert_no_leaks(before)
+
+
+def wait_in_own_loop(pool: Pool, ready: threading.Event, outcome: list[BaseException]) -> None:
+    """A thread's own event loop waits for one request to "slow", and is closed as soon
+    as its run ends (no ``asyncio.run`` shutdown steps, which would run callbacks)."""
+    loop = asyncio.new_event_loop()
+
+    async def one() -> None:
+        ready.set()
+        await pool.infer_async("slow", request(1, width=4), timeout=SOON)
+
+    try:
+        loop.run_until_complete(one())
+    except BaseException as e:
+        outcome.append(e)
+    finally:
+        loop.close()

@@ -107,8 +107,9 @@ class Pool:
             (CPU models batched by the fast lane's hub; 0: all of them). The others
             wake one by one as those come back with their next request, so that they
             do not all wait for the GIL at once. A caller that does not come back within
-            1 ms gives its turn to the next one. Raise it when callers do a lot of work
-            between requests without the GIL (docs/batching.md).
+            1 ms gives its turn to the next one, and when most do not, the hub stops
+            pacing for 500 ms. Raise it when callers do a lot of work between requests
+            without the GIL (docs/batching.md).
         max_pending: requests the pool holds at most (waiting or running, all
             models together); one more fails at once with ``QueueFullError``, so an
             overload cannot grow memory without bound (None: no limit). Per model,

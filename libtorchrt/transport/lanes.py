@@ -28,16 +28,16 @@ mailbox's eventfd becomes readable.
 
 **The wake-up gate.** A batch's replies come together; waking all their caller threads
 at once would have them all wait for the GIL, handing it around at every torch call of
-theirs (a convoy: 64 threads were served less than one request per execution serves
-them). So the hub wakes at most ``awake`` of the callers of batch replies at a time, and
-holds the other wakes in order; a caller gives its *grant* back when it comes back with
-its next request (the next held caller wakes then), and a grant not given back within
-``grace_us`` lapses, its place going to the next. Callers that do not come back soon (a
-server thread that answers its client and waits for the next) would then be woken one a
-grace: when most of a 20 ms window's grants lapse, the gate wakes everyone it holds and
-stays off for 500 ms before it tries again. A caller that finds its reply finished
-before it sleeps takes it at once, and so does one whose wait's timeout runs out.
-Replies to single requests, to mailboxes, failures and a closing hub are never held.
+theirs (a convoy that lasts as long as they queue for it). So the hub wakes at most
+``awake`` of the callers of batch replies at a time, and holds the other wakes in order;
+a caller gives its *grant* back when it comes back with its next request (the next held
+caller wakes then), and a grant not given back within ``grace_us`` lapses, its place
+going to the next. Callers that do not come back soon (a server thread that answers its
+client and waits for the next) would then be woken one a grace: when most of a 20 ms
+window's grants lapse, the gate wakes everyone it holds and stays off for 500 ms before
+it tries again. A caller that finds its reply finished before it sleeps takes it at
+once, and so does one whose wait's timeout runs out. Replies to single requests, to
+mailboxes, failures and a closing hub are never held.
 ``awake=0``: no gate. Measured in docs/measurements/wake-gate.md.
 
 A model added with ``max_rows`` batches dynamically, as ``front/batcher.py``'s Batcher

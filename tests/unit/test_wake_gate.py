@@ -13,33 +13,17 @@ from collections.abc import Iterator
 import pytest
 
 from libtorchrt.transport import lanes, wire
+from tests.unit.test_lane_batching import FOREVER_US, lane, reply, request
 
 pytestmark = [
     pytest.mark.timeout(30),
     pytest.mark.skipif(not lanes.available, reason="the native hub is not built here"),
 ]
 
-#: a delay no test comes near: batches leave by their size alone
-FOREVER_US = 600_000_000
 #: a grace no test waits out
 LONG_US = 30_000_000
 #: how long a test gives something that should happen (or should not have happened yet)
 SOON = 5.0
-
-
-def request(i: int) -> bytes:
-    return wire.encode(wire.Request(i, [], [], []))
-
-
-def lane(hub: lanes.Hub, mid: int, key: int = 1, limit: int = 4) -> socket.socket:
-    mine, theirs = lanes.pair()
-    hub.add_lane(mid, mine.detach(), limit, key)
-    theirs.settimeout(SOON)
-    return theirs
-
-
-def reply_all(worker: socket.socket, ids: list[int]) -> None:
-    worker.send(wire.encode(wire.Replies([wire.encode(wire.Response(i, [], [bytes([i])])) for i in ids])))
 
 
 class Caller(threading.Thread):
@@ -80,14 +64,14 @@ def start_batch(hub: lanes.Hub, n: int, timeout: float = 2 * SOON) -> tuple[sock
     """``n`` caller threads (waiting ``timeout`` at most) whose requests make one batch,
     asleep in ``wait`` when their replies come (all in one datagram)."""
     mid = hub.add_model(n, FOREVER_US)
-    worker = lane(hub, mid)
+    worker = lane(hub, mid, key=1, limit=4)
     callers = [Caller(hub, mid, i, timeout) for i in range(1, n + 1)]
     for c in callers:
         c.start()
     msg = wire.decode(worker.recv(lanes.MAX_DATAGRAM + 1))
     assert isinstance(msg, wire.Batch)
     time.sleep(0.2)  # (each caller placed its request in its wait, and sleeps there now)
-    reply_all(worker, list(range(1, n + 1)))
+    reply(worker, list(range(1, n + 1)))
     return worker, callers
 
 
@@ -178,7 +162,7 @@ def test_closing_the_hub_wakes_the_callers_it_holds_with_their_replies(gated: la
 
 def test_replies_to_single_requests_and_to_mailboxes_are_never_held(gated: lanes.Hub) -> None:
     mid = gated.add_model()  # (no batching)
-    worker = lane(gated, mid, limit=8)
+    worker = lane(gated, mid, key=1, limit=8)
     callers = [Caller(gated, mid, i) for i in range(1, 4)]
     for c in callers:
         c.start()
@@ -193,7 +177,7 @@ def test_replies_to_single_requests_and_to_mailboxes_are_never_held(gated: lanes
     worker = lane(gated, batching, key=2)
     tickets = [gated.submit(batching, 10 + i, request(10 + i), box, 1, 1) for i in range(3)]
     assert isinstance(wire.decode(worker.recv(lanes.MAX_DATAGRAM + 1)), wire.Batch)
-    reply_all(worker, [10, 11, 12])
+    reply(worker, [10, 11, 12])
     deadline = time.monotonic() + SOON
     listed: list[int] = []
     while len(listed) < 3 and time.monotonic() < deadline:

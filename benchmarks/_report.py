@@ -153,9 +153,9 @@ def evaluate_targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
     ]
 
 
-def print_targets(targets: Sequence[dict[str, Any]]) -> None:
+def print_targets(targets: Sequence[dict[str, Any]], title: str = "targets") -> None:
     """Print the targets block."""
-    print("\ntargets")
+    print(f"\n{title}")
     w_name = max(len(t["target"]) for t in targets)
     w_meas = max(len(t["measured"]) for t in targets)
     for t in targets:

@@ -375,6 +375,17 @@ class FastLane:
             return self.groups.join(call, box, loop)
         return self._alone_async(call, box, loop)
 
+    def join(self, call: Call) -> Coroutine[Any, Any, dict[str, torch.Tensor]]:
+        """As :meth:`infer_async`, for a call known to take the hub's batching and to be
+        joinable with others (``front/shortcut.py``'s)."""
+        loop = asyncio.get_running_loop()
+        if self.closed:
+            return self._by_router_async(call, loop)
+        box = self._boxes.get(loop)
+        if box is None:
+            box = self._open_box(loop)
+        return self.groups.join(call, box, loop)
+
     async def _alone_async(self, call: Call, box: _Mailbox, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
         """One request of its own to the hub, listed in ``box`` when it finishes."""
         hub = self.hub

@@ -41,8 +41,10 @@ from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
 from .control import Load, Unload
 from .future import LoopFuture, LoopWaker, RequestFuture
+from .groups import groupable
 from .router import Router, RouterOptions
 from .sequences import SequenceTag
+from .shortcut import Shortcut
 from .supervisor import START_METHODS
 
 __all__ = ["Pool"]
@@ -255,6 +257,7 @@ class Pool:
             cuda_outputs=bool(cuda_outputs),
             max_pending=max_pending,
         )
+        self._shortcut = Shortcut(self._admission, self._router.fast)
         self._finalizer = weakref.finalize(self, _finalize, self._router)
         try:
             self._router.wait_started(start_timeout + 10.0)
@@ -445,11 +448,27 @@ class Pool:
         request if it has not been sent to a worker yet.
         """
         fast = self._router.fast
+        plain = (
+            type(inputs) is dict
+            and version is None
+            and priority is None
+            and sequence_id is None
+            and not sequence_start
+            and not sequence_end
+        )
+        if plain:
+            if self._closed:
+                raise PoolClosedError("the pool is closed")
+            call = self._shortcut.take(model, inputs, timeout)  # type: ignore[arg-type]
+            if call is not None:  # (like one admitted before: front/shortcut.py)
+                return await fast.join(call)
         if sequence_id is None and not sequence_start and not sequence_end and fast.serves(model, version):
             if self._closed:
                 raise PoolClosedError("the pool is closed")
             call = self._admission.take(model, inputs, version, timeout, priority)
             if fast.takes(call):
+                if plain and call.model.lane_batches and groupable(call):
+                    self._shortcut.learn(model, inputs, call)  # type: ignore[arg-type]
                 return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
             self._router.submit(call)
             return await asyncio.wrap_future(call.future)  # type: ignore[arg-type]

@@ -278,6 +278,12 @@ def _bytes_at(address: int, nbytes: int) -> bytes:
     return raw
 
 
+def inline(t: torch.Tensor, dtype: str, nbytes: int) -> Placed:
+    """One tensor placed as :func:`write` places it below the inline threshold, without
+    its checks: ``t`` must be :func:`plain`, of wire dtype ``dtype`` and ``nbytes`` bytes."""
+    return _new(Placed, ([_new(TensorDesc, (dtype, t.shape, BLOB, 0))], [_bytes_at(t.data_ptr(), nbytes)], [], []))
+
+
 def write(
     tensors: Sequence[torch.Tensor | Strings],
     arena: Arena | None,

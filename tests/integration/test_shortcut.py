@@ -1,0 +1,120 @@
+"""Asyncio requests to a hub-batched model that are like one admitted before take the
+shortcut (front/shortcut.py), on a real pool: each still gets its own rows and is
+counted; anything the full path would refuse, or handle differently, goes the full way
+and gets the full path's answer; a model unloaded or a pool closed is not served from
+what the shortcut remembers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from libtorchrt import DynamicBatching, Pool
+from libtorchrt.errors import InvalidInputError, PoolClosedError, TimeoutError, UnknownModelError
+from libtorchrt.transport import lanes
+from tests.conftest import closing_pool
+from tests.integration.test_async_infer import check_own_rows, request
+from tests.integration.test_lane_batching import SOON, batching, files, stats_of
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not lanes.available, reason="the native hub is not built here"),
+]
+
+__all__ = ["files"]  # (the module-scoped fixture, shared)
+
+
+@pytest.fixture(scope="module")
+def pool(files: dict[str, Path]) -> Iterator[Pool]:
+    """``m`` and ``n``: SpinDouble (``x * 2 + 1``), up to 8 rows of 4 floats, 20 ms delay."""
+    db = DynamicBatching(max_queue_delay_microseconds=20_000)
+    with closing_pool(models=[batching("m", files["spin_double"], db), batching("n", files["spin_double"], db)]) as p:
+        yield p
+
+
+async def each(pool: Pool, model: str, inputs: list[Any], **kwargs: Any) -> list[Any]:
+    """Every request sent at once (one turn); each one's first output, or its exception."""
+    outs = await asyncio.wait_for(
+        asyncio.gather(*(pool.infer_async(model, x, **kwargs) for x in inputs), return_exceptions=True), SOON
+    )
+    return [o if isinstance(o, BaseException) else o["OUTPUT__0"] for o in outs]
+
+
+def named(xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    return [{"INPUT__0": x} for x in xs]
+
+
+def test_requests_like_one_admitted_before_take_the_shortcut_and_get_their_own_rows(pool: Pool) -> None:
+    asyncio.run(each(pool, "m", named([request(0)])))  # (admitted the full way: remembered)
+    taken, before = pool._shortcut.taken, stats_of(pool, "m")
+    xs = [request(k, rows=1 + k % 3) for k in range(1, 13)]  # 1 to 3 rows each
+    check_own_rows(xs, asyncio.run(each(pool, "m", named(xs), timeout=SOON)))
+    check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))  # (no timeout: the model's)
+    assert pool._shortcut.taken - taken == 2 * len(xs)
+    after = stats_of(pool, "m")
+    assert after.success - before.success == 2 * len(xs)
+    assert after.inferences - before.inferences == 2 * sum(x.shape[0] for x in xs)
+
+
+def test_what_the_full_path_would_refuse_is_refused_as_it_would_be(pool: Pool) -> None:
+    asyncio.run(each(pool, "m", named([request(0)])))
+    taken, failed = pool._shortcut.taken, stats_of(pool, "m").failure
+    bad: list[tuple[Any, dict[str, Any]]] = [
+        ({"INPUT__0": request(1).double()}, {}),  # another dtype
+        ({"INPUT__0": request(1, width=5)}, {}),  # another row shape
+        ({"INPUT__0": request(1, rows=9)}, {}),  # more rows than a batch
+        ({"INPUT__0": torch.empty(0, 4)}, {}),  # no rows
+        ({"INPUT__1": request(1)}, {}),  # an input the model does not have
+        ({"INPUT__0": request(1), "INPUT__1": request(1)}, {}),  # one too many
+        ({"INPUT__0": request(1)}, {"timeout": -1.0}),
+        ({"INPUT__0": request(1)}, {"timeout": float("nan")}),
+        ({"INPUT__0": request(1)}, {"timeout": "1"}),
+    ]
+    for inputs, kwargs in bad:
+        [out] = asyncio.run(each(pool, "m", [inputs], **kwargs))
+        assert isinstance(out, InvalidInputError), (inputs, kwargs, out)
+    assert pool._shortcut.taken == taken
+    assert stats_of(pool, "m").failure - failed == len(bad)
+    xs = [request(k) for k in range(2, 6)]  # (and the model still serves, by the shortcut)
+    check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))
+    assert pool._shortcut.taken - taken == len(xs)
+
+
+def test_requests_it_does_not_take_are_answered_the_full_way(pool: Pool) -> None:
+    asyncio.run(each(pool, "m", named([request(0)])))
+    taken = pool._shortcut.taken
+    x = request(3, rows=2)
+    strided = torch.cat([x, x], dim=1)[:, ::2]  # (not contiguous: the full path copies it)
+    assert not strided.is_contiguous() and torch.equal(strided, x)
+    [out] = asyncio.run(each(pool, "m", [{"INPUT__0": strided}]))
+    check_own_rows([x], [out])
+    [out] = asyncio.run(each(pool, "m", [{"INPUT__0": x}], timeout=3))  # (an int: the full path)
+    check_own_rows([x], [out])
+    [out] = asyncio.run(each(pool, "m", [{"INPUT__0": x}], priority=None, version=1))
+    check_own_rows([x], [out])
+    [out] = asyncio.run(each(pool, "m", [{"INPUT__0": x}], timeout=0.0))  # (already past)
+    assert isinstance(out, TimeoutError)
+    assert pool._shortcut.taken == taken
+
+
+def test_an_unloaded_model_is_not_served_from_what_was_remembered(files: dict[str, Path]) -> None:
+    db = DynamicBatching(max_queue_delay_microseconds=1_000)
+    with closing_pool(models=[batching("m", files["spin_double"], db)]) as pool:
+        xs = [request(k) for k in range(4)]
+        check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))
+        assert pool._shortcut.taken > 0
+        pool.unload("m")
+        [out] = asyncio.run(each(pool, "m", named(xs[:1])))
+        assert isinstance(out, UnknownModelError)
+        pool.load(batching("m", files["spin_double"], db))
+        taken = pool._shortcut.taken
+        check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))  # (the new model's, learnt again)
+        assert pool._shortcut.taken > taken
+        pool.close()
+        [out] = asyncio.run(each(pool, "m", named(xs[:1])))
+        assert isinstance(out, PoolClosedError)

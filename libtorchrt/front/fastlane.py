@@ -366,11 +366,9 @@ class FastLane:
         the loop watches; the loop's thread decodes the reply (the router thread runs
         nothing for it). (Not a coroutine itself: one frame fewer for every await.)"""
         loop = asyncio.get_running_loop()
-        if self.closed:
-            return self._by_router_async(call, loop)
-        box = self._boxes.get(loop)
+        box = self._box(loop)
         if box is None:
-            box = self._open_box(loop)
+            return self._by_router_async(call, loop)
         if call.model.lane_batches and groupable(call):
             return self.groups.join(call, box, loop)
         return self._alone_async(call, box, loop)
@@ -379,12 +377,17 @@ class FastLane:
         """As :meth:`infer_async`, for a call known to take the hub's batching and to be
         joinable with others (``front/shortcut.py``'s)."""
         loop = asyncio.get_running_loop()
-        if self.closed:
-            return self._by_router_async(call, loop)
-        box = self._boxes.get(loop)
+        box = self._box(loop)
         if box is None:
-            box = self._open_box(loop)
+            return self._by_router_async(call, loop)
         return self.groups.join(call, box, loop)
+
+    def _box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox | None:
+        """``loop``'s mailbox (opened on its first request); None once the lane is closed."""
+        if self.closed:
+            return None
+        box = self._boxes.get(loop)
+        return box if box is not None else self._open_box(loop)
 
     async def _alone_async(self, call: Call, box: _Mailbox, loop: asyncio.AbstractEventLoop) -> dict[str, torch.Tensor]:
         """One request of its own to the hub, listed in ``box`` when it finishes."""

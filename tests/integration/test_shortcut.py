@@ -7,6 +7,7 @@ what the shortcut remembers."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,38 @@ def test_an_unloaded_model_is_not_served_from_what_was_remembered(files: dict[st
         pool.close()
         [out] = asyncio.run(each(pool, "m", named(xs[:1])))
         assert isinstance(out, PoolClosedError)
+
+
+def test_event_loops_in_several_threads_share_it_and_each_caller_gets_its_own_rows(pool: Pool) -> None:
+    asyncio.run(each(pool, "n", named([request(0)])))
+    taken = pool._shortcut.taken
+    results: dict[int, list[Any]] = {}
+    inputs = {i: [request(100 * i + k, rows=1 + k % 3) for k in range(40)] for i in range(4)}
+
+    def loop_thread(i: int) -> None:
+        async def run() -> list[Any]:
+            outs: list[Any] = []
+            for start in range(0, 40, 10):  # (four turns of ten requests each)
+                outs += await each(pool, "n", named(inputs[i][start : start + 10]), timeout=SOON)
+            return outs
+
+        results[i] = asyncio.run(run())
+
+    threads = [threading.Thread(target=loop_thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * SOON)
+    assert sorted(results) == [0, 1, 2, 3]
+    for i in range(4):
+        check_own_rows(inputs[i], results[i])
+    assert pool._shortcut.taken > taken  # (its counter is not exact across threads)
+
+
+def test_a_pool_with_max_pending_admits_every_request_the_full_way(files: dict[str, Path]) -> None:
+    db = DynamicBatching(max_queue_delay_microseconds=1_000)
+    with closing_pool(models=[batching("m", files["spin_double"], db)], max_pending=1000) as pool:
+        xs = [request(k) for k in range(6)]
+        check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))
+        check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))
+        assert pool._shortcut.taken == 0  # (the full path counts what is pending)

@@ -9,8 +9,8 @@ again: one input, of the dtype and non-batch shape the model accepted last time.
 So once the full path has admitted such a request, :class:`Shortcut` remembers what it
 found out (the input's name, dtype and non-batch dimensions, the bytes a row, the batch
 key, the queue's level and limits), and a later request that matches it exactly and asks
-for nothing else (no version, priority or sequence; no timeout or one that needs no
-checking) is admitted by comparing a few attributes. It gets the same call, with the
+for nothing else (no version, priority or sequence; no timeout, or a plain number of
+seconds in range) is admitted by comparing a few attributes. It gets the same call, with the
 same fields, that the full path would make. A request that differs in any way, or that
 the full path would refuse, goes the full way, which says why.
 """
@@ -94,6 +94,8 @@ class Shortcut:
             return None
         if timeout is None:
             timeout = m.cfg.timeout
+        elif type(timeout) is int and 0 < timeout <= MAX_TIMEOUT_S:
+            timeout = float(timeout)  # (as check_timeout makes it)
         elif type(timeout) is not float or not 0.0 < timeout <= MAX_TIMEOUT_S:
             return None  # (the full path checks it, and says what is wrong)
         if known.limit and len(known.queue.queues[known.level]) >= known.limit:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,10 +57,11 @@ def test_requests_like_one_admitted_before_take_the_shortcut_and_get_their_own_r
     xs = [request(k, rows=1 + k % 3) for k in range(1, 13)]  # 1 to 3 rows each
     check_own_rows(xs, asyncio.run(each(pool, "m", named(xs), timeout=SOON)))
     check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))  # (no timeout: the model's)
-    assert pool._shortcut.taken - taken == 2 * len(xs)
+    check_own_rows(xs, asyncio.run(each(pool, "m", named(xs), timeout=20)))  # (an int)
+    assert pool._shortcut.taken - taken == 3 * len(xs)
     after = stats_of(pool, "m")
-    assert after.success - before.success == 2 * len(xs)
-    assert after.inferences - before.inferences == 2 * sum(x.shape[0] for x in xs)
+    assert after.success - before.success == 3 * len(xs)
+    assert after.inferences - before.inferences == 3 * sum(x.shape[0] for x in xs)
 
 
 def test_what_the_full_path_would_refuse_is_refused_as_it_would_be(pool: Pool) -> None:
@@ -75,6 +77,8 @@ def test_what_the_full_path_would_refuse_is_refused_as_it_would_be(pool: Pool) -
         ({"INPUT__0": request(1)}, {"timeout": -1.0}),
         ({"INPUT__0": request(1)}, {"timeout": float("nan")}),
         ({"INPUT__0": request(1)}, {"timeout": "1"}),
+        ({"INPUT__0": request(1)}, {"timeout": -1}),
+        ({"INPUT__0": request(1)}, {"timeout": True}),
     ]
     for inputs, kwargs in bad:
         [out] = asyncio.run(each(pool, "m", [inputs], **kwargs))
@@ -94,7 +98,7 @@ def test_requests_it_does_not_take_are_answered_the_full_way(pool: Pool) -> None
     assert not strided.is_contiguous() and torch.equal(strided, x)
     [out] = asyncio.run(each(pool, "m", [{"INPUT__0": strided}]))
     check_own_rows([x], [out])
-    [out] = asyncio.run(each(pool, "m", [{"INPUT__0": x}], timeout=3))  # (an int: the full path)
+    [out] = asyncio.run(each(pool, "m", [{"INPUT__0": x}], timeout=np.float64(3.0)))  # (not a float itself)
     check_own_rows([x], [out])
     [out] = asyncio.run(each(pool, "m", [{"INPUT__0": x}], priority=None, version=1))
     check_own_rows([x], [out])

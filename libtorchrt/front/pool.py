@@ -41,7 +41,6 @@ from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
 from .control import Load, Unload
 from .future import LoopFuture, LoopWaker, RequestFuture
-from .groups import groupable
 from .router import Router, RouterOptions
 from .sequences import SequenceTag
 from .shortcut import Shortcut
@@ -467,7 +466,7 @@ class Pool:
                 raise PoolClosedError("the pool is closed")
             call = self._admission.take(model, inputs, version, timeout, priority)
             if fast.takes(call):
-                if plain and call.model.lane_batches and groupable(call):
+                if plain and call.model.lane_batches:
                     self._shortcut.learn(model, inputs, call)  # type: ignore[arg-type]
                 return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
             self._router.submit(call)

@@ -63,6 +63,8 @@ class Shortcut:
     def __init__(self, admission: Admission, lane: FastLane) -> None:
         self.admission = admission
         self.lane = lane
+        #: the router's latest version of each model (a model loaded anew replaces its entry)
+        self._default = lane.router.default
         self._known: dict[str, _Known] = {}
         #: requests admitted here (for tests and the curious)
         self.taken = 0
@@ -79,7 +81,7 @@ class Shortcut:
             or m.failed is not None
             or m.unavailable is not None
             or m.queue is not known.queue
-            or self.lane.router.default.get(model) is not m
+            or self._default.get(model) is not m
         ):
             return None
         t = inputs.get(known.name)
@@ -115,8 +117,9 @@ class Shortcut:
 
     def learn(self, model: str, inputs: dict[Any, Any], call: Call) -> None:
         """Remember ``call``, admitted the full way for ``inputs`` (a dict, to ``model``'s
-        default version, without priority or sequence) and taken by the hub's batching,
-        if later requests like it can be admitted by :meth:`take`."""
+        default version, without priority or sequence) and taken by the lane, if it went
+        to the hub's batching joinable with others (one inline tensor) and later requests
+        like it can be admitted by :meth:`take`."""
         m = call.model
         binder, queue, cfg = m.binder, m.queue, m.cfg
         if (
@@ -130,7 +133,7 @@ class Shortcut:
             or cfg.max_request_bytes is not None
             or self.admission.max_pending is not None
             or type(call.key) is not int
-            or self.lane.router.default.get(model) is not m
+            or self._default.get(model) is not m
         ):
             return
         [(name, t)] = inputs.items()
@@ -146,8 +149,14 @@ class Shortcut:
         level = queue.default_level
         policy = queue.policies[level]
         known = self._known.get(model)
-        if known is not None and known.model is m and known.dtype is t.dtype and known.rest == t.shape[1:]:
-            return
+        if (
+            known is not None
+            and known.model is m
+            and known.name == name
+            and known.dtype is t.dtype
+            and known.rest == t.shape[1:]
+        ):
+            return  # (the same, learnt already)
         self._known[model] = _Known(
             model=m,
             queue=queue,
@@ -155,7 +164,7 @@ class Shortcut:
             dtype=t.dtype,
             rest=t.shape[1:],
             wire_dtype=dtype_name(t.dtype),
-            row_bytes=t.nbytes // t.shape[0] if t.shape[0] else 0,
+            row_bytes=t.nbytes // t.shape[0],  # (admitted: at least one row)
             max_rows=cfg.max_batch_size,
             max_bytes=min(self.admission.inline_threshold, self.lane.max_blobs),
             key=call.key,

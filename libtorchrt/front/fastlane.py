@@ -233,6 +233,11 @@ class FastLane:
     def served(self, w: _Worker) -> int:
         return self.counts(w)[1]
 
+    def queued(self, m: _Model) -> int:
+        """``m``'s requests waiting in the hub, not sent to a worker yet (any thread; an
+        event loop's group of requests counts once)."""
+        return self.hub.queued(m.lane) if m.lane >= 0 and self.hub is not None else 0
+
     def pending(self) -> int:
         """Requests the hub holds: queued, in flight, or finished and not read yet by
         their callers (a drain waits for those too: the lanes' arenas hold their

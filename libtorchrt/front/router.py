@@ -296,7 +296,7 @@ class Router:
         return snapshots.health(self.models, self.default, self.stopped)
 
     def stats(self) -> list[ModelStats]:
-        return snapshots.stats(self.models.values())
+        return snapshots.stats(self.models.values(), self.fast.queued)
 
     def statuses(self) -> list[ModelStatus]:
         return snapshots.statuses(self.models.values(), self.stopped)

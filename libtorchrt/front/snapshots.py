@@ -103,9 +103,10 @@ def model_state(m: _Model, ready: int, stopped: bool) -> tuple[str, str | None]:
     return "loading", None
 
 
-def stats(models: Iterable[_Model]) -> list[ModelStats]:
-    """Each model version's counters."""
-    return [m.stats.snapshot(m.pending, m.queue.counts()) for m in list(models)]
+def stats(models: Iterable[_Model], queued: Callable[[_Model], int]) -> list[ModelStats]:
+    """Each model version's counters (``queued``: a model's requests waiting in the fast
+    lane's hub, pending as those in its router queue are)."""
+    return [m.stats.snapshot(m.pending + queued(m), m.queue.counts()) for m in list(models)]
 
 
 def statuses(models: Iterable[_Model], stopped: bool) -> list[ModelStatus]:

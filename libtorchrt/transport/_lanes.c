@@ -1316,6 +1316,16 @@ static PyObject *hub_counts(Hub *h, PyObject *arg) {
     return Py_BuildValue("(lK)", inflight, served);
 }
 
+/* queued(mid) -> requests of model mid waiting in the hub, not sent yet (0: no such model). */
+static PyObject *hub_queued(Hub *h, PyObject *arg) {
+    long mid = PyLong_AsLong(arg);
+    if (mid == -1 && PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&h->mu);
+    Py_ssize_t n = mid >= 0 && mid < h->nmodels && h->models[mid].used ? h->models[mid].queued : 0;
+    pthread_mutex_unlock(&h->mu);
+    return PyLong_FromSsize_t(n);
+}
+
 /* Complete a ticket with a reply that came another way (over ZeroMQ: an error, or
  * outputs with data frames); False if the lane holds no such request. */
 static PyObject *hub_complete(Hub *h, PyObject *args) {
@@ -1471,6 +1481,7 @@ static PyMethodDef hub_methods[] = {
     {"complete", (PyCFunction)hub_complete, METH_VARARGS, "complete(lane, id, reply) -> whether it was held"},
     {"pending", (PyCFunction)hub_pending, METH_NOARGS, "requests queued, in flight, or finished and not read by their callers yet"},
     {"counts", (PyCFunction)hub_counts, METH_O, "counts(key) -> (requests in flight on the lane, replies read)"},
+    {"queued", (PyCFunction)hub_queued, METH_O, "queued(mid) -> requests of the model waiting in the hub, not sent yet"},
     {"orphans", (PyCFunction)hub_orphans, METH_NOARGS, "replies nobody waited for: [(lane key, bytes)]"},
     {"close", (PyCFunction)hub_close, METH_NOARGS, "fail everything with CLOSED; stop the thread"},
     {"add_mailbox", (PyCFunction)hub_add_mailbox, METH_NOARGS,

@@ -15,7 +15,8 @@ the hub's thread → caller), and no Python runs for it outside the caller's thr
     request(mid, id, header, box=-1, rows=1, batch_key=0) -> Ticket   (placed by its first wait(), without the GIL)
     submit(mid, id, header, box=-1, rows=1, batch_key=0) -> Ticket | None   (placed now; None: no lane takes it)
     release(key, offset)                    complete(key, id, reply) -> bool
-    pending() -> int    counts(key) -> (in flight, served)    orphans()    orphaned    close()
+    pending() -> int    counts(key) -> (in flight, served)    queued(mid) -> int (not sent yet)
+    orphans()    orphaned    close()
     add_mailbox() -> (box, eventfd)    drain(box) -> [request ids]    remove_mailbox(box)
 
 ``Ticket.wait(timeout=None)`` returns ``(state, key, reply)``: :data:`DONE` with the

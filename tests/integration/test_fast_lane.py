@@ -119,6 +119,34 @@ def test_a_passed_deadline_fails_that_request_and_frees_its_inputs_once_answered
     assert m.allocator.used == 0
 
 
+def test_requests_waiting_in_the_hub_are_pending_in_the_stats(files: dict[str, Path]) -> None:
+    """Stats and the server's pending gauge count a request queued in the hub, not yet
+    sent to a worker, as one in the router's queue: spin's one worker takes max_inflight
+    requests, the rest wait in the hub."""
+    with Pool(models=[ModelConfig("spin", files["spin"])], max_inflight=2) as pool:
+
+        def pending() -> tuple[int, int]:
+            [s] = pool.stats()
+            [w] = pool.workers()
+            return w.inflight, s.pending
+
+        results: list[float] = []
+
+        def infer(n: float) -> None:
+            results.append(pool.infer("spin", torch.tensor([n]))["OUTPUT__0"].item())
+
+        threads = [threading.Thread(target=infer, args=(n,)) for n in (300_000.0, 5.0, 5.0, 5.0, 5.0)]
+        threads[0].start()
+        wait_for(lambda: pending() == (1, 0), what="the long request sent")
+        for t in threads[1:]:
+            t.start()
+        wait_for(lambda: pending() == (2, 3), what="two requests sent and three waiting in the hub")
+        for t in threads:
+            t.join(120)
+        assert sorted(results) == [5.0] * 4 + [300_000.0]
+        assert pending() == (0, 0)
+
+
 def test_a_killed_worker_costs_no_caller_a_wrong_answer_and_is_replaced(files: dict[str, Path]) -> None:
     model = reference("tiny")
     with Pool(models=[ModelConfig("tiny", files["tiny"], instances=2)]) as pool:

@@ -77,12 +77,16 @@ def measure(
     max_warmup: float = 30.0,
     join_timeout: float = 30.0,
     thread_context: Callable[[], AbstractContextManager[object]] | None = None,
+    on_start: Callable[[], None] | None = None,
+    on_window: Callable[[int, object], None] | None = None,
 ) -> Measurement:
     """Drive ``call`` from ``concurrency`` closed-loop threads and measure it.
 
     Warm-up lasts at least ``warmup`` seconds and ``warmup_calls`` successful calls
     (bounded by ``max_warmup`` seconds). ``thread_context``, if given,
     is entered by each caller thread around its loop (e.g. ``torch.inference_mode``).
+    ``on_start`` and ``on_window`` go to ``loadgen.measure_windows`` (a
+    ``libtorchrt.bench.cpu.MeasuredSpan``'s, to read the CPU over the windows).
 
     Raises:
         libtorchrt.bench.loadgen.MeasurementError: every warm-up call failed (the first
@@ -100,6 +104,8 @@ def measure(
         max_warmup_s=max_warmup,
         join_timeout=join_timeout,
         thread_context=thread_context,
+        on_start=on_start,
+        on_window=on_window,
     )
     if m.all_errors:
         raise loadgen.MeasurementError(f"calls failed while measuring: {m.all_errors}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -46,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,6 +57,7 @@ import torch
 from benchmarks._harness import Measurement, measure
 from benchmarks._report import loadavg, machine_info
 from libtorchrt.bench import workloads
+from libtorchrt.bench.cpu import CpuMeter, MeasuredSpan
 
 MODES = ("pool", "zmq-client", "http-binary", "http-binary-raw", "http-json", "http-shm", "http-binary-tiny",
          "http-shm-tiny", "grpc", "grpc-tiny")  # fmt: skip
@@ -101,7 +103,8 @@ def has_client() -> bool:
 
 @contextmanager
 def pool_server(repo: Path, zmq: bool) -> Iterator[dict[str, str]]:
-    """Run ``python -m libtorchrt.pool`` on free ports; yield its endpoints by name."""
+    """Run ``python -m libtorchrt.pool`` on free ports; yield its endpoints by name (and
+    its process id as ``pid``)."""
     args = [sys.executable, "-m", "libtorchrt.pool", "--model-repository", str(repo), "--http", "127.0.0.1:0",
             "--grpc", "127.0.0.1:0", "--metrics", "off", "--max-request-bytes", "64MiB",
             "--log-level", "warning"]  # fmt: skip
@@ -120,6 +123,7 @@ def pool_server(repo: Path, zmq: bool) -> Iterator[dict[str, str]]:
         else:
             raise RuntimeError(f"the server exited with status {proc.wait()} before it was ready")
         threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe drained
+        endpoints["pid"] = str(proc.pid)
         yield endpoints
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -128,6 +132,27 @@ def pool_server(repo: Path, zmq: bool) -> Iterator[dict[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (a server's template and workers), from ``/proc``."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 def _check(out: Any, x: torch.Tensor) -> None:
@@ -277,39 +302,70 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     x = torch.rand(SHAPE, generator=torch.Generator().manual_seed(0))
     rows: list[dict[str, Any]] = []
 
-    def row(mode: str, concurrency: int, m: Measurement) -> None:
-        rows.append({"mode": mode, "concurrency": concurrency, **m.to_dict()})
-        print(f"{mode:<17} {concurrency:>4} {m.rps:>9.1f} {m.p50_us / 1e3:>9.2f} {m.p99_us / 1e3:>9.2f}", flush=True)
+    server_pid: int | None = None  # the server's, once it runs
+    local_pids: list[int] = []  # the in-process pool's workers (the pool rows)
 
-    print(f"{'mode':<17} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9}")
+    def measured(call: Callable[[], None], concurrency: int, **kw: Any) -> tuple[Measurement, dict[str, float]]:
+        """``measure`` of ``call``, and the CPU it cost a request over the windows: this
+        process (the client; the pool rows: the callers and the pool's front), the
+        server process, and the pool's processes (below the server, or the local pool's
+        workers)."""
+        if server_pid is not None:
+            processes = {"server": server_pid, **CpuMeter.labels(descendants(server_pid))}
+        else:
+            processes = CpuMeter.labels(local_pids)
+        span = MeasuredSpan(CpuMeter(processes), kw["repeat"])
+        m = measure(call, concurrency=concurrency, on_start=span.on_start, on_window=span.on_window, **kw)
+        per = span.usage().per_request(sum(w.requests for w in m.windows))
+        used = cast(dict[str, float], per["processes"])
+        cpu = {
+            "client": cast(float, per["front"]),
+            "server": used.get("server", math.nan),
+            "pool": sum(v for k, v in used.items() if k != "server"),
+        }
+        return m, cpu
+
+    def row(mode: str, concurrency: int, result: tuple[Measurement, dict[str, float]]) -> None:
+        m, cpu = result
+        rows.append({"mode": mode, "concurrency": concurrency, **m.to_dict(), "cpu_us_per_request": cpu})
+        print(
+            f"{mode:<17} {concurrency:>4} {m.rps:>9.1f} {m.p50_us / 1e3:>9.2f} {m.p99_us / 1e3:>9.2f}"
+            f" {cpu['client']:>9.0f} {cpu['server']:>9.0f} {cpu['pool']:>9.0f}",
+            flush=True,
+        )
+
+    print(f"{'':<52} {'CPU µs a request':^29}")
+    print(f"{'mode':<17} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'client':>9} {'server':>9} {'pool':>9}")
     with tempfile.TemporaryDirectory(prefix="libtorchrt-bench-server-") as tmp:
         repo = repository(Path(tmp))
         common = {"duration": args.duration, "repeat": args.repeat, "warmup": 1.0, "warmup_calls": 5}
         if "pool" in args.modes:
             with Pool(repo) as pool:
                 _check(pool.infer("payload", x)["OUTPUT__0"], x)
+                local_pids = [w.pid for w in pool.workers() if w.pid is not None]
                 for c in args.concurrency:
-                    row("pool", c, measure(lambda: pool.infer("payload", x), concurrency=c, **common))
+                    row("pool", c, measured(lambda: pool.infer("payload", x), concurrency=c, **common))
         zmq = "zmq-client" in args.modes and has_client()
         if "zmq-client" in args.modes and not zmq:
             print("zmq-client: skipped (libtorchrt.client is not there)")
         with pool_server(repo, zmq) as endpoints:
+            server_pid = int(endpoints["pid"])
             if zmq:
                 call, close = client_caller(endpoints["ZeroMQ"], x)
                 try:
                     for c in args.concurrency:
-                        row("zmq-client", c, measure(call, concurrency=c, **common))
+                        row("zmq-client", c, measured(call, concurrency=c, **common))
                 finally:
                     close()
             if "http-binary-raw" in args.modes:
                 for c in args.concurrency:
-                    row("http-binary-raw", c, measure(raw_caller(endpoints["HTTP"], x), concurrency=c, **common))
+                    row("http-binary-raw", c, measured(raw_caller(endpoints["HTTP"], x), concurrency=c, **common))
             for mode, binary in (("http-binary", True), ("http-json", False)):
                 if mode in args.modes:
                     # A JSON request takes seconds: longer windows, or they would hold none.
                     slow = {**common, "duration": max(args.duration, args.json_duration)} if not binary else common
                     for c in args.concurrency:
-                        row(mode, c, measure(http_caller(endpoints["HTTP"], x, binary), concurrency=c, **slow))
+                        row(mode, c, measured(http_caller(endpoints["HTTP"], x, binary), concurrency=c, **slow))
             tiny_x = torch.rand(TINY_SHAPE, generator=torch.Generator().manual_seed(0))
             tiny_want = torch.jit.load(str(repo / "tiny" / "1" / "model.pt"))(tiny_x).detach()
             for mode, model, xs, want in (("http-shm", "payload", x, x), ("http-shm-tiny", "tiny", tiny_x, tiny_want)):
@@ -317,17 +373,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for c in args.concurrency:
                         call, close = shm_caller(endpoints["HTTP"], model, xs, want)
                         try:
-                            row(mode, c, measure(call, concurrency=c, **common))
+                            row(mode, c, measured(call, concurrency=c, **common))
                         finally:
                             close()
             if "http-binary-tiny" in args.modes:
                 for c in args.concurrency:
                     call = http_caller(endpoints["HTTP"], tiny_x, True, "tiny", tiny_want)
-                    row("http-binary-tiny", c, measure(call, concurrency=c, **common))
+                    row("http-binary-tiny", c, measured(call, concurrency=c, **common))
             for mode, model, xs, want in (("grpc", "payload", x, x), ("grpc-tiny", "tiny", tiny_x, tiny_want)):
                 if mode in args.modes:
                     for c in args.concurrency:
-                        row(mode, c, measure(grpc_caller(endpoints["gRPC"], model, xs, want), concurrency=c, **common))
+                        row(mode, c, measured(grpc_caller(endpoints["gRPC"], model, xs, want), concurrency=c, **common))
     return rows
 
 

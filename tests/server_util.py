@@ -309,9 +309,13 @@ def asgi_call(
     (lower-case names), body. For the application's behaviour in states a real server
     passes through too quickly to probe (no pool yet, a broken pool, draining)."""
     sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # (the client stays until it has its response)
+        raise AssertionError("unreachable")
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)

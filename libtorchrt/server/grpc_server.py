@@ -10,8 +10,9 @@ messages are decoded and encoded in worker threads).
                                     take an in-flight slot (--max-inflight, shared with HTTP)
                                     ModelInferRequest → document (grpc_codec.py)
                                       → decode_document (kserve.py, as HTTP's)
-                                    pool.submit ─────────────────► worker ... reply
-                                    await the future (a cancelled RPC cancels it) ◄──┘
+                                    pool.infer_async (serving.infer; pool.submit in a
+                                      worker thread for inputs over 64 KiB) ──► worker
+                                    await the outputs (a cancelled RPC cancels them) ◄──┘
                                     outputs → ModelInferResponse (raw_output_contents)
 
 The service answers as the HTTP application does (``serving.py`` holds what they
@@ -59,7 +60,7 @@ from .kserve import (
     shared_input_bytes,
 )
 from .security import Address, TlsFiles, bearer_matches
-from .serving import BusyError, Models, inflight, log_failure, not_live, server_ready, submit
+from .serving import BusyError, Models, infer, inflight, input_bytes, log_failure, not_live, server_ready, submit
 from .sysshm import SharedMemoryError, is_local_peer, owner_for_token
 
 __all__ = ["CODES", "OPEN_METHODS", "SERVICE", "GrpcServer"]
@@ -356,8 +357,12 @@ class _Service:
             remaining = context.time_remaining()  # the client's deadline bounds the pool's too
             if remaining is not None and (req.timeout is None or remaining < req.timeout):
                 req.timeout = max(remaining, 1e-3)
-            future = await _in_thread(size, submit, self.models.pool, name, cfg, req)
-            outputs = await _outputs(future)
+            pool = self.models.pool
+            if input_bytes(req) <= _INLINE_BYTES:  # (by the fast lane: serving.infer)
+                outputs = await infer(pool, name, cfg, req)
+            else:
+                future = await asyncio.get_running_loop().run_in_executor(None, submit, pool, name, cfg, req)
+                outputs = await _outputs(future)
             return await _in_thread(_output_bytes(outputs), self._respond, cfg, req, outputs)
 
     def _respond(self, cfg: Config, req: InferRequest, outputs: dict[str, Any]) -> pb.ModelInferResponse:

@@ -2,24 +2,27 @@
 
 ::
 
-    uvicorn (event loop thread)              worker threads            router thread
-    ───────────────────────────              ──────────────            ─────────────
+    uvicorn (event loop thread)                 worker threads (big bodies)
+    ───────────────────────────                 ───────────────────────────
     POST /v2/models/m/infer
       read the body, ≤ --max-request-bytes
       (Content-Length checked first),
       within --body-timeout
       take an in-flight slot (--max-inflight)
-                                   ──────►   decompress, decode (kserve.py)
-                                             pool.submit: bind, copy
-                                             into shared memory ─────► worker ... reply
-      await the future, watching for                                       │
-      the client going away (cancel) ◄──────────────────────────────────────┘
-                                   ──────►   encode (JSON ≤ --max-json-response-bytes,
-                                             or binary)
+      decompress, decode (kserve.py)      or ──► the same
+      pool.infer_async (serving.infer)    or ──► pool.submit: bind, copy into shared
+        ─► the pool's fast lane or router            memory ─► the router
+      await the outputs, watching for the
+      client going away (cancel)
+      encode (JSON ≤ --max-json-response- or ──► the same
+      bytes, or binary)
       send header JSON, then the tensors' bytes as they are
 
-Small requests (up to 64 KiB) are decoded, submitted and encoded on the event loop;
-larger ones in worker threads, so a big JSON body never stalls the health checks.
+Small requests (up to 64 KiB) are decoded, run by ``Pool.infer_async`` and encoded on the
+event loop: a request to a CPU model then takes the pool's fast lane, and the router
+thread runs no Python for it (``serving.infer``). A step on more bytes runs in a worker
+thread instead (for inputs, ``Pool.submit``, which copies them into shared memory there),
+so a big body never stalls the health checks.
 A slot is taken only once the whole body has arrived, so clients that send their
 bodies slowly cannot hold every slot; they are bounded instead by --body-timeout
 (408) and, with everything being received, by --max-inflight times --max-request-bytes.
@@ -39,7 +42,6 @@ shared-memory extensions' endpoints are ``http_shm.py``'s; the regions they regi
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import re
@@ -85,7 +87,7 @@ from .kserve import (
     shared_input_bytes,
 )
 from .security import BearerAuth
-from .serving import LOADING, Models, inflight, log_failure, not_live, server_ready, submit
+from .serving import LOADING, Models, infer, inflight, input_bytes, log_failure, not_live, server_ready, submit
 from .sysshm import Regions, owner_for_token
 
 __all__ = ["HEALTH_PATHS", "STATUS", "Limits", "ServerState", "build_app", "summary"]
@@ -344,19 +346,19 @@ async def _until_disconnected(receive: Receive) -> None:
         pass
 
 
-async def _outputs(future: concurrent.futures.Future[Any], receive: Receive) -> Any:
-    """The request's outputs; if the client goes away first, cancel the request."""
-    result = asyncio.wrap_future(future)
+async def _outputs(result: asyncio.Future[Any], receive: Receive) -> Any:
+    """The request's outputs; if the client goes away first, cancel the request (which
+    cancels it in the pool if it was not sent to a worker yet)."""
     watch = asyncio.ensure_future(_until_disconnected(receive))
     try:
         await asyncio.wait({result, watch}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        future.cancel()
+        result.cancel()
         raise
     finally:
         watch.cancel()
     if not result.done():
-        result.cancel()  # cancels the pool's future too, if it was not sent to a worker
+        result.cancel()
         raise ClientDisconnect()
     return result.result()
 
@@ -501,9 +503,13 @@ class _Endpoints:
                         f"{_too_big(limits.max_request_bytes)}: its inputs in shared memory are {shared} bytes",
                     )
                 await _in_thread(shared, read_shared_inputs, req, self.state.regions, self.owner)
-            size = sum(v.numel() * v.element_size() if hasattr(v, "numel") else len(v) for v in req.inputs.values())
-            future = await _in_thread(size, submit, self.models.pool, name, cfg, req)
-            outputs = await _outputs(future, request.receive)
+            pool = self.models.pool
+            result: asyncio.Future[Any]
+            if input_bytes(req) <= _INLINE_BYTES:  # (by the fast lane: serving.infer)
+                result = asyncio.ensure_future(infer(pool, name, cfg, req))
+            else:
+                result = asyncio.wrap_future(await run_in_threadpool(submit, pool, name, cfg, req))
+            outputs = await _outputs(result, request.receive)
             encoded = await _in_thread(_output_bytes(outputs), self._encode, cfg, req, outputs)
             del outputs
             return TensorResponse(encoded)

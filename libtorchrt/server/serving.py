@@ -148,7 +148,8 @@ def log_failure(e: BaseException, status: int, text: str) -> None:
 
 def submit(pool: Pool, name: str, cfg: ModelConfig, request: InferRequest) -> concurrent.futures.Future[Any]:
     """``Pool.submit`` of a decoded request, with its options (version, deadline,
-    priority); its inputs are dropped once copied into shared memory.
+    priority); its inputs are dropped once copied into shared memory. (For inputs too
+    big to copy in the event loop's thread: the frontends call it in a worker thread.)
 
     Raises:
         RequestError: 400 for an output the model's configuration does not declare
@@ -156,11 +157,43 @@ def submit(pool: Pool, name: str, cfg: ModelConfig, request: InferRequest) -> co
         TorchRTError: what ``Pool.submit`` raises (a shape the model does not take, a
             full queue, ...).
     """
+    _check_outputs(name, cfg, request)
+    future = pool.submit(name, request.inputs, **_options(cfg, request))
+    request.inputs.clear()  # copied into shared memory by submit
+    return future
+
+
+async def infer(pool: Pool, name: str, cfg: ModelConfig, request: InferRequest) -> dict[str, Any]:
+    """``Pool.infer_async`` of a decoded request, with :func:`submit`'s options, in the
+    event loop's thread (for inputs small enough to copy there): a request to a CPU
+    model takes the pool's fast lane, and the loop settles its reply, with no Python
+    in the router thread (docs/server.md, "Which path a request takes"). Cancelling
+    the awaiting task cancels a request not yet sent to a worker.
+
+    Raises:
+        RequestError, TorchRTError: as :func:`submit`; and what the request fails
+        with (``ModelError``, a deadline, ...).
+    """
+    _check_outputs(name, cfg, request)
+    inputs = dict(request.inputs)
+    request.inputs.clear()
+    return await pool.infer_async(name, inputs, **_options(cfg, request))
+
+
+def input_bytes(request: InferRequest) -> int:
+    """The bytes of ``request``'s inputs as decoded (what the pool will copy)."""
+    return sum(v.numel() * v.element_size() if hasattr(v, "numel") else len(v) for v in request.inputs.values())
+
+
+def _check_outputs(name: str, cfg: ModelConfig, request: InferRequest) -> None:
     if request.outputs is not None and cfg.outputs:
         names = [s.name for s in cfg.outputs]
         unknown = [o.name for o in request.outputs if o.name not in names]
         if unknown:
             raise RequestError(400, f"model {name!r} has no output {unknown[0]!r}; it gives {names}")
+
+
+def _options(cfg: ModelConfig, request: InferRequest) -> dict[str, Any]:
     options: dict[str, Any] = {"version": cfg.version, "timeout": request.timeout}
     if request.priority is not None:
         options["priority"] = request.priority
@@ -168,6 +201,4 @@ def submit(pool: Pool, name: str, cfg: ModelConfig, request: InferRequest) -> co
         options["sequence_id"] = request.sequence_id
         options["sequence_start"] = request.sequence_start
         options["sequence_end"] = request.sequence_end
-    future = pool.submit(name, request.inputs, **options)
-    request.inputs.clear()  # copied into shared memory by submit
-    return future
+    return options

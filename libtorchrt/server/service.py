@@ -37,6 +37,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
+import select
 import signal
 import socket
 import sys
@@ -139,6 +141,38 @@ class _Signals:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _join(thread: threading.Thread) -> None:
+    """Wait in the main thread for ``thread`` to end, running signal handlers meanwhile,
+    whichever thread caught the signal.
+
+    Linux gives a signal sent to the process to any thread that does not block it (the
+    pool's hub, grpc's threads, torch's); Python then runs its handler in the main
+    thread, but only once that thread runs again, which a ``join`` would not: the
+    server would never stop. So the main thread waits on a pipe that Python's signal
+    handling writes to, from any thread (``signal.set_wakeup_fd``), as does the end of
+    ``thread``.
+    """
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def ended() -> None:
+        thread.join()
+        os.write(w, b"\0")
+
+    joiner = threading.Thread(target=ended, name="libtorchrt-join", daemon=True)
+    joiner.start()
+    try:
+        while thread.is_alive():
+            select.select([r], [], [])
+            os.read(r, 512)  # (back in Python: the handlers run here)
+    finally:
+        signal.set_wakeup_fd(previous)
+    joiner.join()  # (not after an exception: the thread may still run, and the process stops)
+    os.close(r)
+    os.close(w)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -261,7 +295,7 @@ class _Service:
             self._watch(self.zmq.thread, "the ZeroMQ frontend's thread")
         self._banner()
         assert self._thread is not None
-        self._thread.join()  # until drained (signal handlers run in this thread meanwhile)
+        _join(self._thread)  # until drained (signal handlers run in this thread meanwhile)
         return 1 if self.broken is not None else 0
 
     def _load(self) -> Pool:

@@ -5,7 +5,11 @@ meaning of the draining flag itself on the HTTP application, without processes."
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import platform
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -77,6 +81,42 @@ def test_a_second_signal_stops_the_drain(spin_repo: Path) -> None:
             status, _, data = in_flight.result(30)  # failed by the pool, answered as such
             assert status == 503 and "closed" in json.loads(data)["error"], (status, data)
         assert not any(alive(pid) for pid in workers), "workers left behind"
+    finally:
+        proc.kill()
+
+
+_TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine())  # tgkill(2)'s system call number
+
+
+def thread_kill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to thread ``tid`` of process ``pid`` alone, as the kernel may choose
+    to deliver a signal sent to the process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_TGKILL, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {sig})")
+
+
+def thread_named(pid: int, name: str) -> int:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/comm") as f:
+            if f.read().strip() == name:
+                return int(tid)
+    raise LookupError(f"no thread {name!r} in process {pid}")
+
+
+@pytest.mark.skipif(_TGKILL is None, reason="tgkill's number is known here for x86-64 and aarch64 only")
+def test_a_stop_signal_that_another_thread_catches_stops_the_server(spin_repo: Path) -> None:
+    """Linux gives a signal sent to a process to any of its threads that does not block
+    it, and Python runs the handler in the main thread only, once that thread runs
+    again: the main thread, waiting for the serving thread to end, might never. The
+    server stops whichever thread caught SIGTERM (here the pool's native hub thread)."""
+    proc = ServerProcess("--model-repository", str(spin_repo), "--http", "127.0.0.1:0", "--metrics", "off",
+                         "--grace", "5")  # fmt: skip
+    try:
+        proc.wait_ready()
+        thread_kill(proc.proc.pid, thread_named(proc.proc.pid, "libtorchrt-hub"), signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.output
+        assert "stopping" in proc.output
     finally:
         proc.kill()
 

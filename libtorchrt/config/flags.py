@@ -38,9 +38,10 @@ TRITON_BOOL_KEYS = (
     "ENABLE_CACHE_CLEANING",
     "ENABLE_WEIGHT_SHARING",
 )
-#: Boolean parameters of libtorchrt's own: freezing, and CUDA_LAUNCH_BLOCKING per model
-#: (set in the environment of the model's workers by ModelConfig, not by apply()).
-OWN_BOOL_KEYS = ("FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKING")
+#: Boolean parameters of libtorchrt's own: freezing, CUDA_LAUNCH_BLOCKING per model (set
+#: in the environment of the model's workers by ModelConfig, not by apply()), and the
+#: worker's scheduling policy (SCHED_BATCH: Linux's, whose wake-ups preempt nobody).
+OWN_BOOL_KEYS = ("FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKING", "SCHED_BATCH")
 #: Every boolean parameter.
 BOOL_KEYS = TRITON_BOOL_KEYS + OWN_BOOL_KEYS
 #: Integer parameters (thread counts).

@@ -8,6 +8,7 @@ optimizes the loaded module when asked to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -63,9 +64,27 @@ def apply(flags: Flags, *, cpu: bool = True) -> list[str]:
         torch._C._jit_set_texpr_fuser_enabled(bool(v["ENABLE_TENSOR_FUSER"]))
     if "DISABLE_CUDNN" in v:
         torch.backends.cudnn.enabled = not v["DISABLE_CUDNN"]
+    _schedule(bool(v.get("SCHED_BATCH", True)))
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     return notes
+
+
+def _schedule(batch: bool) -> None:
+    """Run this thread, and the threads it starts from now on (torch's), under Linux's
+    ``SCHED_BATCH`` policy, or back under ``SCHED_OTHER``.
+
+    A ``SCHED_BATCH`` thread gets its share of the CPU as before, but its wake-ups
+    preempt no running thread: a request's arrival no longer stops the front's thread
+    that sent it (an event loop sending the next requests, an HTTP server parsing them)
+    while the other CPU is busy. Measured in docs/measurements/sched-batch.md. A
+    real-time policy the pool was started with is left alone.
+    """
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    with contextlib.suppress(OSError):
+        if os.sched_getscheduler(0) in (os.SCHED_OTHER, os.SCHED_BATCH):
+            os.sched_setscheduler(0, os.SCHED_BATCH if batch else os.SCHED_OTHER, os.sched_param(0))
 
 
 #: What only TorchScript's executor reads: not reported for the other formats (the
@@ -115,6 +134,7 @@ def _effective(flags: Flags) -> dict[str, bool | int]:
         "CUDA_LAUNCH_BLOCKING": os.environ.get("CUDA_LAUNCH_BLOCKING", "0").strip() == "1",
         "INTRA_OP_THREAD_COUNT": torch.get_num_threads(),
         "INTER_OP_THREAD_COUNT": torch.get_num_interop_threads(),
+        "SCHED_BATCH": hasattr(os, "SCHED_BATCH") and os.sched_getscheduler(0) == os.SCHED_BATCH,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,33 @@ def test_each_model_runs_with_its_own_flags(make_pool, model_dir: Path) -> None:
     x = torch.randn(4, 64)
     torch.testing.assert_close(pool.infer("plain", [x])["OUTPUT__0"], pool.infer("tuned", [x])["OUTPUT__0"])
     assert len({w.pid for w in pool.workers()}) == 3
+
+
+def policy(pid: int) -> int:
+    """The scheduling policy of every thread of process ``pid``, if they all share one."""
+    policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    assert len(policies) == 1, policies
+    return policies.pop()
+
+
+def test_workers_run_under_sched_batch_unless_told_not_to(make_pool, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    plain = ModelConfig("plain", model_dir / "tiny.pt")
+    other = ModelConfig(
+        "other", model_dir / "tiny.pt", parameters={"SCHED_BATCH": "false", "INTRA_OP_THREAD_COUNT": "2"}
+    )
+    pool = make_pool(plain, other)
+    x = torch.randn(64, 64)  # (enough rows for torch to start its intra-op threads in "other")
+    for name in ("plain", "other"):
+        pool.infer(name, [x])
+    workers = {w.model: w for w in pool.workers()}
+    assert workers["plain"].flags["SCHED_BATCH"] is True
+    assert workers["other"].flags["SCHED_BATCH"] is False
+    assert workers["plain"].pid is not None and workers["other"].pid is not None
+    # (the model's thread, and torch's threads started after it)
+    main_plain = os.sched_getscheduler(workers["plain"].pid)
+    assert main_plain == os.SCHED_BATCH
+    assert policy(workers["other"].pid) == os.SCHED_OTHER
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the front's own threads keep theirs"
 
 
 def test_nvfuser_is_accepted_with_a_warning_that_it_does_nothing(make_pool, model_dir: Path) -> None:  # type: ignore[no-untyped-def]

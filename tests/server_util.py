@@ -44,6 +44,16 @@ ROOT = Path(__file__).resolve().parent.parent
 #: two instances, BYTES, INT32 in two versions, BF16 with BOOL
 TRITON_MODELS = ("resnet_classifier", "text_normalizer", "seq2seq_generator", "masked_bf16")
 
+#: an identity model (tests/models.py Identity) on a float32 vector of any length, one instance
+IDENTITY_CONFIG = """
+name: "identity"
+platform: "pytorch_libtorch"
+max_batch_size: 0
+input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
 #: a model busy for about x[0] * 1.6 µs (tests/models.py Spin), two instances
 SPIN_CONFIG = """
 name: "spin"

@@ -48,7 +48,7 @@ from libtorchrt.server.zmq_frontend import ZmqFrontend
 from libtorchrt.transport import fdpass, remote
 from libtorchrt.transport.wire import BLOB, FRAME
 from tests import models
-from tests.server_util import ServerProcess, alive
+from tests.server_util import IDENTITY_CONFIG, ServerProcess, alive
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,15 +60,6 @@ ANSWER_MS = 20_000
 START_TIMEOUT = 180.0
 #: how far the server's resident memory may be above its baseline after the attacks
 RSS_SLACK = 100 * MB
-
-IDENTITY_CONFIG = """
-name: "identity"
-platform: "pytorch_libtorch"
-max_batch_size: 0
-input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
 
 SPIN_CONFIG = """
 name: "spin"

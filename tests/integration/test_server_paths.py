@@ -22,16 +22,7 @@ from libtorchrt.server.http import Limits, ServerState, build_app
 from libtorchrt.server.security import Address
 from tests import models
 from tests.integration.test_fast_lane import channel_sends, lane_served
-from tests.server_util import add_model, asgi_call
-
-IDENT = """
-name: "ident"
-platform: "pytorch_libtorch"
-max_batch_size: 0
-input [ { name: "INPUT__0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-output [ { name: "OUTPUT__0" data_type: TYPE_FP32 dims: [ -1 ] } ]
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
+from tests.server_util import IDENTITY_CONFIG, add_model, asgi_call
 
 SMALL = 16  # floats: 64 bytes
 BIG = 20_000  # floats: 80,000 bytes, over the 64 KiB the event loop copies itself
@@ -40,19 +31,19 @@ BIG = 20_000  # floats: 80,000 bytes, over the 64 KiB the event loop copies itse
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     repo = tmp_path_factory.mktemp("repo")
-    add_model(repo, "ident", IDENT, models.Identity())
-    with Pool(models=[ModelConfig.from_pbtxt(repo / "ident" / "config.pbtxt", repo / "ident")]) as p:
+    add_model(repo, "identity", IDENTITY_CONFIG, models.Identity())
+    with Pool(models=[ModelConfig.from_pbtxt(repo / "identity" / "config.pbtxt", repo / "identity")]) as p:
         yield p
 
 
 def paths(pool: Pool) -> tuple[int, int]:
-    """(requests the fast lane served, requests the router sent) for ``ident`` so far."""
-    return lane_served(pool, "ident"), channel_sends(pool)
+    """(requests the fast lane served, requests the router sent) for ``identity`` so far."""
+    return lane_served(pool, "identity"), channel_sends(pool)
 
 
 def http_infer(app: Any, values: list[float]) -> list[float]:
     doc = {"inputs": [{"name": "INPUT__0", "shape": [len(values)], "datatype": "FP32", "data": values}]}
-    status, _, body = asgi_call(app, "POST", "/v2/models/ident/infer", json.dumps(doc).encode())
+    status, _, body = asgi_call(app, "POST", "/v2/models/identity/infer", json.dumps(doc).encode())
     assert status == 200, body
     [output] = json.loads(body)["outputs"]
     assert output["name"] == "OUTPUT__0" and output["shape"] == [len(values)]
@@ -98,7 +89,7 @@ def grpc_infer(address: str, x: np.ndarray) -> np.ndarray:
     with tritongrpc.InferenceServerClient(address) as client:
         given = tritongrpc.InferInput("INPUT__0", list(x.shape), "FP32")
         given.set_data_from_numpy(x)
-        out: np.ndarray = client.infer("ident", [given]).as_numpy("OUTPUT__0")
+        out: np.ndarray = client.infer("identity", [given]).as_numpy("OUTPUT__0")
         return out
 
 
@@ -121,7 +112,7 @@ def test_an_http_request_the_model_refuses_is_answered_from_the_fast_lane_path(p
     """Errors of the request itself still answer 400 (infer_async raises them when awaited)."""
     app = build_app(ServerState(pool, Limits()))
     doc = {"inputs": [{"name": "INPUT__0", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-    status, _, body = asgi_call(app, "POST", "/v2/models/ident/infer", json.dumps(doc).encode())
+    status, _, body = asgi_call(app, "POST", "/v2/models/identity/infer", json.dumps(doc).encode())
     assert status == 400, body
     assert "INPUT__0" in json.loads(body)["error"]
     assert http_infer(app, [1.0, 2.0]) == [1.0, 2.0]  # (it serves on)

@@ -39,6 +39,7 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -891,7 +892,15 @@ static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
     struct epoll_event gev = {.events = EPOLLIN, .data.u32 = EV_GATE};
     epoll_ctl(h->ep, EPOLL_CTL_ADD, h->gate_timer, &gev);
     for (int i = 0; i < MAX_LANES; i++) h->lanes[i].fd = -1;
+    /* The hub's thread blocks every signal (it starts with the mask it is created
+     * with): the kernel then gives a signal sent to the process to a thread that runs
+     * Python, whose handler runs at once in the main thread, rather than to this one,
+     * which would leave a main thread waiting in a join unaware of it. */
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &previous);
     int err = pthread_create(&h->thread, NULL, hub_thread, h);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);

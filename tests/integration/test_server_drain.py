@@ -96,12 +96,19 @@ def thread_kill(pid: int, tid: int, sig: int) -> None:
         raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {sig})")
 
 
-def thread_named(pid: int, name: str) -> int:
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/comm") as f:
-            if f.read().strip() == name:
-                return int(tid)
-    raise LookupError(f"no thread {name!r} in process {pid}")
+def blocked_signals(pid: int, tid: int) -> int:
+    """Thread ``tid``'s blocked signals, as the bit mask ``/proc`` shows."""
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+
+
+def a_thread_taking(pid: int, sig: int) -> int:
+    """A thread of process ``pid`` other than its main one that does not block ``sig``."""
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(OSError):
+            if tid != pid and not blocked_signals(pid, tid) & (1 << (sig - 1)):
+                return tid
+    raise LookupError(f"every thread of process {pid} but its main one blocks signal {sig}")
 
 
 @pytest.mark.skipif(_TGKILL is None, reason="tgkill's number is known here for x86-64 and aarch64 only")
@@ -109,12 +116,12 @@ def test_a_stop_signal_that_another_thread_catches_stops_the_server(spin_repo: P
     """Linux gives a signal sent to a process to any of its threads that does not block
     it, and Python runs the handler in the main thread only, once that thread runs
     again: the main thread, waiting for the serving thread to end, might never. The
-    server stops whichever thread caught SIGTERM (here the pool's native hub thread)."""
+    server stops whichever thread caught SIGTERM (here one of its Python threads)."""
     proc = ServerProcess("--model-repository", str(spin_repo), "--http", "127.0.0.1:0", "--metrics", "off",
                          "--grace", "5")  # fmt: skip
     try:
         proc.wait_ready()
-        thread_kill(proc.proc.pid, thread_named(proc.proc.pid, "libtorchrt-hub"), signal.SIGTERM)
+        thread_kill(proc.proc.pid, a_thread_taking(proc.proc.pid, signal.SIGTERM), signal.SIGTERM)
         assert proc.wait(30) == 0, proc.output
         assert "stopping" in proc.output
     finally:

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,20 @@ def lane(hub: lanes.Hub, mid: int, key: int, limit: int = 2) -> socket.socket:
 
 def read(worker: socket.socket) -> wire.Message:
     return wire.decode(worker.recv(lanes.MAX_DATAGRAM + 1))
+
+
+def test_the_hub_thread_blocks_signals_and_leaves_this_thread_s_mask_as_it_was(hub: lanes.Hub) -> None:
+    """A signal sent to the process then goes to a thread that runs Python (whose main
+    thread runs the handler at once), never to the hub's."""
+    import signal
+
+    tasks = Path("/proc/self/task")
+    [tid] = [t.name for t in tasks.iterdir() if (t / "comm").read_text().strip() == "libtorchrt-hub"]
+    with open(f"/proc/self/task/{tid}/status") as f:
+        blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+        assert blocked & (1 << (sig - 1)), signal.Signals(sig).name
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
 
 
 def test_a_request_is_sent_and_its_reply_wakes_its_ticket(hub: lanes.Hub) -> None:

@@ -357,12 +357,11 @@ class _Service:
             remaining = context.time_remaining()  # the client's deadline bounds the pool's too
             if remaining is not None and (req.timeout is None or remaining < req.timeout):
                 req.timeout = max(remaining, 1e-3)
-            pool = self.models.pool
-            if input_bytes(req) <= _INLINE_BYTES:  # (by the fast lane: serving.infer)
+            pool, copied = self.models.pool, input_bytes(req)
+            if copied <= _INLINE_BYTES:  # (by the fast lane: serving.infer)
                 outputs = await infer(pool, name, cfg, req)
             else:
-                future = await asyncio.get_running_loop().run_in_executor(None, submit, pool, name, cfg, req)
-                outputs = await _outputs(future)
+                outputs = await _outputs(await _in_thread(copied, submit, pool, name, cfg, req))
             return await _in_thread(_output_bytes(outputs), self._respond, cfg, req, outputs)
 
     def _respond(self, cfg: Config, req: InferRequest, outputs: dict[str, Any]) -> pb.ModelInferResponse:

@@ -503,12 +503,12 @@ class _Endpoints:
                         f"{_too_big(limits.max_request_bytes)}: its inputs in shared memory are {shared} bytes",
                     )
                 await _in_thread(shared, read_shared_inputs, req, self.state.regions, self.owner)
-            pool = self.models.pool
+            pool, copied = self.models.pool, input_bytes(req)
             result: asyncio.Future[Any]
-            if input_bytes(req) <= _INLINE_BYTES:  # (by the fast lane: serving.infer)
+            if copied <= _INLINE_BYTES:  # (by the fast lane: serving.infer)
                 result = asyncio.ensure_future(infer(pool, name, cfg, req))
             else:
-                result = asyncio.wrap_future(await run_in_threadpool(submit, pool, name, cfg, req))
+                result = asyncio.wrap_future(await _in_thread(copied, submit, pool, name, cfg, req))
             outputs = await _outputs(result, request.receive)
             encoded = await _in_thread(_output_bytes(outputs), self._encode, cfg, req, outputs)
             del outputs

@@ -147,8 +147,8 @@ def _join(thread: threading.Thread) -> None:
     """Wait in the main thread for ``thread`` to end, running signal handlers meanwhile,
     whichever thread caught the signal.
 
-    Linux gives a signal sent to the process to any thread that does not block it (the
-    pool's hub, grpc's threads, torch's); Python then runs its handler in the main
+    Linux gives a signal sent to the process to any thread that does not block it
+    (grpc's threads, torch's, Python's own); Python then runs its handler in the main
     thread, but only once that thread runs again, which a ``join`` would not: the
     server would never stop. So the main thread waits on a pipe that Python's signal
     handling writes to, from any thread (``signal.set_wakeup_fd``), as does the end of

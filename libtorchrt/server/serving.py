@@ -175,9 +175,7 @@ async def infer(pool: Pool, name: str, cfg: ModelConfig, request: InferRequest) 
         with (``ModelError``, a deadline, ...).
     """
     _check_outputs(name, cfg, request)
-    inputs = dict(request.inputs)
-    request.inputs.clear()
-    return await pool.infer_async(name, inputs, **_options(cfg, request))
+    return await pool.infer_async(name, request.inputs, **_options(cfg, request))
 
 
 def input_bytes(request: InferRequest) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from libtorchrt.transport import lanes, wire
+from tests.conftest import wait_for
 
 pytestmark = [
     pytest.mark.timeout(30),
@@ -52,12 +53,16 @@ def test_the_hub_thread_blocks_signals_and_leaves_this_thread_s_mask_as_it_was(h
     thread runs the handler at once), never to the hub's."""
     import signal
 
-    tasks = Path("/proc/self/task")
-    [tid] = [t.name for t in tasks.iterdir() if (t / "comm").read_text().strip() == "libtorchrt-hub"]
-    with open(f"/proc/self/task/{tid}/status") as f:
-        blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
-        assert blocked & (1 << (sig - 1)), signal.Signals(sig).name
+    def hub_threads() -> list[Path]:  # (named by the thread itself, once it runs; other pools' too)
+        tasks = Path("/proc/self/task").iterdir()
+        return [t for t in tasks if (t / "comm").read_text().strip() == "libtorchrt-hub"]
+
+    wait_for(hub_threads, 10, "the hub's thread to name itself")
+    for task in hub_threads():
+        status = (task / "status").read_text().splitlines()
+        blocked = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+            assert blocked & (1 << (sig - 1)), signal.Signals(sig).name
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
 
 

@@ -149,6 +149,23 @@ def test_callers_that_drop_results_make_no_reduction(pool: Pool) -> None:
     assert app.counts.answered > 0 and app.counts.used == 0 and Watched.sums == 0
 
 
+@pytest.mark.parametrize("use", ["sum", "read"])
+def test_every_tensor_of_an_answer_is_reduced(use: str) -> None:
+    app = Application(sets(), Behaviour(use=use))
+
+    def answer(inputs: Mapping[str, torch.Tensor]) -> Any:
+        x = inputs["INPUT__0"]
+        watched = x.as_subclass(Watched)
+        return {"a": watched, "label": "text", "pair": [watched, (watched, b"raw")], "array": x.numpy()}
+
+    Watched.sums = 0
+    app.call(answer)()
+    assert Watched.sums == 3  # the strings and bytes skipped, the numpy array summed by numpy
+    Watched.sums = 0
+    app.call(lambda inputs: inputs["INPUT__0"].as_subclass(Watched))()  # one tensor, no dict
+    assert Watched.sums == 1 and app.counts.used == 2
+
+
 def test_a_wrong_answer_is_a_failed_request() -> None:
     templates = sets()
     refs = [{"OUTPUT__0": s["INPUT__0"] * 2} for s in templates]

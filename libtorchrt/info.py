@@ -28,6 +28,8 @@ class WorkerInfo:
         served: requests it has answered (results and model errors).
         exitcode: its exit code once dead (negative: the signal that killed it).
         version: the model version it serves.
+        cpus: the CPUs it may run on, read from the kernel (``Pool(front_cpus=...)``
+            sets them); empty once it is dead.
     """
 
     model: str
@@ -41,6 +43,7 @@ class WorkerInfo:
     served: int = 0
     exitcode: int | None = None
     version: int = 1
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

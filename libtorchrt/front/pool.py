@@ -27,6 +27,7 @@ import torch
 
 from ..config import ModelConfig, load_repository
 from ..config.repository import load_model
+from ..cpus import FrontPin
 from ..deadlines import check_timeout
 from ..errors import (
     ConfigError,
@@ -72,7 +73,7 @@ def _some_models(
     return configs
 
 
-def _finalize(router: Router) -> None:
+def _finalize(router: Router, pin: FrontPin | None) -> None:
     if router.alive:
         warnings.warn(
             "libtorchrt.Pool was not closed; closing it now (use `with Pool(...)` or call close())",
@@ -80,6 +81,8 @@ def _finalize(router: Router) -> None:
             stacklevel=2,
         )
         router.stop(grace=0.0, timeout=10.0)
+    if pin is not None:
+        pin.restore()
 
 
 class Pool:
@@ -140,6 +143,17 @@ class Pool:
             ``PYTHON*``, OpenMP/MKL settings other than the thread counts, ...) is
             started fresh. ``"spawn"``: every worker is a fresh interpreter.
             docs/startup.md says what fork changes and how each is handled.
+        front_cpus: keep this process's threads (the application's, the pool's
+            router and hub) on these CPUs, and the workers on the others: a number
+            of CPUs (the lowest-numbered this process may run on), or their numbers.
+            None (default): the kernel places every thread. Threads that call
+            ``infer`` then wait for the GIL on several CPUs at once, and a convoy of
+            GIL hand-offs can slow the front several-fold for seconds at a time; on
+            one CPU it cannot form (docs/benchmarks.md, "Front CPUs", has the figures). Worth it when
+            many threads call the pool and the models are small; it takes those
+            CPUs from the workers. Threads started while the pool is open inherit
+            the pin; :meth:`close` gives every thread back its CPUs. One open pool
+            of a process may set it.
         load_models: the names of the ``repository``'s models to load (None: all of
             them). Others can be loaded later with :meth:`load`; so can these, again.
             An empty list starts a pool with no model (as ``tritonserver
@@ -176,6 +190,7 @@ class Pool:
         compile_cache: bool | str | os.PathLike[str] = True,
         start_method: str = "forkserver",
         load_models: Iterable[str] | None = None,
+        front_cpus: int | Iterable[int] | None = None,
     ) -> None:
         if start_method not in START_METHODS:
             raise ConfigError(
@@ -248,7 +263,17 @@ class Pool:
             )
         if max_pending is not None and (isinstance(max_pending, bool) or max_pending < 1):
             raise ValueError(f"max_pending is {max_pending!r}; expected a positive integer or None")
-        self._router = Router(configs, options)
+        #: this process's threads on the front's CPUs (libtorchrt/cpus.py); None: not pinned
+        self._pin: FrontPin | None = None
+        if front_cpus is not None:
+            self._pin = FrontPin(front_cpus)  # (before the router's threads start: they inherit it)
+            options.worker_cpus = tuple(sorted(self._pin.workers))
+        try:
+            self._router = Router(configs, options)
+        except BaseException:
+            if self._pin is not None:
+                self._pin.restore()
+            raise
         self._admission = Admission(
             self._router,
             self._load_errors,
@@ -257,7 +282,7 @@ class Pool:
             max_pending=max_pending,
         )
         self._shortcut = Shortcut(self._admission, self._router.fast)
-        self._finalizer = weakref.finalize(self, _finalize, self._router)
+        self._finalizer = weakref.finalize(self, _finalize, self._router, self._pin)
         try:
             self._router.wait_started(start_timeout + 10.0)
             if strict:
@@ -637,6 +662,8 @@ class Pool:
         with self._close_lock:
             self._closed = True
             self._router.stop(grace=grace, timeout=grace + 30.0)
+            if self._pin is not None:
+                self._pin.restore()
             self._finalizer.detach()
             self._waker = None  # (it holds its event loop)
 

@@ -102,6 +102,8 @@ class RouterOptions:
     compile_cache: bool | str | os.PathLike[str] = True
     #: "forkserver" (workers forked from a template process) or "spawn" (fresh ones)
     start_method: str = "forkserver"
+    #: the CPUs the workers run on (``Pool(front_cpus=...)``); None: as the kernel places them
+    worker_cpus: tuple[int, ...] | None = None
 
 
 def _pending_call(ref: weakref.ref[Call]) -> bool:

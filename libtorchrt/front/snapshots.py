@@ -7,12 +7,21 @@ and these functions read single fields and copy lists first, which is safe under
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Iterable, Mapping
 
 from ..info import InstanceHealth, ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from .records import CRASH_LOOP, DEAD, READY, STARTING, _Model, _Worker
 
 __all__ = ["health", "model_state", "stats", "statuses", "workers"]
+
+
+def _cpus(pid: int) -> tuple[int, ...]:
+    """The CPUs process ``pid`` may run on (its main thread's); () if it is gone."""
+    try:
+        return tuple(sorted(os.sched_getaffinity(pid)))
+    except OSError:
+        return ()
 
 
 def workers(models: Iterable[_Model], lane: Callable[[_Worker], tuple[int, int]]) -> list[WorkerInfo]:
@@ -36,6 +45,7 @@ def workers(models: Iterable[_Model], lane: Callable[[_Worker], tuple[int, int]]
                     inflight=len(w.inflight) + lane_inflight,
                     served=w.served + lane_served,
                     exitcode=w.proc.returncode,
+                    cpus=_cpus(w.proc.pid) if w.proc.returncode is None else (),
                 )
             )
     return out

@@ -144,6 +144,8 @@ class Supervisor:
         )
         assert m.arena.fd is not None
         spec.request_fd = m.arena.fd
+        if router.options.worker_cpus is not None:
+            spec.cpus = list(router.options.worker_cpus)
         if slot.device == "cpu":
             spec.weights_fd = m.weights_fd
         env = dict(m.cfg.env)

@@ -149,6 +149,26 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def front_cpus(text: str) -> int | tuple[int, ...]:
+    """``--front-cpus``: a number of CPUs (``2``), or a CPU list as ``taskset -c`` and
+    ``/proc/*/status`` write it (``0,2``, ``4-7``, ``3,``: CPU 3 alone)."""
+    spec = text.strip()
+    if spec.isascii() and spec.isdigit():
+        return int(spec)
+    cpus: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        low, dash, high = part.partition("-")
+        if not (low.isascii() and low.isdigit() and (not dash or (high.isascii() and high.isdigit()))):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs or a CPU list (e.g. 1, 0,2 or 0-3)")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise argparse.ArgumentTypeError(f"{text!r}: the range {part} runs backwards")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise argparse.ArgumentTypeError(f"{text!r} names no CPU")
+    return tuple(sorted(cpus))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its ``--help`` documents every option)."""
     p = argparse.ArgumentParser(
@@ -307,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="caller threads one batch's replies wake at once at most; 0: all (default: %(default)s)",
     )
     run.add_argument(
+        "--front-cpus",
+        type=front_cpus,
+        default=None,
+        metavar="N|LIST",
+        help="keep the server's threads on N CPUs (the lowest-numbered), or on a CPU list such as 0,2 or 0-1, "
+        "and the workers on the others (Pool(front_cpus=)); default: the kernel places them",
+    )
+    run.add_argument(
         "--log-level",
         default=None,
         choices=["debug", "info", "warning", "error"],
@@ -448,6 +476,7 @@ def options_from(args: argparse.Namespace) -> Options:
         ),
         busy_poll_us=args.busy_poll_us,
         wake_limit=args.wake_limit,
+        front_cpus=args.front_cpus,
         access_log=log_level(args) == "debug",
         log_format=args.log_format,
         model_control=mode,

@@ -99,6 +99,8 @@ class Options:
     busy_poll_us: int = 0
     #: ``Pool(wake_limit=)``
     wake_limit: int = 2
+    #: ``Pool(front_cpus=)``: a number of CPUs or their numbers; None: not pinned
+    front_cpus: int | tuple[int, ...] | None = None
     access_log: bool = False
     #: ``text`` or ``json`` (``--log-format``): a JSON log gets no live display either
     log_format: str = "text"
@@ -321,6 +323,7 @@ class _Service:
                 start_timeout=opts.start_timeout,
                 busy_poll_us=opts.busy_poll_us,
                 wake_limit=opts.wake_limit,
+                front_cpus=opts.front_cpus,
                 execution_timeout=opts.execution_timeout,
                 start_method=opts.start_method,
                 load_models=self.control.startup_models(),

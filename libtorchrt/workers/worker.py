@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import zmq
 
+from ..cpus import pin_process
 from ..errors import ProtocolError
 from ..transport import tensors as tensor_io
 from ..transport import wire
@@ -118,6 +119,8 @@ class WorkerSpec:
     placed_by_model: bool = False
     #: the model's sequence batching (``SequenceBatching.to_json()``); empty: none
     sequence: dict[str, Any] = field(default_factory=dict)
+    #: the CPUs it runs on (``Pool(front_cpus=...)``: libtorchrt/cpus.py); empty: as started
+    cpus: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -584,6 +587,8 @@ class _Worker:
 def main(argv: list[str]) -> int:
     """Entry point of ``python -m libtorchrt.workers SPEC_JSON``."""
     spec = WorkerSpec.from_json(argv[0])
+    if spec.cpus:  # (before ZeroMQ's and torch's threads start: they inherit it)
+        pin_process(spec.cpus)
     _die_with_parent(spec)
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)

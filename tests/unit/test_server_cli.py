@@ -195,6 +195,30 @@ def test_bad_values_are_argparse_errors(capsys: pytest.CaptureFixture[str]) -> N
     assert "is not a size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("value", "front_cpus"),
+    [("1", 1), ("2", 2), ("0,2", (0, 2)), ("0-3", (0, 1, 2, 3)), ("3,", (3,)), ("4-5,1", (1, 4, 5))],
+)
+def test_front_cpus_is_a_count_or_a_cpu_list(tmp_path: Path, value: str, front_cpus: object) -> None:
+    assert parse(repo=tmp_path).front_cpus is None
+    assert parse("--front-cpus", value, repo=tmp_path).front_cpus == front_cpus
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("x", "is not a number of CPUs"),
+        ("3-1", "runs backwards"),
+        (",", "names no CPU"),
+        ("-2", "is not a number of CPUs"),
+    ],
+)
+def test_a_bad_front_cpus_is_an_argparse_error(capsys: pytest.CaptureFixture[str], value: str, says: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--model-repository", ".", f"--front-cpus={value}"])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_module_and_console_script() -> None:
     root = Path(__file__).resolve().parents[2]
     assert "from libtorchrt.server.cli import main" in (root / "libtorchrt" / "pool" / "__main__.py").read_text()

@@ -398,9 +398,9 @@ def _callers(r: Result) -> str:
     return f"{r.concurrency} {kind}"
 
 
-def print_scenario(name: str, rows: Sequence[Result]) -> None:
+def print_scenario(name: str, rows: Sequence[Result], headline: str | None = None) -> None:
     """The scenario's two tables: throughput and latency, then CPU per request."""
-    print(f"\n{_HEADLINES[name]}")
+    print(f"\n{headline or _HEADLINES[name]}")
     head = f"  {'row':<20}{'callers':>12}  {'callers do':<26}{'req/s':>9}{'p50':>10}{'p99':>10}{'spread':>8}"
     print(head + f"{'batch':>7}  errors")
     for r in rows:

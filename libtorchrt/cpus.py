@@ -9,8 +9,9 @@ at a time anyway, so keeping it on its own CPUs costs it little, and the workers
 are other processes with their own interpreters, get the rest.
 
 :func:`split` turns ``front_cpus`` into the two sets; :class:`FrontPin` pins every thread
-of the front process (threads started later inherit it) and puts back what it changed;
-a worker pins itself with :func:`pin_process` before it starts any thread.
+of the front process (threads started later inherit it) but the fast lane's hub, which
+never takes the GIL and may run anywhere, and puts back what it changed; a worker pins
+itself with :func:`pin_process` before it starts any thread.
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ class FrontPin:
                     self._former[tid] = frozenset(os.sched_getaffinity(tid))
                     os.sched_setaffinity(tid, cpus)
             _active = self
+
+    def exempt(self, tid: int) -> None:
+        """Let thread ``tid`` run on every CPU the process had: one that never takes the
+        GIL (the fast lane's hub), which may then take a free CPU from the workers
+        rather than wait for the front's."""
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, self._before)
 
     def restore(self) -> None:
         """Give the threads back their CPUs (idempotent). A thread that has been

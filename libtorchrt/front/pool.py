@@ -144,16 +144,18 @@ class Pool:
             started fresh. ``"spawn"``: every worker is a fresh interpreter.
             docs/startup.md says what fork changes and how each is handled.
         front_cpus: keep this process's threads (the application's, the pool's
-            router and hub) on these CPUs, and the workers on the others: a number
-            of CPUs (the lowest-numbered this process may run on), or their numbers.
-            None (default): the kernel places every thread. Threads that call
-            ``infer`` then wait for the GIL on several CPUs at once, and a convoy of
-            GIL hand-offs can slow the front several-fold for seconds at a time; on
-            one CPU it cannot form (docs/benchmarks.md, "Front CPUs", has the figures). Worth it when
-            many threads call the pool and the models are small; it takes those
-            CPUs from the workers. Threads started while the pool is open inherit
-            the pin; :meth:`close` gives every thread back its CPUs. One open pool
-            of a process may set it.
+            router; not the fast lane's hub, which never takes the GIL) on these
+            CPUs, and the workers on the others: a number of CPUs (the
+            lowest-numbered this process may run on), or their numbers. None
+            (default): the kernel places every thread. Threads that call ``infer``
+            then wait for the GIL on several CPUs at once, and a convoy of GIL
+            hand-offs can slow the front several-fold for seconds at a time; on the
+            front's own CPUs it does not form (docs/benchmarks.md, "Front CPUs",
+            has the figures). Worth it when many threads call small models; it
+            takes those CPUs from the workers, and gains nothing for asyncio
+            callers. Threads started while the pool is open inherit the pin;
+            :meth:`close` gives every thread back its CPUs. One open pool of a
+            process may set it.
         load_models: the names of the ``repository``'s models to load (None: all of
             them). Others can be loaded later with :meth:`load`; so can these, again.
             An empty list starts a pool with no model (as ``tritonserver
@@ -274,6 +276,9 @@ class Pool:
             if self._pin is not None:
                 self._pin.restore()
             raise
+        hub = self._router.fast.hub
+        if self._pin is not None and hub is not None:
+            self._pin.exempt(hub.thread_id)  # (native: it never waits for the GIL)
         self._admission = Admission(
             self._router,
             self._load_errors,

@@ -161,6 +161,7 @@ typedef struct {
     int64_t timer_ns; /* when it is set to fire (0: not set) */
     uint64_t sends;   /* sends made (a lane's requests are grouped by send) */
     pthread_t thread;
+    uint32_t tid; /* its thread's id (futex word: 0 until the thread has said it) */
     int started;
     int closing;
     Lane lanes[MAX_LANES];
@@ -811,6 +812,8 @@ static void on_timer(Hub *h) {
 static void *hub_thread(void *arg) {
     Hub *h = arg;
     pthread_setname_np(pthread_self(), "libtorchrt-hub");
+    __atomic_store_n(&h->tid, (uint32_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
+    syscall(SYS_futex, &h->tid, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
     struct epoll_event events[64];
     unsigned char *buf = malloc(MAX_DATAGRAM + 1);
     if (!buf) return NULL;
@@ -907,6 +910,8 @@ static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
         return -1;
     }
     h->started = 1;
+    while (!__atomic_load_n(&h->tid, __ATOMIC_ACQUIRE)) /* (thread_id is known from now on) */
+        syscall(SYS_futex, &h->tid, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
     return 0;
 }
 
@@ -1500,8 +1505,13 @@ static PyMethodDef hub_methods[] = {
     {NULL},
 };
 
+static PyObject *hub_get_thread_id(Hub *h, void *closure) {
+    return PyLong_FromUnsignedLong(__atomic_load_n(&h->tid, __ATOMIC_ACQUIRE));
+}
+
 static PyGetSetDef hub_getset[] = {
     {"orphaned", (getter)hub_get_orphaned, NULL, "replies waiting in orphans()", NULL},
+    {"thread_id", (getter)hub_get_thread_id, NULL, "its thread's id (a native_id: os.sched_setaffinity takes it)", NULL},
     {"gate", (getter)hub_get_gate, NULL,
      "the wake-up gate: {held: wakes it holds, granted, given_back, lapsed, offs: times it turned off, on}", NULL},
     {NULL},

@@ -18,6 +18,7 @@ class Ticket:
 
 class Hub:
     orphaned: int
+    thread_id: int
     gate: dict[str, int | bool]
     def __init__(self, awake: int = 2, grace_us: int = 1000) -> None: ...
     def add_model(self, max_rows: int = 0, delay_us: int = 0, preferred: Sequence[int] = ()) -> int: ...

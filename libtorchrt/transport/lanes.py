@@ -16,7 +16,7 @@ the hub's thread → caller), and no Python runs for it outside the caller's thr
     submit(mid, id, header, box=-1, rows=1, batch_key=0) -> Ticket | None   (placed now; None: no lane takes it)
     release(key, offset)                    complete(key, id, reply) -> bool
     pending() -> int    counts(key) -> (in flight, served)    queued(mid) -> int (not sent yet)
-    orphans()    orphaned    close()
+    orphans()    orphaned    thread_id (its thread's native id)    close()
     add_mailbox() -> (box, eventfd)    drain(box) -> [request ids]    remove_mailbox(box)
 
 ``Ticket.wait(timeout=None)`` returns ``(state, key, reply)``: :data:`DONE` with the

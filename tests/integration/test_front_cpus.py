@@ -1,7 +1,8 @@
 """``Pool(front_cpus=...)`` on real processes: while the pool is open every thread of
-this process (the caller's, the router's, the hub's, ZeroMQ's) runs on the front's
-CPUs and every thread of every worker on the others, as ``Pool.workers()`` reports;
-close() gives this process's threads their CPUs back; a bad value starts nothing."""
+this process (the caller's, the router's, ZeroMQ's) runs on the front's CPUs but the
+fast lane's hub (native: it runs anywhere), and every thread of every worker on the
+others, as ``Pool.workers()`` reports; close() gives this process's threads their CPUs
+back; a bad value starts nothing."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import pytest
 import torch
 
 from libtorchrt import ConfigError, ModelConfig, Pool
+from libtorchrt.transport import lanes
 from tests.conftest import assert_no_leaks, snapshot
 
 pytestmark = [
     pytest.mark.timeout(90),
     pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split between front and workers"),
 ]
+
+
+def named(tid: int) -> str:
+    with open(f"/proc/self/task/{tid}/comm") as f:
+        return f.read().strip()
 
 
 def cpus_of(pid: int) -> dict[int, frozenset[int]]:
@@ -39,7 +46,10 @@ def test_the_front_and_the_workers_run_on_their_own_cpus(
     assert torch.equal(pool.infer("tiny", {"INPUT__0": x})["OUTPUT__0"], pool.infer("tiny", [x])["OUTPUT__0"])
     mine = cpus_of(os.getpid())
     assert len(mine) > len(before)  # (the pool's threads: router, hub, ZeroMQ's)
-    assert set(mine.values()) == {front}
+    hubs = [tid for tid in mine if named(tid) == "libtorchrt-hub"]
+    assert len(hubs) == (1 if lanes.available else 0)
+    assert {cpus_of_hub for tid, cpus_of_hub in mine.items() if tid in hubs} <= {cpus}
+    assert {c for tid, c in mine.items() if tid not in hubs} == {front}
     workers = pool.workers()
     assert len(workers) == 2
     for w in workers:
@@ -76,9 +86,12 @@ def test_one_open_pool_of_a_process_pins_it(make_pool: Callable[..., Pool], mode
     with pytest.raises(ConfigError, match="set by another open pool"):
         Pool(models=[ModelConfig("tiny", model_dir / "tiny.pt")], front_cpus=1)
     assert_no_leaks(before)
-    assert set(cpus_of(os.getpid()).values()) == {frozenset({min(cpus)})}  # (the first pool's pin stands)
+    held = {c for tid, c in cpus_of(os.getpid()).items() if named(tid) != "libtorchrt-hub"}
+    assert held == {frozenset({min(cpus)})}  # (the first pool's pin stands)
     first.close()
     with Pool(models=[ModelConfig("tiny", model_dir / "tiny.pt")], front_cpus=[max(cpus)]) as again:
-        assert set(cpus_of(os.getpid()).values()) == {frozenset({max(cpus)})}
+        assert {c for tid, c in cpus_of(os.getpid()).items() if named(tid) != "libtorchrt-hub"} == {
+            frozenset({max(cpus)})
+        }
         assert again.infer("tiny", [torch.ones(1, 64)])["OUTPUT__0"].shape == (1, 64)
     assert set(cpus_of(os.getpid()).values()) == {cpus}

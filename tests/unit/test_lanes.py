@@ -66,6 +66,13 @@ def test_the_hub_thread_blocks_signals_and_leaves_this_thread_s_mask_as_it_was(h
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
 
 
+def test_the_hub_says_which_thread_is_its_own(hub: lanes.Hub) -> None:
+    # (known once Hub() returns, named already: Pool(front_cpus=) lets that thread run anywhere)
+    task = Path("/proc/self/task") / str(hub.thread_id)
+    assert (task / "comm").read_text().strip() == "libtorchrt-hub"
+    assert hub.thread_id != threading.get_native_id()
+
+
 def test_a_request_is_sent_and_its_reply_wakes_its_ticket(hub: lanes.Hub) -> None:
     mid = hub.add_model()
     worker = lane(hub, mid, key=7)

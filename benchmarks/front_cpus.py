@@ -47,7 +47,7 @@ from benchmarks._baselines import MpQueuePool
 from benchmarks._proc import MALLOC_CHOICES, MALLOC_HELP, choose_malloc, stop_resource_tracker
 from benchmarks._report import loadavg, machine_info, provenance
 from benchmarks.batching import config as batching_config
-from benchmarks.realistic import _TIMEOUT_S, Result, Runner, print_scenario
+from benchmarks.realistic import _TIMEOUT_S, Result, Runner
 from libtorchrt import ModelConfig, Pool
 from libtorchrt.bench.cpu import CpuMeter
 from libtorchrt.cpus import FrontPin
@@ -129,16 +129,8 @@ class FrontCpusRunner(Runner):
         self.each_pool("cnn", ModelConfig("cnn", self.path("cnn"), instances=2), "threads", 8)
         self.direct_row("cnn", "cnn")
 
-    def run(self) -> None:
-        rounds = self.args.rounds
-        for k in range(1, rounds + 1):
-            self.round = k
-            if rounds > 1:
-                print(f"\n── round {k} of {rounds}")
-            for name in self.args.scenarios:
-                start = len(self.rows)
-                getattr(self, name)()
-                print_scenario(name, self.rows[start:], HEADLINES[name])
+    def headline(self, name: str) -> str:
+        return HEADLINES[name]
 
 
 def _rate(rows: Sequence[Result], scenario: str, label: str) -> float | None:

@@ -367,7 +367,11 @@ class Runner:
             for name in self.args.scenarios:
                 start = len(self.rows)
                 getattr(self, name)()
-                print_scenario(name, self.rows[start:])
+                print_scenario(name, self.rows[start:], self.headline(name))
+
+    def headline(self, name: str) -> str:
+        """The title of scenario ``name``'s tables."""
+        return _HEADLINES[name]
 
     def rounds_done(self) -> list[list[Result]]:
         """The rows of each round that ran (an interrupted run's last may be partial)."""

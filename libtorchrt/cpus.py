@@ -133,7 +133,7 @@ class FrontPin:
         """Let thread ``tid`` run on every CPU the process had: one that never takes the
         GIL (the fast lane's hub), which may then take a free CPU from the workers
         rather than wait for the front's."""
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(OSError):  # (gone; or a CPU taken from the process since)
             os.sched_setaffinity(tid, self._before)
 
     def restore(self) -> None:
@@ -145,6 +145,6 @@ class FrontPin:
                 return
             _active = None
             for tid in _threads():
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(OSError):  # (as in exempt: it stays as it is)
                     if frozenset(os.sched_getaffinity(tid)) == self.cpus:
                         os.sched_setaffinity(tid, self._former.get(tid, self._before))

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from .errors import ConfigError
 
-__all__ = ["FrontPin", "allowed", "pin_process", "split"]
+__all__ = ["FrontPin", "allowed", "parse", "pin_process", "split"]
 
 #: the one FrontPin of this process that is in force (two pools pinning the same
 #: threads would undo each other at close)
@@ -75,6 +75,30 @@ def split(front_cpus: int | Iterable[int], cpus: frozenset[int]) -> tuple[frozen
             key="front_cpus",
         )
     return front, workers
+
+
+def parse(text: str) -> int | tuple[int, ...]:
+    """A command line's ``front_cpus``: a number of CPUs (``2``), or a CPU list as
+    ``taskset -c`` and ``/proc/*/status`` write it (``0,2``, ``4-7``, ``3,``: CPU 3 alone).
+
+    Raises:
+        ValueError: neither (says what was expected).
+    """
+    spec = text.strip()
+    if spec.isascii() and spec.isdigit():
+        return int(spec)
+    cpus: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        low, dash, high = part.partition("-")
+        if not (low.isascii() and low.isdigit() and (not dash or (high.isascii() and high.isdigit()))):
+            raise ValueError(f"{text!r} is not a number of CPUs or a CPU list (e.g. 1, 0,2 or 0-3)")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise ValueError(f"{text!r}: the range {part} runs backwards")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError(f"{text!r} names no CPU")
+    return tuple(sorted(cpus))
 
 
 def _expected(value: object, mine: list[int]) -> str:

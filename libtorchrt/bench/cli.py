@@ -27,6 +27,7 @@ from typing import Any
 
 import libtorchrt
 from libtorchrt import ConfigError
+from libtorchrt.cpus import parse as parse_cpus
 
 from . import workloads
 from .callers import Behaviour
@@ -57,6 +58,7 @@ _POOL_OPTIONS = {
     "parameters": "--parameters",
     "compare": "--compare",
     "fresh_pool_per_row": "--fresh-pool-per-row",
+    "front_cpus": "--front-cpus",
 }
 #: Rough time to start a pool or load a thread server, for the plan's estimate.
 _START_ESTIMATE_S = 2.5
@@ -171,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh-pool-per-row",
         action="store_true",
         help="start a fresh pool for every configuration, not per instance count",
+    )
+    sweep.add_argument(
+        "--front-cpus",
+        type=_front_cpus,
+        metavar="N|LIST",
+        help="Pool(front_cpus=): the callers (this process) on N CPUs or a CPU list such as 0,2, "
+        'the workers on the others (docs/benchmarks.md, "Front CPUs")',
     )
 
     meas = p.add_argument_group("measurement")
@@ -331,6 +340,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _front_cpus(text: str) -> int | tuple[int, ...]:
+    try:
+        return parse_cpus(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Measurement settings: ``--duration`` fixes the window and the number of windows."""
     window = args.window
@@ -348,6 +364,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         threshold=args.stability_percentage / 100.0,
         request_timeout=args.request_timeout,
         fresh_per_row=args.fresh_pool_per_row,
+        front_cpus=args.front_cpus,
         http_client=getattr(args, "http_client", "stdlib"),
     )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,6 +60,8 @@ class Settings:
     start_timeout: float = 120.0
     fresh_per_row: bool = False
     http_client: str = "stdlib"
+    #: ``Pool(front_cpus=)`` for the pools it starts; None: not pinned
+    front_cpus: int | tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,9 +290,13 @@ class _PoolServer(Server):
     def __init__(self, cfg: ModelConfig, settings: Settings) -> None:
         self.name = cfg.name
         self.timeout = settings.request_timeout
-        self.pool = Pool(models=[cfg], start_timeout=settings.start_timeout)
+        self.pool = Pool(models=[cfg], start_timeout=settings.start_timeout, front_cpus=settings.front_cpus)
         self.notes = []
         workers = self.pool.workers()
+        if settings.front_cpus is not None and workers:
+            self.notes.append(
+                f"front_cpus: callers on CPUs {sorted(os.sched_getaffinity(0))}, workers on {list(workers[0].cpus)}"
+            )
         self.flags = dict(workers[0].flags) if workers else {}
         self._restarts = 0
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from .. import __version__
+from ..cpus import parse as parse_cpus
 from .control import DEFAULT_POLL_SECS
 from .http import Limits
 from .security import (
@@ -150,23 +151,11 @@ def _count(text: str) -> int:
 
 
 def front_cpus(text: str) -> int | tuple[int, ...]:
-    """``--front-cpus``: a number of CPUs (``2``), or a CPU list as ``taskset -c`` and
-    ``/proc/*/status`` write it (``0,2``, ``4-7``, ``3,``: CPU 3 alone)."""
-    spec = text.strip()
-    if spec.isascii() and spec.isdigit():
-        return int(spec)
-    cpus: set[int] = set()
-    for part in filter(None, spec.split(",")):
-        low, dash, high = part.partition("-")
-        if not (low.isascii() and low.isdigit() and (not dash or (high.isascii() and high.isdigit()))):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs or a CPU list (e.g. 1, 0,2 or 0-3)")
-        first, last = int(low), int(high) if dash else int(low)
-        if last < first:
-            raise argparse.ArgumentTypeError(f"{text!r}: the range {part} runs backwards")
-        cpus.update(range(first, last + 1))
-    if not cpus:
-        raise argparse.ArgumentTypeError(f"{text!r} names no CPU")
-    return tuple(sorted(cpus))
+    """``--front-cpus``: a number of CPUs or a CPU list (``libtorchrt.cpus.parse``)."""
+    try:
+        return parse_cpus(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

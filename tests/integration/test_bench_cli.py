@@ -211,6 +211,25 @@ def test_endpoint_with_pool_options_is_a_usage_error(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split between callers and workers")
+def test_front_cpus_pins_the_pools_the_tool_starts(tmp_path: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    out = tmp_path / "out.json"
+    args = ["--workload", "tiny", "--instances", "1", "--concurrency", "2", "--requests", "50"]
+    proc = bench(*args, "--front-cpus", "1", "--json", str(out), tmp=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["front_cpus"] == 1
+    [row] = doc["rows"]
+    assert row["status"] == "ok" and row["requests"] == 50
+    assert f"front_cpus: callers on CPUs {cpus[:1]}, workers on {cpus[1:]}" in row["notes"]
+    assert_nothing_left(tmp_path)
+    proc = bench("--workload", "tiny", "--front-cpus", "x", tmp=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "is not a number of CPUs or a CPU list" in proc.stderr
+    proc = bench("--front-cpus", "1", "--endpoint", "http://127.0.0.1:8000", tmp=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "--front-cpus: a running server's models" in proc.stderr
+
+
 def test_a_pt_file_without_shapes_is_a_usage_error(tmp_path: Path) -> None:
     path = build("tiny", tmp_path)
     proc = bench(str(path), tmp=tmp_path, timeout=60)

@@ -364,7 +364,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         threshold=args.stability_percentage / 100.0,
         request_timeout=args.request_timeout,
         fresh_per_row=args.fresh_pool_per_row,
-        front_cpus=args.front_cpus,
+        front_cpus=getattr(args, "front_cpus", None),
         http_client=getattr(args, "http_client", "stdlib"),
     )
 

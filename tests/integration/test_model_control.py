@@ -99,7 +99,9 @@ def test_load_reload_and_unload_while_another_model_serves(make_pool, model_dir:
             before = same.count()
             pool.load(ModelConfig("m", model_dir / "raiser.pt", instances=2))  # x * 2
             mark = same.count()
+            # (every thread: a total alone let one starved thread end on the old version)
             wait_for(lambda: same.count() > mark + 20, 60, "requests to the new version")
+            wait_for(lambda: all(a[-1] == 2.0 for a in same.answers), 60, "every thread to meet the new version")
         assert not same.errors, same.errors[:3]
         assert same.count() > before
         for answers in same.answers:  # each thread: the old version's answers, then the new one's

@@ -3,6 +3,8 @@
 Its file list is its architecture (imports go down this list, never up)::
 
     pool.py        Pool, the facade: start, infer / submit / infer_async, snapshots, close
+    catalog.py     which configurations the pool serves (repository, load(name)) and
+                   the models that failed to load
     admission.py   a request's way in (caller threads): lookup, checks, binding, placement
     binding.py     the callers' inputs bound to the model's arguments and checked
     queues.py      a model's waiting requests: FIFO, the batcher (batcher.py,

@@ -20,15 +20,12 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import cast
 
 import torch
 
-from ..config import ModelConfig, load_repository
-from ..config.repository import load_model
+from ..config import ModelConfig
 from ..cpus import FrontPin
-from ..deadlines import check_timeout
 from ..errors import (
     ConfigError,
     PoolClosedError,
@@ -40,6 +37,7 @@ from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from ..transport import lanes
 from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
+from .catalog import Catalog
 from .control import Load, Unload
 from .future import LoopFuture, LoopWaker, RequestFuture
 from .router import Router, RouterOptions
@@ -55,22 +53,6 @@ def _tag(sequence_id: int | str | None, start: bool, end: bool) -> SequenceTag |
     if sequence_id is None and not start and not end:
         return None
     return SequenceTag(sequence_id, bool(start), bool(end))  # type: ignore[arg-type]
-
-
-def _some_models(
-    repository: str | os.PathLike[str], names: Iterable[str], errors: list[tuple[str, ConfigError]] | None
-) -> list[ModelConfig]:
-    """The configurations of the repository's models ``names`` (see ``load_repository``
-    for ``errors``)."""
-    configs: list[ModelConfig] = []
-    for name in dict.fromkeys(names):
-        try:
-            configs += load_model(repository, name)
-        except ConfigError as e:
-            if errors is None:
-                raise
-            errors.append((name, e))
-    return configs
 
 
 def _finalize(router: Router, pin: FrontPin | None) -> None:
@@ -198,48 +180,9 @@ class Pool:
             raise ConfigError(
                 f"Pool: start_method is {start_method!r}; expected one of {list(START_METHODS)}", key="start_method"
             )
-        errors: list[tuple[str, ConfigError]] = []
-        if load_models is not None:  # (some of the repository's models, maybe none)
-            if repository is None:
-                raise ValueError("Pool: load_models names models of a repository; give the repository")
-            configs = _some_models(repository, load_models, None if strict else errors)
-        else:
-            configs = list(load_repository(repository, None if strict else errors)) if repository is not None else []
-        configs += list(models)
-        #: what load(name) reads; and the execution_timeout of models that set none
-        self._repository = repository
-        self._execution_timeout: float | None = None
-        if execution_timeout is not None:
-            try:
-                limit = check_timeout(execution_timeout, allow_zero=False)
-            except ValueError as e:
-                raise ConfigError(f"Pool: execution_timeout: {e}", key="execution_timeout") from None
-            self._execution_timeout = limit
-            configs = [c if c.execution_timeout is not None else replace(c, execution_timeout=limit) for c in configs]
-        keys = [(c.name, c.version) for c in configs]
-        if len(set(keys)) != len(keys):
-            repeated = sorted({f"{n} version {v}" for n, v in keys if keys.count((n, v)) > 1})
-            raise ValueError(f"models repeat: {repeated}")
-        if not configs and not errors and load_models is None:
-            raise ValueError("Pool needs a model repository or models=[ModelConfig(...)]")
-        #: models that could not be loaded before any worker started: a repository's
-        #: whose configuration could not be read (version None), and any whose file is
-        #: missing; each fails alone, unless strict
-        self._load_errors = [ModelStatus(name, None, "failed", str(e)) for name, e in errors]
-        usable = []
-        for cfg in configs:
-            try:
-                cfg.check_files()
-            except ConfigError as e:
-                if strict:
-                    raise
-                errors.append((cfg.name, e))
-                self._load_errors.append(ModelStatus(cfg.name, cfg.version, "failed", str(e)))
-                continue
-            usable.append(cfg)
-        configs = usable
-        if not configs and load_models is None:
-            raise errors[0][1]
+        #: where configurations come from, and the models that failed to load
+        self._catalog = Catalog(repository, execution_timeout)
+        configs = self._catalog.starting(models, load_models, strict)
         self._closed = False
         #: one load() or unload() at a time
         self._control_lock = threading.Lock()
@@ -281,7 +224,7 @@ class Pool:
             self._pin.exempt(hub.thread_id)  # (native: it never waits for the GIL)
         self._admission = Admission(
             self._router,
-            self._load_errors,
+            self._catalog.errors,
             inline_threshold=inline_threshold,
             cuda_outputs=bool(cuda_outputs),
             max_pending=max_pending,
@@ -303,7 +246,7 @@ class Pool:
 
     def _startup_warnings(self) -> dict[str, list[str]]:
         notes: dict[str, list[str]] = {}
-        for status in self._load_errors:
+        for status in self._catalog.errors:
             notes.setdefault(status.name, []).append(f"not served: {status.error}")
         for m in self._router.models.values():
             mine = notes.setdefault(m.name, [])
@@ -531,7 +474,7 @@ class Pool:
         ``"loading"`` until it serves (one it loads anew stays as it was meanwhile),
         and one that :meth:`unload` stops is ``"unloading"`` until its workers are
         gone. Sorted by name, then version."""
-        out = [*self._router.statuses(), *self._router.control.statuses(), *self._load_errors]
+        out = [*self._router.statuses(), *self._router.control.statuses(), *self._catalog.errors]
         return sorted(out, key=lambda s: (s.name, -1 if s.version is None else s.version))
 
     def stats(self) -> list[ModelStats]:
@@ -583,7 +526,7 @@ class Pool:
         name = model if isinstance(model, str) else None
         with self._control_lock:
             try:
-                configs = self._configs_of(model)
+                configs = self._catalog.configs_of(model)
                 name = configs[0].name
                 change = Load(name, configs)
                 self._router.control.submit(change)
@@ -593,9 +536,9 @@ class Pool:
                     raise TimeoutError(f"model {name!r} did not load within {self._start_timeout + 30.0:g} s") from None
             except (ConfigError, TorchRTError) as e:
                 if name is not None and name not in self._router.default and not isinstance(e, PoolClosedError):
-                    self._failed(name, e)
+                    self._catalog.failed(name, e)
                 raise
-            self._failed(name, None)
+            self._catalog.failed(name, None)
         for note in dict.fromkeys(n for cfg in configs for n in cfg.notes):
             warnings.warn(f"model {name!r}: {note}", RuntimeWarning, stacklevel=2)
 
@@ -614,46 +557,12 @@ class Pool:
         if grace is not None and not grace >= 0:
             raise ValueError(f"Pool.unload: grace is {grace!r}; expected seconds >= 0, or None")
         with self._control_lock:
-            failed = any(s.name == model for s in self._load_errors)
-            if model not in self._router.default and not failed:
+            if model not in self._router.default and not self._catalog.has_failed(model):
                 raise UnknownModelError(model, sorted(self._router.default))
             change = Unload(model, grace)
             self._router.control.submit(change)
             change.future.result()
-            self._failed(model, None)
-
-    def _configs_of(self, model: str | ModelConfig | Iterable[ModelConfig]) -> list[ModelConfig]:
-        """The configurations :meth:`load` is given, read and checked."""
-        if isinstance(model, str):
-            if self._repository is None:
-                raise ConfigError(
-                    f"Pool.load({model!r}) reads the model from the pool's repository, and this pool has none; "
-                    "give its ModelConfig instead",
-                    model=model,
-                )
-            configs = load_model(self._repository, model)
-        else:
-            configs = [model] if isinstance(model, ModelConfig) else list(model)
-        names = sorted({c.name for c in configs})
-        if len(names) != 1:
-            raise ValueError(f"Pool.load: the configurations of one model, every version of it; got models {names}")
-        versions = [c.version for c in configs]
-        if len(set(versions)) != len(versions):
-            raise ValueError(f"Pool.load: model {names[0]!r}: versions repeat: {sorted(versions)}")
-        if self._execution_timeout is not None:
-            limit = self._execution_timeout
-            configs = [c if c.execution_timeout is not None else replace(c, execution_timeout=limit) for c in configs]
-        for cfg in configs:
-            cfg.check_files()
-        return configs
-
-    def _failed(self, name: str, error: BaseException | None) -> None:
-        """Record why ``name`` could not be loaded (None: forget it), for :meth:`models`
-        and for its requests (the list is the admission's too: changed in place)."""
-        kept = [s for s in self._load_errors if s.name != name]
-        if error is not None:
-            kept.append(ModelStatus(name, None, "failed", str(error).split("\n", 1)[0]))
-        self._load_errors[:] = kept
+            self._catalog.failed(model, None)
 
     # ── lifetime ───────────────────────────────────────────────────────────────
 

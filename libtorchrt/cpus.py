@@ -3,15 +3,16 @@
 By default nothing is pinned: the kernel places every thread. An application whose
 threads call ``Pool.infer`` then meets CPython's GIL convoy: once two of its threads
 wait for the GIL on different CPUs, each of the many times a torch call lets go of it
-becomes a hand-off between CPUs, and the front can fall to a fifth of its speed for
-seconds at a time (docs/benchmarks.md, "Front CPUs"). The front's Python runs one thread
+becomes a hand-off between CPUs, and the front slows several-fold for seconds at a
+time (figures: docs/benchmarks.md, "Front CPUs"). The front's Python runs one thread
 at a time anyway, so keeping it on its own CPUs costs it little, and the workers, which
 are other processes with their own interpreters, get the rest.
 
 :func:`split` turns ``front_cpus`` into the two sets; :class:`FrontPin` pins every thread
 of the front process (threads started later inherit it) but the fast lane's hub, which
 never takes the GIL and may run anywhere, and puts back what it changed; a worker pins
-itself with :func:`pin_process` before it starts any thread.
+itself with :func:`pin_process` before it starts any thread; :func:`parse` reads the
+command lines' ``--front-cpus``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
-"""Build of the native fast lane (``libtorchrt/transport/_lanes.c``); everything else is
-declared in pyproject.toml. A C compiler is needed at install on Linux."""
+"""Build of the native modules (``libtorchrt/transport/_lanes.c``, the front's fast lane, and
+``_outheap.c``, the workers' outputs made in place); everything else is declared in
+pyproject.toml. A C compiler is needed at install on Linux."""
 
 import sys
 
 from setuptools import Extension, setup
 
-LANES = Extension(
-    "libtorchrt.transport._lanes",
-    ["libtorchrt/transport/_lanes.c"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
-)
+FLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+NATIVE = [
+    Extension("libtorchrt.transport._lanes", ["libtorchrt/transport/_lanes.c"], extra_compile_args=FLAGS),
+    Extension("libtorchrt.transport._outheap", ["libtorchrt/transport/_outheap.c"], extra_compile_args=FLAGS),
+]
 
-setup(ext_modules=[LANES] if sys.platform.startswith("linux") else [])
+setup(ext_modules=NATIVE if sys.platform.startswith("linux") else [])

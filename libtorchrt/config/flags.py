@@ -39,9 +39,11 @@ TRITON_BOOL_KEYS = (
     "ENABLE_WEIGHT_SHARING",
 )
 #: Boolean parameters of libtorchrt's own: freezing, CUDA_LAUNCH_BLOCKING per model (set
-#: in the environment of the model's workers by ModelConfig, not by apply()), and the
-#: worker's scheduling policy (SCHED_BATCH: Linux's, whose wake-ups preempt nobody).
-OWN_BOOL_KEYS = ("FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKING", "SCHED_BATCH")
+#: in the environment of the model's workers by ModelConfig, not by apply()), the
+#: worker's scheduling policy (SCHED_BATCH: Linux's, whose wake-ups preempt nobody), and
+#: whether a CPU worker's model makes its large outputs in the response arena
+#: (ZERO_COPY_OUTPUTS, transport/outheap.py).
+OWN_BOOL_KEYS = ("FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKING", "SCHED_BATCH", "ZERO_COPY_OUTPUTS")
 #: Every boolean parameter.
 BOOL_KEYS = TRITON_BOOL_KEYS + OWN_BOOL_KEYS
 #: Integer parameters (thread counts).

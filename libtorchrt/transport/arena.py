@@ -13,10 +13,11 @@ A pool has two kinds of arena:
   allocates and writes inputs, the worker that runs the request reads them in place;
   the front frees a slot once no worker reads it (its reply arrived, or its worker is
   gone);
-- each worker's *response* arena: the worker allocates and writes outputs, the front
-  hands them to the caller as zero-copy tensors; a slot is freed when the caller drops
-  the last tensor that uses it, and its offset travels back piggybacked on the next
-  request to that worker (``Request.releases``).
+- each worker's *response* arena: the worker allocates and writes outputs (a CPU
+  worker's model makes its large tensors there in the first place: ``outheap.py``), the
+  front hands them to the caller as zero-copy tensors; a slot is freed when the caller
+  drops the last tensor that uses it, and its offset travels back piggybacked on the
+  next request to that worker (``Request.releases``).
 
 Arenas are reused across requests, because touching fresh shared pages costs a page
 fault each (a segment per request was measured slower: see
@@ -30,10 +31,11 @@ import bisect
 import mmap
 import os
 import threading
+from typing import Protocol
 
 import torch
 
-__all__ = ["ALIGN", "Allocator", "Arena"]
+__all__ = ["ALIGN", "Allocator", "Arena", "Slots"]
 
 #: Slot alignment: a cache line, enough for every dtype and for vectorised copies.
 ALIGN = 64
@@ -112,6 +114,17 @@ class Arena:
                 pass  # exported to live tensors: freed when the last of them dies
 
 
+class Slots(Protocol):
+    """What ``tensors.write`` places tensors with: :class:`Allocator`, or a CPU worker's
+    ``outheap.OutputHeap``."""
+
+    def adopt(self, t: torch.Tensor) -> int | None: ...
+
+    def alloc(self, nbytes: int) -> int | None: ...
+
+    def free(self, offset: int) -> None: ...
+
+
 class Allocator:
     """First-fit allocator of aligned slots in a fixed-size region, with coalescing.
 
@@ -136,6 +149,10 @@ class Allocator:
     def __len__(self) -> int:
         """Number of live slots."""
         return len(self._used)
+
+    def adopt(self, t: torch.Tensor) -> int | None:
+        """None: a tensor is never in this arena already (see ``outheap.OutputHeap``)."""
+        return None
 
     def alloc(self, nbytes: int) -> int | None:
         """Allocate a slot of at least ``nbytes``; return its offset, or None if full."""

@@ -8,7 +8,8 @@
   and takes it back, a wait of its own beside busy caller threads;
 - ``ARENA``: larger tensors are copied once, straight from the source whatever its
   strides, into a slot of the sender's shared-memory arena, which the receiver views in
-  place;
+  place (a CPU worker's output that its model made in the arena already is named where
+  it is, with no copy: ``outheap.py``);
 - ``FRAME``: a larger tensor that finds its arena full (or no arena) travels as its own
   ZeroMQ frame, so nothing ever blocks on arena space.
 
@@ -33,7 +34,7 @@ import torch
 import zmq
 
 from ..errors import ProtocolError
-from .arena import Allocator, Arena
+from .arena import Arena, Slots
 from .dtypes import DTYPES, NUMPY_DTYPES, STRING, dtype_name
 from .wire import ARENA, BLOB, FRAME, TensorDesc, decode_strings, encode_strings
 
@@ -287,7 +288,7 @@ def inline(t: torch.Tensor, dtype: str, nbytes: int) -> Placed:
 def write(
     tensors: Sequence[torch.Tensor | Strings],
     arena: Arena | None,
-    allocator: Allocator | None,
+    allocator: Slots | None,
     inline_threshold: int,
 ) -> Placed:
     """Place ``tensors`` for sending (see the module docstring).
@@ -318,7 +319,15 @@ def write(
                 descs.append(_new(TensorDesc, (name, shape, BLOB, len(blobs))))
                 blobs.append(blob)
                 continue
-            offset = allocator.alloc(nbytes) if arena is not None and allocator is not None else None
+            if arena is None or allocator is None:
+                offset = None
+            else:
+                offset = allocator.adopt(t)  # (made in the arena already: no copy)
+                if offset is not None:
+                    offsets.append(offset)
+                    descs.append(_new(TensorDesc, (name, shape, ARENA, offset)))
+                    continue
+                offset = allocator.alloc(nbytes)
             if offset is None:
                 descs.append(_new(TensorDesc, (name, shape, FRAME, len(frames))))
                 frames.append(as_frame(t))

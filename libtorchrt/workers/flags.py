@@ -100,12 +100,21 @@ _TORCHSCRIPT_ONLY = (
 )
 
 
-def effective(flags: Flags, fmt: str = "torchscript", *, shared: bool = False) -> dict[str, bool | int | str]:
+def effective(
+    flags: Flags, fmt: str = "torchscript", *, shared: bool = False, zero_copy: bool = False
+) -> dict[str, bool | int | str]:
     """Read back from torch the values this process really runs with, and its format
     (``FORMAT``); the TorchScript executor's flags only for a TorchScript model.
     ``ENABLE_WEIGHT_SHARING`` is whether this process maps its model's shared weights
-    (``shared``, from ``workers/weights.py``), whatever was asked."""
-    values: dict[str, bool | int | str] = {"FORMAT": fmt, **_effective(flags), "ENABLE_WEIGHT_SHARING": shared}
+    (``shared``, from ``workers/weights.py``), and ``ZERO_COPY_OUTPUTS`` whether its
+    model allocates in the response arena (``zero_copy``, ``transport/outheap.py``),
+    whatever was asked."""
+    values: dict[str, bool | int | str] = {
+        "FORMAT": fmt,
+        **_effective(flags),
+        "ENABLE_WEIGHT_SHARING": shared,
+        "ZERO_COPY_OUTPUTS": zero_copy,
+    }
     if fmt != "torchscript":
         for key in _TORCHSCRIPT_ONLY:
             values.pop(key, None)

@@ -25,7 +25,7 @@ import torch
 from ..errors import ProtocolError
 from ..transport import tensors as tensor_io
 from ..transport import wire
-from ..transport.arena import Allocator, Arena
+from ..transport.arena import Allocator, Arena, Slots
 from ..transport.cuda import OpenedBuffer
 from ..transport.wire import ARENA, BLOB, DEVICE, FRAME, TensorDesc, dtype_name
 
@@ -153,7 +153,7 @@ class GpuSide:
         outputs: Sequence[torch.Tensor | tensor_io.Strings],
         device_out: int,
         responses: Arena,
-        allocator: Allocator,
+        allocator: Slots,
         inline_threshold: int,
     ) -> tuple[tensor_io.Placed, list[int]]:
         """Put the outputs where the front reads them: the front's response buffer

@@ -10,9 +10,10 @@ is a start failure), then say READY with the flags read back from torch.
 The loop is single-threaded and owns the DEALER socket, the request channel (a CPU
 worker's socket pair with the front's router, ``transport/channel.py``) and the fast lane
 (a second pair, with the front's native hub, ``transport/lanes.py``): receive a request
-from any of them, view its inputs in the request arena (no copy), run the model, write the outputs
-into the response arena (one copy), reply the way the request came. A model exception
-fails that request only.
+from any of them, view its inputs in the request arena (no copy), run the model, place the
+outputs in the response arena (a CPU model makes its large ones there already, with
+``ZERO_COPY_OUTPUTS``: ``transport/outheap.py``; the others are copied), reply the way
+the request came. A model exception fails that request only.
 
 String inputs arrive as ``list[str]`` and ``List[str]`` outputs go back as string
 tensors; a method that takes one ``Dict[str, Tensor]`` is called with the request's keys
@@ -43,10 +44,11 @@ import zmq
 
 from ..cpus import pin_process
 from ..errors import ProtocolError
+from ..transport import outheap, wire
 from ..transport import tensors as tensor_io
-from ..transport import wire
-from ..transport.arena import Allocator, Arena
+from ..transport.arena import Allocator, Arena, Slots
 from ..transport.channel import MAX_DATAGRAM
+from ..transport.outheap import OutputHeap
 from ..transport.sockets import OWNER_LOCK, recv, send
 from . import batching, weights
 from . import flags as flag_mod
@@ -240,9 +242,15 @@ class _Worker:
         self._datagram = memoryview(bytearray(MAX_DATAGRAM + 1))
         self.requests = Arena(spec.request_bytes, fd=spec.request_fd)
         self.responses = Arena(spec.response_bytes, fd=spec.response_fd)
+        #: the response arena as the model's heap (None: outputs are copied there)
+        self.heap: OutputHeap | None = None
+        #: why ZERO_COPY_OUTPUTS is off though asked for ("" if it is not)
+        self.heap_note = ""
+        if spec.device == "cpu" and flags.values.get("ZERO_COPY_OUTPUTS", True):
+            self.heap, self.heap_note = outheap.install(self.responses)
         self.requests.close_fd()
         self.responses.close_fd()
-        self.allocator = Allocator(self.responses.size)
+        self.allocator: Slots = self.heap if self.heap is not None else Allocator(self.responses.size)
         self.clean_cache = bool(flags.get("ENABLE_CACHE_CLEANING")) and torch.cuda.is_available()
         #: the CUDA side of a GPU instance (None on the CPU)
         self.gpu = GpuSide(spec.device, self.requests, self.responses) if spec.device != "cpu" else None
@@ -525,8 +533,14 @@ class _Worker:
             padded = [
                 torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) if isinstance(t, torch.Tensor) else t for t in inputs
             ]
-            return [o[:rows] if isinstance(o, torch.Tensor) and o.dim() else o for o in self.run_model(padded)]
-        return self.run_model(inputs)
+            return [o[:rows] if isinstance(o, torch.Tensor) and o.dim() else o for o in self._run_model(padded)]
+        return self._run_model(inputs)
+
+    def _run_model(self, inputs: list[Any]) -> list[Any]:
+        if self.heap is None:
+            return self.run_model(inputs)
+        with self.heap.enable():  # (its large tensors are made in the response arena)
+            return self.run_model(inputs)
 
     def _reply(self, header: bytes, frames: list[Any]) -> None:
         """Answer by the way the request came: the channel, unless the reply has data
@@ -631,7 +645,9 @@ def main(argv: list[str]) -> int:
             worker = _Worker(spec, runner, sock, fl)
             worker.shared = shared
             shared_bytes = sum(s.nbytes for s in shared)
-            effective = flag_mod.effective(fl, runner.format, shared=shared_bytes > 0)
+            effective = flag_mod.effective(
+                fl, runner.format, shared=shared_bytes > 0, zero_copy=worker.heap is not None
+            )
         except Exception as e:
             failed = wire.Failed(wire.PROTOCOL_VERSION, os.getpid(), type(e).__name__, str(e), traceback.format_exc())
             sock.send(wire.encode(failed))
@@ -639,6 +655,8 @@ def main(argv: list[str]) -> int:
         if worker.gpu is not None:
             notes += worker.gpu.notes
         notes += runner.notes
+        if worker.heap_note:
+            notes.append(worker.heap_note)
         for s in worker.shared:
             notes += s.notes
         if worker.shared:

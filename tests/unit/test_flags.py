@@ -33,7 +33,13 @@ def test_key_lists_are_triton_s_and_ours() -> None:
         "ENABLE_CACHE_CLEANING",
         "ENABLE_WEIGHT_SHARING",
     }
-    assert set(OWN_BOOL_KEYS) == {"FREEZE_MODULE", "OPTIMIZE_FOR_INFERENCE", "CUDA_LAUNCH_BLOCKING", "SCHED_BATCH"}
+    assert set(OWN_BOOL_KEYS) == {
+        "FREEZE_MODULE",
+        "OPTIMIZE_FOR_INFERENCE",
+        "CUDA_LAUNCH_BLOCKING",
+        "SCHED_BATCH",
+        "ZERO_COPY_OUTPUTS",
+    }
     assert BOOL_KEYS == TRITON_BOOL_KEYS + OWN_BOOL_KEYS
     assert set(INT_KEYS) == {"INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT"}
 

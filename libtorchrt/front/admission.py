@@ -27,6 +27,7 @@ from ..errors import (
 from ..info import ModelStatus
 from ..transport import tensors as tensor_io
 from .call import Call
+from .copygate import CopyGate
 
 if TYPE_CHECKING:
     from .future import LoopFuture, RequestFuture
@@ -101,11 +102,16 @@ class Admission:
         priority: int | None,
         future: LoopFuture | None = None,
         sequence: SequenceTag | None = None,
+        gated: bool = False,
     ) -> Call:
         """Check and place one request: its call, not handed to anybody yet.
 
+        ``gated``: the caller waits for room in the model's :class:`CopyGate` before its
+        large inputs are copied (``Pool.infer``); it releases ``call.gated`` bytes there
+        when done.
+
         Raises:
-            see :meth:`submit`.
+            see :meth:`submit`; TimeoutError, PoolClosedError: while waiting at the gate.
         """
         m = self.lookup(model, version)
         queue = m.queue
@@ -128,7 +134,11 @@ class Admission:
             m.stats.failed()
             raise
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = self.place(m, tensors, deadline, future, queue.host_only)
+        gate = m.gate if gated else None
+        if gate is None:
+            call = self.place(m, tensors, deadline, future, queue.host_only)
+        else:
+            call = self._place_gated(m, gate, tensors, deadline, queue.host_only)
         if m.cfg.max_batch_size > 0 and tensors:
             shape = tensors[0].shape  # (shape, not dim(): keeps the GIL)
             if shape:
@@ -156,6 +166,25 @@ class Admission:
         if m.unavailable is not None:
             raise ModelUnavailableError(model, m.unavailable)
         return m
+
+    def _place_gated(
+        self, m: _Model, gate: CopyGate, tensors: list[torch.Tensor], deadline: float | None, host_only: bool
+    ) -> Call:
+        big = 0
+        for t in tensors:
+            n = t.nbytes
+            if n > self.inline_threshold and not t.is_cuda:
+                big += n
+        if not big:
+            return self.place(m, tensors, deadline, None, host_only)
+        gate.acquire(big, deadline)
+        try:
+            call = self.place(m, tensors, deadline, None, host_only)
+        except BaseException:
+            gate.release(big)
+            raise
+        call.gated = big
+        return call
 
     def place(
         self,

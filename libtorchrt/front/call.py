@@ -44,6 +44,7 @@ class Call:
         "dispatched",
         "frames",
         "future",
+        "gated",
         "holder",
         "id",
         "keep",
@@ -115,6 +116,8 @@ class Call:
         #: the worker whose death lost it on the fast lane (the supervisor decides its
         #: fate with that worker's other requests: see Router.lost)
         self.lost_on: Any = None
+        #: bytes counted in its model's CopyGate, released by the caller (Pool.infer)
+        self.gated = 0
 
     def free(self) -> None:
         """Give the request's arena slots and buffers back (once no worker reads them)."""

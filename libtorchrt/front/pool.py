@@ -37,6 +37,7 @@ from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from ..transport import lanes
 from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
+from .call import Call
 from .catalog import Catalog
 from .control import Load, Unload
 from .future import LoopFuture, LoopWaker, RequestFuture
@@ -83,6 +84,12 @@ class Pool:
         max_inflight: requests sent ahead to one worker, so it finds the next one
             waiting when it finishes; more only deepens the queue in a worker (docs/benchmarks.md,
             "Requests sent ahead", says how 4 was chosen).
+        max_inflight_bytes: bytes of large inputs (those copied into shared memory)
+            that :meth:`infer` callers of a model may have copied and not had answered,
+            per instance; a caller past it waits for room before it copies, so that
+            the workers read inputs still in the CPU's caches (a request alone always
+            goes). None: no bound. ``submit`` and ``infer_async`` are not held back
+            (docs/benchmarks.md, "Large inputs").
         busy_poll_us: after a reply, workers (and the router thread, while it awaits
             one) poll this long without sleeping before they block. A process that
             sleeps between requests wakes up slowly; polling trades CPU for latency,
@@ -165,6 +172,7 @@ class Pool:
         response_arena_bytes: int = 64 << 20,
         inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD,
         max_inflight: int = 4,
+        max_inflight_bytes: int | None = 4 << 20,
         busy_poll_us: int = 0,
         wake_limit: int = 2,
         cuda_outputs: bool = True,
@@ -196,6 +204,7 @@ class Pool:
             response_arena_bytes=response_arena_bytes,
             inline_threshold=inline_threshold,
             max_inflight=max_inflight,
+            max_inflight_bytes=max_inflight_bytes,
             start_timeout=start_timeout,
             busy_poll_us=busy_poll_us,
             wake_limit=wake_limit,
@@ -206,6 +215,10 @@ class Pool:
             raise ValueError(
                 f"Pool: wake_limit is {wake_limit!r}; expected an integer from 0 (wake them all) to {lanes.MAX_AWAKE}"
             )
+        if max_inflight_bytes is not None and (
+            isinstance(max_inflight_bytes, bool) or not isinstance(max_inflight_bytes, int) or max_inflight_bytes < 1
+        ):
+            raise ValueError(f"Pool: max_inflight_bytes is {max_inflight_bytes!r}; expected a positive integer or None")
         if max_pending is not None and (isinstance(max_pending, bool) or max_pending < 1):
             raise ValueError(f"max_pending is {max_pending!r}; expected a positive integer or None")
         #: this process's threads on the front's CPUs (libtorchrt/cpus.py); None: not pinned
@@ -374,7 +387,9 @@ class Pool:
         if sequence_id is None and not sequence_start and not sequence_end:
             if self._closed:
                 raise PoolClosedError("the pool is closed")
-            call = self._admission.take(model, inputs, version, timeout, priority)
+            call = self._admission.take(model, inputs, version, timeout, priority, gated=True)
+            if call.gated:  # (large inputs: front/copygate.py)
+                return self._infer_gated(call, model, timeout)
             fast = self._router.fast
             if fast.takes(call):
                 return fast.infer(call)  # (no router thread: front/fastlane.py)
@@ -391,15 +406,20 @@ class Pool:
                 sequence_start=sequence_start,
                 sequence_end=sequence_end,
             )
+        return _result(future, model, timeout)
+
+    def _infer_gated(self, call: Call, model: str, timeout: float | None) -> dict[str, torch.Tensor]:
+        """:meth:`infer` of a call counted in its model's copy gate, released however it ends."""
         try:
-            # The router fails the future at the deadline; the margin only guards
-            # against a router that cannot (it never blocks for long).
-            return future.result(None if timeout is None else timeout + 5.0)
-        except concurrent.futures.TimeoutError:
-            if future.done():  # the request's own error (ours derives from TimeoutError)
-                raise
-            future.cancel()
-            raise TimeoutError(f"model {model!r} did not answer within {timeout} s") from None
+            fast = self._router.fast
+            if fast.takes(call):
+                return fast.infer(call)
+            self._router.submit(call)
+            return _result(cast(RequestFuture[dict[str, torch.Tensor]], call.future), model, timeout)
+        finally:
+            gate = call.model.gate
+            assert gate is not None
+            gate.release(call.gated)
 
     async def infer_async(
         self,
@@ -605,3 +625,18 @@ class Pool:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<libtorchrt.Pool {state} models={sorted(self._router.default)}>"
+
+
+def _result(
+    future: concurrent.futures.Future[dict[str, torch.Tensor]], model: str, timeout: float | None
+) -> dict[str, torch.Tensor]:
+    """The outputs of ``Pool.infer``'s future, waited for."""
+    try:
+        # The router fails the future at the deadline; the margin only guards
+        # against a router that cannot (it never blocks for long).
+        return future.result(None if timeout is None else timeout + 5.0)
+    except concurrent.futures.TimeoutError:
+        if future.done():  # the request's own error (ours derives from TimeoutError)
+            raise
+        future.cancel()
+        raise TimeoutError(f"model {model!r} did not answer within {timeout} s") from None

@@ -20,6 +20,7 @@ from ..transport.channel import Channel
 from ..workers.process import WorkerProcess
 from .binding import Binder
 from .call import Call
+from .copygate import CopyGate
 from .queues import RequestQueue
 from .stats import Stats
 
@@ -127,6 +128,8 @@ class _Model:
     stats: Stats = field(init=False)
     #: the order keeper of dynamic batching's preserve_ordering
     orderer: Orderer | None = None
+    #: the bound on what its ``Pool.infer`` callers copy ahead (None: none)
+    gate: CopyGate | None = None
     #: its declared outputs, as its workers check every result against them
     declared_outputs: list[list[Any]] = field(default_factory=list)
     #: the memfd its CPU instances share their weights in (workers/weights.py; the

@@ -67,6 +67,7 @@ from .batcher import Batcher, Orderer
 from .call import Call
 from .compile_cache import CompileCache
 from .control import ModelControl
+from .copygate import CopyGate
 from .fastlane import FastLane
 from .gpu import DeviceBuffers
 from .queues import Fifo
@@ -95,6 +96,9 @@ class RouterOptions:
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
     busy_poll_us: int = 0
     max_inflight: int = 4
+    #: bytes of large inputs ``Pool.infer`` callers may have copied ahead, per instance
+    #: of a model (``copygate.py``); None: no bound
+    max_inflight_bytes: int | None = 4 << 20
     #: caller threads a batch's replies wake at once at most (the hub's wake-up gate)
     wake_limit: int = 2
     start_timeout: float = 120.0
@@ -187,6 +191,8 @@ class Router:
         if unplaceable is not None:
             m.failed, m.start_error = str(unplaceable), unplaceable
         m.slots = [_Slot(i, d, placed_by_model=p) for i, (d, p) in enumerate(zip(placements, by_model))]
+        if self.options.max_inflight_bytes is not None:
+            m.gate = CopyGate(cfg.name, max(1, len(m.slots)) * self.options.max_inflight_bytes)
         m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
         # (string inputs are not batched yet: see docs/batching.md)
         db = cfg.dynamic_batching
@@ -289,6 +295,8 @@ class Router:
         total = len(self.inbox) + self.fast.pending()
         for m in list(self.records()):
             total += m.pending + sum(len(w.inflight) for w in m.workers)
+            if m.gate is not None:
+                total += m.gate.waiting  # (infer callers about to copy: a close drains them too)
         return total
 
     def workers(self) -> list[WorkerInfo]:
@@ -351,7 +359,13 @@ class Router:
             not self.inbox
             and not self.fast.pending()
             and all(not m.pending and not any(w.inflight for w in m.workers) for m in self.records())
+            and not self._gated()
         )
+
+    def _gated(self) -> bool:
+        """Some ``Pool.infer`` caller holds or waits for room in a copy gate (draining
+        waits for it: it is a request about to be sent, or being answered)."""
+        return any(m.gate is not None and not m.gate.idle for m in self.records())
 
     def _wait_for_events(self, wake: float | None) -> list[Any]:
         """Block until something happens or ``wake`` (monotonic) comes; the ready
@@ -372,7 +386,7 @@ class Router:
         due: list[float] = []
         if self._stop_at is not None:
             due.append(self._stop_at)
-            if self.fast.pending():  # (the hub's replies do not wake this thread)
+            if self.fast.pending() or self._gated():  # (the hub's replies do not wake this thread)
                 due.append(now + 0.002)
         deadline = self.deadlines.next()
         if deadline is not None:
@@ -627,6 +641,9 @@ class Router:
     def _shutdown(self) -> None:
         """Stop every worker in order and release every resource (router thread)."""
         self.stopped = True
+        for m in self.records():
+            if m.gate is not None:
+                m.gate.close()  # (callers waiting to copy fail)
         self.fast.close()  # (its callers fail, as those of the calls below)
         for call in self.inbox.close():  # (later submits are refused)
             call.fail(PoolClosedError("the pool is closed"))

@@ -1,0 +1,122 @@
+"""How many bytes of large inputs ``Pool.infer`` callers may have copied ahead (front, any
+thread).
+
+An input of more than the inline threshold is copied into the model's request arena
+when the request is admitted, and the worker reads it there when it runs the request.
+With more callers than instances, most of those copies wait in the queue, and with
+inputs of megabytes, a copy made early is out of the CPU's caches by the time the worker
+reads it: the caller wrote it to memory, the worker reads it back, and both pay. One
+model's :class:`CopyGate` bounds the bytes that its ``Pool.infer`` callers have copied
+and not had answered (``Pool(max_inflight_bytes=...)``, per instance); a caller that
+would pass it waits for room before it copies. A request alone is never held back,
+however large. ``submit`` and ``infer_async`` are neither held back (their callers must
+not block) nor counted.
+
+The gate is released by the caller itself when its ``infer`` returns, however it
+returns, so a waiting caller never depends on anybody but other callers that are
+already past it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from ..errors import PoolClosedError, TimeoutError
+
+__all__ = ["CopyGate"]
+
+
+class _Waiter:
+    __slots__ = ("granted", "nbytes", "wake")
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        #: held until the waiter gets in (or the gate closes)
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.granted = False
+
+
+class CopyGate:
+    """A bound on the bytes one model's callers have copied ahead.
+
+    Waiters queue in order, and a release hands the room to them directly, first come
+    first served: only a waiter that gets in is woken (each sleeps on a lock of its own).
+    """
+
+    def __init__(self, model: str, budget: int) -> None:
+        self.model = model
+        self.budget = budget
+        #: bytes admitted and not released
+        self.held = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        #: the waiting callers, in order
+        self._waiting: deque[_Waiter] = deque()
+
+    @property
+    def idle(self) -> bool:
+        """Nobody holds or waits for room."""
+        return not self.held and not self._waiting
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting to get in (they count as pending requests)."""
+        return len(self._waiting)
+
+    def acquire(self, nbytes: int, deadline: float | None) -> None:
+        """Count ``nbytes``, after waiting while others hold so much that they would pass
+        the budget (or wait before us).
+
+        Raises:
+            TimeoutError: the deadline (monotonic) passed while waiting.
+            PoolClosedError: the pool closed while waiting.
+        """
+        with self._lock:
+            if not self._waiting and (not self.held or self.held + nbytes <= self.budget):
+                self.held += nbytes
+                return
+            if self._closed:
+                raise PoolClosedError("the pool is closed")
+            me = _Waiter(nbytes)
+            self._waiting.append(me)
+        me.wake.acquire(timeout=-1.0 if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            if me.granted:
+                return
+            if me in self._waiting:  # (timed out; a close empties the queue itself)
+                self._waiting.remove(me)
+                self._admit()  # (the next one may fit now that we do not wait first)
+            if self._closed:
+                raise PoolClosedError("the pool is closed")
+        raise TimeoutError(
+            f"model {self.model!r}: the request's timeout passed while it waited for room to copy its inputs "
+            f"({self.held} bytes of other requests in flight; Pool(max_inflight_bytes=...))"
+        )
+
+    def release(self, nbytes: int) -> None:
+        """Give back what :meth:`acquire` counted, and let the next callers in."""
+        with self._lock:
+            self.held -= nbytes
+            self._admit()
+
+    def close(self) -> None:
+        """Wake every waiting caller with :class:`PoolClosedError`."""
+        with self._lock:
+            self._closed = True
+            waiting, self._waiting = self._waiting, deque()
+            for waiter in waiting:
+                waiter.wake.release()
+
+    def _admit(self) -> None:
+        """Let in the waiters at the head of the queue that fit (under the lock)."""
+        while self._waiting:
+            waiter = self._waiting[0]
+            if self.held and self.held + waiter.nbytes > self.budget:
+                return
+            self._waiting.popleft()
+            self.held += waiter.nbytes
+            waiter.granted = True
+            waiter.wake.release()

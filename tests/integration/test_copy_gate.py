@@ -1,0 +1,138 @@
+"""Pool(max_inflight_bytes=...): Pool.infer callers of a model with large inputs wait
+for room before they copy them (front/copygate.py), on a real pool.
+
+The model sleeps as long as its input's first element says, so a request can hold the
+gate while others come."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from libtorchrt import ModelConfig, Pool, PoolClosedError, TensorSpec, TimeoutError
+from tests.conftest import run_threads
+
+#: 1 MiB of float32: above the inline threshold, so copied into the request arena
+ROWS = 256 * 1024
+
+SLEEPER = """
+import time
+
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(float(x[0]))
+        return x[:8] * 2.0
+"""
+
+
+@pytest.fixture(scope="module")
+def sleeper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("copy_gate") / "model.py"
+    path.write_text(textwrap.dedent(SLEEPER).lstrip())
+    return path
+
+
+def _pool(path: Path, **kw: object) -> Pool:
+    return Pool(models=[ModelConfig("m", path, inputs=[TensorSpec("x", "float32", [ROWS])])], **kw)
+
+
+def _sleep(seconds: float) -> dict[str, torch.Tensor]:
+    x = torch.zeros(ROWS)
+    x[0] = seconds
+    return {"x": x}
+
+
+def _busy(pool: Pool, seconds: float) -> threading.Thread:
+    """A caller whose request holds the gate (and the one instance) for ``seconds``."""
+    def run() -> None:
+        with contextlib.suppress(PoolClosedError):  # (a close without grace fails it)
+            pool.infer("m", _sleep(seconds))
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not any(w.inflight for w in pool.workers()):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return t
+
+
+def test_a_caller_past_the_budget_waits_before_copying_and_its_timeout_says_so(sleeper: Path, no_leaks: None) -> None:
+    with _pool(sleeper, max_inflight_bytes=ROWS * 4) as pool:
+        busy = _busy(pool, 1.0)
+        with pytest.raises(TimeoutError, match="max_inflight_bytes"):
+            pool.infer("m", _sleep(0.0), timeout=0.2)
+        busy.join()
+        assert torch.equal(pool.infer("m", _sleep(0.0))["OUTPUT__0"], torch.zeros(8))
+
+
+def test_without_a_bound_the_request_waits_in_the_queue_instead(sleeper: Path, no_leaks: None) -> None:
+    with _pool(sleeper, max_inflight_bytes=None) as pool:
+        busy = _busy(pool, 1.0)
+        with pytest.raises(TimeoutError) as e:
+            pool.infer("m", _sleep(0.0), timeout=0.2)
+        assert "max_inflight_bytes" not in str(e.value)
+        busy.join()
+
+
+def test_submit_is_not_held_back(sleeper: Path, no_leaks: None) -> None:
+    with _pool(sleeper, max_inflight_bytes=ROWS * 4) as pool:
+        busy = _busy(pool, 1.0)
+        start = time.monotonic()
+        future = pool.submit("m", _sleep(0.0))
+        assert time.monotonic() - start < 0.5
+        assert torch.equal(future.result(30)["OUTPUT__0"], torch.zeros(8))
+        busy.join()
+
+
+@pytest.mark.parametrize("grace", [0.0, 10.0])
+def test_close_drains_the_callers_waiting_at_the_gate_or_fails_them(sleeper: Path, grace: float) -> None:
+    # Waiting at the gate is waiting in the queue: a close with time to drain serves
+    # them; one without fails them, as it fails queued requests.
+    pool = _pool(sleeper, max_inflight_bytes=ROWS * 4)
+    try:
+        busy = _busy(pool, 1.0)
+        results: list[object] = []
+
+        def caller() -> None:
+            try:
+                results.append(pool.infer("m", _sleep(0.0))["OUTPUT__0"])
+            except BaseException as e:
+                results.append(e)
+
+        waiting = [threading.Thread(target=caller) for _ in range(3)]
+        for t in waiting:
+            t.start()
+        time.sleep(0.3)
+    finally:
+        pool.close(grace=grace)
+    for t in [busy, *waiting]:
+        t.join(30)
+    assert len(results) == 3
+    if grace:
+        assert all(isinstance(r, torch.Tensor) and torch.equal(r, torch.zeros(8)) for r in results), results
+    else:
+        assert all(isinstance(r, PoolClosedError) for r in results), results
+
+
+def test_many_callers_all_answered(sleeper: Path, no_leaks: None) -> None:
+    with _pool(sleeper, max_inflight_bytes=ROWS * 4) as pool:
+
+        def caller(i: int) -> None:
+            for k in range(20):
+                x = torch.full((ROWS,), float(i * 100 + k))
+                x[0] = 0.0
+                out = pool.infer("m", {"x": x})["OUTPUT__0"]
+                assert torch.equal(out, x[:8] * 2.0)
+
+        run_threads(caller, 6)

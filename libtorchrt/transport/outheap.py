@@ -22,6 +22,7 @@ One heap per process: ``install`` redirects the process's libc10 for good.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,10 @@ __all__ = ["MIN_BYTES", "OutputHeap", "install"]
 
 #: Allocations below this stay in glibc's heap (an output this small is cheap to copy).
 MIN_BYTES = 64 << 10
+
+#: References to an output nobody else holds, as ``adopt`` sees it from ``tensors.write``:
+#: the outputs list, write's loop variable, adopt's parameter, getrefcount's argument
+_OWN_REFS = 4
 
 
 class OutputHeap:
@@ -74,9 +79,15 @@ class OutputHeap:
         return dict(_outheap.stats())
 
     def adopt(self, t: torch.Tensor) -> int | None:
-        """The offset of ``t``'s data if the model made it in the arena (then it is kept
-        alive until :meth:`free` of that offset), else None."""
-        if not t.is_contiguous():
+        """The offset of ``t``'s data if the model made it in the arena and holds it no
+        more (then it is kept alive until :meth:`free` of that offset), else None.
+
+        An output the model still holds (a module attribute, TorchScript state) is
+        copied instead: the model could change it in place while the caller reads it.
+        Either way the Python object has more references than ours (torch holds one on
+        it while C++ code holds the tensor too).
+        """
+        if not t.is_contiguous() or sys.getrefcount(t) > _OWN_REFS:
             return None
         offset = t.data_ptr() - self.address
         if offset < 0 or offset + t.nbytes > self.size:

@@ -10,6 +10,7 @@ reply named the output where the model made it, with no copy."""
 from __future__ import annotations
 
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,106 @@ def test_an_output_named_twice_is_released_twice(tmp_path: Path) -> None:
         assert torch.equal(kept, x * 3.0), "an output still named was freed and made again"
         assert held <= 2 * (ROWS * 4 + 4096), held
         del kept
+
+
+KEEPER = """
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kept is not None:
+            self.kept.fill_(-1.0)  # (changes what it answered last time)
+        y = x * 2.0
+        self.kept = y
+        return y
+"""
+
+
+class _ScriptedKeeper(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = torch.zeros(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept.fill_(-1.0)
+        y = x * 2.0
+        self.kept = y
+        return y
+
+
+@pytest.mark.parametrize("kind", ["model.py", "torchscript"])
+def test_an_output_the_model_keeps_is_copied_so_it_cannot_change_under_the_caller(tmp_path: Path, kind: str) -> None:
+    if kind == "model.py":
+        path = tmp_path / "model.py"
+        path.write_text(textwrap.dedent(KEEPER).lstrip())
+    else:
+        path = tmp_path / "keeper.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(_ScriptedKeeper()), str(path))
+    with Pool(models=[_config(path)]) as pool:
+        assert [w.flags["ZERO_COPY_OUTPUTS"] for w in pool.workers()] == [True]
+        x1, x2 = torch.randn(ROWS), torch.randn(ROWS)
+        first = pool.infer("m", {"x": x1})["OUTPUT__0"]
+        second = pool.infer("m", {"x": x2})["OUTPUT__0"]
+        assert torch.equal(second, x2 * 2.0)
+        assert torch.equal(first, x1 * 2.0), "the model changed an answer the caller holds"
+
+
+BATCHED = """
+import torch
+from torch import nn
+
+
+def _offset(t: torch.Tensor) -> int:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "memfd:libtorchrt-b-" in line and "-resp" in line:
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                if lo <= t.data_ptr() < hi:
+                    return t.data_ptr() - lo
+    return -1
+
+
+class Model(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = x * 2.0
+        return y, torch.tensor([[_offset(row)] for row in y])
+"""
+
+
+def test_each_member_of_a_batch_gets_its_rows_where_the_model_made_them(tmp_path: Path) -> None:
+    from libtorchrt import DynamicBatching
+
+    width = 32 * 1024  # 128 KiB a row: above the inline threshold
+    (tmp_path / "model.py").write_text(textwrap.dedent(BATCHED).lstrip())
+    config = ModelConfig(
+        "b",
+        tmp_path / "model.py",
+        inputs=[TensorSpec("x", "float32", [width])],
+        max_batch_size=8,
+        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=50_000),
+    )
+    with Pool(models=[config]) as pool:
+        xs = [torch.randn(1, width) for _ in range(4)]
+        futures = [pool.submit("b", {"x": x}) for x in xs]
+        outs = [f.result(30) for f in futures]
+        assert max(int(o["OUTPUT__1"].numel()) for o in outs) == 1
+        for x, out in zip(xs, outs):
+            assert torch.equal(out["OUTPUT__0"], x * 2.0)
+            with open("/proc/self/maps") as maps:
+                spans = [
+                    tuple(int(v, 16) for v in line.split()[0].split("-"))
+                    for line in maps
+                    if "memfd:libtorchrt-b-" in line and "-resp" in line
+                ]
+            ptr = out["OUTPUT__0"].data_ptr()
+            mine = next(ptr - lo for lo, hi in spans if lo <= ptr < hi)
+            assert mine == int(out["OUTPUT__1"]), "a member's rows were copied, not named where they were made"
+        assert pool.stats()[0].executions < 4  # (they were batched)

@@ -8,8 +8,10 @@ inputs of megabytes, a copy made early is out of the CPU's caches by the time th
 reads it: the caller wrote it to memory, the worker reads it back, and both pay. One
 model's :class:`CopyGate` bounds the bytes that its ``Pool.infer`` callers have copied
 and not had answered (``Pool(max_inflight_bytes=...)``, per instance); a caller that
-would pass it waits for room before it copies. A request alone is never held back,
-however large. ``submit`` and ``infer_async`` are neither held back (their callers must
+would pass it waits for room before it copies. Two requests an instance always go,
+however large: one running and the next one ready, so a worker does not wait for a
+caller to wake up and copy (a compute-bound model lost a quarter of its throughput with
+one; docs/benchmarks.md). ``submit`` and ``infer_async`` are neither held back (their callers must
 not block) nor counted.
 
 The gate is released by the caller itself when its ``infer`` returns, however it
@@ -46,11 +48,14 @@ class CopyGate:
     first served: only a waiter that gets in is woken (each sleeps on a lock of its own).
     """
 
-    def __init__(self, model: str, budget: int) -> None:
+    def __init__(self, model: str, budget: int, free_requests: int = 1) -> None:
         self.model = model
         self.budget = budget
-        #: bytes admitted and not released
+        #: requests let in whatever their bytes (two an instance: one running, one ready)
+        self.free_requests = free_requests
+        #: bytes admitted and not released, and by how many requests
         self.held = 0
+        self.count = 0
         self._closed = False
         self._lock = threading.Lock()
         #: the waiting callers, in order
@@ -59,7 +64,7 @@ class CopyGate:
     @property
     def idle(self) -> bool:
         """Nobody holds or waits for room."""
-        return not self.held and not self._waiting
+        return not self.count and not self._waiting
 
     @property
     def waiting(self) -> int:
@@ -75,8 +80,9 @@ class CopyGate:
             PoolClosedError: the pool closed while waiting.
         """
         with self._lock:
-            if not self._waiting and (not self.held or self.held + nbytes <= self.budget):
+            if not self._waiting and self._fits(nbytes):
                 self.held += nbytes
+                self.count += 1
                 return
             if self._closed:
                 raise PoolClosedError("the pool is closed")
@@ -100,6 +106,7 @@ class CopyGate:
         """Give back what :meth:`acquire` counted, and let the next callers in."""
         with self._lock:
             self.held -= nbytes
+            self.count -= 1
             self._admit()
 
     def close(self) -> None:
@@ -110,13 +117,17 @@ class CopyGate:
             for waiter in waiting:
                 waiter.wake.release()
 
+    def _fits(self, nbytes: int) -> bool:
+        return self.count < self.free_requests or self.held + nbytes <= self.budget
+
     def _admit(self) -> None:
         """Let in the waiters at the head of the queue that fit (under the lock)."""
         while self._waiting:
             waiter = self._waiting[0]
-            if self.held and self.held + waiter.nbytes > self.budget:
+            if not self._fits(waiter.nbytes):
                 return
             self._waiting.popleft()
             self.held += waiter.nbytes
+            self.count += 1
             waiter.granted = True
             waiter.wake.release()

@@ -87,9 +87,9 @@ class Pool:
         max_inflight_bytes: bytes of large inputs (those copied into shared memory)
             that :meth:`infer` callers of a model may have copied and not had answered,
             per instance; a caller past it waits for room before it copies, so that
-            the workers read inputs still in the CPU's caches (a request alone always
-            goes). None: no bound. ``submit`` and ``infer_async`` are not held back
-            (docs/benchmarks.md, "Large inputs").
+            the workers read inputs still in the CPU's caches (two requests an
+            instance always go). None: no bound. ``submit`` and ``infer_async`` are not
+            held back (docs/benchmarks.md, "Large inputs and outputs").
         busy_poll_us: after a reply, workers (and the router thread, while it awaits
             one) poll this long without sleeping before they block. A process that
             sleeps between requests wakes up slowly; polling trades CPU for latency,

@@ -192,7 +192,8 @@ class Router:
             m.failed, m.start_error = str(unplaceable), unplaceable
         m.slots = [_Slot(i, d, placed_by_model=p) for i, (d, p) in enumerate(zip(placements, by_model))]
         if self.options.max_inflight_bytes is not None:
-            m.gate = CopyGate(cfg.name, max(1, len(m.slots)) * self.options.max_inflight_bytes)
+            instances = max(1, len(m.slots))
+            m.gate = CopyGate(cfg.name, instances * self.options.max_inflight_bytes, 2 * instances)
         m.gpus = tuple(sorted({g for g in map(gpu_index, placements) if g is not None}))
         # (string inputs are not batched yet: see docs/batching.md)
         db = cfg.dynamic_batching

@@ -52,19 +52,21 @@ def _sleep(seconds: float) -> dict[str, torch.Tensor]:
     return {"x": x}
 
 
-def _busy(pool: Pool, seconds: float) -> threading.Thread:
-    """A caller whose request holds the gate (and the one instance) for ``seconds``."""
+def _busy(pool: Pool, seconds: float) -> list[threading.Thread]:
+    """Two callers whose requests hold the gate for ``seconds`` and then some (two
+    requests an instance always get in: the first runs, the second waits in the queue)."""
     def run() -> None:
         with contextlib.suppress(PoolClosedError):  # (a close without grace fails it)
             pool.infer("m", _sleep(seconds))
 
-    t = threading.Thread(target=run)
-    t.start()
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
     deadline = time.monotonic() + 30
-    while not any(w.inflight for w in pool.workers()):
-        assert time.monotonic() < deadline
+    while sum(w.inflight for w in pool.workers()) + pool.stats()[0].pending < 2:
+        assert time.monotonic() < deadline, "the two requests did not get in"
         time.sleep(0.005)
-    return t
+    return threads
 
 
 def test_a_caller_past_the_budget_waits_before_copying_and_its_timeout_says_so(sleeper: Path, no_leaks: None) -> None:
@@ -72,7 +74,8 @@ def test_a_caller_past_the_budget_waits_before_copying_and_its_timeout_says_so(s
         busy = _busy(pool, 1.0)
         with pytest.raises(TimeoutError, match="max_inflight_bytes"):
             pool.infer("m", _sleep(0.0), timeout=0.2)
-        busy.join()
+        for t in busy:
+            t.join()
         assert torch.equal(pool.infer("m", _sleep(0.0))["OUTPUT__0"], torch.zeros(8))
 
 
@@ -82,7 +85,8 @@ def test_without_a_bound_the_request_waits_in_the_queue_instead(sleeper: Path, n
         with pytest.raises(TimeoutError) as e:
             pool.infer("m", _sleep(0.0), timeout=0.2)
         assert "max_inflight_bytes" not in str(e.value)
-        busy.join()
+        for t in busy:
+            t.join()
 
 
 def test_submit_is_not_held_back(sleeper: Path, no_leaks: None) -> None:
@@ -92,7 +96,8 @@ def test_submit_is_not_held_back(sleeper: Path, no_leaks: None) -> None:
         future = pool.submit("m", _sleep(0.0))
         assert time.monotonic() - start < 0.5
         assert torch.equal(future.result(30)["OUTPUT__0"], torch.zeros(8))
-        busy.join()
+        for t in busy:
+            t.join()
 
 
 @pytest.mark.parametrize("grace", [0.0, 10.0])
@@ -116,7 +121,7 @@ def test_close_drains_the_callers_waiting_at_the_gate_or_fails_them(sleeper: Pat
         time.sleep(0.3)
     finally:
         pool.close(grace=grace)
-    for t in [busy, *waiting]:
+    for t in [*busy, *waiting]:
         t.join(30)
     assert len(results) == 3
     if grace:

@@ -100,3 +100,16 @@ def test_close_fails_the_waiting_callers() -> None:
     for t in threads:
         t.join(10)
     assert len(errors) == 3 and all(isinstance(e, PoolClosedError) for e in errors)
+
+
+def test_the_first_requests_get_in_whatever_their_bytes() -> None:
+    # Two an instance (one running, the next ready): a worker never waits for a caller
+    # to wake and copy.
+    gate = CopyGate("m", budget=8, free_requests=2)
+    gate.acquire(100, None)
+    gate.acquire(100, None)
+    with pytest.raises(TimeoutError):
+        gate.acquire(1, time.monotonic() + 0.05)
+    gate.release(100)
+    gate.acquire(100, None)
+    assert gate.count == 2 and gate.held == 200

@@ -17,6 +17,9 @@
  * any other pointer goes to glibc. alloc()/free_offset() serve the worker's own copies
  * (an output that is not in the arena) from the same heap, up to its whole size.
  *
+ * A child forked from such a process (a model that forks) shares the arena with its
+ * parent: it allocates nothing there and frees nothing there.
+ *
  * The heap: first-fit over a sorted array of free blocks, coalesced on free, under one
  * mutex (torch's intra-op threads allocate too). Each block begins with a 64-byte header
  * (block start and size, a magic word) right before the pointer handed out.
@@ -71,6 +74,9 @@ static struct {
     size_t min_bytes;
     size_t hook_limit;
     volatile int enabled;
+    /* this process is a fork of the one that installed the heap: it shares the arena
+     * with its parent, so it must neither allocate there nor free there */
+    int forked;
     pthread_mutex_t mu;
     size_t *starts, *sizes; /* free blocks, sorted by start */
     size_t nfree, capfree;
@@ -211,7 +217,7 @@ static int heap_free(void *p) {
 }
 
 static int hook_memalign(void **out, size_t align, size_t size) {
-    if (H.enabled && size >= H.min_bytes && align <= PAGE && (align & (align - 1)) == 0) {
+    if (H.enabled && !H.forked && size >= H.min_bytes && align <= PAGE && (align & (align - 1)) == 0) {
         void *p = heap_alloc(size, align, 1);
         if (p != NULL) {
             *out = p;
@@ -223,10 +229,20 @@ static int hook_memalign(void **out, size_t align, size_t size) {
 
 static void hook_free(void *p) {
     if (in_arena(p)) {
-        heap_free(p);
+        if (!H.forked) heap_free(p); /* (a fork's copy of a block stays: it is its parent's) */
         return;
     }
     H.real_free(p);
+}
+
+/* In a child forked while the heap was installed (a model that forks): the arena is
+ * shared with the parent, so the child leaves it alone. The mutex may have been held by
+ * another thread at the fork: it is made anew. */
+static void after_fork_in_child(void) {
+    H.forked = 1;
+    H.enabled = 0;
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    H.mu = fresh;
 }
 
 /* ---- the import slots ---- */
@@ -347,6 +363,7 @@ static PyObject *py_install(PyObject *self, PyObject *args) {
     H.min_bytes = (size_t)min_bytes;
     H.hook_limit = (size_t)hook_limit;
     H.base = base; /* before any slot points at the hooks */
+    pthread_atfork(NULL, NULL, after_fork_in_child);
     patch_t c10 = {"libc10.so", 1, 0, 0, 0};
     patch_t cpu = {"libtorch_cpu.so", 0, 0, 0, 0};
     dl_iterate_phdr(patch_object, &c10);
@@ -372,7 +389,7 @@ static PyObject *py_alloc(PyObject *self, PyObject *arg) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "nbytes must not be negative");
         return NULL;
     }
-    if (H.base == NULL) return PyLong_FromLong(-1);
+    if (H.base == NULL || H.forked) return PyLong_FromLong(-1);
     void *p = heap_alloc((size_t)n, HEADER, 0);
     return PyLong_FromSsize_t(p == NULL ? -1 : (Py_ssize_t)((char *)p - H.base));
 }
@@ -380,7 +397,7 @@ static PyObject *py_alloc(PyObject *self, PyObject *arg) {
 static PyObject *py_free(PyObject *self, PyObject *arg) {
     Py_ssize_t offset = PyLong_AsSsize_t(arg);
     if (offset == -1 && PyErr_Occurred()) return NULL;
-    if (H.base == NULL || offset < HEADER || (size_t)offset >= H.size || heap_free(H.base + offset) != 0) {
+    if (H.base == NULL || H.forked || offset < HEADER || (size_t)offset >= H.size || heap_free(H.base + offset) != 0) {
         PyErr_Format(PyExc_ValueError, "no allocated block at offset %zd", offset);
         return NULL;
     }

@@ -106,3 +106,31 @@ def test_once_per_process() -> None:
         else:
             raise AssertionError("a second install was accepted")
     """)
+
+
+def test_a_forked_child_leaves_the_parents_arena_alone() -> None:
+    # A model that forks: the child shares the arena, so it must not allocate or free
+    # there (its parent's blocks would be corrupted).
+    run("""
+        out, _ = install(arena)
+        with out.enable():
+            y = torch.randn(1 << 20)
+            offset = out.adopt(y)
+            assert offset is not None
+            pid = os.fork()
+            if pid == 0:
+                z = torch.ones(1 << 20)  # (while enabled, in the child)
+                ok = not (0 <= z.data_ptr() - out.address < SIZE) and heap.alloc(1 << 20) == -1
+                del y, z  # (frees the child's view of the parent's block: ignored)
+                os._exit(0 if ok else 3)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert heap.stats()["hooked_used"] >= 4 << 20
+        y2 = torch.randn(1 << 20)
+        with out.enable():
+            w = y2 * 1.0
+        assert 0 <= w.data_ptr() - out.address < SIZE and w.data_ptr() != y.data_ptr()
+        out.free(offset)
+        del y, w
+        assert out.used == 0
+    """)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,45 +23,40 @@ from tests.conftest import run_threads
 #: 2 MiB of float32
 ROWS = 512 * 1024
 
-SELF_AWARE = """
+#: Where a tensor lies in this process's mapping of model ``model``'s response arena (-1:
+#: not there). The models below run it in their worker; the tests run it in the front.
+OFFSET = """
+def arena_offset(t, model):
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if f"memfd:libtorchrt-{model}-" in line and "-resp" in line:
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                if lo <= t.data_ptr() < hi:
+                    return t.data_ptr() - lo
+    return -1
+"""
+_helpers: dict[str, Any] = {}
+exec(OFFSET, _helpers)
+arena_offset = _helpers["arena_offset"]
+
+SELF_AWARE = (
+    """
 import torch
 from torch import nn
 
 from libtorchrt.transport import _outheap
-
-
-def _response_arena() -> list[tuple[int, int]]:
-    spans = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "memfd:libtorchrt-m-" in line and "-resp" in line:
-                lo, hi = line.split()[0].split("-")
-                spans.append((int(lo, 16), int(hi, 16)))
-    return spans
-
-
-def _offset(t: torch.Tensor) -> int:
-    return next((t.data_ptr() - lo for lo, hi in _response_arena() if lo <= t.data_ptr() < hi), -1)
-
+"""
+    + OFFSET
+    + """
 
 class Model(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         held = _outheap.stats()["used"] if _outheap.stats()["size"] else -1
         y = x * 2.0
         small = x[:4] + 1.0  # (below the heap's threshold: glibc's, and inline)
-        return y, small, torch.tensor([_offset(y)]), torch.tensor([held])
+        return y, small, torch.tensor([arena_offset(y, "m")]), torch.tensor([held])
 """
-
-
-def _front_offset(t: torch.Tensor) -> int:
-    """Where ``t`` lies in this process's mapping of a response arena of model m (-1: not there)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "memfd:libtorchrt-m-" in line and "-resp" in line:
-                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-                if lo <= t.data_ptr() < hi:
-                    return t.data_ptr() - lo
-    return -1
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,7 @@ def test_outputs_are_made_in_the_response_arena_and_named_there(model_py: Path, 
             assert torch.equal(out["OUTPUT__1"], x[:4] + 1.0)
             made_at = int(out["OUTPUT__2"])
             assert made_at >= 0, "the output was not made in the response arena"
-            assert _front_offset(out["OUTPUT__0"]) == made_at, "the output was copied, not named where it was made"
+            assert arena_offset(out["OUTPUT__0"], "m") == made_at, "the output was copied, not named where it was made"
 
 
 def test_off_when_asked_outputs_are_copied(model_py: Path, no_leaks: None) -> None:
@@ -96,7 +92,7 @@ def test_off_when_asked_outputs_are_copied(model_py: Path, no_leaks: None) -> No
         out = pool.infer("m", {"x": x})
         assert torch.equal(out["OUTPUT__0"], x * 2.0)
         assert int(out["OUTPUT__2"]) == -1
-        assert _front_offset(out["OUTPUT__0"]) >= 0  # (copied into a slot of the arena)
+        assert arena_offset(out["OUTPUT__0"], "m") >= 0  # (copied into a slot of the arena)
         assert int(out["OUTPUT__3"]) == -1  # (no heap in that worker)
 
 
@@ -203,26 +199,20 @@ def test_an_output_the_model_keeps_is_copied_so_it_cannot_change_under_the_calle
         assert torch.equal(first, x1 * 2.0), "the model changed an answer the caller holds"
 
 
-BATCHED = """
+BATCHED = (
+    """
 import torch
 from torch import nn
-
-
-def _offset(t: torch.Tensor) -> int:
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "memfd:libtorchrt-b-" in line and "-resp" in line:
-                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-                if lo <= t.data_ptr() < hi:
-                    return t.data_ptr() - lo
-    return -1
-
+"""
+    + OFFSET
+    + """
 
 class Model(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = x * 2.0
-        return y, torch.tensor([[_offset(row)] for row in y])
+        return y, torch.tensor([[arena_offset(row, "b")] for row in y])
 """
+)
 
 
 def test_each_member_of_a_batch_gets_its_rows_where_the_model_made_them(tmp_path: Path) -> None:
@@ -244,13 +234,6 @@ def test_each_member_of_a_batch_gets_its_rows_where_the_model_made_them(tmp_path
         assert max(int(o["OUTPUT__1"].numel()) for o in outs) == 1
         for x, out in zip(xs, outs):
             assert torch.equal(out["OUTPUT__0"], x * 2.0)
-            with open("/proc/self/maps") as maps:
-                spans = [
-                    tuple(int(v, 16) for v in line.split()[0].split("-"))
-                    for line in maps
-                    if "memfd:libtorchrt-b-" in line and "-resp" in line
-                ]
-            ptr = out["OUTPUT__0"].data_ptr()
-            mine = next(ptr - lo for lo, hi in spans if lo <= ptr < hi)
+            mine = arena_offset(out["OUTPUT__0"], "b")
             assert mine == int(out["OUTPUT__1"]), "a member's rows were copied, not named where they were made"
         assert pool.stats()[0].executions < 4  # (they were batched)

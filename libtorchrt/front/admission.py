@@ -167,6 +167,33 @@ class Admission:
             raise ModelUnavailableError(model, m.unavailable)
         return m
 
+    def large_bytes(self, inputs: Mapping[str, Any]) -> int:
+        """The bytes of the CPU tensors among ``inputs`` that would be copied into the
+        request arena (more than the inline threshold each)."""
+        big = 0
+        for t in inputs.values():
+            if isinstance(t, torch.Tensor):
+                n = t.nbytes
+                if n > self.inline_threshold and not t.is_cuda:
+                    big += n
+        return big
+
+    async def enter_gate(self, model: str, version: int | None, timeout: float | None, nbytes: int) -> CopyGate | None:
+        """Wait in the model's copy gate for room for ``nbytes`` (an ``infer_async``
+        caller, in its event loop); the gate to release them to (None: the model has none).
+
+        Raises:
+            UnknownModelError, ModelUnavailableError, InvalidInputError (the timeout):
+            as :meth:`take`; TimeoutError, PoolClosedError: while waiting.
+        """
+        m = self.lookup(model, version)
+        gate = m.gate
+        if gate is None:
+            return None
+        timeout = m.cfg.timeout if timeout is None else request_timeout(model, timeout)
+        await gate.acquire_async(nbytes, None if timeout is None else time.monotonic() + timeout)
+        return gate
+
     def _place_gated(
         self, m: _Model, gate: CopyGate, tensors: list[torch.Tensor], deadline: float | None, host_only: bool
     ) -> Call:

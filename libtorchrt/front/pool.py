@@ -85,11 +85,11 @@ class Pool:
             waiting when it finishes; more only deepens the queue in a worker (docs/benchmarks.md,
             "Requests sent ahead", says how 4 was chosen).
         max_inflight_bytes: bytes of large inputs (those copied into shared memory)
-            that :meth:`infer` callers of a model may have copied and not had answered,
-            per instance; a caller past it waits for room before it copies, so that
-            the workers read inputs still in the CPU's caches (two requests an
-            instance always go). None: no bound. ``submit`` and ``infer_async`` are not
-            held back (docs/benchmarks.md, "Large inputs and outputs").
+            that :meth:`infer` and :meth:`infer_async` callers of a model may have
+            copied and not had answered, per instance; a caller past it waits for room
+            before it copies, so that the workers read inputs still in the CPU's
+            caches (two requests an instance always go). None: no bound. ``submit``
+            is not held back (docs/benchmarks.md, "Large inputs and outputs").
         busy_poll_us: after a reply, workers (and the router thread, while it awaits
             one) poll this long without sleeping before they block. A process that
             sleeps between requests wakes up slowly; polling trades CPU for latency,
@@ -457,13 +457,15 @@ class Pool:
         if sequence_id is None and not sequence_start and not sequence_end and fast.serves(model, version):
             if self._closed:
                 raise PoolClosedError("the pool is closed")
-            call = self._admission.take(model, inputs, version, timeout, priority)
-            if fast.takes(call):
-                if plain and call.model.lane_batches:
-                    self._shortcut.learn(model, inputs, call)  # type: ignore[arg-type]
-                return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
-            self._router.submit(call)
-            return await asyncio.wrap_future(call.future)  # type: ignore[arg-type]
+            big = self._admission.large_bytes(inputs) if type(inputs) is dict else 0
+            if big:  # (front/copygate.py: wait for room before copying, without blocking the loop)
+                gate = await self._admission.enter_gate(model, version, timeout, big)
+                try:
+                    return await self._infer_async_taken(model, inputs, version, timeout, priority, False)
+                finally:
+                    if gate is not None:
+                        gate.release(big)
+            return await self._infer_async_taken(model, inputs, version, timeout, priority, plain)
         loop = asyncio.get_running_loop()
         waker = self._waker
         if waker is None or waker.loop is not loop:
@@ -479,6 +481,18 @@ class Pool:
         except asyncio.CancelledError:
             future.cancel()
             raise
+
+    async def _infer_async_taken(
+        self, model: str, inputs: Inputs, version: int | None, timeout: float | None, priority: int | None, plain: bool
+    ) -> dict[str, torch.Tensor]:
+        call = self._admission.take(model, inputs, version, timeout, priority)
+        fast = self._router.fast
+        if fast.takes(call):
+            if plain and call.model.lane_batches:
+                self._shortcut.learn(model, inputs, call)  # type: ignore[arg-type]
+            return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
+        self._router.submit(call)
+        return await asyncio.wrap_future(call.future)  # type: ignore[arg-type]
 
     # ── introspection ──────────────────────────────────────────────────────────
 

@@ -6,6 +6,7 @@ gate while others come."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import textwrap
 import threading
@@ -141,3 +142,33 @@ def test_many_callers_all_answered(sleeper: Path, no_leaks: None) -> None:
                 assert torch.equal(out, x[:8] * 2.0)
 
         run_threads(caller, 6)
+
+
+def test_asyncio_callers_wait_in_their_loop_which_goes_on(sleeper: Path, no_leaks: None) -> None:
+    with _pool(sleeper, max_inflight_bytes=ROWS * 4) as pool:
+
+        async def main() -> None:
+            held = [asyncio.ensure_future(pool.infer_async("m", _sleep(0.5))) for _ in range(2)]
+            while sum(w.inflight for w in pool.workers()) + pool.stats()[0].pending < 2:
+                await asyncio.sleep(0.005)
+            # the third waits at the gate, the loop goes on (ticks meanwhile) ...
+            ticks = 0
+            third = asyncio.ensure_future(pool.infer_async("m", _sleep(0.0), timeout=0.2))
+            while not third.done():
+                ticks += 1
+                await asyncio.sleep(0.01)
+            assert ticks >= 10
+            with pytest.raises(TimeoutError, match="max_inflight_bytes"):
+                third.result()
+            # ... a cancelled waiter leaves nothing behind, and the next one gets in
+            cancelled = asyncio.ensure_future(pool.infer_async("m", _sleep(0.0)))
+            await asyncio.sleep(0.05)
+            cancelled.cancel()
+            for out in await asyncio.gather(*held):
+                assert torch.equal(out["OUTPUT__0"], _sleep(0.5)["x"][:8] * 2.0)
+            out = await asyncio.wait_for(pool.infer_async("m", _sleep(0.0)), 30)
+            assert torch.equal(out["OUTPUT__0"], torch.zeros(8))
+            with contextlib.suppress(asyncio.CancelledError):
+                await cancelled
+
+        asyncio.run(main())

@@ -3,6 +3,7 @@ real threads."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -113,3 +114,48 @@ def test_the_first_requests_get_in_whatever_their_bytes() -> None:
     gate.release(100)
     gate.acquire(100, None)
     assert gate.count == 2 and gate.held == 200
+
+
+def test_asyncio_waiters_queue_with_threads_and_a_cancelled_one_leaves_no_trace() -> None:
+    gate = CopyGate("m", budget=8)
+    gate.acquire(8, None)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(gate.acquire_async(8, None))
+        second = asyncio.ensure_future(gate.acquire_async(8, None))
+        await asyncio.sleep(0.01)
+        assert gate.waiting == 2 and not first.done()
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert gate.waiting == 1
+        threading.Thread(target=gate.release, args=(8,)).start()  # (released from another thread)
+        await asyncio.wait_for(first, 10)
+        assert gate.held == 8 and gate.count == 1
+        late = asyncio.ensure_future(gate.acquire_async(4, time.monotonic() + 0.05))
+        with pytest.raises(TimeoutError, match="max_inflight_bytes"):
+            await late
+        closing = asyncio.ensure_future(gate.acquire_async(4, None))
+        await asyncio.sleep(0.01)
+        gate.close()
+        with pytest.raises(PoolClosedError):
+            await asyncio.wait_for(closing, 10)
+        assert gate.held == 8 and gate.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_a_task_cancelled_as_it_gets_in_gives_its_room_back() -> None:
+    gate = CopyGate("m", budget=8)
+    gate.acquire(8, None)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(gate.acquire_async(8, None))
+        await asyncio.sleep(0.01)
+        gate.release(8)  # (granted: its wake-up is queued in the loop)
+        task.cancel()  # (before it runs again)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gate.held == 0 and gate.count == 0 and gate.idle
+
+    asyncio.run(main())

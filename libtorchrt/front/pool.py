@@ -89,7 +89,8 @@ class Pool:
             copied and not had answered, per instance; a caller past it waits for room
             before it copies, so that the workers read inputs still in the CPU's
             caches (two requests an instance always go). None: no bound. ``submit``
-            is not held back (docs/benchmarks.md, "Large inputs and outputs").
+            and a sequence's requests are not held back (docs/benchmarks.md, "Large
+            inputs and outputs").
         busy_poll_us: after a reply, workers (and the router thread, while it awaits
             one) poll this long without sleeping before they block. A process that
             sleeps between requests wakes up slowly; polling trades CPU for latency,

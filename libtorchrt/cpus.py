@@ -3,7 +3,7 @@
 By default nothing is pinned: the kernel places every thread. An application whose
 threads call ``Pool.infer`` then meets CPython's GIL convoy: once two of its threads
 wait for the GIL on different CPUs, each of the many times a torch call lets go of it
-becomes a hand-off between CPUs, and the front slows several-fold for seconds at a
+becomes a hand-off between CPUs, and the front slows down for seconds at a
 time (figures: docs/benchmarks.md, "Front CPUs"). The front's Python runs one thread
 at a time anyway, so keeping it on its own CPUs costs it little, and the workers, which
 are other processes with their own interpreters, get the rest.

@@ -11,7 +11,7 @@ router.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -167,11 +167,11 @@ class Admission:
             raise ModelUnavailableError(model, m.unavailable)
         return m
 
-    def large_bytes(self, inputs: Mapping[str, Any]) -> int:
-        """The bytes of the CPU tensors among ``inputs`` that would be copied into the
+    def large_bytes(self, values: Iterable[Any]) -> int:
+        """The bytes of the CPU tensors among ``values`` that would be copied into the
         request arena (more than the inline threshold each)."""
         big = 0
-        for t in inputs.values():
+        for t in values:
             if isinstance(t, torch.Tensor):
                 n = t.nbytes
                 if n > self.inline_threshold and not t.is_cuda:
@@ -197,11 +197,7 @@ class Admission:
     def _place_gated(
         self, m: _Model, gate: CopyGate, tensors: list[torch.Tensor], deadline: float | None, host_only: bool
     ) -> Call:
-        big = 0
-        for t in tensors:
-            n = t.nbytes
-            if n > self.inline_threshold and not t.is_cuda:
-                big += n
+        big = self.large_bytes(tensors)
         if not big:
             return self.place(m, tensors, deadline, None, host_only)
         gate.acquire(big, deadline)

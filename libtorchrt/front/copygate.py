@@ -1,23 +1,23 @@
 """How many bytes of large inputs ``Pool.infer`` and ``infer_async`` callers may have
 copied ahead (front, any thread).
 
-An input of more than the inline threshold is copied into the model's request arena
-when the request is admitted, and the worker reads it there when it runs the request.
-With more callers than instances, most of those copies wait in the queue, and with
-inputs of megabytes, a copy made early is out of the CPU's caches by the time the worker
-reads it: the caller wrote it to memory, the worker reads it back, and both pay. One
-model's :class:`CopyGate` bounds the bytes that its callers have copied and not had
-answered (``Pool(max_inflight_bytes=...)``, per instance); a caller that would pass it
-waits for room before it copies. Two requests an instance always go, however large: one
-running and the next one ready, so a worker does not wait for a caller to wake up and
-copy (a compute-bound model lost a quarter of its throughput with one;
-docs/benchmarks.md). ``infer`` callers wait in their thread, ``infer_async`` callers in
-their event loop (:meth:`CopyGate.acquire_async`). ``submit``'s callers are neither held
-back (``submit`` does not block) nor counted.
+An input of more than the inline threshold is copied into the model's request arena when
+the request is admitted, and the worker reads it there when it runs the request. With
+more callers than instances, most of those copies wait in the queue, and with inputs of
+megabytes, a copy made early is out of the CPU's caches by the time the worker reads it:
+the caller wrote it to memory, the worker reads it back, and both pay. One model's
+:class:`CopyGate` bounds the bytes that its callers have copied and not had answered
+(``Pool(max_inflight_bytes=...)``, per instance); a caller that would pass it waits for
+room before it copies. Two requests an instance always go, however large: one running
+and the next one ready, so a worker does not wait for a caller to wake up and copy
+(docs/benchmarks.md, "Large inputs and outputs", has the figures). ``infer`` callers
+wait in their thread, ``infer_async`` callers in their event loop
+(:meth:`CopyGate.acquire_async`). ``submit``'s callers are neither held back (``submit``
+does not block) nor counted.
 
 The gate is released by the caller itself when its ``infer`` returns, however it
-returns, so a waiting caller never depends on anybody but other callers that are
-already past it.
+returns, so a waiting caller never depends on anybody but other callers that are already
+past it.
 """
 
 from __future__ import annotations

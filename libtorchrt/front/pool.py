@@ -37,7 +37,6 @@ from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from ..transport import lanes
 from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
-from .call import Call
 from .catalog import Catalog
 from .control import Load, Unload
 from .future import LoopFuture, LoopWaker, RequestFuture
@@ -139,7 +138,7 @@ class Pool:
             lowest-numbered this process may run on), or their numbers. None
             (default): the kernel places every thread. Threads that call ``infer``
             then wait for the GIL on several CPUs at once, and a convoy of GIL
-            hand-offs can slow the front several-fold for seconds at a time; on the
+            hand-offs can slow the front for seconds at a time; on the
             front's own CPUs it does not form (docs/benchmarks.md, "Front CPUs",
             has the figures). Worth it when many threads call small models; it
             takes those CPUs from the workers, and gains nothing for asyncio
@@ -384,43 +383,30 @@ class Pool:
             TimeoutError: no result within ``timeout``.
         """
         timeout = request_timeout(model, timeout)
-        future: concurrent.futures.Future[dict[str, torch.Tensor]]
         if sequence_id is None and not sequence_start and not sequence_end:
             if self._closed:
                 raise PoolClosedError("the pool is closed")
             call = self._admission.take(model, inputs, version, timeout, priority, gated=True)
-            if call.gated:  # (large inputs: front/copygate.py)
-                return self._infer_gated(call, model, timeout)
-            fast = self._router.fast
-            if fast.takes(call):
-                return fast.infer(call)  # (no router thread: front/fastlane.py)
-            self._router.submit(call)
-            future = cast(RequestFuture[dict[str, torch.Tensor]], call.future)
-        else:
-            future = self.submit(
-                model,
-                inputs,
-                version=version,
-                timeout=timeout,
-                priority=priority,
-                sequence_id=sequence_id,
-                sequence_start=sequence_start,
-                sequence_end=sequence_end,
-            )
+            try:
+                fast = self._router.fast
+                if fast.takes(call):
+                    return fast.infer(call)  # (no router thread: front/fastlane.py)
+                self._router.submit(call)
+                return _result(cast(RequestFuture[dict[str, torch.Tensor]], call.future), model, timeout)
+            finally:
+                if call.gated:  # (large inputs: the room it took in its model's copy gate)
+                    call.model.gate.release(call.gated)  # type: ignore[union-attr]
+        future = self.submit(
+            model,
+            inputs,
+            version=version,
+            timeout=timeout,
+            priority=priority,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
         return _result(future, model, timeout)
-
-    def _infer_gated(self, call: Call, model: str, timeout: float | None) -> dict[str, torch.Tensor]:
-        """:meth:`infer` of a call counted in its model's copy gate, released however it ends."""
-        try:
-            fast = self._router.fast
-            if fast.takes(call):
-                return fast.infer(call)
-            self._router.submit(call)
-            return _result(cast(RequestFuture[dict[str, torch.Tensor]], call.future), model, timeout)
-        finally:
-            gate = call.model.gate
-            assert gate is not None
-            gate.release(call.gated)
 
     async def infer_async(
         self,
@@ -458,7 +444,7 @@ class Pool:
         if sequence_id is None and not sequence_start and not sequence_end and fast.serves(model, version):
             if self._closed:
                 raise PoolClosedError("the pool is closed")
-            big = self._admission.large_bytes(inputs) if type(inputs) is dict else 0
+            big = self._admission.large_bytes(inputs.values()) if type(inputs) is dict else 0
             if big:  # (front/copygate.py: wait for room before copying, without blocking the loop)
                 gate = await self._admission.enter_gate(model, version, timeout, big)
                 try:

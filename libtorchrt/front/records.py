@@ -128,7 +128,7 @@ class _Model:
     stats: Stats = field(init=False)
     #: the order keeper of dynamic batching's preserve_ordering
     orderer: Orderer | None = None
-    #: the bound on what its ``Pool.infer`` callers copy ahead (None: none)
+    #: the bound on what its ``infer`` and ``infer_async`` callers copy ahead (None: none)
     gate: CopyGate | None = None
     #: its declared outputs, as its workers check every result against them
     declared_outputs: list[list[Any]] = field(default_factory=list)

@@ -96,7 +96,7 @@ class RouterOptions:
     inline_threshold: int = tensor_io.DEFAULT_INLINE_THRESHOLD
     busy_poll_us: int = 0
     max_inflight: int = 4
-    #: bytes of large inputs ``Pool.infer`` callers may have copied ahead, per instance
+    #: bytes of large inputs ``infer``/``infer_async`` callers may have copied ahead, per instance
     #: of a model (``copygate.py``); None: no bound
     max_inflight_bytes: int | None = 4 << 20
     #: caller threads a batch's replies wake at once at most (the hub's wake-up gate)
@@ -364,7 +364,7 @@ class Router:
         )
 
     def _gated(self) -> bool:
-        """Some ``Pool.infer`` caller holds or waits for room in a copy gate (draining
+        """Some ``infer`` or ``infer_async`` caller holds or waits for room in a copy gate (draining
         waits for it: it is a request about to be sent, or being answered)."""
         return any(m.gate is not None and not m.gate.idle for m in self.records())
 

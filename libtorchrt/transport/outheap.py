@@ -21,9 +21,7 @@ One heap per process: ``install`` redirects the process's libc10 for good.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,12 +47,12 @@ _OWN_REFS = 4
 class OutputHeap:
     """The allocator of a worker's response arena when the model allocates in it.
 
-    The same interface as :class:`~.arena.Allocator` (``alloc``, ``free``, ``reset``,
-    ``adopt``), over the native heap. Use :func:`install` to make one.
+    ``tensors.write``'s :class:`~.arena.Slots` (``adopt``, ``alloc``, ``free``), over
+    the native heap, and the switch of the model's allocations (:meth:`enable`). Use
+    :func:`install` to make one.
     """
 
     def __init__(self, arena: Arena, address: int) -> None:
-        self.arena = arena
         #: the arena's address in the native heap's own mapping of it
         self.address = address
         self.size = arena.size
@@ -68,15 +66,6 @@ class OutputHeap:
         """Bytes held in the arena: outputs kept for the front, copies, and the
         blocks the model holds right now."""
         return int(_outheap.stats()["used"])
-
-    def __len__(self) -> int:
-        """Slots the front has not released yet."""
-        return len(self._adopted) + len(self._slots)
-
-    def stats(self) -> dict[str, int]:
-        """The native heap's counters (``hooked_allocs``: the model's allocations served
-        from the arena; ``fallbacks``: those that did not fit)."""
-        return dict(_outheap.stats())
 
     def adopt(self, t: torch.Tensor) -> int | None:
         """The offset of ``t``'s data if the model made it in the arena and holds it no
@@ -124,21 +113,11 @@ class OutputHeap:
         self._slots.discard(offset)
         _outheap.free(offset)
 
-    def reset(self) -> None:
-        """Release everything handed out (the front that held it is gone)."""
-        self._adopted.clear()
-        for offset in self._slots:
-            _outheap.free(offset)
-        self._slots.clear()
-
-    @contextlib.contextmanager
-    def enable(self) -> Iterator[None]:
-        """Serve the model's large allocations from the arena for the ``with`` block."""
-        _outheap.enable(True)
-        try:
-            yield
-        finally:
-            _outheap.enable(False)
+    @staticmethod
+    def enable(on: bool) -> None:
+        """Serve the model's large allocations from the arena (True) or glibc (False).
+        (A plain call, not a context manager: the worker switches it twice a request.)"""
+        _outheap.enable(on)
 
 
 def install(arena: Arena, min_bytes: int = MIN_BYTES) -> tuple[OutputHeap | None, str]:

@@ -537,10 +537,14 @@ class _Worker:
         return self._run_model(inputs)
 
     def _run_model(self, inputs: list[Any]) -> list[Any]:
-        if self.heap is None:
+        heap = self.heap
+        if heap is None:
             return self.run_model(inputs)
-        with self.heap.enable():  # (its large tensors are made in the response arena)
+        heap.enable(True)  # (its large tensors are made in the response arena)
+        try:
             return self.run_model(inputs)
+        finally:
+            heap.enable(False)
 
     def _reply(self, header: bytes, frames: list[Any]) -> None:
         """Answer by the way the request came: the channel, unless the reply has data

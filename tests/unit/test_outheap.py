@@ -37,9 +37,10 @@ def test_large_tensors_made_while_enabled_live_in_the_arena_and_are_freed_there(
         assert out is not None and note == "", note
         x = torch.randn(1 << 20)
         before = x * 1.0  # (not enabled: glibc's)
-        with out.enable():
-            y = x * 2.0
-            small = x[:16] * 2.0
+        out.enable(True)
+        y = x * 2.0
+        small = x[:16] * 2.0
+        out.enable(False)
         after = x * 1.0
         inside = lambda t: 0 <= t.data_ptr() - out.address < SIZE
         assert inside(y) and not inside(small) and not inside(before) and not inside(after)
@@ -83,8 +84,9 @@ def test_the_model_cannot_take_the_whole_arena() -> None:
     # so a copy still finds room.
     run("""
         out, _ = install(arena)
-        with out.enable():
-            kept = [torch.empty((1 << 20) - 16) for _ in range(5)]  # 4 MiB with its header: 3 fit
+        out.enable(True)
+        kept = [torch.empty((1 << 20) - 16) for _ in range(5)]  # 4 MiB with its header: 3 fit
+        out.enable(False)
         inside = [0 <= t.data_ptr() - out.address < SIZE for t in kept]
         assert inside == [True, True, True, False, False], inside
         assert heap.stats()["fallbacks"] == 2
@@ -113,22 +115,24 @@ def test_a_forked_child_leaves_the_parents_arena_alone() -> None:
     # there (its parent's blocks would be corrupted).
     run("""
         out, _ = install(arena)
-        with out.enable():
-            y = torch.randn(1 << 20)
-            offset = out.adopt(y)
-            assert offset is not None
-            pid = os.fork()
-            if pid == 0:
-                z = torch.ones(1 << 20)  # (while enabled, in the child)
-                ok = not (0 <= z.data_ptr() - out.address < SIZE) and heap.alloc(1 << 20) == -1
-                del y, z  # (frees the child's view of the parent's block: ignored)
-                os._exit(0 if ok else 3)
-            _, status = os.waitpid(pid, 0)
+        out.enable(True)
+        y = torch.randn(1 << 20)
+        offset = out.adopt(y)
+        assert offset is not None
+        pid = os.fork()
+        if pid == 0:
+            z = torch.ones(1 << 20)  # (while enabled, in the child)
+            ok = not (0 <= z.data_ptr() - out.address < SIZE) and heap.alloc(1 << 20) == -1
+            del y, z  # (frees the child's view of the parent's block: ignored)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        out.enable(False)
         assert os.waitstatus_to_exitcode(status) == 0
         assert heap.stats()["hooked_used"] >= 4 << 20
         y2 = torch.randn(1 << 20)
-        with out.enable():
-            w = y2 * 1.0
+        out.enable(True)
+        w = y2 * 1.0
+        out.enable(False)
         assert 0 <= w.data_ptr() - out.address < SIZE and w.data_ptr() != y.data_ptr()
         out.free(offset)
         del y, w

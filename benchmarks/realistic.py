@@ -173,9 +173,11 @@ class Runner:
             self._inputs[name] = (sets, refs)
         return self._inputs[name]
 
-    def application(self, name: str, behaviour: Behaviour | None = None) -> Application:
+    def application(
+        self, name: str, behaviour: Behaviour | None = None, empty: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Application:
         sets, refs = self.inputs(name)
-        return Application(sets, behaviour or self.behaviour, references=refs)
+        return Application(sets, behaviour or self.behaviour, references=refs, empty=empty)
 
     # ── one row ───────────────────────────────────────────────────────────────
 
@@ -241,9 +243,13 @@ class Runner:
         concurrency: int,
         instances: int,
         behaviour: Behaviour | None = None,
+        lent: bool = False,
     ) -> Result:
-        """A row of libtorchrt callers: ``Pool.infer`` (threads) or ``Pool.infer_async`` (asyncio)."""
-        app = self.application(model, behaviour)
+        """A row of libtorchrt callers: ``Pool.infer`` (threads) or ``Pool.infer_async``
+        (asyncio); ``lent``: they make their inputs in the model's request arena
+        (``Pool.empty``)."""
+        empty = (lambda t: pool.empty(model, t.shape, t.dtype)) if lent else None
+        app = self.application(model, behaviour, empty)
         meter = CpuMeter(CpuMeter.labels([w.pid for w in pool.workers() if w.pid is not None]))
         call: Callable[[], Any]
         if callers == "asyncio":
@@ -318,19 +324,22 @@ class Runner:
         # The floor's one stream sends the same input and drops its result; so does the row
         # its target compares with (the realistic callers' row, beside it, also copies and
         # reduces 4 MiB each request, which the floor does not).
+        # The rows "Pool.empty" make their inputs in the request arena: no copy when sent.
         like_floor = Behaviour(fresh="cycle", use="none")
         with Pool(models=[ModelConfig("payload", self.path("payload"), instances=2)]) as pool:
-            self.pool_row("payload", "libtorchrt", pool, "payload", callers="threads", concurrency=8, instances=2)
-            self.pool_row(
-                "payload",
-                "libtorchrt",
-                pool,
-                "payload",
-                callers="threads",
-                concurrency=8,
-                instances=2,
-                behaviour=like_floor,
-            )
+            for label, lent in (("libtorchrt", False), ("libtorchrt, Pool.empty", True)):
+                for behaviour in (self.behaviour, like_floor):
+                    self.pool_row(
+                        "payload",
+                        label,
+                        pool,
+                        "payload",
+                        callers="threads",
+                        concurrency=8,
+                        instances=2,
+                        behaviour=behaviour,
+                        lent=lent,
+                    )
         a = self.args
         print("  ... floor-premapped, 1 stream", file=sys.stderr, flush=True)
         m = floor_premapped(
@@ -405,27 +414,27 @@ def _callers(r: Result) -> str:
 def print_scenario(name: str, rows: Sequence[Result], headline: str | None = None) -> None:
     """The scenario's two tables: throughput and latency, then CPU per request."""
     print(f"\n{headline or _HEADLINES[name]}")
-    head = f"  {'row':<20}{'callers':>12}  {'callers do':<26}{'req/s':>9}{'p50':>10}{'p99':>10}{'spread':>8}"
+    head = f"  {'row':<24}{'callers':>12}  {'callers do':<30}{'req/s':>9}{'p50':>10}{'p99':>10}{'spread':>8}"
     print(head + f"{'batch':>7}  errors")
     for r in rows:
         callers = _callers(r)
         errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
         print(
-            f"  {r.label:<20}{callers:>12}  {r.behaviour:<26}{fmt_rps(r.req_per_s):>9}{fmt_us(r.p50_us):>10}"
+            f"  {r.label:<24}{callers:>12}  {r.behaviour:<30}{fmt_rps(r.req_per_s):>9}{fmt_us(r.p50_us):>10}"
             f"{fmt_us(r.p99_us):>10}{_num(100 * r.spread, '{:.0f}%'):>8}{_num(r.mean_batch):>7}  {errors}"
             + (f"  {r.note}" if r.note else "")
         )
     print("  CPU µs per request, over the windows: total = this process (front, by thread group) + the workers")
     cells = "".join(f"{title:>11}" for _, title in _CPU_COLUMNS)
-    print(f"  {'row':<20}{'callers':>12}{cells}{'workers':>11}  each worker")
+    print(f"  {'row':<24}{'callers':>12}{cells}{'workers':>11}  each worker")
     for r in rows:
         callers = _callers(r)
         if r.cpu is None:
-            print(f"  {r.label:<20}{callers:>12}  n/a")
+            print(f"  {r.label:<24}{callers:>12}  n/a")
             continue
         cells = "".join(f"{_num(r.cpu[key]):>11}" for key, _ in _CPU_COLUMNS)
         each = ", ".join(f"{k} {v:.1f}" for k, v in r.cpu["processes"].items()) or "-"
-        print(f"  {r.label:<20}{callers:>12}{cells}{_num(r.cpu['processes_total']):>11}  {each}")
+        print(f"  {r.label:<24}{callers:>12}{cells}{_num(r.cpu['processes_total']):>11}  {each}")
     sys.stdout.flush()
 
 
@@ -545,6 +554,13 @@ def evaluate_targets(rows: Sequence[Result], use: str) -> list[dict[str, Any]]:
             "payload 2i x 8 threads (as the floor: same input, result dropped) vs floor-premapped req/s",
             0.8,
             _find(rows, "payload", "libtorchrt", "threads", "none"),
+            _find(rows, "payload", "floor-premapped", "-"),
+            pct=True,
+        ),
+        _rate_target(
+            "the same, inputs made in the request arena (Pool.empty) vs floor-premapped req/s",
+            0.8,
+            _find(rows, "payload", "libtorchrt, Pool.empty", "threads", "none"),
             _find(rows, "payload", "floor-premapped", "-"),
             pct=True,
         ),

@@ -136,12 +136,13 @@ def outputs_of(result: Any) -> list[torch.Tensor | np.ndarray]:
     return []
 
 
-def _random_like(t: torch.Tensor) -> torch.Tensor:
+def _random_like(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if t.dtype.is_floating_point:
-        return torch.randn(t.shape, dtype=t.dtype)
+        return torch.randn(t.shape, dtype=t.dtype, out=out)
     if t.dtype == torch.bool:
-        return torch.randint(0, 2, t.shape).bool()
-    return torch.randint(0, 16, t.shape, dtype=t.dtype)
+        made = torch.randint(0, 2, t.shape).bool()
+        return made if out is None else out.copy_(made)
+    return torch.randint(0, 16, t.shape, dtype=t.dtype, out=out)
 
 
 class Application:
@@ -154,6 +155,11 @@ class Application:
         references: with ``use`` equal/allclose, the expected answer of each set, in
             the same order (``{output name: tensor}``, or any result
             :func:`outputs_of` reads, compared output by output).
+        empty: where inputs are made: a function returning an uninitialised tensor
+            like the one it is given (``lambda t: pool.empty(model, t.shape,
+            t.dtype)``: in the model's request arena); fresh inputs are made in what
+            it returns, and ``fresh="cycle"``'s sets are copied into it once. Default:
+            torch's own memory.
 
     Raises:
         ValueError: no sets; a check without references, or with ``fresh="random"``
@@ -166,11 +172,15 @@ class Application:
         behaviour: Behaviour | None = None,
         *,
         references: Sequence[Any] | None = None,
+        empty: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not sets:
             raise ValueError("an Application needs at least one input set")
-        self.sets = [dict(s) for s in sets]
         self.behaviour = behaviour if behaviour is not None else Behaviour()
+        self._empty = empty
+        if empty is not None and self.behaviour.fresh == "cycle":
+            sets = [{name: empty(t).copy_(t) for name, t in s.items()} for s in sets]
+        self.sets = [dict(s) for s in sets]
         checking = self.behaviour.use in ("equal", "allclose")
         if checking and self.behaviour.fresh == "random":
             raise ValueError(f"use={self.behaviour.use!r} needs known inputs: fresh 'clone' or 'cycle', not 'random'")
@@ -192,12 +202,18 @@ class Application:
         k = next(self._counter) % len(self.sets)
         chosen = self.sets[k]
         fresh = self.behaviour.fresh
-        if fresh == "clone":
-            inputs = {name: t.clone() for name, t in chosen.items()}
-        elif fresh == "random":
-            inputs = {name: _random_like(t) for name, t in chosen.items()}
-        else:
+        empty = self._empty
+        if fresh == "cycle":
             inputs = chosen
+        elif empty is not None:
+            if fresh == "clone":
+                inputs = {name: empty(t).copy_(t) for name, t in chosen.items()}
+            else:
+                inputs = {name: _random_like(t, empty(t)) for name, t in chosen.items()}
+        elif fresh == "clone":
+            inputs = {name: t.clone() for name, t in chosen.items()}
+        else:
+            inputs = {name: _random_like(t) for name, t in chosen.items()}
         return k, inputs
 
     def use(self, k: int, result: Any) -> None:

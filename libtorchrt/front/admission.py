@@ -26,6 +26,7 @@ from ..errors import (
 )
 from ..info import ModelStatus
 from ..transport import tensors as tensor_io
+from ..transport.dtypes import DTYPES
 from .call import Call
 from .copygate import CopyGate
 
@@ -167,20 +168,24 @@ class Admission:
             raise ModelUnavailableError(model, m.unavailable)
         return m
 
-    def large_bytes(self, values: Iterable[Any]) -> int:
+    def large_bytes(self, values: Iterable[Any], m: _Model | None = None) -> int:
         """The bytes of the CPU tensors among ``values`` that would be copied into the
-        request arena (more than the inline threshold each)."""
+        request arena (more than the inline threshold each, and, given the model ``m``,
+        not lent from its arena by :meth:`empty`)."""
         big = 0
         for t in values:
             if isinstance(t, torch.Tensor):
                 n = t.nbytes
-                if n > self.inline_threshold and not t.is_cuda:
+                if n > self.inline_threshold and not t.is_cuda and (m is None or not m.allocator.lends(t)):
                     big += n
         return big
 
-    async def enter_gate(self, model: str, version: int | None, timeout: float | None, nbytes: int) -> CopyGate | None:
-        """Wait in the model's copy gate for room for ``nbytes`` (an ``infer_async``
-        caller, in its event loop); the gate to release them to (None: the model has none).
+    async def enter_gate(
+        self, model: str, version: int | None, timeout: float | None, values: Iterable[Any]
+    ) -> tuple[CopyGate | None, int]:
+        """Wait in the model's copy gate for room for the inputs ``values`` will copy
+        (an ``infer_async`` caller, in its event loop); the gate to release the bytes
+        to, and how many (None, 0: nothing to wait for).
 
         Raises:
             UnknownModelError, ModelUnavailableError, InvalidInputError (the timeout):
@@ -188,16 +193,41 @@ class Admission:
         """
         m = self.lookup(model, version)
         gate = m.gate
-        if gate is None:
-            return None
+        nbytes = self.large_bytes(values, m) if gate is not None else 0
+        if gate is None or not nbytes:
+            return None, 0
         timeout = m.cfg.timeout if timeout is None else request_timeout(model, timeout)
         await gate.acquire_async(nbytes, None if timeout is None else time.monotonic() + timeout)
-        return gate
+        return gate, nbytes
+
+    def empty(self, model: str, version: int | None, shape: Any, dtype: Any) -> torch.Tensor:
+        """A tensor for ``model``'s inputs, in its request arena when it is large enough
+        to be copied there and there is room (see ``Pool.empty``), else in ordinary memory.
+
+        Raises:
+            UnknownModelError, ModelUnavailableError: as :meth:`take`.
+            InvalidInputError: ``shape`` is not a sequence of non-negative ints, or
+                ``dtype`` is not a torch dtype that requests carry.
+        """
+        m = self.lookup(model, version)
+        dims = (shape,) if isinstance(shape, int) else shape
+        try:
+            size = torch.Size(dims)
+        except TypeError:
+            size = None
+        if size is None or any(type(d) is bool or d < 0 for d in dims):
+            raise InvalidInputError(model, None, "a shape of non-negative ints", repr(shape))
+        if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
+            wanted = ", ".join(str(d) for d in DTYPES.values())
+            raise InvalidInputError(model, None, f"a dtype among {wanted}", repr(dtype))
+        nbytes = size.numel() * dtype.itemsize
+        t = m.allocator.lend(nbytes, dtype, tuple(size)) if nbytes > self.inline_threshold else None
+        return t if t is not None else torch.empty(size, dtype=dtype)
 
     def _place_gated(
         self, m: _Model, gate: CopyGate, tensors: list[torch.Tensor], deadline: float | None, host_only: bool
     ) -> Call:
-        big = self.large_bytes(tensors)
+        big = self.large_bytes(tensors, m)
         if not big:
             return self.place(m, tensors, deadline, None, host_only)
         gate.acquire(big, deadline)

@@ -19,7 +19,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import cast
 
 import torch
@@ -331,6 +331,40 @@ class Pool:
             RequestFuture[dict[str, torch.Tensor]], self._submit(model, inputs, version, timeout, priority, None, tag)
         )
 
+    def empty(
+        self, model: str, shape: int | Sequence[int], dtype: torch.dtype = torch.float32, *, version: int | None = None
+    ) -> torch.Tensor:
+        """An uninitialised CPU tensor to make ``model``'s input in, which its requests
+        then send without a copy.
+
+        Its memory is a block of the model's request arena, the shared memory its
+        workers read inputs from: fill it (``torch.randn(..., out=x)``, ``x.copy_(...)``,
+        ``x.numpy()[...] = ...``) and pass it, or a contiguous view of it, to
+        :meth:`infer`, :meth:`infer_async` or :meth:`submit`. Any number of requests
+        may name it. The block goes back to the arena once the tensor, its views and
+        the requests naming it are gone.
+
+        Until a request's reply has come, its worker reads the tensor's memory itself:
+        do not change the tensor meanwhile, and know that a model that changes its
+        inputs in place changes it. Tensors of up to the inline threshold, and any
+        once half of the arena is lent (``request_arena_bytes``), are ordinary tensors,
+        copied as usual when sent.
+
+        Args:
+            model: the model's name (its version: ``version``, default the highest);
+                another model's requests copy the tensor as any other.
+            shape: the tensor's shape.
+            dtype: its dtype (any that requests carry).
+
+        Raises:
+            UnknownModelError, ModelUnavailableError: as :meth:`submit`.
+            InvalidInputError: a bad ``shape`` or ``dtype``.
+            PoolClosedError: the pool is closed.
+        """
+        if self._closed:
+            raise PoolClosedError("the pool is closed")
+        return self._admission.empty(model, version, shape, dtype)
+
     def _submit(
         self,
         model: str,
@@ -446,7 +480,7 @@ class Pool:
                 raise PoolClosedError("the pool is closed")
             big = self._admission.large_bytes(inputs.values()) if type(inputs) is dict else 0
             if big:  # (front/copygate.py: wait for room before copying, without blocking the loop)
-                gate = await self._admission.enter_gate(model, version, timeout, big)
+                gate, big = await self._admission.enter_gate(model, version, timeout, inputs.values())
                 try:
                     return await self._infer_async_taken(model, inputs, version, timeout, priority, False)
                 finally:

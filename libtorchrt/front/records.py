@@ -15,8 +15,9 @@ import numpy as np
 
 from ..config.model import ModelConfig
 from ..transport import wire
-from ..transport.arena import Allocator, Arena
+from ..transport.arena import Arena
 from ..transport.channel import Channel
+from ..transport.lending import LendingAllocator
 from ..workers.process import WorkerProcess
 from .binding import Binder
 from .call import Call
@@ -105,7 +106,8 @@ class _Slot:
 class _Model:
     cfg: ModelConfig
     arena: Arena
-    allocator: Allocator
+    #: the request arena's slots, and the blocks lent to the application (Pool.empty)
+    allocator: LendingAllocator
     slots: list[_Slot] = field(default_factory=list)
     #: its waiting requests: a Fifo, or the Batcher of dynamic batching (set by the router)
     queue: RequestQueue = field(init=False)

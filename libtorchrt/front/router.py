@@ -56,9 +56,10 @@ from ..errors import (
 from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
 from ..transport import tensors as tensor_io
 from ..transport import wire
-from ..transport.arena import Allocator, Arena
+from ..transport.arena import Arena
 from ..transport.channel import MAX_DATAGRAM
 from ..transport.heldgil import HeldSocket, PyzmqSocket, held
+from ..transport.lending import LendingAllocator
 from ..transport.loop import Deadlines, Inbox, Loop
 from ..transport.sockets import PrivateDir
 from . import snapshots
@@ -182,7 +183,7 @@ class Router:
         except ConfigError as e:  # (a GPU this machine lacks): this model only fails
             placements, by_model, unplaceable = [], [], e
         arena = Arena(self.options.request_arena_bytes, name=f"libtorchrt-{cfg.name}-v{cfg.version}-req")
-        m = _Model(cfg, arena, Allocator(arena.size))
+        m = _Model(cfg, arena, LendingAllocator(arena, arena.size // 2))
         m.declared_outputs = declared_outputs(cfg)
         if shares_weights(cfg, placements):
             m.weights_fd = os.memfd_create(

@@ -177,20 +177,23 @@ class Allocator:
             ValueError: no slot starts at ``offset`` (double free or a bad offset).
         """
         with self._lock:
-            size = self._used.pop(offset, None)
-            if size is None:
-                raise ValueError(f"no allocated slot at offset {offset}")
-            i = bisect.bisect(self._starts, offset)
-            end = offset + size
-            # Coalesce with the following block, then with the preceding one.
-            if i < len(self._starts) and self._starts[i] == end:
-                size += self._sizes[i]
-                del self._starts[i], self._sizes[i]
-            if i > 0 and self._starts[i - 1] + self._sizes[i - 1] == offset:
-                self._sizes[i - 1] += size
-            else:
-                self._starts.insert(i, offset)
-                self._sizes.insert(i, size)
+            self._free_locked(offset)
+
+    def _free_locked(self, offset: int) -> None:
+        size = self._used.pop(offset, None)
+        if size is None:
+            raise ValueError(f"no allocated slot at offset {offset}")
+        i = bisect.bisect(self._starts, offset)
+        end = offset + size
+        # Coalesce with the following block, then with the preceding one.
+        if i < len(self._starts) and self._starts[i] == end:
+            size += self._sizes[i]
+            del self._starts[i], self._sizes[i]
+        if i > 0 and self._starts[i - 1] + self._sizes[i - 1] == offset:
+            self._sizes[i - 1] += size
+        else:
+            self._starts.insert(i, offset)
+            self._sizes.insert(i, size)
 
     def reset(self) -> None:
         """Free every slot (used when the peer process is replaced)."""

@@ -56,6 +56,7 @@ def _sleep(seconds: float) -> dict[str, torch.Tensor]:
 def _busy(pool: Pool, seconds: float) -> list[threading.Thread]:
     """Two callers whose requests hold the gate for ``seconds`` and then some (two
     requests an instance always get in: the first runs, the second waits in the queue)."""
+
     def run() -> None:
         with contextlib.suppress(PoolClosedError):  # (a close without grace fails it)
             pool.infer("m", _sleep(seconds))

@@ -39,7 +39,6 @@ X = torch.arange(64, dtype=torch.float32).reshape(1, 64)
 LONG = torch.tensor([3_000_000.0])  # a few seconds of spinning
 
 
-
 def _serves(pool: Pool, model: str = "tiny") -> None:
     """The pool still answers a normal request, correctly."""
     x = torch.randn(3, 64)

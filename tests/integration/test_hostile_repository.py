@@ -76,7 +76,6 @@ UNLOADABLE = {
 }
 
 
-
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pool, Path]]:
     root = tmp_path_factory.mktemp("hostile-repo")

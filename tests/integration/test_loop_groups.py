@@ -187,7 +187,6 @@ def test_a_group_whose_callers_all_stop_waiting_never_runs_and_the_others_still_
     assert torch.equal(asyncio.run(pool.infer_async("one", x, timeout=SOON))["OUTPUT__0"], x * 2 + 1)
 
 
-
 def test_a_request_whose_inputs_disagree_on_their_rows_is_refused_alone(pool: Pool) -> None:
     """Add would broadcast ``a`` of 2 rows with ``b`` of 1, but a batching model's
     inputs share their first dimension: that request is refused with a typed error

@@ -62,7 +62,6 @@ def _get(base: str, path: str) -> int:
         return e.code
 
 
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("liveness"), names=(), spin=True)

@@ -51,9 +51,7 @@ def test_a_median_below_the_goal_fails_though_one_round_met_it() -> None:
 
 
 def test_an_upper_bound_is_met_by_a_median_at_or_below_it() -> None:
-    by_round = [
-        [realistic._target("gap", "<=", 200.0, "µs", gap, f"{gap} µs")] for gap in (150.0, 250.0, 190.0)
-    ]
+    by_round = [[realistic._target("gap", "<=", 200.0, "µs", gap, f"{gap} µs")] for gap in (150.0, 250.0, 190.0)]
     [combined] = combine_rounds(by_round)
     assert combined["status"] == "PASS" and combined["value"] == 190.0
     assert combined["measured"] == "median 190 µs (150 µs - 250 µs), met in 2 of 3"

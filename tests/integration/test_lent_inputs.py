@@ -1,0 +1,219 @@
+"""``Pool.empty``: inputs made in the model's request arena are sent where they lie.
+
+The model below looks at itself from inside its worker: where in its mapping of the
+request arena's memfd its input lies (-1: not there). The tests find where the caller's
+tensor lies in the front's own mapping of that memfd: the same offset means the request
+named the caller's memory, with no copy."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from libtorchrt import DynamicBatching, InvalidInputError, ModelConfig, Pool, PoolClosedError, TensorSpec
+from libtorchrt.errors import UnknownModelError
+from tests.conftest import run_threads
+
+#: 1 MiB of float32 a row
+WIDTH = 256 * 1024
+
+#: Where a tensor lies in this process's mapping of model ``model``'s request arena (-1:
+#: not there). The model runs it in its worker; the tests run it in the front.
+OFFSET = """
+def arena_offset(t, model):
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if f"memfd:libtorchrt-{model}-v" in line and "-req" in line:
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                if lo <= t.data_ptr() < hi:
+                    return t.data_ptr() - lo
+    return -1
+"""
+_helpers: dict[str, Any] = {}
+exec(OFFSET, _helpers)
+arena_offset = _helpers["arena_offset"]
+
+SELF_AWARE = (
+    """
+import time
+
+import torch
+from torch import nn
+"""
+    + OFFSET
+    + """
+
+class Model(nn.Module):
+    def forward(self, x: torch.Tensor, wait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(float(wait.max()))
+        where = [arena_offset(x[i], "m") for i in range(x.shape[0])]
+        return x * 2.0, torch.tensor(where)
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def model_py(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("lent_inputs") / "self_aware"
+    directory.mkdir()
+    (directory / "model.py").write_text(textwrap.dedent(SELF_AWARE).lstrip())
+    return directory / "model.py"
+
+
+def _config(path: Path, name: str = "m", **kw: object) -> ModelConfig:
+    return ModelConfig(
+        name,
+        path,
+        inputs=[TensorSpec("x", "float32", [-1, WIDTH]), TensorSpec("wait", "float32", [1])],
+        **kw,
+    )
+
+
+def _ask(pool: Pool, x: torch.Tensor, wait: float = 0.0, model: str = "m") -> dict[str, torch.Tensor]:
+    return pool.infer(model, {"x": x, "wait": torch.tensor([wait])})
+
+
+def test_an_input_made_in_the_arena_is_read_where_it_lies(model_py: Path, no_leaks: None) -> None:
+    with Pool(models=[_config(model_py)]) as pool:
+        for _ in range(5):
+            x = pool.empty("m", (2, WIDTH))
+            assert x.dtype == torch.float32 and x.shape == (2, WIDTH)
+            mine = arena_offset(x, "m")
+            assert mine >= 0, "Pool.empty did not make the tensor in the request arena"
+            torch.randn(2, WIDTH, out=x)
+            out = _ask(pool, x)
+            assert torch.equal(out["OUTPUT__0"], x * 2.0)
+            assert int(out["OUTPUT__1"][0]) == mine, "the input was copied, not read where the caller made it"
+            # a contiguous view too: the request names the view's own bytes
+            row = x[1:]
+            out = _ask(pool, row)
+            assert torch.equal(out["OUTPUT__0"], row * 2.0)
+            assert int(out["OUTPUT__1"][0]) == arena_offset(row, "m") == mine + WIDTH * 4
+
+
+def test_other_tensors_are_copied(model_py: Path, no_leaks: None) -> None:
+    with Pool(models=[_config(model_py), _config(model_py, "n")]) as pool:
+        plain = torch.randn(1, WIDTH)
+        assert arena_offset(plain, "m") == -1
+        out = _ask(pool, plain)
+        assert torch.equal(out["OUTPUT__0"], plain * 2.0)
+        assert int(out["OUTPUT__1"][0]) >= 0  # (copied into a slot of the arena)
+        # not contiguous: copied, rows in order
+        x = pool.empty("m", (WIDTH, 2))
+        torch.randn(WIDTH, 2, out=x)
+        out = _ask(pool, x.t())
+        assert torch.equal(out["OUTPUT__0"], x.t() * 2.0)
+        assert int(out["OUTPUT__1"][0]) != arena_offset(x, "m")
+        # made for another model: that model copies it
+        y = pool.empty("n", (1, WIDTH)).fill_(3.0)
+        assert arena_offset(y, "n") >= 0
+        out = _ask(pool, y)
+        assert torch.equal(out["OUTPUT__0"], y * 2.0)
+        # small: an ordinary tensor (inline in the request anyway)
+        small = pool.empty("m", (4,), torch.int64)
+        assert small.dtype == torch.int64 and arena_offset(small, "m") == -1
+
+
+def test_a_block_is_not_reused_while_a_request_reads_it(model_py: Path, no_leaks: None) -> None:
+    with Pool(models=[_config(model_py)]) as pool:
+        x = pool.empty("m", (1, WIDTH)).fill_(7.0)
+        lent_at = arena_offset(x, "m")
+        slow = pool.submit("m", {"x": x, "wait": torch.tensor([1.0])})
+        del x  # the caller lets go at once; the request still holds the block
+        gc.collect()
+        others = [pool.empty("m", (1, WIDTH)).fill_(1.0) for _ in range(3)]
+        assert lent_at not in [arena_offset(o, "m") for o in others]
+        out = slow.result(30)
+        assert torch.equal(out["OUTPUT__0"], torch.full((1, WIDTH), 14.0))
+        assert int(out["OUTPUT__1"][0]) == lent_at
+        del others, out
+        gc.collect()
+        again = pool.empty("m", (1, WIDTH))
+        assert arena_offset(again, "m") == lent_at  # (first fit: the block came back)
+
+
+def test_blocks_come_back_and_past_half_the_arena_tensors_are_ordinary(model_py: Path, no_leaks: None) -> None:
+    # 16 MiB arena: at most 8 MiB lent at once, 1 MiB a tensor
+    with Pool(models=[_config(model_py)], request_arena_bytes=16 << 20) as pool:
+        results: list[bool] = []
+        lock = threading.Lock()
+
+        def caller(i: int) -> None:
+            for _ in range(25):
+                x = pool.empty("m", (1, WIDTH)).fill_(float(i))
+                inside = arena_offset(x, "m") >= 0
+                out = _ask(pool, x)
+                assert torch.equal(out["OUTPUT__0"], torch.full((1, WIDTH), 2.0 * i))
+                with lock:
+                    results.append(inside)
+                del x, out
+
+        run_threads(caller, 4)
+        assert all(results[-20:]), "later tensors were not lent: blocks did not come back"
+        held = [pool.empty("m", (1, WIDTH)) for _ in range(10)]
+        inside = [arena_offset(t, "m") >= 0 for t in held]
+        assert inside == [True] * 8 + [False] * 2
+        for t in held:
+            t.fill_(5.0)
+            assert torch.equal(_ask(pool, t)["OUTPUT__0"], torch.full((1, WIDTH), 10.0))
+
+
+def test_batched_members_and_asyncio_callers(model_py: Path, no_leaks: None) -> None:
+    config = ModelConfig(
+        "m",
+        model_py,
+        inputs=[TensorSpec("x", "float32", [WIDTH]), TensorSpec("wait", "float32", [1])],
+        max_batch_size=8,
+        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=50_000),
+    )
+    with Pool(models=[config]) as pool:
+        xs = [pool.empty("m", (1, WIDTH)).fill_(float(k)) for k in range(4)]
+        futures = [pool.submit("m", {"x": x, "wait": torch.tensor([[0.0]])}) for x in xs]
+        outs = [f.result(30) for f in futures]
+        for x, out in zip(xs, outs):
+            assert torch.equal(out["OUTPUT__0"], x * 2.0)
+        assert pool.stats()[0].executions < 4  # (they were batched)
+
+        async def main() -> list[dict[str, torch.Tensor]]:
+            return await asyncio.gather(*(pool.infer_async("m", {"x": x, "wait": torch.tensor([[0.0]])}) for x in xs))
+
+        for x, out in zip(xs, asyncio.run(main())):
+            assert torch.equal(out["OUTPUT__0"], x * 2.0)
+
+
+def test_a_lent_tensor_outlives_its_pool(model_py: Path, no_leaks: None) -> None:
+    with Pool(models=[_config(model_py)]) as pool:
+        x = pool.empty("m", (1, WIDTH)).fill_(2.5)
+    assert float(x.sum()) == 2.5 * WIDTH
+    with pytest.raises(PoolClosedError):
+        pool.empty("m", (1, WIDTH))
+
+
+BAD = [
+    ((2, -1), torch.float32, "shape"),
+    ((2.0, 3), torch.float32, "shape"),
+    ("abc", torch.float32, "shape"),
+    ((True, 2), torch.float32, "shape"),
+    ((2, 3), "float32", "dtype"),
+    ((2, 3), torch.quint8, "dtype"),
+]
+
+
+def test_bad_shape_or_dtype_is_refused_by_name(model_py: Path) -> None:
+    with Pool(models=[_config(model_py)]) as pool:
+        for shape, dtype, wrong in BAD:
+            with pytest.raises(InvalidInputError, match=f"expected a {wrong}") as e:
+                pool.empty("m", shape, dtype)
+            assert e.value.model == "m"
+        with pytest.raises(UnknownModelError):
+            pool.empty("nope", (1, WIDTH))
+        x = pool.empty("m", WIDTH)  # (an int is a shape of one dimension)
+        assert x.shape == (WIDTH,) and arena_offset(x, "m") >= 0
+        assert torch.equal(_ask(pool, pool.empty("m", (1, WIDTH)).fill_(1.0))["OUTPUT__0"], torch.full((1, WIDTH), 2.0))

@@ -194,3 +194,29 @@ def test_the_command_line_realistic_option(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "callers: clone + float(sum) for every request (--realistic)" in done.stdout
+
+
+def test_inputs_made_where_empty_says() -> None:
+    made: list[torch.Tensor] = []
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(t, -1.0)
+        made.append(out)
+        return out
+
+    sets = [{"INPUT__0": torch.randn(4, 3)}, {"INPUT__0": torch.randn(4, 3)}]
+    clone = Application(sets, Behaviour(fresh="clone", use="none"), empty=empty)
+    for k in (0, 1, 0):
+        got_k, inputs = clone.next_inputs()
+        assert got_k == k and inputs["INPUT__0"] is made[-1]
+        assert torch.equal(inputs["INPUT__0"], sets[k]["INPUT__0"])
+    random = Application(sets, Behaviour(fresh="random", use="none"), empty=empty)
+    _, inputs = random.next_inputs()
+    assert inputs["INPUT__0"] is made[-1] and not torch.equal(inputs["INPUT__0"], torch.full((4, 3), -1.0))
+    before = len(made)
+    cycle = Application(sets, Behaviour(fresh="cycle", use="none"), empty=empty)
+    assert len(made) == before + 2  # (the sets, copied once)
+    for k in (0, 1, 0):
+        _, inputs = cycle.next_inputs()
+        assert inputs["INPUT__0"] is made[before + k]
+        assert torch.equal(inputs["INPUT__0"], sets[k]["INPUT__0"])

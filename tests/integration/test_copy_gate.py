@@ -91,6 +91,24 @@ def test_without_a_bound_the_request_waits_in_the_queue_instead(sleeper: Path, n
             t.join()
 
 
+def test_an_input_made_in_the_arena_is_not_held_back(sleeper: Path, no_leaks: None) -> None:
+    # Pool.empty: nothing to copy, so nothing to wait for (the timeout comes from the queue)
+    with _pool(sleeper, max_inflight_bytes=ROWS * 4) as pool:
+        busy = _busy(pool, 1.0)
+        lent = pool.empty("m", (ROWS,)).zero_()
+
+        async def call() -> None:
+            await pool.infer_async("m", {"x": lent}, timeout=0.2)
+
+        for caller in (lambda: pool.infer("m", {"x": lent}, timeout=0.2), lambda: asyncio.run(call())):
+            with pytest.raises(TimeoutError) as e:
+                caller()
+            assert "max_inflight_bytes" not in str(e.value)
+        for t in busy:
+            t.join()
+        assert torch.equal(pool.infer("m", {"x": lent})["OUTPUT__0"], torch.zeros(8))
+
+
 def test_submit_is_not_held_back(sleeper: Path, no_leaks: None) -> None:
     with _pool(sleeper, max_inflight_bytes=ROWS * 4) as pool:
         busy = _busy(pool, 1.0)

@@ -12,33 +12,17 @@ import gc
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from libtorchrt import DynamicBatching, InvalidInputError, ModelConfig, Pool, PoolClosedError, TensorSpec
 from libtorchrt.errors import UnknownModelError
+from tests.arena_maps import OFFSET, arena_offset
 from tests.conftest import run_threads
 
 #: 1 MiB of float32 a row
 WIDTH = 256 * 1024
-
-#: Where a tensor lies in this process's mapping of model ``model``'s request arena (-1:
-#: not there). The model runs it in its worker; the tests run it in the front.
-OFFSET = """
-def arena_offset(t, model):
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if f"memfd:libtorchrt-{model}-v" in line and "-req" in line:
-                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-                if lo <= t.data_ptr() < hi:
-                    return t.data_ptr() - lo
-    return -1
-"""
-_helpers: dict[str, Any] = {}
-exec(OFFSET, _helpers)
-arena_offset = _helpers["arena_offset"]
 
 SELF_AWARE = (
     """
@@ -53,7 +37,7 @@ from torch import nn
 class Model(nn.Module):
     def forward(self, x: torch.Tensor, wait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         time.sleep(float(wait.max()))
-        where = [arena_offset(x[i], "m") for i in range(x.shape[0])]
+        where = [arena_offset(x[i], "m", "req") for i in range(x.shape[0])]
         return x * 2.0, torch.tensor(where)
 """
 )
@@ -85,7 +69,7 @@ def test_an_input_made_in_the_arena_is_read_where_it_lies(model_py: Path, no_lea
         for _ in range(5):
             x = pool.empty("m", (2, WIDTH))
             assert x.dtype == torch.float32 and x.shape == (2, WIDTH)
-            mine = arena_offset(x, "m")
+            mine = arena_offset(x, "m", "req")
             assert mine >= 0, "Pool.empty did not make the tensor in the request arena"
             torch.randn(2, WIDTH, out=x)
             out = _ask(pool, x)
@@ -95,13 +79,13 @@ def test_an_input_made_in_the_arena_is_read_where_it_lies(model_py: Path, no_lea
             row = x[1:]
             out = _ask(pool, row)
             assert torch.equal(out["OUTPUT__0"], row * 2.0)
-            assert int(out["OUTPUT__1"][0]) == arena_offset(row, "m") == mine + WIDTH * 4
+            assert int(out["OUTPUT__1"][0]) == arena_offset(row, "m", "req") == mine + WIDTH * 4
 
 
 def test_other_tensors_are_copied(model_py: Path, no_leaks: None) -> None:
     with Pool(models=[_config(model_py), _config(model_py, "n")]) as pool:
         plain = torch.randn(1, WIDTH)
-        assert arena_offset(plain, "m") == -1
+        assert arena_offset(plain, "m", "req") == -1
         out = _ask(pool, plain)
         assert torch.equal(out["OUTPUT__0"], plain * 2.0)
         assert int(out["OUTPUT__1"][0]) >= 0  # (copied into a slot of the arena)
@@ -110,33 +94,33 @@ def test_other_tensors_are_copied(model_py: Path, no_leaks: None) -> None:
         torch.randn(WIDTH, 2, out=x)
         out = _ask(pool, x.t())
         assert torch.equal(out["OUTPUT__0"], x.t() * 2.0)
-        assert int(out["OUTPUT__1"][0]) != arena_offset(x, "m")
+        assert int(out["OUTPUT__1"][0]) != arena_offset(x, "m", "req")
         # made for another model: that model copies it
         y = pool.empty("n", (1, WIDTH)).fill_(3.0)
-        assert arena_offset(y, "n") >= 0
+        assert arena_offset(y, "n", "req") >= 0
         out = _ask(pool, y)
         assert torch.equal(out["OUTPUT__0"], y * 2.0)
         # small: an ordinary tensor (inline in the request anyway)
         small = pool.empty("m", (4,), torch.int64)
-        assert small.dtype == torch.int64 and arena_offset(small, "m") == -1
+        assert small.dtype == torch.int64 and arena_offset(small, "m", "req") == -1
 
 
 def test_a_block_is_not_reused_while_a_request_reads_it(model_py: Path, no_leaks: None) -> None:
     with Pool(models=[_config(model_py)]) as pool:
         x = pool.empty("m", (1, WIDTH)).fill_(7.0)
-        lent_at = arena_offset(x, "m")
+        lent_at = arena_offset(x, "m", "req")
         slow = pool.submit("m", {"x": x, "wait": torch.tensor([1.0])})
         del x  # the caller lets go at once; the request still holds the block
         gc.collect()
         others = [pool.empty("m", (1, WIDTH)).fill_(1.0) for _ in range(3)]
-        assert lent_at not in [arena_offset(o, "m") for o in others]
+        assert lent_at not in [arena_offset(o, "m", "req") for o in others]
         out = slow.result(30)
         assert torch.equal(out["OUTPUT__0"], torch.full((1, WIDTH), 14.0))
         assert int(out["OUTPUT__1"][0]) == lent_at
         del others, out
         gc.collect()
         again = pool.empty("m", (1, WIDTH))
-        assert arena_offset(again, "m") == lent_at  # (first fit: the block came back)
+        assert arena_offset(again, "m", "req") == lent_at  # (first fit: the block came back)
 
 
 def test_blocks_come_back_and_past_half_the_arena_tensors_are_ordinary(model_py: Path, no_leaks: None) -> None:
@@ -148,7 +132,7 @@ def test_blocks_come_back_and_past_half_the_arena_tensors_are_ordinary(model_py:
         def caller(i: int) -> None:
             for _ in range(25):
                 x = pool.empty("m", (1, WIDTH)).fill_(float(i))
-                inside = arena_offset(x, "m") >= 0
+                inside = arena_offset(x, "m", "req") >= 0
                 out = _ask(pool, x)
                 assert torch.equal(out["OUTPUT__0"], torch.full((1, WIDTH), 2.0 * i))
                 with lock:
@@ -158,7 +142,7 @@ def test_blocks_come_back_and_past_half_the_arena_tensors_are_ordinary(model_py:
         run_threads(caller, 4)
         assert all(results[-20:]), "later tensors were not lent: blocks did not come back"
         held = [pool.empty("m", (1, WIDTH)) for _ in range(10)]
-        inside = [arena_offset(t, "m") >= 0 for t in held]
+        inside = [arena_offset(t, "m", "req") >= 0 for t in held]
         assert inside == [True] * 8 + [False] * 2
         for t in held:
             t.fill_(5.0)
@@ -215,5 +199,5 @@ def test_bad_shape_or_dtype_is_refused_by_name(model_py: Path) -> None:
         with pytest.raises(UnknownModelError):
             pool.empty("nope", (1, WIDTH))
         x = pool.empty("m", WIDTH)  # (an int is a shape of one dimension)
-        assert x.shape == (WIDTH,) and arena_offset(x, "m") >= 0
+        assert x.shape == (WIDTH,) and arena_offset(x, "m", "req") >= 0
         assert torch.equal(_ask(pool, pool.empty("m", (1, WIDTH)).fill_(1.0))["OUTPUT__0"], torch.full((1, WIDTH), 2.0))

@@ -12,32 +12,16 @@ from __future__ import annotations
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from libtorchrt import ModelConfig, Pool, TensorSpec
+from tests.arena_maps import OFFSET, arena_offset
 from tests.conftest import run_threads
 
 #: 2 MiB of float32
 ROWS = 512 * 1024
-
-#: Where a tensor lies in this process's mapping of model ``model``'s response arena (-1:
-#: not there). The models below run it in their worker; the tests run it in the front.
-OFFSET = """
-def arena_offset(t, model):
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if f"memfd:libtorchrt-{model}-" in line and "-resp" in line:
-                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-                if lo <= t.data_ptr() < hi:
-                    return t.data_ptr() - lo
-    return -1
-"""
-_helpers: dict[str, Any] = {}
-exec(OFFSET, _helpers)
-arena_offset = _helpers["arena_offset"]
 
 SELF_AWARE = (
     """

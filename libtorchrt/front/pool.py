@@ -480,7 +480,8 @@ class Pool:
                 raise PoolClosedError("the pool is closed")
             big = self._admission.large_bytes(inputs.values()) if type(inputs) is dict else 0
             if big:  # (front/copygate.py: wait for room before copying, without blocking the loop)
-                gate, big = await self._admission.enter_gate(model, version, timeout, inputs.values())
+                values = cast("dict[str, torch.Tensor]", inputs).values()
+                gate, big = await self._admission.enter_gate(model, version, timeout, values)
                 try:
                     return await self._infer_async_taken(model, inputs, version, timeout, priority, False)
                 finally:

@@ -33,7 +33,8 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,12 @@ _NS = 1_000_000_000
 #: preempted between taking its completion time and recording it is not missed.
 _GRACE_S = 0.02
 
-#: (start ns, end ns, error type name or None)
-Record = tuple[int, int, str | None]
+#: A request's record: start ns, end ns, error code (:data:`_OK`, else an index into
+#: ``_Callers.error_names``), three numbers in a row of an ``array("q")``: the callers
+#: keep no object per request, which the garbage collector would have to go through.
+#: (Kept as tuples, the records of an event loop's 64 tasks set off a full collection
+#: of the bench process every two seconds or so, each stopping its callers for 100 ms.)
+_OK = -1
 
 
 class MeasurementError(RuntimeError):
@@ -116,14 +121,18 @@ class _Callers:
         self.concurrency = concurrency
         self.thread_context = thread_context
         self.stop = threading.Event()
-        self.records: list[list[Record]] = [[] for _ in range(concurrency)]
+        self.records = [array("q") for _ in range(concurrency)]
         self.first_error: list[BaseException] = []
         self.ok = [0] * concurrency  # successful requests per caller
         # Count mode: completions after `begin_ns` take a ticket; the first `count_limit` count.
         self.count_limit = count_limit
         self.begin_ns: int | None = None
         self.tickets = itertools.count()
-        self.counted: list[list[Record]] = [[] for _ in range(concurrency)]
+        self.counted = [array("q") for _ in range(concurrency)]
+        #: the error names that records' codes index
+        self.error_names: list[str] = []
+        self._error_codes: dict[str, int] = {}
+        self._lock = threading.Lock()
         if callers == "threads":
             self.threads = [
                 threading.Thread(target=self._thread_loop, args=(i,), name=f"bench-caller-{i}", daemon=True)
@@ -136,22 +145,41 @@ class _Callers:
         for t in self.threads:
             t.start()
 
-    def _failed(self, exc: BaseException) -> str:
+    def _failed(self, exc: BaseException) -> int:
+        """The error code of a failed request (see :data:`_OK`)."""
         if not self.first_error:
             self.first_error.append(exc)
-        return error_name(exc)
+        name = error_name(exc)
+        code = self._error_codes.get(name)
+        if code is None:
+            with self._lock:
+                code = self._error_codes.setdefault(name, len(self.error_names))
+                if code == len(self.error_names):
+                    self.error_names.append(name)
+        return code
 
-    def _file(self, i: int, rec: Record) -> bool:
+    def _file(self, i: int, t0: int, t1: int, code: int) -> bool:
         """Keep caller ``i``'s record; False once the count is reached (stop calling)."""
         begin = self.begin_ns
-        if self.count_limit is not None and begin is not None and rec[1] >= begin:
+        if self.count_limit is not None and begin is not None and t1 >= begin:
             if next(self.tickets) >= self.count_limit:
                 self.stop.set()
                 return False
-            self.counted[i].append(rec)
+            self.counted[i].extend((t0, t1, code))  # (one call: atomic under the GIL)
         else:
-            self.records[i].append(rec)
+            self.records[i].extend((t0, t1, code))
         return True
+
+    def take(self, rows: array[int]) -> Iterator[tuple[int, int, str | None]]:
+        """Remove the records in ``rows`` (a caller's) and yield them as
+        (start ns, end ns, error name or None)."""
+        end = len(rows)  # (a whole number of records: the callers extend by three)
+        taken = rows[:end]
+        del rows[:end]  # atomic under the GIL; the caller only ever extends
+        names = self.error_names
+        for j in range(0, end, 3):
+            code = taken[j + 2]
+            yield taken[j], taken[j + 1], None if code == _OK else names[code]
 
     def _thread_loop(self, i: int) -> None:
         clock = time.perf_counter_ns
@@ -159,15 +187,15 @@ class _Callers:
         stop = self.stop
         with self.thread_context() if self.thread_context is not None else contextlib.nullcontext():
             while not stop.is_set():
-                err: str | None = None
+                code = _OK
                 t0 = clock()
                 try:
                     call()
                 except Exception as exc:  # counted by type; the loop goes on
-                    err = self._failed(exc)
+                    code = self._failed(exc)
                 else:
                     self.ok[i] += 1
-                if not self._file(i, (t0, clock(), err)):
+                if not self._file(i, t0, clock(), code):
                     return
 
     async def _task_loop(self, i: int) -> None:
@@ -175,15 +203,15 @@ class _Callers:
         call = self.call
         stop = self.stop
         while not stop.is_set():
-            err: str | None = None
+            code = _OK
             t0 = clock()
             try:
                 await call()
             except Exception as exc:  # counted by type; the loop goes on
-                err = self._failed(exc)
+                code = self._failed(exc)
             else:
                 self.ok[i] += 1
-            if not self._file(i, (t0, clock(), err)):
+            if not self._file(i, t0, clock(), code):
                 return
 
     def _event_loop(self) -> None:
@@ -315,9 +343,7 @@ def measure_windows(
             """Move what the callers recorded into the windows; return the warm-up ones."""
             warmup_done = 0
             for rec in group.records:
-                end = len(rec)
-                for j in range(end):
-                    t0, t1, err = rec[j]
+                for t0, t1, err in group.take(rec):
                     if t1 < begin:
                         warmup_done += 1
                         continue
@@ -328,7 +354,6 @@ def measure_windows(
                         buckets[k].latencies_ns.append(t1 - t0)
                     else:
                         buckets[k].errors[err] += 1
-                del rec[:end]  # atomic under the GIL; the caller only ever appends
             return warmup_done
 
         for k in range(max_windows):
@@ -389,7 +414,7 @@ def measure_count(
             group.stop.wait(0.05)
     finally:
         group.finish(join_timeout)
-    counted = [r for rec in group.counted for r in rec]
+    counted = [r for rec in group.counted for r in group.take(rec)]
     last = max((t1 for _, t1, _ in counted), default=begin)
     window = Window(seconds=(last - begin) / _NS)
     for t0, t1, err in counted:
@@ -397,7 +422,7 @@ def measure_count(
             window.latencies_ns.append(t1 - t0)
         else:
             window.errors[err] += 1
-    warm = sum(1 for rec in group.records for r in rec if r[1] < begin)
+    warm = sum(1 for rec in group.records for r in group.take(rec) if r[1] < begin)
     return Measurement(
         summary=summarize([window], batch_size=batch_size),
         windows=[window],

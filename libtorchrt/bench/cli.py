@@ -59,6 +59,7 @@ _POOL_OPTIONS = {
     "compare": "--compare",
     "fresh_pool_per_row": "--fresh-pool-per-row",
     "front_cpus": "--front-cpus",
+    "inputs_in_arena": "--inputs-in-arena",
 }
 #: Rough time to start a pool or load a thread server, for the plan's estimate.
 _START_ESTIMATE_S = 2.5
@@ -276,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="callers behave like an application: a fresh copy of the input for every request "
         "(x.clone()), and every output reduced to a Python float (float(y.sum()))",
     )
+    inp.add_argument(
+        "--inputs-in-arena",
+        action="store_true",
+        help="the pools' callers make their inputs with Pool.empty, in the model's request arena, "
+        "so that requests send them without a copy (with --realistic: each clone is made there)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, metavar="PATH", help="write every row, the settings and the machine")
@@ -365,6 +372,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         request_timeout=args.request_timeout,
         fresh_per_row=args.fresh_pool_per_row,
         front_cpus=getattr(args, "front_cpus", None),
+        inputs_in_arena=getattr(args, "inputs_in_arena", False),
         http_client=getattr(args, "http_client", "stdlib"),
     )
 
@@ -540,6 +548,8 @@ def _run(args: argparse.Namespace, workdir: Path, argv: Sequence[str] | None) ->
         print(f"  input {spec.name}: {dtype} {', '.join(shapes)} ({origin})", file=out)
     if behaviour is not None:
         print(f"  callers: {behaviour.describe()} for every request (--realistic)", file=out)
+    if settings.inputs_in_arena:
+        print("  inputs: made with Pool.empty in the model's request arena (--inputs-in-arena)", file=out)
     for note in target.notes:
         print(f"  note: {note}", file=out)
     print(

@@ -61,12 +61,17 @@ class InputFeed:
         """The index of the set the next request sends."""
         return next(self._counter) % len(self.sets)
 
-    def application(self, send: Callable[[dict[str, torch.Tensor]], Any]) -> Callable[[], None] | None:
-        """With a behaviour: a ``call`` that makes each request's input, sends it with
-        ``send`` and uses the answer as the behaviour says (``callers.Application``); None without."""
+    def application(
+        self,
+        send: Callable[[dict[str, torch.Tensor]], Any],
+        empty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Callable[[], None] | None:
+        """With a behaviour: a ``call`` that makes each request's input (where ``empty``
+        says, if given), sends it with ``send`` and uses the answer as the behaviour says
+        (``callers.Application``); None without."""
         if self.behaviour is None:
             return None
-        return Application(self.sets, self.behaviour).call(send)
+        return Application(self.sets, self.behaviour, empty=empty).call(send)
 
 
 def consume(result: Any) -> None:

@@ -62,6 +62,8 @@ class Settings:
     http_client: str = "stdlib"
     #: ``Pool(front_cpus=)`` for the pools it starts; None: not pinned
     front_cpus: int | tuple[int, ...] | None = None
+    #: the pools' callers make their inputs with ``Pool.empty`` (in the request arena)
+    inputs_in_arena: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,14 +299,20 @@ class _PoolServer(Server):
             self.notes.append(
                 f"front_cpus: callers on CPUs {sorted(os.sched_getaffinity(0))}, workers on {list(workers[0].cpus)}"
             )
+        self.in_arena = settings.inputs_in_arena
+        if self.in_arena:
+            self.notes.append("inputs made with Pool.empty, in the request arena")
         self.flags = dict(workers[0].flags) if workers else {}
         self._restarts = 0
 
     def caller(self, feed: InputFeed) -> Callable[[], object]:
         pool, name, timeout, sets, take = self.pool, self.name, self.timeout, feed.sets, feed.take
-        realistic = feed.application(lambda inputs: pool.infer(name, inputs, timeout=timeout))
+        empty = (lambda t: pool.empty(name, t.shape, t.dtype)) if self.in_arena else None
+        realistic = feed.application(lambda inputs: pool.infer(name, inputs, timeout=timeout), empty)
         if realistic is not None:
             return realistic
+        if empty is not None:  # (the sets themselves, made there once)
+            sets = [{k: empty(t).copy_(t) for k, t in s.items()} for s in sets]
 
         def call() -> None:
             consume(pool.infer(name, sets[take()], timeout=timeout))

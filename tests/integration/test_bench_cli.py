@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from libtorchrt import ModelConfig
+from libtorchrt.bench.callers import Behaviour
 from libtorchrt.bench.report import CSV_COLUMNS
+from libtorchrt.bench.serving import InputFeed
+from libtorchrt.bench.sweep import Settings, _PoolServer
 from libtorchrt.bench.workloads import build
+from tests.arena_maps import arena_offset
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -228,6 +234,46 @@ def test_front_cpus_pins_the_pools_the_tool_starts(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "is not a number of CPUs or a CPU list" in proc.stderr
     proc = bench("--front-cpus", "1", "--endpoint", "http://127.0.0.1:8000", tmp=tmp_path, timeout=60)
     assert proc.returncode == 2 and "--front-cpus: a running server's models" in proc.stderr
+
+
+def test_inputs_in_arena_makes_the_pools_inputs_with_pool_empty(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    args = ["--workload", "payload", "--instances", "1", "--concurrency", "2", "--requests", "40"]
+    for realistic in ([], ["--realistic"]):
+        proc = bench(*args, *realistic, "--inputs-in-arena", "--json", str(out), tmp=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "inputs: made with Pool.empty in the model's request arena (--inputs-in-arena)" in proc.stdout
+        doc = json.loads(out.read_text())
+        assert doc["settings"]["inputs_in_arena"] is True
+        [row] = doc["rows"]
+        assert row["status"] == "ok" and row["requests"] == 40
+        assert "inputs made with Pool.empty, in the request arena" in row["notes"]
+    assert_nothing_left(tmp_path)
+    proc = bench("--inputs-in-arena", "--endpoint", "http://127.0.0.1:8000", tmp=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "--inputs-in-arena: a running server's models" in proc.stderr
+
+
+@pytest.mark.parametrize("behaviour", [None, Behaviour(fresh="clone", use="sum")])
+def test_the_pool_server_sends_inputs_made_in_the_request_arena(tmp_path: Path, behaviour: Behaviour | None) -> None:
+    path = build("payload", tmp_path)
+    x = torch.randn(1, 1024, 1024)
+    feed = InputFeed([{"INPUT__0": x}], behaviour)
+    with _PoolServer(ModelConfig("payload", path), Settings(inputs_in_arena=True)) as server:
+        pool = server.pool
+        sent: list[int] = []
+        infer = pool.infer
+
+        def watched(model: str, inputs: dict[str, torch.Tensor], **kw: Any) -> dict[str, torch.Tensor]:
+            sent.append(arena_offset(inputs["INPUT__0"], "payload", "req"))
+            out = infer(model, inputs, **kw)
+            assert torch.equal(out["OUTPUT__0"], x)
+            return out
+
+        pool.infer = watched  # type: ignore[method-assign]
+        call = server.caller(feed)
+        for _ in range(3):
+            call()
+        assert len(sent) == 3 and min(sent) >= 0, sent
 
 
 def test_a_pt_file_without_shapes_is_a_usage_error(tmp_path: Path) -> None:

@@ -172,6 +172,45 @@ def test_batched_members_and_asyncio_callers(model_py: Path, no_leaks: None) -> 
             assert torch.equal(out["OUTPUT__0"], x * 2.0)
 
 
+CRASH_ONCE = """
+import os
+
+import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def forward(self, x: torch.Tensor, marker: torch.Tensor) -> torch.Tensor:
+        path = bytes(marker.tolist()).decode()
+        if not os.path.exists(path):  # the first worker to run it dies
+            open(path, "w").close()
+            os._exit(3)
+        return x * 2.0
+"""
+
+
+def test_a_request_sent_again_after_its_worker_died_reads_the_same_block(tmp_path: Path, no_leaks: None) -> None:
+    (tmp_path / "model.py").write_text(textwrap.dedent(CRASH_ONCE).lstrip())
+    config = ModelConfig(
+        "c", tmp_path / "model.py", inputs=[TensorSpec("x", "float32", [WIDTH]), TensorSpec("marker", "uint8", [-1])]
+    )
+    marker = torch.tensor(list(str(tmp_path / "died").encode()), dtype=torch.uint8)
+    with Pool(models=[config]) as pool:
+        x = pool.empty("c", (WIDTH,)).fill_(4.0)
+        lent_at = arena_offset(x, "c", "req")
+        future = pool.submit("c", {"x": x, "marker": marker})
+        del x  # only the request holds the block now
+        gc.collect()
+        assert torch.equal(future.result(60)["OUTPUT__0"], torch.full((WIDTH,), 8.0))
+        assert (tmp_path / "died").exists()
+        assert pool.health()["c"].instances[0].restarts == 1
+        del future
+        gc.collect()
+        again = pool.empty("c", (WIDTH,))
+        assert arena_offset(again, "c", "req") == lent_at  # (given back once, after the answer)
+        assert torch.equal(pool.infer("c", {"x": again.fill_(1.0), "marker": marker})["OUTPUT__0"], again * 2.0)
+
+
 def test_a_lent_tensor_outlives_its_pool(model_py: Path, no_leaks: None) -> None:
     with Pool(models=[_config(model_py)]) as pool:
         x = pool.empty("m", (1, WIDTH)).fill_(2.5)

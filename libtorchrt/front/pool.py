@@ -76,7 +76,8 @@ class Pool:
             (``<repo>/<model>/config.pbtxt``, ``<repo>/<model>/<version>/model.pt``).
         models: models configured in Python (alone or in addition to ``repository``).
         start_timeout: seconds to wait for every worker to load its model.
-        request_arena_bytes: shared memory per model for request tensors.
+        request_arena_bytes: shared memory per model for request tensors (up to
+            half of it lent to the application by :meth:`empty`).
         response_arena_bytes: shared memory per worker for output tensors.
         inline_threshold: tensors up to this many bytes travel inside the ZeroMQ
             message instead of shared memory.

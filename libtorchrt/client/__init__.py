@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import warnings
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -21,6 +22,7 @@ from .._plain import health_from_plain, statuses_from_plain
 from ..deadlines import check_timeout
 from ..errors import ConfigError, InvalidInputError, PoolClosedError, TimeoutError
 from ..info import ModelHealth, ModelStatus
+from ..transport import lending
 from ..transport import tensors as tensor_io
 from .connection import MARGIN, Connection, Request
 from .inputs import Inputs, normalize
@@ -160,6 +162,30 @@ class Client:
         return self._connection.shm
 
     # ── requests ───────────────────────────────────────────────────────────────
+
+    def empty(
+        self, model: str, shape: int | Sequence[int], dtype: torch.dtype = torch.float32, *, version: int | None = None
+    ) -> torch.Tensor:
+        """An uninitialised CPU tensor to make an input in, as ``Pool.empty``: in this
+        client's request arena, the shared memory the server reads same-host requests
+        from, so that requests naming it (or a contiguous view of it) go without the
+        client's copy into that arena while the session uses shared memory (the server
+        still copies inputs into its pool's request arena).
+
+        One arena serves every model: ``model`` and ``version`` are taken for the same
+        calls as ``Pool``'s and name the model in errors. Without shared memory (another
+        host, ``shared_memory=False``), and for tensors of up to ``inline_threshold`` or
+        past half the arena, it is an ordinary tensor, copied as usual when sent. Do not
+        change it until the replies of the requests naming it have come.
+
+        Raises:
+            InvalidInputError: a bad ``shape`` or ``dtype``.
+            PoolClosedError: the client is closed.
+        """
+        if self.closed:
+            raise PoolClosedError("the client is closed")
+        connection = self._connection
+        return lending.empty(connection.allocator, connection.inline_threshold, model, shape, dtype)
 
     def submit(
         self,

@@ -37,7 +37,8 @@ import zmq
 
 from ..errors import PoolClosedError, ProtocolError, ServerConnectionError
 from ..transport import fdpass, remote
-from ..transport.arena import Allocator, Arena
+from ..transport.arena import Arena
+from ..transport.lending import LendingAllocator
 from ..transport.loop import Inbox, Loop
 from .requests import MARGIN, Request, Requests
 from .session import HANDSHAKE_FAILED, Session, Sessions
@@ -75,7 +76,7 @@ class Connection:
         self.closing_at: float | None = None
         #: the request arena (shared memory, handed to the server) and its allocator
         self.arena: Arena | None = None
-        self.allocator: Allocator | None = None
+        self.allocator: LendingAllocator | None = None
         self.ctx = zmq.Context(1)
         try:
             #: requests, and cancellations (request ids), from caller threads
@@ -100,7 +101,7 @@ class Connection:
             self.monitor = self.sock.get_monitor_socket(events)
             if shared_memory is not False:
                 self.arena = fdpass.sealed_arena(request_arena_bytes, "libtorchrt-client-request")
-                self.allocator = Allocator(self.arena.size)
+                self.allocator = LendingAllocator(self.arena, self.arena.size // 2)
             try:
                 self.sock.connect(endpoint)
             except zmq.ZMQError as e:

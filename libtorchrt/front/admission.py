@@ -25,8 +25,8 @@ from ..errors import (
     UnknownModelError,
 )
 from ..info import ModelStatus
+from ..transport import lending
 from ..transport import tensors as tensor_io
-from ..transport.dtypes import DTYPES
 from .call import Call
 from .copygate import CopyGate
 
@@ -209,20 +209,7 @@ class Admission:
             InvalidInputError: ``shape`` is not a sequence of non-negative ints, or
                 ``dtype`` is not a torch dtype that requests carry.
         """
-        m = self.lookup(model, version)
-        dims = (shape,) if isinstance(shape, int) else shape
-        try:
-            size = torch.Size(dims)
-        except TypeError:
-            size = None
-        if size is None or any(type(d) is bool or d < 0 for d in dims):
-            raise InvalidInputError(model, None, "a shape of non-negative ints", repr(shape))
-        if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
-            wanted = ", ".join(str(d) for d in DTYPES.values())
-            raise InvalidInputError(model, None, f"a dtype among {wanted}", repr(dtype))
-        nbytes = size.numel() * dtype.itemsize
-        t = m.allocator.lend(nbytes, dtype, tuple(size)) if nbytes > self.inline_threshold else None
-        return t if t is not None else torch.empty(size, dtype=dtype)
+        return lending.empty(self.lookup(model, version).allocator, self.inline_threshold, model, shape, dtype)
 
     def _place_gated(
         self, m: _Model, gate: CopyGate, tensors: list[torch.Tensor], deadline: float | None, host_only: bool

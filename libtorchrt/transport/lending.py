@@ -20,12 +20,39 @@ from __future__ import annotations
 
 import bisect
 import weakref
+from typing import Any
 
 import torch
 
+from ..errors import InvalidInputError
 from .arena import Allocator, Arena
+from .dtypes import DTYPES
 
-__all__ = ["LendingAllocator"]
+__all__ = ["LendingAllocator", "empty"]
+
+
+def empty(slots: LendingAllocator | None, inline_threshold: int, model: str, shape: Any, dtype: Any) -> torch.Tensor:
+    """An uninitialised tensor for ``model``'s inputs (``Pool.empty``, ``Client.empty``):
+    lent by ``slots`` when it is larger than ``inline_threshold`` and there is room,
+    else in torch's own memory.
+
+    Raises:
+        InvalidInputError: ``shape`` is not an int or a sequence of non-negative ints,
+            or ``dtype`` is not a torch dtype that requests carry.
+    """
+    dims = (shape,) if isinstance(shape, int) else shape
+    try:
+        size = torch.Size(dims)
+    except TypeError:
+        size = None
+    if size is None or any(type(d) is bool or d < 0 for d in dims):
+        raise InvalidInputError(model, None, "a shape of non-negative ints", repr(shape))
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
+        wanted = ", ".join(str(d) for d in DTYPES.values())
+        raise InvalidInputError(model, None, f"a dtype among {wanted}", repr(dtype))
+    nbytes = size.numel() * dtype.itemsize
+    t = slots.lend(nbytes, dtype, tuple(size)) if slots is not None and nbytes > inline_threshold else None
+    return t if t is not None else torch.empty(size, dtype=dtype)
 
 
 class LendingAllocator(Allocator):

@@ -196,6 +196,42 @@ def test_shared_memory_carries_the_big_tensors(server: ZmqFrontend, clean: None)
         assert len(session.response_allocator) == 0
 
 
+def test_empty_makes_inputs_in_the_client_arena(server: ZmqFrontend, clean: None) -> None:
+    """Client.empty: a tensor in the client's request arena, which requests name where
+    it lies instead of copying it there (the server still copies it into the pool's)."""
+    with Client(server.endpoint) as client:
+        connection = client._connection
+        arena, slots = connection.arena, connection.allocator
+        assert arena is not None and slots is not None
+        x = client.empty("identity", (256, 1024)).normal_()
+        assert arena.address <= x.data_ptr() < arena.address + arena.size
+        copies = [0]
+        alloc = slots.alloc
+
+        def counted(nbytes: int) -> int | None:
+            copies[0] += 1
+            return alloc(nbytes)
+
+        slots.alloc = counted  # type: ignore[method-assign]
+        futures = [client.submit("identity", x) for _ in range(3)] + [client.submit("identity", x[128:])]
+        outs = [f.result(30)["OUTPUT__0"] for f in futures]
+        assert all(torch.equal(out, x) for out in outs[:3]) and torch.equal(outs[3], x[128:])
+        assert copies[0] == 0, "a lent input was copied into the client's arena"
+        client.infer("identity", torch.randn(256, 1024))
+        assert copies[0] == 1  # (an ordinary tensor is)
+        small = client.empty("identity", (4,), torch.int64)
+        assert not arena.address <= small.data_ptr() < arena.address + arena.size
+        with pytest.raises(InvalidInputError, match="expected a shape"):
+            client.empty("identity", (-1, 3))
+        del x, outs, futures
+        wait_for(lambda: slots.lent_bytes == 0 and len(slots) == 0, timeout=5)
+    with pytest.raises(PoolClosedError):
+        client.empty("identity", (256, 1024))
+    with Client(server.endpoint, shared_memory=False) as client:
+        y = client.empty("identity", (256, 1024)).fill_(1.0)  # (no arena: an ordinary tensor)
+        assert torch.equal(client.infer("identity", y)["OUTPUT__0"], y)
+
+
 def test_frames_travel_without_shared_memory(server: ZmqFrontend, clean: None) -> None:
     with Client(server.endpoint, shared_memory=False) as client:
         (session,) = _sessions(server)

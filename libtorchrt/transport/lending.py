@@ -1,4 +1,4 @@
-"""A model's request arena lent to the application as tensors (front process).
+"""A request arena lent to the application as tensors (front process; a client's).
 
 A request's large inputs are copied into the model's request arena, where the worker
 reads them. An application that makes its input anyway (decodes an image, stacks
@@ -13,7 +13,8 @@ application's memory itself: a change made to the tensor before the reply arrive
 seen by the worker, and a model that changes its inputs in place changes the tensor.
 
 At most ``lend_limit`` bytes are lent at once, so that the arena keeps room for the
-copies of other requests.
+copies of other requests. A remote ``Client`` lends its own request arena the same way
+(``Client.empty``).
 """
 
 from __future__ import annotations
@@ -133,11 +134,11 @@ class LendingAllocator(Allocator):
             self._release_locked(start)
 
     def lends(self, t: torch.Tensor) -> bool:
-        """Whether ``t``'s data lies in a block lent by this allocator."""
+        """Whether a request would name ``t`` where it lies (:meth:`adopt`), not copy it."""
         if not self._lent:
             return False
         offset = t.data_ptr() - self._base
-        if offset < 0 or offset >= self.capacity:
+        if offset < 0 or offset >= self.capacity or not t.is_contiguous():
             return False
         with self._lock:
             return self._lent_block(offset, t.nbytes) is not None

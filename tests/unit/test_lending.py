@@ -45,6 +45,7 @@ def test_adopt_names_lent_memory_and_nothing_else(slots: LendingAllocator) -> No
     assert copied is not None
     assert slots.adopt(slots._arena.view(copied, 64 * KIB, torch.float32, (16, KIB))) is None  # a slot, not lent
     assert slots.lends(t) and slots.lends(t[1:]) and not slots.lends(torch.ones(4))
+    assert not slots.lends(t.t())  # (copied: not contiguous)
 
 
 def test_the_block_lives_while_the_tensor_or_a_request_holds_it(slots: LendingAllocator) -> None:

@@ -105,15 +105,13 @@ class LendingAllocator(Allocator):
     def adopt(self, t: torch.Tensor) -> int | None:
         """The offset of ``t``'s data if it lies in a lent block (then the block is held
         until :meth:`free` of that offset), else None: ``t`` is to be copied."""
-        if not self._lent:
-            return None
-        offset = t.data_ptr() - self._base
-        if offset < 0 or offset >= self.capacity or not t.is_contiguous():
+        if not self._lent:  # (every copied input asks: no lock while nothing is lent)
             return None
         with self._lock:
-            start = self._lent_block(offset, t.nbytes)
-            if start is None:
+            found = self._named(t)
+            if found is None:
                 return None
+            offset, start = found
             self._lent[start][1] += 1
         return offset
 
@@ -137,11 +135,17 @@ class LendingAllocator(Allocator):
         """Whether a request would name ``t`` where it lies (:meth:`adopt`), not copy it."""
         if not self._lent:
             return False
+        with self._lock:
+            return self._named(t) is not None
+
+    def _named(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """Where a request would name ``t``, and the start of the lent block holding
+        it; None: ``t`` is not contiguous in a lent block. (The lock is held.)"""
         offset = t.data_ptr() - self._base
         if offset < 0 or offset >= self.capacity or not t.is_contiguous():
-            return False
-        with self._lock:
-            return self._lent_block(offset, t.nbytes) is not None
+            return None
+        start = self._lent_block(offset, t.nbytes)
+        return None if start is None else (offset, start)
 
     def _lent_block(self, offset: int, nbytes: int) -> int | None:
         i = bisect.bisect(self._lent_starts, offset) - 1

@@ -20,6 +20,7 @@ copies of other requests. A remote ``Client`` lends its own request arena the sa
 from __future__ import annotations
 
 import bisect
+import functools
 import weakref
 from typing import Any
 
@@ -27,9 +28,12 @@ import torch
 
 from ..errors import InvalidInputError
 from .arena import Allocator, Arena
-from .dtypes import DTYPES
+from .dtypes import DTYPES, NUMPY_DTYPES
 
 __all__ = ["LendingAllocator", "empty"]
+
+#: the torch dtypes requests carry
+_CARRIED = frozenset(DTYPES.values())
 
 
 def empty(slots: LendingAllocator | None, inline_threshold: int, model: str, shape: Any, dtype: Any) -> torch.Tensor:
@@ -48,7 +52,7 @@ def empty(slots: LendingAllocator | None, inline_threshold: int, model: str, sha
         size = None
     if size is None or any(type(d) is bool or d < 0 for d in dims):
         raise InvalidInputError(model, None, "a shape of non-negative ints", repr(shape))
-    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
+    if not isinstance(dtype, torch.dtype) or dtype not in _CARRIED:
         wanted = ", ".join(str(d) for d in DTYPES.values())
         raise InvalidInputError(model, None, f"a dtype among {wanted}", repr(dtype))
     nbytes = size.numel() * dtype.itemsize
@@ -73,6 +77,9 @@ class LendingAllocator(Allocator):
         #: application's tensor (until it is freed), one each request in flight naming it
         self._lent_starts: list[int] = []
         self._lent: dict[int, list[int]] = {}
+        #: start -> a weak reference to the array under each lent tensor, whose
+        #: callback gives the tensor's hold back (kept until the block is freed)
+        self._watch: dict[int, weakref.ref[Any]] = {}
         self.lent_bytes = 0
 
     def lend(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -94,10 +101,14 @@ class LendingAllocator(Allocator):
             self._lent[offset] = [size, 1]
         try:
             # An array of its own over the block: the tensor's storage keeps it alive, so
-            # it dies with the last view of the tensor, and its finalizer gives the hold back.
+            # it dies with the last view of the tensor, and then gives the hold back.
             block = self._arena.bytes[offset : offset + nbytes]
-            weakref.finalize(block, self._let_go, offset).atexit = False
-            return torch.from_numpy(block).view(dtype).view(shape)
+            as_numpy = NUMPY_DTYPES.get(dtype)
+            if as_numpy is not None:  # (numpy's views cost less than torch's)
+                block = block.view(as_numpy).reshape(shape)
+            self._watch[offset] = weakref.ref(block, functools.partial(self._dropped, offset))
+            t = torch.from_numpy(block)
+            return t if as_numpy is not None else t.view(dtype).view(shape)
         except BaseException:
             self._let_go(offset)
             raise
@@ -156,6 +167,9 @@ class LendingAllocator(Allocator):
             return None
         return start
 
+    def _dropped(self, start: int, _ref: weakref.ref[Any]) -> None:
+        self._let_go(start)
+
     def _let_go(self, start: int) -> None:
         with self._lock:
             self._release_locked(start)
@@ -166,6 +180,7 @@ class LendingAllocator(Allocator):
         if held[1]:
             return
         del self._lent[start]
+        self._watch.pop(start, None)
         del self._lent_starts[bisect.bisect_left(self._lent_starts, start)]
         self.lent_bytes -= held[0]
         self._free_locked(start)

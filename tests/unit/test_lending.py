@@ -109,3 +109,18 @@ def test_many_threads_lending_and_letting_go(slots: LendingAllocator) -> None:
         th.join()
     gc.collect()
     assert slots.lent_bytes == 0 and slots.used == 0 and slots._starts == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int64, torch.bool, torch.complex64])
+def test_every_dtype_is_lent_and_given_back(slots: LendingAllocator, dtype: torch.dtype) -> None:
+    # (numpy has no bfloat16: that one is viewed by torch, the others by numpy)
+    nbytes = 64 * KIB
+    t = slots.lend(nbytes, dtype, (4, nbytes // 4 // dtype.itemsize))
+    assert t is not None and t.dtype == dtype and t.shape == (4, nbytes // 4 // dtype.itemsize)
+    assert t.is_contiguous() and slots.adopt(t) == _where(slots, t)
+    t.fill_(1)
+    assert bool((t == 1).all())
+    slots.free(_where(slots, t))
+    del t
+    gc.collect()
+    assert slots.lent_bytes == 0 and slots.used == 0

@@ -50,9 +50,9 @@ _GRACE_S = 0.02
 
 #: A request's record: start ns, end ns, error code (:data:`_OK`, else an index into
 #: ``_Callers.error_names``), three numbers in a row of an ``array("q")``: the callers
-#: keep no object per request, which the garbage collector would have to go through.
-#: (Kept as tuples, the records of an event loop's 64 tasks set off a full collection
-#: of the bench process every two seconds or so, each stopping its callers for 100 ms.)
+#: keep no object per request, which the garbage collector would have to go through
+#: (as tuples, they set off full collections that stopped every caller: docs/benchmarks.md,
+#: "The callers' own garbage").
 _OK = -1
 
 

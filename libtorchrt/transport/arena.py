@@ -10,9 +10,10 @@ socket instead: see ``fdpass``.)
 A pool has two kinds of arena:
 
 - each model's *request* arena, shared by the workers of all its instances: the front
-  allocates and writes inputs, the worker that runs the request reads them in place;
-  the front frees a slot once no worker reads it (its reply arrived, or its worker is
-  gone);
+  allocates and writes inputs (or names an input the application made there, in a
+  block lent by ``Pool.empty``: ``lending.py``), the worker that runs the request reads
+  them in place; the front frees a slot once no worker reads it (its reply arrived, or
+  its worker is gone);
 - each worker's *response* arena: the worker allocates and writes outputs (a CPU
   worker's model makes its large tensors there in the first place: ``outheap.py``), the
   front hands them to the caller as zero-copy tensors; a slot is freed when the caller
@@ -115,8 +116,8 @@ class Arena:
 
 
 class Slots(Protocol):
-    """What ``tensors.write`` places tensors with: :class:`Allocator`, or a CPU worker's
-    ``outheap.OutputHeap``."""
+    """What ``tensors.write`` places tensors with: :class:`Allocator` (the front's
+    ``lending.LendingAllocator``), or a CPU worker's ``outheap.OutputHeap``."""
 
     def adopt(self, t: torch.Tensor) -> int | None: ...
 
@@ -151,7 +152,8 @@ class Allocator:
         return len(self._used)
 
     def adopt(self, t: torch.Tensor) -> int | None:
-        """None: a tensor is never in this arena already (see ``outheap.OutputHeap``)."""
+        """None: a tensor is never in this arena already (those that lend or make
+        tensors there say otherwise: ``lending.LendingAllocator``, ``outheap.OutputHeap``)."""
         return None
 
     def alloc(self, nbytes: int) -> int | None:

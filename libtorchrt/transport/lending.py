@@ -116,15 +116,7 @@ class LendingAllocator(Allocator):
     def adopt(self, t: torch.Tensor) -> int | None:
         """The offset of ``t``'s data if it lies in a lent block (then the block is held
         until :meth:`free` of that offset), else None: ``t`` is to be copied."""
-        if not self._lent:  # (every copied input asks: no lock while nothing is lent)
-            return None
-        with self._lock:
-            found = self._named(t)
-            if found is None:
-                return None
-            offset, start = found
-            self._lent[start][1] += 1
-        return offset
+        return self._named(t, hold=True)
 
     def free(self, offset: int) -> None:
         """Free the slot at ``offset``, or let go of a request's hold on the lent block
@@ -144,19 +136,24 @@ class LendingAllocator(Allocator):
 
     def lends(self, t: torch.Tensor) -> bool:
         """Whether a request would name ``t`` where it lies (:meth:`adopt`), not copy it."""
-        if not self._lent:
-            return False
-        with self._lock:
-            return self._named(t) is not None
+        return self._named(t, hold=False) is not None
 
-    def _named(self, t: torch.Tensor) -> tuple[int, int] | None:
-        """Where a request would name ``t``, and the start of the lent block holding
-        it; None: ``t`` is not contiguous in a lent block. (The lock is held.)"""
+    def _named(self, t: torch.Tensor, hold: bool) -> int | None:
+        """Where a request would name ``t`` (None: ``t`` is not contiguous in a lent
+        block); with ``hold``, the block is held for that request."""
+        # Every copied input asks: no lock unless something is lent and t lies in the arena.
+        if not self._lent:
+            return None
         offset = t.data_ptr() - self._base
         if offset < 0 or offset >= self.capacity or not t.is_contiguous():
             return None
-        start = self._lent_block(offset, t.nbytes)
-        return None if start is None else (offset, start)
+        with self._lock:
+            start = self._lent_block(offset, t.nbytes)
+            if start is None:
+                return None
+            if hold:
+                self._lent[start][1] += 1
+        return offset
 
     def _lent_block(self, offset: int, nbytes: int) -> int | None:
         i = bisect.bisect(self._lent_starts, offset) - 1

@@ -8,8 +8,9 @@
   and takes it back, a wait of its own beside busy caller threads;
 - ``ARENA``: larger tensors are copied once, straight from the source whatever its
   strides, into a slot of the sender's shared-memory arena, which the receiver views in
-  place (a CPU worker's output that its model made in the arena already is named where
-  it is, with no copy: ``outheap.py``);
+  place (a tensor that lies in the arena already is named where it is, with no copy:
+  an input the application made in a block that ``Pool.empty`` lent, ``lending.py``;
+  a CPU worker's output that its model made there, ``outheap.py``);
 - ``FRAME``: a larger tensor that finds its arena full (or no arena) travels as its own
   ZeroMQ frame, so nothing ever blocks on arena space.
 
@@ -293,9 +294,10 @@ def write(
 ) -> Placed:
     """Place ``tensors`` for sending (see the module docstring).
 
-    Blobs and arena slots are copies, so the caller may change its tensors as soon as
-    this returns; only a ``FRAME`` (arena full) still refers to the caller's memory
-    until ZeroMQ has sent it. :class:`Strings` always go as a ``BLOB``.
+    Blobs and copied arena slots are copies, so the caller may change those tensors as
+    soon as this returns. A ``FRAME`` (arena full) still refers to the caller's memory
+    until ZeroMQ has sent it, and a tensor ``allocator.adopt`` names where it lies (in
+    the arena already) until the slot is freed. :class:`Strings` always go as a ``BLOB``.
 
     Raises:
         KeyError: a tensor's dtype cannot cross the wire.

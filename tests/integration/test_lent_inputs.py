@@ -240,3 +240,17 @@ def test_bad_shape_or_dtype_is_refused_by_name(model_py: Path) -> None:
         x = pool.empty("m", WIDTH)  # (an int is a shape of one dimension)
         assert x.shape == (WIDTH,) and arena_offset(x, "m", "req") >= 0
         assert torch.equal(_ask(pool, pool.empty("m", (1, WIDTH)).fill_(1.0))["OUTPUT__0"], torch.full((1, WIDTH), 2.0))
+
+
+def test_a_version_lends_from_its_own_arena(model_py: Path, no_leaks: None) -> None:
+    with Pool(models=[_config(model_py), _config(model_py, version=2)]) as pool:
+        old = pool.empty("m", (1, WIDTH), version=1).fill_(3.0)
+        new = pool.empty("m", (1, WIDTH)).fill_(5.0)  # (the highest version by default)
+        assert arena_offset(old, "m-v1", "req") >= 0 and arena_offset(old, "m-v2", "req") == -1
+        assert arena_offset(new, "m-v2", "req") >= 0 and arena_offset(new, "m-v1", "req") == -1
+        out = pool.infer("m", {"x": old, "wait": torch.tensor([0.0])}, version=1)
+        assert torch.equal(out["OUTPUT__0"], old * 2.0)
+        assert int(out["OUTPUT__1"][0]) == arena_offset(old, "m-v1", "req")  # (read in place)
+        out = _ask(pool, old)  # (to version 2: another arena, so copied)
+        assert torch.equal(out["OUTPUT__0"], old * 2.0)
+        assert int(out["OUTPUT__1"][0]) != arena_offset(old, "m-v1", "req")

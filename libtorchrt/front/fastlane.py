@@ -127,7 +127,8 @@ class FastLane:
     def __init__(self, router: Router, max_blobs: int) -> None:
         self.router = router
         self.max_blobs = max_blobs
-        self.hub = lanes.Hub(awake=router.options.wake_limit) if lanes.available else None
+        options = router.options
+        self.hub = lanes.Hub(awake=options.wake_limit, spin_us=options.busy_poll_us) if lanes.available else None
         self.closed = False
         self._keys = itertools.count(1)
         #: lane key → its worker (remembered for _RETIRED_S after its exit)

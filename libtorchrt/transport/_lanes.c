@@ -76,6 +76,16 @@
 #define GATE_WINDOW_NS 20000000LL
 #define GATE_OFF_NS 500000000LL
 #define GATE_MIN_GRANTS 8
+/* the longest busy poll (Hub(spin_us=)): 1 s */
+#define MAX_SPIN_US 1000000LL
+/* a pause between two looks at a polled ticket */
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 /* releases sent ahead of one request at most (more wait for the next) */
 #define MAX_RELEASES 1024
 
@@ -188,6 +198,9 @@ typedef struct {
     int64_t gate_until;   /* the end of the window being judged, or of the time off */
     long win_granted, win_lapsed;    /* grants of the window, and those that lapsed */
     long granted, given_back, lapsed, offs; /* totals (the gate property) */
+    /* busy polling (see poll_ticket): how long a caller polls, and whether one does now */
+    int64_t spin_ns;
+    int polling; /* atomic */
 } Hub;
 
 /* grant numbers, unique across hubs (a thread's grant names its hub's) */
@@ -863,10 +876,10 @@ static void *hub_thread(void *arg) {
 /* ── Hub (Python type) ───────────────────────────────────────────────────────── */
 
 static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
-    static char *names[] = {"awake", "grace_us", NULL};
+    static char *names[] = {"awake", "grace_us", "spin_us", NULL};
     int awake = 2;
-    long long grace_us = 1000;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iL:Hub", names, &awake, &grace_us)) return -1;
+    long long grace_us = 1000, spin_us = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iLL:Hub", names, &awake, &grace_us, &spin_us)) return -1;
     if (h->started) {
         PyErr_SetString(PyExc_RuntimeError, "Hub already started");
         return -1;
@@ -876,8 +889,13 @@ static int hub_init(Hub *h, PyObject *args, PyObject *kw) {
                      MAX_AWAKE, awake, grace_us);
         return -1;
     }
+    if (spin_us < 0 || spin_us > MAX_SPIN_US) {
+        PyErr_Format(PyExc_ValueError, "spin_us must be 0 (no busy polling) to %lld; got %lld", MAX_SPIN_US, spin_us);
+        return -1;
+    }
     h->awake_max = awake;
     h->grace_ns = grace_us * 1000;
+    h->spin_ns = spin_us * 1000;
     h->gate_on = 1;
     pthread_mutex_init(&h->mu, NULL);
     h->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -1593,6 +1611,25 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Busy polling: a thread that sleeps on its ticket's futex wakes up slowly when the
+ * hub's thread wakes it. With spin_us, a caller whose request is the only one in flight
+ * (nothing queued either) looks at its ticket instead, up to spin_ns or ``until`` (now_s
+ * time; -1: none), before it sleeps; the pool then runs one request at a time, which
+ * leaves CPUs to spare. One caller polls at a time, so callers never spin side by side.
+ * Returns 1 if it polled (its state may have changed). (GIL let go) */
+static int poll_ticket(Hub *h, Ticket *t, uint32_t s, double until) {
+    if (h->spin_ns <= 0 || __atomic_load_n(&h->inflight, __ATOMIC_RELAXED) > 1 ||
+        __atomic_load_n(&h->queued, __ATOMIC_RELAXED) > 0)
+        return 0;
+    int none = 0;
+    if (!__atomic_compare_exchange_n(&h->polling, &none, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) return 0;
+    int64_t stop = mono_ns() + h->spin_ns;
+    if (until >= 0 && (int64_t)(until * 1e9) < stop) stop = (int64_t)(until * 1e9);
+    while (__atomic_load_n(&t->state, __ATOMIC_ACQUIRE) == s && mono_ns() < stop) CPU_RELAX();
+    __atomic_store_n(&h->polling, 0, __ATOMIC_RELEASE);
+    return 1;
+}
+
 /* wait(timeout=None) -> (state, lane key, reply bytes or None); state 0: not finished
  * within ``timeout`` seconds (then abandon() it, or wait again). Releases the GIL while
  * it waits, and looks at signals every 100 ms (raising their exception: then abandon it). */
@@ -1607,7 +1644,7 @@ static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
         until = now_s() + (seconds > 0 ? seconds : 0);
     }
     uint32_t s;
-    int slept = 0, own = 0; /* (own: it took its reply from the gate, awake: no grant) */
+    int slept = 0, polled = 0, own = 0; /* (own: it took its reply from the gate, awake: no grant) */
     for (;;) {
         int expired = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -1637,6 +1674,10 @@ static PyObject *ticketobj_wait(TicketObject *o, PyObject *args) {
                 left = until - now_s();
                 if (left <= 0) { expired = 1; break; }
                 if (left > 0.1) left = 0.1;
+            }
+            if (!polled) {
+                polled = 1;
+                if (poll_ticket((Hub *)o->hub, t, s, until)) continue;
             }
             struct timespec tick = {(time_t)left, (long)((left - (time_t)left) * 1e9)};
             long r = syscall(SYS_futex, &t->state, FUTEX_WAIT_PRIVATE, s, &tick, NULL, 0);
@@ -1712,5 +1753,6 @@ PyMODINIT_FUNC PyInit__lanes(void) {
     PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH);
     PyModule_AddIntConstant(m, "MAX_LIMIT", MAX_LIMIT);
     PyModule_AddIntConstant(m, "MAX_AWAKE", MAX_AWAKE);
+    PyModule_AddIntConstant(m, "MAX_SPIN_US", (long)MAX_SPIN_US);
     return m;
 }

@@ -9,7 +9,7 @@ the hub's thread → caller), and no Python runs for it outside the caller's thr
 
 :class:`Hub` methods (thread-safe; lanes are named by the caller's ``key``, never reused)::
 
-    Hub(awake=2, grace_us=1000)             gate -> {held, granted, given_back, lapsed, offs, on}
+    Hub(awake=2, grace_us=1000, spin_us=0)  gate -> {held, granted, given_back, lapsed, offs, on}
     add_model(max_rows=0, delay_us=0, preferred=()) -> mid        drop_model(mid)
     add_lane(mid, fd, limit, key)           pause_lane(key)        remove_lane(key)
     request(mid, id, header, box=-1, rows=1, batch_key=0) -> Ticket   (placed by its first wait(), without the GIL)
@@ -41,6 +41,12 @@ once, and so does one whose wait's timeout runs out. Replies to single requests,
 mailboxes, failures and a closing hub are never held.
 ``awake=0``: no gate. Measured in docs/measurements/wake-gate.md.
 
+**Busy polling.** A thread asleep on its ticket wakes up slowly when the hub's thread
+wakes it. With ``spin_us``, a caller whose request is the only one in flight, with none
+queued, polls its ticket that long (at most until its timeout) before it sleeps; one
+caller polls at a time. A pool with one request in flight has CPUs to spare; with more,
+polling would take CPU from the callers and workers that make progress.
+
 A model added with ``max_rows`` batches dynamically, as ``front/batcher.py``'s Batcher
 does with one queue: its requests (``rows`` each; only those of equal ``batch_key`` are merged)
 wait in the hub, and leave as one ``wire.Batch`` message when they fill ``max_rows``
@@ -71,6 +77,7 @@ try:
         MAX_DATAGRAM,
         MAX_LIMIT,
         MAX_REQUEST,
+        MAX_SPIN_US,
         RETRY,
         Hub,
         Ticket,
@@ -89,6 +96,7 @@ except ImportError:  # (not Linux, or built without it: every request goes by th
     CLOSED, DONE, LOST, RETRY = 6, 3, 4, 5
     MAX_DATAGRAM, MAX_LIMIT, MAX_BATCH, MAX_AWAKE = 48 << 10, 64, 4096, 16
     MAX_REQUEST = MAX_DATAGRAM - 10
+    MAX_SPIN_US = 1_000_000
 
 __all__ = [
     "CLOSED",
@@ -99,6 +107,7 @@ __all__ = [
     "MAX_DATAGRAM",
     "MAX_LIMIT",
     "MAX_REQUEST",
+    "MAX_SPIN_US",
     "RETRY",
     "Hub",
     "Ticket",

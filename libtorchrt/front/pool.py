@@ -34,7 +34,6 @@ from ..errors import (
     UnknownModelError,
 )
 from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
-from ..transport import lanes
 from ..transport import tensors as tensor_io
 from .admission import Admission, Inputs, request_timeout
 from .catalog import Catalog
@@ -91,12 +90,14 @@ class Pool:
             caches (two requests an instance always go). None: no bound. ``submit``
             and a sequence's requests are not held back (docs/benchmarks.md, "Large
             inputs and outputs").
-        busy_poll_us: after a reply, workers (and the router thread, while it awaits
-            one) poll this long without sleeping before they block. A process that
-            sleeps between requests wakes up slowly; polling trades CPU for latency,
-            and takes CPU from models that compute (docs/benchmarks.md, "Busy polling").
-            Off (0) by default; turn it on for short models on machines with spare
-            cores.
+        busy_poll_us: microseconds (0 to 1,000,000) that a thread polls before it
+            sleeps, since one that sleeps wakes up slowly: a worker after each reply
+            (unless requests are waiting for it one behind the other), a caller thread
+            of ``infer`` for its reply while its request is the pool's only one in
+            flight, and the router thread while it awaits a reply. This trades CPU for
+            latency, and takes CPU from models that compute and from other callers:
+            turn it on for short models on machines with cores to spare
+            (docs/benchmarks.md, "Busy polling"). Off (0) by default.
         wake_limit: the most caller threads that the replies of one batch wake at once
             (CPU models batched by the fast lane's hub; 0: all of them). The others
             wake one by one as those come back with their next request, so that they
@@ -212,14 +213,6 @@ class Pool:
             compile_cache=compile_cache,
             start_method=start_method,
         )
-        if isinstance(wake_limit, bool) or not isinstance(wake_limit, int) or not 0 <= wake_limit <= lanes.MAX_AWAKE:
-            raise ValueError(
-                f"Pool: wake_limit is {wake_limit!r}; expected an integer from 0 (wake them all) to {lanes.MAX_AWAKE}"
-            )
-        if max_inflight_bytes is not None and (
-            isinstance(max_inflight_bytes, bool) or not isinstance(max_inflight_bytes, int) or max_inflight_bytes < 1
-        ):
-            raise ValueError(f"Pool: max_inflight_bytes is {max_inflight_bytes!r}; expected a positive integer or None")
         if max_pending is not None and (isinstance(max_pending, bool) or max_pending < 1):
             raise ValueError(f"max_pending is {max_pending!r}; expected a positive integer or None")
         #: this process's threads on the front's CPUs (libtorchrt/cpus.py); None: not pinned

@@ -54,8 +54,8 @@ from ..errors import (
     WorkerStartError,
 )
 from ..info import ModelHealth, ModelStats, ModelStatus, WorkerInfo
+from ..transport import lanes, wire
 from ..transport import tensors as tensor_io
-from ..transport import wire
 from ..transport.arena import Arena
 from ..transport.channel import MAX_DATAGRAM
 from ..transport.heldgil import HeldSocket, PyzmqSocket, held
@@ -109,6 +109,32 @@ class RouterOptions:
     start_method: str = "forkserver"
     #: the CPUs the workers run on (``Pool(front_cpus=...)``); None: as the kernel places them
     worker_cpus: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse the values ``Pool`` passes on that no part of the front could use.
+
+        Raises:
+            ValueError: naming the option, what it was and what is expected.
+        """
+        if not _count(self.busy_poll_us) or self.busy_poll_us > lanes.MAX_SPIN_US:
+            raise ValueError(
+                f"Pool: busy_poll_us is {self.busy_poll_us!r}; expected an integer from 0 (no busy polling) "
+                f"to {lanes.MAX_SPIN_US} microseconds"
+            )
+        if not _count(self.wake_limit) or self.wake_limit > lanes.MAX_AWAKE:
+            raise ValueError(
+                f"Pool: wake_limit is {self.wake_limit!r}; expected an integer from 0 (wake them all) "
+                f"to {lanes.MAX_AWAKE}"
+            )
+        if self.max_inflight_bytes is not None and (not _count(self.max_inflight_bytes) or self.max_inflight_bytes < 1):
+            raise ValueError(
+                f"Pool: max_inflight_bytes is {self.max_inflight_bytes!r}; expected a positive integer or None"
+            )
+
+
+def _count(value: object) -> bool:
+    """Whether ``value`` is an integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _pending_call(ref: weakref.ref[Call]) -> bool:

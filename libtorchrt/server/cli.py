@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--busy-poll-us",
-        type=int,
+        type=_count,
         default=0,
         metavar="US",
         help="workers poll this long before they sleep: lower latency for short models, more CPU (default: 0)",

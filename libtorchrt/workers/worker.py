@@ -138,6 +138,11 @@ class WorkerSpec:
 
 #: requests read from a socket pair in a row without polling the other sources
 _GREEDY = 16
+#: with busy polling, a worker that found two requests waiting one behind the other
+#: sleeps at once until it has to wait for one, and for this long (seconds) after: the
+#: front keeps it busy, and the CPUs have no time to spare (with one caller at a time,
+#: the next request may be waiting already, never two)
+_QUEUED_S = 0.01
 
 
 def _wait(poller: zmq.Poller, spin: float) -> dict[Any, int]:
@@ -343,7 +348,9 @@ class _Worker:
 
         After a request that came by a socket pair, the next one is looked for there
         first, without polling (a busy front keeps several in flight); every
-        ``_GREEDY`` of them, the poll looks at every source, ZeroMQ first."""
+        ``_GREEDY`` of them, the poll looks at every source, ZeroMQ first. With busy
+        polling, the poll spins unless the front keeps this worker busy (``_QUEUED_S``):
+        then it needs the CPU itself."""
         sock = self.sock
         spin = self.spec.busy_poll_us / 1e6
         poller = zmq.Poller()
@@ -352,6 +359,10 @@ class _Worker:
         for fd in pairs:
             poller.register(fd, zmq.POLLIN)
         greedy = 0
+        # (busy polling stops while requests are found waiting one behind the other, until
+        # one must be waited for, and for _QUEUED_S after the last one found so)
+        crowded, crowded_at = False, -_QUEUED_S
+        clock = time.perf_counter
         while True:
             frames: list[zmq.Frame] = []
             pair = self._answer
@@ -360,7 +371,8 @@ class _Worker:
                 events = {}
             else:
                 greedy = 0
-                events = _wait(poller, spin)
+                idle = spin and not crowded and clock() - crowded_at >= _QUEUED_S
+                events = _wait(poller, spin if idle else 0.0)
                 # (ZeroMQ first: its control messages are not starved by busy pairs)
                 pair = None if sock in events else next((pairs[fd] for fd in pairs if fd in events), None)
             if pair is not None:
@@ -369,6 +381,11 @@ class _Worker:
                 except BlockingIOError:
                     greedy = _GREEDY  # (nothing waits there: poll)
                     continue
+                if spin:
+                    if greedy > 1:  # (the second in a row that was there already)
+                        crowded, crowded_at = True, clock()
+                    elif not greedy:  # (it was waited for)
+                        crowded = False
                 if not n:  # the front closed it: it is gone (the watch pipe says so too)
                     if pair.fileno() in pairs:
                         poller.unregister(pair.fileno())

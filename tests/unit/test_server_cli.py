@@ -72,6 +72,14 @@ def test_refused_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         parse(*argv, repo=tmp_path)
 
 
+def test_busy_poll_us_is_a_whole_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse("--busy-poll-us", "100", repo=tmp_path).busy_poll_us == 100
+    for bad in ("-5", "1.5"):
+        with pytest.raises(SystemExit):
+            parse("--busy-poll-us", bad, repo=tmp_path)
+        assert f"argument --busy-poll-us: '{bad}' is not a number >= 0" in capsys.readouterr().err
+
+
 # ── tritonserver's spellings ───────────────────────────────────────────────────
 
 

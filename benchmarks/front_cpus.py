@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -164,61 +164,95 @@ def print_ratios(by_round: Sequence[Mapping[str, float]]) -> dict[str, dict[str,
     summary: dict[str, dict[str, Any]] = {}
     median = " (then the median of the rounds)" if len(by_round) > 1 else ""
     print(f"\nreq/s ratios, each from rows of one round{median}")
+    width = max([44, *(len(k) + 2 for k in keys)])
     for key in keys:
         values = [r[key] for r in by_round if key in r]
         summary[key] = {"rounds": values, "median": statistics.median(values)}
-        each = "  ".join(f"{v:5.2f}x" for v in values)
-        tail = f"   median {statistics.median(values):5.2f}x" if len(values) > 1 else ""
-        print(f"  {key:<44}{each}{tail}")
+        each = "  ".join(_figure(key, v) for v in values)
+        tail = f"   median {_figure(key, statistics.median(values))}" if len(values) > 1 else ""
+        print(f"  {key:<{width}}{each}{tail}")
     return summary
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _figure(key: str, value: float) -> str:
+    """A ratio (``1.23x``), or microseconds for a key that says so."""
+    return f"{value:5.0f} µs" if key.endswith("(µs)") else f"{value:5.2f}x"
+
+
+def variants_parser(doc: str | None, scenarios: Sequence[str]) -> argparse.ArgumentParser:
+    """The options of a script of variants (this one, ``busy_poll.py``), but its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per row, in 3 windows (default: 3)")
     p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per row (default: 0.5)")
-    p.add_argument("--front-cpus", type=int, default=1, help="Pool(front_cpus=N) for the pinned rows (default: 1)")
     p.add_argument(
         "--scenarios",
         type=lambda s: [x for x in s.split(",") if x],
-        default=list(SCENARIOS),
-        help=f"comma-separated, out of {','.join(SCENARIOS)} (default: all)",
+        default=list(scenarios),
+        help=f"comma-separated, out of {','.join(scenarios)} (default: all)",
     )
     p.add_argument("--rounds", type=int, default=1, help="run the scenarios this many times (default: 1)")
     p.add_argument("--malloc", choices=MALLOC_CHOICES, default="workers", help=MALLOC_HELP)
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the rows, ratios, machine and commit to PATH")
+    return p
+
+
+def parse_variants(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, scenarios: Sequence[str]
+) -> argparse.Namespace:
+    """Parse and check :func:`variants_parser`'s options (``p.error`` on a bad one)."""
     args = p.parse_args(argv)
-    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    unknown = [s for s in args.scenarios if s not in scenarios]
     if unknown or not args.scenarios:
-        p.error(f"--scenarios: {unknown or 'none'}; expected some of {','.join(SCENARIOS)}")
-    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1 or args.front_cpus < 1:
-        p.error("--seconds must be > 0, --warmup >= 0, --rounds >= 1 and --front-cpus >= 1")
+        p.error(f"--scenarios: {unknown or 'none'}; expected some of {','.join(scenarios)}")
+    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
+        p.error("--seconds must be > 0, --warmup >= 0 and --rounds >= 1")
+    args.use, args.fresh = "sum", "clone"  # (realistic.py's callers, as its defaults)
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = variants_parser(__doc__, SCENARIOS)
+    p.add_argument("--front-cpus", type=int, default=1, help="Pool(front_cpus=N) for the pinned rows (default: 1)")
+    args = parse_variants(p, argv, SCENARIOS)
+    if args.front_cpus < 1:
+        p.error("--front-cpus must be >= 1")
     if len(os.sched_getaffinity(0)) <= args.front_cpus:
         p.error(f"--front-cpus {args.front_cpus} leaves no CPU for the workers on this machine")
-    args.use, args.fresh = "sum", "clone"  # (realistic.py's callers, as its defaults)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_variants(args, FrontCpusRunner, f"Pool(front_cpus={args.front_cpus}) against the default", ratios)
+
+
+def run_variants(
+    args: argparse.Namespace,
+    runner_type: type[Runner],
+    title: str,
+    ratios_of: Callable[[Sequence[Result]], dict[str, float | None]],
+) -> int:
+    """Run ``runner_type``'s scenarios for ``args.rounds`` rounds, print the ratios
+    ``ratios_of`` finds in each round's rows and their medians, and write ``args.json``
+    (also for ``busy_poll.py``)."""
     torch.set_num_threads(1)  # the direct rows: one intra-op thread, as each worker has
     malloc = choose_malloc(args.malloc)
     source = provenance()
     info = machine_info()
     info["loadavg_1min_start"] = loadavg()
-    print(f"Pool(front_cpus={args.front_cpus}) against the default -- {info['cpu_count']} CPUs ({info['cpu_model']})")
+    print(f"{title} -- {info['cpu_count']} CPUs ({info['cpu_model']})")
     print(f"commit {source['commit']}{' (dirty tree)' if source['dirty'] else ''}")
     print(f"1-min load average at the start: {info['loadavg_1min_start']}")
     print(malloc)
     print(f"callers: clone + float(sum); {args.seconds:g} s per row in 3 windows after {args.warmup:g} s of warm-up")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="torchrt-front-cpus-") as tmp:
-        runner = FrontCpusRunner(args, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="torchrt-variants-") as tmp:
+        runner = runner_type(args, Path(tmp))
         try:
             runner.run()
         finally:
             stop_resource_tracker()
-    by_round = [ratios(rows) for rows in runner.rounds_done()]
+    by_round = [{k: v for k, v in ratios_of(rows).items() if v is not None} for rows in runner.rounds_done()]
     summary = print_ratios(by_round)
     info["loadavg_1min_end"] = loadavg()
     print(f"\n1-min load average at the end: {info['loadavg_1min_end']}; elapsed {time.perf_counter() - started:.0f} s")

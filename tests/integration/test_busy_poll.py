@@ -20,8 +20,10 @@ from libtorchrt.transport import lanes
 
 #: the longest poll there is (1 s): what is seen polling is bounded by the waits
 SPIN_US = lanes.MAX_SPIN_US
-#: how long the slow model sleeps, and the most CPU a thread or worker that slept may show
-SLEEP_S = 0.3
+#: how long the slow model sleeps; the least CPU a thread or worker that polled shows (a
+#: quarter: on a busy machine the poller shares its CPU), and the most one that slept does
+SLEEP_S = 0.4
+POLLED_CPU_S = SLEEP_S / 4
 ASLEEP_CPU_S = 0.08
 
 SLEEPER = """
@@ -77,7 +79,7 @@ def test_a_busy_poll_out_of_range_is_refused(sleeper: Path, value: object) -> No
 def test_a_caller_polls_for_the_reply_to_the_one_request_in_flight(sleeper: Path, no_leaks: None) -> None:
     with Pool(models=[_config(sleeper)], busy_poll_us=SPIN_US) as pool:
         _ask(pool, 0.0)
-        assert _caller_cpu(pool, SLEEP_S) > SLEEP_S / 2, "the caller slept: it should have polled"
+        assert _caller_cpu(pool, SLEEP_S) > POLLED_CPU_S, "the caller slept: it should have polled"
     with Pool(models=[_config(sleeper)]) as pool:
         _ask(pool, 0.0)
         assert _caller_cpu(pool, SLEEP_S) < ASLEEP_CPU_S
@@ -108,7 +110,7 @@ def test_a_worker_polls_after_a_lone_request_not_after_a_backlog(sleeper: Path, 
         before = _process_cpu(worker.pid)
         _ask(pool, 0.0)
         time.sleep(SLEEP_S)
-        assert _process_cpu(worker.pid) - before > SLEEP_S / 2, "the worker slept after a lone request"
+        assert _process_cpu(worker.pid) - before > POLLED_CPU_S, "the worker slept after a lone request"
 
         time.sleep(1.0)
         backlog = [threading.Thread(target=_ask, args=(pool, 0.02)) for _ in range(8)]

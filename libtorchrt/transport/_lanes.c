@@ -1614,8 +1614,9 @@ static double now_s(void) {
 /* Busy polling: a thread that sleeps on its ticket's futex wakes up slowly when the
  * hub's thread wakes it. With spin_us, a caller whose request is the only one in flight
  * (nothing queued either) looks at its ticket instead, up to spin_ns or ``until`` (now_s
- * time; -1: none), before it sleeps; the pool then runs one request at a time, which
- * leaves CPUs to spare. One caller polls at a time, so callers never spin side by side.
+ * time; -1: none), or until another request is sent, before it sleeps; the pool then runs
+ * one request at a time, which leaves CPUs to spare. One caller polls at a time, so
+ * callers never spin side by side.
  * Returns 1 if it polled (its state may have changed). (GIL let go) */
 static int poll_ticket(Hub *h, Ticket *t, uint32_t s, double until) {
     if (h->spin_ns <= 0 || __atomic_load_n(&h->inflight, __ATOMIC_RELAXED) > 1 ||
@@ -1625,7 +1626,9 @@ static int poll_ticket(Hub *h, Ticket *t, uint32_t s, double until) {
     if (!__atomic_compare_exchange_n(&h->polling, &none, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) return 0;
     int64_t stop = mono_ns() + h->spin_ns;
     if (until >= 0 && (int64_t)(until * 1e9) < stop) stop = (int64_t)(until * 1e9);
-    while (__atomic_load_n(&t->state, __ATOMIC_ACQUIRE) == s && mono_ns() < stop) CPU_RELAX();
+    while (__atomic_load_n(&t->state, __ATOMIC_ACQUIRE) == s && mono_ns() < stop &&
+           __atomic_load_n(&h->inflight, __ATOMIC_RELAXED) <= 1)
+        CPU_RELAX();
     __atomic_store_n(&h->polling, 0, __ATOMIC_RELEASE);
     return 1;
 }

@@ -4,37 +4,20 @@ requests, polled and not, and it wrote the figures it printed."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import run_script
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_the_busy_poll_benchmark_runs_its_rows(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/busy_poll.py",
-            "--scenarios",
-            "latency",
-            "--busy-poll-us",
-            "150",
-            "--seconds",
-            "0.6",
-            "--warmup",
-            "0.1",
-            "--json",
-            str(tmp_path / "out.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
+    out = run_script(
+        "benchmarks/busy_poll.py",
+        *("--scenarios", "latency", "--busy-poll-us", "150", "--seconds", "0.6", "--warmup", "0.1"),
+        *("--json", str(tmp_path / "out.json")),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads((tmp_path / "out.json").read_text())
@@ -54,11 +37,5 @@ def test_the_busy_poll_benchmark_runs_its_rows(tmp_path: Path) -> None:
 
 
 def test_the_busy_poll_benchmark_refuses_a_poll_it_cannot_set() -> None:
-    out = subprocess.run(
-        [sys.executable, "benchmarks/busy_poll.py", "--busy-poll-us", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_script("benchmarks/busy_poll.py", "--busy-poll-us", "0", timeout=60)
     assert out.returncode == 2 and "--busy-poll-us must be from 1 to 1000000" in out.stderr

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import run_script
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -20,23 +18,9 @@ pytestmark = [
 
 
 def test_the_front_cpus_benchmark_runs_its_rows(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/front_cpus.py",
-            "--scenarios",
-            "tiny,latency",
-            "--seconds",
-            "0.6",
-            "--warmup",
-            "0.1",
-            "--json",
-            str(tmp_path / "out.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
+    out = run_script(
+        "benchmarks/front_cpus.py",
+        *("--scenarios", "tiny,latency", "--seconds", "0.6", "--warmup", "0.1", "--json", str(tmp_path / "out.json")),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads((tmp_path / "out.json").read_text())

@@ -102,6 +102,24 @@ def test_callers_sleep_while_several_requests_are_in_flight(polling_hub: lanes.H
     assert all(cpu < _ASLEEP_CPU_S for _, cpu in waits), waits
 
 
+def test_a_caller_stops_polling_when_another_request_is_sent(polling_hub: lanes.Hub) -> None:
+    mid, worker = lane(polling_hub)
+    first = polling_hub.request(mid, 1, request(1))
+    answering = answer_later(worker, [1, 2], _ANSWER_S)  # (both answered once the second came)
+
+    def second_later() -> None:
+        time.sleep(_ANSWER_S / 4)
+        polling_hub.submit(mid, 2, request(2))
+
+    sender = threading.Thread(target=second_later)
+    sender.start()
+    state, cpu = timed_wait(first)
+    sender.join()
+    answering.join()
+    assert state == lanes.DONE
+    assert cpu < _ANSWER_S * 0.6, f"the first caller polled on ({cpu:.3f} s of CPU) beside the second request"
+
+
 def test_callers_sleep_while_a_request_is_queued(polling_hub: lanes.Hub) -> None:
     mid, worker = lane(polling_hub, limit=1)
     first = polling_hub.submit(mid, 1, request(1))

@@ -52,6 +52,7 @@ from .records import (
     CRASH_LOOP,
     DEAD,
     READY,
+    STARTING,
     STOPPED,
     WARMING,
     _Model,
@@ -72,6 +73,10 @@ log = logging.getLogger("libtorchrt")
 START_METHODS = ("forkserver", "spawn")
 #: The longest the pool's start waits for its template (then it spawns workers fresh).
 TEMPLATE_START_TIMEOUT = 60.0
+#: How long the exit of a worker that failed to start (exit code 1) waits for the FAILED
+#: message it sent before it exited, which may still be crossing the front's ZeroMQ I/O
+#: thread when its exit is seen (seconds).
+FAILED_GRACE_S = 0.5
 
 
 def declared_outputs(cfg: ModelConfig) -> list[list[Any]]:
@@ -478,6 +483,8 @@ class Supervisor:
         # Replies it sent before dying may still wait in the sockets: take them first,
         # so an answered request is not run a second time (or blamed for the death).
         router.replies.read()
+        if code == 1 and w.state == STARTING and not w.explained:
+            self._await_reason(w)
         self._close_channel(w)
         router.fast.exited(w)  # (its lane's callers hear of it from the hub already)
         self.by_identity.pop(w.identity, None)
@@ -517,6 +524,17 @@ class Supervisor:
         if all(s.start_failures >= CRASH_LOOP for s in m.slots):
             m.unavailable = slot.last_error or f"exited with code {code}"
         router.dispatch(m)
+
+    def _await_reason(self, w: _Worker) -> None:
+        """Read messages until ``w``'s FAILED (why it could not start) has come, for at
+        most FAILED_GRACE_S: a worker sends it, then exits with 1 (workers/worker.py)."""
+        sock = self.router.sock
+        deadline = time.monotonic() + FAILED_GRACE_S
+        while not w.explained and sock is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                return
+            self.router.replies.read()
 
     def _stop_sharing(self, w: _Worker) -> bool:
         """``w`` died of SIGSEGV while mapping its model's read-only shared weights: the

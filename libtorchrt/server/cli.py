@@ -26,6 +26,7 @@ from types import TracebackType
 
 from .. import __version__
 from ..cpus import parse as parse_cpus
+from ..transport.lanes import MAX_AWAKE, MAX_SPIN_US
 from .control import DEFAULT_POLL_SECS
 from .http import Limits
 from .security import (
@@ -148,6 +149,17 @@ def _count(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
     return int(text)
+
+
+def _count_up_to(limit: int) -> Callable[[str], int]:
+    """A whole number from 0 to ``limit``."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or int(text) > limit:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to {limit}")
+        return int(text)
+
+    return parse
 
 
 def front_cpus(text: str) -> int | tuple[int, ...]:
@@ -303,14 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--busy-poll-us",
-        type=_count,
+        type=_count_up_to(MAX_SPIN_US),
         default=0,
         metavar="US",
         help="workers poll this long before they sleep: lower latency for short models, more CPU (default: 0)",
     )
     run.add_argument(
         "--wake-limit",
-        type=int,
+        type=_count_up_to(MAX_AWAKE),
         default=2,
         metavar="N",
         help="caller threads one batch's replies wake at once at most; 0: all (default: %(default)s)",

@@ -72,12 +72,15 @@ def test_refused_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         parse(*argv, repo=tmp_path)
 
 
-def test_busy_poll_us_is_a_whole_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert parse("--busy-poll-us", "100", repo=tmp_path).busy_poll_us == 100
-    for bad in ("-5", "1.5"):
+@pytest.mark.parametrize(("option", "good", "bad", "limit"), [("--busy-poll-us", "100", "1000001", 1000000),
+                                                              ("--wake-limit", "16", "17", 16)])  # fmt: skip
+def test_counted_options_are_whole_numbers_in_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
+                                                    good: str, bad: str, limit: int) -> None:  # fmt: skip
+    assert getattr(parse(option, good, repo=tmp_path), option[2:].replace("-", "_")) == int(good)
+    for wrong in ("-5", "1.5", bad):
         with pytest.raises(SystemExit):
-            parse("--busy-poll-us", bad, repo=tmp_path)
-        assert f"argument --busy-poll-us: '{bad}' is not a number >= 0" in capsys.readouterr().err
+            parse(option, wrong, repo=tmp_path)
+        assert f"argument {option}: '{wrong}' is not a number from 0 to {limit}" in capsys.readouterr().err
 
 
 # ── tritonserver's spellings ───────────────────────────────────────────────────

@@ -44,7 +44,7 @@ mailboxes, failures and a closing hub are never held.
 **Busy polling.** A thread asleep on its ticket wakes up slowly when the hub's thread
 wakes it. With ``spin_us``, a caller whose request is the only one in flight, with none
 queued, polls its ticket that long (at most until its timeout, or until another request
-is sent) before it sleeps; one caller polls at a time. A pool with one request in flight has CPUs to spare; with more,
+is sent) before it sleeps; one caller polls at a time. With more requests in flight,
 polling would take CPU from the callers and workers that make progress.
 
 A model added with ``max_rows`` batches dynamically, as ``front/batcher.py``'s Batcher

@@ -85,18 +85,17 @@ class LendingAllocator(Allocator):
     def lend(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
         """A tensor of ``dtype``/``shape`` (``nbytes`` bytes) in a block of the arena,
         or None: the arena has no room, or ``lend_limit`` is reached."""
-        if nbytes <= 0:
+        if nbytes <= 0 or self.lent_bytes + nbytes > self.lend_limit:
             return None
-        size = max(self.align, (nbytes + self.align - 1) // self.align * self.align)  # (as alloc rounds)
-        with self._lock:  # (room counted before the slot is taken: callers lend from many threads)
+        offset = self.alloc(nbytes)
+        if offset is None:
+            return None
+        with self._lock:  # (the limit judged again with the slot's size: callers lend from many threads)
+            size = self._used[offset]
             if self.lent_bytes + size > self.lend_limit:
+                self._free_locked(offset)
                 return None
             self.lent_bytes += size
-        offset = self.alloc(nbytes)
-        with self._lock:
-            if offset is None:
-                self.lent_bytes -= size
-                return None
             bisect.insort(self._lent_starts, offset)
             self._lent[offset] = [size, 1]
         try:

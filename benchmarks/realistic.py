@@ -23,8 +23,9 @@ Scenarios (``--scenarios``), each ratio computed within this run:
   process (target >= 1.6x).
 * ``payload`` -- 4 MiB tensors, 2 instances, 8 caller threads against the transport
   floor (``_floor.floor_premapped``: one stream, no model, no caller work; target >= 80%,
-  for callers that do what the floor does: the same input again, the result dropped;
-  the realistic callers' row is printed beside it).
+  for callers that do what the floor does: prepared inputs, the result dropped. Two
+  pairs, each side sending the same inputs: the 8 prepared sets in turn, and one input
+  every time; the realistic callers' rows are printed beside them).
 * ``latency`` -- tiny, 1 instance, 1 caller: p50 latency, and its distance from one
   thread calling the model in this process (``core.py``'s target: <= 200 µs).
 
@@ -82,6 +83,8 @@ from libtorchrt.bench.stats import Window
 SCENARIOS = ("tiny", "batching", "cnn", "payload", "latency")
 #: prepared inputs per workload (requests take them in turn, each cloned)
 SETS = 8
+#: the payload scenario's pool rows: (label, whether inputs are made with Pool.empty)
+_PAYLOAD_POOLS = (("libtorchrt", False), ("libtorchrt, Pool.empty", True))
 #: windows per row (the row's seconds are split between them)
 WINDOWS = 3
 _TIMEOUT_S = 60.0
@@ -174,10 +177,17 @@ class Runner:
         return self._inputs[name]
 
     def application(
-        self, name: str, behaviour: Behaviour | None = None, empty: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        name: str,
+        behaviour: Behaviour | None = None,
+        empty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sets: int = SETS,
     ) -> Application:
-        sets, refs = self.inputs(name)
-        return Application(sets, behaviour or self.behaviour, references=refs, empty=empty)
+        """Callers of workload ``name`` taking the first ``sets`` of its input sets in turn."""
+        inputs, refs = self.inputs(name)
+        return Application(
+            inputs[:sets], behaviour or self.behaviour, references=refs[:sets] if refs else None, empty=empty
+        )
 
     # ── one row ───────────────────────────────────────────────────────────────
 
@@ -196,7 +206,7 @@ class Runner:
         thread_context: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> Result:
         """Measure ``call`` and the CPU it costs over the measured windows."""
-        row = Result(scenario, label, callers, concurrency, instances, app.behaviour.describe(), app.behaviour.use)
+        row = Result(scenario, label, callers, concurrency, instances, app.describe(), app.behaviour.use)
         print(f"  ... {label}, {concurrency} {callers}", file=sys.stderr, flush=True)
         span = MeasuredSpan(meter, WINDOWS, lambda: (app.counts, _pool_counters(pool)))
         try:
@@ -244,12 +254,13 @@ class Runner:
         instances: int,
         behaviour: Behaviour | None = None,
         lent: bool = False,
+        sets: int = SETS,
     ) -> Result:
         """A row of libtorchrt callers: ``Pool.infer`` (threads) or ``Pool.infer_async``
         (asyncio); ``lent``: they make their inputs in the model's request arena
-        (``Pool.empty``)."""
+        (``Pool.empty``); ``sets``: how many of the prepared input sets they take in turn."""
         empty = (lambda t: pool.empty(model, t.shape, t.dtype)) if lent else None
-        app = self.application(model, behaviour, empty)
+        app = self.application(model, behaviour, empty, sets)
         meter = CpuMeter(CpuMeter.labels([w.pid for w in pool.workers() if w.pid is not None]))
         call: Callable[[], Any]
         if callers == "asyncio":
@@ -321,38 +332,47 @@ class Runner:
         self.direct_row("cnn", "cnn")
 
     def payload(self) -> None:
-        # The floor's one stream sends the same input and drops its result; so does the row
-        # its target compares with (the realistic callers' row, beside it, also copies and
-        # reduces 4 MiB each request, which the floor does not).
-        # The rows "Pool.empty" make their inputs in the request arena: no copy when sent.
+        # The floor's one stream sends prepared inputs and drops its results; so do the
+        # rows its targets compare with, taking the same inputs: the 8 sets in turn, or
+        # the first one every time (32 MiB of sources leave the cache, one 4 MiB does not:
+        # each pair is compared like with like). The realistic callers' rows, beside
+        # them, also copy and reduce 4 MiB each request, which the floor does not. The
+        # rows "Pool.empty" make their inputs in the request arena: no copy when sent.
         like_floor = Behaviour(fresh="cycle", use="none")
         with Pool(models=[ModelConfig("payload", self.path("payload"), instances=2)]) as pool:
-            for label, lent in (("libtorchrt", False), ("libtorchrt, Pool.empty", True)):
-                for behaviour in (self.behaviour, like_floor):
-                    self.pool_row(
-                        "payload",
-                        label,
-                        pool,
-                        "payload",
-                        callers="threads",
-                        concurrency=8,
-                        instances=2,
-                        behaviour=behaviour,
-                        lent=lent,
-                    )
+            rows = [(label, lent, b, SETS) for label, lent in _PAYLOAD_POOLS for b in (self.behaviour, like_floor)]
+            rows.append(("libtorchrt, one input", False, like_floor, 1))
+            for label, lent, behaviour, sets in rows:
+                self.pool_row(
+                    "payload",
+                    label,
+                    pool,
+                    "payload",
+                    callers="threads",
+                    concurrency=8,
+                    instances=2,
+                    behaviour=behaviour,
+                    lent=lent,
+                    sets=sets,
+                )
+        inputs = [s["INPUT__0"] for s in self.inputs("payload")[0]]
+        for label, sources in (("floor-premapped", inputs), ("floor-premapped, one input", inputs[:1])):
+            self.floor_row(label, sources)
+
+    def floor_row(self, label: str, sources: list[torch.Tensor]) -> None:
+        """The transport floor, one stream sending ``sources`` in turn."""
         a = self.args
-        print("  ... floor-premapped, 1 stream", file=sys.stderr, flush=True)
-        m = floor_premapped(
-            workloads.example_input("payload"), duration=a.seconds / WINDOWS, repeat=WINDOWS, warmup=a.warmup
-        )
+        print(f"  ... {label}, 1 stream", file=sys.stderr, flush=True)
+        m = floor_premapped(sources, duration=a.seconds / WINDOWS, repeat=WINDOWS, warmup=a.warmup)
+        made = Behaviour(fresh="cycle", use="none").describe(len(sources))
         self.add(
             Result(
                 "payload",
-                "floor-premapped",
+                label,
                 "-",
                 1,
                 None,
-                "same input, no result",
+                made,
                 "-",
                 req_per_s=m.rps,
                 p50_us=m.p50_us,
@@ -414,27 +434,27 @@ def _callers(r: Result) -> str:
 def print_scenario(name: str, rows: Sequence[Result], headline: str | None = None) -> None:
     """The scenario's two tables: throughput and latency, then CPU per request."""
     print(f"\n{headline or _HEADLINES[name]}")
-    head = f"  {'row':<24}{'callers':>12}  {'callers do':<30}{'req/s':>9}{'p50':>10}{'p99':>10}{'spread':>8}"
+    head = f"  {'row':<28}{'callers':>12}  {'callers do':<34}{'req/s':>9}{'p50':>10}{'p99':>10}{'spread':>8}"
     print(head + f"{'batch':>7}  errors")
     for r in rows:
         callers = _callers(r)
         errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
         print(
-            f"  {r.label:<24}{callers:>12}  {r.behaviour:<30}{fmt_rps(r.req_per_s):>9}{fmt_us(r.p50_us):>10}"
+            f"  {r.label:<28}{callers:>12}  {r.behaviour:<34}{fmt_rps(r.req_per_s):>9}{fmt_us(r.p50_us):>10}"
             f"{fmt_us(r.p99_us):>10}{_num(100 * r.spread, '{:.0f}%'):>8}{_num(r.mean_batch):>7}  {errors}"
             + (f"  {r.note}" if r.note else "")
         )
     print("  CPU µs per request, over the windows: total = this process (front, by thread group) + the workers")
     cells = "".join(f"{title:>11}" for _, title in _CPU_COLUMNS)
-    print(f"  {'row':<24}{'callers':>12}{cells}{'workers':>11}  each worker")
+    print(f"  {'row':<28}{'callers':>12}{cells}{'workers':>11}  each worker")
     for r in rows:
         callers = _callers(r)
         if r.cpu is None:
-            print(f"  {r.label:<24}{callers:>12}  n/a")
+            print(f"  {r.label:<28}{callers:>12}  n/a")
             continue
         cells = "".join(f"{_num(r.cpu[key]):>11}" for key, _ in _CPU_COLUMNS)
         each = ", ".join(f"{k} {v:.1f}" for k, v in r.cpu["processes"].items()) or "-"
-        print(f"  {r.label:<24}{callers:>12}{cells}{_num(r.cpu['processes_total']):>11}  {each}")
+        print(f"  {r.label:<28}{callers:>12}{cells}{_num(r.cpu['processes_total']):>11}  {each}")
     sys.stdout.flush()
 
 
@@ -551,14 +571,21 @@ def evaluate_targets(rows: Sequence[Result], use: str) -> list[dict[str, Any]]:
             pct=False,
         ),
         _rate_target(
-            "payload 2i x 8 threads (as the floor: same input, result dropped) vs floor-premapped req/s",
+            f"payload 2i x 8 threads vs floor-premapped, both sending {SETS} inputs in turn, results dropped: req/s",
             0.8,
             _find(rows, "payload", "libtorchrt", "threads", "none"),
             _find(rows, "payload", "floor-premapped", "-"),
             pct=True,
         ),
         _rate_target(
-            "the same, inputs made in the request arena (Pool.empty) vs floor-premapped req/s",
+            "the same, both sending one input every time: req/s",
+            0.8,
+            _find(rows, "payload", "libtorchrt, one input", "threads", "none"),
+            _find(rows, "payload", "floor-premapped, one input", "-"),
+            pct=True,
+        ),
+        _rate_target(
+            f"the same ({SETS} inputs), inputs made in the request arena (Pool.empty): req/s",
             0.8,
             _find(rows, "payload", "libtorchrt, Pool.empty", "threads", "none"),
             _find(rows, "payload", "floor-premapped", "-"),

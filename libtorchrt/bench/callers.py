@@ -71,9 +71,12 @@ class Behaviour:
         if self.use not in USES:
             raise ValueError(f"use {self.use!r}: expected one of {USES}")
 
-    def describe(self) -> str:
-        """In words, for a table: ``"clone + float(sum)"``."""
+    def describe(self, sets: int = 1) -> str:
+        """In words, for a table: ``"clone + float(sum)"``; ``sets``: how many prepared
+        input sets ``fresh="cycle"`` sends in turn (``"same input"`` for one)."""
         made = {"clone": "clone", "random": "random", "cycle": "same input"}[self.fresh]
+        if self.fresh == "cycle" and sets > 1:
+            made = f"{sets} inputs in turn"
         used = {
             "sum": "float(sum)",
             "equal": "torch.equal",
@@ -191,6 +194,10 @@ class Application:
         # share one counter without a lock.
         self._counter = itertools.count()
         self._tally = _Tally()
+
+    def describe(self) -> str:
+        """What the callers do, in words (:meth:`Behaviour.describe` of these sets)."""
+        return self.behaviour.describe(len(self.sets))
 
     @property
     def counts(self) -> Counts:

@@ -410,20 +410,28 @@ class Pool:
             SequenceError: as for :meth:`submit`.
             TimeoutError: no result within ``timeout``.
         """
-        timeout = request_timeout(model, timeout)
         if sequence_id is None and not sequence_start and not sequence_end:
             if self._closed:
                 raise PoolClosedError("the pool is closed")
-            call = self._admission.take(model, inputs, version, timeout, priority, gated=True)
+            plain = type(inputs) is dict and version is None and priority is None
+            if plain:
+                call = self._shortcut.take(model, inputs, timeout)  # type: ignore[arg-type]
+                if call is not None:  # (like one admitted before: front/shortcut.py)
+                    return self._router.fast.infer(call)
+            call = self._admission.take(model, inputs, version, timeout, priority, gated=True)  # (checks timeout)
             try:
                 fast = self._router.fast
                 if fast.takes(call):
+                    if plain and call.model.lane_batches:
+                        self._shortcut.learn(model, inputs, call)  # type: ignore[arg-type]
                     return fast.infer(call)  # (no router thread: front/fastlane.py)
                 self._router.submit(call)
-                return _result(cast(RequestFuture[dict[str, torch.Tensor]], call.future), model, timeout)
+                routed = cast(RequestFuture[dict[str, torch.Tensor]], call.future)
+                return _result(routed, model, request_timeout(model, timeout))
             finally:
                 if call.gated:  # (large inputs: the room it took in its model's copy gate)
                     call.model.gate.release(call.gated)  # type: ignore[union-attr]
+        timeout = request_timeout(model, timeout)
         future = self.submit(
             model,
             inputs,

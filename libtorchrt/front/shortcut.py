@@ -1,10 +1,11 @@
-"""The admission of a request like one admitted before (front, an event loop's thread).
+"""The admission of a request like one admitted before (front, the caller's thread:
+an event loop's, or any thread calling ``Pool.infer``).
 
 Every request passes :meth:`Admission.take`: the model looked up, its inputs bound and
-checked, their bytes placed, a :class:`Call` made, its queue asked. For the asyncio
-callers of a model that the hub batches, that was most of the front's work per request
-(docs/measurements/shortcut.md). Yet those callers send the same request again and
-again: one input, of the dtype and non-batch shape the model accepted last time.
+checked, their bytes placed, a :class:`Call` made, its queue asked. For the callers of a
+model that the hub batches, that was most of the front's work per request, paid holding
+the GIL (docs/measurements/shortcut.md). Yet those callers send the same request again
+and again: one input, of the dtype and non-batch shape the model accepted last time.
 
 So once the full path has admitted such a request, :class:`Shortcut` remembers what it
 found out (the input's name, dtype and non-batch dimensions, the bytes a row, the batch
@@ -58,7 +59,9 @@ class _Known:
 
 
 class Shortcut:
-    """Admits asyncio requests to hub-batched models that match one admitted before."""
+    """Admits requests to hub-batched models that match one admitted before (from any
+    thread: what it remembers is replaced whole, and its counter is not exact across
+    threads)."""
 
     def __init__(self, admission: Admission, lane: FastLane) -> None:
         self.admission = admission

@@ -158,3 +158,60 @@ def test_a_pool_with_max_pending_admits_every_request_the_full_way(files: dict[s
         check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))
         check_own_rows(xs, asyncio.run(each(pool, "m", named(xs))))
         assert pool._shortcut.taken == 0  # (the full path counts what is pending)
+
+
+# ── caller threads (Pool.infer) ──────────────────────────────────────────────
+
+
+def test_caller_threads_take_it_too_and_each_gets_its_own_rows(pool: Pool) -> None:
+    pool.infer("n", {"INPUT__0": request(0)}, timeout=SOON)  # (admitted the full way: remembered)
+    taken, before = pool._shortcut.taken, stats_of(pool, "n")
+    inputs = {i: [request(100 * i + k, rows=1 + k % 3) for k in range(12)] for i in range(6)}
+    results: dict[int, list[Any]] = {}
+
+    def caller(i: int) -> None:
+        timeouts = (SOON, None, 20)  # (a float, the model's, an int)
+        results[i] = [
+            pool.infer("n", {"INPUT__0": x}, timeout=timeouts[k % 3])["OUTPUT__0"] for k, x in enumerate(inputs[i])
+        ]
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * SOON)
+    assert sorted(results) == list(range(6))
+    for i in range(6):
+        check_own_rows(inputs[i], results[i])
+    assert pool._shortcut.taken > taken  # (its counter is not exact across threads)
+    after = stats_of(pool, "n")
+    assert after.success - before.success == 6 * 12
+    assert after.inferences - before.inferences == sum(x.shape[0] for xs in inputs.values() for x in xs)
+    assert after.executions - before.executions < 6 * 12  # (batched with each other)
+
+
+def test_from_a_thread_what_the_full_path_would_refuse_is_refused_as_it_would_be(pool: Pool) -> None:
+    pool.infer("m", {"INPUT__0": request(0)})
+    taken, failed = pool._shortcut.taken, stats_of(pool, "m").failure
+    bad: list[tuple[Any, dict[str, Any]]] = [
+        ({"INPUT__0": request(1).double()}, {}),  # another dtype
+        ({"INPUT__0": request(1, width=5)}, {}),  # another row shape
+        ({"INPUT__0": request(1, rows=9)}, {}),  # more rows than a batch
+        ({"INPUT__1": request(1)}, {}),  # an input the model does not have
+        ({"INPUT__0": request(1), "INPUT__1": request(1)}, {}),  # one too many
+        ({"INPUT__0": request(1)}, {"timeout": -1.0}),
+        ({"INPUT__0": request(1)}, {"timeout": "1"}),
+        ({"INPUT__0": request(1)}, {"timeout": True}),
+    ]
+    for inputs, kwargs in bad:
+        with pytest.raises(InvalidInputError):
+            pool.infer("m", inputs, **kwargs)
+    assert pool._shortcut.taken == taken
+    assert stats_of(pool, "m").failure - failed == len(bad)  # (as infer_async's are counted)
+    x = request(2, rows=2)
+    strided = torch.cat([x, x], dim=1)[:, ::2]  # (not contiguous: the full path copies it)
+    check_own_rows([x, x], [pool.infer("m", {"INPUT__0": t})["OUTPUT__0"] for t in (strided, x.clone())])
+    assert pool._shortcut.taken == taken + 1  # (the contiguous one)
+    with pytest.raises(TimeoutError):
+        pool.infer("m", {"INPUT__0": x}, timeout=0.0)  # (already past: the full path says so)
+    assert pool._shortcut.taken == taken + 1

@@ -143,6 +143,14 @@ class Binder:
         """The caller's position of the method's ``index``-th argument (None: hidden)."""
         return None if index is None else self._suffix.get(index)
 
+    def position(self, key: str) -> int | None:
+        """The position of the input a request names ``key`` (its declared or argument
+        name, or ``INPUT__<i>``), as :meth:`bind` finds it; None: no input of the caller's."""
+        pos = self.positions.get(key)
+        if pos is None and key not in self.hidden:
+            pos = self._at(_index(key))
+        return pos
+
     @property
     def expected(self) -> str:
         if self.dict_input:
@@ -179,13 +187,11 @@ class Binder:
         if isinstance(inputs, Mapping):
             bound: list[Any] = [None] * n
             for key, value in inputs.items():
-                pos = self.positions.get(key) if isinstance(key, str) else None
-                if pos is None and isinstance(key, str):
-                    if key in self.hidden:
-                        raise InvalidInputError(
-                            self.model, key, self.expected, f"{key!r}, which the sequence batcher fills in"
-                        )
-                    pos = self._at(_index(key))
+                if isinstance(key, str) and key in self.hidden and key not in self.positions:
+                    raise InvalidInputError(
+                        self.model, key, self.expected, f"{key!r}, which the sequence batcher fills in"
+                    )
+                pos = self.position(key) if isinstance(key, str) else None
                 if pos is None or pos >= n:
                     raise InvalidInputError(self.model, str(key), self.expected, f"unknown input {key!r}")
                 if bound[pos] is not None:

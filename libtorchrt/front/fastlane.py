@@ -380,13 +380,15 @@ class FastLane:
         return self._alone_async(call, box, loop)
 
     def join(self, call: Call) -> Coroutine[Any, Any, dict[str, torch.Tensor]]:
-        """As :meth:`infer_async`, for a call known to take the hub's batching and to be
-        joinable with others (``front/shortcut.py``'s)."""
+        """As :meth:`infer_async`, for a call known to take the lane and, if the hub
+        batches its model, to be joinable with others (``front/shortcut.py``'s)."""
         loop = asyncio.get_running_loop()
         box = self._box(loop)
         if box is None:
             return self._by_router_async(call, loop)
-        return self.groups.join(call, box, loop)
+        if call.model.lane_batches:
+            return self.groups.join(call, box, loop)
+        return self._alone_async(call, box, loop)
 
     def _box(self, loop: asyncio.AbstractEventLoop) -> _Mailbox | None:
         """``loop``'s mailbox (opened on its first request); None once the lane is closed."""

@@ -422,7 +422,7 @@ class Pool:
             try:
                 fast = self._router.fast
                 if fast.takes(call):
-                    if plain and call.model.lane_batches:
+                    if plain:
                         self._shortcut.learn(model, inputs, call)  # type: ignore[arg-type]
                     return fast.infer(call)  # (no router thread: front/fastlane.py)
                 self._router.submit(call)
@@ -512,7 +512,7 @@ class Pool:
         call = self._admission.take(model, inputs, version, timeout, priority)
         fast = self._router.fast
         if fast.takes(call):
-            if plain and call.model.lane_batches:
+            if plain:
                 self._shortcut.learn(model, inputs, call)  # type: ignore[arg-type]
             return await fast.infer_async(call)  # (no router thread: front/fastlane.py)
         self._router.submit(call)

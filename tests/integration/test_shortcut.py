@@ -1,8 +1,9 @@
-"""Asyncio requests to a hub-batched model that are like one admitted before take the
-shortcut (front/shortcut.py), on a real pool: each still gets its own rows and is
-counted; anything the full path would refuse, or handle differently, goes the full way
-and gets the full path's answer; a model unloaded or a pool closed is not served from
-what the shortcut remembers."""
+"""Requests to a model of the hub (batched there, or one per execution) that are
+like the ones admitted before take the shortcut (front/shortcut.py), from event loops
+and threads, on a real pool: each still gets its own rows and is counted; anything the
+full path would refuse, or handle differently, goes the full way and gets the full
+path's answer; a model unloaded or a pool closed is not served from what the shortcut
+remembers; inputs whose shapes vary are not learnt anew each time."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from libtorchrt import DynamicBatching, Pool
+from libtorchrt import DynamicBatching, ModelConfig, Pool, TensorSpec
 from libtorchrt.errors import InvalidInputError, PoolClosedError, TimeoutError, UnknownModelError
 from libtorchrt.transport import lanes
 from tests.conftest import closing_pool
@@ -52,7 +53,7 @@ def named(xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
 
 
 def test_requests_like_one_admitted_before_take_the_shortcut_and_get_their_own_rows(pool: Pool) -> None:
-    asyncio.run(each(pool, "m", named([request(0)])))  # (admitted the full way: remembered)
+    asyncio.run(each(pool, "m", named([request(0), request(1)])))  # (two alike, the full way: remembered)
     taken, before = pool._shortcut.taken, stats_of(pool, "m")
     xs = [request(k, rows=1 + k % 3) for k in range(1, 13)]  # 1 to 3 rows each
     check_own_rows(xs, asyncio.run(each(pool, "m", named(xs), timeout=SOON)))
@@ -215,3 +216,57 @@ def test_from_a_thread_what_the_full_path_would_refuse_is_refused_as_it_would_be
     with pytest.raises(TimeoutError):
         pool.infer("m", {"INPUT__0": x}, timeout=0.0)  # (already past: the full path says so)
     assert pool._shortcut.taken == taken + 1
+
+
+# ── models the hub serves one request per execution ────────────────────────────
+
+
+def one_per_execution(name: str, path: Path, max_batch_size: int, dims: list[int]) -> ModelConfig:
+    """SpinDouble without dynamic_batching: the hub sends each request on its own."""
+    return ModelConfig(name, path, max_batch_size=max_batch_size, inputs=[TensorSpec("INPUT__0", "float32", dims)])
+
+
+@pytest.fixture(scope="module")
+def alone(files: dict[str, Path]) -> Iterator[Pool]:
+    """``rows``: up to 8 rows of 4 floats a request; ``whole``: no batch dimension, any
+    number of rows of 4 floats (``[-1, 4]``)."""
+    models = [
+        one_per_execution("rows", files["spin_double"], 8, [4]),
+        one_per_execution("whole", files["spin_double"], 0, [-1, 4]),
+    ]
+    with closing_pool(models=models) as p:
+        yield p
+
+
+@pytest.mark.parametrize("model", ["rows", "whole"])
+def test_a_model_without_batching_is_served_by_it_from_threads_and_event_loops(alone: Pool, model: str) -> None:
+    xs = [request(k, rows=2) for k in range(24)]
+    first = [alone.infer(model, {"INPUT__0": x})["OUTPUT__0"] for x in xs[:2]]  # (two alike: remembered)
+    taken, before = alone._shortcut.taken, stats_of(alone, model)
+    from_thread = [alone.infer(model, {"INPUT__0": x}, timeout=SOON)["OUTPUT__0"] for x in xs[2:12]]
+    assert alone._shortcut.taken - taken == 10
+    from_loop = asyncio.run(each(alone, model, named(xs[12:]), timeout=SOON))
+    assert alone._shortcut.taken - taken == 22
+    check_own_rows(xs, first + from_thread + from_loop)
+    after = stats_of(alone, model)
+    assert after.success - before.success == 22
+    assert after.executions - before.executions == 22  # (one request per execution)
+
+
+def test_without_a_batch_dimension_another_shape_goes_the_full_way_and_shapes_that_vary_are_not_learnt(
+    alone: Pool,
+) -> None:
+    two, three = request(1, rows=2), request(2, rows=3)
+    for _ in range(2):
+        alone.infer("whole", {"INPUT__0": two})
+    taken = alone._shortcut.taken
+    check_own_rows([three, two], [alone.infer("whole", {"INPUT__0": x})["OUTPUT__0"] for x in (three, two)])
+    assert alone._shortcut.taken == taken + 1  # (the two rows, as learnt; three went the full way)
+    for k in range(9):  # (1, 2, 3 rows in turn: the 1 and 3 go the full way, never alike in a row)
+        x = request(k, rows=1 + k % 3)
+        check_own_rows([x], [alone.infer("whole", {"INPUT__0": x})["OUTPUT__0"]])
+    assert alone._shortcut.taken == taken + 1 + 3  # (the 2-row ones: what was learnt stayed)
+    for k in range(6):  # (now 4 rows, again and again: learnt on the second)
+        x = request(k, rows=4)
+        check_own_rows([x], [alone.infer("whole", {"INPUT__0": x})["OUTPUT__0"]])
+    assert alone._shortcut.taken == taken + 1 + 3 + 4

@@ -54,6 +54,14 @@ def test_bind_by_index_suffix() -> None:
     assert out[0] is A and out[1] is B
 
 
+def test_position_finds_an_input_as_bind_does() -> None:
+    b = binder()
+    assert [b.position(k) for k in ("a", "b", "INPUT__0", "INPUT__1", "anything__1")] == [0, 1, 0, 1, 1]
+    assert [b.position(k) for k in ("c", "INPUT__2", "INPUT")] == [None, None, None]
+    declared = binder(inputs=[TensorSpec("x", "float32", [2, 3]), TensorSpec("y", "int64", [4])])
+    assert [declared.position(k) for k in ("x", "y", "INPUT__1")] == [0, 1, 1]
+
+
 @pytest.mark.parametrize("container", [list, tuple])
 def test_bind_positionally(container: type) -> None:
     out = binder().bind(container([A, B]))

@@ -57,7 +57,7 @@ class _Known:
     wire_dtype: str
     row_bytes: int  # (the whole input's: max_rows 0)
     max_rows: int  # the model's max_batch_size (0: no batch dimension)
-    max_bytes: int  # inline (in the header) and joinable with others
+    max_bytes: int  # inline (in the header), within what one lane request carries
     key: int | None  # the hub's batch key (None: the hub does not batch the model)
     level: int  # the queue level of a request without a priority
     limit: int  # that level's max_queue_size (0: none)

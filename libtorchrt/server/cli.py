@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count_up_to(MAX_SPIN_US),
         default=0,
         metavar="US",
-        help="workers poll this long before they sleep: lower latency for short models, more CPU (default: 0)",
+        help="workers, and a caller waiting on the pool's only request in flight, poll this long before they "
+        "sleep: lower latency for short models, more CPU (default: 0)",
     )
     run.add_argument(
         "--wake-limit",

@@ -111,11 +111,21 @@ def assert_status(channel: grpc.Channel, message: Any, code: str, details: str =
 
 @pytest.fixture(autouse=True)
 def still_serves(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each attack, the server answers a normal call correctly."""
+    """After each attack, the server answers a normal call correctly (once the requests
+    an attack left running, which hold its --max-inflight places until their workers
+    finish them, are done: the server says "retry" meanwhile)."""
     yield
     if "server" in request.fixturenames:
         with grpc.insecure_channel(request.getfixturevalue("server").grpc) as c:
-            assert_serves(c)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    assert_serves(c)
+                    return
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.05)
 
 
 # ── messages ───────────────────────────────────────────────────────────────────
